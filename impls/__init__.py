@@ -1,0 +1,1 @@
+"""Optimized implementations, one file each; every impl says where it can run and why not."""
