@@ -66,6 +66,7 @@ class ParityVerdict:
     reference_device: str = ""
     hi_dtype: str = ""
     tolerance: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)  # numbers the impl measured itself (loops)
 
     def worst(self, prefix: str) -> TensorCheck | None:
         """The check with the highest error/bound ratio among outputs ('out') or gradients ('grad')."""
@@ -76,6 +77,14 @@ class ParityVerdict:
         d = asdict(self)
         d["checks"] = {k: asdict(v) for k, v in self.checks.items()}
         return d
+
+
+def split_metrics(result: Any) -> tuple[Any, dict[str, Any]]:
+    """An impl may return ``{"metrics": {...}, ...tensors}``: self-measured numbers (training loops)."""
+    if isinstance(result, Mapping) and isinstance(result.get("metrics"), Mapping):
+        rest = {k: v for k, v in result.items() if k != "metrics"}
+        return rest, dict(result["metrics"])
+    return result, {}
 
 
 def normalize_outputs(result: Any) -> dict[str, Any]:
@@ -116,7 +125,10 @@ def call_impl(impl: Impl, inputs: Inputs, grad_out: Mapping[str, torch.Tensor] |
     if mode is not None:
         mode.__enter__()
     try:
-        outs = normalize_outputs(impl.fn(**inputs.tensors, **inputs.static))
+        result, metrics = split_metrics(impl.fn(**inputs.tensors, **inputs.static))
+        outs = normalize_outputs(result)
+        if metrics:
+            inputs.meta.setdefault("metrics", {}).update(metrics)
         grads: dict[str, torch.Tensor | None] = {}
         if callable(grad_out):
             grad_out = grad_out(outs)
@@ -220,13 +232,13 @@ def check_parity(suite: Suite, impl: Impl, ref: Impl, case: Case, device: str, *
                  seed: int = 0, reference_device: str | None = None, backward: bool = True) -> ParityVerdict:
     """Run the parity rule for one impl on one case; the verdict keeps each tensor's worst trial."""
     ref_dev = reference_device or device
-    hi_dtype = suite.hi_dtype(case) if suite.hi_dtype else default_hi_dtype(case)
+    hi_dtype = suite.hi_dtype(case) if suite.hi_dtype else default_hi_dtype(case)  # None: as given
     if hi_dtype == torch.float64 and str(ref_dev).startswith("mps"):
         ref_dev = "cpu"  # MPS has no fp64: the high-precision reference moves to the CPU
     n_trials = trials or suite.trials
     do_bwd = backward and impl.backward and ref.backward
     verdict = ParityVerdict(ok=True, trials=n_trials, backward_checked=do_bwd, reference_device=str(ref_dev),
-                            hi_dtype=str(hi_dtype).replace("torch.", ""))
+                            hi_dtype=str(hi_dtype).replace("torch.", "") if hi_dtype else "as-given")
     policies = set()
     for trial in range(n_trials):
         base = suite.make_inputs(case, device, seed + trial)
@@ -236,14 +248,21 @@ def check_parity(suite: Suite, impl: Impl, ref: Impl, case: Case, device: str, *
             made.update(make_grad_outputs(outs, _seed))
             return made
 
-        lo_out, lo_grads = call_impl(ref, _leaves(base, None, None), grads_for if do_bwd else None)
-        g_lo = made if do_bwd else None
-        g_hi = {n: g.to(ref_dev).to(hi_dtype) for n, g in g_lo.items()} if g_lo is not None else None
-        hi_out, hi_grads = call_impl(ref, _leaves(base, hi_dtype, ref_dev), g_hi)
+        if suite.three_way_reference:
+            lo_out, lo_grads = call_impl(ref, _leaves(base, None, None), grads_for if do_bwd else None)
+            g_lo = made if do_bwd else None
+            g_hi = ({n: g.to(ref_dev).to(hi_dtype or g.dtype) for n, g in g_lo.items()}
+                    if g_lo is not None else None)
+            hi_out, hi_grads = call_impl(ref, _leaves(base, hi_dtype, ref_dev), g_hi)
+        else:  # one reference run, in the dtype it is given (or upcast when the suite names a hi_dtype)
+            hi_out, hi_grads = call_impl(ref, _leaves(base, hi_dtype, ref_dev), grads_for if do_bwd else None)
+            g_lo = {n: g.to(device) for n, g in made.items()} if do_bwd else None
+            lo_out, lo_grads = {}, {}
 
         opt_in = _leaves(base, None, None)
         snapshot = {n: t.detach().clone() for n, t in opt_in.tensors.items() if isinstance(t, torch.Tensor)}
         opt_out, opt_grads = call_impl(impl, opt_in, g_lo, poison=True)
+        verdict.metrics.update(opt_in.meta.get("metrics", {}))
         for n, before in snapshot.items():
             if not _bitwise_equal(before, opt_in.tensors[n].detach()):
                 verdict.problems.append(f"mutated its input {n!r}")
@@ -272,7 +291,7 @@ def check_parity(suite: Suite, impl: Impl, ref: Impl, case: Case, device: str, *
             if prev is None or (not check.ok and prev.ok) or (check.ok == prev.ok and check.ratio > prev.ratio):
                 verdict.checks[name] = check
 
-        if trial == 0:  # stability: same inputs again must give the same bits
+        if trial == 0 and suite.check_stability:  # stability: same inputs again must give the same bits
             again_out, again_grads = call_impl(impl, _leaves(base, None, None), g_lo, poison=True)
             stable = True
             for n, o in opt_out.items():

@@ -77,9 +77,11 @@ class Suite:
     # Dtype used for the high-precision reference given the case dtype (None: fp32, or fp64 for fp32).
     hi_dtype: Callable[[Case], Any] | None = None
     trials: int = 3
-    timed: bool = True  # False for suites that measure themselves (training loops)
-    # Optional runner for suites whose unit is not a function call (training loops): returns records.
-    custom_run: Callable[..., list[dict]] | None = None
+    # Training loops: no upcast/low-precision pair (hi_dtype returning None runs the reference as-is),
+    # no second run for stability, and no interleaved timing (the impl reports its own "metrics").
+    three_way_reference: bool = True
+    check_stability: bool = True
+    timed: bool = True
     tags: tuple[str, ...] = ()
 
     def cases(self, profile: str) -> list[Case]:
