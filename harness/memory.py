@@ -1,0 +1,91 @@
+"""Peak memory of one call, per backend: allocator peak on GPUs, sampled resident set size on the CPU."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from harness.devices import Device
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * _PAGE
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _release_freed_heap() -> None:
+    """Give freed heap back to the OS so the next call's growth shows in RSS (glibc only)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+class RssSampler:
+    """Samples RSS every ``interval_s`` on a thread while a call runs (torch releases the GIL in kernels)."""
+
+    def __init__(self, interval_s: float = 0.0005):
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> RssSampler:
+        self.peak = _rss_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+def peak_memory(device: Device, fn: Callable[[], Any]) -> dict[str, Any]:
+    """Peak bytes above the starting level while ``fn`` runs once (the call's own working memory)."""
+    backend = device.backend
+    if backend in ("cuda", "rocm"):
+        torch.cuda.synchronize(device.torch_device)
+        torch.cuda.reset_peak_memory_stats(device.torch_device)
+        start = torch.cuda.memory_allocated(device.torch_device)
+        fn()
+        torch.cuda.synchronize(device.torch_device)
+        return {"peak_bytes": int(torch.cuda.max_memory_allocated(device.torch_device) - start),
+                "method": "torch.cuda.max_memory_allocated"}
+    if backend == "xpu":
+        torch.xpu.synchronize()
+        torch.xpu.reset_peak_memory_stats()
+        start = torch.xpu.memory_allocated()
+        fn()
+        torch.xpu.synchronize()
+        return {"peak_bytes": int(torch.xpu.max_memory_allocated() - start),
+                "method": "torch.xpu.max_memory_allocated"}
+    if backend == "mps":
+        torch.mps.synchronize()
+        start = torch.mps.driver_allocated_memory()
+        fn()
+        torch.mps.synchronize()
+        return {"peak_bytes": int(max(0, torch.mps.driver_allocated_memory() - start)),
+                "method": "torch.mps.driver_allocated_memory (end of call; MPS has no peak counter)"}
+    _release_freed_heap()
+    with RssSampler() as sampler:
+        start = sampler.peak
+        fn()
+    return {"peak_bytes": int(max(0, sampler.peak - start)), "method": "rss-sampler"}
