@@ -123,9 +123,9 @@ def timer_for(device: Device) -> Timer:
 class TimingPlan:
     rounds: int = 11           # >= 7: the exact Mann-Whitney test needs 7 per side to reach p < 0.002
     min_rounds: int = 7
-    block_ms: float = 25.0     # each round times a block of calls at least this long
-    warmup_ms: float = 50.0
-    budget_s: float = 20.0     # per case and mode: rounds shrink (not below min_rounds) to fit
+    block_ms: float = 10.0     # each round times a block of calls at least this long
+    warmup_ms: float = 30.0
+    budget_s: float = 8.0      # per case and mode: rounds shrink (not below min_rounds) to fit
 
 
 def calibrate_number(timer: Timer, fn: Callable[[], Any], plan: TimingPlan) -> tuple[int, float]:

@@ -1,0 +1,54 @@
+"""User mistakes: one clear line on stderr, exit code 2, nothing written."""
+
+import json
+
+import pytest
+
+from harness.cli import main
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["run", "nosuchsuite", "--device", "cpu"], "unknown suite 'nosuchsuite'"),
+    (["run", "attention", "--device", "cpu", "--impl", "nosuchimpl"], "unknown impl nosuchimpl"),
+    (["run", "attention", "--device", "cpu", "--case", "batch"], "malformed --case"),
+    (["run", "attention", "--device", "cpu", "--case", "batch=1,,seq_q="], "malformed --case"),
+    (["run", "attention", "--device", "cpu", "--case", "colour=red"], "has no parameter colour"),
+    (["run", "attention", "--device", "cpu", "--case", "dtype=fp8"], "unknown dtype 'fp8'"),
+    (["run", "attention", "--device", "tpu:0"], "no device 'tpu:0'"),
+    (["run", "attention", "--device", "cpu", "--profile", "huge"], "has no profile 'huge'"),
+    (["run", "attention", "--device", "cpu", "--plugin", "/nonexistent/plugin.py"], "plugin file not found"),
+    (["run", "attention", "--device", "cpu", "--rounds", "3"], "--rounds must be >= 7"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys, tmp_path):
+    argv = [*argv, "--out", str(tmp_path / "o")] if argv[0] == "run" else argv
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_unreadable_plugin_is_a_usage_error(tmp_path, capsys):
+    bad = tmp_path / "broken.py"
+    bad.write_text("def oops(:\n")
+    assert main(["list", "--plugin", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load plugin" in err and "SyntaxError" in err
+
+
+def test_devices_json_has_fingerprint(capsys):
+    assert main(["devices", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    cpu = next(d for d in found if d["device"]["name"] == "cpu")
+    hard = cpu["fingerprint"]["hard"]
+    for key in ("backend", "device", "arch", "compute_units", "memory_gb", "torch", "triton", "cpu",
+                "cpu_threads", "timing_mode", "triton_interpreter"):
+        assert key in hard
+
+
+def test_list_says_why_an_impl_cannot_run(capsys):
+    assert main(["list", "attention", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "flash_attn" in out and "CUDA/ROCm only" in out
+    assert "sdpa" in out

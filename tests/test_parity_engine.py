@@ -1,0 +1,165 @@
+"""The parity rule must catch wrong attention kernels and pass a right one over many seeds."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness.case import Case
+from harness.parity import PoisonedAllocations, check_parity, compare_tensor
+from harness.registry import IMPLS, Impl, Tolerance, load_plugins
+from reference.attention import attention
+
+load_plugins()
+SUITE = __import__("suites.attention", fromlist=["SUITE"]).SUITE
+REF = IMPLS[("attention", "reference")]
+
+SQUARE = Case.of(batch=1, heads=4, kv_heads=2, seq_q=24, seq_k=24, head_dim=16, causal=True, dtype="fp32")
+RECT = Case.of(batch=1, heads=4, kv_heads=2, seq_q=12, seq_k=20, head_dim=16, causal=True, dtype="fp32")
+BF16 = SQUARE.replace(dtype="bf16")
+
+
+def _impl(fn, name="planted", deterministic=True):
+    return Impl(name=name, suite="attention", fn=fn, deterministic=deterministic)
+
+
+def no_causal_mask(q, k, v, *, causal, scale):
+    return attention(q, k, v, causal=False, scale=scale)
+
+
+def wrong_scale(q, k, v, *, causal, scale):
+    return attention(q, k, v, causal=causal, scale=scale * 1.05)
+
+
+def top_left_mask(q, k, v, *, causal, scale):
+    # SDPA's is_causal aligns top-left: wrong when seq_q != seq_k (a real, subtle bug)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
+
+
+def unwritten_tail(q, k, v, *, causal, scale):
+    good = attention(q, k, v, causal=causal, scale=scale)
+    out = torch.empty_like(good)
+    out[..., :-1] = good[..., :-1]  # forgets the last column: the poison shows it
+    return out
+
+
+def mutates_input(q, k, v, *, causal, scale):
+    out = attention(q, k, v, causal=causal, scale=scale)
+    q.data[0, 0, 0, 0] += 1.0
+    return out
+
+
+def returns_nan(q, k, v, *, causal, scale):
+    out = attention(q, k, v, causal=causal, scale=scale).clone()
+    out[0, 0, 0, 0] = float("nan")
+    return out
+
+
+def wrong_gqa_mapping(q, k, v, *, causal, scale):
+    groups = q.shape[1] // k.shape[1]
+    return attention(q, k.repeat(1, groups, 1, 1), v.repeat(1, groups, 1, 1), causal=causal, scale=scale)
+
+
+def wrong_backward(q, k, v, *, causal, scale):
+    class Half(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 0.5
+
+    return attention(Half.apply(q), k, v, causal=causal, scale=scale)
+
+
+def nondeterministic(q, k, v, *, causal, scale):
+    out = attention(q, k, v, causal=causal, scale=scale)
+    return out + torch.rand(()) * 1e-6
+
+
+def returns_zeros(q, k, v, *, causal, scale):
+    return torch.zeros_like(q) + 0 * q
+
+
+PLANTED = [
+    ("no causal mask", no_causal_mask, SQUARE),
+    ("wrong scale", wrong_scale, SQUARE),
+    ("top-left causal mask", top_left_mask, RECT),
+    ("unwritten output", unwritten_tail, SQUARE),
+    ("mutates its input", mutates_input, SQUARE),
+    ("returns NaN", returns_nan, SQUARE),
+    ("wrong GQA mapping", wrong_gqa_mapping, SQUARE),
+    ("wrong gradient", wrong_backward, SQUARE),
+    ("non-deterministic", nondeterministic, SQUARE),
+    ("all zeros", returns_zeros, SQUARE),
+    ("no causal mask (bf16)", no_causal_mask, BF16),
+]
+
+
+@pytest.mark.parametrize("label,fn,case", PLANTED, ids=[p[0] for p in PLANTED])
+def test_planted_bug_is_caught(label, fn, case):
+    verdict = check_parity(SUITE, _impl(fn), REF, case, "cpu", trials=2)
+    assert not verdict.ok, f"{label} passed parity: {verdict.checks}"
+
+
+def test_failure_details_name_the_problem():
+    v = check_parity(SUITE, _impl(mutates_input), REF, SQUARE, "cpu", trials=1)
+    assert "mutated its input 'q'" in v.problems
+    v = check_parity(SUITE, _impl(unwritten_tail), REF, SQUARE, "cpu", trials=1)
+    assert "non-finite" in v.checks["out"].detail
+    v = check_parity(SUITE, _impl(wrong_backward), REF, SQUARE, "cpu", trials=1)
+    assert v.checks["out"].ok and not v.checks["grad:q"].ok and v.checks["grad:k"].ok
+
+
+@pytest.mark.parametrize("case", [SQUARE, RECT, BF16, SQUARE.replace(dtype="fp16", head_dim=40)],
+                         ids=lambda c: c.id)
+def test_sdpa_passes_over_many_seeds(case):
+    verdict = check_parity(SUITE, IMPLS[("attention", "sdpa")], REF, case, "cpu", trials=12, seed=100)
+    assert verdict.ok, verdict.checks
+    assert verdict.stable
+    worst = max(c.ratio for c in verdict.checks.values())
+    assert 0 < worst <= 1.0
+    assert set(verdict.checks) == {"out", "grad:q", "grad:k", "grad:v"}
+
+
+def test_bound_uses_the_low_precision_reference():
+    v = check_parity(SUITE, IMPLS[("attention", "sdpa")], REF, BF16, "cpu", trials=1)
+    out = v.checks["out"]
+    assert out.ref_lo_error is not None and out.bound >= 2 * out.ref_lo_error
+    assert v.hi_dtype == "float32"
+    v32 = check_parity(SUITE, IMPLS[("attention", "sdpa")], REF, SQUARE, "cpu", trials=1)
+    assert v32.hi_dtype == "float64"
+
+
+def test_zero_output_never_passes_a_loose_bound():
+    ref = torch.randn(64, dtype=torch.float64)
+    loose = Tolerance(three_way=False, atol=10.0)  # atol far above the output's scale
+    check = compare_tensor("out", torch.zeros(64), ref, None, loose, is_grad=False)
+    assert not check.ok and check.bound <= 0.1 * ref.abs().max()
+
+
+def test_nan_where_reference_has_nan_passes_and_elsewhere_fails():
+    ref = torch.tensor([1.0, float("nan"), float("inf")], dtype=torch.float64)
+    tol = Tolerance(three_way=False, atol=1e-6)
+    assert compare_tensor("out", ref.float(), ref, None, tol, False).ok
+    moved = torch.tensor([float("nan"), 1.0, float("inf")])
+    assert not compare_tensor("out", moved, ref, None, tol, False).ok
+    sign = torch.tensor([1.0, float("nan"), float("-inf")])
+    assert not compare_tensor("out", sign, ref, None, tol, False).ok
+
+
+def test_missing_gradient_fails():
+    check = compare_tensor("grad:q", None, torch.ones(3), None, Tolerance(), True)
+    assert not check.ok and math.isinf(check.ratio)
+
+
+def test_poison_fills_uninitialised_allocations():
+    with PoisonedAllocations():
+        f = torch.empty(8)
+        i = torch.empty(4, dtype=torch.int64)
+        like = torch.empty_like(f)
+        new = f.new_empty((3,))
+    assert f.isnan().all() and like.isnan().all() and new.isnan().all()
+    assert (i == torch.iinfo(torch.int64).max).all()
