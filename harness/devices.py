@@ -222,6 +222,26 @@ def _nvidia_smi(index: int) -> dict[str, str]:
     return dict(zip(fields.split(","), (v.strip() for v in text.split(","))))
 
 
+def _rocm_smi(index: int) -> dict[str, str]:
+    """ROCm clocks, power cap, temperature and driver from rocm-smi's JSON (soft fields); empty if absent."""
+    try:
+        text = subprocess.run(["rocm-smi", "-d", str(index), "--showclocks", "--showmaxpower", "--showtemp",
+                               "--showdriverversion", "--json"], capture_output=True, text=True, timeout=10,
+                              check=True).stdout
+        data = json.loads(text)
+    except Exception:
+        return {}
+    out: dict[str, str] = {}
+    for section in data.values():
+        for key, value in section.items():
+            low = key.lower()
+            if "driver version" in low:
+                out["driver"] = str(value)
+            elif "sclk" in low or "mclk" in low or "max graphics package power" in low or "temperature" in low:
+                out[key] = str(value)
+    return out
+
+
 def timing_mode(device: Device) -> str:
     return {
         "cuda": "cuda-events+l2-flush",
@@ -262,6 +282,10 @@ def fingerprint(device: Device) -> dict[str, Any]:
     if device.backend == "cuda":
         smi = _nvidia_smi(int(device.name.split(":")[1]))
         hard["driver"] = smi.pop("driver_version", "")
+        soft.update(smi)
+    elif device.backend == "rocm":
+        smi = _rocm_smi(int(device.name.split(":")[1]))
+        hard["driver"] = smi.pop("driver", "")
         soft.update(smi)
     soft.update({k: v for k, v in device.extra.items() if k != "threads"})
     key = hashlib.sha256(json.dumps(hard, sort_keys=True).encode()).hexdigest()[:16]
