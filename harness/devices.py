@@ -271,7 +271,9 @@ def fingerprint(device: Device) -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "timing_mode": timing_mode(device),
-        "triton_interpreter": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        # The CPU worker always runs Triton through the interpreter: say so here too, so `twinbench devices`
+        # prints the same fingerprint that the run's results carry.
+        "triton_interpreter": device.backend == "cpu" or os.environ.get("TRITON_INTERPRET", "0") == "1",
     }
     soft: dict[str, Any] = {
         "python": versions["python"],

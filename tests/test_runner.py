@@ -65,6 +65,8 @@ def test_run_writes_results_with_timing_and_ratios(tmp_path):
     fp = doc["fingerprints"][recs["sdpa"]["fingerprint"]]
     assert fp["hard"]["backend"] == "cpu" and fp["hard"]["triton_interpreter"] is True
     assert doc["ceilings"][fp["id"]]["matmul_tflops"]["fp32"] > 0
+    listed = json.loads(twinbench("devices", "--json").stdout)
+    assert fp["id"] in [d["fingerprint"]["id"] for d in listed]  # `devices` shows the key results carry
     assert doc["provenance"]["command"].startswith("twinbench run attention")
     assert "speedup" in proc.stdout and "sdpa" in proc.stdout
 
