@@ -15,6 +15,7 @@ from harness.cli import main
     (["run", "attention", "--device", "cpu", "--case", "colour=red"], "has no parameter colour"),
     (["run", "attention", "--device", "cpu", "--case", "dtype=fp8"], "unknown dtype 'fp8'"),
     (["run", "attention", "--device", "tpu:0"], "no device 'tpu:0'"),
+    (["run", "attention", "--device", "cpu", "--reference-device", "tpu:0"], "no device 'tpu:0'"),
     (["run", "attention", "--device", "cpu", "--profile", "huge"], "has no profile 'huge'"),
     (["run", "attention", "--device", "cpu", "--plugin", "/nonexistent/plugin.py"], "plugin file not found"),
     (["run", "attention", "--device", "cpu", "--rounds", "3"], "--rounds must be >= 7"),
