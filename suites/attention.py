@@ -22,6 +22,21 @@ QUICK = [
     _case(2, 8, 2, 96, 160, 64, True, "fp32"),   # GQA 4:1, seq_q != seq_k: bottom-right mask
     _case(1, 4, 1, 77, 77, 40, True, "fp16"),    # MQA, odd sequence and head_dim
 ]
+# Small shapes for Triton kernels under the CPU interpreter: odd head dims (8, 40, 72, 200 -> padded), odd and
+# unequal lengths (bottom-right mask, fully masked rows when seq_q > seq_k), GQA 1/2/3/4 and MQA, fp16/fp32.
+INTERP = [
+    _case(1, 2, 2, 77, 77, 40, True, "fp16"),
+    _case(1, 2, 2, 77, 77, 72, False, "fp32"),
+    _case(1, 4, 2, 33, 95, 40, True, "fp32"),
+    _case(1, 4, 2, 95, 33, 72, True, "fp16"),
+    _case(1, 8, 2, 33, 95, 72, False, "fp16"),
+    _case(1, 8, 2, 95, 33, 40, True, "fp32"),
+    _case(1, 4, 1, 77, 77, 40, True, "fp32"),
+    _case(2, 3, 1, 95, 33, 72, False, "fp16"),
+    _case(1, 4, 1, 1, 77, 64, True, "fp16"),     # one query row (decode)
+    _case(1, 2, 2, 17, 17, 8, False, "fp32"),    # head_dim below tl.dot's minimum
+    _case(1, 2, 1, 33, 40, 200, True, "fp16"),   # head_dim 200 padded to 256
+]
 # The seed table (bring-up runs of seed 004): batch {1,4} x seq {128, 2048} x 32 heads x head_dim 128.
 SEED = [_case(b, 32, 32, s, s, 128, True, dt)
         for b, s, dt in itertools.product((1, 4), (128, 2048), ("fp16", "bf16"))]
@@ -65,7 +80,7 @@ def bytes_moved(case: Case) -> dict[str, float]:
 SUITE = register_suite(Suite(
     name="attention",
     description="softmax(QK^T*scale)V, bottom-right causal mask, GQA/MQA; outputs and dq/dk/dv",
-    profiles={"quick": QUICK, "seed": SEED, "full": FULL},
+    profiles={"quick": QUICK, "interp": INTERP, "seed": SEED, "full": FULL},
     make_inputs=make_inputs,
     reference="reference",
     flops=flops,
