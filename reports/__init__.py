@@ -1,0 +1,27 @@
+"""Renderers for a results document: HTML report, markdown summary, JUnit XML, long-format CSV.
+
+They render only: every number comes from the results document, or from a gate comparison / history
+trend computed by ``harness.gate`` / ``harness.history`` and passed in. Nothing here runs a kernel.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def write_all(doc: dict[str, Any], out: str | Path, *, gate: dict[str, Any] | None = None,
+              trends: dict[str, Any] | None = None) -> list[Path]:
+    """report.html, summary.md, junit.xml and results.csv into ``out``; returns the written paths."""
+    from harness.results import write_csv
+    from reports.html import write_html
+    from reports.junit import write_junit
+    from reports.markdown import write_markdown
+
+    out = Path(out)
+    paths = [out / "report.html", out / "summary.md", out / "junit.xml", out / "results.csv"]
+    write_html(doc, paths[0], gate=gate, trends=trends)
+    write_markdown(doc, paths[1], gate=gate)
+    write_junit(doc, paths[2], gate=gate)
+    write_csv(doc, paths[3])
+    return paths
