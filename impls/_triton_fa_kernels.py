@@ -22,7 +22,8 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 # Planted bugs for the tests (0 = none): 1 = causal boundary one key too far, 2 = one padding key past Sk
-# counted as a real key. "fwd" goes to the forward kernel, "bwd" to the backward kernels.
+# counted as a real key, 3 = dK/dV from the first query head of each GQA group only (backward).
+# "fwd" goes to the forward kernel, "bwd" to the backward kernels.
 _PLANTED_BUG = {"fwd": 0, "bwd": 0}
 # Under the interpreter one fixed small config (autotuning would need a GPU timer, and the interpreter runs
 # one program at a time, so fewer, larger programs are faster while still crossing block boundaries).
@@ -128,7 +129,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
     start_m0 = 0
     if CAUSAL:  # rows before the first one that reaches this key block see none of it
         start_m0 = tl.maximum(start_n - (SEQ_K - SEQ_Q) - (1 if BUG == 1 else 0), 0) // BLOCK_M * BLOCK_M
-    for g in range(0, GROUP):
+    for g in range(0, 1 if BUG == 3 else GROUP):
         bh = b * H_Q + hk * GROUP + g
         q_base = b * stride_qb + (hk * GROUP + g) * stride_qh
         for start_m in range(start_m0, SEQ_Q, BLOCK_M):
