@@ -124,7 +124,7 @@ def test_supports_says_why_on_cpu():
     assert not ok and "bf16" in why
     ok, why = IMPL.can_run(_case(1, 4, 4, 64, 64, 512, True, "fp16"), CPU)
     assert not ok and "head_dim 512" in why
-    ok, why = IMPL.can_run(_case(2, 8, 2, 96, 160, 64, True, "fp32"), CPU)
+    ok, why = IMPL.can_run(_case(1, 32, 32, 2048, 2048, 128, True, "fp16"), CPU)
     assert not ok and "--profile interp" in why
     assert all(IMPL.can_run(c, CPU)[0] for c in INTERP)
     assert "interpreter-on-cpu" in IMPL.tags and IMPL.timing_excluded(CPU)
