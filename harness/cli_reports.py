@@ -226,6 +226,7 @@ def register(sub) -> None:
     g.add_argument("--allow-fingerprint-mismatch", action="store_true")
     g.add_argument("--calibration", default=None, help="calibration JSON (default: beside the baseline)")
     g.add_argument("--out", default=None, help="folder for gate.json, summary.md, junit.xml (and report)")
+    g.add_argument("--no-parity", action="store_true", help="--against: skip the head's parity check")
     _add_gate_options(g, threshold_help="product threshold (default 0.05 stored baseline, "
                                         "0.02 --against)")
     _add_selection(g)
@@ -269,5 +270,7 @@ def _add_selection(p) -> None:
     p.add_argument("--device", default="cpu", help="one device (default cpu)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per comparison (>= 7)")
     p.add_argument("--block-ms", type=float, default=None, help="milliseconds of calls per sample")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per worker (default 1 on the CPU: shared-box timings are far steadier)")
     p.add_argument("--plugin", action="append", default=[])
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a worker may stay silent")
