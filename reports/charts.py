@@ -189,18 +189,21 @@ def gate_deltas(cases: list[dict[str, Any]], labels: dict[str, str]) -> dict[str
                    yaxis={"title": "new / base"}, **_hline(1.0, "no change"))
 
 
-def trends(series: list[dict[str, Any]]) -> dict[str, Any] | None:
+def trends(series: list[dict[str, Any]], labels: dict[str, str]) -> dict[str, Any] | None:
     import plotly.graph_objects as go
 
     traces = []
+    crowded = len(series) > 8  # then only series with a change point start visible (click the legend)
     for s in series:
         pts = s["points"]
-        name = _e(f"{s['impl']} {s['metric']} [{s['case']}] {s['fingerprint'][:8]}")
-        traces.append(go.Scatter(name=name, mode="lines+markers", x=[p["time"] for p in pts],
-                                 y=[p["value"] for p in pts], text=[_e(p.get("git_sha", "")[:10]) for p in pts]))
         cps = s.get("change_points") or []
+        name = _e(f"{s['impl']} {s['metric']} [{labels.get(s['case'], s['case'])}] {s['fingerprint'][:8]}")
+        traces.append(go.Scatter(name=name, mode="lines+markers", x=[p["time"] for p in pts],
+                                 visible=True if cps or not crowded else "legendonly",
+                                 y=[p["value"] for p in pts], text=[_e(p.get("git_sha", "")[:10]) for p in pts]))
         if cps:
-            traces.append(go.Scatter(name=_e(f"change points: {s['impl']} [{s['case']}]"), mode="markers",
+            traces.append(go.Scatter(name=_e(f"change: {s['impl']} [{labels.get(s['case'], s['case'])}]"),
+                                     mode="markers",
                                      x=[pts[c["index"]]["time"] for c in cps],
                                      y=[pts[c["index"]]["value"] for c in cps],
                                      text=[_e(f"{c['change_pct']:+.1f}% p={c['pvalue']:.2g}") for c in cps],

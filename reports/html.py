@@ -38,7 +38,7 @@ def _suite_section(doc: dict[str, Any], suite: str, gate: dict[str, Any] | None,
     gate_cases = [c for c in (gate or {}).get("cases", []) if c["suite"] == suite]
     figs.append(("gate", charts.gate_deltas(gate_cases, labels)))
     trend_series = [s for s in (trends or {}).get("series", []) if s["suite"] == suite]
-    figs.append(("trends", charts.trends(trend_series)))
+    figs.append(("trends", charts.trends(trend_series, labels)))
     figures = []
     for kind, fig in figs:
         if fig is None:
@@ -63,13 +63,17 @@ def render_html(doc: dict[str, Any], *, gate: dict[str, Any] | None = None,
     env.filters["fmt"] = model.fmt
     counter = [0]
     sections = [_suite_section(doc, s, gate, trends, counter) for s in model.suites_of(doc)]
+    case_labels = {f"{sec['name']}|{case}": label for sec in sections for case, label in sec["labels"].items()}
+    if gate:  # regressions first, then the largest slowdowns
+        gate = dict(gate, cases=sorted(gate["cases"], key=lambda c: (not c["verdict"].startswith("regression"),
+                                                                     -(c.get("ratio") or 0))))
     # The only unescaped text in the page: plotly.js itself and JSON escaped by script_json.
     return env.get_template("report.html.j2").render(
         doc=doc, prov=doc.get("provenance") or {}, verdicts=model.verdicts(doc),
         failures=model.failures(doc), skips=model.skips(doc), sections=sections,
         fingerprints=list((doc.get("fingerprints") or {}).values()), ceilings=doc.get("ceilings") or {},
         import_failures=doc.get("import_failures") or {}, gate=gate, trends=trends,
-        plotlyjs=plotly.offline.get_plotlyjs(), n_charts=counter[0])
+        case_labels=case_labels, plotlyjs=plotly.offline.get_plotlyjs(), n_charts=counter[0])
 
 
 def write_html(doc: dict[str, Any], path: str | Path, *, gate: dict[str, Any] | None = None,
