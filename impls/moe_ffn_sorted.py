@@ -41,65 +41,72 @@ class _Routing:
         self.blocks = [(e, s, t) for e, (s, t) in enumerate(zip([0] + ends[:-1], ends)) if t > s]
 
 
-def _rows_times_weight(a: torch.Tensor, w: torch.Tensor, route: _Routing, transpose: bool) -> torch.Tensor:
-    """out[rows of e] = a[rows of e] @ (w[e]^T if transpose else w[e]); w is [E, N, K] or [E, K, N]."""
-    n = w.shape[1] if transpose else w.shape[2]
-    if _fast_grouped_mm(a):
-        return F.grouped_mm(a, w.transpose(-2, -1) if transpose else w, offs=route.offs)
-    out = a.new_empty((a.shape[0], n))
-    for e, s, t in route.blocks:
-        torch.mm(a[s:t], w[e].t() if transpose else w[e], out=out[s:t])
-    return out
+class TorchGemms:
+    """The GEMMs over row blocks: grouped_mm where it is a real grouped kernel, else a torch.mm loop."""
 
+    name = "torch.mm per expert (grouped_mm on CUDA 9.x/10.x bf16)"
 
-def _weight_grad(g: torch.Tensor, a: torch.Tensor, like: torch.Tensor, route: _Routing) -> torch.Tensor:
-    """grad[e] = g[rows of e]^T @ a[rows of e], written in place; experts without rows get zeros."""
-    grad = torch.zeros_like(like) if len(route.blocks) < like.shape[0] else torch.empty_like(like)
-    for e, s, t in route.blocks:
-        torch.mm(g[s:t].t(), a[s:t], out=grad[e])
-    return grad
+    @staticmethod
+    def rows_times_weight(a: torch.Tensor, w: torch.Tensor, route: _Routing, transpose: bool) -> torch.Tensor:
+        """out[rows of e] = a[rows of e] @ (w[e]^T if transpose else w[e])."""
+        if _fast_grouped_mm(a):
+            return F.grouped_mm(a, w.transpose(-2, -1) if transpose else w, offs=route.offs)
+        out = a.new_empty((a.shape[0], w.shape[1] if transpose else w.shape[2]))
+        for e, s, t in route.blocks:
+            torch.mm(a[s:t], w[e].t() if transpose else w[e], out=out[s:t])
+        return out
+
+    @staticmethod
+    def weight_grad(g: torch.Tensor, a: torch.Tensor, like: torch.Tensor, route: _Routing) -> torch.Tensor:
+        """grad[e] = g[rows of e]^T @ a[rows of e], written in place; experts without rows get zeros."""
+        grad = torch.zeros_like(like) if len(route.blocks) < like.shape[0] else torch.empty_like(like)
+        for e, s, t in route.blocks:
+            torch.mm(g[s:t].t(), a[s:t], out=grad[e])
+        return grad
 
 
 class SortedExperts(torch.autograd.Function):
+    """Forward and backward of the sparse SwiGLU experts over expert-sorted rows; ``gemms`` does the GEMMs."""
+
     @staticmethod
-    def forward(ctx, hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
+    def forward(ctx, gemms, hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
         route = _Routing(top_k_index, gate_up_proj.shape[0])
         xs = hidden_states.index_select(0, route.token)
         w = top_k_weights.reshape(-1).index_select(0, route.order).unsqueeze(1)
-        h = _rows_times_weight(xs, gate_up_proj, route, transpose=True)       # [S, 2I]
+        h = gemms.rows_times_weight(xs, gate_up_proj, route, True)            # [S, 2I]
         gate, up = h.chunk(2, dim=-1)
         aw = F.silu(gate) * up * w                                            # routing weight folded in
-        y = _rows_times_weight(aw, down_proj, route, transpose=True)          # [S, H]
+        y = gemms.rows_times_weight(aw, down_proj, route, True)               # [S, H]
         out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
         out.index_add_(0, route.token, y.float())                             # fp32 sum over the k slots
-        ctx.route = route
+        ctx.route, ctx.gemms = route, gemms
         ctx.save_for_backward(hidden_states, top_k_weights, gate_up_proj, down_proj, h, w)
         return out.to(hidden_states.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden_states, top_k_weights, gate_up_proj, down_proj, h, w = ctx.saved_tensors
-        route: _Routing = ctx.route
+        route, gemms = ctx.route, ctx.gemms
         xs = hidden_states.index_select(0, route.token)                       # re-gathered, not stored
         gate, up = h.chunk(2, dim=-1)
         sig = torch.sigmoid(gate)
         act = gate * sig                                                      # silu(gate)
         g_y = grad_out.index_select(0, route.token)                           # [S, H]
-        grad_down = _weight_grad(g_y, act * up * w, down_proj, route)         # [E, H, I]
-        g_aw = _rows_times_weight(g_y, down_proj, route, transpose=False)     # [S, I]
+        grad_down = gemms.weight_grad(g_y, act * up * w, down_proj, route)    # [E, H, I]
+        g_aw = gemms.rows_times_weight(g_y, down_proj, route, False)          # [S, I]
         grad_w_sorted = (g_aw.float() * (act * up).float()).sum(-1)
         g_a = g_aw * w
         g_h = torch.cat([g_a * up * sig * (1 + gate * (1 - sig)), g_a * act], dim=-1)   # d silu, d up
-        grad_gate_up = _weight_grad(g_h, xs, gate_up_proj, route)             # [E, 2I, H]
-        g_xs = _rows_times_weight(g_h, gate_up_proj, route, transpose=False)  # [S, H]
+        grad_gate_up = gemms.weight_grad(g_h, xs, gate_up_proj, route)        # [E, 2I, H]
+        g_xs = gemms.rows_times_weight(g_h, gate_up_proj, route, False)       # [S, H]
         grad_x = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
         grad_x.index_add_(0, route.token, g_xs.float())
         grad_w = torch.empty(route.order.shape, dtype=torch.float32, device=h.device)
         grad_w[route.order] = grad_w_sorted
-        return (grad_x.to(hidden_states.dtype), None, grad_w.view_as(top_k_weights).to(top_k_weights.dtype),
-                grad_gate_up, grad_down)
+        return (None, grad_x.to(hidden_states.dtype), None,
+                grad_w.view_as(top_k_weights).to(top_k_weights.dtype), grad_gate_up, grad_down)
 
 
 @register_impl("moe_ffn", "sorted", tags=("ours",))
 def sorted_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
-    return SortedExperts.apply(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj)
+    return SortedExperts.apply(TorchGemms, hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj)
