@@ -1,0 +1,138 @@
+"""Reports: every renderer from one results document; escaping; a real `twinbench run` into all four files."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from reports_fixtures import PLANTED, make_doc
+
+import reports
+from harness.cli import main
+from harness.gate import GateConfig
+from reports.html import render_html, script_json
+from reports.markdown import render_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY = ROOT / "tests" / "plugins" / "toy_matmul.py"
+
+
+def _planted_gate() -> dict:
+    from harness.gate import decide, summarize
+
+    cases = [{"suite": "matmul", "case": "n=64,dtype=fp32", "impl": f"fast{PLANTED}", "device": "cpu", "mode": "fwd",
+              "ratio": 1.3, "ci_low": 1.2, "ci_high": 1.4, "p_value": 1e-4, "noise": 0.01}]
+    config = GateConfig()
+    decide(cases, config)
+    return summarize(cases, [], config, mode="baseline", mode_text=f"baseline {PLANTED}", note=PLANTED)
+
+
+def test_write_all_returns_the_four_files(tmp_path):
+    doc = make_doc()
+    paths = reports.write_all(doc, tmp_path)
+    assert [p.name for p in paths] == ["report.html", "summary.md", "junit.xml", "results.csv"]
+    assert all(p.stat().st_size > 0 for p in paths)
+    frame = pd.read_csv(tmp_path / "results.csv")
+    assert {"suite", "case", "impl", "metric", "value"} <= set(frame.columns)
+    assert (frame[frame.metric == "fwd_median_ms"].impl == "fast").sum() == 3
+
+
+def test_html_escapes_every_planted_string_and_embeds_plotly_once():
+    import plotly.offline
+
+    plotlyjs = plotly.offline.get_plotlyjs()
+    text = render_html(make_doc(), gate=_planted_gate())
+    assert text.count(plotlyjs) == 1
+    page = text.replace(plotlyjs, "")  # the page without the library (asserts stay readable)
+    raw_planted = "<script>document.title" in page or "<img src=x" in page
+    assert not raw_planted
+    assert "&lt;script&gt;document.title" in page  # shown, as text
+    # Only our own three script elements: error collector, plotly.js, the figures.
+    assert len(re.findall(r"<script\b", page)) == 3
+    external = re.findall(r'(?:src|href)="(?:https?:)?//[^"]*"', page)
+    assert external == []  # opens offline
+
+
+def test_script_json_cannot_close_the_script_element():
+    out = script_json({"name": "</script><script>alert(1)</script>", "amp": "a&b"})
+    assert "</script>" not in out and "<" not in out and "&" not in out
+    import json
+
+    assert json.loads(out)["name"].startswith("</script>")
+
+
+def test_html_has_the_charts_failures_fingerprint_and_gate():
+    text = render_html(make_doc(), gate=_planted_gate())
+    kinds = set(re.findall(r'data-kind="([a-z-]+)"', text))
+    assert {"speedup-fwd", "speedup-fwdbwd", "latency-fwd", "parity", "roofline", "memory", "curves", "gate"} <= kinds
+    for reason in ("worker died with SIGSEGV", "no progress for 600s", "out: err 3e-3 &gt; bound 2e-6"):
+        assert reason in text
+    assert "fp0000000000cpu1" in text and "cpu_threads" in text
+    assert '<td class="regression">regression</td>' in text and "<b>FAIL</b>" in text
+
+
+def test_loss_curves_come_from_loop_metrics():
+    from reports import model
+
+    doc = make_doc()
+    loop = [r for r in doc["results"] if r["suite"] == "loop" and r["impl"] == "fused"][0]
+    assert list(model.curves(loop)) == ["loss_curve"]  # the scalar final_loss is not a curve
+
+
+def test_markdown_summary_escapes_and_lists_failures():
+    text = render_markdown(make_doc(), gate=_planted_gate())
+    assert text.startswith("## twinbench: FAIL")
+    assert "<script>" not in text and "&lt;script&gt;" in text
+    assert "\\| pipes \\|" in text  # a pipe in a reason cannot break the table
+    assert "worker died with SIGSEGV" in text
+    assert "**FAIL**" in text and "regression" in text
+
+
+def test_junit_fails_parity_and_regressions_and_skips_skips():
+    from reports.junit import render_junit
+
+    root = ET.fromstring(render_junit(make_doc(), gate=_planted_gate()).split("\n", 1)[1])
+    cases = root.iter("testcase")
+    kinds = {}
+    for tc in cases:
+        for child in tc:
+            kinds.setdefault(child.tag, []).append(tc.get("name"))
+    assert len(kinds["failure"]) == 2  # the wrong impl + the gate regression
+    assert len(kinds["error"]) == 3    # crashed, timeout, the planted crash
+    assert len(kinds["skipped"]) == 3
+    assert any("evil" in n for n in kinds["error"])
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    code = main(["run", "toy_matmul", "--plugin", str(TOY), "--device", "cpu", "--no-timing", "--out", str(out)])
+    return out, code
+
+
+def test_a_real_run_writes_report_summary_and_junit(real_run):
+    out, code = real_run
+    assert code == 1  # the planted off-by-one-percent impl is wrong
+    for name in ("results.json", "report.html", "summary.md", "junit.xml", "results.csv"):
+        assert (out / name).stat().st_size > 0, name
+    assert "off_by_one_percent" in (out / "summary.md").read_text()
+    root = ET.parse(out / "junit.xml").getroot()
+    assert root.get("failures") == "2"  # one wrong impl x two cases
+
+
+def test_report_command_rebuilds_from_results(real_run, tmp_path):
+    out, _ = real_run
+    html = tmp_path / "again.html"
+    assert main(["report", str(out / "results.json"), "--out", str(html), "--markdown", str(tmp_path / "s.md"),
+                 "--junit", str(tmp_path / "j.xml"), "--csv", str(tmp_path / "r.csv")]) == 0
+    assert "toy_matmul" in html.read_text() and (tmp_path / "s.md").exists() and (tmp_path / "r.csv").exists()
+
+
+def test_report_of_a_missing_file_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope.json"), "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert "results file not found" in err and err.count("\n") == 1
+    assert not (tmp_path / "r.html").exists()
