@@ -266,12 +266,14 @@ def run_gate(args, config) -> dict[str, Any]:
     from harness import gate
 
     rounds = _check_rounds(args)
+    resolve_ref(args.against)  # a bad ref fails before anything is loaded
     items = plan_items(args)
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="twinbench-gate-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     with base_worktree(args.against) as (base_root, sha):
         plugins = [str(Path(p).resolve()) for p in args.plugin]
-        base = GateWorker(base_root, args.device, plugins, out_dir / "gate-base.log", args.timeout, args.threads)
+        base = GateWorker(base_root, args.device, [_in_tree(p, base_root) for p in plugins],
+                          out_dir / "gate-base.log", args.timeout, args.threads)
         try:
             head = GateWorker(ROOT, args.device, plugins, out_dir / "gate-head.log", args.timeout, args.threads)
         except Exception:
@@ -301,6 +303,16 @@ def run_gate(args, config) -> dict[str, Any]:
         note += f"; {diff}"
     return gate.summarize(cases, parity_failures, config, mode="against",
                           mode_text=f"--against {args.against} (interleaved)", note=note)
+
+
+def _in_tree(plugin: str, base_root: Path) -> str:
+    """A plugin file inside the repository is the base's own version in the base (when it exists there)."""
+    path = Path(plugin)
+    try:
+        inside = base_root / path.relative_to(ROOT)
+    except ValueError:
+        return plugin
+    return str(inside) if inside.exists() else plugin
 
 
 def _fingerprint_note(a: dict[str, Any], b: dict[str, Any]) -> str:

@@ -1,0 +1,282 @@
+"""The gate: statistics on synthetic samples, baselines through the CLI, and `--against` on a tiny repo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from reports_fixtures import fingerprint, make_doc, slowed
+
+from harness import gate
+from harness.cli import main
+from harness.errors import UsageError
+from harness.results import atomic_write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _samples(n: int, median: float, cv: float, seed: int) -> list[float]:
+    return list(np.exp(np.random.default_rng(seed).normal(np.log(median), cv, n)))
+
+
+def _case(ratio: float, p: float, noise: float = 0.0, name: str = "c") -> dict:
+    return {"suite": "s", "case": name, "impl": "i", "device": "cpu", "mode": "fwd", "ratio": ratio,
+            "ci_low": ratio, "ci_high": ratio, "p_value": p, "noise": noise}
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_a_planted_slowdown_is_flagged(paired):
+    base = _samples(15, 1.0, 0.02, 1)
+    head = [x * 1.25 for x in _samples(15, 1.0, 0.02, 2)]
+    c = dict(_case(0, 0), **gate.compare_samples(base, head, paired=paired))
+    gate.decide([c], gate.GateConfig(threshold=0.05))
+    assert c["verdict"] == "regression"
+    assert 1.15 < c["ratio"] < 1.35 and c["ci_low"] > 1.05 and c["p_value"] < 1e-3
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_no_planted_slowdown_passes(seed):
+    base = _samples(15, 1.0, 0.05, seed)
+    head = _samples(15, 1.0, 0.05, seed + 100)
+    c = dict(_case(0, 0), **gate.compare_samples(base, head, paired=False))
+    gate.decide([c], gate.GateConfig(threshold=0.05))
+    assert c["verdict"] == "no change"
+    assert c["ci_low"] < 1 < c["ci_high"]
+
+
+def test_holm_correction_changes_a_verdict():
+    alone = [_case(1.5, 0.03)]
+    gate.decide(alone, gate.GateConfig())
+    assert alone[0]["verdict"] == "regression"  # p 0.03 < alpha 0.05 on its own
+    pair = [_case(1.5, 0.03, name="a"), _case(1.5, 0.04, name="b")]
+    gate.decide(pair, gate.GateConfig(correction="holm"))
+    assert [c["verdict"] for c in pair] == ["no change", "no change"]  # Holm: 0.06 and 0.06
+    assert pair[0]["p_adjusted"] == pytest.approx(0.06)
+    bh = [_case(1.5, 0.03, name="a"), _case(1.5, 0.04, name="b")]
+    gate.decide(bh, gate.GateConfig(correction="bh"))
+    assert [c["verdict"] for c in bh] == ["regression", "regression"]  # BH: 0.04 and 0.04
+
+
+def test_holm_adjustment_matches_the_definition():
+    assert gate.adjust([0.01, 0.04, 0.03, 0.005], "holm") == pytest.approx([0.03, 0.06, 0.06, 0.02])
+
+
+def test_fewer_than_seven_samples_are_refused():
+    with pytest.raises(UsageError, match="at least 7"):
+        gate.compare_samples([1.0] * 6, [1.0] * 7, paired=False)
+    gate.compare_samples(_samples(7, 1, 0.01, 0), _samples(7, 1, 0.01, 1), paired=False)
+
+
+def test_seven_against_seven_can_reach_asv_level_significance():
+    p = gate.mann_whitney_p(np.arange(1.0, 8.0), np.arange(11.0, 18.0))
+    assert p < 0.002  # exact two-sided: 2/C(14,7) = 0.00058
+
+
+def test_minimum_effect_follows_the_cases_own_noise():
+    c = [_case(1.08, 1e-6, noise=0.05)]
+    gate.decide(c, gate.GateConfig(threshold=0.02, k=2))
+    assert c[0]["min_effect"] == pytest.approx(0.10) and c[0]["verdict"] == "no change"
+    c = [_case(1.08, 1e-6, noise=0.005)]
+    gate.decide(c, gate.GateConfig(threshold=0.02, k=2))
+    assert c[0]["min_effect"] == pytest.approx(0.02) and c[0]["verdict"] == "regression"
+
+
+def test_a_regression_the_rerun_refutes_is_not_a_failure():
+    cfg = gate.GateConfig()
+    first = gate.decide([_case(1.3, 1e-5, name="a"), _case(1.3, 1e-5, name="b")], cfg)
+    gate.confirm(first, [_case(1.3, 1e-5, name="a"), _case(1.0, 0.7, name="b")], cfg)
+    assert first[0]["verdict"] == "regression (confirmed)" and gate.is_failure(first[0])
+    assert first[1]["verdict"] == "no change" and not gate.is_failure(first[1])
+
+
+# --- stored baselines through the CLI -------------------------------------------------------------
+
+@pytest.fixture
+def saved(tmp_path):
+    doc = make_doc(planted=False)
+    ok_only = dict(doc, results=[r for r in doc["results"] if r["status"] in ("ok", "skipped")])
+    atomic_write_json(tmp_path / "r.json", ok_only)
+    assert main(["baseline", "save", str(tmp_path / "r.json"), "--dir", str(tmp_path / "bl")]) == 0
+    return tmp_path, ok_only
+
+
+def test_baseline_file_is_one_reviewable_line_per_entry(saved, capsys):
+    tmp, _ = saved
+    path = tmp / "bl" / "fp0000000000cpu1.json"
+    lines = path.read_text().splitlines()
+    entry_lines = [ln for ln in lines if ln.lstrip().startswith('{"suite"')]
+    assert len(entry_lines) == 14  # (3 cases x reference+fast, + the n=512 reference) x 2 modes
+    assert json.loads(path.read_text())["kind"] == "twinbench-baseline"
+    assert main(["baseline", "show", "--dir", str(tmp / "bl"), "-v"]) == 0
+    assert "14 entries" in capsys.readouterr().out
+
+
+def test_gate_passes_against_its_own_baseline(saved, capsys):
+    tmp, _ = saved
+    assert main(["gate", str(tmp / "r.json"), "--baseline", str(tmp / "bl")]) == 0
+    assert "gate PASS" in capsys.readouterr().out
+
+
+def test_gate_fails_a_planted_slowdown_and_writes_its_outputs(saved, capsys):
+    tmp, doc = saved
+    atomic_write_json(tmp / "slow.json", slowed(doc, "fast", 1.6))
+    out = tmp / "g"
+    assert main(["gate", str(tmp / "slow.json"), "--baseline", str(tmp / "bl"), "--out", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "regression (unconfirmed)" in text and "gate FAIL" in text
+    result = json.loads((out / "gate.json").read_text())
+    flagged = {(c["impl"], c["mode"]) for c in result["cases"] if gate.is_failure(c)}
+    assert flagged == {("fast", "fwd"), ("fast", "fwdbwd")}
+    assert all(c["ratio"] == pytest.approx(1.6, rel=0.05) for c in result["cases"] if gate.is_failure(c))
+    assert "regression" in (out / "summary.md").read_text() and (out / "report.html").exists()
+
+
+def test_a_confirmation_run_without_the_slowdown_clears_the_gate(saved):
+    tmp, doc = saved
+    atomic_write_json(tmp / "slow.json", slowed(doc, "fast", 1.6))
+    atomic_write_json(tmp / "fresh.json", make_doc(planted=False, seed=7))
+    args = ["gate", str(tmp / "slow.json"), "--baseline", str(tmp / "bl"), "--confirm"]
+    assert main([*args, str(tmp / "fresh.json")]) == 0
+    atomic_write_json(tmp / "slow2.json", slowed(make_doc(planted=False, seed=9), "fast", 1.6))
+    assert main([*args, str(tmp / "slow2.json")]) == 1
+
+
+def test_a_parity_failure_fails_the_gate(saved, tmp_path):
+    tmp, _ = saved
+    atomic_write_json(tmp / "bad.json", make_doc(planted=False))
+    assert main(["gate", str(tmp / "bad.json"), "--baseline", str(tmp / "bl")]) == 1
+
+
+def test_another_hard_fingerprint_is_refused_unless_allowed(saved, capsys):
+    tmp, doc = saved
+    other = json.loads(json.dumps(doc))
+    other["fingerprints"]["fp0000000000cpu1"] = fingerprint(threads=8)
+    atomic_write_json(tmp / "other.json", other)
+    base_file = tmp / "bl" / "fp0000000000cpu1.json"
+    out = tmp / "never"
+    assert main(["gate", str(tmp / "other.json"), "--baseline", str(base_file), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "cpu_threads: 2 != 8" in err and "--allow-fingerprint-mismatch" in err and err.count("\n") == 1
+    assert not out.exists()
+    assert main(["gate", str(tmp / "other.json"), "--baseline", str(base_file), "--allow-fingerprint-mismatch"]) == 0
+
+
+def test_unreadable_baseline_is_one_line_exit_2_and_nothing_is_written(saved, capsys):
+    tmp, _ = saved
+    broken = tmp / "bl" / "fp0000000000cpu1.json"
+    broken.write_text('{"kind": "twinbench-baseline", "version": 1, "entries": [')
+    before = broken.read_text()
+    assert main(["gate", str(tmp / "r.json"), "--baseline", str(broken), "--out", str(tmp / "o")]) == 2
+    assert "cannot read baseline" in capsys.readouterr().err
+    assert main(["baseline", "save", str(tmp / "r.json"), "--dir", str(tmp / "bl")]) == 2
+    assert broken.read_text() == before and not (tmp / "o").exists()
+
+
+def test_too_few_samples_is_a_usage_error(saved, capsys):
+    tmp, doc = saved
+    short = json.loads(json.dumps(doc))
+    for rec in short["results"]:
+        if rec.get("timing"):
+            for mode in ("fwd", "fwdbwd"):
+                rec["timing"][mode]["samples_ms"] = rec["timing"][mode]["samples_ms"][:6]
+    atomic_write_json(tmp / "short.json", short)
+    assert main(["gate", str(tmp / "short.json"), "--baseline", str(tmp / "bl")]) == 2
+    assert "at least 7" in capsys.readouterr().err
+
+
+def test_gate_needs_exactly_one_mode(capsys):
+    assert main(["gate"]) == 2
+    assert "exactly one of --baseline" in capsys.readouterr().err
+    assert main(["gate", "--against", "no-such-ref-xyz", "--suite", "attention"]) == 2
+    assert "not a commit" in capsys.readouterr().err
+
+
+# --- gate --against on a tiny git repository ------------------------------------------------------
+
+SUITE = '''
+from harness.case import Case
+from harness.inputs import generator, randn
+from harness.registry import Inputs, Suite, register_impl, register_suite
+
+
+def make_inputs(case, device, seed):
+    gen = generator(seed)
+    return Inputs(tensors={"x": randn((case["n"], case["n"]), "fp32", device, gen),
+                           "w": randn((case["n"], case["n"]), "fp32", device, gen)})
+
+
+register_suite(Suite(name="toy", description="x @ w", profiles={"quick": [Case.of(n=96)]},
+                     make_inputs=make_inputs, trials=1))
+
+
+@register_impl("toy", "reference", tags=("reference",), backward=False)
+def reference(x, w):
+    return x @ w
+'''
+IMPL = '''
+import torch
+from harness.registry import register_impl
+
+
+@register_impl("toy", "mm", tags=("ours",), backward=False)
+def mm(x, w):
+    {body}
+'''
+FAST = "return torch.mm(x, w)"
+SLOW = "for _ in range(3):\n        torch.mm(x, w)\n    return torch.mm(x, w)"
+
+
+@pytest.fixture(scope="module")
+def toy_repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("repo")
+    for pkg in ("harness", "reports"):
+        shutil.copytree(ROOT / pkg, repo / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    for pkg in ("suites", "impls", "reference"):
+        (repo / pkg).mkdir()
+        (repo / pkg / "__init__.py").write_text("")
+    (repo / "suites" / "toy.py").write_text(SUITE)
+    (repo / "impls" / "toy_mm.py").write_text(IMPL.format(body=FAST))
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "."], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "base"], cwd=repo, check=True)
+    return repo
+
+
+def _gate_against(repo: Path, out: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    return subprocess.run([sys.executable, "-m", "harness.cli", "gate", "--against", "HEAD", "--suite", "toy",
+                           "--impl", "mm", "--rounds", "9", "--out", str(out)], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_against_catches_a_planted_slowdown_in_the_working_tree(toy_repo, tmp_path):
+    impl = toy_repo / "impls" / "toy_mm.py"
+    impl.write_text(IMPL.format(body=SLOW))  # 4x the work, uncommitted: the head is slower than the base
+    try:
+        done = _gate_against(toy_repo, tmp_path / "g")
+    finally:
+        impl.write_text(IMPL.format(body=FAST))
+    assert done.returncode == 1, done.stdout + done.stderr
+    result = json.loads((tmp_path / "g" / "gate.json").read_text())
+    [case] = result["cases"]
+    assert case["verdict"] == "regression (confirmed)" and case["ratio"] > 2, case
+    assert "re-run" in case["note"]
+    listed = subprocess.run(["git", "worktree", "list"], cwd=toy_repo, capture_output=True, text=True).stdout
+    assert len(listed.strip().splitlines()) == 1  # the base worktree was removed
+
+
+def test_against_passes_when_nothing_changed(toy_repo, tmp_path):
+    done = _gate_against(toy_repo, tmp_path / "g")
+    assert done.returncode == 0, done.stdout + done.stderr
+    [case] = json.loads((tmp_path / "g" / "gate.json").read_text())["cases"]
+    assert case["verdict"] in ("no change", "improvement") and case["n_base"] == case["n_head"] == 9
+    assert 0.7 < case["ratio"] < 1.4
+    assert textwrap.dedent(done.stdout).count("gate PASS") == 1
