@@ -1,0 +1,115 @@
+"""NF4 matmul kernels shared by our quantized-linear impls: CPU (torch.compile / inductor C++) and Triton.
+
+Layout: the packed weight is bnb's, uint8 ``[(N*K)/2, 1]``, row-major over the [N, K] weight, high nibble =
+even column. We view it ``[N, K/2]`` and never repack it. The CPU kernels work in an *even/odd* column order
+(``[W[:, 0::2] | W[:, 1::2]]``): the high and low nibbles of a byte row are then two contiguous vectors, so
+the inductor C++ code vectorises without interleaved stores; inputs/outputs are permuted to match (cheap,
+[M, K]). (Measured here: a torch.where select tree for the 16-value lookup compiled to code ~100x slower
+than the indexed gather, so the lookup is ``code[nibble]``.)
+
+Public entry points (all take ``packed2d`` uint8 [N, K/2] and ``scales`` fp32 [N, K/blocksize]):
+``nf4_mm(x, ...)`` -> ``x @ W^T`` and ``nf4_mm_t(g, ...)`` -> ``g @ W`` for 2-D x/g in any float dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+# bitsandbytes' NF4 code (fp32). Kept here rather than imported from reference/, so that the impls and the
+# reference they are judged against do not share a table: a wrong value on either side is caught.
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)
+# Rows of x up to which the fused dequantise-GEMV (weight never materialised) beats dequantise + GEMM.
+GEMV_MAX_ROWS = 4
+
+
+@functools.cache
+def nf4_table(device: str) -> torch.Tensor:
+    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+
+
+def dequant_even_odd(packed2d: torch.Tensor, scales: torch.Tensor, code: torch.Tensor,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """W in even/odd column order, [N, K] = [W[:, 0::2] | W[:, 1::2]], as ``code * absmax`` (fp32) cast."""
+    n, half = packed2d.shape
+    nb = scales.shape[1]
+    s = scales.reshape(n, nb, 1)
+    even = (code[(packed2d >> 4).int()].reshape(n, nb, half // nb) * s).reshape(n, 1, half)
+    odd = (code[(packed2d & 15).int()].reshape(n, nb, half // nb) * s).reshape(n, 1, half)
+    return torch.cat([even, odd], 1).to(dtype).reshape(n, 2 * half)
+
+
+def gemv_even_odd(xe: torch.Tensor, xo: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor,
+                  code: torch.Tensor) -> torch.Tensor:
+    """``x @ W^T`` for a few rows without materialising W: xe/xo are x's even/odd columns (fp32, [M, K/2])."""
+    n, half = packed2d.shape
+    nb = scales.shape[1]
+    m = xe.shape[0]
+    we = code[(packed2d >> 4).int()].reshape(1, n, half)
+    wo = code[(packed2d & 15).int()].reshape(1, n, half)
+    part = (xe.reshape(m, 1, half) * we + xo.reshape(m, 1, half) * wo).reshape(m, n, nb, half // nb).sum(-1)
+    return (part * scales.reshape(1, n, nb)).sum(-1)
+
+
+def gemv_t_even_odd(g: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor,
+                    code: torch.Tensor) -> torch.Tensor:
+    """``g @ W`` for a few rows of g (fp32, [M, N]) without materialising W; result in even/odd order."""
+    n, half = packed2d.shape
+    nb = scales.shape[1]
+    m = g.shape[0]
+    gs = (g.reshape(m, n, 1) * scales.reshape(1, n, nb)).reshape(m, n, nb, 1)
+    even = (code[(packed2d >> 4).int()].reshape(1, n, nb, half // nb) * gs).sum(1).reshape(m, 1, half)
+    odd = (code[(packed2d & 15).int()].reshape(1, n, nb, half // nb) * gs).sum(1).reshape(m, 1, half)
+    return torch.cat([even, odd], 1).reshape(m, 2 * half)
+
+
+@functools.cache
+def _compiled(name: str):
+    """The inductor-compiled kernel (C++/OpenMP on CPU), or the eager function when compiling is off."""
+    fn = {"dequant": dequant_even_odd, "gemv": gemv_even_odd, "gemv_t": gemv_t_even_odd}[name]
+    if os.environ.get("TWINBENCH_NF4_EAGER") == "1":
+        return fn
+    import torch._inductor.config as inductor_config
+
+    # Indices here are nibbles (always 0..15): the per-element bounds asserts only slow the loop down.
+    inductor_config.assert_indirect_indexing = False
+    return torch.compile(fn, dynamic=False)
+
+
+def to_even_odd(t: torch.Tensor) -> torch.Tensor:
+    """[M, K] -> [M, K] with columns reordered [0, 2, 4, ..., 1, 3, 5, ...]."""
+    m, k = t.shape
+    return t.reshape(m, k // 2, 2).transpose(1, 2).reshape(m, k)
+
+
+def from_even_odd(t: torch.Tensor) -> torch.Tensor:
+    m, k = t.shape
+    return t.reshape(m, 2, k // 2).transpose(1, 2).reshape(m, k)
+
+
+def nf4_mm(x: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x @ W^T`` for x [M, K] (fp32/bf16/fp16), result in x's dtype. A few rows: the fused GEMV (fp32
+    accumulation, W never materialised); more: W dequantised to x's dtype (as bnb does), then x's GEMM."""
+    code = nf4_table(str(x.device))
+    if x.shape[0] <= GEMV_MAX_ROWS:
+        xf = x.float()
+        out = _compiled("gemv")(xf[:, 0::2].contiguous(), xf[:, 1::2].contiguous(), packed2d, scales, code)
+        return out.to(x.dtype)
+    w = _compiled("dequant")(packed2d, scales, code, x.dtype)
+    return to_even_odd(x) @ w.t()
+
+
+def nf4_mm_t(g: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``g @ W`` for g [M, N]: the input gradient of ``x @ W^T``, in g's dtype."""
+    code = nf4_table(str(g.device))
+    if g.shape[0] <= GEMV_MAX_ROWS:
+        return from_even_odd(_compiled("gemv_t")(g.float(), packed2d, scales, code)).to(g.dtype)
+    w = _compiled("dequant")(packed2d, scales, code, g.dtype)
+    return from_even_odd(g @ w)
