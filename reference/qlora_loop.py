@@ -35,6 +35,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 MOE_EXPERT_PARAMETERS = ("experts.gate_up_proj", "experts.down_proj")
 # Measured on seeds 0 and 1: the probe is learned in 60 steps; llama at 1e-2 was not yet there.
 DEFAULT_LR = {"llama": 2e-2, "qwen3_moe": 1e-2}
+HEAD_STEPS = 10  # the early steps, where two equivalent loops still agree to rounding level
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -106,6 +107,17 @@ class LoopResult:
     def median_step_s(self) -> float:
         times = sorted(self.step_times_s[1:] or self.step_times_s)  # step 1 pays one-off warm-up
         return times[len(times) // 2]
+
+
+def training_stack_available(device: Any = None) -> tuple[bool, str]:
+    """(ok, why not): the loops need transformers, peft, bitsandbytes, tokenizers and lm-eval."""
+    missing = []
+    for module in ("transformers", "peft", "bitsandbytes", "tokenizers", "lm_eval"):
+        try:
+            __import__(module)
+        except Exception as exc:
+            missing.append(f"{module} ({type(exc).__name__})")
+    return (not missing, f"needs {', '.join(missing)}" if missing else "")
 
 
 # ---------------------------------------------------------------- data
@@ -193,6 +205,7 @@ def load_qlora_model(checkpoint: str | Path, cfg: LoopConfig, device: str = "cpu
     model = AutoModelForCausalLM.from_pretrained(
         checkpoint, quantization_config=bnb_config(cfg), dtype=DTYPES[cfg.dtype],
         device_map=device_map_for(cfg, device), attn_implementation=attn_implementation)
+    keep_training_layout(model)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     extra = {"target_parameters": list(MOE_EXPERT_PARAMETERS)} if cfg.kind == "qwen3_moe" else {}
@@ -205,6 +218,19 @@ def load_qlora_model(checkpoint: str | Path, cfg: LoopConfig, device: str = "cpu
         p.data = p.data.to(DTYPES[cfg.dtype])
         p.requires_grad_(not cfg.freeze_adapters)
     return peft_model
+
+
+def keep_training_layout(model) -> None:
+    """Stop bitsandbytes (>= 0.49 on AVX512-BF16 CPUs) from repacking NF4 weights for its inference kernel.
+
+    The first eval-mode, no-grad call of a CPU ``Linear4bit`` (the probe before training) converts its
+    weight to a CPU-only packed layout, and every later training matmul then runs the inference gemv path.
+    Measured here: after such a probe ``quant_state.packing_format_for_cpu`` is True and the packed shape
+    changes. Training must run the training path, so the conversion is switched off.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_parameters(model) -> dict[str, torch.nn.Parameter]:
@@ -367,3 +393,79 @@ def with_steps(cfg: LoopConfig, steps: int) -> LoopConfig:
 
 def finite(values: list[float]) -> bool:
     return all(math.isfinite(v) for v in values)
+
+
+# ---------------------------------------------------------------- lm-eval and the whole experiment
+
+LMEVAL_TASK = Path(__file__).resolve().parent.parent / "suites" / "data" / "lmeval" / "twinbench_qlora_facts.yaml"
+
+
+def lm_eval_task_config(path: str | Path = LMEVAL_TASK) -> dict[str, Any]:
+    """The shipped task YAML as a dict, its data file made absolute (datasets resolves against the cwd)."""
+    import yaml
+
+    cfg = yaml.safe_load(Path(path).read_text())
+    files = cfg["dataset_kwargs"]["data_files"]
+    cfg["dataset_kwargs"]["data_files"] = {k: str(Path(path).parent / v) for k, v in files.items()}
+    return cfg
+
+
+def lm_eval_scores(model, tokenizer, device: str = "cpu", batch_size: int = 8) -> dict[str, float]:
+    """lm-eval-harness ``simple_evaluate`` of an in-memory model on the local task: {metric: value}."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+    out = simple_evaluate(model=lm, tasks=[lm_eval_task_config()], num_fewshot=0, log_samples=False,
+                          bootstrap_iters=0, verbosity="ERROR")
+    task = next(iter(out["results"].values()))
+    return {k.split(",")[0]: float(v) for k, v in task.items()
+            if k.split(",")[0] in ("acc", "acc_norm") and isinstance(v, (int, float))}
+
+
+def run_experiment(cfg: LoopConfig, device: str = "cpu", workdir: str | Path | None = None,
+                   prepare: Callable[[Any], dict[str, Any]] | None = None, loss_fn=hf_loss,
+                   evaluate: bool = True) -> dict[str, Any]:
+    """Checkpoint -> NF4+LoRA model (``prepare`` may patch it) -> probe, train, probe -> merge to 16 bit,
+    save, reload, probe -> lm-eval. Returns the tensors the suite compares plus ``metrics``."""
+    import tempfile
+
+    previous_threads = torch.get_num_threads()
+    if cfg.cpu_threads and not str(device).startswith("cuda"):
+        torch.set_num_threads(cfg.cpu_threads)
+    try:
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            tok = save_base_checkpoint(cfg, Path(tmp) / "base")
+            model = load_qlora_model(Path(tmp) / "base", cfg, device)
+            patches = prepare(model) if prepare is not None else {}
+            result = train(model, tok, cfg, device, loss_fn)
+            merged = merge_to_16bit_and_reload(model, tok, cfg, tmp, Path(tmp) / "base", device) if evaluate else None
+            probe_merged = probe(merged, tok, cfg, device) if merged is not None else None
+            scores = lm_eval_scores(merged, tok, device) if merged is not None else {}
+    finally:
+        torch.set_num_threads(previous_threads)
+    probes = {"before": result.probe_before, "after": result.probe_after, "merged_16bit": probe_merged}
+    tokens = sum(result.tokens_per_step[1:]) or sum(result.tokens_per_step)
+    seconds = sum(result.step_times_s[1:]) or sum(result.step_times_s)
+    metrics = {
+        "loss_curve": [float(x) for x in result.loss_curve],
+        "median_step_s": result.median_step_s,
+        "tokens_per_s": tokens / seconds if seconds else None,
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "trainable_parameters": result.trainable_parameters,
+        "probe_hits": {k: sum(p.hits) for k, p in probes.items() if p is not None},
+        "probe_responses": {k: [p.greedy, *p.samples] for k, p in probes.items() if p is not None},
+        "lm_eval": scores,
+        "cpu_threads": torch.get_num_threads() if not cfg.cpu_threads else cfg.cpu_threads,
+        **patches,
+    }
+    hits = [sum(p.hits) if p is not None else -1 for p in probes.values()]
+    return {
+        "loss_curve": torch.tensor(result.loss_curve, dtype=torch.float64),
+        "loss_curve_head": torch.tensor(result.loss_curve[:HEAD_STEPS], dtype=torch.float64),
+        "first_grads": result.first_grads,
+        "final_lora": result.final_lora,
+        "probe_hits": torch.tensor(hits, dtype=torch.int64),  # before, after, merged: judged absolutely
+        "lm_eval_acc": torch.tensor([scores.get("acc", float("nan"))], dtype=torch.float64),
+        "metrics": metrics,
+    }

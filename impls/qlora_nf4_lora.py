@@ -1,0 +1,103 @@
+"""Fused NF4 + LoRA projections for the optimized QLoRA loop (Unsloth-style ``apply_lora_qkv`` / ``_mlp``).
+
+``nf4_lora_projections(x, layers)`` computes, for several peft ``lora.bnb.Linear4bit`` layers that read the
+same input (q/k/v, or gate/up), ``[x @ W_i^T + s_i * (x @ A_i^T) @ B_i^T for i]`` as one autograd op:
+
+- the NF4 weights are dequantised (bitsandbytes' own ``dequantize_4bit``, so the numbers are the ones the
+  reference multiplies by) and concatenated: one GEMM for all base projections, one for all ``x @ A^T``;
+- nothing weight-sized is saved for backward: the dequantised weights are rebuilt there (as QLoRA must,
+  or the 4-bit saving is gone), and only ``x`` and the small ``x @ A^T`` are kept;
+- backward gives ``dx``, ``dA_i``, ``dB_i`` with a handful of GEMMs instead of autograd's per-layer graph.
+
+When the quantized-linear issue's ``impls.quant_linear_fused.nf4_lora_linear`` is present it is used for
+single projections (o_proj, down_proj); see ``single_projection``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def _lora_parts(layer) -> tuple[Any, Any, torch.Tensor, torch.Tensor, float]:
+    """(packed NF4 weight, quant state, A, B, scaling) of a peft LoRA layer over a bnb Linear4bit."""
+    base = layer.base_layer
+    name = layer.active_adapters[0]
+    return (base.weight, base.weight.quant_state, layer.lora_A[name].weight, layer.lora_B[name].weight,
+            float(layer.scaling[name]))
+
+
+def dequantized(packed, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(packed, quant_state).to(dtype)
+
+
+class NF4LoRAProjections(torch.autograd.Function):
+    """y = [x W_1^T + s_1 (x A_1^T) B_1^T, ...] concatenated on the last dim; W_i NF4, A_i/B_i trainable."""
+
+    @staticmethod
+    def forward(ctx, x, weights, scalings, out_dtype, *lora):  # lora = A_1, B_1, A_2, B_2, ...
+        a_list, b_list = lora[0::2], lora[1::2]
+        x2 = x.reshape(-1, x.shape[-1])
+        w = torch.cat([dequantized(p, q, x.dtype) for p, q in weights])
+        xa = x2 @ torch.cat(a_list).t()  # [N, sum r]
+        # GEMMs in the compute dtype, the base + adapter sum in the caller's dtype: as bnb + peft do it
+        out = (x2 @ w.t()).to(out_dtype)  # [N, sum out]
+        o = r = 0
+        for a, b, s in zip(a_list, b_list, scalings):
+            out[:, o:o + b.shape[0]] += ((xa[:, r:r + a.shape[0]] @ b.t()) * s).to(out_dtype)
+            o, r = o + b.shape[0], r + a.shape[0]
+        ctx.weights, ctx.scalings, ctx.x_shape = weights, scalings, x.shape
+        ctx.save_for_backward(x2, xa, *lora)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, xa, *lora = ctx.saved_tensors
+        a_list, b_list = lora[0::2], lora[1::2]
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)
+        grads: list[torch.Tensor | None] = []
+        g_xa = torch.empty_like(xa)
+        o = r = 0
+        for a, b, s in zip(a_list, b_list, ctx.scalings):
+            g_i = g[:, o:o + b.shape[0]] * s
+            xa_i = xa[:, r:r + a.shape[0]]
+            g_xa[:, r:r + a.shape[0]] = g_i @ b
+            grads += [None, g_i.t() @ xa_i]  # dA filled below, dB = s g^T (x A^T)
+            o, r = o + b.shape[0], r + a.shape[0]
+        grad_a = g_xa.t() @ x2  # [sum r, in]
+        r = 0
+        for i, a in enumerate(a_list):
+            grads[2 * i] = grad_a[r:r + a.shape[0]]
+            r += a.shape[0]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = torch.cat([dequantized(p, q, x2.dtype) for p, q in ctx.weights])
+            grad_x = (g @ w + g_xa @ torch.cat(a_list)).view(ctx.x_shape)
+        return (grad_x, None, None, None, *grads)
+
+
+def nf4_lora_projections(x: torch.Tensor, layers: list[Any]) -> list[torch.Tensor]:
+    """Outputs (in ``x``'s dtype) of several LoRA-over-NF4 layers sharing the input ``x``; the GEMMs run in
+    the adapters' (= bnb compute) dtype."""
+    parts = [_lora_parts(layer) for layer in layers]
+    lora = [t for p in parts for t in (p[2], p[3])]
+    out = NF4LoRAProjections.apply(x.to(parts[0][2].dtype), [(p[0], p[1]) for p in parts], [p[4] for p in parts],
+                                   x.dtype, *lora)
+    return list(out.split([p[3].shape[0] for p in parts], dim=-1))
+
+
+def fused_single_available() -> tuple[bool, str]:
+    """Is the quantized-linear issue's ``nf4_lora_linear`` op importable?"""
+    try:
+        from impls.quant_linear_fused import nf4_lora_linear  # noqa: F401
+    except Exception as exc:  # absent or broken: we fall back to our own op
+        return False, f"impls.quant_linear_fused.nf4_lora_linear unavailable ({type(exc).__name__}: {exc})"
+    return True, ""
+
+
+def single_projection(x: torch.Tensor, layer) -> torch.Tensor:
+    """One LoRA-over-NF4 projection: the shared ``nf4_lora_linear`` op when present, else ours."""
+    return nf4_lora_projections(x, [layer])[0]

@@ -1,0 +1,158 @@
+"""QLoRA suite: the patched loop matches the reference loop, the probe is asserted (and a loop that cannot
+learn fails it), and the trajectory comparison catches planted divergence. CPU, one thread per loop."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("lm_eval")
+
+from harness.parity import check_parity, compare_tensor  # noqa: E402
+from harness.registry import IMPLS, SUITES, Impl, load_plugins  # noqa: E402
+from impls import qlora_nf4_lora, qlora_patched  # noqa: E402
+from reference import qlora_loop  # noqa: E402
+
+load_plugins()
+SUITE = SUITES["qlora"]
+REF = IMPLS[("qlora", "reference")]
+PATCHED = IMPLS[("qlora", "patched")]
+LLAMA, MOE = SUITE.cases("quick")
+
+
+def _failing(verdict) -> set[str]:
+    return {n for n, c in verdict.checks.items() if not c.ok}
+
+
+@pytest.fixture(scope="module")
+def llama_verdict():
+    return check_parity(SUITE, PATCHED, REF, LLAMA, "cpu")
+
+
+def test_patched_llama_loop_matches_reference_and_learns(llama_verdict):
+    v = llama_verdict
+    assert v.ok, (v.problems, {n: (c.error, c.bound, c.detail) for n, c in v.checks.items() if not c.ok})
+    assert set(v.checks) >= {"loss_curve", "loss_curve_head", "first_grads", "final_lora", "lm_eval_acc",
+                             "probe_hits"}
+    m = v.metrics
+    assert len(m["loss_curve"]) == LLAMA["steps"] and m["loss_curve"][-1] < m["loss_curve"][0] / 3
+    assert m["probe_hits"] == {"before": 0, "after": 6, "merged_16bit": 6}
+    assert set(m["patched"]) >= {"attention", "nf4_lora", "loss"} and not m["not_patched"]
+    assert m["trainable_parameters"] > 0 and m["median_step_s"] > 0 and m["tokens_per_s"] > 0
+    assert m["lm_eval"]["acc"] >= 0.8  # the merged model answers the trained facts
+    # the comparison is real: the first-step gradients agree far inside their bound
+    assert v.checks["first_grads"].error < 0.01 * v.checks["first_grads"].bound
+
+
+def test_reference_probe_is_judged_absolutely():
+    ref = SUITE.make_inputs(LLAMA, "cpu", 0)
+    ok, _ = SUITE.check_discrete(LLAMA, "probe_hits", torch.tensor([0, 6, 6]), torch.tensor([0, 6, 6]), ref)
+    assert ok
+    for bad in ([1, 6, 6], [0, 5, 6], [0, 6, 0]):
+        ok, why = SUITE.check_discrete(LLAMA, "probe_hits", torch.tensor([0, 6, 6]), torch.tensor(bad), ref)
+        assert not ok and "reference loop probe" in why
+
+
+@pytest.mark.parametrize("bug", [{"lr": 0.0}, {"freeze_adapters": True}], ids=["zero-lr", "frozen-adapters"])
+def test_loop_that_cannot_learn_fails_the_probe(bug):
+    cfg = dataclasses.replace(SUITE.make_inputs(LLAMA, "cpu", 0).static["config"], **bug)
+    out = qlora_loop.run_experiment(cfg, "cpu", prepare=qlora_patched.patch_model,
+                                    loss_fn=qlora_patched.labelled_loss, evaluate=False)
+    before, after, _ = out["probe_hits"].tolist()
+    assert before == 0 and after == 0
+    inputs = SUITE.make_inputs(LLAMA, "cpu", 0)
+    ok, why = SUITE.check_discrete(LLAMA, "probe_hits", out["probe_hits"], torch.tensor([0, 6, 6]), inputs)
+    assert not ok and "after=0" in why
+
+
+def test_planted_lora_scaling_error_is_caught_by_trajectory_and_gradients(llama_verdict):
+    def planted(*, config, device):
+        def prepare(model):
+            info = qlora_patched.patch_model(model)
+            for module in model.modules():
+                if isinstance(getattr(module, "scaling", None), dict):
+                    module.scaling = {k: v * 1.05 for k, v in module.scaling.items()}
+            return info
+
+        return qlora_loop.run_experiment(config, device, prepare=prepare, loss_fn=qlora_patched.labelled_loss)
+
+    wrong = Impl(name="planted", suite="qlora", fn=planted, backward=False, deterministic=False)
+    v = check_parity(SUITE, wrong, REF, LLAMA, "cpu")  # the reference run is the cached one
+    assert not v.ok
+    assert {"first_grads", "loss_curve_head", "final_lora"} <= _failing(v)
+
+
+def test_trajectory_comparison_catches_a_late_divergence():
+    gen = torch.Generator().manual_seed(0)
+    ref = 6.0 * torch.exp(-torch.arange(60, dtype=torch.float64) / 15) + 0.1 * torch.rand(60, generator=gen,
+                                                                                           dtype=torch.float64)
+    tol = SUITE.tolerance(LLAMA, "loss_curve")
+    same = ref + 1e-4 * torch.randn(60, generator=gen, dtype=torch.float64)
+    assert compare_tensor("loss_curve", same, ref, None, tol, False).ok
+    diverged = ref.clone()
+    diverged[30:] += 0.05  # the second half of training drifts
+    check = compare_tensor("loss_curve", diverged, ref, None, tol, False)
+    assert not check.ok and check.ratio > 1
+    head_tol = SUITE.tolerance(LLAMA, "loss_curve_head")
+    early = ref[:10].clone()
+    early[4] += 5e-3
+    assert not compare_tensor("loss_curve_head", early, ref[:10], None, head_tol, False).ok
+
+
+def test_patched_moe_loop_matches_reference():
+    v = check_parity(SUITE, PATCHED, REF, MOE, "cpu")
+    assert v.ok, (v.problems, {n: (c.error, c.bound, c.detail) for n, c in v.checks.items() if not c.ok})
+    assert v.metrics["patched"].get("moe_experts")
+    assert v.metrics["probe_hits"] == {"before": 0, "after": 6, "merged_16bit": 6}
+
+
+# ---------------------------------------------------------------- the fused NF4 + LoRA op alone
+
+
+@pytest.fixture(scope="module")
+def qlora_layers(tmp_path_factory):
+    cfg = qlora_loop.LoopConfig()
+    path = tmp_path_factory.mktemp("qlora") / "base"
+    qlora_loop.save_base_checkpoint(cfg, path)
+    model = qlora_loop.load_qlora_model(path, cfg)
+    attn = model.get_base_model().model.layers[0].self_attn
+    return [attn.q_proj, attn.k_proj, attn.v_proj]
+
+
+def _sequential(x, layers):
+    return [layer(x) for layer in layers]  # peft's LoRA over bnb's Linear4bit, one by one
+
+
+def _fused_with_scaling_bug(x, layers):
+    outs = qlora_nf4_lora.nf4_lora_projections(x, layers)
+    return [outs[0] * 1.001, *outs[1:]]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fused_nf4_lora_projections_match_peft_and_planted_bugs_fail(qlora_layers, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for layer in qlora_layers:  # B starts at zero: give it values so the adapter path is exercised
+        with torch.no_grad():
+            layer.lora_B["default"].weight.copy_(0.1 * torch.randn(layer.lora_B["default"].weight.shape,
+                                                                   generator=gen))
+    x = torch.randn(3, 5, qlora_layers[0].in_features, generator=gen)
+    g = [torch.randn(3, 5, layer.out_features, generator=gen) for layer in qlora_layers]
+    params = [p for layer in qlora_layers for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
+
+    def run(fn):
+        xi = x.clone().requires_grad_(True)
+        outs = fn(xi, qlora_layers)
+        grads = torch.autograd.grad(outs, [xi, *params], grad_outputs=g)
+        return outs, grads
+
+    ref_out, ref_grads = run(_sequential)
+    got_out, got_grads = run(qlora_nf4_lora.nf4_lora_projections)
+    for r, o in zip([*ref_out, *ref_grads], [*got_out, *got_grads]):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+    bug_out, _ = run(_fused_with_scaling_bug)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(bug_out[0], ref_out[0], rtol=1e-5, atol=1e-5)
