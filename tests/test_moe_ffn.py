@@ -1,0 +1,129 @@
+"""SparseMoE FFN: planted wrong expert layers must be caught; ours and the peers pass over several seeds."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from harness.case import Case
+from harness.parity import check_parity
+from harness.registry import IMPLS, Impl, load_plugins
+from reference.moe import moe_experts, swiglu_expert
+
+load_plugins()
+SUITE = __import__("suites.moe_ffn", fromlist=["SUITE"]).SUITE
+REF = IMPLS[("moe_ffn", "reference")]
+OURS = IMPLS[("moe_ffn", "sorted")]
+
+BASE = Case.of(batch=2, seq=16, hidden=32, experts=8, top_k=2, inter=16, routing="balanced", dtype="fp32")
+SKEWED = BASE.replace(routing="skewed", dtype="bf16")
+ONE = BASE.replace(routing="one_expert", top_k=1, dtype="fp16")
+SINGLE = BASE.replace(batch=1, seq=1)
+
+
+def _impl(fn):
+    return Impl(name="planted", suite="moe_ffn", fn=fn)
+
+
+def dropped_expert(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
+    w = top_k_weights * (top_k_index != 0)            # expert 0's contribution is lost
+    return moe_experts(hidden_states, top_k_index, w, gate_up_proj, down_proj)
+
+
+def routing_weight_ignored(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
+    return moe_experts(hidden_states, top_k_index, torch.ones_like(top_k_weights) + 0 * top_k_weights,
+                       gate_up_proj, down_proj)
+
+
+def gate_and_up_swapped(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
+    i = gate_up_proj.shape[1] // 2
+    swapped = torch.cat([gate_up_proj[:, i:], gate_up_proj[:, :i]], dim=1)
+    return moe_experts(hidden_states, top_k_index, top_k_weights, swapped, down_proj)
+
+
+def second_slot_dropped(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
+    return moe_experts(hidden_states, top_k_index[:, :1], top_k_weights[:, :1], gate_up_proj, down_proj)
+
+
+def no_router_gradient(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
+    return moe_experts(hidden_states, top_k_index, top_k_weights.detach(), gate_up_proj, down_proj)
+
+
+def stale_expert_gradient(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
+    """Right output, but the last expert's weight gradient never arrives (a missed empty-group write)."""
+    class CutGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w):
+            return w.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            g = g.clone()
+            g[-1] = 0
+            return g
+
+    return moe_experts(hidden_states, top_k_index, top_k_weights, CutGrad.apply(gate_up_proj), down_proj)
+
+
+PLANTED = [
+    ("a dropped expert", dropped_expert, BASE),
+    ("a dropped expert (bf16, skewed)", dropped_expert, SKEWED),
+    ("routing weight ignored", routing_weight_ignored, BASE),
+    ("gate and up swapped", gate_and_up_swapped, ONE),
+    ("second slot dropped", second_slot_dropped, BASE),
+    ("no router gradient", no_router_gradient, BASE),
+    ("an expert weight gradient lost", stale_expert_gradient, BASE),
+]
+
+
+@pytest.mark.parametrize("label,fn,case", PLANTED, ids=[p[0] for p in PLANTED])
+def test_planted_expert_bug_is_caught(label, fn, case):
+    verdict = check_parity(SUITE, _impl(fn), REF, case, "cpu", trials=2)
+    assert not verdict.ok, f"{label} passed: {verdict.checks}"
+
+
+@pytest.mark.parametrize("case", [BASE, SKEWED, ONE, SINGLE], ids=lambda c: c.id)
+def test_sorted_passes_over_seeds(case):
+    v = check_parity(SUITE, OURS, REF, case, "cpu", trials=5, seed=70)
+    assert v.ok, (v.problems, {n: c for n, c in v.checks.items() if not c.ok})
+    assert v.stable
+    assert set(v.checks) == {"out", "grad:hidden_states", "grad:top_k_weights", "grad:gate_up_proj",
+                             "grad:down_proj"}
+    assert 0 < max(c.ratio for c in v.checks.values()) <= 1
+
+
+def test_sorted_gives_exact_zero_gradients_to_empty_experts():
+    inputs = SUITE.make_inputs(SKEWED.replace(dtype="fp32"), "cpu", 1)
+    assert inputs.meta["empty_experts"] == 4 and sum(inputs.meta["tokens_per_expert"]) == 32 * 2
+    t = {n: (v.clone().requires_grad_(v.is_floating_point())) for n, v in inputs.tensors.items()}
+    out = OURS.fn(**t)
+    out.backward(torch.randn_like(out))
+    assert (t["gate_up_proj"].grad[4:] == 0).all() and (t["down_proj"].grad[4:] == 0).all()
+    assert t["gate_up_proj"].grad[:4].abs().sum() > 0
+
+
+def test_swiglu_layout_is_gate_then_up():
+    x, gu, d = torch.randn(3, 8), torch.randn(2 * 5, 8), torch.randn(8, 5)
+    want = F.linear(F.silu(x @ gu[:5].T) * (x @ gu[5:].T), d)
+    assert torch.allclose(swiglu_expert(x, gu, d), want, atol=1e-6)
+
+
+def test_batched_mm_guard_skips_the_benchmark_shape():
+    impl = IMPLS[("moe_ffn", "hf_batched_mm")]
+    ok, why = impl.can_run(SUITE.cases("bench")[0], None)
+    if "not installed" in why:
+        pytest.skip(why)
+    assert not ok and "GiB" in why and "OOM" in why
+    assert impl.can_run(BASE, None)[0]
+
+
+def test_triton_tiles_never_straddle_experts():
+    from impls.moe_ffn_sorted import _Routing
+    from impls.moe_ffn_triton import BLOCK_M, _tiles
+
+    ids = torch.tensor([[0, 2]] * 40 + [[2, 3]] * 3)
+    route = _Routing(ids, 5)
+    experts, starts, ends = _tiles(route, "cpu")
+    offs = [0] + route.offs.tolist()
+    for e, s, t in zip(experts.tolist(), starts.tolist(), ends.tolist()):
+        assert offs[e] <= s < t <= offs[e + 1] and t - s <= BLOCK_M
+    assert sorted(set(experts.tolist())) == [0, 2, 3]
