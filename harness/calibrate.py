@@ -85,6 +85,7 @@ def against_mode(pair, items, configs: dict[str, Any], n: int, slowdown: float) 
             gate.confirm(cases, rerun, config)
             counts[test]["confirmed"] += sum(c["verdict"] == "regression (confirmed)" for c in cases)
         done += len(group)
+    print(f"   interleaved, slowdown {slowdown:.0%}: {done} comparisons done", flush=True)
     return {"comparisons": done, "slowdown": slowdown, "median_ratio_cv": _cv(ratios), "tests": counts}
 
 
@@ -99,6 +100,7 @@ def baseline_sessions(pair, items, n: int, slowdown: float, rounds: int) -> list
         again = {i.key: _session(pair.head, i, pair.numbers[i.key], rounds, extra[i.key]) for i in group}
         out += [{"item": i, "base": base[i.key], "new": new[i.key], "again": again[i.key], "group": len(out)}
                 for i in group]
+    print(f"   stored sessions, slowdown {slowdown:.0%}: {len(out)} comparisons done", flush=True)
     return out
 
 
