@@ -57,6 +57,8 @@ class GateWorker:
             # The idle side's OpenMP threads must not spin-wait while the other side is timed.
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
             threads = threads or DEFAULT_CPU_THREADS
+        elif os.environ.get("TWINBENCH_USER_TRITON_INTERPRET") != "1":
+            env.pop("TRITON_INTERPRET", None)  # compiled Triton on GPUs, as the run workers
         config = {"device": device, "backend": backend, "plugins": plugins, "threads": threads}
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         self.log = open(log_path, "a", encoding="utf-8")
@@ -257,7 +259,8 @@ def compare_items(pair: Pair, items: list[Item], config, *, parity: bool) -> tup
             continue
         base_ms, head_ms = pair.measure(item)
         c.update(gate.compare_samples(base_ms, head_ms, paired=True, test=config.test, n_boot=config.n_boot,
-                                      seed=config.seed, name=item.key))
+                                      seed=config.seed, name=item.key),
+                 base_samples_ms=base_ms, head_samples_ms=head_ms, calls_per_sample=pair.numbers[item.key])
         cases.append(c)
     return cases, parity_failures
 
