@@ -16,6 +16,8 @@ loop fallback with a host sync anyway, and on the CPU its fp32 path is layout-se
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.nn.functional as F
 
@@ -42,10 +44,47 @@ class _Routing:
         self.blocks = [(e, s, t) for e, (s, t) in enumerate(zip([0] + ends[:-1], ends)) if t > s]
 
 
-class TorchGemms:
-    """The GEMMs over row blocks: grouped_mm where it is a real grouped kernel, else a torch.mm loop."""
+def _balanced_shares(blocks: list[tuple[int, int, int]], workers: int) -> list[list[tuple[int, int, int]]]:
+    """Largest block first to the least-loaded worker (LPT): near-equal rows per worker."""
+    shares: list[list[tuple[int, int, int]]] = [[] for _ in range(workers)]
+    load = [0] * workers
+    for block in sorted(blocks, key=lambda b: b[1] - b[2]):
+        i = load.index(min(load))
+        shares[i].append(block)
+        load[i] += block[2] - block[1]
+    return [s for s in shares if s]
 
-    name = "torch.mm per expert (grouped_mm on CUDA 9.x/10.x bf16)"
+
+def _for_each_block(work, blocks: list[tuple[int, int, int]], device: torch.device) -> None:
+    """Run ``work(e, s, t)`` for every expert block.
+
+    On the CPU with N > 1 intra-op threads the experts are split over N threads, each running whole GEMMs
+    single-threaded: GEMMs of ~64 rows parallelise badly inside the BLAS (measured here on 64 experts x
+    64 rows, gate_up shape: 1.58x fp32, 1.33x bf16 over the intra-op-threaded loop).
+    """
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    if threads <= 1 or len(blocks) < 2:
+        for block in blocks:
+            work(*block)
+        return
+
+    def run(share):
+        torch.set_num_threads(1)   # this worker's OpenMP team; the BLAS setting is process-wide
+        with torch.no_grad():      # grad mode is per thread: inside autograd.Function it is off
+            for block in share:
+                work(*block)
+
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(run, _balanced_shares(blocks, threads)))
+    finally:
+        torch.set_num_threads(threads)
+
+
+class TorchGemms:
+    """The GEMMs over row blocks: grouped_mm where it is a real grouped kernel, else torch.mm per expert."""
+
+    name = "torch.mm per expert, experts split over CPU threads (grouped_mm on CUDA 9.x/10.x bf16)"
 
     @staticmethod
     def rows_times_weight(a: torch.Tensor, w: torch.Tensor, route: _Routing, transpose: bool) -> torch.Tensor:
@@ -53,16 +92,27 @@ class TorchGemms:
         if _fast_grouped_mm(a):
             return F.grouped_mm(a, w.transpose(-2, -1) if transpose else w, offs=route.offs)
         out = a.new_empty((a.shape[0], w.shape[1] if transpose else w.shape[2]))
-        for e, s, t in route.blocks:
+
+        def work(e, s, t):
             torch.mm(a[s:t], w[e].t() if transpose else w[e], out=out[s:t])
+
+        _for_each_block(work, route.blocks, a.device)
         return out
 
     @staticmethod
     def weight_grad(g: torch.Tensor, a: torch.Tensor, like: torch.Tensor, route: _Routing) -> torch.Tensor:
         """grad[e] = g[rows of e]^T @ a[rows of e], written in place; experts without rows get zeros."""
+        if _fast_grouped_mm(a):   # 2D x 2D grouped_mm: the jagged dimension is the reduction
+            grad = F.grouped_mm(g.t(), a, offs=route.offs)
+            empty = torch.ones(like.shape[0], dtype=torch.bool, device=like.device)
+            empty[[e for e, _, _ in route.blocks]] = False
+            return grad.masked_fill_(empty[:, None, None], 0)
         grad = torch.zeros_like(like) if len(route.blocks) < like.shape[0] else torch.empty_like(like)
-        for e, s, t in route.blocks:
+
+        def work(e, s, t):
             torch.mm(g[s:t].t(), a[s:t], out=grad[e])
+
+        _for_each_block(work, route.blocks, a.device)
         return grad
 
 
