@@ -39,11 +39,11 @@ def _spread(items: list, n: int) -> list:
     return [items[i] for i in sorted(set(idx))]
 
 
-def _session(worker, item, number: int, rounds: int, extra: int) -> list[float]:
+def _session(worker, item, number: int, rounds: int, extra: int, clock: str) -> list[float]:
     """Stored-baseline mode: one side's samples back to back (no interleaving)."""
     out = []
     for _ in range(rounds):
-        reply = worker.request(op="time", key=item.key, number=number, extra=extra)
+        reply = worker.request(op="time", key=item.key, number=number, extra=extra, clock=clock)
         if not reply.get("ok"):
             raise UsageError(f"calibration workload {item.key} failed: {reply.get('why')}")
         out.append(reply["ms"])
@@ -94,10 +94,10 @@ def baseline_sessions(pair, items, n: int, slowdown: float, rounds: int) -> list
     out = []
     while len(out) < n:
         group = items[: max(1, min(len(items), n - len(out)))]
-        base = {i.key: _session(pair.base, i, pair.numbers[i.key], rounds, 0) for i in group}
+        base = {i.key: _session(pair.base, i, pair.numbers[i.key], rounds, 0, pair.clock) for i in group}
         extra = {i.key: round(slowdown * pair.numbers[i.key]) for i in group}
-        new = {i.key: _session(pair.head, i, pair.numbers[i.key], rounds, extra[i.key]) for i in group}
-        again = {i.key: _session(pair.head, i, pair.numbers[i.key], rounds, extra[i.key]) for i in group}
+        new = {i.key: _session(pair.head, i, pair.numbers[i.key], rounds, extra[i.key], pair.clock) for i in group}
+        again = {i.key: _session(pair.head, i, pair.numbers[i.key], rounds, extra[i.key], pair.clock) for i in group}
         out += [{"item": i, "base": base[i.key], "new": new[i.key], "again": again[i.key], "group": len(out)}
                 for i in group]
     print(f"   stored sessions, slowdown {slowdown:.0%}: {len(out)} comparisons done", flush=True)
@@ -156,6 +156,13 @@ def smallest_caught(result: dict[str, Any], test: str, target_fa: float = 0.01,
 
 def main(args) -> int:
     from harness import gate_against
+
+    with gate_against.terminate_as_interrupt():
+        return _main(args)
+
+
+def _main(args) -> int:
+    from harness import gate_against
     from harness.gate import GateConfig
     from harness.results import atomic_write_json, now_iso
 
@@ -167,7 +174,6 @@ def main(args) -> int:
         raise UsageError("--comparisons and --power-comparisons must be >= 1")
     rounds = gate_against._check_rounds(args)
     block_ms = args.block_ms or gate_against.DEFAULT_BLOCK_MS
-    items = _spread(gate_against.plan_items(args, modes=("fwd",)), args.max_cases)
     threshold = {"against": args.threshold if args.threshold is not None else gate_against.DEFAULT_THRESHOLD,
                  "baseline": args.threshold if args.threshold is not None else 0.05}
     tests = [args.test] if args.test else ["mwu", "wilcoxon"]
@@ -180,23 +186,27 @@ def main(args) -> int:
     out_dir = Path(args.dir)
     logs = Path(args.json).parent if args.json else Path("/tmp")
     a = gate_against.GateWorker(gate_against.ROOT, args.device, args.plugin, logs / "calibrate-a.log", args.timeout,
-                                 args.threads)
+                                args.threads)
+    b = gate_against.GateWorker(gate_against.ROOT, args.device, args.plugin, logs / "calibrate-b.log", args.timeout,
+                                args.threads)
+    pair = gate_against.Pair(a, b, rounds, block_ms, clock=gate_against.clock_for(args))
     try:
-        b = gate_against.GateWorker(gate_against.ROOT, args.device, args.plugin, logs / "calibrate-b.log", args.timeout,
-                                     args.threads)
-    except Exception:
-        a.stop()
+        items = _spread(gate_against.plan_items(args, modes=("fwd",)), args.max_cases)  # while workers start
+        a.ready()
+        b.ready()
+    except BaseException:
+        pair.stop()
         raise
-    pair = gate_against.Pair(a, b, rounds, block_ms)
     report: dict[str, Any] = {"kind": "twinbench-calibration", "created": now_iso(), "fingerprint": b.fingerprint,
-                              "rounds": rounds, "block_ms": block_ms, "k": args.k, "alpha": args.alpha,
+                              "clock": pair.clock, "threads": a.threads, "rounds": rounds, "block_ms": block_ms, "k": args.k, "alpha": args.alpha,
                               "correction": args.correction, "workload": [i.key for i in items]}
     try:
         for item in items:
             prep = pair.prepare(item, granularity=GRANULARITY)
             if not prep["ok"]:
                 raise UsageError(f"calibration workload {item.key} cannot run: {prep['why']}")
-        print(f"calibrating on {len(items)} case(s), {rounds} rounds of {block_ms:g} ms samples: "
+        print(f"calibrating on {len(items)} case(s), {rounds} rounds of {block_ms:g} ms samples, {pair.clock} clock, "
+              f"{a.threads or 'default'} thread(s): "
               + ", ".join(f"{i.key} x{pair.numbers[i.key]}" for i in items), flush=True)
         if "against" in modes:
             configs = {t: config("against", t) for t in tests}

@@ -272,5 +272,7 @@ def _add_selection(p) -> None:
     p.add_argument("--block-ms", type=float, default=None, help="milliseconds of calls per sample")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per worker (default 1 on the CPU: shared-box timings are far steadier)")
+    p.add_argument("--clock", default=None,
+                   help="CPU only: process (CPU time, default) or wall (what `twinbench run` measures)")
     p.add_argument("--plugin", action="append", default=[])
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a worker may stay silent")

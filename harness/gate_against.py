@@ -30,8 +30,8 @@ from harness.errors import UsageError
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TEST = "mwu"
 DEFAULT_THRESHOLD = 0.02
-DEFAULT_ROUNDS = 15
-DEFAULT_BLOCK_MS = 10.0
+DEFAULT_ROUNDS = 31        # the median ratio's noise falls as 1/sqrt(rounds); see docs/reports-and-gate.md
+DEFAULT_BLOCK_MS = 5.0
 # One thread per CPU worker by default: measured on the shared 2-core box (load ~8), the A/A median
 # ratio of 10 comparisons had CV 0.16 with 2 threads and 0.038 with 1 (docs/reports-and-gate.md).
 DEFAULT_CPU_THREADS = 1
@@ -59,6 +59,7 @@ class GateWorker:
             threads = threads or DEFAULT_CPU_THREADS
         elif os.environ.get("TWINBENCH_USER_TRITON_INTERPRET") != "1":
             env.pop("TRITON_INTERPRET", None)  # compiled Triton on GPUs, as the run workers
+        self.threads = threads
         config = {"device": device, "backend": backend, "plugins": plugins, "threads": threads}
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         self.log = open(log_path, "a", encoding="utf-8")
@@ -66,12 +67,17 @@ class GateWorker:
                                      cwd=str(self.root), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True, start_new_session=True)
         self.buffer = ""
+        self.fingerprint: dict[str, Any] = {}
+
+    def ready(self) -> GateWorker:
+        """Wait for the worker's hello (started separately so both sides import torch in parallel)."""
         hello = self._read()
         self.fingerprint = hello.get("fingerprint") or {}
         served = Path(hello.get("harness", "")).resolve()
         if served.parent != self.root:
             self.stop()
             raise WorkerError(f"the worker for {self.root} imported harness from {served.parent}")
+        return self
 
     def _read(self) -> dict[str, Any]:
         deadline = time.monotonic() + self.timeout
@@ -132,9 +138,10 @@ class Item:
 class Pair:
     """Base and head workers timed alternately: A B, B A, A B ... with equal calls per sample."""
 
-    def __init__(self, base: GateWorker, head: GateWorker, rounds: int, block_ms: float, seed: int = 0):
+    def __init__(self, base: GateWorker, head: GateWorker, rounds: int, block_ms: float, seed: int = 0,
+                 clock: str = "wall"):
         self.base, self.head = base, head
-        self.rounds, self.block_ms, self.seed = rounds, block_ms, seed
+        self.rounds, self.block_ms, self.seed, self.clock = rounds, block_ms, seed, clock
         self.numbers: dict[str, int] = {}
 
     def prepare(self, item: Item, *, parity: bool = False, granularity: int = 1) -> dict[str, Any]:
@@ -164,7 +171,7 @@ class Pair:
         for r in range(self.rounds):
             sides = [(self.base, base_ms, 0), (self.head, head_ms, extra)]
             for worker, sink, add in (sides if r % 2 == 0 else reversed(sides)):
-                reply = worker.request(op="time", key=item.key, number=number, extra=add)
+                reply = worker.request(op="time", key=item.key, number=number, extra=add, clock=self.clock)
                 if not reply.get("ok"):
                     raise WorkerError(f"{item.key}: {reply.get('why')}")
                 sink.append(reply["ms"])
@@ -173,6 +180,23 @@ class Pair:
     def stop(self) -> None:
         self.base.stop()
         self.head.stop()
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a CI timeout) unwinds like Ctrl-C, so workers are stopped and the worktree removed."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def resolve_ref(ref: str) -> str:
@@ -231,6 +255,14 @@ def plan_items(args, modes: tuple[str, ...] = ("fwd", "fwdbwd")) -> list[Item]:
     return items
 
 
+def clock_for(args) -> str:
+    """CPU: process CPU time by default (a shared box's scheduling noise drops out); GPUs: device events."""
+    clock = getattr(args, "clock", None) or ("process" if args.device == "cpu" else "wall")
+    if clock not in ("process", "wall"):
+        raise UsageError("--clock must be process or wall")
+    return clock
+
+
 def _check_rounds(args) -> int:
     rounds = args.rounds or DEFAULT_ROUNDS
     if rounds < 7:
@@ -270,20 +302,18 @@ def run_gate(args, config) -> dict[str, Any]:
 
     rounds = _check_rounds(args)
     resolve_ref(args.against)  # a bad ref fails before anything is loaded
-    items = plan_items(args)
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="twinbench-gate-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    with base_worktree(args.against) as (base_root, sha):
+    with terminate_as_interrupt(), base_worktree(args.against) as (base_root, sha):
         plugins = [str(Path(p).resolve()) for p in args.plugin]
         base = GateWorker(base_root, args.device, [_in_tree(p, base_root) for p in plugins],
                           out_dir / "gate-base.log", args.timeout, args.threads)
+        head = GateWorker(ROOT, args.device, plugins, out_dir / "gate-head.log", args.timeout, args.threads)
+        pair = Pair(base, head, rounds, args.block_ms or DEFAULT_BLOCK_MS, clock=clock_for(args))
         try:
-            head = GateWorker(ROOT, args.device, plugins, out_dir / "gate-head.log", args.timeout, args.threads)
-        except Exception:
-            base.stop()
-            raise
-        pair = Pair(base, head, rounds, args.block_ms or DEFAULT_BLOCK_MS)
-        try:
+            items = plan_items(args)  # while the workers import torch
+            base.ready()
+            head.ready()
             diff = _fingerprint_note(base.fingerprint, head.fingerprint)
             cases, parity_failures = compare_items(pair, items, config, parity=not getattr(args, "no_parity", False))
             gate.decide(cases, config)
@@ -299,7 +329,8 @@ def run_gate(args, config) -> dict[str, Any]:
             gate.confirm(cases, rerun, config)
         finally:
             pair.stop()
-    note = f"base {args.against} = {sha[:12]}, head = working tree; {rounds} interleaved rounds per case"
+    note = (f"base {args.against} = {sha[:12]}, head = working tree; {rounds} interleaved rounds per case, "
+            f"{pair.clock} clock")
     if flagged:
         note += f"; {len(flagged)} flagged case(s) re-run for confirmation"
     if diff:

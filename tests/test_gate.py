@@ -280,3 +280,19 @@ def test_against_passes_when_nothing_changed(toy_repo, tmp_path):
     assert case["verdict"] in ("no change", "improvement") and case["n_base"] == case["n_head"] == 9
     assert 0.7 < case["ratio"] < 1.4
     assert textwrap.dedent(done.stdout).count("gate PASS") == 1
+
+
+def test_calibrate_catches_a_large_planted_slowdown_and_reports_it(toy_repo, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(toy_repo))
+    out = tmp_path / "cal.json"
+    done = subprocess.run([sys.executable, "-m", "harness.cli", "calibrate", "--suite", "toy", "--impl", "mm",
+                           "--comparisons", "3", "--power-comparisons", "3", "--slowdowns", "200", "--rounds", "7", "--block-ms", "2",
+                           "--test", "mwu", "--json", str(out)], cwd=toy_repo, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    for mode in ("against", "baseline"):
+        [power] = result[mode]["power"]
+        assert power["slowdown"] == 2.0 and power["tests"]["mwu"]["confirmed"] == 3, (mode, result[mode])
+        assert result[mode]["aa"]["comparisons"] == 3
+    assert "smallest slowdown caught" in done.stdout
