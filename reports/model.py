@@ -102,7 +102,17 @@ def table_row(rec: dict[str, Any]) -> dict[str, Any]:
         row[f"{mode}_gbps"] = derived.get(f"{mode}_gbps")
     peak = (rec.get("memory") or {}).get("peak_bytes")
     row["peak_mib"] = peak / 2**20 if peak is not None else None
+    row["metrics"] = scalar_metrics(rec)
     return row
+
+
+def scalar_metrics(rec: dict[str, Any], limit: int = 8) -> str:
+    """Self-measured scalars a loop impl reported (curves are charted instead), as 'k=v; ...'."""
+    items = []
+    for name, value in (rec.get("metrics") or {}).items():
+        if isinstance(value, bool) or isinstance(value, (int, float, str)):
+            items.append(f"{name}={fmt(value, '.4g')}")
+    return "; ".join(items[:limit]) + ("; ..." if len(items) > limit else "")
 
 
 def curves(rec: dict[str, Any]) -> dict[str, list[float]]:

@@ -80,6 +80,7 @@ def test_loss_curves_come_from_loop_metrics():
     doc = make_doc()
     loop = [r for r in doc["results"] if r["suite"] == "loop" and r["impl"] == "fused"][0]
     assert list(model.curves(loop)) == ["loss_curve"]  # the scalar final_loss is not a curve
+    assert "final_loss=0.503" in model.scalar_metrics(loop)  # ... it is listed in the table instead
 
 
 def test_markdown_summary_escapes_and_lists_failures():
