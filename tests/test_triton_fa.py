@@ -45,7 +45,7 @@ def test_interp_grid_passes_three_way_parity(index, case):
 
 
 def test_passes_over_several_seeds():
-    case = _case(1, 4, 2, 33, 95, 40, True, "fp32")
+    case = _case(1, 2, 1, 33, 95, 40, True, "fp32")
     verdict = check_parity(SUITE, IMPL, REF, case, "cpu", trials=5, seed=7)
     assert verdict.ok, verdict.checks
     assert verdict.trials == 5 and verdict.backward_checked
