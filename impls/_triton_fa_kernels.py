@@ -234,9 +234,10 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs an inner dimension >= 16
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs must not be rounded to tf32 on tensor cores; 16-bit inputs ignore this
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _precision(dtype: torch.dtype) -> str | None:
+    # fp32 inputs must not be rounded to tf32 on tensor cores. 16-bit inputs take the backend's default
+    # (naming "tf32" would be rejected by AMD backends other than gfx942).
+    return "ieee" if dtype == torch.float32 else None
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
