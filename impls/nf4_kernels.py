@@ -70,12 +70,22 @@ def gemv_t_even_odd(g: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tenso
     return torch.cat([even, odd], 1).reshape(m, 2 * half)
 
 
+_KERNELS = {"dequant": dequant_even_odd, "gemv": gemv_even_odd, "gemv_t": gemv_t_even_odd}
+# Below this many weight elements a compile (seconds, per shape) costs more than it ever saves: run eagerly.
+COMPILE_MIN_ELEMENTS = 1 << 20
+
+
+def _kernel(name: str, packed2d: torch.Tensor):
+    """The compiled kernel for weights worth compiling for, else the same function run eagerly."""
+    if 2 * packed2d.numel() < COMPILE_MIN_ELEMENTS or os.environ.get("TWINBENCH_NF4_EAGER") == "1":
+        return _KERNELS[name]
+    return _compiled(name)
+
+
 @functools.cache
 def _compiled(name: str):
-    """The inductor-compiled kernel (C++/OpenMP on CPU), or the eager function when compiling is off."""
-    fn = {"dequant": dequant_even_odd, "gemv": gemv_even_odd, "gemv_t": gemv_t_even_odd}[name]
-    if os.environ.get("TWINBENCH_NF4_EAGER") == "1":
-        return fn
+    """The inductor-compiled kernel (C++/OpenMP on CPU; one compile per weight shape, cached)."""
+    fn = _KERNELS[name]
     import torch._inductor.config as inductor_config
 
     # Indices here are nibbles (always 0..15): the per-element bounds asserts only slow the loop down.
@@ -100,9 +110,9 @@ def nf4_mm(x: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor) -> tor
     code = nf4_table(str(x.device))
     if x.shape[0] <= GEMV_MAX_ROWS:
         xf = x.float()
-        out = _compiled("gemv")(xf[:, 0::2].contiguous(), xf[:, 1::2].contiguous(), packed2d, scales, code)
+        out = _kernel("gemv", packed2d)(xf[:, 0::2].contiguous(), xf[:, 1::2].contiguous(), packed2d, scales, code)
         return out.to(x.dtype)
-    w = _compiled("dequant")(packed2d, scales, code, x.dtype)
+    w = _kernel("dequant", packed2d)(packed2d, scales, code, x.dtype)
     return to_even_odd(x) @ w.t()
 
 
@@ -110,6 +120,6 @@ def nf4_mm_t(g: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor) -> t
     """``g @ W`` for g [M, N]: the input gradient of ``x @ W^T``, in g's dtype."""
     code = nf4_table(str(g.device))
     if g.shape[0] <= GEMV_MAX_ROWS:
-        return from_even_odd(_compiled("gemv_t")(g.float(), packed2d, scales, code)).to(g.dtype)
-    w = _compiled("dequant")(packed2d, scales, code, g.dtype)
+        return from_even_odd(_kernel("gemv_t", packed2d)(g.float(), packed2d, scales, code)).to(g.dtype)
+    w = _kernel("dequant", packed2d)(packed2d, scales, code, g.dtype)
     return from_even_odd(g @ w)

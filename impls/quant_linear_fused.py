@@ -131,6 +131,14 @@ class _NF4LoRALinear(torch.autograd.Function):
         return dx, None, None, da, db, dbias, None
 
 
+def _triton_ready() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def nf4_lora_linear(x: torch.Tensor, qweight_state: Any, lora_A: torch.Tensor | None = None,
                     lora_B: torch.Tensor | None = None, scaling: float = 1.0,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -155,6 +163,10 @@ def nf4_lora_linear(x: torch.Tensor, qweight_state: Any, lora_A: torch.Tensor | 
         if lora_A is not None:
             out = out + scaling * ((x2 @ lora_A.t()) @ lora_B.t())
         out = out + bias if bias is not None else out
+    elif x.device.type in ("cuda", "xpu") and _triton_ready():
+        from impls.quant_linear_triton import triton_nf4_lora_linear
+
+        out = triton_nf4_lora_linear(x2, w, lora_A, lora_B, scaling, bias)
     else:
         packed2d = w.packed.reshape(n, k // 2)
         scales = w.block_scales().reshape(n, k // w.blocksize)
@@ -180,15 +192,15 @@ def _peft_fusable(layer: Any) -> str:
     drop = layer.lora_dropout[name]
     if layer.training and isinstance(drop, torch.nn.Dropout) and drop.p > 0:
         return "LoRA dropout > 0 while training"
-    if getattr(layer.base_layer.weight.quant_state, "packing_format_for_cpu", False):
+    if getattr(layer.get_base_layer().weight.quant_state, "packing_format_for_cpu", False):
         return "base weight repacked by bnb for CPU inference"
     return ""
 
 
 def peft_lora_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
-    """The forward of a peft ``lora.Linear4bit`` layer through :func:`nf4_lora_linear` (same result as
+    """The forward of a peft LoRA layer over a ``bnb.nn.Linear4bit`` through :func:`nf4_lora_linear` (same result as
     peft's, computed in the base layer's compute dtype, output cast back to x's dtype)."""
-    base = layer.base_layer
+    base = layer.get_base_layer()
     name = next(a for a in layer.active_adapters if a in layer.lora_A)
     compute = base.compute_dtype or x.dtype
     out = nf4_lora_linear(x.to(compute), NF4Weight.from_bnb(base.weight), layer.lora_A[name].weight,
@@ -197,13 +209,16 @@ def peft_lora_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def patch_peft_model(model: torch.nn.Module) -> int:
-    """Route every peft LoRA-on-``bnb.nn.Linear4bit`` layer of ``model`` through the fused op (falling
+    """Route every peft LoRA layer whose base is a ``bnb.nn.Linear4bit`` of ``model`` through the fused op (falling
     back to peft's own forward whenever :func:`_peft_fusable` says no). Returns how many were patched."""
-    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
 
     patched = 0
     for module in model.modules():
-        if isinstance(module, PeftLinear4bit) and not getattr(module, "_twinbench_fused", False):
+        # peft wraps a Linear4bit as lora.Linear4bit (models loaded in 4 bit) or as lora.Linear (otherwise)
+        if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), bnb.nn.Linear4bit) \
+                and not getattr(module, "_twinbench_fused", False):
             original = module.forward
 
             def forward(x, *args, _layer=module, _original=original, **kwargs):
