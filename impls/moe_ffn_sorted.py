@@ -9,9 +9,10 @@ Why it is faster than the per-expert loop and than transformers' grouped_mm path
 - weight gradients are written by ``torch.mm(..., out=grad[e])`` straight into the [E, ...] gradient
   (nothing dense per expert is materialised besides the gradients themselves; empty experts get zeros);
 - the GEMM operands are passed with BLAS-friendly strides (transposed views, no copies of the weights).
-GEMM backend: on CUDA capability 9.x/10.x in bf16, ``torch.nn.functional.grouped_mm`` (a real grouped
-kernel); everywhere else a per-expert ``torch.mm`` loop (METHOD.md section 4: grouped_mm elsewhere is a
-loop fallback with a host sync anyway, and on the CPU its fp32 path is layout-sensitive).
+GEMM backend: on CUDA capability 9.x/10.x in bf16 the row GEMMs use ``torch.nn.functional.grouped_mm`` (a
+real grouped kernel, called as transformers calls it); weight gradients, and every GEMM elsewhere, are a
+per-expert ``torch.mm`` loop (METHOD.md section 4: grouped_mm elsewhere is a loop fallback with a host sync
+anyway; on this CPU its fp32 path with transposed weights measured ~6x slower than the loop).
 """
 
 from __future__ import annotations
@@ -102,11 +103,6 @@ class TorchGemms:
     @staticmethod
     def weight_grad(g: torch.Tensor, a: torch.Tensor, like: torch.Tensor, route: _Routing) -> torch.Tensor:
         """grad[e] = g[rows of e]^T @ a[rows of e], written in place; experts without rows get zeros."""
-        if _fast_grouped_mm(a):   # 2D x 2D grouped_mm: the jagged dimension is the reduction
-            grad = F.grouped_mm(g.t(), a, offs=route.offs)
-            empty = torch.ones(like.shape[0], dtype=torch.bool, device=like.device)
-            empty[[e for e, _, _ in route.blocks]] = False
-            return grad.masked_fill_(empty[:, None, None], 0)
         grad = torch.zeros_like(like) if len(route.blocks) < like.shape[0] else torch.empty_like(like)
 
         def work(e, s, t):
