@@ -30,7 +30,21 @@ def bnb_available(device) -> tuple[bool, str]:
         major_minor = tuple(int(p) for p in bitsandbytes.__version__.split(".")[:2])
         if major_minor < (0, 50):
             return False, f"bitsandbytes {bitsandbytes.__version__} < 0.50 gives NaN/corrupt 4-bit output on ROCm"
+    if backend == "cpu":
+        return True, _cpu_note()
     return True, ""
+
+
+def _cpu_note() -> str:
+    """bnb logs 'Failed to load CPU gemm_4bit_forward from kernels-community' when its optional hub kernel is
+    absent (offline); that kernel serves only the inference GEMV, not the training path timed here."""
+    try:
+        from bitsandbytes.backends.cpu import ops as cpu_ops
+    except Exception:
+        return ""
+    if getattr(cpu_ops, "gemm_4bit_forward_kernel", "absent") is None:
+        return "note: kernels-community gemm_4bit_forward not loaded (offline); bnb uses its native CPU kernels"
+    return ""
 
 
 def quant_state(packed, absmax, shape, blocksize, dtype, absmax2=None, code2=None, offset=None):
