@@ -35,47 +35,43 @@ def dequantized(packed, quant_state, dtype: torch.dtype) -> torch.Tensor:
 
 
 class NF4LoRAProjections(torch.autograd.Function):
-    """y = [x W_1^T + s_1 (x A_1^T) B_1^T, ...] concatenated on the last dim; W_i NF4, A_i/B_i trainable."""
+    """y = [x W_1^T + s_1 (x A_1^T) B_1^T, ...] concatenated on the last dim; W_i NF4, A_i/B_i trainable.
+
+    The adapters run as two GEMMs whatever the number of projections: ``x @ cat(A)^T`` and a block-diagonal
+    ``blockdiag(s_i B_i)`` (its zero blocks add exact zeros); tiny GEMMs cost their dispatch, not their FLOPs.
+    """
 
     @staticmethod
     def forward(ctx, x, weights, scalings, out_dtype, *lora):  # lora = A_1, B_1, A_2, B_2, ...
         a_list, b_list = lora[0::2], lora[1::2]
         x2 = x.reshape(-1, x.shape[-1])
         w = torch.cat([dequantized(p, q, x.dtype) for p, q in weights])
-        xa = x2 @ torch.cat(a_list).t()  # [N, sum r]
+        a_cat = torch.cat(a_list)  # [sum r, in]
+        b_bd = torch.block_diag(*[b * s for b, s in zip(b_list, scalings)])  # [sum out, sum r]
+        xa = x2 @ a_cat.t()  # [N, sum r]
         # GEMMs in the compute dtype, the base + adapter sum in the caller's dtype: as bnb + peft do it
-        out = (x2 @ w.t()).to(out_dtype)  # [N, sum out]
-        o = r = 0
-        for a, b, s in zip(a_list, b_list, scalings):
-            out[:, o:o + b.shape[0]] += ((xa[:, r:r + a.shape[0]] @ b.t()) * s).to(out_dtype)
-            o, r = o + b.shape[0], r + a.shape[0]
+        out = (x2 @ w.t()).to(out_dtype) + (xa @ b_bd.t()).to(out_dtype)  # [N, sum out]
         ctx.weights, ctx.scalings, ctx.x_shape = weights, scalings, x.shape
-        ctx.save_for_backward(x2, xa, *lora)
+        ctx.blocks = [(b.shape[0], a.shape[0]) for a, b in zip(a_list, b_list)]  # (out_i, r_i)
+        ctx.save_for_backward(x2, xa, a_cat, b_bd)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, xa, *lora = ctx.saved_tensors
-        a_list, b_list = lora[0::2], lora[1::2]
+        x2, xa, a_cat, b_bd = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)
-        grads: list[torch.Tensor | None] = []
-        g_xa = torch.empty_like(xa)
-        o = r = 0
-        for a, b, s in zip(a_list, b_list, ctx.scalings):
-            g_i = g[:, o:o + b.shape[0]] * s
-            xa_i = xa[:, r:r + a.shape[0]]
-            g_xa[:, r:r + a.shape[0]] = g_i @ b
-            grads += [None, g_i.t() @ xa_i]  # dA filled below, dB = s g^T (x A^T)
-            o, r = o + b.shape[0], r + a.shape[0]
+        g_xa = g @ b_bd  # [N, sum r]: gradient reaching x A^T (scalings folded into b_bd)
+        grad_b_bd = g.t() @ xa  # [sum out, sum r]; only its diagonal blocks are B gradients
         grad_a = g_xa.t() @ x2  # [sum r, in]
-        r = 0
-        for i, a in enumerate(a_list):
-            grads[2 * i] = grad_a[r:r + a.shape[0]]
-            r += a.shape[0]
+        grads: list[torch.Tensor] = []
+        o = r = 0
+        for (n_out, n_r), s in zip(ctx.blocks, ctx.scalings):
+            grads += [grad_a[r:r + n_r], grad_b_bd[o:o + n_out, r:r + n_r] * s]
+            o, r = o + n_out, r + n_r
         grad_x = None
         if ctx.needs_input_grad[0]:
             w = torch.cat([dequantized(p, q, x2.dtype) for p, q in ctx.weights])
-            grad_x = (g @ w + g_xa @ torch.cat(a_list)).view(ctx.x_shape)
+            grad_x = (g @ w + g_xa @ a_cat).view(ctx.x_shape)
         return (grad_x, None, None, None, *grads)
 
 

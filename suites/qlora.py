@@ -105,3 +105,62 @@ def reference(*, config, device):
     if torch._C._is_torch_function_mode_enabled():
         return run_experiment(config, device)
     return _reference_run(config, device)
+
+
+def bench(kind: str = "llama", dtype: str = "fp32", seq_len: int = 64, steps: int = 20, batch: int = 4,
+          accum: int = 2, device: str = "cpu") -> dict[str, Any]:
+    """Reference and patched loops from one checkpoint, stepped in lockstep (R O R O ...): per-step time
+    ratio (opt / ref), each loop's peak working memory per step, and the loss difference. Not a test."""
+    import statistics
+    import tempfile
+    from pathlib import Path
+
+    from impls.qlora_patched import labelled_loss, patch_model
+    from reference.qlora_loop import PeakMemory, Trainer, load_qlora_model, save_base_checkpoint
+
+    cfg = loop_config(_case(kind, dtype, steps, seq_len, batch, accum), 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.cpu_threads or threads)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tok = save_base_checkpoint(cfg, Path(tmp) / "base")
+            ref_model = load_qlora_model(Path(tmp) / "base", cfg, device)
+            opt_model = load_qlora_model(Path(tmp) / "base", cfg, device)
+            patches = patch_model(opt_model)
+            loops = {"reference": Trainer(ref_model, tok, cfg, device),
+                     "patched": Trainer(opt_model, tok, cfg, device, labelled_loss, fused=True)}
+            peaks: dict[str, list[int]] = {name: [] for name in loops}
+            for _ in range(steps):
+                for name, loop in loops.items():
+                    with PeakMemory(device) as mem:
+                        loop.step()
+                    peaks[name].append(mem.peak)
+    finally:
+        torch.set_num_threads(threads)
+    ref, opt = loops["reference"], loops["patched"]
+    ratios = [o / r for o, r in zip(opt.step_times_s[1:], ref.step_times_s[1:])]
+    return {
+        "case": dict(kind=kind, dtype=dtype, seq_len=seq_len, steps=steps, batch=batch, accum=accum),
+        "median_step_s": {n: statistics.median(t.step_times_s[1:]) for n, t in loops.items()},
+        "step_time_ratio_median": statistics.median(ratios),
+        "step_time_ratio_p20_p80": [statistics.quantiles(ratios, n=5)[0], statistics.quantiles(ratios, n=5)[-1]],
+        "peak_step_memory_bytes": {n: max(p[1:]) for n, p in peaks.items()},
+        "peak_memory_ratio": max(peaks["patched"][1:]) / max(max(peaks["reference"][1:]), 1),
+        "max_abs_loss_diff": max(abs(a - b) for a, b in zip(ref.loss_curve, opt.loss_curve)),
+        "patched": patches,
+    }
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="QLoRA loops side by side (benchmark, not a test)")
+    parser.add_argument("--bench", action="store_true", help="run the lockstep benchmark")
+    parser.add_argument("--kind", default="llama", choices=["llama", "qwen3_moe"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    if args.bench:
+        print(json.dumps(bench(args.kind, args.dtype, args.seq_len, args.steps), indent=1))
