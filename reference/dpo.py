@@ -1,7 +1,7 @@
 """Reference DPO over an lm_head: full logits -> log-probs -> TRL 1.16 DPO loss, rewards and margins.
 
-Plain PyTorch, dtype-following (everything is computed in the inputs' dtype, so the harness can run it
-upcast). Semantics follow ``trl.trainer.dpo_trainer.DPOTrainer._compute_loss`` (TRL 1.16):
+Plain PyTorch, dtype-following (the logits are computed in the inputs' dtype, so the harness can run it
+upcast; as in TRL and Liger, log-probs of bf16/fp16 logits are taken in fp32). Semantics follow ``trl.trainer.dpo_trainer.DPOTrainer._compute_loss`` (TRL 1.16):
 
 - a sequence's log-prob is the **sum** of its per-token log-probs over labels != ``ignore_index``;
 - the batch is ``[chosen; rejected]`` on dim 0 (pair ``i`` is rows ``i`` and ``i + pairs``);
@@ -29,7 +29,8 @@ def sequence_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     logits = hidden @ weight.t()
     if bias is not None:
         logits = logits + bias
-    logp = torch.log_softmax(logits, dim=-1)
+    # TRL and Liger take log-probs of bf16/fp16 logits in fp32; fp32/fp64 inputs stay in their own dtype.
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     mask = labels != ignore_index
     safe = torch.where(mask, labels, torch.zeros_like(labels))  # any valid index; masked out below
     per_token = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)

@@ -30,12 +30,12 @@ QUICK = [
     _case(2, 32, 64, 512, "fp32", bias=True),
     _case(2, 24, 48, 1000, "bf16"),
     _case(3, 16, 32, 300, "fp32", loss="ipo"),
-    _case(2, 16, 32, 256, "fp32", loss="robust", smoothing=0.1, beta=0.5, bias=True),
 ]
+ROBUST = _case(2, 16, 32, 256, "fp32", loss="robust", smoothing=0.1, beta=0.5, bias=True)  # tests/test_dpo.py
 # The issue's benchmark shapes (B=4 pairs, T=256, H=512, fp32, fwd+bwd) at vocab 32k and Llama-3's 128k.
 BENCH = [_case(4, 256, 512, 32000), _case(4, 256, 512, LLAMA3_VOCAB)]
 FULL = [_case(4, 512, h, v, dt) for h, v, dt in itertools.product((512, 2048, 4096), (32000, LLAMA3_VOCAB),
-                                                                  ("bf16", "fp32"))]
+                                                                  ("bf16", "fp32"))] + [ROBUST]
 
 
 def make_labels(pairs: int, seq: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
@@ -55,7 +55,7 @@ def make_inputs(case: Case, device, seed: int) -> Inputs:
     # so beta * delta stays in the sigmoid's sensitive range.
     hidden = randn((2 * p, t, h), "fp32", "cpu", gen)
     weight = randn((v, h), "fp32", "cpu", gen, scale=2.0 / h ** 0.5)
-    ref_hidden = hidden + randn((2 * p, t, h), "fp32", "cpu", gen, scale=0.1)
+    ref_hidden = hidden + randn((2 * p, t, h), "fp32", "cpu", gen, scale=0.3)
     ref_weight = weight + randn((v, h), "fp32", "cpu", gen, scale=0.1 / h ** 0.5)
     bias = randn((v,), "fp32", "cpu", gen, scale=0.5) if case["bias"] else None
     ref_bias = bias + randn((v,), "fp32", "cpu", gen, scale=0.05) if case["bias"] else None
@@ -91,8 +91,8 @@ def tolerance(case: Case, output: str) -> Tolerance:
     if output.startswith("grad:"):
         return Tolerance(why="gradients: three-way rule (flash-attention) k=3; hi = fp64 for fp32 cases, fp32 for bf16")
     # Sequence-level numbers sum ~T per-token log-probs: an fp32 reference is then often bit-equal to the fp64
-    # one rounded (k * 0 + a zero rounding floor = bound 0, measured), and a bf16 one is off by whole units
-    # (bf16 spacing is 16 at |logp| ~ 2000). Neither is a usable yardstick, so Liger's DPO test bounds apply.
+    # one rounded (k * 0 + a zero rounding floor = bound 0, measured), so the three-way rule has no usable
+    # yardstick there; Liger's DPO test bounds apply (bf16: the 10% cap is the binding part).
     if case["dtype"] == "fp32":
         return Tolerance(three_way=False, atol=1e-5, rtol=5e-4,
                          why="loss/rewards/log-probs fp32: Liger's DPO test bound atol 1e-5 / rtol 5e-4")

@@ -169,3 +169,20 @@ def test_no_valid_label_gives_finite_zero_gradients():
     out = fused_linear_dpo(**dict(t, hidden=h), **inputs.static)
     out["loss"].backward()
     assert abs(out["loss"].item() - math.log(2)) < 1e-6 and float(h.grad.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("impl", ["liger", "trl_chunked"])
+def test_peers_pass_robust_label_smoothing(impl):
+    # the quick profile (registry items) covers sigmoid / bf16 / ipo; robust DPO is checked here
+    peer = IMPLS[("dpo", impl)]
+    ok, why = peer.can_run(ROBUST, None)
+    if not ok:
+        pytest.skip(why)
+    verdict = check_parity(SUITE, peer, REF, ROBUST, "cpu", trials=3, seed=7)
+    assert verdict.ok, (verdict.problems, {n: (c.error, c.bound) for n, c in verdict.checks.items() if not c.ok})
+
+
+def test_bf16_reference_passes_its_own_rule():
+    # the runner checks the reference (bf16 logits) against itself upcast; it must pass or nothing is timed
+    verdict = check_parity(SUITE, REF, REF, BF16, "cpu", trials=6, seed=11)
+    assert verdict.ok, (verdict.problems, {n: (c.error, c.bound) for n, c in verdict.checks.items() if not c.ok})
