@@ -64,7 +64,11 @@ def hf_eager(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj)
     return _run("eager", hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj)
 
 
-@register_impl("moe_ffn", "hf_grouped_mm", tags=("peer", "library"), available=_has_transformers)
+# Not bitwise reproducible at size: the backward of its row gather ``hidden_states[perm // top_k]`` (every
+# token k times) accumulates with index_put_, in parallel on the CPU above a grain size (measured at the
+# bench shape: two identical fp32 calls gave different gradients; stable at the quick sizes).
+@register_impl("moe_ffn", "hf_grouped_mm", tags=("peer", "library"), available=_has_transformers,
+               deterministic=False)
 def hf_grouped_mm(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
     return _run("grouped_mm", hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj)
 
