@@ -28,7 +28,6 @@ def liger(hidden, ref_hidden, weight, bias, ref_weight, ref_bias, labels, *, bet
           ignore_index):
     from liger_kernel.chunked_loss.dpo_loss import LigerFusedLinearDPOFunction
 
-    pairs = hidden.shape[0] // 2
     loss, aux = LigerFusedLinearDPOFunction.apply(
         hidden, weight, labels, bias, ref_hidden, ref_weight, ref_bias, ignore_index, beta,
         False,  # compute_nll_loss
@@ -39,7 +38,6 @@ def liger(hidden, ref_hidden, weight, bias, ref_weight, ref_bias, labels, *, bet
         loss_type, label_smoothing)
     chosen_logps, rejected_logps, _, _, _, chosen_rewards, rejected_rewards = aux
     chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
-    assert chosen_logps.shape[0] == pairs
     return {"loss": loss, "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
             "reward_margins": chosen_rewards - rejected_rewards, "chosen_logps": chosen_logps.detach(),
             "rejected_logps": rejected_logps.detach()}

@@ -47,24 +47,22 @@ def make_inputs(case: Case, device, seed: int) -> Inputs:
     return Inputs(tensors={}, static=static, meta={"pairs": len(load_preferences())})
 
 
-class _StepClock:
-    """A ``TrainerCallback`` (built lazily: transformers is optional) timing each optimizer step."""
+def _step_clock():
+    """A ``TrainerCallback`` timing each optimizer step (built on call: transformers is optional)."""
+    from transformers import TrainerCallback
 
-    def __new__(cls):
-        from transformers import TrainerCallback
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.step_s: list[float] = []
+            self._t0 = 0.0
 
-        class Clock(TrainerCallback):
-            def __init__(self):
-                self.step_s: list[float] = []
-                self._t0 = 0.0
+        def on_step_begin(self, args, state, control, **kw):
+            self._t0 = time.perf_counter()
 
-            def on_step_begin(self, args, state, control, **kw):
-                self._t0 = time.perf_counter()
+        def on_step_end(self, args, state, control, **kw):
+            self.step_s.append(time.perf_counter() - self._t0)
 
-            def on_step_end(self, args, state, control, **kw):
-                self.step_s.append(time.perf_counter() - self._t0)
-
-        return Clock()
+    return StepClock()
 
 
 def run_loop(trainer_cls: Any, *, device: str, seed: int, steps: int, batch: int, lr: float, beta: float,
@@ -82,7 +80,7 @@ def run_loop(trainer_cls: Any, *, device: str, seed: int, steps: int, batch: int
     tok = build_tokenizer()
     policy = build_model("llama", seed=seed, tokenizer=tok)
     ref = build_model("llama", seed=seed, tokenizer=tok)
-    clock = _StepClock()
+    clock = _step_clock()
     with tempfile.TemporaryDirectory(prefix="twinbench-dpo-") as out:
         args = DPOConfig(
             output_dir=out, per_device_train_batch_size=batch, max_steps=steps, learning_rate=lr,
