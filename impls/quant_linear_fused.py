@@ -98,8 +98,13 @@ class _NF4LoRALinear(torch.autograd.Function):
     """out = x W^T + scaling (x A^T) B^T (+ bias) on 2-D x; W frozen, given as packed2d + row scales."""
 
     @staticmethod
-    def forward(ctx, x, packed2d, scales, lora_A, lora_B, bias, scaling):
-        out = nf4_kernels.nf4_mm(x, packed2d, scales)
+    def forward(ctx, x, packed2d, scales, lora_A, lora_B, bias, scaling, keep_w):
+        w = None
+        if keep_w and x.shape[0] > nf4_kernels.GEMV_MAX_ROWS:  # GEMM path: keep W for the backward
+            w = nf4_kernels.dequantize(packed2d, scales, x.dtype)
+            out = x @ w.t()
+        else:
+            out = nf4_kernels.nf4_mm(x, packed2d, scales)
         xa = None
         if lora_A is not None:
             xa = x @ lora_A.t()
@@ -108,18 +113,18 @@ class _NF4LoRALinear(torch.autograd.Function):
             out = out + bias
         ctx.scaling = scaling
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, packed2d, scales, lora_A, lora_B, xa)
+        ctx.save_for_backward(x, packed2d, scales, lora_A, lora_B, xa, w)
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, packed2d, scales, lora_A, lora_B, xa = ctx.saved_tensors
-        need_x, _, _, need_a, need_b, need_bias, _ = ctx.needs_input_grad
+        x, packed2d, scales, lora_A, lora_B, xa, w = ctx.saved_tensors
+        need_x, _, _, need_a, need_b, need_bias, _, _ = ctx.needs_input_grad
         g = g.contiguous()
         dx = da = db = dbias = None
         gb = g @ lora_B if lora_A is not None and (need_x or need_a) else None
         if need_x:
-            dx = nf4_kernels.nf4_mm_t(g, packed2d, scales)
+            dx = nf4_kernels.nf4_mm_t(g, packed2d, scales, weight=w)
             if gb is not None:
                 dx = torch.addmm(dx, gb, lora_A, alpha=ctx.scaling)
         if need_a:
@@ -128,7 +133,7 @@ class _NF4LoRALinear(torch.autograd.Function):
             db = (g.t() @ xa) * ctx.scaling
         if need_bias and ctx.has_bias:
             dbias = g.sum(0)
-        return dx, None, None, da, db, dbias, None
+        return dx, None, None, da, db, dbias, None, None
 
 
 def _triton_ready() -> bool:
@@ -141,10 +146,13 @@ def _triton_ready() -> bool:
 
 def nf4_lora_linear(x: torch.Tensor, qweight_state: Any, lora_A: torch.Tensor | None = None,
                     lora_B: torch.Tensor | None = None, scaling: float = 1.0,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, keep_dequantized: bool = False) -> torch.Tensor:
     """``x W^T + bias + scaling * (x A^T) B^T`` in x's dtype (the compute dtype), W the NF4 base weight.
 
     x: [..., K]; lora_A: [r, K]; lora_B: [N, r] (cast to x's dtype, autograd-tracked); bias: [N] or None.
+    ``keep_dequantized``: on the GEMM path (more than a few rows) keep the dequantised W from the forward
+    for the backward instead of dequantising again — faster, but holds an [N, K] weight in the compute
+    dtype per layer until backward (off by default: it gives up what 4-bit storage saves).
     """
     w = as_nf4_weight(qweight_state)
     n, k = w.shape
@@ -170,7 +178,7 @@ def nf4_lora_linear(x: torch.Tensor, qweight_state: Any, lora_A: torch.Tensor | 
     else:
         packed2d = w.packed.reshape(n, k // 2)
         scales = w.block_scales().reshape(n, k // w.blocksize)
-        out = _NF4LoRALinear.apply(x2, packed2d, scales, lora_A, lora_B, bias, float(scaling))
+        out = _NF4LoRALinear.apply(x2, packed2d, scales, lora_A, lora_B, bias, float(scaling), keep_dequantized)
     return out.reshape(*lead, n)
 
 
@@ -245,3 +253,11 @@ def fused_cpu(x, packed, absmax, lora_A=None, lora_B=None, bias=None, absmax2=No
               shape, blocksize, scaling):
     w = NF4Weight(packed, absmax, tuple(shape), blocksize, absmax2, code2, offset)
     return nf4_lora_linear(x, w, lora_A, lora_B, scaling, bias)
+
+
+@register_impl("quant_linear", "fused_cpu_keep_w", tags=("ours",), available=_cpu_only)
+def fused_cpu_keep_w(x, packed, absmax, lora_A=None, lora_B=None, bias=None, absmax2=None, code2=None,
+                     offset=None, *, shape, blocksize, scaling):
+    """fused_cpu trading memory for time: the GEMM path keeps the dequantised W for the backward."""
+    w = NF4Weight(packed, absmax, tuple(shape), blocksize, absmax2, code2, offset)
+    return nf4_lora_linear(x, w, lora_A, lora_B, scaling, bias, keep_dequantized=True)
