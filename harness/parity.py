@@ -202,6 +202,8 @@ def compare_tensor(name: str, opt: torch.Tensor | None, hi: torch.Tensor | None,
         lo_diff = (lo_d - h).abs()[finite & torch.isfinite(lo_d)]
         lo_err = _stat(lo_diff, tol.metric)
         bound += (tol.k_grad if is_grad else tol.k) * lo_err + rounding_floor(hi_cast)
+        if opt.dtype == torch.float32:
+            bound += tol.fp32_ulps * float(torch.finfo(torch.float32).eps) * scale
     if scale > 0 and tol.max_rel_bound > 0:
         bound = min(bound, tol.max_rel_bound * scale)
     ratio = error / bound if bound > 0 else (0.0 if error == 0 else math.inf)

@@ -56,6 +56,10 @@ class Tolerance:
     rtol: float = 0.0
     metric: str = "max"
     max_rel_bound: float = 0.1
+    # fp32 outputs: differently ordered fp32 sums differ by a few ulps, and ref_lo (one such order) can be
+    # luckily exact, so the three-way bound also gets this many fp32 ulps at the output's scale (measured:
+    # SDPA vs the fp32 reference reached 11 ulps on 1 of 40 draws at head_dim 40).
+    fp32_ulps: float = 16.0
     why: str = "three-way rule (flash-attention): k=2 forward, k=3 gradients"
 
 

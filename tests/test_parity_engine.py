@@ -165,3 +165,14 @@ def test_poison_fills_uninitialised_allocations():
         new = f.new_empty((3,))
     assert f.isnan().all() and like.isnan().all() and new.isnan().all()
     assert (i == torch.iinfo(torch.int64).max).all()
+
+
+def test_fp32_bound_allows_a_few_ulps_of_reordering_but_not_a_real_error():
+    gen = torch.Generator().manual_seed(3)
+    hi = torch.randn(4096, generator=gen, dtype=torch.float64)
+    lucky_lo = hi.float().double()  # an fp32 reference that happens to round exactly: lo error 0.5 ulp
+    eps = torch.finfo(torch.float32).eps * float(hi.abs().max())
+    reordered = (hi + 8 * eps * torch.sign(torch.randn(4096, generator=gen, dtype=torch.float64))).float()
+    assert compare_tensor("out", reordered, hi, lucky_lo, Tolerance(), False).ok
+    off_by_1e4 = (hi * (1 + 1e-4)).float()
+    assert not compare_tensor("out", off_by_1e4, hi, lucky_lo, Tolerance(), False).ok
