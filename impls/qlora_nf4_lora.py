@@ -9,8 +9,8 @@ same input (q/k/v, or gate/up), ``[x @ W_i^T + s_i * (x @ A_i^T) @ B_i^T for i]`
   or the 4-bit saving is gone), and only ``x`` and the small ``x @ A^T`` are kept;
 - backward gives ``dx``, ``dA_i``, ``dB_i`` with a handful of GEMMs instead of autograd's per-layer graph.
 
-When the quantized-linear issue's ``impls.quant_linear_fused.nf4_lora_linear`` is present it is used for
-single projections (o_proj, down_proj); see ``single_projection``.
+Single projections (o_proj, down_proj) go through the quantized-linear issue's
+``impls.quant_linear_fused.nf4_lora_linear`` when it is importable (``use_shared_single_op``), else this op.
 """
 
 from __future__ import annotations
@@ -85,15 +85,22 @@ def nf4_lora_projections(x: torch.Tensor, layers: list[Any]) -> list[torch.Tenso
     return list(out.split([p[3].shape[0] for p in parts], dim=-1))
 
 
-def fused_single_available() -> tuple[bool, str]:
-    """Is the quantized-linear issue's ``nf4_lora_linear`` op importable?"""
+def use_shared_single_op(model, layers: list[Any]) -> tuple[bool, str]:
+    """Route ``layers`` (o/down projections) through ``impls.quant_linear_fused.patch_peft_model``'s forward
+    (its ``nf4_lora_linear``, falling back to peft's own when a layer does not qualify). (ok, why not)."""
     try:
-        from impls.quant_linear_fused import nf4_lora_linear  # noqa: F401
-    except Exception as exc:  # absent or broken: we fall back to our own op
-        return False, f"impls.quant_linear_fused.nf4_lora_linear unavailable ({type(exc).__name__}: {exc})"
+        from impls.quant_linear_fused import patch_peft_model
+    except Exception as exc:  # absent or broken: our op does the single projections too
+        return False, f"impls.quant_linear_fused unavailable ({type(exc).__name__}: {exc})"
+    patch_peft_model(model)
+    for layer in layers:
+        layer._twinbench_nf4_single = True
     return True, ""
 
 
 def single_projection(x: torch.Tensor, layer) -> torch.Tensor:
-    """One LoRA-over-NF4 projection: the shared ``nf4_lora_linear`` op when present, else ours."""
+    """One LoRA-over-NF4 projection: the layer's own forward once ``patch_peft_model`` (quantized-linear
+    issue) routed it through ``nf4_lora_linear``, else our op with one group member."""
+    if getattr(layer, "_twinbench_nf4_single", False):
+        return layer(x)
     return nf4_lora_projections(x, [layer])[0]

