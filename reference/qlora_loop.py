@@ -401,13 +401,16 @@ def finite(values: list[float]) -> bool:
 LMEVAL_TASK = Path(__file__).resolve().parent.parent / "suites" / "data" / "lmeval" / "twinbench_qlora_facts.yaml"
 
 
-def lm_eval_task_config(path: str | Path = LMEVAL_TASK) -> dict[str, Any]:
-    """The shipped task YAML as a dict, its data file made absolute (datasets resolves against the cwd)."""
+def lm_eval_task_config(path: str | Path = LMEVAL_TASK, cache_dir: str | Path | None = None) -> dict[str, Any]:
+    """The shipped task YAML as a dict, its data file made absolute (datasets resolves against the cwd);
+    ``cache_dir``: where ``datasets`` may write its Arrow cache (a private temp dir: no shared-cache races)."""
     import yaml
 
     cfg = yaml.safe_load(Path(path).read_text())
     files = cfg["dataset_kwargs"]["data_files"]
     cfg["dataset_kwargs"]["data_files"] = {k: str(Path(path).parent / v) for k, v in files.items()}
+    if cache_dir is not None:
+        cfg["dataset_kwargs"]["cache_dir"] = str(cache_dir)
     return cfg
 
 
@@ -417,13 +420,17 @@ def lm_eval_scores(model, tokenizer, device: str = "cpu", batch_size: int = 8) -
     ``evaluator.evaluate`` with a TaskManager that skips the built-in task index: ``simple_evaluate`` adds
     environment reports and indexes every bundled task, measured here at 34 s against 4 s for the scoring.
     """
+    import tempfile
+
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    tasks = get_task_dict([lm_eval_task_config()], TaskManager(include_defaults=False, verbosity="ERROR"))
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
-    out = evaluate(lm, tasks, bootstrap_iters=0, log_samples=False, verbosity="ERROR")
+    with tempfile.TemporaryDirectory() as cache:
+        tasks = get_task_dict([lm_eval_task_config(cache_dir=cache)],
+                              TaskManager(include_defaults=False, verbosity="ERROR"))
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
+        out = evaluate(lm, tasks, bootstrap_iters=0, log_samples=False, verbosity="ERROR")
     task = next(iter(out["results"].values()))
     return {k.split(",")[0]: float(v) for k, v in task.items()
             if k.split(",")[0] in ("acc", "acc_norm") and isinstance(v, (int, float))}
