@@ -21,11 +21,14 @@ def render_markdown(doc: dict[str, Any], *, gate: dict[str, Any] | None = None, 
     failures = model.failures(doc)
     overall = "FAIL" if failures else "PASS"
     prov = doc.get("provenance") or {}
-    lines = [f"## twinbench: {overall}", "",
-             f"{len(doc['results'])} results, git `{md(prov.get('git_sha', '')[:12])}`"
-             f"{' (dirty)' if prov.get('git_dirty') else ''}", "",
-             "| suite | device | verdict | ok | wrong | crashed | timeout | skipped |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    if not doc["results"]:  # a gate --against run: the gate table is the whole story
+        lines = [f"## twinbench gate: {(gate or {}).get('verdict', 'pass').upper()}"]
+    else:
+        lines = [f"## twinbench: {overall}", "",
+                 f"{len(doc['results'])} results, git `{md(prov.get('git_sha', '')[:12])}`"
+                 f"{' (dirty)' if prov.get('git_dirty') else ''}", "",
+                 "| suite | device | verdict | ok | wrong | crashed | timeout | skipped |",
+                 "|---|---|---|---:|---:|---:|---:|---:|"]
     for v in verdicts:
         c = v["counts"]
         lines.append(f"| {md(v['suite'])} | {md(v['device'])} | **{v['verdict']}** | "
