@@ -31,8 +31,10 @@ QUICK = [
     _case(48, 32, 8, 2, True, "fp16", tie_rows=0),
     _case(16, 128, 64, 8, True, "fp32", tie_rows=0, nonfinite_rows=0),
 ]
-# Seed 004: batch {1,4} x seq {128,512} tokens, hidden 2048, 64 experts (Qwen3-MoE routing: top-8, renorm).
+# Seed 004: batch {1,4} x seq {128,512} tokens, hidden 2048, 64 experts (Qwen3-MoE routing: top-8, renorm);
+# each also without tie rows in bf16, where the transformers router (torch.topk ties) can be compared.
 SEED = [_case(b * s, 2048, 64, 8, True, dt) for b, s, dt in itertools.product((1, 4), (128, 512), ("fp16", "bf16"))]
+SEED += [c.replace(tie_rows=0) for c in SEED if c["dtype"] == "bf16"]
 FULL = SEED + [
     _case(4096, 2048, 128, 8, True, "bf16"),                    # Qwen3-30B-A3B-like
     _case(4096, 4096, 8, 2, True, "bf16"),                      # Mixtral-like
