@@ -16,11 +16,9 @@ Heavy imports (transformers, peft, bitsandbytes) happen inside functions.
 from __future__ import annotations
 
 import json
-import math
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -299,7 +297,6 @@ class Trainer:
         self.step_times_s: list[float] = []
         self.tokens_per_step: list[int] = []
         self.first_grads: torch.Tensor | None = None
-        self._lock = threading.Lock()
 
     def step(self) -> float:
         self.model.train()
@@ -388,14 +385,6 @@ def merge_to_16bit_and_reload(peft_model, tokenizer, cfg: LoopConfig, workdir: s
     return reloaded.eval()
 
 
-def with_steps(cfg: LoopConfig, steps: int) -> LoopConfig:
-    return replace(cfg, steps=steps)
-
-
-def finite(values: list[float]) -> bool:
-    return all(math.isfinite(v) for v in values)
-
-
 # ---------------------------------------------------------------- lm-eval and the whole experiment
 
 LMEVAL_TASK = Path(__file__).resolve().parent.parent / "suites" / "data" / "lmeval" / "twinbench_qlora_facts.yaml"
@@ -446,6 +435,7 @@ def run_experiment(cfg: LoopConfig, device: str = "cpu", workdir: str | Path | N
     previous_threads = torch.get_num_threads()
     if cfg.cpu_threads and not str(device).startswith("cuda"):
         torch.set_num_threads(cfg.cpu_threads)
+    threads_used = torch.get_num_threads()
     try:
         with tempfile.TemporaryDirectory(dir=workdir) as tmp:
             tok = save_base_checkpoint(cfg, Path(tmp) / "base")
@@ -469,7 +459,7 @@ def run_experiment(cfg: LoopConfig, device: str = "cpu", workdir: str | Path | N
         "probe_hits": {k: sum(p.hits) for k, p in probes.items() if p is not None},
         "probe_responses": {k: [p.greedy, *p.samples] for k, p in probes.items() if p is not None},
         "lm_eval": scores,
-        "cpu_threads": torch.get_num_threads() if not cfg.cpu_threads else cfg.cpu_threads,
+        "cpu_threads": threads_used,
         **patches,
     }
     hits = [sum(p.hits) if p is not None else -1 for p in probes.values()]
