@@ -63,7 +63,7 @@ def test_planted_harness_without_bug_passes(case):
     assert check_parity(SUITE, planted("none"), REF, case, "cpu", trials=1).ok
 
 
-@pytest.mark.parametrize("impl", ["fused_cpu", "bnb_matmul_4bit", "triton_gemv", "triton_gemm"])
+@pytest.mark.parametrize("impl", ["fused_cpu", "fused_cpu_keep_w", "bnb_matmul_4bit", "triton_gemv", "triton_gemm"])
 def test_correct_impls_pass_over_seeds(impl):
     chosen = IMPLS[("quant_linear", impl)]
     from harness import devices
