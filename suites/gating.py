@@ -70,7 +70,8 @@ def check_ids(case: Case, name: str, opt: torch.Tensor, ref_hi: torch.Tensor, in
     The reference in the test dtype decides: near-ties resolve by the logits the impl actually sees (bf16
     logits round). A row may differ only by the score-gather rule — the probabilities at the returned ids
     equal the reference's top-k values to within the logits' rounding, ids distinct — and never on an
-    exact tie, which the lowest-index rule settles.
+    exact tie, which the lowest-index rule settles, slot order included (each slot's weight carries its
+    own gradient, so a permutation among equal probabilities still moves gradients between experts).
     """
     x, w = inputs.tensors["hidden_states"].detach(), inputs.tensors["router_weight"].detach()
     with torch.no_grad():
