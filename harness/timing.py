@@ -168,6 +168,14 @@ def round_ratios(ref_samples: list[float], impl_samples: list[float]) -> list[fl
     return [r / i for r, i in zip(ref_samples, impl_samples) if i > 0]
 
 
+def flops_ceiling(ceilings: Mapping[str, Any], dtype: str | None) -> float | None:
+    """The FLOP/s ceiling for a case's dtype: a 16-bit case may compute in fp32 inside (CPUs without fast fp16
+    GEMM do), so its ceiling is at least the fp32 one; otherwise '% of peak' could exceed 100."""
+    peaks = ceilings.get("matmul_tflops") or {}
+    found = [p for p in (peaks.get(dtype), peaks.get("fp32")) if p]
+    return max(found) if found else None
+
+
 def measure_ceilings(device: Device, dtypes: tuple[str, ...] = ("fp32", "bf16", "fp16"),
                      budget_ms: float = 400.0) -> dict[str, Any]:
     """The device's achievable peaks, measured: a large matmul per dtype and a large copy."""

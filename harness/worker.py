@@ -188,6 +188,8 @@ def _timing(suite, case, device, ref, passed, records, events, options, plan, in
             timer_for, peak_memory) -> None:
     import torch
 
+    from harness.timing import flops_ceiling
+
     timer = timer_for(device)
     timed = [i for i in passed if not i.timing_excluded(device)]
     for impl in passed:
@@ -225,7 +227,7 @@ def _timing(suite, case, device, ref, passed, records, events, options, plan, in
             moved = nbytes.get("fwd", 0) + (nbytes.get("bwd", 0) if mode == "fwdbwd" else 0)
             if work:
                 derived[f"{mode}_tflops"] = work / seconds / 1e12
-                peak = (ceilings.get("matmul_tflops") or {}).get(dtype)
+                peak = flops_ceiling(ceilings, dtype)
                 derived[f"{mode}_pct_peak_flops"] = 100 * derived[f"{mode}_tflops"] / peak if peak else None
             if moved:
                 derived[f"{mode}_gbps"] = moved / seconds / 1e9
