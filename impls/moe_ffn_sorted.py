@@ -1,7 +1,10 @@
 """Ours: sort-by-expert permute -> per-expert GEMMs over contiguous row blocks -> weighted un-permute,
 as one autograd.Function with a hand-written backward.
 
-Why it is faster than the per-expert loop and than transformers' grouped_mm path on the CPU:
+What it does differently from transformers' grouped_mm path (measured on the 2-core CPU at the bench
+shape: 3.7x fp32 / 3.1x bf16 faster with 2 threads, equal with 1 thread — see docs/moe.md):
+- on the CPU the experts are split over the intra-op threads, each running whole GEMMs single-threaded
+  (``_for_each_block``); with one thread both are the same per-expert GEMM loop;
 - one sort and one host sync (``counts.tolist()``) per call; forward and backward reuse the permutation;
 - the routing weight multiplies the down projection's output, as in transformers (folding it into the
   down projection's input saves an [S, H] tensor but was measured to double the rounding error of the
