@@ -83,10 +83,19 @@ class Suite:
     trials: int = 3
     # Training loops: no upcast/low-precision pair (hi_dtype returning None runs the reference as-is),
     # no second run for stability, and no interleaved timing (the impl reports its own "metrics").
+    # Allowed values of categorical case parameters ({"kind": ("llama", "qwen3_moe")}): a --case naming
+    # anything else is a usage error before anything runs, not a crash recorded later.
+    choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     three_way_reference: bool = True
     check_stability: bool = True
     timed: bool = True
     tags: tuple[str, ...] = ()
+
+    def check_choices(self, case: Case) -> None:
+        for key, allowed in self.choices.items():
+            if key in case and case[key] not in allowed:
+                raise UsageError(f"case {case.id}: suite {self.name!r} has no {key} {case[key]!r} "
+                                 f"(choose from: {', '.join(map(str, allowed))})")
 
     def cases(self, profile: str) -> list[Case]:
         if profile not in self.profiles:

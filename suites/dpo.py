@@ -15,7 +15,7 @@ import torch
 from harness.case import Case, torch_dtype
 from harness.inputs import elem_bytes, generator, randn
 from harness.registry import Inputs, Suite, Tolerance, register_impl, register_suite
-from reference.dpo import linear_dpo
+from reference.dpo import LOSS_TYPES, linear_dpo
 
 IGNORE_INDEX = -100
 LLAMA3_VOCAB = 128256
@@ -112,6 +112,7 @@ SUITE = register_suite(Suite(
     bytes=bytes_moved,
     tolerance=tolerance,
     trials=3,
+    choices={"loss": LOSS_TYPES},
 ))
 
 

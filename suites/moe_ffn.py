@@ -101,6 +101,7 @@ SUITE = register_suite(Suite(
     flops=flops,
     bytes=bytes_moved,
     trials=3,
+    choices={"routing": ("balanced", "skewed", "one_expert")},
 ))
 
 

@@ -86,6 +86,7 @@ register_suite(Suite(
     profiles={"quick": QUICK, "full": FULL, "seed": FULL}, make_inputs=make_inputs, tolerance=tolerance,
     check_discrete=check_probe, hi_dtype=lambda case: None, trials=1, three_way_reference=False,
     check_stability=False, timed=False, tags=("no-pytest-items",),
+    choices={"kind": ("llama", "qwen3_moe"), "dtype": ("fp32", "bf16")},
 ))
 
 
