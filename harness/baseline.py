@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import UsageError
-from harness.results import atomic_write_text, now_iso
+from harness.results import atomic_write_text, now_iso, read_json, validate_against
 
 SCHEMA_PATH = Path(__file__).with_name("baseline.schema.json")
 KIND = "twinbench-baseline"
@@ -60,25 +60,12 @@ def dumps(base: dict[str, Any]) -> str:
 
 
 def validate(data: Any, source: str) -> None:
-    import jsonschema
-
-    schema = json.loads(SCHEMA_PATH.read_text())
-    try:
-        jsonschema.validate(data, schema)
-    except jsonschema.ValidationError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "top level"
-        raise UsageError(f"{source}: not a twinbench baseline ({where}: {exc.message[:160]})") from None
+    validate_against(data, SCHEMA_PATH, source, "baseline")
 
 
 def load(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"baseline not found: {p}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read baseline {p}: {exc}") from None
-    validate(data, str(p))
+    data = read_json(path, "baseline")
+    validate(data, str(path))
     return data
 
 
@@ -154,10 +141,7 @@ def load_calibration(path: str | Path | None) -> dict[str, Any] | None:
     p = Path(path)
     if not p.exists():
         return None
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read calibration {p}: {exc}") from None
+    data = read_json(p, "calibration")
     if not isinstance(data, dict) or data.get("kind") != "twinbench-calibration":
         raise UsageError(f"{p}: not a twinbench calibration file")
     return data

@@ -96,26 +96,37 @@ def record_key(rec: dict[str, Any]) -> tuple[str, str, str, str]:
     return rec["suite"], rec["case"], rec["impl"], rec["device"]
 
 
-def validate(doc: Any, source: str = "results") -> None:
+def validate_against(data: Any, schema_path: Path, source: str, what: str) -> None:
+    """jsonschema validation whose failure is one UsageError line naming where the file is wrong."""
     import jsonschema
 
-    schema = json.loads(SCHEMA_PATH.read_text())
+    schema = json.loads(schema_path.read_text())
     try:
-        jsonschema.validate(doc, schema)
+        jsonschema.validate(data, schema)
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "top level"
-        raise UsageError(f"{source}: not a twinbench results file ({where}: {exc.message[:160]})") from None
+        raise UsageError(f"{source}: not a twinbench {what} ({where}: {exc.message[:160]})") from None
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Parse a JSON file; missing or unreadable is one clear UsageError."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{what} not found: {p}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"cannot read {what} {p}: {exc}") from None
+
+
+def validate(doc: Any, source: str = "results") -> None:
+    validate_against(doc, SCHEMA_PATH, source, "results file")
 
 
 def load(path: str | Path) -> dict[str, Any]:
     """Read and validate a results file; any problem is one clear UsageError."""
     p = Path(path)
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"results file not found: {p}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read results file {p}: {exc}") from None
+    doc = read_json(p, "results file")
     if isinstance(doc, dict) and doc.get("schema_version") not in (None, SCHEMA_VERSION):
         raise UsageError(f"{p}: schema_version {doc.get('schema_version')} is not supported "
                          f"(this twinbench reads {SCHEMA_VERSION})")
