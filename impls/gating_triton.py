@@ -6,6 +6,7 @@ On the CPU it runs under TRITON_INTERPRET=1: parity only, never timed.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -35,14 +36,9 @@ def _supports(case, device) -> tuple[bool, str]:
     return True, ""
 
 
-_KERNEL = None
-
-
+@functools.cache
 def _kernel():
     """The @triton.jit kernel, built on first use so this module imports without triton."""
-    global _KERNEL
-    if _KERNEL is not None:
-        return _KERNEL
     import triton
     import triton.language as tl
 
@@ -78,8 +74,7 @@ def _kernel():
         tl.store(ids_ptr + row * TOP_K + kofs, top_i.to(tl.int64), mask=keep)
         tl.store(lse_ptr + row, m + tl.log(total))
 
-    _KERNEL = (triton, topk_softmax_kernel)
-    return _KERNEL
+    return (triton, topk_softmax_kernel)
 
 
 def topk_softmax(logits: torch.Tensor, top_k: int, renorm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ On the CPU it runs under TRITON_INTERPRET=1 (fp16/fp32, tiny shapes): parity onl
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -44,14 +45,9 @@ def _supports(case, device) -> tuple[bool, str]:
     return True, ""
 
 
-_KERNELS = None
-
-
+@functools.cache
 def _kernels():
     """The @triton.jit kernels, built on first use so this module imports without triton."""
-    global _KERNELS
-    if _KERNELS is not None:
-        return _KERNELS
     import triton
     import triton.language as tl
 
@@ -94,8 +90,7 @@ def _kernels():
         tl.store(grad_ptr + expert * stride_de + ns[:, None] * stride_dn + ks[None, :] * stride_dk,
                  acc.to(grad_ptr.dtype.element_ty), mask=(ns[:, None] < n) & (ks[None, :] < k))
 
-    _KERNELS = (triton, rows_gemm, weight_grad_gemm)
-    return _KERNELS
+    return (triton, rows_gemm, weight_grad_gemm)
 
 
 def _tiles(route: _Routing, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
