@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from harness.registry import register_impl
+from impls.qlora_moe_lora import patch_lora_experts
 from impls.qlora_nf4_lora import nf4_lora_projections, single_projection, use_shared_single_op
 from reference.qlora_loop import training_stack_available
 
@@ -190,6 +191,11 @@ def patch_model(peft_model, checkpointing: bool = False, shared_single_op: bool 
         name = _register_experts()
         model.set_experts_implementation(EXPERTS_NAME if name == EXPERTS_NAME else "grouped_mm")
         patched["moe_experts"] = "impls.moe_ffn_sorted" if name == EXPERTS_NAME else name
+        n_lora, why = patch_lora_experts(model)
+        if n_lora:
+            patched["moe_expert_lora"] = f"impls.qlora_moe_lora: W + B A never built ({n_lora} blocks)"
+        if why:
+            missing["moe_expert_lora"] = why
     patched["loss"] = "labelled-positions cross-entropy (impls.qlora_patched.labelled_loss)"
     return {"patched": patched, "not_patched": missing}
 

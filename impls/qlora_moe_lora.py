@@ -1,0 +1,178 @@
+"""LoRA on an MoE block's fused 3-D expert weights (peft ``target_parameters``) without building W + B A.
+
+peft 0.21 adapts ``experts.gate_up_proj`` [E, 2I, H] and ``experts.down_proj`` [E, H, I] through a
+parametrization: every forward builds ``W + s L R`` for all experts (a ``baddbmm`` over the whole stack, and
+one more when the parametrization is registered), the experts multiply by it, autograd keeps it for the
+backward, which returns a dense [E, out, in] gradient that two more ``bmm`` turn into dL, dR. Measured on
+the tiny Qwen3-MoE at 64 tokens (docs/qlora.md): that weight-sized traffic was the patched loop's largest
+cost after the GEMMs themselves, and the kept W + B A (1.5 MB per layer) most of its extra memory.
+
+Here, per expert e, over its rows (tokens sorted by expert once per call, as ``impls.moe_ffn_sorted``):
+
+    forward   h = x W^T + s (x R^T) L^T            (x R^T is kept: [rows, r])
+    backward  gL = g L;  dx = g W + s gL R;  dL = s g^T (x R^T);  dR = s gL^T x
+
+so nothing weight-sized is built or saved, the frozen base W gets no gradient, and the adapters' gradients
+come from rank-r products. ``patch_lora_experts`` routes a peft model's MoE blocks through it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from impls.moe_ffn_sorted import _for_each_block, _Routing
+
+
+def _lora_rows(x: torch.Tensor, w: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor, s: float,
+               route: _Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x W_e^T + s (x R_e^T) L_e^T, x R_e^T) over each expert's row block; W [E, out, in], L [E, out, r],
+    R [E, r, in]."""
+    out = x.new_empty((x.shape[0], w.shape[1]))
+    xr = x.new_empty((x.shape[0], rhs.shape[1]))
+
+    def work(e: int, a: int, b: int) -> None:
+        torch.mm(x[a:b], rhs[e].t(), out=xr[a:b])
+        torch.mm(x[a:b], w[e].t(), out=out[a:b])
+        out[a:b].addmm_(xr[a:b], lhs[e].t(), alpha=s)
+
+    _for_each_block(work, route.blocks, x.device, 2.0 * x.shape[0] * x.shape[1] * w.shape[1])
+    return out, xr
+
+
+def _lora_rows_backward(g: torch.Tensor, x: torch.Tensor, xr: torch.Tensor, w: torch.Tensor, lhs: torch.Tensor,
+                        rhs: torch.Tensor, s: float, route: _Routing, need_lora: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(dx, dL, dR) of ``_lora_rows`` for its output gradient ``g``; experts without rows get zero dL, dR."""
+    gx = g.new_empty((g.shape[0], w.shape[2]))
+    d_lhs = torch.zeros_like(lhs) if need_lora else None
+    d_rhs = torch.zeros_like(rhs) if need_lora else None
+
+    def work(e: int, a: int, b: int) -> None:
+        gl = g[a:b] @ lhs[e]  # [rows, r]
+        torch.mm(g[a:b], w[e], out=gx[a:b])
+        gx[a:b].addmm_(gl, rhs[e], alpha=s)
+        if need_lora:
+            torch.mm(g[a:b].t(), xr[a:b], out=d_lhs[e])
+            torch.mm(gl.t(), x[a:b], out=d_rhs[e])
+
+    _for_each_block(work, route.blocks, g.device, 4.0 * g.shape[0] * g.shape[1] * w.shape[2])
+    if need_lora:  # the scaling once per stack, not once per expert
+        d_lhs.mul_(s)
+        d_rhs.mul_(s)
+    return gx, d_lhs, d_rhs
+
+
+class SortedLoRAExperts(torch.autograd.Function):
+    """SwiGLU experts over expert-sorted rows with LoRA factors on both fused weights; base weights frozen."""
+
+    @staticmethod
+    def forward(ctx, hidden_states, top_k_index, top_k_weights, w_gu, w_d, scalings, l_gu, r_gu, l_d, r_d):
+        s_gu, s_d = scalings
+        route = _Routing(top_k_index, w_gu.shape[0])
+        xs = hidden_states.index_select(0, route.token)
+        w = top_k_weights.reshape(-1).index_select(0, route.order).unsqueeze(1)
+        h, xr_gu = _lora_rows(xs, w_gu, l_gu, r_gu, s_gu, route)  # [S, 2I]
+        gate, up = h.chunk(2, dim=-1)
+        y, xr_d = _lora_rows(F.silu(gate) * up, w_d, l_d, r_d, s_d, route)  # [S, H], unweighted
+        out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+        out.index_add_(0, route.token, (y * w).float())  # fp32 sum over the k slots, as moe_ffn_sorted
+        ctx.route, ctx.scalings = route, scalings
+        ctx.save_for_backward(hidden_states, top_k_weights, w_gu, w_d, l_gu, r_gu, l_d, r_d, h, y, w, xr_gu, xr_d)
+        return out.to(hidden_states.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden_states, top_k_weights, w_gu, w_d, l_gu, r_gu, l_d, r_d, h, y, w, xr_gu, xr_d = ctx.saved_tensors
+        route, (s_gu, s_d) = ctx.route, ctx.scalings
+        need_lora = any(ctx.needs_input_grad[6:10])
+        xs = hidden_states.index_select(0, route.token)  # re-gathered, not stored
+        gate, up = h.chunk(2, dim=-1)
+        act = F.silu(gate)
+        g_out = grad_out.index_select(0, route.token)  # [S, H]
+        grad_w_sorted = (g_out.float() * y.float()).sum(-1)  # d(router weight)
+        g_y = g_out * w
+        g_a, d_ld, d_rd = _lora_rows_backward(g_y, act * up, xr_d, w_d, l_d, r_d, s_d, route, need_lora)
+        g_h = torch.cat([torch.ops.aten.silu_backward(g_a * up, gate), g_a * act], dim=-1)  # d gate, d up
+        g_xs, d_lgu, d_rgu = _lora_rows_backward(g_h, xs, xr_gu, w_gu, l_gu, r_gu, s_gu, route, need_lora)
+        grad_x = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+        grad_x.index_add_(0, route.token, g_xs.float())
+        grad_w = torch.empty(route.order.shape, dtype=torch.float32, device=h.device)
+        grad_w[route.order] = grad_w_sorted
+        return (grad_x.to(hidden_states.dtype), None, grad_w.view_as(top_k_weights).to(top_k_weights.dtype),
+                None, None, None, d_lgu, d_rgu, d_ld, d_rd)
+
+
+def lora_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                 gate_up: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float],
+                 down: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]) -> torch.Tensor:
+    """Sparse SwiGLU experts with LoRA: ``gate_up`` / ``down`` = (W [E, out, in], L [E, out, r], R [E, r, in],
+    scaling), the effective weight being ``W + scaling L R`` (peft's ``get_delta_factors``)."""
+    (w_gu, l_gu, r_gu, s_gu), (w_d, l_d, r_d, s_d) = gate_up, down
+    return SortedLoRAExperts.apply(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype), w_gu, w_d,
+                                   (float(s_gu), float(s_d)), l_gu, r_gu, l_d, r_d)
+
+
+# ---------------------------------------------------------------- peft patching
+
+
+def _wrapper_chain(module) -> tuple[dict[str, Any], Any]:
+    """{parameter name: peft ParamWrapper} along nested wrappers, and the experts module they wrap."""
+    wrappers: dict[str, Any] = {}
+    while hasattr(module, "parameter_name") and hasattr(module, "get_delta_factors"):
+        wrappers[module.parameter_name] = module
+        module = module.base_layer
+    return wrappers, module
+
+
+def _why_not(wrappers: dict[str, Any], experts) -> str:
+    """'' when the fused LoRA experts path computes exactly what peft's wrappers would, now; else why not."""
+    if set(wrappers) != {"gate_up_proj", "down_proj"}:
+        return f"adapted expert parameters {sorted(wrappers)} (needs gate_up_proj and down_proj)"
+    if getattr(experts, "is_transposed", False) or not getattr(experts, "is_concatenated", True) \
+            or getattr(experts, "has_bias", False) or not getattr(experts, "has_gate", True):
+        return "experts layout is not concatenated gate/up, [E, out, in], without bias"
+    for name, wrapper in wrappers.items():
+        if wrapper.disable_adapters or wrapper.merged:
+            return f"{name}: adapters disabled or merged"
+        active = [a for a in wrapper.active_adapters if a in wrapper.lora_A]
+        if len(active) != 1 or wrapper.num_experts <= 1:
+            return f"{name}: {len(active)} active adapters over {wrapper.num_experts} experts"
+        if getattr(experts, name).requires_grad:
+            return f"{name}: base weight is trainable"
+    return ""
+
+
+def patch_lora_experts(model: torch.nn.Module) -> tuple[int, str]:
+    """Route every MoE block whose ``experts`` are peft-wrapped on gate_up_proj and down_proj through
+    :func:`lora_experts`; a call that does not qualify (``_why_not``) runs peft's own forward. Returns
+    (blocks patched, why some were not)."""
+    patched, why = 0, ""
+    for block in model.modules():
+        outer = getattr(block, "experts", None)
+        wrappers, experts = _wrapper_chain(outer)
+        if not wrappers:
+            continue
+        reason = _why_not(wrappers, experts)
+        if reason:
+            why = why or reason
+            continue
+        original = outer.forward
+
+        def forward(hidden_states, top_k_index, top_k_weights, *args, _wrappers=wrappers, _experts=experts,
+                    _original=original, **kwargs):
+            if args or kwargs or _why_not(_wrappers, _experts):
+                return _original(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+            factors = {}
+            for name, wrapper in _wrappers.items():
+                adapter = next(a for a in wrapper.active_adapters if a in wrapper.lora_A)
+                lhs, rhs, scaling = wrapper.get_delta_factors(adapter)
+                factors[name] = (getattr(_experts, name), lhs, rhs, scaling)
+            return lora_experts(hidden_states, top_k_index, top_k_weights, factors["gate_up_proj"],
+                                factors["down_proj"])
+
+        outer.forward = forward
+        patched += 1
+    return patched, why
