@@ -9,14 +9,22 @@ than the indexed gather, so the lookup is ``code[nibble]``.)
 
 Public entry points (all take ``packed2d`` uint8 [N, K/2] and ``scales`` fp32 [N, K/blocksize]):
 ``nf4_mm(x, ...)`` -> ``x @ W^T`` and ``nf4_mm_t(g, ...)`` -> ``g @ W`` for 2-D x/g in any float dtype.
+
+Which kernels run: the native AVX-512 ones (impls/nf4_native.py: in-register 16-entry lookup, built with
+the system compiler) where :func:`nf4_native.status` allows and blocks are multiples of 32 columns; else
+the torch.compile'd ones below (and bnb's dequantiser for the GEMM path). :func:`cpu_path` names the
+choice. ``TWINBENCH_NF4_NATIVE=0`` forces the fallback.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import torch
+
+from impls import nf4_native
 
 # bitsandbytes' NF4 code (fp32). Kept here rather than imported from reference/, so that the impls and the
 # reference they are judged against do not share a table: a wrong value on either side is caught.
@@ -104,10 +112,45 @@ def from_even_odd(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(m, 2, k // 2).transpose(1, 2).reshape(m, k)
 
 
-def dequantize(packed2d: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The [N, K] weight in natural column order and ``dtype``, for the GEMM path. On CPU with bitsandbytes
-    present its native (OpenMP C) dequantiser is used: measured here it beats our inductor gather loop."""
+def cpu_path(packed2d: torch.Tensor, scales: torch.Tensor) -> str:
+    """Which CPU kernels serve this weight: 'native-avx512', or 'inductor (why not native)'."""
+    if nf4_native.supports(packed2d, scales):
+        return "native-avx512"
+    ok, why = nf4_native.status()
+    return f"inductor ({why if not ok else 'blocksize not a multiple of 32'})"
+
+
+_scratch = threading.local()
+
+
+def _workspace(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reusable [N, K] buffer (per thread and dtype, grown to the largest weight seen) for the GEMM path's
+    transient W. A fresh 32-64 MB tensor costs its page faults on first touch, more than the native
+    dequantisation itself (measured: 4096x4096 fp32 into a fresh tensor 33 ms, into a reused one ~5 ms);
+    the price is that one such buffer stays allocated between calls."""
+    bufs = _scratch.__dict__.setdefault("bufs", {})
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < n * k:
+        buf = bufs[dtype] = torch.empty(n * k, dtype=dtype)
+    return buf[: n * k].view(n, k)
+
+
+def workspace_bytes() -> int:
+    """Bytes this thread's GEMM-path workspaces hold (reported by the suite's impl, since a per-call peak
+    memory measurement does not see a buffer allocated by an earlier call)."""
+    return sum(b.numel() * b.element_size() for b in getattr(_scratch, "bufs", {}).values())
+
+
+def dequantize(packed2d: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+               transient: bool = False) -> torch.Tensor:
+    """The [N, K] weight in natural column order and ``dtype``, for the GEMM path. ``transient``: the caller
+    drops the result before the next call (it may then live in the reused workspace). Native kernel where it
+    applies; else, on CPU with bitsandbytes present, bnb's native (OpenMP C) dequantiser (measured here it
+    beats our inductor gather loop); else the inductor kernel."""
     n, half = packed2d.shape
+    if nf4_native.supports(packed2d, scales) and dtype in (torch.float32, torch.bfloat16, torch.float16):
+        out = _workspace(n, 2 * half, dtype) if transient else None
+        return nf4_native.dequantize(packed2d, scales, dtype, out=out)
     if packed2d.device.type == "cpu" and _bnb_dequant() is not None:
         blocksize = 2 * half // scales.shape[1]
         return _bnb_dequant()(packed2d, scales.reshape(-1), blocksize, "nf4", [n, 2 * half], dtype)
@@ -128,11 +171,13 @@ def nf4_mm(x: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor) -> tor
     """``x @ W^T`` for x [M, K] (fp32/bf16/fp16), result in x's dtype. A few rows: the fused GEMV (fp32
     accumulation, W never materialised); more: W dequantised to x's dtype (as bnb does), then x's GEMM."""
     if x.shape[0] <= GEMV_MAX_ROWS:
+        if nf4_native.supports(packed2d, scales):
+            return nf4_native.gemv(x, packed2d, scales).to(x.dtype)
         xf = x.float()
         out = _kernel("gemv", packed2d)(xf[:, 0::2].contiguous(), xf[:, 1::2].contiguous(), packed2d, scales,
                                         nf4_table(str(x.device)))
         return out.to(x.dtype)
-    return x @ dequantize(packed2d, scales, x.dtype).t()
+    return x @ dequantize(packed2d, scales, x.dtype, transient=True).t()
 
 
 def nf4_mm_t(g: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor,
@@ -142,6 +187,8 @@ def nf4_mm_t(g: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor,
     if weight is not None:
         return g @ weight
     if g.shape[0] <= GEMV_MAX_ROWS:
+        if nf4_native.supports(packed2d, scales):
+            return nf4_native.gemv_t(g, packed2d, scales).to(g.dtype)
         out = _kernel("gemv_t", packed2d)(g.float(), packed2d, scales, nf4_table(str(g.device)))
         return from_even_odd(out).to(g.dtype)
-    return g @ dequantize(packed2d, scales, g.dtype)
+    return g @ dequantize(packed2d, scales, g.dtype, transient=True)

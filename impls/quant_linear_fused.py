@@ -9,19 +9,21 @@ lora_B (and bias when it requires grad); the base weight is frozen (no gradient)
 :class:`NF4Weight`. Helpers: :func:`from_linear4bit` (bnb Linear4bit -> (NF4Weight, bias)),
 :func:`peft_lora_forward` / :func:`patch_peft_model` (route peft LoRA-on-Linear4bit layers through it).
 
-Kernels (impls/nf4_kernels.py): on CPU a torch.compile'd fused dequantise-GEMV for a few rows (the weight is
-never materialised, forward and backward), dequantise + GEMM for more rows; on GPUs the Triton kernels.
+Kernels (impls/nf4_kernels.py): on CPU a fused dequantise-GEMV for a few rows (the weight is never
+materialised, forward and backward), dequantise + GEMM for more rows — native AVX-512 C kernels
+(impls/nf4_native.c) where the CPU and a compiler allow, else torch.compile'd ones; on GPUs the Triton kernels.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from harness.registry import register_impl
-from impls import nf4_kernels
+from impls import nf4_kernels, nf4_native
 
 DOUBLE_QUANT_BLOCKSIZE = 256  # bnb quantises absmax in blocks of 256 (the only nested size it supports)
 
@@ -68,6 +70,8 @@ class NF4Weight:
         """fp32 absmax per block; nested: ``code2[q] * absmax2[block // 256] + offset`` in fp32, as bnb."""
         if not self.nested:
             return self.absmax.float()
+        if self.absmax.device.type == "cpu" and self.absmax.dtype == torch.uint8 and nf4_native.status()[0]:
+            return nf4_native.decode_absmax(self.absmax, self.absmax2, self.code2, float(self.offset))
         q = self.absmax.reshape(-1).long()
         outer = self.absmax2.float().repeat_interleave(DOUBLE_QUANT_BLOCKSIZE)[: q.numel()]
         return self.code2.float()[q] * outer + self.offset.float()
@@ -94,23 +98,42 @@ def as_nf4_weight(qweight_state: Any) -> NF4Weight:
     return NF4Weight.from_bnb(qweight_state)
 
 
+@contextlib.contextmanager
+def _one_thread(active: bool):
+    """Run the tiny LoRA products of a few-row call (O(r (N + K)) work) on one thread: forking an OpenMP team
+    costs more than the work, and on a shared machine a team waits for any descheduled member (measured
+    here: a 1x4096 @ 4096x16 bf16 matmul took 0.03 ms on one thread, 8-16 ms on two while another process
+    ran). The NF4 kernels themselves keep all threads."""
+    threads = torch.get_num_threads()
+    if not active or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class _NF4LoRALinear(torch.autograd.Function):
     """out = x W^T + scaling (x A^T) B^T (+ bias) on 2-D x; W frozen, given as packed2d + row scales."""
 
     @staticmethod
     def forward(ctx, x, packed2d, scales, lora_A, lora_B, bias, scaling, keep_w):
         w = None
-        if keep_w and x.shape[0] > nf4_kernels.GEMV_MAX_ROWS:  # GEMM path: keep W for the backward
+        few_rows = x.shape[0] <= nf4_kernels.GEMV_MAX_ROWS
+        if keep_w and not few_rows:  # GEMM path: keep W for the backward
             w = nf4_kernels.dequantize(packed2d, scales, x.dtype)
             out = x @ w.t()
         else:
             out = nf4_kernels.nf4_mm(x, packed2d, scales)
         xa = None
-        if lora_A is not None:
-            xa = x @ lora_A.t()
-            out = torch.addmm(out, xa, lora_B.t(), alpha=scaling)
-        if bias is not None:
-            out = out + bias
+        with _one_thread(few_rows):
+            if lora_A is not None:
+                xa = x @ lora_A.t()
+                out = torch.addmm(out, xa, lora_B.t(), alpha=scaling)
+            if bias is not None:
+                out = out + bias
         ctx.scaling = scaling
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, packed2d, scales, lora_A, lora_B, xa, w)
@@ -120,19 +143,23 @@ class _NF4LoRALinear(torch.autograd.Function):
     def backward(ctx, g):
         x, packed2d, scales, lora_A, lora_B, xa, w = ctx.saved_tensors
         need_x, _, _, need_a, need_b, need_bias, _, _ = ctx.needs_input_grad
+        few_rows = x.shape[0] <= nf4_kernels.GEMV_MAX_ROWS
         g = g.contiguous()
         dx = da = db = dbias = None
-        gb = g @ lora_B if lora_A is not None and (need_x or need_a) else None
+        with _one_thread(few_rows):
+            gb = g @ lora_B if lora_A is not None and (need_x or need_a) else None
         if need_x:
             dx = nf4_kernels.nf4_mm_t(g, packed2d, scales, weight=w)
-            if gb is not None:
+        with _one_thread(few_rows):
+            if need_x and gb is not None:
                 dx = torch.addmm(dx, gb, lora_A, alpha=ctx.scaling)
-        if need_a:
-            da = (gb.t() @ x) * ctx.scaling
-        if need_b:
-            db = (g.t() @ xa) * ctx.scaling
-        if need_bias and ctx.has_bias:
-            dbias = g.sum(0)
+            # the scaling goes on the small [M, r] factor, not on the [r, K] / [N, r] product
+            if need_a:
+                da = (gb * ctx.scaling).t() @ x
+            if need_b:
+                db = g.t() @ (xa * ctx.scaling)
+            if need_bias and ctx.has_bias:
+                dbias = g.sum(0)
         return dx, None, None, da, db, dbias, None, None
 
 
@@ -248,11 +275,18 @@ def _cpu_only(device) -> tuple[bool, str]:
     return True, ""
 
 
+def _with_path(out: torch.Tensor, w: NF4Weight) -> dict:
+    """The output plus, for the record, which CPU kernels ran and the GEMM-path workspace held."""
+    path = nf4_kernels.cpu_path(w.packed.reshape(w.shape[0], -1), w.absmax.reshape(w.shape[0], -1)) \
+        if w.row_aligned() else "dequantise + matmul (blocks straddle rows)"
+    return {"out": out, "metrics": {"nf4_kernels": path, "workspace_bytes": nf4_kernels.workspace_bytes()}}
+
+
 @register_impl("quant_linear", "fused_cpu", tags=("ours",), available=_cpu_only)
 def fused_cpu(x, packed, absmax, lora_A=None, lora_B=None, bias=None, absmax2=None, code2=None, offset=None, *,
               shape, blocksize, scaling):
     w = NF4Weight(packed, absmax, tuple(shape), blocksize, absmax2, code2, offset)
-    return nf4_lora_linear(x, w, lora_A, lora_B, scaling, bias)
+    return _with_path(nf4_lora_linear(x, w, lora_A, lora_B, scaling, bias), w)
 
 
 @register_impl("quant_linear", "fused_cpu_keep_w", tags=("ours",), available=_cpu_only)
@@ -260,4 +294,4 @@ def fused_cpu_keep_w(x, packed, absmax, lora_A=None, lora_B=None, bias=None, abs
                      offset=None, *, shape, blocksize, scaling):
     """fused_cpu trading memory for time: the GEMM path keeps the dequantised W for the backward."""
     w = NF4Weight(packed, absmax, tuple(shape), blocksize, absmax2, code2, offset)
-    return nf4_lora_linear(x, w, lora_A, lora_B, scaling, bias, keep_dequantized=True)
+    return _with_path(nf4_lora_linear(x, w, lora_A, lora_B, scaling, bias, keep_dequantized=True), w)
