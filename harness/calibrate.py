@@ -56,7 +56,7 @@ def _case(item, stats: dict[str, Any]) -> dict[str, Any]:
 
 def against_mode(pair, items, configs: dict[str, Any], n: int, slowdown: float) -> dict[str, Any]:
     """Interleaved comparisons in gate-sized groups; per test: first-stage flags and confirmed alarms."""
-    from harness import gate
+    from harness import gate, gate_against
 
     counts = {t: {"flagged": 0, "confirmed": 0} for t in configs}
     ratios = []
@@ -71,7 +71,7 @@ def against_mode(pair, items, configs: dict[str, Any], n: int, slowdown: float) 
         for test, config in configs.items():
             cases = [_case(i, gate.compare_samples(*measured[i.key], paired=True, test=test, n_boot=config.n_boot))
                      for i in group]
-            gate.decide(cases, config)
+            gate.screen(cases, config)
             flagged = [c for c, i in zip(cases, group) if c["verdict"] == "regression"]
             counts[test]["flagged"] += len(flagged)
             rerun = []
@@ -79,10 +79,11 @@ def against_mode(pair, items, configs: dict[str, Any], n: int, slowdown: float) 
                 if c["verdict"] != "regression":
                     continue
                 if i.key not in reruns:
-                    reruns[i.key] = pair.measure(i, extra_fraction=slowdown)
+                    reruns[i.key] = pair.measure(i, extra_fraction=slowdown,
+                                                 rounds=gate_against.CONFIRM_ROUNDS_FACTOR * pair.rounds)
                 rerun.append(_case(i, gate.compare_samples(*reruns[i.key], paired=True, test=test,
                                                            n_boot=config.n_boot, seed=1)))
-            gate.confirm(cases, rerun, config)
+            gate.confirm(cases, rerun, config, family=len(group))
             counts[test]["confirmed"] += sum(c["verdict"] == "regression (confirmed)" for c in cases)
         done += len(group)
     print(f"   interleaved, slowdown {slowdown:.0%}: {done} comparisons done", flush=True)
@@ -90,14 +91,16 @@ def against_mode(pair, items, configs: dict[str, Any], n: int, slowdown: float) 
 
 
 def baseline_sessions(pair, items, n: int, slowdown: float, rounds: int) -> list[dict[str, Any]]:
-    """Stored-baseline mode: per group, base sessions for every case, then new sessions, then re-runs."""
+    """Stored-baseline mode: per group, base sessions for every case, then new sessions, then re-runs.
+
+    Always the wall clock: stored baselines hold `twinbench run` samples, which are wall-clock times."""
     out = []
     while len(out) < n:
         group = items[: max(1, min(len(items), n - len(out)))]
-        base = {i.key: _session(pair.base, i, pair.numbers[i.key], rounds, 0, pair.clock) for i in group}
+        base = {i.key: _session(pair.base, i, pair.numbers[i.key], rounds, 0, "wall") for i in group}
         extra = {i.key: round(slowdown * pair.numbers[i.key]) for i in group}
-        new = {i.key: _session(pair.head, i, pair.numbers[i.key], rounds, extra[i.key], pair.clock) for i in group}
-        again = {i.key: _session(pair.head, i, pair.numbers[i.key], rounds, extra[i.key], pair.clock) for i in group}
+        new = {i.key: _session(pair.head, i, pair.numbers[i.key], rounds, extra[i.key], "wall") for i in group}
+        again = {i.key: _session(pair.head, i, pair.numbers[i.key], rounds, extra[i.key], "wall") for i in group}
         out += [{"item": i, "base": base[i.key], "new": new[i.key], "again": again[i.key], "group": len(out)}
                 for i in group]
     print(f"   stored sessions, slowdown {slowdown:.0%}: {len(out)} comparisons done", flush=True)
@@ -185,10 +188,11 @@ def _main(args) -> int:
 
     out_dir = Path(args.dir)
     logs = Path(args.json).parent if args.json else Path("/tmp")
+    cpus = gate_against.shared_cpus(args, args.threads)
     a = gate_against.GateWorker(gate_against.ROOT, args.device, args.plugin, logs / "calibrate-a.log", args.timeout,
-                                args.threads)
+                                args.threads, cpus)
     b = gate_against.GateWorker(gate_against.ROOT, args.device, args.plugin, logs / "calibrate-b.log", args.timeout,
-                                args.threads)
+                                args.threads, cpus)
     pair = gate_against.Pair(a, b, rounds, block_ms, clock=gate_against.clock_for(args))
     try:
         items = _spread(gate_against.plan_items(args, modes=("fwd",)), args.max_cases)  # while workers start
@@ -198,7 +202,9 @@ def _main(args) -> int:
         pair.stop()
         raise
     report: dict[str, Any] = {"kind": "twinbench-calibration", "created": now_iso(), "fingerprint": b.fingerprint,
-                              "clock": pair.clock, "threads": a.threads, "rounds": rounds, "block_ms": block_ms, "k": args.k, "alpha": args.alpha,
+                              "clock": {"against": pair.clock, "baseline": "wall"}, "threads": a.threads, "pinned_cpus": cpus,
+                              "rounds": rounds, "confirm_rounds": gate_against.CONFIRM_ROUNDS_FACTOR * rounds,
+                              "block_ms": block_ms, "k": args.k, "alpha": args.alpha,
                               "correction": args.correction, "workload": [i.key for i in items]}
     try:
         for item in items:
@@ -206,7 +212,7 @@ def _main(args) -> int:
             if not prep["ok"]:
                 raise UsageError(f"calibration workload {item.key} cannot run: {prep['why']}")
         print(f"calibrating on {len(items)} case(s), {rounds} rounds of {block_ms:g} ms samples, {pair.clock} clock, "
-              f"{a.threads or 'default'} thread(s): "
+              f"{a.threads or 'default'} thread(s), " + (f"pinned to CPU(s) {cpus}" if cpus else "not pinned") + ": "
               + ", ".join(f"{i.key} x{pair.numbers[i.key]}" for i in items), flush=True)
         if "against" in modes:
             configs = {t: config("against", t) for t in tests}

@@ -274,5 +274,7 @@ def _add_selection(p) -> None:
                    help="CPU threads per worker (default 1 on the CPU: shared-box timings are far steadier)")
     p.add_argument("--clock", default=None,
                    help="CPU only: process (CPU time, default) or wall (what `twinbench run` measures)")
+    p.add_argument("--no-pin", action="store_true",
+                   help="CPU only: do not pin both workers to the same CPU(s) (pinning is far steadier on VMs)")
     p.add_argument("--plugin", action="append", default=[])
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a worker may stay silent")

@@ -107,18 +107,29 @@ def compare_samples(base: Sequence[float], head: Sequence[float], *, paired: boo
             "paired": paired}
 
 
-def adjust(pvalues: Sequence[float], method: str = "holm") -> list[float]:
-    """Holm step-down (family-wise) or Benjamini-Hochberg (false discovery) adjusted p-values."""
+def adjust(pvalues: Sequence[float], method: str = "holm", family: int | None = None) -> list[float]:
+    """Holm step-down (family-wise) or Benjamini-Hochberg (false discovery) adjusted p-values.
+
+    ``family``: the number of hypotheses the correction covers when only some are given (a confirmation
+    run re-measures the flagged cases but must still correct for every compared case); default len(pvalues).
+    """
     p = np.asarray(list(pvalues), dtype=float)
     if p.size == 0:
         return []
-    if method == "bh":
-        from scipy.stats import false_discovery_control
-
-        return [float(x) for x in false_discovery_control(p, method="bh")]
+    m = max(p.size, family or 0)
     order = np.argsort(p)
-    m = p.size
-    adjusted = np.empty(m)
+    adjusted = np.empty(p.size)
+    if method == "bh":
+        if m == p.size:
+            from scipy.stats import false_discovery_control
+
+            return [float(x) for x in false_discovery_control(p, method="bh")]
+        running = 1.0  # step-up over the given (smallest) p-values, ranks counted within the full family
+        for rank in range(p.size - 1, -1, -1):
+            i = order[rank]
+            running = min(running, p[i] * m / (rank + 1))
+            adjusted[i] = running
+        return [float(x) for x in adjusted]
     running = 0.0
     for rank, i in enumerate(order):
         running = max(running, min(1.0, (m - rank) * p[i]))
@@ -126,27 +137,48 @@ def adjust(pvalues: Sequence[float], method: str = "holm") -> list[float]:
     return [float(x) for x in adjusted]
 
 
-def decide(cases: list[dict[str, Any]], config: GateConfig) -> list[dict[str, Any]]:
+def decide(cases: list[dict[str, Any]], config: GateConfig, *, family: int | None = None) -> list[dict[str, Any]]:
     """Adjust p-values across every compared case and give each a verdict (in place; returns cases)."""
+    compared = [c for c in cases if c.get("p_value") is not None]
+    for c, p_adj in zip(compared, adjust([c["p_value"] for c in compared], config.correction, family)):
+        c["p_adjusted"] = p_adj
+        c["min_effect"] = max(config.threshold, config.k * c["noise"])
+        _verdict(c, significant=p_adj < config.alpha)
+    return cases
+
+
+def screen(cases: list[dict[str, Any]], config: GateConfig) -> list[dict[str, Any]]:
+    """First stage of the interleaved gate: flag cases that *look* slower (uncorrected p < alpha and beyond
+    the minimum effect). The verdict comes from :func:`confirm` on fresh samples, corrected across every
+    compared case, so a lenient screen costs no false alarms: only power. p_adjusted is still reported."""
     compared = [c for c in cases if c.get("p_value") is not None]
     for c, p_adj in zip(compared, adjust([c["p_value"] for c in compared], config.correction)):
         c["p_adjusted"] = p_adj
         c["min_effect"] = max(config.threshold, config.k * c["noise"])
-        significant = p_adj < config.alpha
-        if significant and c["ratio"] > 1 + c["min_effect"]:
-            c["verdict"] = "regression"
-        elif significant and c["ratio"] < 1 / (1 + c["min_effect"]):
-            c["verdict"] = "improvement"
-        else:
-            c["verdict"] = "no change"
-            c["note"] = c.get("note") or ("not significant" if not significant else
-                                          f"significant but within the minimum effect {c['min_effect']:.3f}")
+        _verdict(c, significant=c["p_value"] < config.alpha)
+        if c["verdict"] == "improvement" and p_adj >= config.alpha:  # improvements are not re-run
+            c["verdict"], c["note"] = "no change", "not significant after correction"
     return cases
 
 
-def confirm(first: list[dict[str, Any]], rerun: list[dict[str, Any]], config: GateConfig) -> list[dict[str, Any]]:
-    """Keep a regression only when an independent re-run of the flagged cases flags it again."""
-    decide(rerun, config)
+def _verdict(c: dict[str, Any], *, significant: bool) -> None:
+    if significant and c["ratio"] > 1 + c["min_effect"]:
+        c["verdict"] = "regression"
+    elif significant and c["ratio"] < 1 / (1 + c["min_effect"]):
+        c["verdict"] = "improvement"
+    else:
+        c["verdict"] = "no change"
+        c["note"] = c.get("note") or ("not significant" if not significant else
+                                      f"significant but within the minimum effect {c['min_effect']:.3f}")
+
+
+def confirm(first: list[dict[str, Any]], rerun: list[dict[str, Any]], config: GateConfig, *,
+            family: int | None = None) -> list[dict[str, Any]]:
+    """Keep a regression only when an independent re-run of the flagged cases flags it again.
+
+    ``family``: correct the re-run across this many cases (all compared ones, after a lenient
+    :func:`screen`); default only the re-run cases (after a corrected :func:`decide`)."""
+    decide(rerun, config, family=family)
     again = {case_key(c): c for c in rerun}
     for c in first:
         if c["verdict"] != "regression":

@@ -34,6 +34,9 @@ DEFAULT_TEST = "wilcoxon"
 DEFAULT_THRESHOLD = 0.02
 DEFAULT_ROUNDS = 31        # the median ratio's noise falls as 1/sqrt(rounds); see docs/reports-and-gate.md
 DEFAULT_BLOCK_MS = 5.0
+# Flagged cases are re-measured with this many times the rounds: the re-run decides, corrected across
+# every compared case, so it needs the power (docs/reports-and-gate.md, "two stages").
+CONFIRM_ROUNDS_FACTOR = 2
 # One thread per CPU worker by default: measured on the shared 2-core box (load ~8), the A/A median
 # ratio of 10 comparisons had CV 0.16 with 2 threads and 0.038 with 1 (docs/reports-and-gate.md).
 DEFAULT_CPU_THREADS = 1
@@ -47,7 +50,7 @@ class GateWorker:
     """One gate_worker process serving the tree at ``root``."""
 
     def __init__(self, root: Path, device: str, plugins: list[str], log_path: Path, timeout: float,
-                 threads: int | None = None):
+                 threads: int | None = None, cpus: list[int] | None = None):
         self.root = Path(root).resolve()
         self.timeout = timeout
         env = dict(os.environ)
@@ -61,8 +64,8 @@ class GateWorker:
             threads = threads or DEFAULT_CPU_THREADS
         elif os.environ.get("TWINBENCH_USER_TRITON_INTERPRET") != "1":
             env.pop("TRITON_INTERPRET", None)  # compiled Triton on GPUs, as the run workers
-        self.threads = threads
-        config = {"device": device, "backend": backend, "plugins": plugins, "threads": threads}
+        self.threads, self.cpus = threads, cpus
+        config = {"device": device, "backend": backend, "plugins": plugins, "threads": threads, "cpus": cpus}
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         self.log = open(log_path, "a", encoding="utf-8")
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "harness" / "gate_worker.py"), json.dumps(config)],
@@ -164,13 +167,14 @@ class Pair:
             self.numbers[item.key] = granularity * math.ceil(n / granularity)
         return out
 
-    def measure(self, item: Item, *, extra_fraction: float = 0.0) -> tuple[list[float], list[float]]:
+    def measure(self, item: Item, *, extra_fraction: float = 0.0,
+                rounds: int | None = None) -> tuple[list[float], list[float]]:
         """Interleaved samples (base, head); ``extra_fraction`` of extra calls on the head = a planted slowdown."""
         number = self.numbers[item.key]
         extra = round(extra_fraction * number)
         base_ms: list[float] = []
         head_ms: list[float] = []
-        for r in range(self.rounds):
+        for r in range(rounds or self.rounds):
             sides = [(self.base, base_ms, 0), (self.head, head_ms, extra)]
             for worker, sink, add in (sides if r % 2 == 0 else reversed(sides)):
                 reply = worker.request(op="time", key=item.key, number=number, extra=add, clock=self.clock)
@@ -257,6 +261,22 @@ def plan_items(args, modes: tuple[str, ...] = ("fwd", "fwdbwd")) -> list[Item]:
     return items
 
 
+def shared_cpus(args, threads: int | None) -> list[int] | None:
+    """The CPUs both workers are pinned to (the same ones), or None (not pinned).
+
+    Why: unpinned, each worker migrates between vCPUs on its own, and on a VM the vCPUs run at different
+    speeds (neighbours, frequency): each worker's samples jump between levels ~20% apart for ~10 rounds at a
+    time, independently, so the per-round ratio does not cancel them. Measured on the idle 2-core box
+    (attention/sdpa, 4 cases x 20 comparisons of 31 rounds): SD of the median log ratio 0.06-0.12 unpinned,
+    0.006-0.016 with both workers on one CPU. The workers take turns, so sharing CPUs costs nothing.
+    """
+    if getattr(args, "no_pin", False) or args.device != "cpu" or not hasattr(os, "sched_getaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    want = max(1, threads or DEFAULT_CPU_THREADS)
+    return allowed[-want:] if len(allowed) >= want else allowed
+
+
 def clock_for(args) -> str:
     """CPU: process CPU time by default (a shared box's scheduling noise drops out); GPUs: device events."""
     clock = getattr(args, "clock", None) or ("process" if args.device == "cpu" else "wall")
@@ -308,9 +328,10 @@ def run_gate(args, config) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     with terminate_as_interrupt(), base_worktree(args.against) as (base_root, sha):
         plugins = [str(Path(p).resolve()) for p in args.plugin]
+        cpus = shared_cpus(args, args.threads)
         base = GateWorker(base_root, args.device, [_in_tree(p, base_root) for p in plugins],
-                          out_dir / "gate-base.log", args.timeout, args.threads)
-        head = GateWorker(ROOT, args.device, plugins, out_dir / "gate-head.log", args.timeout, args.threads)
+                          out_dir / "gate-base.log", args.timeout, args.threads, cpus)
+        head = GateWorker(ROOT, args.device, plugins, out_dir / "gate-head.log", args.timeout, args.threads, cpus)
         pair = Pair(base, head, rounds, args.block_ms or DEFAULT_BLOCK_MS, clock=clock_for(args))
         try:
             items = plan_items(args)  # while the workers import torch
@@ -318,23 +339,24 @@ def run_gate(args, config) -> dict[str, Any]:
             head.ready()
             diff = _fingerprint_note(base.fingerprint, head.fingerprint)
             cases, parity_failures = compare_items(pair, items, config, parity=not getattr(args, "no_parity", False))
-            gate.decide(cases, config)
+            gate.screen(cases, config)
             flagged = [c for c in cases if c["verdict"] == "regression"]
             by_key = {i.key: i for i in items}
             rerun = []
             for c in flagged:
                 item = by_key[f"{c['suite']}|{c['case']}|{c['impl']}|{c['mode']}"]
-                base_ms, head_ms = pair.measure(item)
+                base_ms, head_ms = pair.measure(item, rounds=CONFIRM_ROUNDS_FACTOR * rounds)
                 rerun.append(dict(c, **gate.compare_samples(base_ms, head_ms, paired=True, test=config.test,
                                                             n_boot=config.n_boot, seed=config.seed + 1,
                                                             name=item.key)))
-            gate.confirm(cases, rerun, config)
+            gate.confirm(cases, rerun, config, family=sum(c.get("p_value") is not None for c in cases))
         finally:
             pair.stop()
     note = (f"base {args.against} = {sha[:12]}, head = working tree; {rounds} interleaved rounds per case, "
-            f"{pair.clock} clock")
+            f"{pair.clock} clock, " + (f"both workers pinned to CPU(s) {cpus}" if cpus else "workers not pinned"))
     if flagged:
-        note += f"; {len(flagged)} flagged case(s) re-run for confirmation"
+        note += (f"; {len(flagged)} flagged case(s) re-run for confirmation with {CONFIRM_ROUNDS_FACTOR * rounds} "
+                 f"rounds, corrected across all compared cases")
     if diff:
         note += f"; {diff}"
     return gate.summarize(cases, parity_failures, config, mode="against",

@@ -99,6 +99,9 @@ def main() -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     config = json.loads(sys.argv[1])
+    if config.get("cpus") and hasattr(os, "sched_setaffinity"):
+        # Before torch starts its thread pool, so every thread inherits it (see gate_against.shared_cpus).
+        os.sched_setaffinity(0, config["cpus"])
     if config["backend"] == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # as the run worker: before any impl is imported
     import torch
