@@ -113,11 +113,12 @@ def from_even_odd(t: torch.Tensor) -> torch.Tensor:
 
 
 def cpu_path(packed2d: torch.Tensor, scales: torch.Tensor) -> str:
-    """Which CPU kernels serve this weight: 'native-avx512', or 'inductor (why not native)'."""
+    """Which CPU kernels serve this weight: 'native-avx512', or 'fallback (why not native)' (the inductor
+    GEMV kernels; bnb's dequantiser on the GEMM path when bnb is installed)."""
     if nf4_native.supports(packed2d, scales):
         return "native-avx512"
     ok, why = nf4_native.status()
-    return f"inductor ({why if not ok else 'blocksize not a multiple of 32'})"
+    return f"fallback ({why if not ok else 'not a contiguous CPU weight with blocks a multiple of 32 columns'})"
 
 
 _scratch = threading.local()

@@ -105,11 +105,12 @@ def status() -> tuple[bool, str]:
 
 
 def supports(packed2d: torch.Tensor, scales: torch.Tensor) -> bool:
-    """The native kernels take CPU tensors whose blocks are whole multiples of 32 columns within a row."""
-    n, half = packed2d.shape
+    """The native kernels take contiguous CPU weights whose blocks are whole multiples of 32 columns."""
+    half = packed2d.shape[1]
     k = 2 * half
     nb = scales.shape[-1]
-    return (packed2d.device.type == "cpu" and k % nb == 0 and (k // nb) % 32 == 0 and status()[0])
+    return (packed2d.device.type == "cpu" and packed2d.is_contiguous() and k % nb == 0 and (k // nb) % 32 == 0
+            and status()[0])
 
 
 def _checked(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:

@@ -131,7 +131,7 @@ class _NF4LoRALinear(torch.autograd.Function):
         with _one_thread(few_rows):
             if lora_A is not None:
                 xa = x @ lora_A.t()
-                out = torch.addmm(out, xa, lora_B.t(), alpha=scaling)
+                out = out.addmm_(xa, lora_B.t(), alpha=scaling)  # in place: out is ours, fresh
             if bias is not None:
                 out = out + bias
         ctx.scaling = scaling
@@ -152,7 +152,7 @@ class _NF4LoRALinear(torch.autograd.Function):
             dx = nf4_kernels.nf4_mm_t(g, packed2d, scales, weight=w)
         with _one_thread(few_rows):
             if need_x and gb is not None:
-                dx = torch.addmm(dx, gb, lora_A, alpha=ctx.scaling)
+                dx = dx.addmm_(gb, lora_A, alpha=ctx.scaling)
             # the scaling goes on the small [M, r] factor, not on the [r, K] / [N, r] product
             if need_a:
                 da = (gb * ctx.scaling).t() @ x

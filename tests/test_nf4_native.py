@@ -1,0 +1,178 @@
+"""The native NF4 CPU kernels (impls/nf4_native.c): bit-exact dequantisation against the reference and bnb,
+GEMV forward/backward within fp32 summation-order error, the build cache, planted bugs caught through the
+native path, and the inductor fallback still correct when the native kernels are off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.parity import check_parity
+from harness.registry import IMPLS, SUITES, load_plugins
+from impls import nf4_kernels, nf4_native
+from impls.quant_linear_fused import NF4Weight
+from reference.nf4 import dequantize_state, quantize_nf4
+
+load_plugins()
+SUITE = SUITES["quant_linear"]
+REF = IMPLS[("quant_linear", "reference")]
+FUSED = IMPLS[("quant_linear", "fused_cpu")]
+GEMV_FP32, GEMM_FP16 = SUITE.cases("quick")[0], SUITE.cases("quick")[1]
+
+native = pytest.mark.skipif(not nf4_native.status()[0], reason=f"native NF4 kernels: {nf4_native.status()[1]}")
+
+
+def state(n: int, k: int, blocksize: int, double_quant: bool, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    st = quantize_nf4(torch.randn(n, k, generator=gen) / k**0.5, blocksize, double_quant)
+    w = NF4Weight(st.packed, st.absmax, (n, k), blocksize, st.absmax2, st.code2, st.offset)
+    return st, w, st.packed.reshape(n, k // 2), w.block_scales()
+
+
+@native
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+@pytest.mark.parametrize("blocksize", [64, 128, 256])
+def test_dequantize_is_bit_exact(blocksize, double_quant):
+    """97 rows (odd), every output dtype: identical to the reference's code * absmax, rounded by torch."""
+    st, w, packed2d, scales = state(97, 512, blocksize, double_quant)
+    if double_quant:  # the native absmax decode is the reference's, bit for bit (no FMA contraction)
+        ref_scales = (st.code2[st.absmax.long()] * st.absmax2.repeat_interleave(256)[: st.absmax.numel()]
+                      + st.offset)
+        assert torch.equal(scales, ref_scales)
+    ref = dequantize_state(st, torch.float32)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        got = nf4_native.dequantize(packed2d, scales, dtype)
+        assert got.dtype == dtype and torch.equal(got, ref.to(dtype)), dtype
+        into = torch.full_like(got, float("nan"))  # a reused buffer is fully overwritten
+        assert torch.equal(nf4_native.dequantize(packed2d, scales, dtype, out=into), ref.to(dtype))
+
+
+@native
+def test_dequantize_matches_bitsandbytes():
+    bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes not installed")
+    w = torch.randn(64, 256) / 16
+    packed, qs = bnb_functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    bnb_scales = bnb_functional.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+    ours = NF4Weight.from_bnb(packed, qs).block_scales()
+    assert torch.equal(ours, bnb_scales)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        theirs = torch.ops.bitsandbytes.dequantize_4bit.default(packed, bnb_scales, 64, "nf4", [64, 256], dtype)
+        assert torch.equal(nf4_native.dequantize(packed.reshape(64, 128), ours, dtype), theirs), dtype
+
+
+@native
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 11])
+@pytest.mark.parametrize("blocksize,double_quant", [(64, True), (128, False), (256, True)])
+def test_gemv_forward_and_backward_match_fp64(rows, blocksize, double_quant):
+    """Errors of fp32 summation order only: well under 1e-5 at K=512 (fp32 eps * sqrt(K) * |terms|)."""
+    st, w, packed2d, scales = state(97, 512, blocksize, double_quant, seed=rows)
+    wd = dequantize_state(st, torch.float64)
+    gen = torch.Generator().manual_seed(rows + 7)
+    x, g = torch.randn(rows, 512, generator=gen), torch.randn(rows, 97, generator=gen)
+    y, dx = nf4_native.gemv(x, packed2d, scales), nf4_native.gemv_t(g, packed2d, scales)
+    want_y, want_dx = x.double() @ wd.t(), g.double() @ wd
+    assert y.shape == (rows, 97) and dx.shape == (rows, 512)
+    assert (y - want_y).abs().max() < 2e-6 * want_y.abs().max()
+    assert (dx - want_dx).abs().max() < 2e-6 * want_dx.abs().max()
+    x16 = x.to(torch.bfloat16)  # half inputs are upcast to fp32 (fp32 accumulation)
+    assert torch.allclose(nf4_native.gemv(x16, packed2d, scales).double(), x16.double() @ wd.t(), atol=1e-5)
+
+
+@native
+def test_wrappers_refuse_bad_arguments():
+    _, _, packed2d, scales = state(32, 128, 64, False)
+    with pytest.raises(ValueError, match="contiguous CPU torch.float32"):
+        nf4_native.gemv(torch.randn(1, 128), packed2d, scales.double())
+    with pytest.raises(ValueError, match="fp32/bf16/fp16"):
+        nf4_native.dequantize(packed2d, scales, torch.float64)
+    with pytest.raises(ValueError, match="shape"):
+        nf4_native.dequantize(packed2d, scales, torch.float32, out=torch.empty(4, 4))
+    assert not nf4_native.supports(packed2d, scales.reshape(32, 2).repeat_interleave(4, 1))  # blocksize 16
+    assert not nf4_native.supports(packed2d.t().contiguous().t(), scales.reshape(32, 2))  # strided bytes
+
+
+@native
+def test_build_is_cached_by_source_hash(tmp_path, monkeypatch):
+    monkeypatch.setenv("TWINBENCH_CACHE_DIR", str(tmp_path))
+    cc = nf4_native._compiler()
+    first = nf4_native._build(cc)
+    assert first.parent == tmp_path / "nf4_native" and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert nf4_native._build(cc) == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    monkeypatch.setattr(nf4_native, "FLAGS", [*nf4_native.FLAGS, "-DTWINBENCH_TEST_KEY"])
+    assert nf4_native._build(cc) != first  # other flags: another build
+    assert not [p for p in (tmp_path / "nf4_native").iterdir() if p.suffix != ".so"]  # no temp files left
+
+
+# --- planted bugs through the native path: the suite's parity rule must catch each --------------------------
+
+def _swap_nibbles(p: torch.Tensor) -> torch.Tensor:
+    return ((p << 4) | (p >> 4)).contiguous()
+
+
+NATIVE_BUGS = {
+    "wrong-code-value": ("code", lambda c: torch.where(torch.arange(16) == 11, torch.tensor(0.35), c)),
+    "nibbles-swapped": ("weight", lambda p, s: (_swap_nibbles(p), s)),
+    "off-by-one-block": ("weight", lambda p, s: (p, s.roll(1).contiguous())),
+    "absmax-not-applied": ("weight", lambda p, s: (p, torch.ones_like(s))),
+}
+
+
+def _native_path_calls(monkeypatch) -> list[str]:
+    calls: list[str] = []
+    for name in ("gemv", "gemv_t", "dequantize"):
+        real = getattr(nf4_native, name)
+        monkeypatch.setattr(nf4_native, name, lambda *a, _real=real, _n=name, **kw: calls.append(_n) or _real(*a, **kw))
+    return calls
+
+
+@native
+@pytest.mark.parametrize("case", [GEMV_FP32, GEMM_FP16], ids=["gemv-fp32-dq", "gemm-fp16-bias"])
+@pytest.mark.parametrize("bug", sorted(NATIVE_BUGS))
+def test_planted_native_bug_is_caught(bug, case, monkeypatch):
+    kind, corrupt = NATIVE_BUGS[bug]
+    if kind == "code":
+        wrong = corrupt(nf4_native._code16().clone())
+        monkeypatch.setattr(nf4_native, "_code16", lambda: wrong)
+    else:
+        real = nf4_native._weight
+        monkeypatch.setattr(nf4_native, "_weight",
+                            lambda p, s: (lambda t: (*corrupt(t[0], t[1]), *t[2:]))(real(p, s)))
+    calls = _native_path_calls(monkeypatch)
+    verdict = check_parity(SUITE, FUSED, REF, case, "cpu", trials=1)
+    assert calls, "the native kernels did not run"
+    assert not verdict.ok, f"{bug} passed: {[(n, c.error, c.bound) for n, c in verdict.checks.items()]}"
+
+
+@native
+@pytest.mark.parametrize("case", [GEMV_FP32, GEMM_FP16], ids=["gemv-fp32-dq", "gemm-fp16-bias"])
+def test_native_path_passes_over_seeds(case, monkeypatch):
+    calls = _native_path_calls(monkeypatch)
+    for seed in (101, 202, 303):
+        verdict = check_parity(SUITE, FUSED, REF, case, "cpu", trials=1, seed=seed)
+        assert verdict.ok, (seed, verdict.problems, {n: (c.error, c.bound) for n, c in verdict.checks.items()})
+        assert verdict.metrics["nf4_kernels"] == "native-avx512"
+    assert set(calls) == ({"gemv", "gemv_t"} if case["batch"] <= nf4_kernels.GEMV_MAX_ROWS else {"dequantize"})
+
+
+def test_fallback_without_native_kernels_is_correct(monkeypatch):
+    """With the native kernels unavailable, fused_cpu runs the fallback path, says so, and passes."""
+    monkeypatch.setattr(nf4_native, "_load", lambda: (None, "turned off by the test"))
+    assert nf4_native.status() == (False, "turned off by the test")
+    for case in (GEMV_FP32, GEMM_FP16):
+        for seed in (101, 202):
+            verdict = check_parity(SUITE, FUSED, REF, case, "cpu", trials=1, seed=seed)
+            assert verdict.ok, (case.id, seed, verdict.problems)
+            assert verdict.metrics["nf4_kernels"] == "fallback (turned off by the test)"
+
+
+def test_turned_off_by_environment(monkeypatch):
+    before = nf4_native.status()
+    monkeypatch.setenv("TWINBENCH_NF4_NATIVE", "0")
+    nf4_native._load.cache_clear()
+    try:
+        assert nf4_native.status() == (False, "turned off by TWINBENCH_NF4_NATIVE=0")
+    finally:
+        monkeypatch.delenv("TWINBENCH_NF4_NATIVE")
+        nf4_native._load.cache_clear()
+    assert nf4_native.status() == before
