@@ -124,7 +124,7 @@ class _NF4LoRALinear(torch.autograd.Function):
         few_rows = x.shape[0] <= nf4_kernels.GEMV_MAX_ROWS
         if keep_w and not few_rows:  # GEMM path: keep W for the backward
             w = nf4_kernels.dequantize(packed2d, scales, x.dtype)
-            out = x @ w.t()
+            out = nf4_kernels.gemm_nt(x, w)
         else:
             out = nf4_kernels.nf4_mm(x, packed2d, scales)
         xa = None

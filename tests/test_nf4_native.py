@@ -176,3 +176,21 @@ def test_turned_off_by_environment(monkeypatch):
         monkeypatch.delenv("TWINBENCH_NF4_NATIVE")
         nf4_native._load.cache_clear()
     assert nf4_native.status() == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gemm_path_matches_matmul(dtype, monkeypatch):
+    """The GEMM path's oneDNN linear (where chosen) computes a @ w.t() and a @ w like torch's matmul."""
+    gen = torch.Generator().manual_seed(3)
+    a, w = torch.randn(37, 96, generator=gen).to(dtype), torch.randn(80, 96, generator=gen).to(dtype)
+    g = torch.randn(37, 80, generator=gen).to(dtype)
+    tol = 1e-4 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(nf4_kernels.gemm_nt(a, w).float(), a.float() @ w.float().t(), atol=tol, rtol=tol)
+    torch.testing.assert_close(nf4_kernels.gemm_nn(g, w).float(), g.float() @ w.float(), atol=tol, rtol=tol)
+    monkeypatch.setenv("TWINBENCH_NF4_GEMM", "aten")
+    nf4_kernels._onednn_linear.cache_clear()
+    try:
+        assert nf4_kernels._onednn_linear(dtype) is None
+    finally:
+        monkeypatch.delenv("TWINBENCH_NF4_GEMM")
+        nf4_kernels._onednn_linear.cache_clear()
