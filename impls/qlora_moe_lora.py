@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 from impls.moe_ffn_sorted import _for_each_block, _Routing
 
+RECOMPUTE = __import__('os').environ.get('Q8_RECOMPUTE') == '1'
+
 
 def _lora_rows(x: torch.Tensor, w: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor, s: float,
                route: _Routing) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,8 +49,11 @@ def _lora_rows_backward(g: torch.Tensor, x: torch.Tensor, xr: torch.Tensor, w: t
                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dL, dR) of ``_lora_rows`` for its output gradient ``g``; experts without rows get zero dL, dR."""
     gx = g.new_empty((g.shape[0], w.shape[2]))
-    d_lhs = torch.zeros_like(lhs) if need_lora else None
-    d_rhs = torch.zeros_like(rhs) if need_lora else None
+    d_lhs = d_rhs = None
+    if need_lora:  # experts without rows: zero gradients; the others are written whole below
+        empty = len(route.blocks) < lhs.shape[0]
+        d_lhs = torch.zeros_like(lhs) if empty else torch.empty_like(lhs)
+        d_rhs = torch.zeros_like(rhs) if empty else torch.empty_like(rhs)
 
     def work(e: int, a: int, b: int) -> None:
         gl = g[a:b] @ lhs[e]  # [rows, r]
@@ -80,17 +85,27 @@ class SortedLoRAExperts(torch.autograd.Function):
         out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
         out.index_add_(0, route.token, (y * w).float())  # fp32 sum over the k slots, as moe_ffn_sorted
         ctx.route, ctx.scalings = route, scalings
-        ctx.save_for_backward(hidden_states, top_k_weights, w_gu, w_d, l_gu, r_gu, l_d, r_d, h, y, w, xr_gu, xr_d)
+        if RECOMPUTE:
+            ctx.save_for_backward(hidden_states, top_k_weights, w_gu, w_d, l_gu, r_gu, l_d, r_d, w)
+        else:
+            ctx.save_for_backward(hidden_states, top_k_weights, w_gu, w_d, l_gu, r_gu, l_d, r_d, w, h, y, xr_gu, xr_d)
         return out.to(hidden_states.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden_states, top_k_weights, w_gu, w_d, l_gu, r_gu, l_d, r_d, h, y, w, xr_gu, xr_d = ctx.saved_tensors
+        hidden_states, top_k_weights, w_gu, w_d, l_gu, r_gu, l_d, r_d, w, *kept = ctx.saved_tensors
         route, (s_gu, s_d) = ctx.route, ctx.scalings
         need_lora = any(ctx.needs_input_grad[6:10])
         xs = hidden_states.index_select(0, route.token)  # re-gathered, not stored
-        gate, up = h.chunk(2, dim=-1)
-        act = F.silu(gate)
+        if kept:
+            h, y, xr_gu, xr_d = kept
+            gate, up = h.chunk(2, dim=-1)
+            act = F.silu(gate)
+        else:
+            h, xr_gu = _lora_rows(xs, w_gu, l_gu, r_gu, s_gu, route)
+            gate, up = h.chunk(2, dim=-1)
+            act = F.silu(gate)
+            y, xr_d = _lora_rows(act * up, w_d, l_d, r_d, s_d, route)
         g_out = grad_out.index_select(0, route.token)  # [S, H]
         grad_w_sorted = (g_out.float() * y.float()).sum(-1)  # d(router weight)
         g_y = g_out * w
@@ -111,6 +126,9 @@ def lora_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_w
     """Sparse SwiGLU experts with LoRA: ``gate_up`` / ``down`` = (W [E, out, in], L [E, out, r], R [E, r, in],
     scaling), the effective weight being ``W + scaling L R`` (peft's ``get_delta_factors``)."""
     (w_gu, l_gu, r_gu, s_gu), (w_d, l_d, r_d, s_d) = gate_up, down
+    # peft's factors are permuted views of lora_B / lora_A: made contiguous once here (autograd maps the
+    # gradients back), or every per-expert GEMM would copy its slice first
+    l_gu, r_gu, l_d, r_d = (t.contiguous() for t in (l_gu, r_gu, l_d, r_d))
     return SortedLoRAExperts.apply(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype), w_gu, w_d,
                                    (float(s_gu), float(s_d)), l_gu, r_gu, l_d, r_d)
 

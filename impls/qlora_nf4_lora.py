@@ -28,10 +28,13 @@ def _lora_parts(layer) -> tuple[Any, Any, torch.Tensor, torch.Tensor, float]:
             float(layer.scaling[name]))
 
 
-def dequantized(packed, quant_state, dtype: torch.dtype) -> torch.Tensor:
+def dequantized(weights: list[tuple[Any, Any]], dtype: torch.dtype) -> torch.Tensor:
+    """The NF4 weights dequantised by bitsandbytes and stacked: [sum out, in] in ``dtype`` (bnb 0.50 has no
+    CPU kernel for its ``out=`` variant, so the parts are concatenated)."""
     import bitsandbytes.functional as bnbf
 
-    return bnbf.dequantize_4bit(packed, quant_state).to(dtype)
+    parts = [bnbf.dequantize_4bit(packed, q) for packed, q in weights]
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(dtype)
 
 
 class NF4LoRAProjections(torch.autograd.Function):
@@ -45,12 +48,16 @@ class NF4LoRAProjections(torch.autograd.Function):
     def forward(ctx, x, weights, scalings, out_dtype, *lora):  # lora = A_1, B_1, A_2, B_2, ...
         a_list, b_list = lora[0::2], lora[1::2]
         x2 = x.reshape(-1, x.shape[-1])
-        w = torch.cat([dequantized(p, q, x.dtype) for p, q in weights])
+        w = dequantized(weights, x.dtype)
         a_cat = torch.cat(a_list)  # [sum r, in]
         b_bd = torch.block_diag(*[b * s for b, s in zip(b_list, scalings)])  # [sum out, sum r]
         xa = x2 @ a_cat.t()  # [N, sum r]
         # GEMMs in the compute dtype, the base + adapter sum in the caller's dtype: as bnb + peft do it
-        out = (x2 @ w.t()).to(out_dtype) + (xa @ b_bd.t()).to(out_dtype)  # [N, sum out]
+        if out_dtype == x.dtype:  # the adapter GEMM accumulates into the base output: one [N, out] buffer
+            out = (x2 @ w.t()).addmm_(xa, b_bd.t())  # [N, sum out]
+        else:
+            out = (x2 @ w.t()).to(out_dtype) + (xa @ b_bd.t()).to(out_dtype)
+        del w
         ctx.weights, ctx.scalings, ctx.x_shape = weights, scalings, x.shape
         ctx.blocks = [(b.shape[0], a.shape[0]) for a, b in zip(a_list, b_list)]  # (out_i, r_i)
         ctx.save_for_backward(x2, xa, a_cat, b_bd)
@@ -70,9 +77,26 @@ class NF4LoRAProjections(torch.autograd.Function):
             o, r = o + n_out, r + n_r
         grad_x = None
         if ctx.needs_input_grad[0]:
-            w = torch.cat([dequantized(p, q, x2.dtype) for p, q in ctx.weights])
-            grad_x = (g @ w + g_xa @ a_cat).view(ctx.x_shape)
+            grad_x = (g @ dequantized(ctx.weights, x2.dtype)).addmm_(g_xa, a_cat).view(ctx.x_shape)
         return (grad_x, None, None, None, *grads)
+
+
+class SiluMul(torch.autograd.Function):
+    """``silu(gate) * up`` keeping only its inputs for backward (autograd would also keep ``silu(gate)``)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return torch.nn.functional.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(grad * up, gate), grad * torch.nn.functional.silu(gate)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return SiluMul.apply(gate, up)
 
 
 def nf4_lora_projections(x: torch.Tensor, layers: list[Any]) -> list[torch.Tensor]:

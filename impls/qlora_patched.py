@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from harness.registry import register_impl
 from impls.qlora_moe_lora import patch_lora_experts
-from impls.qlora_nf4_lora import nf4_lora_projections, single_projection, use_shared_single_op
+from impls.qlora_nf4_lora import nf4_lora_projections, silu_mul, single_projection, use_shared_single_op
 from reference.qlora_loop import training_stack_available
 
 ATTN_NAME = "twinbench"
@@ -101,7 +101,8 @@ def _fused_attention_forward(self, hidden_states, position_embeddings=None, atte
 
 def _fused_mlp_forward(self, x):
     gate, up = nf4_lora_projections(x, [self.gate_proj, self.up_proj])
-    return single_projection(self.act_fn(gate) * up, self.down_proj).to(x.dtype)
+    act = silu_mul(gate, up) if type(self.act_fn).__name__ in ("SiLU", "SiLUActivation") else self.act_fn(gate) * up
+    return single_projection(act, self.down_proj).to(x.dtype)
 
 
 def _rms_norm_forward(self, hidden_states):

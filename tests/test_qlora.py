@@ -14,7 +14,7 @@ pytest.importorskip("lm_eval")
 
 from harness.parity import check_parity, compare_tensor  # noqa: E402
 from harness.registry import IMPLS, SUITES, Impl, load_plugins  # noqa: E402
-from impls import qlora_nf4_lora, qlora_patched  # noqa: E402
+from impls import qlora_moe_lora, qlora_nf4_lora, qlora_patched  # noqa: E402
 from reference import qlora_loop  # noqa: E402
 
 load_plugins()
@@ -156,3 +156,66 @@ def test_fused_nf4_lora_projections_match_peft_and_planted_bugs_fail(qlora_layer
     bug_out, _ = run(_fused_with_scaling_bug)
     with pytest.raises(AssertionError):
         torch.testing.assert_close(bug_out[0], ref_out[0], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the MoE experts' LoRA op alone
+
+
+@pytest.fixture(scope="module")
+def moe_experts(tmp_path_factory):
+    cfg = qlora_loop.LoopConfig(kind="qwen3_moe")
+    path = tmp_path_factory.mktemp("qlora_moe") / "base"
+    qlora_loop.save_base_checkpoint(cfg, path)
+    model = qlora_loop.load_qlora_model(path, cfg)
+    wrappers, experts = qlora_moe_lora._wrapper_chain(model.get_base_model().model.layers[0].mlp.experts)
+    assert set(wrappers) == {"gate_up_proj", "down_proj"} and not qlora_moe_lora._why_not(wrappers, experts)
+    return model.get_base_model().model.layers[0].mlp.experts, wrappers, experts
+
+
+def _factors(wrappers, experts, planted: str = ""):
+    out = {}
+    for name, wrapper in wrappers.items():
+        lhs, rhs, s = wrapper.get_delta_factors("default")
+        if planted == "scaling" and name == "gate_up_proj":
+            s = s * 1.001
+        if planted == "neighbour_expert" and name == "down_proj":
+            lhs = lhs.roll(1, dims=0)
+        out[name] = (getattr(experts, name), lhs, rhs, s)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lora_experts_match_peft_and_planted_bugs_fail(moe_experts, seed):
+    outer, wrappers, experts = moe_experts
+    gen = torch.Generator().manual_seed(seed)
+    for wrapper in wrappers.values():  # B starts at zero: give it values so the adapter path is exercised
+        with torch.no_grad():
+            wrapper.lora_B["default"].weight.copy_(0.1 * torch.randn(wrapper.lora_B["default"].weight.shape,
+                                                                     generator=gen))
+    n_tok, n_exp = 40, experts.gate_up_proj.shape[0]
+    x = torch.randn(n_tok, experts.gate_up_proj.shape[2], generator=gen)
+    idx = torch.stack([torch.randperm(n_exp - 1, generator=gen)[:2] for _ in range(n_tok)])  # last expert empty
+    wts = torch.rand(n_tok, 2, generator=gen)
+    g = torch.randn(n_tok, x.shape[1], generator=gen)
+    params = [p for w in wrappers.values() for p in (w.lora_A["default"].weight, w.lora_B["default"].weight)]
+
+    def run(fn):
+        xi, wi = x.clone().requires_grad_(True), wts.clone().requires_grad_(True)
+        out = fn(xi, idx, wi)
+        return [out, *torch.autograd.grad(out, [xi, wi, *params], grad_outputs=g)]
+
+    def ours(planted=""):
+        factors = _factors(wrappers, experts, planted)
+        return lambda xi, i, wi: qlora_moe_lora.lora_experts(xi, i, wi, factors["gate_up_proj"], factors["down_proj"])
+
+    def close(a, b):  # fp32 rounding at each tensor's own scale (sums of ~100 products, other order)
+        return float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
+
+    ref = run(outer)  # peft's parametrization (W + B A) over transformers' experts
+    got = run(ours())
+    names = ["out", "dx", "d_router_weights"] + [f"d_param{i}" for i in range(len(params))]
+    assert all(float(r.abs().max()) > 0 for r in ref)  # nothing compared is trivially zero
+    assert [n for n, r, o in zip(names, ref, got) if not close(o, r)] == []
+    for planted in ("scaling", "neighbour_expert"):
+        bad = run(ours(planted))
+        assert [n for n, r, b in zip(names, ref, bad) if not close(b, r)], planted
