@@ -25,8 +25,6 @@ import torch.nn.functional as F
 
 from impls.moe_ffn_sorted import _for_each_block, _Routing
 
-RECOMPUTE = __import__('os').environ.get('Q8_RECOMPUTE') == '1'
-
 
 def _lora_rows(x: torch.Tensor, w: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor, s: float,
                route: _Routing) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +72,8 @@ class SortedLoRAExperts(torch.autograd.Function):
     """SwiGLU experts over expert-sorted rows with LoRA factors on both fused weights; base weights frozen."""
 
     @staticmethod
-    def forward(ctx, hidden_states, top_k_index, top_k_weights, w_gu, w_d, scalings, l_gu, r_gu, l_d, r_d):
+    def forward(ctx, hidden_states, top_k_index, top_k_weights, w_gu, w_d, scalings, recompute, l_gu, r_gu, l_d,
+                r_d):
         s_gu, s_d = scalings
         route = _Routing(top_k_index, w_gu.shape[0])
         xs = hidden_states.index_select(0, route.token)
@@ -85,7 +84,7 @@ class SortedLoRAExperts(torch.autograd.Function):
         out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
         out.index_add_(0, route.token, (y * w).float())  # fp32 sum over the k slots, as moe_ffn_sorted
         ctx.route, ctx.scalings = route, scalings
-        if RECOMPUTE:
+        if recompute:  # keep only inputs: backward rebuilds h, y (one more forward of the experts)
             ctx.save_for_backward(hidden_states, top_k_weights, w_gu, w_d, l_gu, r_gu, l_d, r_d, w)
         else:
             ctx.save_for_backward(hidden_states, top_k_weights, w_gu, w_d, l_gu, r_gu, l_d, r_d, w, h, y, xr_gu, xr_d)
@@ -95,7 +94,7 @@ class SortedLoRAExperts(torch.autograd.Function):
     def backward(ctx, grad_out):
         hidden_states, top_k_weights, w_gu, w_d, l_gu, r_gu, l_d, r_d, w, *kept = ctx.saved_tensors
         route, (s_gu, s_d) = ctx.route, ctx.scalings
-        need_lora = any(ctx.needs_input_grad[6:10])
+        need_lora = any(ctx.needs_input_grad[7:11])
         xs = hidden_states.index_select(0, route.token)  # re-gathered, not stored
         if kept:
             h, y, xr_gu, xr_d = kept
@@ -117,20 +116,21 @@ class SortedLoRAExperts(torch.autograd.Function):
         grad_w = torch.empty(route.order.shape, dtype=torch.float32, device=h.device)
         grad_w[route.order] = grad_w_sorted
         return (grad_x.to(hidden_states.dtype), None, grad_w.view_as(top_k_weights).to(top_k_weights.dtype),
-                None, None, None, d_lgu, d_rgu, d_ld, d_rd)
+                None, None, None, None, d_lgu, d_rgu, d_ld, d_rd)
 
 
 def lora_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                  gate_up: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float],
-                 down: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]) -> torch.Tensor:
+                 down: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float], recompute: bool = False) -> torch.Tensor:
     """Sparse SwiGLU experts with LoRA: ``gate_up`` / ``down`` = (W [E, out, in], L [E, out, r], R [E, r, in],
-    scaling), the effective weight being ``W + scaling L R`` (peft's ``get_delta_factors``)."""
+    scaling), the effective weight being ``W + scaling L R`` (peft's ``get_delta_factors``). ``recompute``:
+    save only the inputs and rebuild the expert activations in backward (less memory, one more forward)."""
     (w_gu, l_gu, r_gu, s_gu), (w_d, l_d, r_d, s_d) = gate_up, down
     # peft's factors are permuted views of lora_B / lora_A: made contiguous once here (autograd maps the
     # gradients back), or every per-expert GEMM would copy its slice first
     l_gu, r_gu, l_d, r_d = (t.contiguous() for t in (l_gu, r_gu, l_d, r_d))
     return SortedLoRAExperts.apply(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype), w_gu, w_d,
-                                   (float(s_gu), float(s_d)), l_gu, r_gu, l_d, r_d)
+                                   (float(s_gu), float(s_d)), recompute, l_gu, r_gu, l_d, r_d)
 
 
 # ---------------------------------------------------------------- peft patching
@@ -163,7 +163,7 @@ def _why_not(wrappers: dict[str, Any], experts) -> str:
     return ""
 
 
-def patch_lora_experts(model: torch.nn.Module) -> tuple[int, str]:
+def patch_lora_experts(model: torch.nn.Module, recompute: bool = False) -> tuple[int, str]:
     """Route every MoE block whose ``experts`` are peft-wrapped on gate_up_proj and down_proj through
     :func:`lora_experts`; a call that does not qualify (``_why_not``) runs peft's own forward. Returns
     (blocks patched, why some were not)."""
@@ -189,7 +189,7 @@ def patch_lora_experts(model: torch.nn.Module) -> tuple[int, str]:
                 lhs, rhs, scaling = wrapper.get_delta_factors(adapter)
                 factors[name] = (getattr(_experts, name), lhs, rhs, scaling)
             return lora_experts(hidden_states, top_k_index, top_k_weights, factors["gate_up_proj"],
-                                factors["down_proj"])
+                                factors["down_proj"], recompute)
 
         outer.forward = forward
         patched += 1

@@ -204,9 +204,10 @@ def test_lora_experts_match_peft_and_planted_bugs_fail(moe_experts, seed):
         out = fn(xi, idx, wi)
         return [out, *torch.autograd.grad(out, [xi, wi, *params], grad_outputs=g)]
 
-    def ours(planted=""):
+    def ours(planted="", recompute=False):
         factors = _factors(wrappers, experts, planted)
-        return lambda xi, i, wi: qlora_moe_lora.lora_experts(xi, i, wi, factors["gate_up_proj"], factors["down_proj"])
+        return lambda xi, i, wi: qlora_moe_lora.lora_experts(xi, i, wi, factors["gate_up_proj"], factors["down_proj"],
+                                                             recompute)
 
     def close(a, b):  # fp32 rounding at each tensor's own scale (sums of ~100 products, other order)
         return float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
@@ -216,6 +217,8 @@ def test_lora_experts_match_peft_and_planted_bugs_fail(moe_experts, seed):
     names = ["out", "dx", "d_router_weights"] + [f"d_param{i}" for i in range(len(params))]
     assert all(float(r.abs().max()) > 0 for r in ref)  # nothing compared is trivially zero
     assert [n for n, r, o in zip(names, ref, got) if not close(o, r)] == []
+    rebuilt = run(ours(recompute=True))  # activations rebuilt in backward: the same numbers, bit for bit
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt, got))
     for planted in ("scaling", "neighbour_expert"):
         bad = run(ours(planted))
         assert [n for n, r, b in zip(names, ref, bad) if not close(b, r)], planted
