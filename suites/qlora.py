@@ -14,8 +14,10 @@ reloaded, and lm-eval on a local task. Outputs compared with the reference (fixe
 - ``probe_hits`` (integers: before, after, merged) is judged absolutely, for the reference too: 0 hits
   before training, all 1 + ``probe_samples`` (greedy + sampled) after, and after the 16-bit merge.
 Self-measured metrics per loop: ``loss_curve``, ``median_step_s``, ``tokens_per_s``, ``peak_memory_bytes``
-(training steps, above the level before them), ``trainable_parameters``, probe responses, lm-eval scores,
-which parts were patched and which were not. Side-by-side speed: ``python3 -m suites.qlora --bench``.
+(the largest per-step peak after step 1, above the level before each step: the bench's measure),
+``trainable_parameters``, probe responses, lm-eval scores, which parts were patched and which were not.
+Each loop runs alone there (and under the harness's poisoned allocations); side by side, interleaved step
+by step: ``python3 -m suites.qlora --bench``.
 """
 
 from __future__ import annotations
@@ -108,10 +110,27 @@ def reference(*, config, device):
     return _reference_run(config, device)
 
 
+def fix_mmap_threshold(nbytes: int) -> bool:
+    """glibc ``mallopt(M_MMAP_THRESHOLD, nbytes)``: blocks of at least ``nbytes`` are mmapped and go back to
+    the OS when freed (the fixed value also stops glibc raising the threshold as blocks are freed), so a
+    sampled RSS follows live memory instead of the heap's high-water mark. False where not glibc."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(nbytes)))  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return False
+
+
 def bench(kind: str = "llama", dtype: str = "fp32", seq_len: int = 64, steps: int = 20, batch: int = 4,
-          accum: int = 2, device: str = "cpu", checkpointing: bool = False) -> dict[str, Any]:
+          accum: int = 2, device: str = "cpu", checkpointing: bool = False, recompute_experts: bool = True,
+          mmap_threshold: int | None = None) -> dict[str, Any]:
     """Reference and patched loops from one checkpoint, stepped in lockstep (R O R O ...): per-step time
-    ratio (opt / ref), each loop's peak working memory per step, and the loss difference. Not a test."""
+    ratio (opt / ref), each loop's peak working memory per step, and the loss difference. Not a test.
+
+    ``mmap_threshold`` (bytes; CPU, glibc): see ``fix_mmap_threshold``. With glibc's default (a threshold
+    that rises as blocks are freed) the per-step RSS is mostly heap high-water mark and fragmentation;
+    measured here, fixing it at 64 KiB halved the reference's per-step peak (docs/qlora.md)."""
     import statistics
     import tempfile
     from pathlib import Path
@@ -119,6 +138,7 @@ def bench(kind: str = "llama", dtype: str = "fp32", seq_len: int = 64, steps: in
     from impls.qlora_patched import labelled_loss, patch_model
     from reference.qlora_loop import PeakMemory, Trainer, load_qlora_model, save_base_checkpoint
 
+    fixed = fix_mmap_threshold(mmap_threshold) if mmap_threshold else False
     cfg = loop_config(_case(kind, dtype, steps, seq_len, batch, accum), 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.cpu_threads or threads)
@@ -127,7 +147,7 @@ def bench(kind: str = "llama", dtype: str = "fp32", seq_len: int = 64, steps: in
             tok = save_base_checkpoint(cfg, Path(tmp) / "base")
             ref_model = load_qlora_model(Path(tmp) / "base", cfg, device)
             opt_model = load_qlora_model(Path(tmp) / "base", cfg, device)
-            patches = patch_model(opt_model, checkpointing=checkpointing)
+            patches = patch_model(opt_model, checkpointing=checkpointing, recompute_experts=recompute_experts)
             loops = {"reference": Trainer(ref_model, tok, cfg, device),
                      "patched": Trainer(opt_model, tok, cfg, device, labelled_loss, fused=True)}
             peaks: dict[str, list[int]] = {name: [] for name in loops}
@@ -142,7 +162,8 @@ def bench(kind: str = "llama", dtype: str = "fp32", seq_len: int = 64, steps: in
     ratios = [o / r for o, r in zip(opt.step_times_s[1:], ref.step_times_s[1:])]
     return {
         "case": dict(kind=kind, dtype=dtype, seq_len=seq_len, steps=steps, batch=batch, accum=accum,
-                     patched_checkpointing=checkpointing),
+                     patched_checkpointing=checkpointing, recompute_experts=recompute_experts,
+                     mmap_threshold=mmap_threshold if fixed else "glibc default"),
         "median_step_s": {n: statistics.median(t.step_times_s[1:]) for n, t in loops.items()},
         "step_time_ratio_median": statistics.median(ratios),
         "step_time_ratio_p20_p80": [statistics.quantiles(ratios, n=5)[0], statistics.quantiles(ratios, n=5)[-1]],
@@ -164,7 +185,12 @@ if __name__ == "__main__":
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--checkpointing", action="store_true", help="keep layer checkpointing when patched")
+    parser.add_argument("--keep-expert-activations", action="store_true",
+                        help="MoE: save the experts' activations instead of recomputing them in backward")
+    parser.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="fix glibc's mmap threshold (e.g. 65536): per-step RSS then follows live memory")
     args = parser.parse_args()
     if args.bench:
-        print(json.dumps(bench(args.kind, args.dtype, args.seq_len, args.steps,
-                               checkpointing=args.checkpointing), indent=1))
+        print(json.dumps(bench(args.kind, args.dtype, args.seq_len, args.steps, checkpointing=args.checkpointing,
+                               recompute_experts=not args.keep_expert_activations,
+                               mmap_threshold=args.mmap_threshold), indent=1))
