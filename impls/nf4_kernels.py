@@ -174,11 +174,9 @@ def _onednn_linear(dtype: torch.dtype):
     calls) for the GEMM path, or None for torch's matmul. Measured here (AMD EPYC, 4096x4096 weight, 512 rows,
     one thread) oneDNN's fp32 GEMM takes 200 ms where torch's (MKL sgemm) takes 314 ms, with fp32 accumulation
     (parity ratios 0.12-0.16 on the bench case, MKL's 0.09-0.15). On Intel CPUs MKL is Intel's own tuned
-    sgemm (not measured here), so fp32 keeps it there; bf16 matmuls already go to oneDNN in torch.
-    ``TWINBENCH_NF4_GEMM=aten`` turns this off."""
-    if os.environ.get("TWINBENCH_NF4_GEMM") == "aten" or dtype not in (torch.float32, torch.bfloat16):
-        return None
-    if dtype == torch.float32 and "GenuineIntel" in _cpu_vendor():
+    sgemm (not measured here), so it is kept there; bf16 matmuls already go to oneDNN in torch (measured the
+    same speed either way). ``TWINBENCH_NF4_GEMM=aten`` turns this off."""
+    if os.environ.get("TWINBENCH_NF4_GEMM") == "aten" or dtype != torch.float32 or "GenuineIntel" in _cpu_vendor():
         return None
     try:
         if not torch.backends.mkldnn.is_available():
