@@ -32,11 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 # caught 60% of 5% slowdowns vs Mann-Whitney's 37%, both with 0 confirmed false alarms.
 DEFAULT_TEST = "wilcoxon"
 DEFAULT_THRESHOLD = 0.02
-DEFAULT_ROUNDS = 31        # the median ratio's noise falls as 1/sqrt(rounds); see docs/reports-and-gate.md
+DEFAULT_ROUNDS = 41        # the median ratio's noise falls as 1/sqrt(rounds); see docs/reports-and-gate.md
 DEFAULT_BLOCK_MS = 5.0
 # Flagged cases are re-measured with this many times the rounds: the re-run decides, corrected across
 # every compared case, so it needs the power (docs/reports-and-gate.md, "two stages").
-CONFIRM_ROUNDS_FACTOR = 2
+CONFIRM_ROUNDS_FACTOR = 3
 # One thread per CPU worker by default: measured on the shared 2-core box (load ~8), the A/A median
 # ratio of 10 comparisons had CV 0.16 with 2 threads and 0.038 with 1 (docs/reports-and-gate.md).
 DEFAULT_CPU_THREADS = 1
