@@ -23,45 +23,55 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from impls.moe_ffn_sorted import _for_each_block, _Routing
+from impls.moe_ffn_sorted import _Routing
+
+
+def _row_blocks(route: _Routing, n_experts: int) -> list[int]:
+    """Rows per expert (zeros included), for ``Tensor.split``: one call gives every block's view."""
+    sizes = [0] * n_experts
+    for e, a, b in route.blocks:
+        sizes[e] = b - a
+    return sizes
 
 
 def _lora_rows(x: torch.Tensor, w: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor, s: float,
-               route: _Routing) -> tuple[torch.Tensor, torch.Tensor]:
+               sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(x W_e^T + s (x R_e^T) L_e^T, x R_e^T) over each expert's row block; W [E, out, in], L [E, out, r],
-    R [E, r, in]."""
+    R [E, r, in]. Per expert three GEMMs on views made once per call (at these sizes the dispatch of a
+    slice or a transpose costs about as much as a small GEMM)."""
     out = x.new_empty((x.shape[0], w.shape[1]))
     xr = x.new_empty((x.shape[0], rhs.shape[1]))
-
-    def work(e: int, a: int, b: int) -> None:
-        torch.mm(x[a:b], rhs[e].t(), out=xr[a:b])
-        torch.mm(x[a:b], w[e].t(), out=out[a:b])
-        out[a:b].addmm_(xr[a:b], lhs[e].t(), alpha=s)
-
-    _for_each_block(work, route.blocks, x.device, 2.0 * x.shape[0] * x.shape[1] * w.shape[1])
+    blocks = zip(x.split(sizes), out.split(sizes), xr.split(sizes), w.transpose(1, 2).unbind(0),
+                 lhs.transpose(1, 2).unbind(0), rhs.transpose(1, 2).unbind(0))
+    for x_e, out_e, xr_e, w_t, l_t, r_t in blocks:
+        if x_e.shape[0]:
+            torch.mm(x_e, r_t, out=xr_e)
+            torch.mm(x_e, w_t, out=out_e)
+            out_e.addmm_(xr_e, l_t, alpha=s)
     return out, xr
 
 
 def _lora_rows_backward(g: torch.Tensor, x: torch.Tensor, xr: torch.Tensor, w: torch.Tensor, lhs: torch.Tensor,
-                        rhs: torch.Tensor, s: float, route: _Routing, need_lora: bool
+                        rhs: torch.Tensor, s: float, sizes: list[int], need_lora: bool
                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dL, dR) of ``_lora_rows`` for its output gradient ``g``; experts without rows get zero dL, dR."""
     gx = g.new_empty((g.shape[0], w.shape[2]))
     d_lhs = d_rhs = None
     if need_lora:  # experts without rows: zero gradients; the others are written whole below
-        empty = len(route.blocks) < lhs.shape[0]
-        d_lhs = torch.zeros_like(lhs) if empty else torch.empty_like(lhs)
-        d_rhs = torch.zeros_like(rhs) if empty else torch.empty_like(rhs)
-
-    def work(e: int, a: int, b: int) -> None:
-        gl = g[a:b] @ lhs[e]  # [rows, r]
-        torch.mm(g[a:b], w[e], out=gx[a:b])
-        gx[a:b].addmm_(gl, rhs[e], alpha=s)
+        make = torch.zeros_like if 0 in sizes else torch.empty_like
+        d_lhs, d_rhs = make(lhs), make(rhs)
+    grads = zip(d_lhs.unbind(0), d_rhs.unbind(0)) if need_lora else ((None, None) for _ in sizes)
+    blocks = zip(g.split(sizes), x.split(sizes), xr.split(sizes), gx.split(sizes), w.unbind(0), lhs.unbind(0),
+                 rhs.unbind(0), grads)
+    for g_e, x_e, xr_e, gx_e, w_e, l_e, r_e, (dl_e, dr_e) in blocks:
+        if not g_e.shape[0]:
+            continue
+        gl = g_e @ l_e  # [rows, r]
+        torch.mm(g_e, w_e, out=gx_e)
+        gx_e.addmm_(gl, r_e, alpha=s)
         if need_lora:
-            torch.mm(g[a:b].t(), xr[a:b], out=d_lhs[e])
-            torch.mm(gl.t(), x[a:b], out=d_rhs[e])
-
-    _for_each_block(work, route.blocks, g.device, 4.0 * g.shape[0] * g.shape[1] * w.shape[2])
+            torch.mm(g_e.t(), xr_e, out=dl_e)
+            torch.mm(gl.t(), x_e, out=dr_e)
     if need_lora:  # the scaling once per stack, not once per expert
         d_lhs.mul_(s)
         d_rhs.mul_(s)
@@ -78,12 +88,13 @@ class SortedLoRAExperts(torch.autograd.Function):
         route = _Routing(top_k_index, w_gu.shape[0])
         xs = hidden_states.index_select(0, route.token)
         w = top_k_weights.reshape(-1).index_select(0, route.order).unsqueeze(1)
-        h, xr_gu = _lora_rows(xs, w_gu, l_gu, r_gu, s_gu, route)  # [S, 2I]
+        sizes = _row_blocks(route, w_gu.shape[0])
+        h, xr_gu = _lora_rows(xs, w_gu, l_gu, r_gu, s_gu, sizes)  # [S, 2I]
         gate, up = h.chunk(2, dim=-1)
-        y, xr_d = _lora_rows(F.silu(gate) * up, w_d, l_d, r_d, s_d, route)  # [S, H], unweighted
+        y, xr_d = _lora_rows(F.silu(gate) * up, w_d, l_d, r_d, s_d, sizes)  # [S, H], unweighted
         out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
         out.index_add_(0, route.token, (y * w).float())  # fp32 sum over the k slots, as moe_ffn_sorted
-        ctx.route, ctx.scalings = route, scalings
+        ctx.route, ctx.sizes, ctx.scalings = route, sizes, scalings
         if recompute:  # keep only inputs: backward rebuilds h, y (one more forward of the experts)
             ctx.save_for_backward(hidden_states, top_k_weights, w_gu, w_d, l_gu, r_gu, l_d, r_d, w)
         else:
@@ -93,7 +104,7 @@ class SortedLoRAExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden_states, top_k_weights, w_gu, w_d, l_gu, r_gu, l_d, r_d, w, *kept = ctx.saved_tensors
-        route, (s_gu, s_d) = ctx.route, ctx.scalings
+        route, sizes, (s_gu, s_d) = ctx.route, ctx.sizes, ctx.scalings
         need_lora = any(ctx.needs_input_grad[7:11])
         xs = hidden_states.index_select(0, route.token)  # re-gathered, not stored
         if kept:
@@ -101,16 +112,16 @@ class SortedLoRAExperts(torch.autograd.Function):
             gate, up = h.chunk(2, dim=-1)
             act = F.silu(gate)
         else:
-            h, xr_gu = _lora_rows(xs, w_gu, l_gu, r_gu, s_gu, route)
+            h, xr_gu = _lora_rows(xs, w_gu, l_gu, r_gu, s_gu, sizes)
             gate, up = h.chunk(2, dim=-1)
             act = F.silu(gate)
-            y, xr_d = _lora_rows(act * up, w_d, l_d, r_d, s_d, route)
+            y, xr_d = _lora_rows(act * up, w_d, l_d, r_d, s_d, sizes)
         g_out = grad_out.index_select(0, route.token)  # [S, H]
         grad_w_sorted = (g_out.float() * y.float()).sum(-1)  # d(router weight)
         g_y = g_out * w
-        g_a, d_ld, d_rd = _lora_rows_backward(g_y, act * up, xr_d, w_d, l_d, r_d, s_d, route, need_lora)
+        g_a, d_ld, d_rd = _lora_rows_backward(g_y, act * up, xr_d, w_d, l_d, r_d, s_d, sizes, need_lora)
         g_h = torch.cat([torch.ops.aten.silu_backward(g_a * up, gate), g_a * act], dim=-1)  # d gate, d up
-        g_xs, d_lgu, d_rgu = _lora_rows_backward(g_h, xs, xr_gu, w_gu, l_gu, r_gu, s_gu, route, need_lora)
+        g_xs, d_lgu, d_rgu = _lora_rows_backward(g_h, xs, xr_gu, w_gu, l_gu, r_gu, s_gu, sizes, need_lora)
         grad_x = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
         grad_x.index_add_(0, route.token, g_xs.float())
         grad_w = torch.empty(route.order.shape, dtype=torch.float32, device=h.device)
