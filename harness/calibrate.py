@@ -11,7 +11,9 @@ re-run flags it again, exactly as the gate decides.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,16 +93,14 @@ def against_mode(pair, items, configs: dict[str, Any], n: int, slowdown: float) 
 
 
 def baseline_sessions(pair, items, n: int, slowdown: float, rounds: int) -> list[dict[str, Any]]:
-    """Stored-baseline mode: per group, base sessions for every case, then new sessions, then re-runs.
-
-    Always the wall clock: stored baselines hold `twinbench run` samples, which are wall-clock times."""
+    """Stored-baseline mode: per group, base sessions for every case, then new sessions, then re-runs."""
     out = []
     while len(out) < n:
         group = items[: max(1, min(len(items), n - len(out)))]
-        base = {i.key: _session(pair.base, i, pair.numbers[i.key], rounds, 0, "wall") for i in group}
+        base = {i.key: _session(pair.base, i, pair.numbers[i.key], rounds, 0, pair.clock) for i in group}
         extra = {i.key: round(slowdown * pair.numbers[i.key]) for i in group}
-        new = {i.key: _session(pair.head, i, pair.numbers[i.key], rounds, extra[i.key], "wall") for i in group}
-        again = {i.key: _session(pair.head, i, pair.numbers[i.key], rounds, extra[i.key], "wall") for i in group}
+        new = {i.key: _session(pair.head, i, pair.numbers[i.key], rounds, extra[i.key], pair.clock) for i in group}
+        again = {i.key: _session(pair.head, i, pair.numbers[i.key], rounds, extra[i.key], pair.clock) for i in group}
         out += [{"item": i, "base": base[i.key], "new": new[i.key], "again": again[i.key], "group": len(out)}
                 for i in group]
     print(f"   stored sessions, slowdown {slowdown:.0%}: {len(out)} comparisons done", flush=True)
@@ -188,41 +188,23 @@ def _main(args) -> int:
 
     out_dir = Path(args.dir)
     logs = Path(args.json).parent if args.json else Path("/tmp")
-    cpus = gate_against.shared_cpus(args, args.threads)
-    a = gate_against.GateWorker(gate_against.ROOT, args.device, args.plugin, logs / "calibrate-a.log", args.timeout,
-                                args.threads, cpus)
-    b = gate_against.GateWorker(gate_against.ROOT, args.device, args.plugin, logs / "calibrate-b.log", args.timeout,
-                                args.threads, cpus)
-    pair = gate_against.Pair(a, b, rounds, block_ms, clock=gate_against.clock_for(args))
-    try:
-        items = _spread(gate_against.plan_items(args, modes=("fwd",)), args.max_cases)  # while workers start
-        a.ready()
-        b.ready()
-    except BaseException:
-        pair.stop()
-        raise
-    report: dict[str, Any] = {"kind": "twinbench-calibration", "created": now_iso(), "fingerprint": b.fingerprint,
-                              "clock": {"against": pair.clock, "baseline": "wall"}, "threads": a.threads, "pinned_cpus": cpus,
-                              "rounds": rounds, "confirm_rounds": gate_against.CONFIRM_ROUNDS_FACTOR * rounds,
-                              "block_ms": block_ms, "k": args.k, "alpha": args.alpha,
-                              "correction": args.correction, "workload": [i.key for i in items]}
-    try:
-        for item in items:
-            prep = pair.prepare(item, granularity=GRANULARITY)
-            if not prep["ok"]:
-                raise UsageError(f"calibration workload {item.key} cannot run: {prep['why']}")
-        print(f"calibrating on {len(items)} case(s), {rounds} rounds of {block_ms:g} ms samples, {pair.clock} clock, "
-              f"{a.threads or 'default'} thread(s), " + (f"pinned to CPU(s) {cpus}" if cpus else "not pinned") + ": "
-              + ", ".join(f"{i.key} x{pair.numbers[i.key]}" for i in items), flush=True)
-        if "against" in modes:
+    report: dict[str, Any] = {"kind": "twinbench-calibration", "created": now_iso(), "rounds": rounds,
+                              "confirm_rounds": gate_against.CONFIRM_ROUNDS_FACTOR * rounds, "block_ms": block_ms,
+                              "k": args.k, "alpha": args.alpha, "correction": args.correction}
+    if "against" in modes:
+        # As `gate --against` runs: both workers pinned to the same CPU(s), the process clock on the CPU.
+        cpus = gate_against.shared_cpus(args, args.threads)
+        with _started_pair(args, rounds, block_ms, logs, cpus, gate_against.clock_for(args), report) as (pair, items):
             configs = {t: config("against", t) for t in tests}
-            res = {"threshold": threshold["against"],
+            res = {"threshold": threshold["against"], "clock": pair.clock, "pinned_cpus": cpus,
                    "aa": against_mode(pair, items, configs, args.comparisons, 0.0),
                    "power": [against_mode(pair, items, configs, args.power_comparisons, s) for s in slowdowns]}
             res["smallest_caught"] = {t: smallest_caught(res, t) for t in tests}
             report["against"] = res
             print(_format("against (interleaved)", res, tests), flush=True)
-        if "baseline" in modes:
+    if "baseline" in modes:
+        # As `twinbench run` measures what a stored baseline holds: unpinned workers, the wall clock.
+        with _started_pair(args, rounds, block_ms, logs, None, "wall", report) as (pair, items):
             cfg = config("baseline", "mwu")
             aa = baseline_sessions(pair, items, args.comparisons, 0.0, rounds)
             halves = [aa[0::2], aa[1::2]]
@@ -232,8 +214,8 @@ def _main(args) -> int:
                 for k, v in judge_baseline(held_out, cfg, noise).items():
                     counts[k] += v
             noise = run_to_run_noise(aa)
-            res = {"threshold": threshold["baseline"], "run_to_run_noise": noise,
-                   "aa": {"comparisons": len(aa), "slowdown": 0.0, "tests": {"mwu": counts}},
+            res = {"threshold": threshold["baseline"], "clock": "wall", "pinned_cpus": None,
+                   "run_to_run_noise": noise, "aa": {"comparisons": len(aa), "slowdown": 0.0, "tests": {"mwu": counts}},
                    "power": []}
             for s in slowdowns:
                 sessions = baseline_sessions(pair, items, args.power_comparisons, s, rounds)
@@ -242,16 +224,40 @@ def _main(args) -> int:
             res["smallest_caught"] = {"mwu": smallest_caught(res, "mwu")}
             report["baseline"] = res
             print(_format(f"stored baseline (run-to-run noise {noise:.3f})", res, ["mwu"]), flush=True)
-    finally:
-        pair.stop()
     if args.json:
         atomic_write_json(args.json, report)
         print(f"wrote {args.json}")
     if args.save:
-        path = out_dir / f"{b.fingerprint.get('id', 'unknown')}.calibration.json"
+        path = out_dir / f"{report['fingerprint'].get('id', 'unknown')}.calibration.json"
         atomic_write_json(path, report)
         print(f"wrote {path}")
     return 0
+
+
+@contextlib.contextmanager
+def _started_pair(args, rounds: int, block_ms: float, logs: Path, cpus: list[int] | None, clock: str,
+                  report: dict[str, Any]) -> Iterator[tuple[Any, list]]:
+    """Two workers on the working tree, ready and prepared for the workload; always stopped."""
+    from harness import gate_against
+
+    a, b = (gate_against.GateWorker(gate_against.ROOT, args.device, args.plugin, logs / f"calibrate-{side}.log",
+                                    args.timeout, args.threads, cpus) for side in "ab")
+    pair = gate_against.Pair(a, b, rounds, block_ms, clock=clock)
+    try:
+        items = _spread(gate_against.plan_items(args, modes=("fwd",)), args.max_cases)  # while workers start
+        a.ready()
+        b.ready()
+        report.update(fingerprint=b.fingerprint, threads=a.threads, workload=[i.key for i in items])
+        for item in items:
+            prep = pair.prepare(item, granularity=GRANULARITY)
+            if not prep["ok"]:
+                raise UsageError(f"calibration workload {item.key} cannot run: {prep['why']}")
+        print(f"calibrating on {len(items)} case(s), {rounds} rounds of {block_ms:g} ms samples, {clock} clock, "
+              f"{a.threads or 'default'} thread(s), " + (f"pinned to CPU(s) {cpus}" if cpus else "not pinned") + ": "
+              + ", ".join(f"{i.key} x{pair.numbers[i.key]}" for i in items), flush=True)
+        yield pair, items
+    finally:
+        pair.stop()
 
 
 def _format(title: str, res: dict[str, Any], tests: list[str]) -> str:
