@@ -109,22 +109,26 @@ class SortedLoRAExperts(torch.autograd.Function):
         xs = hidden_states.index_select(0, route.token)  # re-gathered, not stored
         if kept:
             h, y, xr_gu, xr_d = kept
-            gate, up = h.chunk(2, dim=-1)
-            act = F.silu(gate)
         else:
             h, xr_gu = _lora_rows(xs, w_gu, l_gu, r_gu, s_gu, sizes)
-            gate, up = h.chunk(2, dim=-1)
-            act = F.silu(gate)
-            y, xr_d = _lora_rows(act * up, w_d, l_d, r_d, s_d, sizes)
+        gate, up = h.chunk(2, dim=-1)
+        act = F.silu(gate)
+        a = act * up
+        if not kept:
+            y, xr_d = _lora_rows(a, w_d, l_d, r_d, s_d, sizes)
         g_out = grad_out.index_select(0, route.token)  # [S, H]
         grad_w_sorted = (g_out.float() * y.float()).sum(-1)  # d(router weight)
         g_y = g_out * w
-        g_a, d_ld, d_rd = _lora_rows_backward(g_y, act * up, xr_d, w_d, l_d, r_d, s_d, sizes, need_lora)
+        del y, g_out  # each [S, ...] buffer is dropped as soon as it is used up: the backward's own peak
+        g_a, d_ld, d_rd = _lora_rows_backward(g_y, a, xr_d, w_d, l_d, r_d, s_d, sizes, need_lora)
+        del a, g_y
         g_h = torch.cat([torch.ops.aten.silu_backward(g_a * up, gate), g_a * act], dim=-1)  # d gate, d up
+        del h, gate, up, act, g_a
         g_xs, d_lgu, d_rgu = _lora_rows_backward(g_h, xs, xr_gu, w_gu, l_gu, r_gu, s_gu, sizes, need_lora)
+        del g_h, xs
         grad_x = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
         grad_x.index_add_(0, route.token, g_xs.float())
-        grad_w = torch.empty(route.order.shape, dtype=torch.float32, device=h.device)
+        grad_w = torch.empty(route.order.shape, dtype=torch.float32, device=grad_x.device)
         grad_w[route.order] = grad_w_sorted
         return (grad_x.to(hidden_states.dtype), None, grad_w.view_as(top_k_weights).to(top_k_weights.dtype),
                 None, None, None, None, d_lgu, d_rgu, d_ld, d_rd)
