@@ -194,3 +194,16 @@ def test_gemm_path_matches_matmul(dtype, monkeypatch):
     finally:
         monkeypatch.delenv("TWINBENCH_NF4_GEMM")
         nf4_kernels._onednn_linear.cache_clear()
+
+
+def test_compiled_fallback_is_correct(monkeypatch):
+    """The torch.compile'd (inductor) GEMV kernels, which serve large weights where the native ones cannot
+    run, forced onto a small weight: one compile per kernel (~8 s warm, ~16 s with a cold inductor cache)."""
+    monkeypatch.setattr(nf4_native, "_load", lambda: (None, "turned off by the test"))
+    monkeypatch.setattr(nf4_kernels, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.delenv("TWINBENCH_NF4_EAGER", raising=False)
+    compiled, real = [], nf4_kernels._compiled
+    monkeypatch.setattr(nf4_kernels, "_compiled", lambda name: compiled.append(name) or real(name))
+    verdict = check_parity(SUITE, FUSED, REF, GEMV_FP32, "cpu", trials=1, seed=5)
+    assert verdict.ok, (verdict.problems, {n: (c.error, c.bound) for n, c in verdict.checks.items()})
+    assert {"gemv", "gemv_t"} <= set(compiled)  # the compiled kernels really ran
