@@ -161,6 +161,16 @@ def from_chunk_order(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(m, k // 32, 2, 16).transpose(2, 3).contiguous().reshape(m, k)
 
 
+# Packed weight bytes per thread below which extra threads cost more than they save (~20 us of work each):
+# a team of threads waits for its slowest member, and on a shared machine that can be a descheduled one.
+BYTES_PER_THREAD = 1 << 18
+
+
+def _threads(packed2d: torch.Tensor) -> int:
+    """torch's thread count, capped so that each thread gets at least BYTES_PER_THREAD of the weight."""
+    return max(1, min(torch.get_num_threads(), packed2d.numel() // BYTES_PER_THREAD))
+
+
 def _weight(packed2d: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
     packed2d = _checked(packed2d, torch.uint8, "packed")
     scales = _checked(scales.reshape(-1), torch.float32, "scales")
@@ -176,7 +186,7 @@ def gemv(x: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor) -> torch
     packed2d, scales, n, k, bs = _weight(packed2d, scales)
     xp = to_chunk_order(x.float())
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    lib, threads = _lib(), torch.get_num_threads()
+    lib, threads = _lib(), _threads(packed2d)
     for r in range(0, x.shape[0], MAX_ROWS):
         rows = min(MAX_ROWS, x.shape[0] - r)
         _call(lib.nf4_gemv, packed2d.data_ptr(), scales.data_ptr(), _code16().data_ptr(), xp[r].data_ptr(),
@@ -189,7 +199,7 @@ def gemv_t(g: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor) -> tor
     packed2d, scales, n, k, bs = _weight(packed2d, scales)
     gf = g.float().contiguous()
     dx = torch.empty(g.shape[0], k, dtype=torch.float32)
-    lib, threads = _lib(), torch.get_num_threads()
+    lib, threads = _lib(), _threads(packed2d)
     for r in range(0, g.shape[0], MAX_ROWS):
         rows = min(MAX_ROWS, g.shape[0] - r)
         _call(lib.nf4_gemv_t, packed2d.data_ptr(), scales.data_ptr(), _code16().data_ptr(), gf[r].data_ptr(),
@@ -210,5 +220,5 @@ def dequantize(packed2d: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
         raise ValueError(f"out has shape {tuple(out.shape)}, the weight is {n}x{k}")
     _checked(out, dtype, "out")
     _call(_lib().nf4_dequantize, packed2d.data_ptr(), scales.data_ptr(), _code16().data_ptr(), out.data_ptr(),
-          n * k, bs, _OUT_KIND[dtype], torch.get_num_threads())
+          n * k, bs, _OUT_KIND[dtype], _threads(packed2d))
     return out

@@ -207,3 +207,29 @@ def test_compiled_fallback_is_correct(monkeypatch):
     verdict = check_parity(SUITE, FUSED, REF, GEMV_FP32, "cpu", trials=1, seed=5)
     assert verdict.ok, (verdict.problems, {n: (c.error, c.bound) for n, c in verdict.checks.items()})
     assert {"gemv", "gemv_t"} <= set(compiled)  # the compiled kernels really ran
+
+
+@native
+@pytest.mark.parametrize("threads", [2, 3])
+def test_thread_split_gives_identical_results(threads, monkeypatch):
+    """Rows (forward) and whole blocks of columns (backward, dequantise) split across threads: every output
+    element is summed in the same order, so the results are bitwise those of one thread (97 rows, 4 blocks
+    of 128: uneven splits)."""
+    _, _, packed2d, scales = state(97, 512, 128, True, seed=9)
+    gen = torch.Generator().manual_seed(9)
+    x, g = torch.randn(3, 512, generator=gen), torch.randn(3, 97, generator=gen)
+
+    def run():
+        return (nf4_native.gemv(x, packed2d, scales), nf4_native.gemv_t(g, packed2d, scales),
+                nf4_native.dequantize(packed2d, scales, torch.bfloat16))
+
+    one = run()  # 24 KB of weight: one thread by default
+    before = torch.get_num_threads()
+    monkeypatch.setattr(nf4_native, "BYTES_PER_THREAD", 1)
+    torch.set_num_threads(threads)
+    try:
+        assert nf4_native._threads(packed2d) == threads
+        for a, b in zip(one, run()):
+            assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(before)
