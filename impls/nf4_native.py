@@ -184,6 +184,8 @@ def _weight(packed2d: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor,
 def gemv(x: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``x @ W^T`` in fp32 for x [M, K] (any float dtype; up to MAX_ROWS rows per kernel call)."""
     packed2d, scales, n, k, bs = _weight(packed2d, scales)
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be [M, {k}], got {tuple(x.shape)}")
     xp = to_chunk_order(x.float())
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
     lib, threads = _lib(), _threads(packed2d)
@@ -197,6 +199,8 @@ def gemv(x: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor) -> torch
 def gemv_t(g: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``g @ W`` in fp32 for g [M, N] (the input gradient of ``x @ W^T``)."""
     packed2d, scales, n, k, bs = _weight(packed2d, scales)
+    if g.dim() != 2 or g.shape[1] != n:
+        raise ValueError(f"g must be [M, {n}], got {tuple(g.shape)}")
     gf = g.float().contiguous()
     dx = torch.empty(g.shape[0], k, dtype=torch.float32)
     lib, threads = _lib(), _threads(packed2d)

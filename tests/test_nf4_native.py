@@ -83,6 +83,10 @@ def test_wrappers_refuse_bad_arguments():
     _, _, packed2d, scales = state(32, 128, 64, False)
     with pytest.raises(ValueError, match="contiguous CPU torch.float32"):
         nf4_native.gemv(torch.randn(1, 128), packed2d, scales.double())
+    with pytest.raises(ValueError, match=r"x must be \[M, 128\]"):
+        nf4_native.gemv(torch.randn(1, 64), packed2d, scales)
+    with pytest.raises(ValueError, match=r"g must be \[M, 32\]"):
+        nf4_native.gemv_t(torch.randn(2, 31), packed2d, scales)
     with pytest.raises(ValueError, match="fp32/bf16/fp16"):
         nf4_native.dequantize(packed2d, scales, torch.float64)
     with pytest.raises(ValueError, match="shape"):
