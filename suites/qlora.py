@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from harness.case import Case
+from harness.errors import UsageError
 from harness.registry import Inputs, Suite, Tolerance, register_impl, register_suite
 from reference.qlora_loop import training_stack_available
 
@@ -138,6 +139,8 @@ def bench(kind: str = "llama", dtype: str = "fp32", seq_len: int = 64, steps: in
     from impls.qlora_patched import labelled_loss, patch_model
     from reference.qlora_loop import PeakMemory, Trainer, load_qlora_model, save_base_checkpoint
 
+    if steps < 3:
+        raise UsageError(f"--steps {steps}: the bench needs at least 3 (warm-up, memory-measured, timed)")
     fixed = fix_mmap_threshold(mmap_threshold) if mmap_threshold else False
     cfg = loop_config(_case(kind, dtype, steps, seq_len, batch, accum), 0)
     threads = torch.get_num_threads()
@@ -150,26 +153,37 @@ def bench(kind: str = "llama", dtype: str = "fp32", seq_len: int = 64, steps: in
             patches = patch_model(opt_model, checkpointing=checkpointing, recompute_experts=recompute_experts)
             loops = {"reference": Trainer(ref_model, tok, cfg, device),
                      "patched": Trainer(opt_model, tok, cfg, device, labelled_loss, fused=True)}
+            # odd steps measure memory (the heap is trimmed first, so they fault pages back in: +15% time,
+            # measured), the even ones time; the first step (optimizer state, warm-up) does neither
             peaks: dict[str, list[int]] = {name: [] for name in loops}
-            for _ in range(steps):
+            timed: list[int] = []
+            for i in range(steps):
                 for name, loop in loops.items():
-                    with PeakMemory(device) as mem:
+                    if i % 2:
+                        with PeakMemory(device) as mem:
+                            loop.step()
+                        peaks[name].append(mem.peak)
+                    else:
                         loop.step()
-                    peaks[name].append(mem.peak)
+                if i and not i % 2:
+                    timed.append(i)
     finally:
         torch.set_num_threads(threads)
-    ref, opt = loops["reference"], loops["patched"]
-    ratios = [o / r for o, r in zip(opt.step_times_s[1:], ref.step_times_s[1:])]
+    times = {n: [t.step_times_s[i] for i in timed] for n, t in loops.items()}
+    ratios = [o / r for o, r in zip(times["patched"], times["reference"])]
+    spread = statistics.quantiles(ratios, n=5) if len(ratios) > 1 else [ratios[0]] * 4
     return {
         "case": dict(kind=kind, dtype=dtype, seq_len=seq_len, steps=steps, batch=batch, accum=accum,
                      patched_checkpointing=checkpointing, recompute_experts=recompute_experts,
                      mmap_threshold=mmap_threshold if fixed else "glibc default"),
-        "median_step_s": {n: statistics.median(t.step_times_s[1:]) for n, t in loops.items()},
+        "median_step_s": {n: statistics.median(t) for n, t in times.items()},
         "step_time_ratio_median": statistics.median(ratios),
-        "step_time_ratio_p20_p80": [statistics.quantiles(ratios, n=5)[0], statistics.quantiles(ratios, n=5)[-1]],
-        "peak_step_memory_bytes": {n: max(p[1:]) for n, p in peaks.items()},
-        "peak_memory_ratio": max(peaks["patched"][1:]) / max(max(peaks["reference"][1:]), 1),
-        "max_abs_loss_diff": max(abs(a - b) for a, b in zip(ref.loss_curve, opt.loss_curve)),
+        "step_time_ratio_p20_p80": [spread[0], spread[-1]],
+        "timed_steps": len(timed),
+        "peak_step_memory_bytes": {n: max(p) for n, p in peaks.items()},
+        "peak_memory_ratio": max(peaks["patched"]) / max(max(peaks["reference"]), 1),
+        "max_abs_loss_diff": max(abs(a - b) for a, b in zip(loops["reference"].loss_curve,
+                                                             loops["patched"].loss_curve)),
         "patched": patches,
     }
 
@@ -177,6 +191,7 @@ def bench(kind: str = "llama", dtype: str = "fp32", seq_len: int = 64, steps: in
 if __name__ == "__main__":
     import argparse
     import json
+    import sys
 
     parser = argparse.ArgumentParser(description="QLoRA loops side by side (benchmark, not a test)")
     parser.add_argument("--bench", action="store_true", help="run the lockstep benchmark")
@@ -191,6 +206,10 @@ if __name__ == "__main__":
                         help="fix glibc's mmap threshold (e.g. 65536): per-step RSS then follows live memory")
     args = parser.parse_args()
     if args.bench:
-        print(json.dumps(bench(args.kind, args.dtype, args.seq_len, args.steps, checkpointing=args.checkpointing,
-                               recompute_experts=not args.keep_expert_activations,
-                               mmap_threshold=args.mmap_threshold), indent=1))
+        try:
+            result = bench(args.kind, args.dtype, args.seq_len, args.steps, checkpointing=args.checkpointing,
+                           recompute_experts=not args.keep_expert_activations, mmap_threshold=args.mmap_threshold)
+        except UsageError as exc:  # a user mistake: one line, exit status 2
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        print(json.dumps(result, indent=1))
