@@ -186,13 +186,8 @@ def gemv(x: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor) -> torch
     packed2d, scales, n, k, bs = _weight(packed2d, scales)
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x must be [M, {k}], got {tuple(x.shape)}")
-    xp = to_chunk_order(x.float())
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    lib, threads = _lib(), _threads(packed2d)
-    for r in range(0, x.shape[0], MAX_ROWS):
-        rows = min(MAX_ROWS, x.shape[0] - r)
-        _call(lib.nf4_gemv, packed2d.data_ptr(), scales.data_ptr(), _code16().data_ptr(), xp[r].data_ptr(),
-              y[r].data_ptr(), rows, n, k, bs, threads)
+    _in_row_groups(_lib().nf4_gemv, packed2d, scales, to_chunk_order(x.float()), y, n, k, bs)
     return y
 
 
@@ -201,14 +196,19 @@ def gemv_t(g: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor) -> tor
     packed2d, scales, n, k, bs = _weight(packed2d, scales)
     if g.dim() != 2 or g.shape[1] != n:
         raise ValueError(f"g must be [M, {n}], got {tuple(g.shape)}")
-    gf = g.float().contiguous()
     dx = torch.empty(g.shape[0], k, dtype=torch.float32)
-    lib, threads = _lib(), _threads(packed2d)
-    for r in range(0, g.shape[0], MAX_ROWS):
-        rows = min(MAX_ROWS, g.shape[0] - r)
-        _call(lib.nf4_gemv_t, packed2d.data_ptr(), scales.data_ptr(), _code16().data_ptr(), gf[r].data_ptr(),
-              dx[r].data_ptr(), rows, n, k, bs, threads)
+    _in_row_groups(_lib().nf4_gemv_t, packed2d, scales, g.float().contiguous(), dx, n, k, bs)
     return from_chunk_order(dx)
+
+
+def _in_row_groups(kernel, packed2d: torch.Tensor, scales: torch.Tensor, inp: torch.Tensor, out: torch.Tensor,
+                   n: int, k: int, bs: int) -> None:
+    """Call a GEMV kernel on up to MAX_ROWS rows of ``inp``/``out`` at a time (its register blocking)."""
+    threads = _threads(packed2d)
+    for r in range(0, inp.shape[0], MAX_ROWS):
+        rows = min(MAX_ROWS, inp.shape[0] - r)
+        _call(kernel, packed2d.data_ptr(), scales.data_ptr(), _code16().data_ptr(), inp[r].data_ptr(),
+              out[r].data_ptr(), rows, n, k, bs, threads)
 
 
 def dequantize(packed2d: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
