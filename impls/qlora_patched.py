@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from harness.registry import register_impl
 from impls.qlora_moe_lora import patch_lora_experts
 from impls.qlora_nf4_lora import nf4_lora_projections, silu_mul, single_projection, use_shared_single_op
+from impls.qlora_recompute import patch_decoder_layers
 from reference.qlora_loop import training_stack_available
 
 ATTN_NAME = "twinbench"
@@ -144,7 +145,7 @@ def _is_lora_nf4(layer) -> bool:
 
 
 def patch_model(peft_model, checkpointing: bool = False, shared_single_op: bool = True,
-                recompute_experts: bool = True) -> dict[str, Any]:
+                recompute_experts: bool = True, recompute: tuple[str, ...] = ()) -> dict[str, Any]:
     """Patch attention, projections, norms, experts in place; return {part: what runs} and {part: why not}.
 
     ``checkpointing=False`` also turns off the reference's per-layer activation checkpointing (the fused
@@ -200,6 +201,9 @@ def patch_model(peft_model, checkpointing: bool = False, shared_single_op: bool 
             patched["moe_expert_lora"] = f"impls.qlora_moe_lora: W + B A never built ({n_lora} blocks)"
         if why:
             missing["moe_expert_lora"] = why
+    if recompute and not checkpointing:
+        n_layers = patch_decoder_layers(model, recompute)
+        patched["recompute"] = f"checkpointed sub-blocks {'+'.join(recompute)} ({n_layers} layers)"
     patched["loss"] = "labelled-positions cross-entropy (impls.qlora_patched.labelled_loss)"
     return {"patched": patched, "not_patched": missing}
 

@@ -125,7 +125,7 @@ def fix_mmap_threshold(nbytes: int) -> bool:
 
 def bench(kind: str = "llama", dtype: str = "fp32", seq_len: int = 64, steps: int = 20, batch: int = 4,
           accum: int = 2, device: str = "cpu", checkpointing: bool = False, recompute_experts: bool = True,
-          mmap_threshold: int | None = None) -> dict[str, Any]:
+          mmap_threshold: int | None = None, recompute: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Reference and patched loops from one checkpoint, stepped in lockstep (R O R O ...): per-step time
     ratio (opt / ref), each loop's peak working memory per step, and the loss difference. Not a test.
 
@@ -150,7 +150,9 @@ def bench(kind: str = "llama", dtype: str = "fp32", seq_len: int = 64, steps: in
             tok = save_base_checkpoint(cfg, Path(tmp) / "base")
             ref_model = load_qlora_model(Path(tmp) / "base", cfg, device)
             opt_model = load_qlora_model(Path(tmp) / "base", cfg, device)
-            patches = patch_model(opt_model, checkpointing=checkpointing, recompute_experts=recompute_experts)
+            extra = {} if recompute is None else {"recompute": recompute}  # None: patch_model's default
+            patches = patch_model(opt_model, checkpointing=checkpointing, recompute_experts=recompute_experts,
+                                  **extra)
             loops = {"reference": Trainer(ref_model, tok, cfg, device),
                      "patched": Trainer(opt_model, tok, cfg, device, labelled_loss, fused=True)}
             # odd steps measure memory (the heap is trimmed first, so they fault pages back in: +15% time,
@@ -204,11 +206,16 @@ if __name__ == "__main__":
                         help="MoE: save the experts' activations instead of recomputing them in backward")
     parser.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
                         help="fix glibc's mmap threshold (e.g. 65536): per-step RSS then follows live memory")
+    parser.add_argument("--recompute", default=None, metavar="BLOCKS",
+                        help="sub-blocks the patched loop checkpoints, comma-separated: attn, mlp ('' none; "
+                             "default: patch_model's)")
     args = parser.parse_args()
     if args.bench:
         try:
             result = bench(args.kind, args.dtype, args.seq_len, args.steps, checkpointing=args.checkpointing,
-                           recompute_experts=not args.keep_expert_activations, mmap_threshold=args.mmap_threshold)
+                           recompute_experts=not args.keep_expert_activations, mmap_threshold=args.mmap_threshold,
+                           recompute=None if args.recompute is None else
+                           tuple(b for b in args.recompute.split(",") if b))
         except UsageError as exc:  # a user mistake: one line, exit status 2
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None

@@ -1,0 +1,88 @@
+"""Selective recomputation in the patched QLoRA loop (impls/qlora_recompute.py): checkpointing sub-blocks
+changes neither the loss nor any LoRA gradient, keeps far fewer bytes for backward, and a recomputation
+that is not faithful (a forward that differs when re-run) is caught by the same gradient comparison."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+
+from impls import qlora_patched, qlora_recompute  # noqa: E402
+from reference import qlora_loop  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    cfg = qlora_loop.LoopConfig()
+    path = tmp_path_factory.mktemp("qlora_recompute") / "base"
+    tok = qlora_loop.save_base_checkpoint(cfg, path)
+    return cfg, path, next(qlora_loop.micro_batches(tok, cfg))
+
+
+def _loss_grads_saved(base, kind: str, recompute: tuple[str, ...], plant=None):
+    """(loss, LoRA grads, bytes saved for backward) of one micro-batch through the patched model."""
+    cfg, path, batch = base
+    cfg = qlora_loop.LoopConfig(kind=kind)
+    if kind != "llama":
+        path = path.parent / kind
+        if not path.exists():
+            qlora_loop.save_base_checkpoint(cfg, path)
+    model = qlora_loop.load_qlora_model(path, cfg)
+    info = qlora_patched.patch_model(model, recompute=recompute)
+    assert ("recompute" in info["patched"]) == bool(recompute)
+    if plant is not None:
+        plant(model)
+    model.train()
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = qlora_patched.labelled_loss(model, batch)
+    loss.backward()
+    params = qlora_loop.lora_parameters(model)
+    return loss.detach(), qlora_loop.flat([p.grad for p in params.values()], list(params.values())), \
+        sum(storages.values())
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3_moe"])
+def test_recompute_keeps_loss_and_gradients_and_saves_less(base, kind):
+    loss0, grads0, saved0 = _loss_grads_saved(base, kind, ())
+    loss1, grads1, saved1 = _loss_grads_saved(base, kind, ("attn", "mlp"))
+    assert torch.equal(loss0, loss1)
+    assert grads0.abs().max() > 0
+    torch.testing.assert_close(grads1, grads0, rtol=0, atol=1e-6 * float(grads0.abs().max()))
+    # measured: llama 4.6 MB -> 0.7 MB; what stays is the layer inputs, the embedding output, the loss rows
+    assert saved1 < 0.3 * saved0, (saved0, saved1)
+
+
+def _unfaithful_mlp(model):
+    """Each MLP call scales its input by a different factor, so the activations a recomputation rebuilds are
+    not the ones the first forward used (scaling the output would not do: a scalar factor lives in the graph
+    node of the first forward, and only saved tensors are recomputed)."""
+    for layer in model.get_base_model().model.layers:
+        forward, calls = layer.mlp.forward, [0]
+
+        def scaled(x, forward=forward, calls=calls):
+            calls[0] += 1
+            return forward(x * (1.0 + 0.01 * calls[0]))
+
+        layer.mlp.forward = scaled
+
+
+def test_unfaithful_recomputation_is_caught(base):
+    loss0, grads0, _ = _loss_grads_saved(base, "llama", (), plant=_unfaithful_mlp)
+    loss1, grads1, _ = _loss_grads_saved(base, "llama", ("attn", "mlp"), plant=_unfaithful_mlp)
+    assert torch.equal(loss0, loss1)  # the forward is the same; only the recomputed one differs
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(grads1, grads0, rtol=0, atol=1e-6 * float(grads0.abs().max()))
+
+
+def test_unknown_block_is_refused():
+    with pytest.raises(ValueError, match="unknown recompute blocks"):
+        qlora_recompute.patch_decoder_layers(torch.nn.Module(), ["everything"])
