@@ -6,7 +6,9 @@ structure in which the chosen sub-blocks run under ``torch.utils.checkpoint`` (n
 
 - ``"mlp"``: post-attention RMSNorm + MLP (or MoE block). Kept: the residual stream entering it. Dropped:
   the norm output, the gate/up output and the SwiGLU activation (the largest saved tensors of the layer,
-  measured in docs/qlora.md); backward re-runs one norm, the gate/up and down GEMMs.
+  measured in docs/qlora.md). A dense SwiGLU MLP with LoRA over NF4 on gate/up/down runs as one autograd op
+  (``RecomputedMLP``) whose backward rebuilds only norm, gate/up and SiLU (not the down projection, whose
+  output backward never needs) and dequantises each weight once; other MLPs (MoE) go through checkpoint.
 - ``"attn"``: input RMSNorm + attention (q/k/v, RoPE, SDPA, o). Kept: the layer input.
 
 The residual adds stay outside (they save nothing).
@@ -17,7 +19,10 @@ from __future__ import annotations
 import types
 from collections.abc import Iterable
 
+import torch
 from torch.utils.checkpoint import checkpoint
+
+from impls.qlora_nf4_lora import _lora_parts, dequantized
 
 BLOCKS = ("attn", "mlp")
 
@@ -38,7 +43,106 @@ def _selective_forward(self, hidden_states, attention_mask=None, position_ids=No
 
     h = hidden_states
     h = h + (checkpoint(attn, h, use_reentrant=False) if "attn" in recompute else attn(h))
-    return h + (checkpoint(mlp, h, use_reentrant=False) if "mlp" in recompute else mlp(h))
+    if "mlp" not in recompute:
+        return h + mlp(h)
+    if getattr(self, "_twinbench_fused_mlp", False):
+        return h + recomputed_mlp(h, self.post_attention_layernorm, self.mlp)
+    return h + checkpoint(mlp, h, use_reentrant=False)
+
+
+# ---------------------------------------------------------------- the dense MLP as one op
+
+
+def _fusable_mlp(norm, mlp) -> bool:
+    """RMSNorm with a frozen weight, then SiLU-gated gate/up/down, each a single peft LoRA over bnb NF4."""
+    try:
+        parts = [_lora_parts(getattr(mlp, p)) for p in ("gate_proj", "up_proj", "down_proj")]
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return False
+    return (all(p[1] is not None and len(getattr(mlp, n).active_adapters) == 1
+                for p, n in zip(parts, ("gate_proj", "up_proj", "down_proj")))
+            and type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation")
+            and hasattr(norm, "variance_epsilon") and not norm.weight.requires_grad)
+
+
+def _norm(h: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype):
+    """transformers' RMSNorm (fp32 statistics, weight applied in h's dtype), cast to the GEMM dtype; and 1/rms."""
+    hf = h.float()
+    rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * (hf * rstd).to(h.dtype)).to(dtype), rstd
+
+
+def _norm_backward(grad_x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
+    """d h of ``weight * h * rstd(h)`` (weight frozen): rstd * g - rstd^3 * h * mean(g * h), g = grad * weight."""
+    g, hf = grad_x.float() * weight.float(), h.float()
+    return (rstd * g - rstd.pow(3) * hf * (g * hf).mean(-1, keepdim=True)).to(h.dtype)
+
+
+def _gate_up(x: torch.Tensor, w_gu: torch.Tensor, xa: torch.Tensor, lora, scalings, inter: int, rank: int):
+    """[gate | up] = x W^T + s (x A^T) B^T per half (adapters accumulated into their column block)."""
+    out = x @ w_gu.t()
+    out[:, :inter].addmm_(xa[:, :rank], lora[1].t(), alpha=scalings[0])
+    out[:, inter:].addmm_(xa[:, rank:], lora[3].t(), alpha=scalings[1])
+    return out
+
+
+class RecomputedMLP(torch.autograd.Function):
+    """y = down(silu(gate(x)) * up(x)), x = RMSNorm(h), LoRA on gate/up/down over NF4 weights.
+
+    Saved: h, the rank-r ``x A^T`` of gate/up and ``act A_d^T`` of down, the adapters. Backward rebuilds x,
+    [gate | up] (one GEMM with the dequantised weight it needs for dx anyway) and the activation."""
+
+    @staticmethod
+    def forward(ctx, h, norm_weight, eps, nf4, scalings, *lora):  # lora = A_g, B_g, A_u, B_u, A_d, B_d
+        dtype, inter, rank = lora[0].dtype, lora[1].shape[0], lora[0].shape[0]
+        h2 = h.reshape(-1, h.shape[-1])
+        x, _ = _norm(h2, norm_weight, eps, dtype)
+        xa = x @ torch.cat([lora[0], lora[2]]).t()
+        gate_up = _gate_up(x, dequantized(nf4[:2], dtype), xa, lora, scalings, inter, rank)
+        act = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        del gate_up
+        act_a = act @ lora[4].t()
+        y = (act @ dequantized(nf4[2:], dtype).t()).addmm_(act_a, lora[5].t(), alpha=scalings[2])
+        ctx.nf4, ctx.scalings, ctx.eps, ctx.dims = nf4, scalings, eps, (inter, rank)
+        ctx.save_for_backward(h, norm_weight, xa, act_a, *lora)
+        return y.view(*h.shape[:-1], y.shape[-1]).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        h, norm_weight, xa, act_a, a_g, b_g, a_u, b_u, a_d, b_d = ctx.saved_tensors
+        (inter, rank), (s_g, s_u, s_d), dtype = ctx.dims, ctx.scalings, a_g.dtype
+        h2 = h.reshape(-1, h.shape[-1])
+        gy = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
+        x, rstd = _norm(h2, norm_weight, ctx.eps, dtype)
+        w_gu = dequantized(ctx.nf4[:2], dtype)
+        gate_up = _gate_up(x, w_gu, xa, (a_g, b_g, a_u, b_u), ctx.scalings, inter, rank)
+        gate, up = gate_up[:, :inter], gate_up[:, inter:]
+        silu_gate = torch.nn.functional.silu(gate)
+        # down: y = act W_d^T + s_d (act A_d^T) B_d^T
+        g_act_a = torch.mm(gy, b_d).mul_(s_d)
+        grad_b_d = torch.mm(gy.t(), act_a).mul_(s_d)
+        grad_a_d = g_act_a.t() @ (silu_gate * up)
+        g_act = (gy @ dequantized(ctx.nf4[2:], dtype)).addmm_(g_act_a, a_d)
+        # act = silu(gate) * up
+        g_gate = torch.ops.aten.silu_backward(g_act * up, gate)
+        g_up = g_act.mul_(silu_gate)
+        del gate_up, gate, up, silu_gate
+        # gate/up: [gate | up] = x W^T + s (x A^T) B^T per half
+        g_xa_g, g_xa_u = torch.mm(g_gate, b_g).mul_(s_g), torch.mm(g_up, b_u).mul_(s_u)
+        grad_b_g = torch.mm(g_gate.t(), xa[:, :rank]).mul_(s_g)
+        grad_b_u = torch.mm(g_up.t(), xa[:, rank:]).mul_(s_u)
+        grad_a_g, grad_a_u = g_xa_g.t() @ x, g_xa_u.t() @ x
+        grad_x = (torch.cat([g_gate, g_up], dim=1) @ w_gu).addmm_(g_xa_g, a_g).addmm_(g_xa_u, a_u)
+        grad_h = _norm_backward(grad_x, h2, norm_weight, rstd).view(h.shape)
+        return (grad_h, None, None, None, None, grad_a_g, grad_b_g, grad_a_u, grad_b_u, grad_a_d, grad_b_d)
+
+
+def recomputed_mlp(h: torch.Tensor, norm, mlp) -> torch.Tensor:
+    """``mlp(norm(h))`` through ``RecomputedMLP`` (a layer ``_fusable_mlp`` accepted)."""
+    parts = [_lora_parts(getattr(mlp, p)) for p in ("gate_proj", "up_proj", "down_proj")]
+    lora = [t for p in parts for t in (p[2], p[3])]
+    return RecomputedMLP.apply(h, norm.weight, norm.variance_epsilon, [(p[0], p[1]) for p in parts],
+                               [p[4] for p in parts], *lora)
 
 
 def patch_decoder_layers(model, blocks: Iterable[str]) -> int:
@@ -52,6 +156,7 @@ def patch_decoder_layers(model, blocks: Iterable[str]) -> int:
     for module in model.modules():
         if all(hasattr(module, a) for a in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")):
             module._twinbench_recompute = chosen
+            module._twinbench_fused_mlp = _fusable_mlp(module.post_attention_layernorm, module.mlp)
             module.forward = types.MethodType(_selective_forward, module)
             n += 1
     return n

@@ -54,31 +54,47 @@ def _loss_grads_saved(base, kind: str, recompute: tuple[str, ...], plant=None):
 def test_recompute_keeps_loss_and_gradients_and_saves_less(base, kind):
     loss0, grads0, saved0 = _loss_grads_saved(base, kind, ())
     loss1, grads1, saved1 = _loss_grads_saved(base, kind, ("attn", "mlp"))
-    assert torch.equal(loss0, loss1)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=0)  # the fused MLP rounds a little differently
     assert grads0.abs().max() > 0
     torch.testing.assert_close(grads1, grads0, rtol=0, atol=1e-6 * float(grads0.abs().max()))
     # measured: llama 4.6 MB -> 0.7 MB; what stays is the layer inputs, the embedding output, the loss rows
     assert saved1 < 0.3 * saved0, (saved0, saved1)
 
 
-def _unfaithful_mlp(model):
-    """Each MLP call scales its input by a different factor, so the activations a recomputation rebuilds are
-    not the ones the first forward used (scaling the output would not do: a scalar factor lives in the graph
-    node of the first forward, and only saved tensors are recomputed)."""
+def _unfaithful_attention(model):
+    """Each attention call scales its input by a different factor, so the activations a recomputation
+    rebuilds are not the ones the first forward used (scaling the output would not do: a scalar factor lives
+    in the graph node of the first forward, and only saved tensors are recomputed)."""
     for layer in model.get_base_model().model.layers:
-        forward, calls = layer.mlp.forward, [0]
+        forward, calls = layer.self_attn.forward, [0]
 
-        def scaled(x, forward=forward, calls=calls):
+        def scaled(*args, hidden_states, forward=forward, calls=calls, **kwargs):
             calls[0] += 1
-            return forward(x * (1.0 + 0.01 * calls[0]))
+            return forward(*args, hidden_states=hidden_states * (1.0 + 0.01 * calls[0]), **kwargs)
 
-        layer.mlp.forward = scaled
+        layer.self_attn.forward = scaled
 
 
 def test_unfaithful_recomputation_is_caught(base):
-    loss0, grads0, _ = _loss_grads_saved(base, "llama", (), plant=_unfaithful_mlp)
-    loss1, grads1, _ = _loss_grads_saved(base, "llama", ("attn", "mlp"), plant=_unfaithful_mlp)
-    assert torch.equal(loss0, loss1)  # the forward is the same; only the recomputed one differs
+    loss0, grads0, _ = _loss_grads_saved(base, "llama", (), plant=_unfaithful_attention)
+    loss1, grads1, _ = _loss_grads_saved(base, "llama", ("attn", "mlp"), plant=_unfaithful_attention)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=0)  # same forward; only the recomputed one differs
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(grads1, grads0, rtol=0, atol=1e-6 * float(grads0.abs().max()))
+
+
+def _norm_backward_without_rstd_term(grad_x, h, weight, rstd):
+    return (rstd * grad_x.float() * weight.float()).to(h.dtype)
+
+
+def test_fused_mlp_is_used_and_a_planted_backward_bug_is_caught(base, monkeypatch):
+    cfg, path, _batch = base
+    model = qlora_loop.load_qlora_model(path, cfg)
+    qlora_patched.patch_model(model, recompute=("mlp",))
+    assert all(layer._twinbench_fused_mlp for layer in model.get_base_model().model.layers)
+    _loss, grads0, _ = _loss_grads_saved(base, "llama", ())
+    monkeypatch.setattr(qlora_recompute, "_norm_backward", _norm_backward_without_rstd_term)
+    _loss, grads1, _ = _loss_grads_saved(base, "llama", ("mlp",))
     with pytest.raises(AssertionError):
         torch.testing.assert_close(grads1, grads0, rtol=0, atol=1e-6 * float(grads0.abs().max()))
 
