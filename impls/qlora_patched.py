@@ -145,7 +145,8 @@ def _is_lora_nf4(layer) -> bool:
 
 
 def patch_model(peft_model, checkpointing: bool = False, shared_single_op: bool = True,
-                recompute_experts: bool = True, recompute: tuple[str, ...] = ()) -> dict[str, Any]:
+                recompute_experts: bool = True,
+                recompute: tuple[str, ...] = ("attn", "dense_mlp")) -> dict[str, Any]:
     """Patch attention, projections, norms, experts in place; return {part: what runs} and {part: why not}.
 
     ``checkpointing=False`` also turns off the reference's per-layer activation checkpointing (the fused

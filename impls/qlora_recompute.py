@@ -9,6 +9,8 @@ structure in which the chosen sub-blocks run under ``torch.utils.checkpoint`` (n
   measured in docs/qlora.md). A dense SwiGLU MLP with LoRA over NF4 on gate/up/down runs as one autograd op
   (``RecomputedMLP``) whose backward rebuilds only norm, gate/up and SiLU (not the down projection, whose
   output backward never needs) and dequantises each weight once; other MLPs (MoE) go through checkpoint.
+- ``"dense_mlp"``: like ``"mlp"`` where ``RecomputedMLP`` applies, nothing elsewhere (measured: checkpointing
+  the MoE block costs time and saves little, its experts' LoRA op already rebuilds its activations).
 - ``"attn"``: input RMSNorm + attention (q/k/v, RoPE, SDPA, o). Kept: the layer input.
 
 The residual adds stay outside (they save nothing).
@@ -24,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from impls.qlora_nf4_lora import _lora_parts, dequantized
 
-BLOCKS = ("attn", "mlp")
+BLOCKS = ("attn", "mlp", "dense_mlp")
 
 
 def _selective_forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None,
@@ -43,11 +45,10 @@ def _selective_forward(self, hidden_states, attention_mask=None, position_ids=No
 
     h = hidden_states
     h = h + (checkpoint(attn, h, use_reentrant=False) if "attn" in recompute else attn(h))
-    if "mlp" not in recompute:
-        return h + mlp(h)
-    if getattr(self, "_twinbench_fused_mlp", False):
+    fused = getattr(self, "_twinbench_fused_mlp", False)
+    if fused and ("mlp" in recompute or "dense_mlp" in recompute):
         return h + recomputed_mlp(h, self.post_attention_layernorm, self.mlp)
-    return h + checkpoint(mlp, h, use_reentrant=False)
+    return h + (checkpoint(mlp, h, use_reentrant=False) if "mlp" in recompute else mlp(h))
 
 
 # ---------------------------------------------------------------- the dense MLP as one op
@@ -113,9 +114,10 @@ class RecomputedMLP(torch.autograd.Function):
         (inter, rank), (s_g, s_u, s_d), dtype = ctx.dims, ctx.scalings, a_g.dtype
         h2 = h.reshape(-1, h.shape[-1])
         gy = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
-        x, rstd = _norm(h2, norm_weight, ctx.eps, dtype)
+        x, _ = _norm(h2, norm_weight, ctx.eps, dtype)
         w_gu = dequantized(ctx.nf4[:2], dtype)
         gate_up = _gate_up(x, w_gu, xa, (a_g, b_g, a_u, b_u), ctx.scalings, inter, rank)
+        del x  # rebuilt at the end: one norm is cheaper than holding it across the peak
         gate, up = gate_up[:, :inter], gate_up[:, inter:]
         silu_gate = torch.nn.functional.silu(gate)
         # down: y = act W_d^T + s_d (act A_d^T) B_d^T
@@ -123,16 +125,18 @@ class RecomputedMLP(torch.autograd.Function):
         grad_b_d = torch.mm(gy.t(), act_a).mul_(s_d)
         grad_a_d = g_act_a.t() @ (silu_gate * up)
         g_act = (gy @ dequantized(ctx.nf4[2:], dtype)).addmm_(g_act_a, a_d)
-        # act = silu(gate) * up
-        g_gate = torch.ops.aten.silu_backward(g_act * up, gate)
-        g_up = g_act.mul_(silu_gate)
-        del gate_up, gate, up, silu_gate
+        # act = silu(gate) * up, in place where a buffer is no longer needed (lower backward peak)
+        g_up = silu_gate.mul_(g_act)
+        g_gate = torch.ops.aten.silu_backward(g_act.mul_(up), gate)
+        del gate_up, gate, up, g_act
         # gate/up: [gate | up] = x W^T + s (x A^T) B^T per half
         g_xa_g, g_xa_u = torch.mm(g_gate, b_g).mul_(s_g), torch.mm(g_up, b_u).mul_(s_u)
         grad_b_g = torch.mm(g_gate.t(), xa[:, :rank]).mul_(s_g)
         grad_b_u = torch.mm(g_up.t(), xa[:, rank:]).mul_(s_u)
+        grad_x = (g_gate @ w_gu[:inter]).addmm_(g_up, w_gu[inter:]).addmm_(g_xa_g, a_g).addmm_(g_xa_u, a_u)
+        del g_gate, g_up, w_gu
+        x, rstd = _norm(h2, norm_weight, ctx.eps, dtype)
         grad_a_g, grad_a_u = g_xa_g.t() @ x, g_xa_u.t() @ x
-        grad_x = (torch.cat([g_gate, g_up], dim=1) @ w_gu).addmm_(g_xa_g, a_g).addmm_(g_xa_u, a_u)
         grad_h = _norm_backward(grad_x, h2, norm_weight, rstd).view(h.shape)
         return (grad_h, None, None, None, None, grad_a_g, grad_b_g, grad_a_u, grad_b_u, grad_a_d, grad_b_d)
 
