@@ -146,15 +146,18 @@ def _is_lora_nf4(layer) -> bool:
 
 def patch_model(peft_model, checkpointing: bool = False, shared_single_op: bool = True,
                 recompute_experts: bool = True,
-                recompute: tuple[str, ...] = ("attn", "dense_mlp")) -> dict[str, Any]:
+                recompute: tuple[str, ...] = ()) -> dict[str, Any]:
     """Patch attention, projections, norms, experts in place; return {part: what runs} and {part: why not}.
 
-    ``checkpointing=False`` also turns off the reference's per-layer activation checkpointing (the fused
-    ops keep only ``x`` and ``x A^T`` per projection group, SDPA O(S) per row, the loss no full logits) and
-    skips the recomputed forward. Measured (docs/qlora.md): faster, and a lower process RSS than the
-    checkpointed reference, but *more live tensor memory* (1.1-1.3x with glibc's mmap threshold fixed);
-    ``checkpointing=True`` is the memory-first setting. ``recompute_experts``: the MoE experts' LoRA op keeps
-    only its inputs and rebuilds its activations in backward (measured: -10% step memory, +0-7% time).
+    ``checkpointing=False`` turns off the reference's per-layer activation checkpointing; ``recompute`` then
+    picks sub-blocks rebuilt in backward instead (``impls.qlora_recompute``). Measured (docs/qlora.md,
+    fp32 CPU, lockstep): the default ``()`` keeps every activation: 0.50-0.58x the reference's step time,
+    0.52-0.74x its per-step RSS, but 0.87-1.29x its *live* memory (glibc mmap threshold fixed);
+    ``("attn", "dense_mlp")`` (attention checkpointed, dense SwiGLU MLP as one op keeping only its input)
+    is the memory-first setting: 0.49-0.72x live memory at 0.62-0.71x step time. ``checkpointing=True``
+    keeps the reference's whole-layer checkpointing (slower than ``recompute`` for no less memory).
+    ``recompute_experts``: the MoE experts' LoRA op keeps only its inputs and rebuilds its activations in
+    backward (measured: -10% step memory, +0-7% time).
     """
     model = peft_model.get_base_model()
     patched: dict[str, Any] = {}
