@@ -55,13 +55,17 @@ def _selective_forward(self, hidden_states, attention_mask=None, position_ids=No
 
 
 def _fusable_mlp(norm, mlp) -> bool:
-    """RMSNorm with a frozen weight, then SiLU-gated gate/up/down, each a single peft LoRA over bnb NF4."""
+    """RMSNorm with a frozen weight, then SiLU-gated gate/up/down, each a single peft LoRA over bnb NF4
+    without dropout (the op has none)."""
+    names = ("gate_proj", "up_proj", "down_proj")
     try:
-        parts = [_lora_parts(getattr(mlp, p)) for p in ("gate_proj", "up_proj", "down_proj")]
+        parts = [_lora_parts(getattr(mlp, p)) for p in names]
+        no_dropout = all(isinstance(getattr(mlp, n).lora_dropout[getattr(mlp, n).active_adapters[0]],
+                                    torch.nn.Identity) for n in names)
     except (AttributeError, IndexError, KeyError, TypeError):
         return False
-    return (all(p[1] is not None and len(getattr(mlp, n).active_adapters) == 1
-                for p, n in zip(parts, ("gate_proj", "up_proj", "down_proj")))
+    return (no_dropout and all(p[1] is not None and len(getattr(mlp, n).active_adapters) == 1
+                               for p, n in zip(parts, names))
             and type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation")
             and hasattr(norm, "variance_epsilon") and not norm.weight.requires_grad)
 
