@@ -7,6 +7,7 @@ truncated or foreign file is a clear usage error, never a crash deep in a report
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import shlex
@@ -42,7 +43,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+@functools.cache
 def _umask() -> int:
+    # Read once: os.umask can only be read by setting it, which would race with other threads' file creation.
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -64,12 +64,13 @@ def launch(kind: str, direction: str, a: torch.Tensor, packed2d: torch.Tensor, s
             k_["gemv_bwd"][(cdiv(k, bk), m)](*args, n, k, nb, r, scaling, BN=bn, BK=bk, **common)
         return out
     bm, bn, bk = (32, 128, 128) if interp else (16, 64, 32)
-    ieee = a.dtype == torch.float32
+    # fp32 must not be rounded to tf32 on tensor cores; 16-bit inputs take the backend's default (as the FA kernels).
+    precision = "ieee" if a.dtype == torch.float32 else None
     if direction == "fwd":
-        k_["gemm_fwd"][(cdiv(m, bm), cdiv(n, bn))](*args, m, n, k, nb, r, scaling, IEEE=ieee, BM=bm, BN=bn, BK=bk,
+        k_["gemm_fwd"][(cdiv(m, bm), cdiv(n, bn))](*args, m, n, k, nb, r, scaling, PRECISION=precision, BM=bm, BN=bn, BK=bk,
                                                    **common)
     else:
-        k_["gemm_bwd"][(cdiv(m, bm), cdiv(k, bk))](*args, m, n, k, nb, r, scaling, IEEE=ieee, BM=bm, BN=bn, BK=bk,
+        k_["gemm_bwd"][(cdiv(m, bm), cdiv(k, bk))](*args, m, n, k, nb, r, scaling, PRECISION=precision, BM=bm, BN=bn, BK=bk,
                                                    **common)
     return out
 

@@ -43,7 +43,7 @@ if triton is not None:
 
     @triton.jit
     def gemm_fwd(x_ptr, packed_ptr, scales_ptr, xa_ptr, b_ptr, out_ptr, M, N, K, NB, R, scaling,
-                 BS: tl.constexpr, HAS_LORA: tl.constexpr, RP: tl.constexpr, IEEE: tl.constexpr,
+                 BS: tl.constexpr, HAS_LORA: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -53,26 +53,20 @@ if triton is not None:
             a = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
                         other=0.0)
             w = w_tile(packed_ptr, scales_ptr, rn, rk, N, K, NB, BS).to(a.dtype)
-            if IEEE:
-                acc += tl.dot(a, tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(a, tl.trans(w))
+            acc += tl.dot(a, tl.trans(w), input_precision=PRECISION)
         if HAS_LORA:
             rr = tl.arange(0, RP)
             xa = tl.load(xa_ptr + rm[:, None] * R + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R),
                          other=0.0)
             bt = tl.load(b_ptr + rn[None, :] * R + rr[:, None], mask=(rn[None, :] < N) & (rr[:, None] < R),
                          other=0.0)
-            if IEEE:
-                acc += scaling * tl.dot(xa, bt, input_precision="ieee")
-            else:
-                acc += scaling * tl.dot(xa, bt)
+            acc += scaling * tl.dot(xa, bt, input_precision=PRECISION)
         tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
 
     @triton.jit
     def gemm_bwd(g_ptr, packed_ptr, scales_ptr, gb_ptr, a_ptr, dx_ptr, M, N, K, NB, R, scaling,
-                 BS: tl.constexpr, HAS_LORA: tl.constexpr, RP: tl.constexpr, IEEE: tl.constexpr,
+                 BS: tl.constexpr, HAS_LORA: tl.constexpr, RP: tl.constexpr, PRECISION: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rk = tl.program_id(1) * BK + tl.arange(0, BK)
@@ -82,20 +76,14 @@ if triton is not None:
             g = tl.load(g_ptr + rm[:, None] * N + rn[None, :], mask=(rm[:, None] < M) & (rn[None, :] < N),
                         other=0.0)
             w = w_tile(packed_ptr, scales_ptr, rn, rk, N, K, NB, BS).to(g.dtype)
-            if IEEE:
-                acc += tl.dot(g, w, input_precision="ieee")
-            else:
-                acc += tl.dot(g, w)
+            acc += tl.dot(g, w, input_precision=PRECISION)
         if HAS_LORA:
             rr = tl.arange(0, RP)
             gb = tl.load(gb_ptr + rm[:, None] * R + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R),
                          other=0.0)
             a = tl.load(a_ptr + rr[:, None] * K + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K),
                         other=0.0)
-            if IEEE:
-                acc += scaling * tl.dot(gb, a, input_precision="ieee")
-            else:
-                acc += scaling * tl.dot(gb, a)
+            acc += scaling * tl.dot(gb, a, input_precision=PRECISION)
         tl.store(dx_ptr + rm[:, None] * K + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
                  mask=(rm[:, None] < M) & (rk[None, :] < K))
 
