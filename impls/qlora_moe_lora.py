@@ -78,6 +78,12 @@ def _lora_rows_backward(g: torch.Tensor, x: torch.Tensor, xr: torch.Tensor, w: t
     return gx, d_lhs, d_rhs
 
 
+def _contiguous(factors):
+    """peft's factors are permuted views of lora_B / lora_A: copied contiguous once per forward and once per
+    backward, not kept (or every per-expert GEMM would copy its slice first)."""
+    return tuple(t.contiguous() for t in factors)
+
+
 class SortedLoRAExperts(torch.autograd.Function):
     """SwiGLU experts over expert-sorted rows with LoRA factors on both fused weights; base weights frozen."""
 
@@ -85,6 +91,8 @@ class SortedLoRAExperts(torch.autograd.Function):
     def forward(ctx, hidden_states, top_k_index, top_k_weights, w_gu, w_d, scalings, recompute, l_gu, r_gu, l_d,
                 r_d):
         s_gu, s_d = scalings
+        factors = (l_gu, r_gu, l_d, r_d)  # saved as given (views of the adapters: no memory of their own)
+        l_gu, r_gu, l_d, r_d = _contiguous(factors)
         route = _Routing(top_k_index, w_gu.shape[0])
         xs = hidden_states.index_select(0, route.token)
         w = top_k_weights.reshape(-1).index_select(0, route.order).unsqueeze(1)
@@ -96,15 +104,16 @@ class SortedLoRAExperts(torch.autograd.Function):
         out.index_add_(0, route.token, (y * w).float())  # fp32 sum over the k slots, as moe_ffn_sorted
         ctx.route, ctx.sizes, ctx.scalings = route, sizes, scalings
         if recompute:  # keep only inputs: backward rebuilds h, y (one more forward of the experts)
-            ctx.save_for_backward(hidden_states, top_k_weights, w_gu, w_d, l_gu, r_gu, l_d, r_d, w)
+            ctx.save_for_backward(hidden_states, top_k_weights, w_gu, w_d, *factors, w)
         else:
-            ctx.save_for_backward(hidden_states, top_k_weights, w_gu, w_d, l_gu, r_gu, l_d, r_d, w, h, y, xr_gu, xr_d)
+            ctx.save_for_backward(hidden_states, top_k_weights, w_gu, w_d, *factors, w, h, y, xr_gu, xr_d)
         return out.to(hidden_states.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden_states, top_k_weights, w_gu, w_d, l_gu, r_gu, l_d, r_d, w, *kept = ctx.saved_tensors
         route, sizes, (s_gu, s_d) = ctx.route, ctx.sizes, ctx.scalings
+        l_gu, r_gu, l_d, r_d = _contiguous((l_gu, r_gu, l_d, r_d))
         need_lora = any(ctx.needs_input_grad[7:11])
         xs = hidden_states.index_select(0, route.token)  # re-gathered, not stored
         if kept:
@@ -117,13 +126,19 @@ class SortedLoRAExperts(torch.autograd.Function):
         if not kept:
             y, xr_d = _lora_rows(a, w_d, l_d, r_d, s_d, sizes)
         g_out = grad_out.index_select(0, route.token)  # [S, H]
-        grad_w_sorted = (g_out.float() * y.float()).sum(-1)  # d(router weight)
-        g_y = g_out * w
-        del y, g_out  # each [S, ...] buffer is dropped as soon as it is used up: the backward's own peak
+        y_f = y.float()  # d(router weight); in place over our own rebuilt y (a kept y is a saved tensor)
+        grad_w_sorted = (y_f.clone() if kept and y_f is y else y_f).mul_(g_out.float()).sum(-1)
+        g_y = g_out.mul_(w)
+        del y, y_f, g_out  # each [S, ...] buffer is dropped as soon as it is used up: the backward's own peak
         g_a, d_ld, d_rd = _lora_rows_backward(g_y, a, xr_d, w_d, l_d, r_d, s_d, sizes, need_lora)
         del a, g_y
-        g_h = torch.cat([torch.ops.aten.silu_backward(g_a * up, gate), g_a * act], dim=-1)  # d gate, d up
-        del h, gate, up, act, g_a
+        # d [gate | up], written over the rebuilt h when it is ours (kept, it is a saved tensor): the
+        # backward's peak was h, this gradient and two temporaries (measured)
+        g_h = torch.empty_like(h) if kept else h
+        d_up = act.mul_(g_a)
+        torch.ops.aten.silu_backward.grad_input(g_a.mul_(up), gate, grad_input=g_h[:, :gate.shape[1]])
+        g_h[:, gate.shape[1]:].copy_(d_up)
+        del h, gate, up, act, g_a, d_up
         g_xs, d_lgu, d_rgu = _lora_rows_backward(g_h, xs, xr_gu, w_gu, l_gu, r_gu, s_gu, sizes, need_lora)
         del g_h, xs
         grad_x = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
@@ -141,9 +156,6 @@ def lora_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_w
     scaling), the effective weight being ``W + scaling L R`` (peft's ``get_delta_factors``). ``recompute``:
     save only the inputs and rebuild the expert activations in backward (less memory, one more forward)."""
     (w_gu, l_gu, r_gu, s_gu), (w_d, l_d, r_d, s_d) = gate_up, down
-    # peft's factors are permuted views of lora_B / lora_A: made contiguous once here (autograd maps the
-    # gradients back), or every per-expert GEMM would copy its slice first
-    l_gu, r_gu, l_d, r_d = (t.contiguous() for t in (l_gu, r_gu, l_d, r_d))
     return SortedLoRAExperts.apply(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype), w_gu, w_d,
                                    (float(s_gu), float(s_d)), recompute, l_gu, r_gu, l_d, r_d)
 

@@ -37,6 +37,19 @@ def dequantized(weights: list[tuple[Any, Any]], dtype: torch.dtype) -> torch.Ten
     return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(dtype)
 
 
+def rms_norm_with_rstd(h: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype):
+    """transformers' RMSNorm (fp32 statistics, weight applied in h's dtype), cast to the GEMM dtype; and 1/rms."""
+    hf = h.float()
+    rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * (hf * rstd).to(h.dtype)).to(dtype), rstd
+
+
+def rms_norm_backward(grad_x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
+    """d h of ``weight * h * rstd(h)`` (weight frozen): rstd * g - rstd^3 * h * mean(g * h), g = grad * weight."""
+    g, hf = grad_x.float() * weight.float(), h.float()
+    return (rstd * g - rstd.pow(3) * hf * (g * hf).mean(-1, keepdim=True)).to(h.dtype)
+
+
 class NF4LoRAProjections(torch.autograd.Function):
     """y = [x W_1^T + s_1 (x A_1^T) B_1^T, ...] concatenated on the last dim; W_i NF4, A_i/B_i trainable.
 

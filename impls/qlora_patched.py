@@ -12,6 +12,8 @@ compared weight by weight); only forwards change, through public transformers ho
   with hand-written backward (``impls.moe_ffn_sorted``) when importable, else transformers' "grouped_mm".
 - RMSNorm: ``torch.nn.functional.rms_norm`` (one fused kernel) instead of six elementwise ops;
 - optimizer: AdamW ``fused=True`` (one kernel for all adapters) and foreach gradient clipping;
+- activation memory: decoder sub-blocks rebuilt in backward (``recompute``) instead of the reference's
+  whole-layer checkpointing;
 - loss: cross-entropy computed only at labelled positions, in row chunks (``labelled_loss``), instead of
   fp32 logits for every position; the padding mask is dropped for right-padded rows (causal attention
   never lets a real token see the pads that follow it), so the fused causal kernel runs.
@@ -146,16 +148,15 @@ def _is_lora_nf4(layer) -> bool:
 
 def patch_model(peft_model, checkpointing: bool = False, shared_single_op: bool = True,
                 recompute_experts: bool = True,
-                recompute: tuple[str, ...] = ()) -> dict[str, Any]:
+                recompute: tuple[str, ...] = ("attn", "dense_mlp")) -> dict[str, Any]:
     """Patch attention, projections, norms, experts in place; return {part: what runs} and {part: why not}.
 
     ``checkpointing=False`` turns off the reference's per-layer activation checkpointing; ``recompute`` then
-    picks sub-blocks rebuilt in backward instead (``impls.qlora_recompute``). Measured (docs/qlora.md,
-    fp32 CPU, lockstep): the default ``()`` keeps every activation: 0.50-0.58x the reference's step time,
-    0.52-0.74x its per-step RSS, but 0.87-1.29x its *live* memory (glibc mmap threshold fixed);
-    ``("attn", "dense_mlp")`` (attention checkpointed, dense SwiGLU MLP as one op keeping only its input)
-    is the memory-first setting: 0.49-0.72x live memory at 0.62-0.71x step time. ``checkpointing=True``
-    keeps the reference's whole-layer checkpointing (slower than ``recompute`` for no less memory).
+    picks the sub-blocks rebuilt in backward instead (``impls.qlora_recompute``). The default: attention as
+    one op keeping its input, output and log-sum-exp (``impls.qlora_attention_op``), the dense SwiGLU MLP as
+    one op keeping its input. Measured (docs/qlora.md, fp32 CPU, lockstep): as fast as keeping every
+    activation (``()``: 0.87-1.29x the reference's live memory) at well under the reference's memory.
+    ``checkpointing=True`` keeps the reference's whole-layer checkpointing (slower, no less memory).
     ``recompute_experts``: the MoE experts' LoRA op keeps only its inputs and rebuilds its activations in
     backward (measured: -10% step memory, +0-7% time).
     """
@@ -207,7 +208,8 @@ def patch_model(peft_model, checkpointing: bool = False, shared_single_op: bool 
             missing["moe_expert_lora"] = why
     if recompute and not checkpointing:
         n_layers = patch_decoder_layers(model, recompute)
-        patched["recompute"] = f"checkpointed sub-blocks {'+'.join(recompute)} ({n_layers} layers)"
+        patched["recompute"] = (f"sub-blocks rebuilt in backward: {'+'.join(recompute)} "
+                                f"({n_layers} layers; impls.qlora_recompute)")
     patched["loss"] = "labelled-positions cross-entropy (impls.qlora_patched.labelled_loss)"
     return {"patched": patched, "not_patched": missing}
 

@@ -11,7 +11,10 @@ structure in which the chosen sub-blocks run under ``torch.utils.checkpoint`` (n
   output backward never needs) and dequantises each weight once; other MLPs (MoE) go through checkpoint.
 - ``"dense_mlp"``: like ``"mlp"`` where ``RecomputedMLP`` applies, nothing elsewhere (measured: checkpointing
   the MoE block costs time and saves little, its experts' LoRA op already rebuilds its activations).
-- ``"attn"``: input RMSNorm + attention (q/k/v, RoPE, SDPA, o). Kept: the layer input.
+- ``"attn"``: input RMSNorm + attention (q/k/v, RoPE, SDPA, o). On the CPU, unmasked and with LoRA over NF4
+  on q/k/v/o, as one op (``impls.qlora_attention_op``) that keeps the layer input, the attention output and
+  its log-sum-exp and in backward rebuilds only norm, q/k/v and RoPE; elsewhere under checkpoint (kept: the
+  layer input; backward re-runs the block).
 
 The residual adds stay outside (they save nothing).
 """
@@ -24,7 +27,8 @@ from collections.abc import Iterable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from impls.qlora_nf4_lora import _lora_parts, dequantized
+from impls.qlora_attention_op import fusable_attention, recomputed_attention
+from impls.qlora_nf4_lora import _lora_parts, dequantized, rms_norm_backward, rms_norm_with_rstd
 
 BLOCKS = ("attn", "mlp", "dense_mlp")
 
@@ -44,7 +48,12 @@ def _selective_forward(self, hidden_states, attention_mask=None, position_ids=No
         return self.mlp(self.post_attention_layernorm(h))
 
     h = hidden_states
-    h = h + (checkpoint(attn, h, use_reentrant=False) if "attn" in recompute else attn(h))
+    if "attn" not in recompute:
+        h = h + attn(h)
+    elif self._twinbench_fused_attn and attention_mask is None and h.device.type == "cpu" and not use_cache:
+        h = h + recomputed_attention(h, self.input_layernorm, self.self_attn, position_embeddings)
+    else:
+        h = h + checkpoint(attn, h, use_reentrant=False)
     fused = getattr(self, "_twinbench_fused_mlp", False)
     if fused and ("mlp" in recompute or "dense_mlp" in recompute):
         return h + recomputed_mlp(h, self.post_attention_layernorm, self.mlp)
@@ -70,19 +79,6 @@ def _fusable_mlp(norm, mlp) -> bool:
             and hasattr(norm, "variance_epsilon") and not norm.weight.requires_grad)
 
 
-def _norm(h: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype):
-    """transformers' RMSNorm (fp32 statistics, weight applied in h's dtype), cast to the GEMM dtype; and 1/rms."""
-    hf = h.float()
-    rstd = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight * (hf * rstd).to(h.dtype)).to(dtype), rstd
-
-
-def _norm_backward(grad_x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
-    """d h of ``weight * h * rstd(h)`` (weight frozen): rstd * g - rstd^3 * h * mean(g * h), g = grad * weight."""
-    g, hf = grad_x.float() * weight.float(), h.float()
-    return (rstd * g - rstd.pow(3) * hf * (g * hf).mean(-1, keepdim=True)).to(h.dtype)
-
-
 def _gate_up(x: torch.Tensor, w_gu: torch.Tensor, xa: torch.Tensor, lora, scalings, inter: int, rank: int):
     """[gate | up] = x W^T + s (x A^T) B^T per half (adapters accumulated into their column block)."""
     out = x @ w_gu.t()
@@ -101,7 +97,7 @@ class RecomputedMLP(torch.autograd.Function):
     def forward(ctx, h, norm_weight, eps, nf4, scalings, *lora):  # lora = A_g, B_g, A_u, B_u, A_d, B_d
         dtype, inter, rank = lora[0].dtype, lora[1].shape[0], lora[0].shape[0]
         h2 = h.reshape(-1, h.shape[-1])
-        x, _ = _norm(h2, norm_weight, eps, dtype)
+        x, _ = rms_norm_with_rstd(h2, norm_weight, eps, dtype)
         xa = x @ torch.cat([lora[0], lora[2]]).t()
         gate_up = _gate_up(x, dequantized(nf4[:2], dtype), xa, lora, scalings, inter, rank)
         act = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
@@ -118,9 +114,8 @@ class RecomputedMLP(torch.autograd.Function):
         (inter, rank), (s_g, s_u, s_d), dtype = ctx.dims, ctx.scalings, a_g.dtype
         h2 = h.reshape(-1, h.shape[-1])
         gy = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
-        x, _ = _norm(h2, norm_weight, ctx.eps, dtype)
-        w_gu = dequantized(ctx.nf4[:2], dtype)
-        gate_up = _gate_up(x, w_gu, xa, (a_g, b_g, a_u, b_u), ctx.scalings, inter, rank)
+        x, _ = rms_norm_with_rstd(h2, norm_weight, ctx.eps, dtype)
+        gate_up = _gate_up(x, dequantized(ctx.nf4[:2], dtype), xa, (a_g, b_g, a_u, b_u), ctx.scalings, inter, rank)
         del x  # rebuilt at the end: one norm is cheaper than holding it across the peak
         gate, up = gate_up[:, :inter], gate_up[:, inter:]
         silu_gate = torch.nn.functional.silu(gate)
@@ -129,19 +124,22 @@ class RecomputedMLP(torch.autograd.Function):
         grad_b_d = torch.mm(gy.t(), act_a).mul_(s_d)
         grad_a_d = g_act_a.t() @ (silu_gate * up)
         g_act = (gy @ dequantized(ctx.nf4[2:], dtype)).addmm_(g_act_a, a_d)
-        # act = silu(gate) * up, in place where a buffer is no longer needed (lower backward peak)
+        # act = silu(gate) * up; each gradient overwrites a buffer that is no longer needed (the op's peak:
+        # [gate | up], silu(gate) and g_act, measured)
         g_up = silu_gate.mul_(g_act)
-        g_gate = torch.ops.aten.silu_backward(g_act.mul_(up), gate)
-        del gate_up, gate, up, g_act
-        # gate/up: [gate | up] = x W^T + s (x A^T) B^T per half
+        g_gate = torch.ops.aten.silu_backward.grad_input(g_act.mul_(up), gate, grad_input=gate)
+        del g_act, up
+        # gate/up: [gate | up] = x W^T + s (x A^T) B^T per half; the weight dequantised again rather than
+        # held across the peak, one weight at a time
         g_xa_g, g_xa_u = torch.mm(g_gate, b_g).mul_(s_g), torch.mm(g_up, b_u).mul_(s_u)
         grad_b_g = torch.mm(g_gate.t(), xa[:, :rank]).mul_(s_g)
         grad_b_u = torch.mm(g_up.t(), xa[:, rank:]).mul_(s_u)
-        grad_x = (g_gate @ w_gu[:inter]).addmm_(g_up, w_gu[inter:]).addmm_(g_xa_g, a_g).addmm_(g_xa_u, a_u)
-        del g_gate, g_up, w_gu
-        x, rstd = _norm(h2, norm_weight, ctx.eps, dtype)
+        grad_x = g_gate @ dequantized(ctx.nf4[:1], dtype)  # one weight at a time: no concatenated copy
+        grad_x.addmm_(g_up, dequantized(ctx.nf4[1:2], dtype)).addmm_(g_xa_g, a_g).addmm_(g_xa_u, a_u)
+        del g_gate, g_up, gate_up, gate
+        x, rstd = rms_norm_with_rstd(h2, norm_weight, ctx.eps, dtype)
         grad_a_g, grad_a_u = g_xa_g.t() @ x, g_xa_u.t() @ x
-        grad_h = _norm_backward(grad_x, h2, norm_weight, rstd).view(h.shape)
+        grad_h = rms_norm_backward(grad_x, h2, norm_weight, rstd).view(h.shape)
         return (grad_h, None, None, None, None, grad_a_g, grad_b_g, grad_a_u, grad_b_u, grad_a_d, grad_b_d)
 
 
@@ -165,6 +163,7 @@ def patch_decoder_layers(model, blocks: Iterable[str]) -> int:
         if all(hasattr(module, a) for a in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")):
             module._twinbench_recompute = chosen
             module._twinbench_fused_mlp = _fusable_mlp(module.post_attention_layernorm, module.mlp)
+            module._twinbench_fused_attn = fusable_attention(module.input_layernorm, module.self_attn)
             module.forward = types.MethodType(_selective_forward, module)
             n += 1
     return n
