@@ -89,3 +89,66 @@ def peak_memory(device: Device, fn: Callable[[], Any]) -> dict[str, Any]:
         start = sampler.peak
         fn()
     return {"peak_bytes": int(max(0, sampler.peak - start)), "method": "rss-sampler"}
+
+
+class TensorPeak:
+    """Peak bytes of tensor storages allocated inside the block and alive at the same time: on the CPU the
+    analogue of ``torch.cuda.max_memory_allocated`` above the start, exact where RSS is sampled and carries
+    the heap's fragmentation and the interpreter's own objects.
+
+    Every ATen op's outputs are watched (a ``TorchDispatchMode``; forward and backward, custom ops included).
+    An output whose storage is not one of the op's inputs' (views, in-place and ``out=`` results are) is an
+    allocation; a weak reference to the storage notices when it is freed. Not counted: storages allocated
+    before the block (parameters, optimizer state, cached workspaces) and the relief when one of them is freed
+    inside it; the allocator's rounding. Slows each op by Python-level bookkeeping: time a block without it.
+    """
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._current = 0
+        self._live: dict[int, tuple[Any, int]] = {}
+        self._mode: Any = None
+
+    def _note(self, inputs: list[Any], outputs: list[Any]) -> None:
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+        new = []
+        for t in outputs:
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+                if ptr and ptr not in seen and ptr not in self._live:
+                    new.append((ptr, StorageWeakRef(storage), storage.nbytes()))
+                    seen.add(ptr)
+        if not new:
+            return
+        for ptr, (ref, nbytes) in list(self._live.items()):  # frees since the last allocation
+            if ref.expired():
+                del self._live[ptr]
+                self._current -= nbytes
+        for ptr, ref, nbytes in new:
+            self._live[ptr] = (ref, nbytes)
+            self._current += nbytes
+        self.peak = max(self.peak, self._current)
+
+    def __enter__(self) -> TensorPeak:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        note = self._note
+
+        class _Watch(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                note(tree_leaves((args, kwargs)), tree_leaves(out))
+                return out
+
+        self._mode = _Watch()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._mode.__exit__(*exc)
+        self._live.clear()

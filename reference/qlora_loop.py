@@ -96,6 +96,7 @@ class LoopResult:
     step_times_s: list[float]
     tokens_per_step: list[int]
     peak_memory_bytes: int
+    peak_tensor_bytes: int | None  # None: too few steps for a live-tensor step
     trainable_parameters: int
     probe_before: ProbeResult
     probe_after: ProbeResult
@@ -311,6 +312,7 @@ class Trainer:
             if loss.requires_grad:  # a loop with frozen adapters has nothing to differentiate
                 (loss * share).backward()
             total += float(loss.detach()) * share
+            del loss  # its spent graph still holds tensors (measured: the embedding output) into the next forward
         if self.first_grads is None:
             self.first_grads = flat([p.grad for p in self.params.values()], list(self.params.values()))
         if self.cfg.max_grad_norm:
@@ -345,7 +347,7 @@ def probe(model, tokenizer, cfg: LoopConfig, device: str = "cpu") -> ProbeResult
     return ProbeResult(decode(greedy[0]), [decode(r) for r in sampled])
 
 
-MEMORY_EVERY = 4  # train(): peak memory sampled on steps 2, 6, 10, ... (1-based); the others are timed
+MEMORY_EVERY = 4  # train(): peak memory on steps 2, 6, 10, ..., live tensors on 4, 8, 12, ... (1-based)
 
 
 def memory_step(i: int, every: int = MEMORY_EVERY) -> bool:
@@ -353,21 +355,33 @@ def memory_step(i: int, every: int = MEMORY_EVERY) -> bool:
     return i % every == 1
 
 
+def tensor_step(i: int, every: int = MEMORY_EVERY) -> bool:
+    """Is 0-based step ``i`` one whose live-tensor peak is measured (not timed: bookkeeping per op)?"""
+    return i % every == every - 1
+
+
 def train(model, tokenizer, cfg: LoopConfig, device: str = "cpu", loss_fn=hf_loss, fused: bool = False) -> LoopResult:
     """Probe, ``cfg.steps`` optimizer steps, probe again.
 
     Peak memory is measured per step, above the level before that step (``suites.qlora.bench``'s measure),
-    on every ``MEMORY_EVERY``-th step from the second on (the first allocates the optimizer state); step
-    times come from the other steps: trimming the heap before a measured step makes that step fault its
-    pages back in (measured: +15% step time for both loops)."""
+    on every ``MEMORY_EVERY``-th step from the second on (the first allocates the optimizer state), and the
+    live-tensor peak (``harness.memory.TensorPeak``) on others; step times come from the remaining steps:
+    trimming the heap before a measured step makes that step fault its pages back in (measured: +15% step
+    time for both loops)."""
+    from harness.memory import TensorPeak
+
     before = probe(model, tokenizer, cfg, device)
     trainer = Trainer(model, tokenizer, cfg, device, loss_fn, fused)
-    peaks, timed = [], []
+    peaks, tensor_peaks, timed = [], [], []
     for i in range(cfg.steps):
         if memory_step(i) or cfg.steps == 1:
             with PeakMemory(device) as mem:
                 trainer.step()
             peaks.append(mem.peak)
+        elif tensor_step(i):
+            with TensorPeak() as live:
+                trainer.step()
+            tensor_peaks.append(live.peak)
         else:
             trainer.step()
             timed.append(i)
@@ -377,7 +391,7 @@ def train(model, tokenizer, cfg: LoopConfig, device: str = "cpu", loss_fn=hf_los
         loss_curve=trainer.loss_curve, first_grads=trainer.first_grads, final_lora=flat(params, params),
         step_times_s=[trainer.step_times_s[i] for i in timed] or trainer.step_times_s,
         tokens_per_step=[trainer.tokens_per_step[i] for i in timed] or trainer.tokens_per_step,
-        peak_memory_bytes=max(peaks),
+        peak_memory_bytes=max(peaks), peak_tensor_bytes=max(tensor_peaks, default=None),
         trainable_parameters=sum(p.numel() for p in params if p.requires_grad), probe_before=before,
         probe_after=after)
 
@@ -476,6 +490,7 @@ def run_experiment(cfg: LoopConfig, device: str = "cpu", workdir: str | Path | N
         "median_step_s": result.median_step_s,
         "tokens_per_s": tokens / seconds if seconds else None,
         "peak_memory_bytes": result.peak_memory_bytes,
+        "peak_tensor_bytes": result.peak_tensor_bytes,
         "trainable_parameters": result.trainable_parameters,
         "probe_hits": {k: sum(p.hits) for k, p in probes.items() if p is not None},
         "probe_responses": {k: [p.greedy, *p.samples] for k, p in probes.items() if p is not None},

@@ -14,7 +14,8 @@ reloaded, and lm-eval on a local task. Outputs compared with the reference (fixe
 - ``probe_hits`` (integers: before, after, merged) is judged absolutely, for the reference too: 0 hits
   before training, all 1 + ``probe_samples`` (greedy + sampled) after, and after the 16-bit merge.
 Self-measured metrics per loop: ``loss_curve``, ``median_step_s``, ``tokens_per_s``, ``peak_memory_bytes``
-(the largest per-step peak after step 1, above the level before each step: the bench's measure),
+(the largest per-step peak after step 1, above the level before each step: the bench's measure; RSS on
+the CPU), ``peak_tensor_bytes`` (the same for live tensor storages, ``harness.memory.TensorPeak``),
 ``trainable_parameters``, probe responses, lm-eval scores, which parts were patched and which were not.
 Each loop runs alone there (and under the harness's poisoned allocations); side by side, interleaved step
 by step: ``python3 -m suites.qlora --bench``.
@@ -137,6 +138,8 @@ def bench(kind: str = "llama", dtype: str = "fp32", seq_len: int = 64, steps: in
     from pathlib import Path
 
     from impls.qlora_patched import labelled_loss, patch_model
+    from harness.memory import TensorPeak
+    from impls import nf4_kernels
     from reference.qlora_loop import PeakMemory, Trainer, load_qlora_model, save_base_checkpoint
 
     if steps < 3:
@@ -155,20 +158,27 @@ def bench(kind: str = "llama", dtype: str = "fp32", seq_len: int = 64, steps: in
                                   **extra)
             loops = {"reference": Trainer(ref_model, tok, cfg, device),
                      "patched": Trainer(opt_model, tok, cfg, device, labelled_loss, fused=True)}
-            # odd steps measure memory (the heap is trimmed first, so they fault pages back in: +15% time,
-            # measured), the even ones time; the first step (optimizer state, warm-up) does neither
+            # odd steps measure memory, alternately per-step RSS (the heap is trimmed first, so they fault
+            # pages back in: +15% time, measured) and live tensor bytes (Python bookkeeping per op); the even
+            # ones time; the first step (optimizer state, warm-up) does neither
             peaks: dict[str, list[int]] = {name: [] for name in loops}
+            tensor_peaks: dict[str, list[int]] = {name: [] for name in loops}
             timed: list[int] = []
             for i in range(steps):
                 for name, loop in loops.items():
-                    if i % 2:
+                    if i % 4 == 1 or (i % 2 and device.startswith("cuda")):
                         with PeakMemory(device) as mem:
                             loop.step()
                         peaks[name].append(mem.peak)
+                    elif i % 2:
+                        with TensorPeak() as live:
+                            loop.step()
+                        tensor_peaks[name].append(live.peak)
                     else:
                         loop.step()
                 if i and not i % 2:
                     timed.append(i)
+            workspace = nf4_kernels.workspace_bytes()
     finally:
         torch.set_num_threads(threads)
     times = {n: [t.step_times_s[i] for i in timed] for n, t in loops.items()}
@@ -184,6 +194,13 @@ def bench(kind: str = "llama", dtype: str = "fp32", seq_len: int = 64, steps: in
         "timed_steps": len(timed),
         "peak_step_memory_bytes": {n: max(p) for n, p in peaks.items()},
         "peak_memory_ratio": max(peaks["patched"]) / max(max(peaks["reference"]), 1),
+        # live tensors (harness.memory.TensorPeak); the patched loop's also counts the NF4 GEMM workspace it
+        # keeps between calls (allocated before any measured step, so TensorPeak cannot see it)
+        "peak_step_tensor_bytes": {n: max(p, default=0) + (workspace if n == "patched" else 0)
+                                   for n, p in tensor_peaks.items()},
+        "tensor_peak_ratio": ((max(tensor_peaks["patched"]) + workspace) / max(max(tensor_peaks["reference"]), 1)
+                              if tensor_peaks["patched"] else None),
+        "patched_workspace_bytes": workspace,
         "max_abs_loss_diff": max(abs(a - b) for a, b in zip(loops["reference"].loss_curve,
                                                              loops["patched"].loss_curve)),
         "patched": patches,
