@@ -137,9 +137,9 @@ def bench(kind: str = "llama", dtype: str = "fp32", seq_len: int = 64, steps: in
     import tempfile
     from pathlib import Path
 
-    from impls.qlora_patched import labelled_loss, patch_model
     from harness.memory import TensorPeak
     from impls import nf4_kernels
+    from impls.qlora_patched import labelled_loss, patch_model
     from reference.qlora_loop import PeakMemory, Trainer, load_qlora_model, save_base_checkpoint
 
     if steps < 3:
