@@ -118,7 +118,12 @@ class TensorPeak:
             if isinstance(t, torch.Tensor) and t.layout == torch.strided:
                 storage = t.untyped_storage()
                 ptr = storage.data_ptr()
-                if ptr and ptr not in seen and ptr not in self._live:
+                known = self._live.get(ptr)
+                if known is not None and known[0].expired():  # a freed block's address, handed out again
+                    del self._live[ptr]
+                    self._current -= known[1]
+                    known = None
+                if ptr and ptr not in seen and known is None:
                     new.append((ptr, StorageWeakRef(storage), storage.nbytes()))
                     seen.add(ptr)
         if not new:
