@@ -40,7 +40,8 @@ def fusable_attention(norm, attn) -> bool:
             and len({p[2].shape[0] for p in parts}) == 1
             and getattr(attn, "sliding_window", None) is None and hasattr(norm, "variance_epsilon")
             and not norm.weight.requires_grad
-            and all(hasattr(n, "variance_epsilon") and not n.weight.requires_grad for n in qk_norms))
+            and all(hasattr(n, "variance_epsilon") and not n.weight.requires_grad for n in qk_norms)
+            and len({n.variance_epsilon for n in qk_norms}) <= 1)  # q and k are normalised in one call
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' ``apply_rotary_pos_emb`` on [B, H, S, D] with cos/sin [B, S, D]."""
+    """transformers' ``apply_rotary_pos_emb`` on [B, S, heads, D] with cos/sin [B, S, 1, D]."""
     return x * cos + _rotate_half(x) * sin
 
 
@@ -66,10 +67,15 @@ class _Layout:
         self.n_heads, self.n_kv, self.head_dim, self.rank = n_heads, n_kv, head_dim, rank
         q, kv = n_heads * head_dim, n_kv * head_dim
         self.cols = (q, kv, kv)  # q/k/v widths in the fused projection
+        self.qk_cols = q + kv
 
-    def heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
-        """[tokens, n * D] -> [B, n, S, D] (a view)."""
-        return t.view(self.batch, self.seq, n, self.head_dim).transpose(1, 2)
+    def heads(self, t: torch.Tensor) -> torch.Tensor:
+        """[tokens, n * D] -> [B, S, n, D] (a view)."""
+        return t.view(self.batch, self.seq, -1, self.head_dim)
+
+    def split_qk(self, qk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, S, H + KV, D] -> q [B, H, S, D], k [B, KV, S, D] (views: the kernel takes any strides)."""
+        return qk[:, :, :self.n_heads].transpose(1, 2), qk[:, :, self.n_heads:].transpose(1, 2)
 
 
 def _qkv(x, w_qkv, xa, lora, scalings, lay: _Layout) -> torch.Tensor:
@@ -83,23 +89,22 @@ def _qkv(x, w_qkv, xa, lora, scalings, lay: _Layout) -> torch.Tensor:
     return out
 
 
-def _rotated_heads(qkv, qk_norms, cos, sin, lay: _Layout):
-    """(q, k, v) as [B, H, S, D] after the optional per-head norms and RoPE; and the norms' (input, 1/rms)."""
-    q_cols, kv_cols, _ = lay.cols
-    parts = [qkv[:, :q_cols], qkv[:, q_cols:q_cols + kv_cols]]
-    saved = []
+def _qk_norm_weight(qk_norms, lay: _Layout) -> torch.Tensor:
+    """Qwen3's q_norm and k_norm weights as one [H + KV, D] (q and k are normalised per head together)."""
+    (w_q, _), (w_k, _) = qk_norms
+    return torch.cat([w_q.expand(lay.n_heads, -1), w_k.expand(lay.n_kv, -1)])
+
+
+def _rotated_qk(qkv, qk_norms, cos, sin, lay: _Layout):
+    """q and k (one [B, S, H + KV, D] tensor) after the optional per-head norms and RoPE, computed once for
+    both (half the ops of doing q and k apart); and the norms' (input, weight, 1/rms) for backward."""
+    qk = lay.heads(qkv[:, :lay.qk_cols])
+    normed = None
     if qk_norms is not None:
-        normed = []
-        for t, (w, eps) in zip(parts, qk_norms):
-            flat = t.reshape(-1, lay.head_dim)
-            y, rstd = rms_norm_with_rstd(flat, w, eps, t.dtype)
-            saved.append((flat, w, rstd))
-            normed.append(y.view(t.shape))
-        parts = normed
-    q = _rope(lay.heads(parts[0], lay.n_heads), cos, sin)
-    k = _rope(lay.heads(parts[1], lay.n_kv), cos, sin)
-    v = lay.heads(qkv[:, q_cols + kv_cols:], lay.n_kv)
-    return q, k, v, saved
+        weight = _qk_norm_weight(qk_norms, lay)
+        y, rstd = rms_norm_with_rstd(qk, weight, qk_norms[0][1], qk.dtype)
+        normed, qk = (qk, weight, rstd), y
+    return _rope(qk, cos, sin), normed
 
 
 class RecomputedAttention(torch.autograd.Function):
@@ -111,14 +116,16 @@ class RecomputedAttention(torch.autograd.Function):
         dtype = lora[0].dtype
         lay = _Layout(h, *shape, rank=lora[0].shape[0])
         h2 = h.reshape(-1, h.shape[-1])
-        cos, sin = cos.to(dtype).unsqueeze(1), sin.to(dtype).unsqueeze(1)
+        cos, sin = cos.to(dtype).unsqueeze(2), sin.to(dtype).unsqueeze(2)  # [B, S, 1, D]
         x, _ = rms_norm_with_rstd(h2, norm_weight, eps, dtype)
         xa = x @ torch.cat(lora[0:6:2]).t()
         qkv = _qkv(x, dequantized(nf4[:3], dtype), xa, lora, scalings, lay)
         del x
-        q, k, v, _ = _rotated_heads(qkv, qk_norms, cos, sin, lay)
+        qk, _ = _rotated_qk(qkv, qk_norms, cos, sin, lay)
+        q, k = lay.split_qk(qk)
+        v = lay.heads(qkv[:, lay.qk_cols:]).transpose(1, 2)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
-        del q, k, v, qkv
+        del q, k, v, qk, qkv
         attn = out.transpose(1, 2).reshape(h2.shape[0], -1)  # [B, S, H, D] in memory: a view
         oa = attn @ lora[6].t()
         y = (attn @ dequantized(nf4[3:], dtype).t()).addmm_(oa, lora[7].t(), alpha=scalings[3])
@@ -144,23 +151,26 @@ class RecomputedAttention(torch.autograd.Function):
         x, rstd = rms_norm_with_rstd(h2, norm_weight, ctx.eps, dtype)
         w_qkv = dequantized(ctx.nf4[:3], dtype)
         qkv = _qkv(x, w_qkv, xa, lora, scalings, lay)
-        q, k, v, normed = _rotated_heads(qkv, ctx.qk_norms, cos, sin, lay)
+        qk, normed = _rotated_qk(qkv, ctx.qk_norms, cos, sin, lay)
+        q, k = lay.split_qk(qk)
+        v = lay.heads(qkv[:, lay.qk_cols:]).transpose(1, 2)
+        g_out = lay.heads(g_attn).transpose(1, 2)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            lay.heads(g_attn, lay.n_heads), q, k, v, out, lse, 0.0, True, scale=ctx.scale)
-        del q, k, v, g_attn
-        # RoPE and the per-head norms backward, written into [dq | dk | dv] as the projection's gradient
+            g_out, q, k, v, out, lse, 0.0, True, scale=ctx.scale)
+        del q, k, v, qk, g_out, g_attn
+        # [dq | dk] through RoPE and the per-head norms at once, then [dq | dk | dv] as the projection's gradient
         g_qkv = torch.empty_like(qkv)
         del qkv
-        dq, dk = _rope_backward(dq, cos, sin), _rope_backward(dk, cos, sin)
-        col = 0
-        for i, (grad, width) in enumerate(zip((dq, dk, dv), lay.cols)):
-            grad = grad.transpose(1, 2).reshape(-1, width)
-            if i < 2 and normed:
-                flat, w, rstd_head = normed[i]
-                grad = rms_norm_backward(grad.reshape(-1, lay.head_dim), flat, w, rstd_head).view(-1, width)
-            g_qkv[:, col:col + width] = grad
-            col += width
-        del dq, dk, dv, normed
+        g_qk = lay.heads(g_qkv[:, :lay.qk_cols])
+        g_qk[:, :, :lay.n_heads] = dq.transpose(1, 2)
+        g_qk[:, :, lay.n_heads:] = dk.transpose(1, 2)
+        lay.heads(g_qkv[:, lay.qk_cols:]).copy_(dv.transpose(1, 2))
+        del dq, dk, dv
+        grad = _rope_backward(g_qk, cos, sin)
+        if normed is not None:
+            grad = rms_norm_backward(grad, *normed)
+        g_qk.copy_(grad)
+        del grad, normed, g_qk
         # q/k/v: [q | k | v] = x W^T + s_i (x A_i^T) B_i^T
         g_xa = g_qkv.new_empty((g_qkv.shape[0], 3 * r))
         grads, col = [], 0
