@@ -13,7 +13,8 @@ Here, per expert e, over its rows (tokens sorted by expert once per call, as ``i
     backward  gL = g L;  dx = g W + s gL R;  dL = s g^T (x R^T);  dR = s gL^T x
 
 so nothing weight-sized is built or saved, the frozen base W gets no gradient, and the adapters' gradients
-come from rank-r products. ``patch_lora_experts`` routes a peft model's MoE blocks through it.
+come from rank-r products. The router weights' gradient comes from the down projection's backward (an
+identity, in ``backward``), so the experts' output is neither kept nor rebuilt. ``patch_lora_experts`` routes a peft model's MoE blocks through it.
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ def _lora_rows(x: torch.Tensor, w: torch.Tensor, lhs: torch.Tensor, rhs: torch.T
             torch.mm(x_e, w_t, out=out_e)
             out_e.addmm_(xr_e, l_t, alpha=s)
     return out, xr
+
+
+def _rank_rows(x: torch.Tensor, rhs: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """x R_e^T over each expert's row block (``_lora_rows``' second output, alone)."""
+    xr = x.new_empty((x.shape[0], rhs.shape[1]))
+    for x_e, xr_e, r_t in zip(x.split(sizes), xr.split(sizes), rhs.transpose(1, 2).unbind(0)):
+        if x_e.shape[0]:
+            torch.mm(x_e, r_t, out=xr_e)
+    return xr
 
 
 def _lora_rows_backward(g: torch.Tensor, x: torch.Tensor, xr: torch.Tensor, w: torch.Tensor, lhs: torch.Tensor,
@@ -103,10 +113,10 @@ class SortedLoRAExperts(torch.autograd.Function):
         out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
         out.index_add_(0, route.token, (y * w).float())  # fp32 sum over the k slots, as moe_ffn_sorted
         ctx.route, ctx.sizes, ctx.scalings = route, sizes, scalings
-        if recompute:  # keep only inputs: backward rebuilds h, y (one more forward of the experts)
+        if recompute:  # keep only inputs: backward rebuilds h and the SwiGLU (the gate/up experts forward again)
             ctx.save_for_backward(hidden_states, top_k_weights, w_gu, w_d, *factors, w)
         else:
-            ctx.save_for_backward(hidden_states, top_k_weights, w_gu, w_d, *factors, w, h, y, xr_gu, xr_d)
+            ctx.save_for_backward(hidden_states, top_k_weights, w_gu, w_d, *factors, w, h, xr_gu, xr_d)
         return out.to(hidden_states.dtype)
 
     @staticmethod
@@ -117,21 +127,23 @@ class SortedLoRAExperts(torch.autograd.Function):
         need_lora = any(ctx.needs_input_grad[7:11])
         xs = hidden_states.index_select(0, route.token)  # re-gathered, not stored
         if kept:
-            h, y, xr_gu, xr_d = kept
+            h, xr_gu, xr_d = kept
         else:
             h, xr_gu = _lora_rows(xs, w_gu, l_gu, r_gu, s_gu, sizes)
         gate, up = h.chunk(2, dim=-1)
         act = F.silu(gate)
         a = act * up
         if not kept:
-            y, xr_d = _lora_rows(a, w_d, l_d, r_d, s_d, sizes)
-        g_out = grad_out.index_select(0, route.token)  # [S, H]
-        y_f = y.float()  # d(router weight); in place over our own rebuilt y (a kept y is a saved tensor)
-        grad_w_sorted = (y_f.clone() if kept and y_f is y else y_f).mul_(g_out.float()).sum(-1)
-        g_y = g_out.mul_(w)
-        del y, y_f, g_out  # each [S, ...] buffer is dropped as soon as it is used up: the backward's own peak
-        g_a, d_ld, d_rd = _lora_rows_backward(g_y, a, xr_d, w_d, l_d, r_d, s_d, sizes, need_lora)
-        del a, g_y
+            xr_d = _rank_rows(a, r_d, sizes)
+        g_out = grad_out.index_select(0, route.token)  # [S, H], before the router weight
+        # The experts' output y = a W^T + s (a R^T) L^T is never rebuilt: the router weight's gradient
+        # <g_out, y> equals <g_out W + s (g_out L) R, a>, the down projection's backward of the unweighted
+        # gradient; its adapter gradients take the weight on their inputs instead ((w g)^T xr = g^T (w xr)).
+        a_w = a.mul_(w)  # in place: a is rebuilt from act and up below, when fewer buffers are alive
+        g_a, d_ld, d_rd = _lora_rows_backward(g_out, a_w, xr_d * w, w_d, l_d, r_d, s_d, sizes, need_lora)
+        del g_out, a, a_w  # each [S, ...] buffer is dropped as soon as it is used up: the backward's own peak
+        grad_w_sorted = (act * up).float().mul_(g_a.float()).sum(-1)  # d(router weight)
+        g_a.mul_(w)  # the gradient reaching a
         # d [gate | up], written over the rebuilt h when it is ours (kept, it is a saved tensor): the
         # backward's peak was h, this gradient and two temporaries (measured)
         g_h = torch.empty_like(h) if kept else h
