@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from harness.memory import TensorPeak
@@ -56,17 +57,23 @@ def test_a_leak_raises_the_peak():
 
 
 def test_a_freed_address_handed_out_again_is_a_new_allocation():
-    """glibc (and mmap) give a just-freed block's address to the next request of its size: the second
-    tensor must be counted while the first's entry is stale (measured: counting by address alone hid 30%
-    of the reference QLoRA loop's peak under a fixed mmap threshold)."""
-    n = 4096  # 16 KiB: from the heap, whose free list hands the same block straight back
-    with TensorPeak() as tp:
-        a = torch.empty(n)
-        ptr = a.data_ptr()
-        del a
-        b = torch.empty(n)
-        reused = b.data_ptr() == ptr
-        c = torch.empty(n)  # the sweep happens here: b must still count
-        del b, c
-    assert reused  # the allocator did hand the address out again (else this test proves nothing)
-    assert tp.peak == 2 * 4 * n
+    """Allocators hand a just-freed block's address to a later request of its size: that tensor must be
+    counted while the first one's entry is stale (measured: counting by address alone hid 30% of the
+    reference QLoRA loop's peak under a fixed mmap threshold). Whether the address comes back depends on
+    the heap's state, so the scenario is retried until it happens."""
+    reuses = 0
+    for attempt in range(200):
+        n = 1024 * (1 + attempt % 8)  # 4-32 KiB: from the heap's free lists
+        with TensorPeak() as tp:
+            a = torch.empty(n)
+            ptr = a.data_ptr()
+            del a
+            b = torch.empty(n)
+            reused = b.data_ptr() == ptr
+            c = torch.empty(n)  # the sweep of freed entries happens here: b must still count
+            del b, c
+        if reused:
+            reuses += 1
+            assert tp.peak == 2 * 4 * n, (attempt, tp.peak)
+    if not reuses:
+        pytest.skip("the allocator never handed a freed address out again here")
