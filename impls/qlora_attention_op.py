@@ -113,20 +113,23 @@ class RecomputedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, cos, sin, norm_weight, eps, qk_norms, nf4, scalings, shape, scale, *lora):
         # lora = A_q, B_q, A_k, B_k, A_v, B_v, A_o, B_o; shape = (heads, kv heads, head dim)
-        dtype = lora[0].dtype
+        # GEMMs in the adapters' (bnb compute) dtype; norms, RoPE and attention in the residual stream's, as
+        # the reference runs them (bnb and peft return their projections in their input's dtype; measured:
+        # the CPU flash kernel's bf16 backward takes 4.6x its fp32 one here)
+        dtype, act = lora[0].dtype, h.dtype
         lay = _Layout(h, *shape, rank=lora[0].shape[0])
         h2 = h.reshape(-1, h.shape[-1])
-        cos, sin = cos.to(dtype).unsqueeze(2), sin.to(dtype).unsqueeze(2)  # [B, S, 1, D]
+        cos, sin = cos.to(act).unsqueeze(2), sin.to(act).unsqueeze(2)  # [B, S, 1, D]
         x, _ = rms_norm_with_rstd(h2, norm_weight, eps, dtype)
         xa = x @ torch.cat(lora[0:6:2]).t()
-        qkv = _qkv(x, dequantized(nf4[:3], dtype), xa, lora, scalings, lay)
+        qkv = _qkv(x, dequantized(nf4[:3], dtype), xa, lora, scalings, lay).to(act)
         del x
         qk, _ = _rotated_qk(qkv, qk_norms, cos, sin, lay)
         q, k = lay.split_qk(qk)
         v = lay.heads(qkv[:, lay.qk_cols:]).transpose(1, 2)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
         del q, k, v, qk, qkv
-        attn = out.transpose(1, 2).reshape(h2.shape[0], -1)  # [B, S, H, D] in memory: a view
+        attn = out.transpose(1, 2).reshape(h2.shape[0], -1).to(dtype)  # [B, S, H, D] in memory: a view in fp32
         oa = attn @ lora[6].t()
         y = (attn @ dequantized(nf4[3:], dtype).t()).addmm_(oa, lora[7].t(), alpha=scalings[3])
         ctx.nf4, ctx.scalings, ctx.eps, ctx.qk_norms, ctx.lay, ctx.scale = nf4, scalings, eps, qk_norms, lay, scale
@@ -140,17 +143,17 @@ class RecomputedAttention(torch.autograd.Function):
         a_o, b_o, s_o = lora[6], lora[7], scalings[3]
         h2 = h.reshape(-1, h.shape[-1])
         gy = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
-        attn = out.transpose(1, 2).reshape(h2.shape[0], -1)
+        attn = out.transpose(1, 2).reshape(h2.shape[0], -1).to(dtype)
         # o: y = attn W_o^T + s_o (attn A_o^T) B_o^T
         g_oa = torch.mm(gy, b_o).mul_(s_o)
         grad_b_o = torch.mm(gy.t(), oa).mul_(s_o)
         grad_a_o = g_oa.t() @ attn
-        g_attn = (gy @ dequantized(ctx.nf4[3:], dtype)).addmm_(g_oa, a_o)
-        del gy, g_oa
+        g_attn = (gy @ dequantized(ctx.nf4[3:], dtype)).addmm_(g_oa, a_o).to(h.dtype)
+        del gy, g_oa, attn
         # rebuild q/k/v, then the kernel's backward from its saved output and log-sum-exp
         x, rstd = rms_norm_with_rstd(h2, norm_weight, ctx.eps, dtype)
         w_qkv = dequantized(ctx.nf4[:3], dtype)
-        qkv = _qkv(x, w_qkv, xa, lora, scalings, lay)
+        qkv = _qkv(x, w_qkv, xa, lora, scalings, lay).to(h.dtype)
         qk, normed = _rotated_qk(qkv, ctx.qk_norms, cos, sin, lay)
         q, k = lay.split_qk(qk)
         v = lay.heads(qkv[:, lay.qk_cols:]).transpose(1, 2)
@@ -171,6 +174,7 @@ class RecomputedAttention(torch.autograd.Function):
             grad = rms_norm_backward(grad, *normed)
         g_qk.copy_(grad)
         del grad, normed, g_qk
+        g_qkv = g_qkv.to(dtype)
         # q/k/v: [q | k | v] = x W^T + s_i (x A_i^T) B_i^T
         g_xa = g_qkv.new_empty((g_qkv.shape[0], 3 * r))
         grads, col = [], 0
