@@ -222,13 +222,18 @@ if __name__ == "__main__":
     parser.add_argument("--keep-expert-activations", action="store_true",
                         help="MoE: save the experts' activations instead of recomputing them in backward")
     parser.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
-                        help="fix glibc's mmap threshold (e.g. 65536): per-step RSS then follows live memory")
+                        help="fix glibc's mmap threshold (e.g. 65536): per-step RSS then closer to live memory")
     parser.add_argument("--recompute", default=None, metavar="BLOCKS",
-                        help="sub-blocks the patched loop checkpoints, comma-separated: attn, mlp ('' none; "
-                             "default: patch_model's)")
+                        help="sub-blocks the patched loop rebuilds in backward, comma-separated: attn, "
+                             "dense_mlp, mlp ('' none; default: patch_model's, attn,dense_mlp)")
     args = parser.parse_args()
     if args.bench:
+        from impls.qlora_recompute import BLOCKS
+
         try:
+            unknown = [b for b in (args.recompute or "").split(",") if b and b not in BLOCKS]
+            if unknown:
+                raise UsageError(f"--recompute {args.recompute}: unknown blocks {unknown}; choose from {BLOCKS}")
             result = bench(args.kind, args.dtype, args.seq_len, args.steps, checkpointing=args.checkpointing,
                            recompute_experts=not args.keep_expert_activations, mmap_threshold=args.mmap_threshold,
                            recompute=None if args.recompute is None else

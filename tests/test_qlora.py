@@ -222,3 +222,15 @@ def test_lora_experts_match_peft_and_planted_bugs_fail(moe_experts, seed):
     for planted in ("scaling", "neighbour_expert"):
         bad = run(ours(planted))
         assert [n for n, r, b in zip(names, ref, bad) if not close(b, r)], planted
+
+
+@pytest.mark.parametrize("args", [["--recompute", "attn,everything"], ["--steps", "2"]])
+def test_bench_user_mistakes_are_one_line_and_exit_2(args):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "suites.qlora", "--bench", *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
+    assert proc.stdout == ""
