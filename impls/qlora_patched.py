@@ -154,8 +154,9 @@ def patch_model(peft_model, checkpointing: bool = False, shared_single_op: bool 
     ``checkpointing=False`` turns off the reference's per-layer activation checkpointing; ``recompute`` then
     picks the sub-blocks rebuilt in backward instead (``impls.qlora_recompute``). The default: attention as
     one op keeping its input, output and log-sum-exp (``impls.qlora_attention_op``), the dense SwiGLU MLP as
-    one op keeping its input. Measured (docs/qlora.md, fp32 CPU, lockstep): as fast as keeping every
-    activation (``()``: 0.87-1.29x the reference's live memory) at well under the reference's memory.
+    one op keeping its input. Measured (docs/qlora.md, fp32 CPU, lockstep): 0.51-0.56x the reference's
+    step time at 0.53-0.74x its live-tensor peak; keeping every activation (``()``) is no faster and holds
+    0.86-1.52x.
     ``checkpointing=True`` keeps the reference's whole-layer checkpointing (slower, no less memory).
     ``recompute_experts``: the MoE experts' LoRA op keeps only its inputs and rebuilds its activations in
     backward (measured: -10% step memory, +0-7% time).
