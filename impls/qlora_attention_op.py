@@ -1,6 +1,6 @@
 """The attention sub-block of a decoder layer as one autograd op that keeps almost nothing for backward.
 
-``recomputed_attention(h, layer, cos, sin)`` computes ``o_proj(attention(rope(q/k/v(rms_norm(h)))))`` for a
+``recomputed_attention(h, norm, attn, (cos, sin))`` computes ``o_proj(attention(rope(q/k/v(rms_norm(h)))))`` for a
 Llama / Qwen3(-MoE) layer whose q/k/v/o are peft LoRA over bitsandbytes NF4 (causal, no mask, CPU):
 
 - saved: the layer input ``h``, the attention output (it is also o_proj's input), the kernel's log-sum-exp,
@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import torch
 
-from impls.qlora_nf4_lora import _lora_parts, dequantized, rms_norm_backward, rms_norm_with_rstd
+from impls.qlora_nf4_lora import _lora_parts, bias_free, dequantized, rms_norm_backward, rms_norm_with_rstd
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def fusable_attention(norm, attn) -> bool:
-    """Frozen RMSNorm before q/k/v/o, each a single dropout-free peft LoRA over bnb NF4, one rank for all
-    four; no sliding window; Qwen3's per-head q/k norms frozen."""
+    """Frozen RMSNorm before q/k/v/o, each a single dropout-free peft LoRA over a bias-free bnb NF4 layer,
+    one rank for all four; no attention dropout, no sliding window; Qwen3's per-head q/k norms frozen."""
     try:
         layers = [getattr(attn, p) for p in PROJECTIONS]
         parts = [_lora_parts(layer) for layer in layers]
@@ -36,8 +36,9 @@ def fusable_attention(norm, attn) -> bool:
     except (AttributeError, IndexError, KeyError, TypeError):
         return False
     qk_norms = [getattr(attn, n) for n in ("q_norm", "k_norm") if hasattr(attn, n)]
-    return (no_dropout and all(p[1] is not None and len(layer.active_adapters) == 1 for p, layer in zip(parts, layers))
-            and len({p[2].shape[0] for p in parts}) == 1
+    return (no_dropout and all(p[1] is not None and len(layer.active_adapters) == 1 and bias_free(layer)
+                               for p, layer in zip(parts, layers))
+            and len({p[2].shape[0] for p in parts}) == 1 and not getattr(attn, "attention_dropout", 0.0)
             and getattr(attn, "sliding_window", None) is None and hasattr(norm, "variance_epsilon")
             and not norm.weight.requires_grad
             and all(hasattr(n, "variance_epsilon") and not n.weight.requires_grad for n in qk_norms)

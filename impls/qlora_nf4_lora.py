@@ -28,6 +28,11 @@ def _lora_parts(layer) -> tuple[Any, Any, torch.Tensor, torch.Tensor, float]:
             float(layer.scaling[name]))
 
 
+def bias_free(layer) -> bool:
+    """The fused ops compute ``x W^T`` and the adapters only: a base layer with a bias keeps peft's forward."""
+    return getattr(layer.base_layer, "bias", None) is None
+
+
 def dequantized(weights: list[tuple[Any, Any]], dtype: torch.dtype) -> torch.Tensor:
     """The NF4 weights dequantised by bitsandbytes and stacked: [sum out, in] in ``dtype`` (bnb 0.50 has no
     CPU kernel for its ``out=`` variant, so the parts are concatenated)."""

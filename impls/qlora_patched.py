@@ -32,7 +32,13 @@ from torch.utils.checkpoint import checkpoint
 
 from harness.registry import register_impl
 from impls.qlora_moe_lora import patch_lora_experts
-from impls.qlora_nf4_lora import nf4_lora_projections, silu_mul, single_projection, use_shared_single_op
+from impls.qlora_nf4_lora import (
+    bias_free,
+    nf4_lora_projections,
+    silu_mul,
+    single_projection,
+    use_shared_single_op,
+)
 from impls.qlora_recompute import patch_decoder_layers
 from reference.qlora_loop import training_stack_available
 
@@ -143,7 +149,7 @@ def _register_experts() -> str:
 def _is_lora_nf4(layer) -> bool:
     base = getattr(layer, "base_layer", None)
     return base is not None and getattr(getattr(base, "weight", None), "quant_state", None) is not None \
-        and hasattr(layer, "lora_A") and len(getattr(layer, "active_adapters", [])) == 1
+        and hasattr(layer, "lora_A") and len(getattr(layer, "active_adapters", [])) == 1 and bias_free(layer)
 
 
 def patch_model(peft_model, checkpointing: bool = False, shared_single_op: bool = True,

@@ -28,7 +28,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from impls.qlora_attention_op import fusable_attention, recomputed_attention
-from impls.qlora_nf4_lora import _lora_parts, dequantized, rms_norm_backward, rms_norm_with_rstd
+from impls.qlora_nf4_lora import _lora_parts, bias_free, dequantized, rms_norm_backward, rms_norm_with_rstd
 
 BLOCKS = ("attn", "mlp", "dense_mlp")
 
@@ -64,8 +64,8 @@ def _selective_forward(self, hidden_states, attention_mask=None, position_ids=No
 
 
 def _fusable_mlp(norm, mlp) -> bool:
-    """RMSNorm with a frozen weight, then SiLU-gated gate/up/down, each a single peft LoRA over bnb NF4
-    without dropout (the op has none)."""
+    """RMSNorm with a frozen weight, then SiLU-gated gate/up/down, each a single peft LoRA over a bias-free
+    bnb NF4 layer without dropout (the op has neither)."""
     names = ("gate_proj", "up_proj", "down_proj")
     try:
         parts = [_lora_parts(getattr(mlp, p)) for p in names]
@@ -74,7 +74,7 @@ def _fusable_mlp(norm, mlp) -> bool:
     except (AttributeError, IndexError, KeyError, TypeError):
         return False
     return (no_dropout and all(p[1] is not None and len(getattr(mlp, n).active_adapters) == 1
-                               for p, n in zip(parts, names))
+                               and bias_free(getattr(mlp, n)) for p, n in zip(parts, names))
             and type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation")
             and hasattr(norm, "variance_epsilon") and not norm.weight.requires_grad)
 

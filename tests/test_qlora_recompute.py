@@ -140,3 +140,25 @@ def test_fused_mlp_is_used_and_a_planted_backward_bug_is_caught(base, monkeypatc
 def test_unknown_block_is_refused():
     with pytest.raises(ValueError, match="unknown recompute blocks"):
         qlora_recompute.patch_decoder_layers(torch.nn.Module(), ["everything"])
+
+
+def test_layers_with_a_bias_or_attention_dropout_are_not_fused(base):
+    """The fused ops compute x W^T and the adapters only: a base bias (or attention dropout) must keep
+    peft's / the checkpoint path, not be silently dropped."""
+    from impls.qlora_attention_op import fusable_attention
+
+    cfg, path, _batch = base
+    model = qlora_loop.load_qlora_model(path, cfg)
+    layer = model.get_base_model().model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    assert fusable_attention(layer.input_layernorm, attn)
+    assert qlora_recompute._fusable_mlp(layer.post_attention_layernorm, mlp)
+    assert qlora_patched._is_lora_nf4(attn.q_proj)
+    attn.attention_dropout = 0.1
+    assert not fusable_attention(layer.input_layernorm, attn)
+    attn.attention_dropout = 0.0
+    attn.v_proj.base_layer.bias = torch.nn.Parameter(torch.zeros(attn.v_proj.base_layer.out_features))
+    mlp.up_proj.base_layer.bias = torch.nn.Parameter(torch.zeros(mlp.up_proj.base_layer.out_features))
+    assert not fusable_attention(layer.input_layernorm, attn)
+    assert not qlora_recompute._fusable_mlp(layer.post_attention_layernorm, mlp)
+    assert not qlora_patched._is_lora_nf4(attn.v_proj) and qlora_patched._is_lora_nf4(attn.q_proj)
