@@ -188,7 +188,8 @@ class RecomputedAttention(torch.autograd.Function):
         grad_x = (g_qkv @ w_qkv).addmm_(g_xa, torch.cat(lora[0:6:2]))
         del g_qkv, w_qkv, x
         grad_h = rms_norm_backward(grad_x, h2, norm_weight, rstd).view(h.shape)
-        lora_grads = [grad_a[:r], grads[0], grad_a[r:2 * r], grads[1], grad_a[2 * r:], grads[2], grad_a_o, grad_b_o]
+        lora_grads = [grad_a[:r], grads[0], grad_a[r:2 * r], grads[1], grad_a[2 * r:], grads[2],
+                      grad_a_o, grad_b_o]
         return (grad_h, None, None, None, None, None, None, None, None, None, *lora_grads)
 
 
@@ -197,7 +198,7 @@ def recomputed_attention(h: torch.Tensor, norm, attn, position_embeddings) -> to
     accepted."""
     parts = [_lora_parts(getattr(attn, p)) for p in PROJECTIONS]
     lora = [t for p in parts for t in (p[2], p[3])]
-    qk_norms = ([(attn.q_norm.weight, attn.q_norm.variance_epsilon), (attn.k_norm.weight, attn.k_norm.variance_epsilon)]
+    qk_norms = ([(n.weight, n.variance_epsilon) for n in (attn.q_norm, attn.k_norm)]
                 if hasattr(attn, "q_norm") else None)
     cfg = attn.config
     shape = (cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim)

@@ -14,7 +14,8 @@ Here, per expert e, over its rows (tokens sorted by expert once per call, as ``i
 
 so nothing weight-sized is built or saved, the frozen base W gets no gradient, and the adapters' gradients
 come from rank-r products. The router weights' gradient comes from the down projection's backward (an
-identity, in ``backward``), so the experts' output is neither kept nor rebuilt. ``patch_lora_experts`` routes a peft model's MoE blocks through it.
+identity, in ``backward``), so the experts' output is neither kept nor rebuilt. ``patch_lora_experts``
+routes a peft model's MoE blocks through it.
 """
 
 from __future__ import annotations

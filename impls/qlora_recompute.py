@@ -8,7 +8,8 @@ structure in which the chosen sub-blocks run under ``torch.utils.checkpoint`` (n
   the norm output, the gate/up output and the SwiGLU activation (the largest saved tensors of the layer,
   measured in docs/qlora.md). A dense SwiGLU MLP with LoRA over NF4 on gate/up/down runs as one autograd op
   (``RecomputedMLP``) whose backward rebuilds only norm, gate/up and SiLU (not the down projection, whose
-  output backward never needs) and dequantises each weight once; other MLPs (MoE) go through checkpoint.
+  output backward never needs) and dequantises gate/up again for dx rather than hold them across its peak;
+  other MLPs (MoE) go through checkpoint.
 - ``"dense_mlp"``: like ``"mlp"`` where ``RecomputedMLP`` applies, nothing elsewhere (measured: checkpointing
   the MoE block costs time and saves little, its experts' LoRA op already rebuilds its activations).
 - ``"attn"``: input RMSNorm + attention (q/k/v, RoPE, SDPA, o). On the CPU, unmasked and with LoRA over NF4
