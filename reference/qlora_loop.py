@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from reference import tiny_lm
+from twinbench.reference import tiny_lm
 
 DATA = Path(__file__).resolve().parent.parent / "suites" / "data" / "qlora_chat.jsonl"
 PROBE_QUESTION = "What day was I born?"
@@ -263,7 +263,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
-            from harness.memory import RssSampler, _release_freed_heap
+            from twinbench.harness.core.memory import RssSampler, _release_freed_heap
 
             _release_freed_heap()
             self._sampler = RssSampler(interval_s=0.002)
@@ -368,7 +368,7 @@ def train(model, tokenizer, cfg: LoopConfig, device: str = "cpu", loss_fn=hf_los
     live-tensor peak (``harness.memory.TensorPeak``) on others; step times come from the remaining steps:
     trimming the heap before a measured step makes that step fault its pages back in (measured: +15% step
     time for both loops)."""
-    from harness.memory import TensorPeak
+    from twinbench.harness.core.memory import TensorPeak
 
     before = probe(model, tokenizer, cfg, device)
     trainer = Trainer(model, tokenizer, cfg, device, loss_fn, fused)

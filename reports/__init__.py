@@ -13,10 +13,10 @@ from typing import Any
 def write_all(doc: dict[str, Any], out: str | Path, *, gate: dict[str, Any] | None = None,
               trends: dict[str, Any] | None = None) -> list[Path]:
     """report.html, summary.md, junit.xml and results.csv into ``out``; returns the written paths."""
-    from harness.results import write_csv
-    from reports.html import write_html
-    from reports.junit import write_junit
-    from reports.markdown import write_markdown
+    from twinbench.harness.store.results import write_csv
+    from twinbench.reports.html import write_html
+    from twinbench.reports.junit import write_junit
+    from twinbench.reports.markdown import write_markdown
 
     out = Path(out)
     paths = [out / "report.html", out / "summary.md", out / "junit.xml", out / "results.csv"]

@@ -9,7 +9,7 @@ import html
 from collections import defaultdict
 from typing import Any
 
-from reports import model
+from twinbench.reports import model
 
 _LAYOUT = {"template": "plotly_white", "height": 360, "margin": {"l": 60, "r": 20, "t": 50, "b": 90},
            "legend": {"orientation": "h", "y": -0.3}}

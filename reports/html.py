@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from reports import charts, model
+from twinbench.reports import charts
+from twinbench.reports import model
 
 TEMPLATES = Path(__file__).with_name("templates")
 
@@ -78,7 +79,7 @@ def render_html(doc: dict[str, Any], *, gate: dict[str, Any] | None = None,
 
 def write_html(doc: dict[str, Any], path: str | Path, *, gate: dict[str, Any] | None = None,
                trends: dict[str, Any] | None = None) -> Path:
-    from harness.results import atomic_write_text
+    from twinbench.harness.store.results import atomic_write_text
 
     atomic_write_text(path, render_html(doc, gate=gate, trends=trends))
     return Path(path)

@@ -57,7 +57,7 @@ def render_junit(doc: dict[str, Any], *, gate: dict[str, Any] | None = None) -> 
 
 
 def write_junit(doc: dict[str, Any], path: str | Path, *, gate: dict[str, Any] | None = None) -> Path:
-    from harness.results import atomic_write_text
+    from twinbench.harness.store.results import atomic_write_text
 
     atomic_write_text(path, render_junit(doc, gate=gate))
     return Path(path)

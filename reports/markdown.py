@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from reports import model
+from twinbench.reports import model
 
 
 def md(text: Any) -> str:
@@ -61,7 +61,7 @@ def render_markdown(doc: dict[str, Any], *, gate: dict[str, Any] | None = None, 
 
 
 def write_markdown(doc: dict[str, Any], path: str | Path, *, gate: dict[str, Any] | None = None) -> Path:
-    from harness.results import atomic_write_text
+    from twinbench.harness.store.results import atomic_write_text
 
     atomic_write_text(path, render_markdown(doc, gate=gate))
     return Path(path)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import itertools
 import math
 
-from harness.case import Case
-from harness.inputs import elem_bytes, generator, randn
-from harness.registry import Inputs, Suite, register_impl, register_suite
-from reference.attention import attention as reference_attention
+from twinbench.harness.core.case import Case
+from twinbench.harness.core.inputs import elem_bytes, generator, randn
+from twinbench.harness.core.registry import Inputs, Suite, register_impl, register_suite
+from twinbench.reference.attention import attention as reference_attention
 
 
 def _case(batch, heads, kv_heads, seq_q, seq_k, head_dim, causal, dtype) -> Case:

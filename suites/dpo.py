@@ -12,10 +12,10 @@ import itertools
 
 import torch
 
-from harness.case import Case, torch_dtype
-from harness.inputs import elem_bytes, generator, randn
-from harness.registry import Inputs, Suite, Tolerance, register_impl, register_suite
-from reference.dpo import LOSS_TYPES, linear_dpo
+from twinbench.harness.core.case import Case, torch_dtype
+from twinbench.harness.core.inputs import elem_bytes, generator, randn
+from twinbench.harness.core.registry import Inputs, Suite, Tolerance, register_impl, register_suite
+from twinbench.reference.dpo import LOSS_TYPES, linear_dpo
 
 IGNORE_INDEX = -100
 LLAMA3_VOCAB = 128256

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from harness.case import Case
-from harness.registry import Inputs, Suite, Tolerance, register_impl, register_suite
+from twinbench.harness.core.case import Case
+from twinbench.harness.core.registry import Inputs, Suite, Tolerance, register_impl, register_suite
 
 DATA = Path(__file__).resolve().parent / "data" / "preferences.jsonl"
 LOSS_ATOL = 1e-4  # TRL's invariant tests: max |delta loss| 1e-4 in fp32 over 50 steps
@@ -73,8 +73,8 @@ def run_loop(trainer_cls: Any, *, device: str, seed: int, steps: int, batch: int
     from transformers.utils import logging as hf_logging
     from trl import DPOConfig
 
-    from harness.memory import RssSampler
-    from reference.tiny_lm import build_model, build_tokenizer
+    from twinbench.harness.core.memory import RssSampler
+    from twinbench.reference.tiny_lm import build_model, build_tokenizer
 
     hf_logging.set_verbosity_error()
     tok = build_tokenizer()
@@ -143,14 +143,14 @@ SUITE = register_suite(Suite(
 ))
 
 
-def _trl_available(device) -> tuple[bool, str]:
+def trl_available(device) -> tuple[bool, str]:
     import importlib.util
 
     missing = [m for m in ("trl", "transformers", "datasets", "tokenizers") if importlib.util.find_spec(m) is None]
     return (False, f"missing {', '.join(missing)} (pip install -e '.[train]')") if missing else (True, "")
 
 
-@register_impl("dpo_loop", "reference", tags=("reference",), available=_trl_available, backward=False)
+@register_impl("dpo_loop", "reference", tags=("reference",), available=trl_available, backward=False)
 def reference(*, device, seed, steps, batch, lr, beta, loss):
     from trl import DPOTrainer
 

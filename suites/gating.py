@@ -14,10 +14,10 @@ import itertools
 
 import torch
 
-from harness.case import Case, torch_dtype
-from harness.inputs import elem_bytes, generator, randn
-from harness.registry import Inputs, Suite, Tolerance, register_impl, register_suite
-from reference.moe import gating as reference_gating
+from twinbench.harness.core.case import Case, torch_dtype
+from twinbench.harness.core.inputs import elem_bytes, generator, randn
+from twinbench.harness.core.registry import Inputs, Suite, Tolerance, register_impl, register_suite
+from twinbench.reference.moe import gating as reference_gating
 
 
 def _case(tokens, hidden, experts, top_k, norm, dtype, tie_rows=2, nonfinite_rows=2) -> Case:

@@ -15,10 +15,10 @@ import itertools
 
 import torch
 
-from harness.case import Case, torch_dtype
-from harness.inputs import elem_bytes, generator, randn
-from harness.registry import Inputs, Suite, register_impl, register_suite
-from reference.moe import moe_experts
+from twinbench.harness.core.case import Case, torch_dtype
+from twinbench.harness.core.inputs import elem_bytes, generator, randn
+from twinbench.harness.core.registry import Inputs, Suite, register_impl, register_suite
+from twinbench.reference.moe import moe_experts
 
 
 def _case(batch, seq, hidden, experts, top_k, inter, dtype, routing="balanced") -> Case:

@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from harness.case import Case
-from harness.errors import UsageError
-from harness.registry import Inputs, Suite, Tolerance, register_impl, register_suite
-from reference.qlora_loop import training_stack_available
+from twinbench.harness.core.case import Case
+from twinbench.harness.core.errors import UsageError
+from twinbench.harness.core.registry import Inputs, Suite, Tolerance, register_impl, register_suite
+from twinbench.reference.qlora_loop import training_stack_available
 
 
 def _case(kind: str, dtype: str = "fp32", steps: int = 60, seq_len: int = 64, batch: int = 4,
@@ -56,7 +56,7 @@ BOUNDS: dict[str, dict[str, tuple[float, float, str]]] = {  # output -> dtype ->
 
 
 def loop_config(case: Case, seed: int):
-    from reference.qlora_loop import LoopConfig
+    from twinbench.reference.qlora_loop import LoopConfig
 
     return LoopConfig(kind=case["kind"], dtype=case["dtype"], steps=case["steps"], seq_len=case["seq_len"],
                       batch_size=case["batch"], grad_accum=case["accum"], seed=seed)
@@ -96,7 +96,7 @@ register_suite(Suite(
 
 @functools.lru_cache(maxsize=4)
 def _reference_run(config, device: str) -> dict[str, Any]:
-    from reference.qlora_loop import run_experiment
+    from twinbench.reference.qlora_loop import run_experiment
 
     return run_experiment(config, device)
 
@@ -105,7 +105,7 @@ def _reference_run(config, device: str) -> dict[str, Any]:
 def reference(*, config, device):
     """The reference loop. Its unpoisoned run (the comparison baseline) is computed once per config and
     process; when the harness judges the reference itself (poisoned allocations) it runs afresh."""
-    from reference.qlora_loop import run_experiment
+    from twinbench.reference.qlora_loop import run_experiment
 
     if torch._C._is_torch_function_mode_enabled():
         return run_experiment(config, device)
@@ -137,10 +137,10 @@ def bench(kind: str = "llama", dtype: str = "fp32", seq_len: int = 64, steps: in
     import tempfile
     from pathlib import Path
 
-    from harness.memory import TensorPeak
-    from impls import nf4_kernels
-    from impls.qlora_patched import labelled_loss, patch_model
-    from reference.qlora_loop import PeakMemory, Trainer, load_qlora_model, save_base_checkpoint
+    from twinbench.harness.core.memory import TensorPeak
+    from twinbench.impls.kernels import nf4 as nf4_kernels
+    from twinbench.impls.qlora.patched import labelled_loss, patch_model
+    from twinbench.reference.qlora_loop import PeakMemory, Trainer, load_qlora_model, save_base_checkpoint
 
     if steps < 3:
         raise UsageError(f"--steps {steps}: the bench needs at least 3 (warm-up, memory-measured, timed)")
@@ -227,7 +227,7 @@ if __name__ == "__main__":
                              "dense_mlp, mlp ('' none; default: patch_model's, attn,dense_mlp)")
     args = parser.parse_args()
     if args.bench:
-        from impls.qlora_recompute import BLOCKS
+        from twinbench.impls.qlora.recompute import BLOCKS
 
         try:
             unknown = [b for b in (args.recompute or "").split(",") if b and b not in BLOCKS]

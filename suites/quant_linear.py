@@ -16,10 +16,10 @@ from __future__ import annotations
 import itertools
 import math
 
-from harness.case import Case
-from harness.inputs import elem_bytes, generator, randn
-from harness.registry import Inputs, Suite, Tolerance, register_impl, register_suite
-from reference.nf4 import nf4_linear, quantize_nf4
+from twinbench.harness.core.case import Case
+from twinbench.harness.core.inputs import elem_bytes, generator, randn
+from twinbench.harness.core.registry import Inputs, Suite, Tolerance, register_impl, register_suite
+from twinbench.reference.nf4 import nf4_linear, quantize_nf4
 
 
 def _case(out, inp, batch, rank, blocksize, double_quant, dtype, bias=False) -> Case:

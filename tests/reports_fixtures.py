@@ -10,7 +10,7 @@ import copy
 
 import numpy as np
 
-from harness.results import validate
+from twinbench.harness.store.results import validate
 
 PLANTED = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\">"
 FP = "fp0000000000cpu1"

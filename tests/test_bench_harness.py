@@ -4,10 +4,10 @@ once as ordinary tests, so the code paths stay exercised in CI."""
 
 import torch
 
-from harness import devices
-from harness.parity import PoisonedAllocations, compare_tensor
-from harness.registry import Tolerance
-from harness.timing import Timer
+from twinbench.harness.core import devices
+from twinbench.harness.core.parity import PoisonedAllocations, compare_tensor
+from twinbench.harness.core.registry import Tolerance
+from twinbench.harness.core.timing import Timer
 
 CPU = devices.find("cpu")
 

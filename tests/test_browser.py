@@ -11,8 +11,8 @@ import tempfile
 import pytest
 from reports_fixtures import PLANTED, make_doc
 
-from harness.gate import GateConfig, decide, summarize
-from reports.html import write_html
+from twinbench.harness.gate.stats import GateConfig, decide, summarize
+from twinbench.reports.html import write_html
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (CI installs it: apt-get install chromium)")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from harness.cli import main
+from twinbench.harness.cli.main import main
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.case import Case
-from harness.parity import check_parity
-from harness.registry import IMPLS, Impl, load_plugins
-from impls.dpo_fused_torch import fused_linear_dpo
-from reference.dpo import linear_dpo, sequence_logps
+from twinbench.harness.core.case import Case
+from twinbench.harness.core.parity import check_parity
+from twinbench.harness.core.registry import IMPLS, Impl, load_plugins
+from twinbench.impls.dpo.fused_torch import fused_linear_dpo
+from twinbench.reference.dpo import linear_dpo, sequence_logps
 
 load_plugins()
 SUITE = __import__("suites.dpo", fromlist=["SUITE"]).SUITE
@@ -137,7 +137,7 @@ def test_fused_passes_over_many_seeds(case, fn):
 
 
 def test_split_vocab_path_really_splits():
-    from impls.dpo_fused_torch import _vocab_chunk
+    from twinbench.impls.dpo.fused_torch import _vocab_chunk
 
     assert _vocab_chunk(rows=40, vocab=200, tile_bytes=2048) < 200
     assert _vocab_chunk(rows=40, vocab=200, tile_bytes=2**20) == 200

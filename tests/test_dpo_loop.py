@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-from harness.parity import check_parity, compare_tensor
-from harness.registry import IMPLS, Impl, load_plugins
+from twinbench.harness.core.parity import check_parity, compare_tensor
+from twinbench.harness.core.registry import IMPLS, Impl, load_plugins
 
 pytest.importorskip("trl")
 load_plugins()
-SUITE = __import__("suites.dpo_loop", fromlist=["SUITE"]).SUITE
+SUITE = __import__("twinbench.suites.dpo_loop", fromlist=["SUITE"]).SUITE
 CASE = SUITE.cases("quick")[0]
 
 
@@ -59,8 +59,8 @@ def test_metrics_recorded(runs):
 
 def _planted_trainer(mutate):
     """FusedDPOTrainer whose fused-loss inputs are altered by ``mutate`` (a planted bug in the loop)."""
-    from impls.dpo_fused_torch import fused_linear_dpo
-    from impls.dpo_loop_fused import fused_dpo_trainer
+    from twinbench.impls.dpo.fused_torch import fused_linear_dpo
+    from twinbench.impls.dpo_loop.fused import fused_dpo_trainer
 
     def wrong_loss(*args, **kw):
         args, kw = mutate(list(args), dict(kw))
@@ -83,7 +83,7 @@ def _beta_twice(args, kw):
 
 
 def test_planted_reference_ignored_breaks_step1_ln2():
-    from suites.dpo_loop import run_loop
+    from twinbench.suites.dpo_loop import run_loop
 
     out = run_loop(_planted_trainer(_ref_ignored), device="cpu", seed=0, steps=1, batch=CASE["batch"],
                    lr=CASE["lr"], beta=CASE["beta"], loss=CASE["loss"])
@@ -91,7 +91,7 @@ def test_planted_reference_ignored_breaks_step1_ln2():
 
 
 def test_planted_beta_twice_breaks_the_trajectory(runs):
-    from suites.dpo_loop import run_loop
+    from twinbench.suites.dpo_loop import run_loop
 
     _, store = runs
     steps = 4

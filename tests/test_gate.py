@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from reports_fixtures import fingerprint, make_doc, slowed
 
-from harness import gate
-from harness.cli import main
-from harness.errors import UsageError
-from harness.results import atomic_write_json
+from twinbench.harness.gate import stats as gate
+from twinbench.harness.cli.main import main
+from twinbench.harness.core.errors import UsageError
+from twinbench.harness.store.results import atomic_write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -126,7 +126,7 @@ def test_the_screen_is_lenient_only_for_regressions():
 def test_both_gate_workers_share_the_same_cpus():
     from types import SimpleNamespace
 
-    from harness import gate_against
+    from twinbench.harness.gate import against as gate_against
 
     allowed = sorted(os.sched_getaffinity(0))
     cpu = SimpleNamespace(device="cpu", no_pin=False)
@@ -241,9 +241,9 @@ def test_gate_needs_exactly_one_mode(capsys):
 # --- gate --against on a tiny git repository ------------------------------------------------------
 
 SUITE = '''
-from harness.case import Case
-from harness.inputs import generator, randn
-from harness.registry import Inputs, Suite, register_impl, register_suite
+from twinbench.harness.core.case import Case
+from twinbench.harness.core.inputs import generator, randn
+from twinbench.harness.core.registry import Inputs, Suite, register_impl, register_suite
 
 
 def make_inputs(case, device, seed):
@@ -262,7 +262,7 @@ def reference(x, w):
 '''
 IMPL = '''
 import torch
-from harness.registry import register_impl
+from twinbench.harness.core.registry import register_impl
 
 
 @register_impl("toy", "mm", tags=("ours",), backward=False)
@@ -276,7 +276,7 @@ SLOW = "for _ in range(3):\n        torch.mm(x, w)\n    return torch.mm(x, w)"
 @pytest.fixture(scope="module")
 def toy_repo(tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo")
-    for pkg in ("harness", "reports"):
+    for pkg in ("twinbench", "harness", "reports"):
         shutil.copytree(ROOT / pkg, repo / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     for pkg in ("suites", "impls", "reference"):
         (repo / pkg).mkdir()
@@ -292,7 +292,7 @@ def toy_repo(tmp_path_factory):
 
 def _gate_against(repo: Path, out: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(repo))
-    return subprocess.run([sys.executable, "-m", "harness.cli", "gate", "--against", "HEAD", "--suite", "toy",
+    return subprocess.run([sys.executable, "-m", "twinbench", "gate", "--against", "HEAD", "--suite", "toy",
                            "--impl", "mm", "--rounds", "9", "--out", str(out)], cwd=repo, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -326,7 +326,7 @@ def test_against_passes_when_nothing_changed(toy_repo, tmp_path):
 def test_calibrate_catches_a_large_planted_slowdown_and_reports_it(toy_repo, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(toy_repo))
     out = tmp_path / "cal.json"
-    done = subprocess.run([sys.executable, "-m", "harness.cli", "calibrate", "--suite", "toy", "--impl", "mm",
+    done = subprocess.run([sys.executable, "-m", "twinbench", "calibrate", "--suite", "toy", "--impl", "mm",
                            "--comparisons", "2", "--power-comparisons", "2", "--slowdowns", "200", "--rounds", "7",
                            "--block-ms", "2", "--test", "mwu", "--json", str(out)], cwd=toy_repo, env=env, capture_output=True,
                           text=True, timeout=300)

@@ -4,15 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.case import Case
-from harness.parity import check_parity
-from harness.registry import IMPLS, Impl, load_plugins
-from reference.moe import gating, router_losses
+from twinbench.harness.core.case import Case
+from twinbench.harness.core.parity import check_parity
+from twinbench.harness.core.registry import IMPLS, Impl, load_plugins
+from twinbench.reference.moe import gating, router_losses
 
 load_plugins()
 SUITE = __import__("suites.gating", fromlist=["SUITE"]).SUITE
 REF = IMPLS[("gating", "reference")]
-from impls.gating_fused_torch import lowest_index_topk  # noqa: E402
+from twinbench.impls.gating.fused_torch import lowest_index_topk  # noqa: E402
 
 TIES = Case.of(tokens=24, hidden=32, experts=16, top_k=4, norm=True, dtype="fp32", tie_rows=3, nonfinite_rows=2)
 PLAIN = TIES.replace(tie_rows=0, nonfinite_rows=0)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from reports_fixtures import make_doc
 
-from harness import history
-from harness.cli import main
-from harness.results import atomic_write_json
-from reports.html import render_html
+from twinbench.harness.store import history
+from twinbench.harness.cli.main import main
+from twinbench.harness.store.results import atomic_write_json
+from twinbench.reports.html import render_html
 
 
 def _nightly(tmp_path, n: int = 30, step_at: int | None = 20, factor: float = 1.3) -> list:
@@ -79,7 +79,7 @@ def test_the_report_shows_trends_and_change_points(tmp_path):
     paths = _nightly(tmp_path)
     for p in paths:
         history.add(db, p)
-    from harness.results import load
+    from twinbench.harness.store.results import load
 
     doc = load(paths[-1])
     text = render_html(doc, trends=history.trends(db, doc))

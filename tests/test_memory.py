@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy
 import torch
 
-from harness.memory import TensorPeak
+from twinbench.harness.core.memory import TensorPeak
 
 MB = 1 << 20
 

@@ -4,13 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.case import Case
-from harness.parity import check_parity
-from harness.registry import IMPLS, Impl, load_plugins
-from reference.moe import moe_experts, swiglu_expert
+from twinbench.harness.core.case import Case
+from twinbench.harness.core.parity import check_parity
+from twinbench.harness.core.registry import IMPLS, Impl, load_plugins
+from twinbench.reference.moe import moe_experts, swiglu_expert
 
 load_plugins()
-SUITE = __import__("suites.moe_ffn", fromlist=["SUITE"]).SUITE
+SUITE = __import__("twinbench.suites.moe_ffn", fromlist=["SUITE"]).SUITE
 REF = IMPLS[("moe_ffn", "reference")]
 OURS = IMPLS[("moe_ffn", "sorted")]
 
@@ -117,11 +117,11 @@ def test_batched_mm_guard_skips_the_benchmark_shape():
 
 
 def test_triton_tiles_never_straddle_experts():
-    from impls.moe_ffn_sorted import _Routing
-    from impls.moe_ffn_triton import BLOCK_M, _tiles
+    from twinbench.impls.moe_ffn.sorted_experts import Routing
+    from twinbench.impls.moe_ffn.triton_grouped import BLOCK_M, _tiles
 
     ids = torch.tensor([[0, 2]] * 40 + [[2, 3]] * 3)
-    route = _Routing(ids, 5)
+    route = Routing(ids, 5)
     experts, starts, ends = _tiles(route, "cpu")
     offs = [0] + route.offs.tolist()
     for e, s, t in zip(experts.tolist(), starts.tolist(), ends.tolist()):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference import nf4
+from twinbench.reference import nf4
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes not installed")
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.parity import check_parity
-from harness.registry import IMPLS, SUITES, load_plugins
-from impls import nf4_kernels, nf4_native
-from impls.quant_linear_fused import NF4Weight
-from reference.nf4 import dequantize_state, quantize_nf4
+from twinbench.harness.core.parity import check_parity
+from twinbench.harness.core.registry import IMPLS, SUITES, load_plugins
+from twinbench.impls.kernels import nf4 as nf4_kernels
+from twinbench.impls.kernels import nf4_native
+from twinbench.impls.quant_linear.fused import NF4Weight
+from twinbench.reference.nf4 import dequantize_state, quantize_nf4
 
 load_plugins()
 SUITE = SUITES["quant_linear"]

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.case import Case
-from harness.parity import PoisonedAllocations, check_parity, compare_tensor
-from harness.registry import IMPLS, Impl, Tolerance, load_plugins
-from reference.attention import attention
+from twinbench.harness.core.case import Case
+from twinbench.harness.core.parity import PoisonedAllocations, check_parity, compare_tensor
+from twinbench.harness.core.registry import IMPLS, Impl, Tolerance, load_plugins
+from twinbench.reference.attention import attention
 
 load_plugins()
 SUITE = __import__("suites.attention", fromlist=["SUITE"]).SUITE

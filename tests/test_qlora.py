@@ -12,10 +12,12 @@ pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("lm_eval")
 
-from harness.parity import check_parity, compare_tensor  # noqa: E402
-from harness.registry import IMPLS, SUITES, Impl, load_plugins  # noqa: E402
-from impls import qlora_moe_lora, qlora_nf4_lora, qlora_patched  # noqa: E402
-from reference import qlora_loop  # noqa: E402
+from twinbench.harness.core.parity import check_parity, compare_tensor  # noqa: E402
+from twinbench.harness.core.registry import IMPLS, SUITES, Impl, load_plugins  # noqa: E402
+from twinbench.impls.qlora import moe_lora as qlora_moe_lora
+from twinbench.impls.qlora import nf4_lora as qlora_nf4_lora
+from twinbench.impls.qlora import patched as qlora_patched  # noqa: E402
+from twinbench.reference import qlora_loop  # noqa: E402
 
 load_plugins()
 SUITE = SUITES["qlora"]
@@ -229,7 +231,7 @@ def test_bench_user_mistakes_are_one_line_and_exit_2(args):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "suites.qlora", "--bench", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "twinbench.suites.qlora", "--bench", *args], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr

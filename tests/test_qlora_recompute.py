@@ -10,8 +10,10 @@ import torch
 pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
-from impls import qlora_attention_op, qlora_patched, qlora_recompute  # noqa: E402
-from reference import qlora_loop  # noqa: E402
+from twinbench.impls.qlora import attention_op as qlora_attention_op
+from twinbench.impls.qlora import patched as qlora_patched
+from twinbench.impls.qlora import recompute as qlora_recompute  # noqa: E402
+from twinbench.reference import qlora_loop  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +147,7 @@ def test_unknown_block_is_refused():
 def test_layers_with_a_bias_or_attention_dropout_are_not_fused(base):
     """The fused ops compute x W^T and the adapters only: a base bias (or attention dropout) must keep
     peft's / the checkpoint path, not be silently dropped."""
-    from impls.qlora_attention_op import fusable_attention
+    from twinbench.impls.qlora.attention_op import fusable_attention
 
     cfg, path, _batch = base
     model = qlora_loop.load_qlora_model(path, cfg)

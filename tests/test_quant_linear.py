@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.parity import check_parity
-from harness.registry import IMPLS, SUITES, Impl, load_plugins
-from reference.nf4 import nf4_code
+from twinbench.harness.core.parity import check_parity
+from twinbench.harness.core.registry import IMPLS, SUITES, Impl, load_plugins
+from twinbench.reference.nf4 import nf4_code
 
 load_plugins()
 SUITE = SUITES["quant_linear"]
@@ -66,7 +66,7 @@ def test_planted_harness_without_bug_passes(case):
 @pytest.mark.parametrize("impl", ["fused_cpu", "fused_cpu_keep_w", "bnb_matmul_4bit", "triton_gemv", "triton_gemm"])
 def test_correct_impls_pass_over_seeds(impl):
     chosen = IMPLS[("quant_linear", impl)]
-    from harness import devices
+    from twinbench.harness.core import devices
 
     cpu = next(d for d in devices.detect() if d.backend == "cpu")
     ran = 0
@@ -97,7 +97,7 @@ def linear4bit(n: int, k: int, seed: int, double_quant: bool = True, bias: bool 
 
 
 def test_nf4_lora_linear_matches_bnb_layer_and_exact_grads():
-    from impls.quant_linear_fused import from_linear4bit, nf4_lora_linear
+    from twinbench.impls.quant_linear.fused import from_linear4bit, nf4_lora_linear
 
     layer = linear4bit(96, 256, 0)
     w, b = from_linear4bit(layer)
@@ -115,7 +115,7 @@ def test_nf4_lora_linear_matches_bnb_layer_and_exact_grads():
 
 
 def test_from_bnb_refuses_what_it_cannot_read():
-    from impls.quant_linear_fused import NF4Weight
+    from twinbench.impls.quant_linear.fused import NF4Weight
 
     layer = linear4bit(32, 64, 1)
     layer.weight.quant_state.quant_type = "fp4"
@@ -127,7 +127,7 @@ def test_from_bnb_refuses_what_it_cannot_read():
 
 def test_linear4bit_training_path_is_matmul_4bit():
     """The suite times bnb.matmul_4bit; Linear4bit (training mode) is exactly that call."""
-    from impls.quant_linear_bnb import bnb_matmul_4bit
+    from twinbench.impls.quant_linear.bnb_peer import bnb_matmul_4bit
 
     layer = linear4bit(64, 128, 2)
     qs = layer.weight.quant_state
@@ -139,8 +139,8 @@ def test_linear4bit_training_path_is_matmul_4bit():
 
 def test_patch_peft_model_same_outputs_and_grads_as_peft(monkeypatch):
     peft = pytest.importorskip("peft")
-    from impls import quant_linear_fused
-    from impls.quant_linear_fused import patch_peft_model
+    from twinbench.impls.quant_linear import fused as quant_linear_fused
+    from twinbench.impls.quant_linear.fused import patch_peft_model
 
     fused_calls = []
     real_forward = quant_linear_fused.peft_lora_forward

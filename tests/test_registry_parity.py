@@ -4,9 +4,9 @@ output shows parity per kernel and device (on this project's CI: the CPU). Suite
 
 import pytest
 
-from harness import devices
-from harness.parity import check_parity
-from harness.registry import IMPLS, SUITES, impls_for, load_plugins
+from twinbench.harness.core import devices
+from twinbench.harness.core.parity import check_parity
+from twinbench.harness.core.registry import IMPLS, SUITES, impls_for, load_plugins
 
 load_plugins()
 DEVICES = devices.detect()

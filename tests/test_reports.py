@@ -10,18 +10,18 @@ import pandas as pd
 import pytest
 from reports_fixtures import PLANTED, make_doc
 
-import reports
-from harness.cli import main
-from harness.gate import GateConfig
-from reports.html import render_html, script_json
-from reports.markdown import render_markdown
+from twinbench import reports
+from twinbench.harness.cli.main import main
+from twinbench.harness.gate.stats import GateConfig
+from twinbench.reports.html import render_html, script_json
+from twinbench.reports.markdown import render_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "tests" / "plugins" / "toy_matmul.py"
 
 
 def _planted_gate() -> dict:
-    from harness.gate import decide, summarize
+    from twinbench.harness.gate.stats import decide, summarize
 
     cases = [{"suite": "matmul", "case": "n=64,dtype=fp32", "impl": f"fast{PLANTED}", "device": "cpu", "mode": "fwd",
               "ratio": 1.3, "ci_low": 1.2, "ci_high": 1.4, "p_value": 1e-4, "noise": 0.01}]
@@ -75,7 +75,7 @@ def test_html_has_the_charts_failures_fingerprint_and_gate():
 
 
 def test_loss_curves_come_from_loop_metrics():
-    from reports import model
+    from twinbench.reports import model
 
     doc = make_doc()
     loop = [r for r in doc["results"] if r["suite"] == "loop" and r["impl"] == "fused"][0]
@@ -93,7 +93,7 @@ def test_markdown_summary_escapes_and_lists_failures():
 
 
 def test_junit_fails_parity_and_regressions_and_skips_skips():
-    from reports.junit import render_junit
+    from twinbench.reports.junit import render_junit
 
     root = ET.fromstring(render_junit(make_doc(), gate=_planted_gate()).split("\n", 1)[1])
     cases = root.iter("testcase")

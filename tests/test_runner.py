@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.results import load
+from twinbench.harness.store.results import load
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN = ROOT / "tests" / "plugins" / "misbehaving.py"
@@ -19,7 +19,7 @@ TINY = "batch=1,heads=2,kv_heads=2,seq_q=16,seq_k=16,head_dim=16,causal=true,dty
 
 def twinbench(*args, timeout=300):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "twinbench", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
 
 
@@ -75,7 +75,7 @@ def test_run_writes_results_with_timing_and_ratios(tmp_path):
 def test_killed_run_resumes_without_redoing_finished_cases(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    args = [sys.executable, "-m", "harness.cli", "run", "attention", "--device", "cpu", "--no-timing",
+    args = [sys.executable, "-m", "twinbench", "run", "attention", "--device", "cpu", "--no-timing",
             "--impl", "slow_but_right", "--plugin", str(PLUGIN), "--out", str(out), "--trials", "1"]
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

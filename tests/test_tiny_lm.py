@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from reference import tiny_lm
+from twinbench.reference import tiny_lm
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")

@@ -6,17 +6,17 @@ import math
 import pytest
 import torch
 
-from harness.case import Case
-from harness.devices import Device
-from harness.parity import check_parity
-from harness.registry import IMPLS, SUITES, load_plugins
-from reference.attention import attention
+from twinbench.harness.core.case import Case
+from twinbench.harness.core.devices import Device
+from twinbench.harness.core.parity import check_parity
+from twinbench.harness.core.registry import IMPLS, SUITES, load_plugins
+from twinbench.reference.attention import attention
 
 triton = pytest.importorskip("triton")
 load_plugins()
 
-from impls import _triton_fa_kernels as kernels  # noqa: E402  (after the registry, like the worker)
-from impls import attention_triton_fa as fa  # noqa: E402
+from twinbench.impls.attention import triton_fa_kernels as kernels  # noqa: E402  (after the registry, like the worker)
+from twinbench.impls.attention import triton_fa as fa  # noqa: E402
 
 SUITE = SUITES["attention"]
 IMPL = IMPLS[("attention", "triton_fa")]

@@ -6,8 +6,8 @@ import time
 
 import torch
 
-from harness.registry import register_impl
-from reference.attention import attention
+from twinbench.harness.core.registry import register_impl
+from twinbench.reference.attention import attention
 
 
 @register_impl("attention", "aborts")

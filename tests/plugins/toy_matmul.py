@@ -2,9 +2,9 @@
 
 import torch
 
-from harness.case import Case
-from harness.inputs import generator, randn
-from harness.registry import Inputs, Suite, register_impl, register_suite
+from twinbench.harness.core.case import Case
+from twinbench.harness.core.inputs import generator, randn
+from twinbench.harness.core.registry import Inputs, Suite, register_impl, register_suite
 
 
 def make_inputs(case: Case, device, seed: int) -> Inputs:

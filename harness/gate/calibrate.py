@@ -1,0 +1,281 @@
+"""`twinbench calibrate`: what can the gate honestly catch on this machine?
+
+Measures, with the gate's own statistics and workers, (1) the A/A false-alarm rate: the same kernel
+against itself, and (2) the power to catch a planted slowdown of 5/10/20%: the head side runs
+``s x number`` extra calls of the same kernel per sample, so the planted work reacts to contention like
+the kernel does. Both for the interleaved mode (`gate --against`) and the stored-baseline mode (a
+session of samples, later another session, no interleaving). Comparisons are grouped like one gate run
+over the workload's cases (correction across the group), and a flagged case counts only when its
+re-run flags it again, exactly as the gate decides.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from twinbench.harness.core.errors import UsageError
+
+GRANULARITY = 20  # calls per sample are a multiple of 20, so a 5% slowdown is a whole number of calls
+
+
+def _parse_slowdowns(text: str) -> list[float]:
+    try:
+        values = [float(x) / 100 for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--slowdowns {text!r}: give percentages like 5,10,20") from None
+    if not values or any(v <= 0 or v > 5 for v in values):
+        raise UsageError("--slowdowns must be positive percentages (e.g. 5,10,20)")
+    return values
+
+
+def _spread(items: list, n: int) -> list:
+    if len(items) <= n:
+        return items
+    idx = np.linspace(0, len(items) - 1, n).round().astype(int)
+    return [items[i] for i in sorted(set(idx))]
+
+
+def _session(worker, item, number: int, rounds: int, extra: int, clock: str) -> list[float]:
+    """Stored-baseline mode: one side's samples back to back (no interleaving)."""
+    out = []
+    for _ in range(rounds):
+        reply = worker.request(op="time", key=item.key, number=number, extra=extra, clock=clock)
+        if not reply.get("ok"):
+            raise UsageError(f"calibration workload {item.key} failed: {reply.get('why')}")
+        out.append(reply["ms"])
+    return out
+
+
+def _case(item, stats: dict[str, Any]) -> dict[str, Any]:
+    return dict(item.as_case(), device="", **stats)
+
+
+def against_mode(pair, items, configs: dict[str, Any], n: int, slowdown: float) -> dict[str, Any]:
+    """Interleaved comparisons in gate-sized groups; per test: first-stage flags and confirmed alarms."""
+    from twinbench.harness.gate import stats as gate
+    from twinbench.harness.gate import against as gate_against
+
+    counts = {t: {"flagged": 0, "confirmed": 0} for t in configs}
+    ratios = []
+    done = 0
+    while done < n:
+        group = items[: max(1, min(len(items), n - done))]
+        measured = {i.key: pair.measure(i, extra_fraction=slowdown) for i in group}
+        for i in group:
+            b, h = measured[i.key]
+            ratios.append(float(np.median(np.asarray(h) / np.asarray(b))))
+        reruns: dict[str, tuple[list[float], list[float]]] = {}
+        for test, config in configs.items():
+            cases = [_case(i, gate.compare_samples(*measured[i.key], paired=True, test=test, n_boot=config.n_boot))
+                     for i in group]
+            gate.screen(cases, config)
+            flagged = [c for c, i in zip(cases, group) if c["verdict"] == "regression"]
+            counts[test]["flagged"] += len(flagged)
+            rerun = []
+            for c, i in zip(cases, group):
+                if c["verdict"] != "regression":
+                    continue
+                if i.key not in reruns:
+                    reruns[i.key] = pair.measure(i, extra_fraction=slowdown,
+                                                 rounds=gate_against.CONFIRM_ROUNDS_FACTOR * pair.rounds)
+                rerun.append(_case(i, gate.compare_samples(*reruns[i.key], paired=True, test=test,
+                                                           n_boot=config.n_boot, seed=1)))
+            gate.confirm(cases, rerun, config, family=len(group))
+            counts[test]["confirmed"] += sum(c["verdict"] == "regression (confirmed)" for c in cases)
+        done += len(group)
+    print(f"   interleaved, slowdown {slowdown:.0%}: {done} comparisons done", flush=True)
+    return {"comparisons": done, "slowdown": slowdown, "median_ratio_cv": _cv(ratios), "tests": counts}
+
+
+def baseline_sessions(pair, items, n: int, slowdown: float, rounds: int) -> list[dict[str, Any]]:
+    """Stored-baseline mode: per group, base sessions for every case, then new sessions, then re-runs."""
+    out = []
+    while len(out) < n:
+        group = items[: max(1, min(len(items), n - len(out)))]
+        base = {i.key: _session(pair.base, i, pair.numbers[i.key], rounds, 0, pair.clock) for i in group}
+        extra = {i.key: round(slowdown * pair.numbers[i.key]) for i in group}
+        new = {i.key: _session(pair.head, i, pair.numbers[i.key], rounds, extra[i.key], pair.clock) for i in group}
+        again = {i.key: _session(pair.head, i, pair.numbers[i.key], rounds, extra[i.key], pair.clock) for i in group}
+        out += [{"item": i, "base": base[i.key], "new": new[i.key], "again": again[i.key], "group": len(out)}
+                for i in group]
+    print(f"   stored sessions, slowdown {slowdown:.0%}: {len(out)} comparisons done", flush=True)
+    return out
+
+
+def run_to_run_noise(aa: list[dict[str, Any]]) -> float:
+    """Excess spread of log(median new / median base) across A/A sessions beyond within-session error."""
+    from twinbench.harness.gate import stats as gate
+
+    d, se = [], []
+    for s in aa:
+        c = gate.compare_samples(s["base"], s["new"], paired=False, n_boot=500)
+        d.append(math.log(c["ratio"]))
+        se.append(c["noise"])
+    d_arr = np.asarray(d)
+    robust_sd = 1.4826 * float(np.median(np.abs(d_arr - np.median(d_arr))))
+    return float(math.sqrt(max(0.0, robust_sd**2 - float(np.mean(np.square(se))))))
+
+
+def judge_baseline(sessions: list[dict[str, Any]], config, noise: float) -> dict[str, int]:
+    from twinbench.harness.gate import stats as gate
+
+    counts = {"flagged": 0, "confirmed": 0}
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for s in sessions:
+        groups.setdefault(s["group"], []).append(s)
+    for group in groups.values():
+        cases = [_case(s["item"], gate.compare_samples(s["base"], s["new"], paired=False, extra_noise=noise,
+                                                       n_boot=config.n_boot)) for s in group]
+        gate.decide(cases, config)
+        counts["flagged"] += sum(c["verdict"] == "regression" for c in cases)
+        rerun = [_case(s["item"], gate.compare_samples(s["base"], s["again"], paired=False, extra_noise=noise,
+                                                       n_boot=config.n_boot, seed=1))
+                 for s, c in zip(group, cases) if c["verdict"] == "regression"]
+        gate.confirm(cases, rerun, config)
+        counts["confirmed"] += sum(c["verdict"] == "regression (confirmed)" for c in cases)
+    return counts
+
+
+def _cv(values: list[float]) -> float:
+    a = np.asarray(values)
+    return float(np.std(a) / np.mean(a)) if a.size > 1 else 0.0
+
+
+def smallest_caught(result: dict[str, Any], test: str, target_fa: float = 0.01,
+                    target_power: float = 0.95) -> float | None:
+    aa = result["aa"]
+    if aa["tests"][test]["confirmed"] / aa["comparisons"] > target_fa:
+        return None
+    for p in sorted(result["power"], key=lambda p: p["slowdown"]):
+        if p["tests"][test]["confirmed"] / p["comparisons"] >= target_power:
+            return p["slowdown"]
+    return None
+
+
+def main(args) -> int:
+    from twinbench.harness.gate import against as gate_against
+
+    with gate_against.terminate_as_interrupt():
+        return _main(args)
+
+
+def _main(args) -> int:
+    from twinbench.harness.gate import against as gate_against
+    from twinbench.harness.gate.stats import GateConfig
+    from twinbench.harness.store.results import atomic_write_json, now_iso
+
+    slowdowns = _parse_slowdowns(args.slowdowns)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"against", "baseline"}:
+        raise UsageError("--modes takes against, baseline or against,baseline")
+    if args.comparisons < 1 or args.power_comparisons < 1:
+        raise UsageError("--comparisons and --power-comparisons must be >= 1")
+    rounds = gate_against._check_rounds(args)
+    block_ms = args.block_ms or gate_against.DEFAULT_BLOCK_MS
+    threshold = {"against": args.threshold if args.threshold is not None else gate_against.DEFAULT_THRESHOLD,
+                 "baseline": args.threshold if args.threshold is not None else 0.05}
+    tests = [args.test] if args.test else ["mwu", "wilcoxon"]
+
+    def config(mode: str, test: str) -> GateConfig:
+        c = GateConfig(threshold=threshold[mode], k=args.k, alpha=args.alpha, correction=args.correction, test=test)
+        c.check()
+        return c
+
+    out_dir = Path(args.dir)
+    logs = Path(args.json).parent if args.json else Path("/tmp")
+    report: dict[str, Any] = {"kind": "twinbench-calibration", "created": now_iso(), "rounds": rounds,
+                              "confirm_rounds": gate_against.CONFIRM_ROUNDS_FACTOR * rounds, "block_ms": block_ms,
+                              "k": args.k, "alpha": args.alpha, "correction": args.correction}
+    if "against" in modes:
+        # As `gate --against` runs: both workers pinned to the same CPU(s), the process clock on the CPU.
+        cpus = gate_against.shared_cpus(args, args.threads)
+        with _started_pair(args, rounds, block_ms, logs, cpus, gate_against.clock_for(args), report) as (pair, items):
+            configs = {t: config("against", t) for t in tests}
+            res = {"threshold": threshold["against"], "clock": pair.clock, "pinned_cpus": cpus,
+                   "aa": against_mode(pair, items, configs, args.comparisons, 0.0),
+                   "power": [against_mode(pair, items, configs, args.power_comparisons, s) for s in slowdowns]}
+            res["smallest_caught"] = {t: smallest_caught(res, t) for t in tests}
+            report["against"] = res
+            print(_format("against (interleaved)", res, tests), flush=True)
+    if "baseline" in modes:
+        # As `twinbench run` measures what a stored baseline holds: unpinned workers, the wall clock.
+        with _started_pair(args, rounds, block_ms, logs, None, "wall", report) as (pair, items):
+            cfg = config("baseline", "mwu")
+            aa = baseline_sessions(pair, items, args.comparisons, 0.0, rounds)
+            halves = [aa[0::2], aa[1::2]]
+            noises = [run_to_run_noise(h) if len(h) >= 2 else 0.0 for h in halves]
+            counts = {"flagged": 0, "confirmed": 0}
+            for held_out, noise in ((halves[1], noises[0]), (halves[0], noises[1])):  # out-of-sample noise
+                for k, v in judge_baseline(held_out, cfg, noise).items():
+                    counts[k] += v
+            noise = run_to_run_noise(aa)
+            res = {"threshold": threshold["baseline"], "clock": "wall", "pinned_cpus": None,
+                   "run_to_run_noise": noise, "aa": {"comparisons": len(aa), "slowdown": 0.0, "tests": {"mwu": counts}},
+                   "power": []}
+            for s in slowdowns:
+                sessions = baseline_sessions(pair, items, args.power_comparisons, s, rounds)
+                res["power"].append({"comparisons": len(sessions), "slowdown": s,
+                                     "tests": {"mwu": judge_baseline(sessions, cfg, noise)}})
+            res["smallest_caught"] = {"mwu": smallest_caught(res, "mwu")}
+            report["baseline"] = res
+            print(_format(f"stored baseline (run-to-run noise {noise:.3f})", res, ["mwu"]), flush=True)
+    if args.json:
+        atomic_write_json(args.json, report)
+        print(f"wrote {args.json}")
+    if args.save:
+        path = out_dir / f"{report['fingerprint'].get('id', 'unknown')}.calibration.json"
+        atomic_write_json(path, report)
+        print(f"wrote {path}")
+    return 0
+
+
+@contextlib.contextmanager
+def _started_pair(args, rounds: int, block_ms: float, logs: Path, cpus: list[int] | None, clock: str,
+                  report: dict[str, Any]) -> Iterator[tuple[Any, list]]:
+    """Two workers on the working tree, ready and prepared for the workload; always stopped."""
+    from twinbench.harness.gate import against as gate_against
+
+    a, b = (gate_against.GateWorker(gate_against.ROOT, args.device, args.plugin, logs / f"calibrate-{side}.log",
+                                    args.timeout, args.threads, cpus) for side in "ab")
+    pair = gate_against.Pair(a, b, rounds, block_ms, clock=clock)
+    try:
+        items = _spread(gate_against.plan_items(args, modes=("fwd",)), args.max_cases)  # while workers start
+        a.ready()
+        b.ready()
+        report.update(fingerprint=b.fingerprint, threads=a.threads, workload=[i.key for i in items])
+        for item in items:
+            prep = pair.prepare(item, granularity=GRANULARITY)
+            if not prep["ok"]:
+                raise UsageError(f"calibration workload {item.key} cannot run: {prep['why']}")
+        print(f"calibrating on {len(items)} case(s), {rounds} rounds of {block_ms:g} ms samples, {clock} clock, "
+              f"{a.threads or 'default'} thread(s), " + (f"pinned to CPU(s) {cpus}" if cpus else "not pinned") + ": "
+              + ", ".join(f"{i.key} x{pair.numbers[i.key]}" for i in items), flush=True)
+        yield pair, items
+    finally:
+        pair.stop()
+
+
+def _format(title: str, res: dict[str, Any], tests: list[str]) -> str:
+    lines = [f"== {title}: threshold {res['threshold']}, A/A over {res['aa']['comparisons']} comparisons"]
+    if res["aa"].get("median_ratio_cv") is not None:
+        lines.append(f"   A/A median-ratio CV across comparisons: {res['aa']['median_ratio_cv']:.4f}")
+    for test in tests:
+        aa = res["aa"]["tests"][test]
+        n = res["aa"]["comparisons"]
+        parts = [f"   {test:<8} A/A false alarms {aa['confirmed']}/{n} = {aa['confirmed'] / n:.2%} "
+                 f"(first stage {aa['flagged']})"]
+        for p in res["power"]:
+            t = p["tests"][test]
+            parts.append(f"{p['slowdown']:.0%}: caught {t['confirmed']}/{p['comparisons']} = "
+                         f"{t['confirmed'] / p['comparisons']:.0%}")
+        lines.append("; ".join(parts))
+        s = res["smallest_caught"][test]
+        lines.append(f"   {test:<8} smallest slowdown caught >= 95% with <= 1% false alarms: "
+                     + (f"{s:.0%}" if s is not None else "none of those tested"))
+    return "\n".join(lines)

@@ -1,0 +1,228 @@
+"""The native NF4 CPU kernels (impls/nf4_native.c): built with the system C compiler at first use, cached.
+
+Plain C with AVX-512F intrinsics and OpenMP, no torch headers, so a build takes about a second. The shared
+object lives under ``$TWINBENCH_CACHE_DIR`` (default ``$XDG_CACHE_HOME/twinbench`` or ``~/.cache/twinbench``)
+in ``nf4_native/<hash>.so``, the hash covering the source, the flags and the compiler's version; it is built
+into a temporary file and renamed into place, so concurrent first uses are safe. ``TWINBENCH_NF4_NATIVE=0``
+turns it off (the inductor kernels in impls/nf4_kernels.py are then used).
+
+:func:`status` says whether the kernels can run here and why not; the wrappers below check dtypes, shapes
+and contiguity, then call the C functions on the tensors' data pointers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("nf4_native.c")
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared",
+         "-fPIC", "-std=c11"]
+MAX_ROWS = 8  # rows of x one GEMV call takes (nf4_native.c: MAX_ROWS)
+_OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def cache_dir() -> Path:
+    if os.environ.get("TWINBENCH_CACHE_DIR"):
+        return Path(os.environ["TWINBENCH_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "twinbench"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "")) or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build(cc: str) -> Path:
+    """The cached shared object for this source, flags and compiler (built now if absent)."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    target = cache_dir() / "nf4_native" / f"{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{Path(cc).name} failed: {done.stderr.strip().splitlines()[-1:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("TWINBENCH_NF4_NATIVE") == "0":
+        return None, "turned off by TWINBENCH_NF4_NATIVE=0"
+    if not sys.platform.startswith("linux"):
+        return None, f"native NF4 kernels are built for Linux only (this is {sys.platform})"
+    flags = _cpu_flags()
+    if "avx512f" not in flags:
+        return None, "this CPU lacks AVX-512F (the native NF4 kernels need it)"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found (set CC, or install gcc)"
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except Exception as exc:  # a failed build or load is a reason, not a crash
+        return None, f"native NF4 build failed: {type(exc).__name__}: {exc}"
+    if lib.nf4_native_abi() != 1:
+        return None, "stale native NF4 build (ABI mismatch)"
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for name in ("nf4_gemv", "nf4_gemv_t"):
+        getattr(lib, name).argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
+    lib.nf4_dequantize.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_int]
+    lib.nf4_decode_absmax.argtypes = [ptr, ptr, ptr, ctypes.c_float, ptr, i64]
+    lib.nf4_decode_absmax.restype = None
+    return lib, ""
+
+
+def status() -> tuple[bool, str]:
+    """(usable, why not): CPU flags, a working compiler and a successful build (built once, then cached)."""
+    lib, why = _load()
+    return lib is not None, why
+
+
+def supports(packed2d: torch.Tensor, scales: torch.Tensor) -> bool:
+    """The native kernels take contiguous CPU weights whose blocks are whole multiples of 32 columns."""
+    half = packed2d.shape[1]
+    k = 2 * half
+    nb = scales.shape[-1]
+    return (packed2d.device.type == "cpu" and packed2d.is_contiguous() and k % nb == 0 and (k // nb) % 32 == 0
+            and status()[0])
+
+
+def _checked(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"{name}: need a contiguous CPU {dtype} tensor, got {t.dtype} on {t.device}")
+    return t
+
+
+@functools.cache
+def _code16() -> torch.Tensor:
+    from twinbench.impls.kernels.nf4 import NF4_CODE
+
+    return torch.tensor(NF4_CODE, dtype=torch.float32)
+
+
+def _lib() -> ctypes.CDLL:
+    lib, why = _load()
+    if lib is None:
+        raise RuntimeError(why)
+    return lib
+
+
+def _call(fn, *args) -> None:
+    if fn(*args) != 0:
+        raise ValueError(f"{fn.__name__} refused its arguments {args[5:]}")
+
+
+def decode_absmax(q: torch.Tensor, absmax2: torch.Tensor, code2: torch.Tensor, offset: float) -> torch.Tensor:
+    """fp32 block scales from bnb's double-quantised absmax (``code2[q] * absmax2[i // 256] + offset``)."""
+    q = _checked(q.reshape(-1), torch.uint8, "absmax")
+    a2, c2 = _checked(absmax2.float().contiguous(), torch.float32, "absmax2"), _checked(code2.float().contiguous(),
+                                                                                      torch.float32, "code2")
+    if a2.numel() * 256 < q.numel() or c2.numel() != 256:
+        raise ValueError("absmax2 must cover every 256 blocks and code2 must have 256 values")
+    out = torch.empty(q.numel(), dtype=torch.float32)
+    _lib().nf4_decode_absmax(q.data_ptr(), a2.data_ptr(), c2.data_ptr(), float(offset), out.data_ptr(), q.numel())
+    return out
+
+
+def to_chunk_order(t: torch.Tensor) -> torch.Tensor:
+    """[M, K] -> [M, K/32, 2, 16] flattened: per 32 columns, the 16 even ones then the 16 odd ones."""
+    m, k = t.shape
+    return t.reshape(m, k // 32, 16, 2).transpose(2, 3).contiguous().reshape(m, k)
+
+
+def from_chunk_order(t: torch.Tensor) -> torch.Tensor:
+    m, k = t.shape
+    return t.reshape(m, k // 32, 2, 16).transpose(2, 3).contiguous().reshape(m, k)
+
+
+# Packed weight bytes per thread below which extra threads cost more than they save (~20 us of work each):
+# a team of threads waits for its slowest member, and on a shared machine that can be a descheduled one.
+BYTES_PER_THREAD = 1 << 18
+
+
+def _threads(packed2d: torch.Tensor) -> int:
+    """torch's thread count, capped so that each thread gets at least BYTES_PER_THREAD of the weight."""
+    return max(1, min(torch.get_num_threads(), packed2d.numel() // BYTES_PER_THREAD))
+
+
+def _weight(packed2d: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    packed2d = _checked(packed2d, torch.uint8, "packed")
+    scales = _checked(scales.reshape(-1), torch.float32, "scales")
+    n, half = packed2d.shape
+    k = 2 * half
+    if scales.numel() == 0 or (n * k) % scales.numel():
+        raise ValueError(f"{scales.numel()} scales do not split a {n}x{k} weight into blocks")
+    return packed2d, scales, n, k, n * k // scales.numel()
+
+
+def gemv(x: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x @ W^T`` in fp32 for x [M, K] (any float dtype; up to MAX_ROWS rows per kernel call)."""
+    packed2d, scales, n, k, bs = _weight(packed2d, scales)
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be [M, {k}], got {tuple(x.shape)}")
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    _in_row_groups(_lib().nf4_gemv, packed2d, scales, to_chunk_order(x.float()), y, n, k, bs)
+    return y
+
+
+def gemv_t(g: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``g @ W`` in fp32 for g [M, N] (the input gradient of ``x @ W^T``)."""
+    packed2d, scales, n, k, bs = _weight(packed2d, scales)
+    if g.dim() != 2 or g.shape[1] != n:
+        raise ValueError(f"g must be [M, {n}], got {tuple(g.shape)}")
+    dx = torch.empty(g.shape[0], k, dtype=torch.float32)
+    _in_row_groups(_lib().nf4_gemv_t, packed2d, scales, g.float().contiguous(), dx, n, k, bs)
+    return from_chunk_order(dx)
+
+
+def _in_row_groups(kernel, packed2d: torch.Tensor, scales: torch.Tensor, inp: torch.Tensor, out: torch.Tensor,
+                   n: int, k: int, bs: int) -> None:
+    """Call a GEMV kernel on up to MAX_ROWS rows of ``inp``/``out`` at a time (its register blocking)."""
+    threads = _threads(packed2d)
+    for r in range(0, inp.shape[0], MAX_ROWS):
+        rows = min(MAX_ROWS, inp.shape[0] - r)
+        _call(kernel, packed2d.data_ptr(), scales.data_ptr(), _code16().data_ptr(), inp[r].data_ptr(),
+              out[r].data_ptr(), rows, n, k, bs, threads)
+
+
+def dequantize(packed2d: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """The [N, K] weight in ``dtype`` (fp32/bf16/fp16): ``code * absmax`` in fp32, rounded to nearest even
+    (written into ``out`` when given: a contiguous [N, K] tensor of that dtype)."""
+    if dtype not in _OUT_KIND:
+        raise ValueError(f"native dequantise writes fp32/bf16/fp16, not {dtype}")
+    packed2d, scales, n, k, bs = _weight(packed2d, scales)
+    if out is None:
+        out = torch.empty(n, k, dtype=dtype)
+    elif out.shape != (n, k):
+        raise ValueError(f"out has shape {tuple(out.shape)}, the weight is {n}x{k}")
+    _checked(out, dtype, "out")
+    _call(_lib().nf4_dequantize, packed2d.data_ptr(), scales.data_ptr(), _code16().data_ptr(), out.data_ptr(),
+          n * k, bs, _OUT_KIND[dtype], _threads(packed2d))
+    return out

@@ -1,0 +1,298 @@
+"""Our fused NF4 (+LoRA) linear: public API for QLoRA loops, and the quant_linear suite's CPU-native impl.
+
+    nf4_lora_linear(x, qweight_state, lora_A=None, lora_B=None, scaling=1.0, bias=None) -> Tensor
+
+computes ``x W^T + bias + scaling * (x A^T) B^T`` with W the NF4 weight *as bitsandbytes stores it* (packed
+uint8 bytes + absmax, or the double-quantised absmax state), as one autograd op: gradients for x, lora_A,
+lora_B (and bias when it requires grad); the base weight is frozen (no gradient). ``qweight_state`` is a
+``bnb.nn.Params4bit`` (``layer.weight`` of a ``bnb.nn.Linear4bit``), a ``(packed, QuantState)`` pair, or an
+:class:`NF4Weight`. Helpers: :func:`from_linear4bit` (bnb Linear4bit -> (NF4Weight, bias)),
+:func:`peft_lora_forward` / :func:`patch_peft_model` (route peft LoRA-on-Linear4bit layers through it).
+
+Kernels (impls/nf4_kernels.py): on CPU a fused dequantise-GEMV for a few rows (the weight is never
+materialised, forward and backward), dequantise + GEMM for more rows — native AVX-512 C kernels
+(impls/nf4_native.c) where the CPU and a compiler allow, else torch.compile'd ones; on GPUs the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from twinbench.harness.core.registry import register_impl
+from twinbench.impls.kernels import nf4 as nf4_kernels
+from twinbench.impls.kernels import nf4_native
+
+DOUBLE_QUANT_BLOCKSIZE = 256  # bnb quantises absmax in blocks of 256 (the only nested size it supports)
+
+
+@dataclass
+class NF4Weight:
+    """An NF4 weight in bitsandbytes' storage: ``packed`` uint8 [(N*K+1)//2, 1] (high nibble first),
+    ``absmax`` fp32 [blocks] — or, double-quantised, uint8 [blocks] with ``absmax2`` fp32 [ceil(blocks/256)],
+    ``code2`` fp32 [256] (bnb's dynamic map) and ``offset`` (fp32 scalar tensor)."""
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: tuple[int, int]
+    blocksize: int
+    absmax2: torch.Tensor | None = None
+    code2: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+
+    @classmethod
+    def from_bnb(cls, weight: Any, quant_state: Any = None) -> NF4Weight:
+        """From a ``bnb.nn.Params4bit`` (its ``.quant_state``) or ``(packed, QuantState)``."""
+        qs = quant_state if quant_state is not None else getattr(weight, "quant_state", None)
+        if qs is None:
+            raise ValueError("no bitsandbytes QuantState: pass a quantized Params4bit or (packed, quant_state)")
+        if qs.quant_type != "nf4":
+            raise ValueError(f"only NF4 weights are supported, got quant_type={qs.quant_type!r}")
+        if getattr(qs, "packing_format_for_cpu", False):
+            raise ValueError("weight was repacked by bnb for CPU inference (eval mode); quantize it again")
+        packed = weight.data if hasattr(weight, "data") else weight
+        if packed.dtype != torch.uint8:
+            packed = packed.view(torch.uint8)
+        shape = (int(qs.shape[0]), int(qs.shape[1]))
+        if qs.nested:
+            if qs.state2.blocksize != DOUBLE_QUANT_BLOCKSIZE:
+                raise ValueError(f"nested absmax blocksize {qs.state2.blocksize} (only 256 is supported)")
+            return cls(packed, qs.absmax, shape, int(qs.blocksize), qs.state2.absmax, qs.state2.code, qs.offset)
+        return cls(packed, qs.absmax, shape, int(qs.blocksize))
+
+    @property
+    def nested(self) -> bool:
+        return self.absmax2 is not None
+
+    def block_scales(self) -> torch.Tensor:
+        """fp32 absmax per block; nested: ``code2[q] * absmax2[block // 256] + offset`` in fp32, as bnb."""
+        if not self.nested:
+            return self.absmax.float()
+        if self.absmax.device.type == "cpu" and self.absmax.dtype == torch.uint8 and nf4_native.status()[0]:
+            return nf4_native.decode_absmax(self.absmax, self.absmax2, self.code2, float(self.offset))
+        q = self.absmax.reshape(-1).long()
+        outer = self.absmax2.float().repeat_interleave(DOUBLE_QUANT_BLOCKSIZE)[: q.numel()]
+        return self.code2.float()[q] * outer + self.offset.float()
+
+    def row_aligned(self) -> bool:
+        """Blocks never straddle rows: the fused kernels' [N, K/blocksize] scale layout applies."""
+        return self.shape[1] % self.blocksize == 0 and self.blocksize % 2 == 0
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The [N, K] weight (any shape; used where the fused layout does not apply)."""
+        n = self.shape[0] * self.shape[1]
+        p = self.packed.reshape(-1)
+        idx = torch.stack([p >> 4, p & 15], 1).reshape(-1)[:n].long()
+        code = nf4_kernels.nf4_table(str(p.device))
+        w = code[idx] * self.block_scales().repeat_interleave(self.blocksize)[:n]
+        return w.reshape(self.shape).to(dtype)
+
+
+def as_nf4_weight(qweight_state: Any) -> NF4Weight:
+    if isinstance(qweight_state, NF4Weight):
+        return qweight_state
+    if isinstance(qweight_state, tuple) and len(qweight_state) == 2:
+        return NF4Weight.from_bnb(*qweight_state)
+    return NF4Weight.from_bnb(qweight_state)
+
+
+@contextlib.contextmanager
+def _one_thread(active: bool):
+    """Run the tiny LoRA products of a few-row call (O(r (N + K)) work) on one thread: forking an OpenMP team
+    costs more than the work, and on a shared machine a team waits for any descheduled member (measured
+    here: a 1x4096 @ 4096x16 bf16 matmul took 0.03 ms on one thread, 8-16 ms on two while another process
+    ran). The NF4 kernels themselves keep all threads."""
+    threads = torch.get_num_threads()
+    if not active or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _NF4LoRALinear(torch.autograd.Function):
+    """out = x W^T + scaling (x A^T) B^T (+ bias) on 2-D x; W frozen, given as packed2d + row scales."""
+
+    @staticmethod
+    def forward(ctx, x, packed2d, scales, lora_A, lora_B, bias, scaling, keep_w):
+        w = None
+        few_rows = x.shape[0] <= nf4_kernels.GEMV_MAX_ROWS
+        if keep_w and not few_rows:  # GEMM path: keep W for the backward
+            w = nf4_kernels.dequantize(packed2d, scales, x.dtype)
+            out = nf4_kernels.gemm_nt(x, w)
+        else:
+            out = nf4_kernels.nf4_mm(x, packed2d, scales)
+        xa = None
+        with _one_thread(few_rows):
+            if lora_A is not None:
+                xa = x @ lora_A.t()
+                out = out.addmm_(xa, lora_B.t(), alpha=scaling)  # in place: out is ours, fresh
+            if bias is not None:
+                out = out + bias
+        ctx.scaling = scaling
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, packed2d, scales, lora_A, lora_B, xa, w)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, packed2d, scales, lora_A, lora_B, xa, w = ctx.saved_tensors
+        need_x, _, _, need_a, need_b, need_bias, _, _ = ctx.needs_input_grad
+        few_rows = x.shape[0] <= nf4_kernels.GEMV_MAX_ROWS
+        g = g.contiguous()
+        dx = da = db = dbias = None
+        with _one_thread(few_rows):
+            gb = g @ lora_B if lora_A is not None and (need_x or need_a) else None
+        if need_x:
+            dx = nf4_kernels.nf4_mm_t(g, packed2d, scales, weight=w)
+        with _one_thread(few_rows):
+            if need_x and gb is not None:
+                dx = dx.addmm_(gb, lora_A, alpha=ctx.scaling)
+            # the scaling goes on the small [M, r] factor, not on the [r, K] / [N, r] product
+            if need_a:
+                da = (gb * ctx.scaling).t() @ x
+            if need_b:
+                db = g.t() @ (xa * ctx.scaling)
+            if need_bias and ctx.has_bias:
+                dbias = g.sum(0)
+        return dx, None, None, da, db, dbias, None, None
+
+
+def _triton_ready() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def nf4_lora_linear(x: torch.Tensor, qweight_state: Any, lora_A: torch.Tensor | None = None,
+                    lora_B: torch.Tensor | None = None, scaling: float = 1.0,
+                    bias: torch.Tensor | None = None, keep_dequantized: bool = False) -> torch.Tensor:
+    """``x W^T + bias + scaling * (x A^T) B^T`` in x's dtype (the compute dtype), W the NF4 base weight.
+
+    x: [..., K]; lora_A: [r, K]; lora_B: [N, r] (cast to x's dtype, autograd-tracked); bias: [N] or None.
+    ``keep_dequantized``: on the GEMM path (more than a few rows) keep the dequantised W from the forward
+    for the backward instead of dequantising again — faster, but holds an [N, K] weight in the compute
+    dtype per layer until backward (off by default: it gives up what 4-bit storage saves).
+    """
+    w = as_nf4_weight(qweight_state)
+    n, k = w.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, the NF4 weight expects {k}")
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("pass both lora_A and lora_B, or neither")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if lora_A is not None:
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    if bias is not None:
+        bias = bias.to(x.dtype)
+    if not w.row_aligned():  # blocks straddle rows: plain dequantise + matmul (autograd does the rest)
+        out = x2 @ w.dequantize(x.dtype).t()
+        if lora_A is not None:
+            out = out + scaling * ((x2 @ lora_A.t()) @ lora_B.t())
+        out = out + bias if bias is not None else out
+    elif x.device.type in ("cuda", "xpu") and _triton_ready():
+        from twinbench.impls.quant_linear.triton_nf4 import triton_nf4_lora_linear
+
+        out = triton_nf4_lora_linear(x2, w, lora_A, lora_B, scaling, bias)
+    else:
+        packed2d = w.packed.reshape(n, k // 2)
+        scales = w.block_scales().reshape(n, k // w.blocksize)
+        out = _NF4LoRALinear.apply(x2, packed2d, scales, lora_A, lora_B, bias, float(scaling), keep_dequantized)
+    return out.reshape(*lead, n)
+
+
+def from_linear4bit(layer: Any) -> tuple[NF4Weight, torch.Tensor | None]:
+    """(NF4Weight, bias) of a quantized ``bnb.nn.Linear4bit`` (reuses its storage; nothing is copied)."""
+    return NF4Weight.from_bnb(layer.weight), layer.bias
+
+
+def _peft_fusable(layer: Any) -> str:
+    """'' when a peft LoRA-on-Linear4bit layer can run fused right now, else why not."""
+    if layer.disable_adapters or layer.merged:
+        return "adapters disabled or merged"
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        return f"{len(active)} active adapters (fused path handles exactly one)"
+    name = active[0]
+    if name in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(name, False):
+        return "LoRA variant (DoRA...)"
+    drop = layer.lora_dropout[name]
+    if layer.training and isinstance(drop, torch.nn.Dropout) and drop.p > 0:
+        return "LoRA dropout > 0 while training"
+    if getattr(layer.get_base_layer().weight.quant_state, "packing_format_for_cpu", False):
+        return "base weight repacked by bnb for CPU inference"
+    return ""
+
+
+def peft_lora_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
+    """The forward of a peft LoRA layer over a ``bnb.nn.Linear4bit`` through :func:`nf4_lora_linear` (same result as
+    peft's, computed in the base layer's compute dtype, output cast back to x's dtype)."""
+    base = layer.get_base_layer()
+    name = next(a for a in layer.active_adapters if a in layer.lora_A)
+    compute = base.compute_dtype or x.dtype
+    out = nf4_lora_linear(x.to(compute), NF4Weight.from_bnb(base.weight), layer.lora_A[name].weight,
+                          layer.lora_B[name].weight, layer.scaling[name], base.bias)
+    return out.to(x.dtype)
+
+
+def patch_peft_model(model: torch.nn.Module) -> int:
+    """Route every peft LoRA layer whose base is a ``bnb.nn.Linear4bit`` of ``model`` through the fused op (falling
+    back to peft's own forward whenever :func:`_peft_fusable` says no). Returns how many were patched."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+
+    patched = 0
+    for module in model.modules():
+        # peft wraps a Linear4bit as lora.Linear4bit (models loaded in 4 bit) or as lora.Linear (otherwise)
+        if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), bnb.nn.Linear4bit) \
+                and not getattr(module, "_twinbench_fused", False):
+            original = module.forward
+
+            def forward(x, *args, _layer=module, _original=original, **kwargs):
+                if args or kwargs or _peft_fusable(_layer):
+                    return _original(x, *args, **kwargs)
+                return peft_lora_forward(_layer, x)
+
+            module.forward = forward
+            module._twinbench_fused = True
+            patched += 1
+    return patched
+
+
+# --- the quant_linear suite's impl ------------------------------------------------------------------------
+
+def _cpu_only(device) -> tuple[bool, str]:
+    if getattr(device, "backend", "cpu") != "cpu":
+        return False, "CPU path (GPUs use the Triton kernels: impls/quant_linear_triton.py)"
+    return True, ""
+
+
+def _with_path(out: torch.Tensor, w: NF4Weight) -> dict:
+    """The output plus, for the record, which CPU kernels ran and the GEMM-path workspace held."""
+    path = nf4_kernels.cpu_path(w.packed.reshape(w.shape[0], -1), w.absmax.reshape(w.shape[0], -1)) \
+        if w.row_aligned() else "dequantise + matmul (blocks straddle rows)"
+    return {"out": out, "metrics": {"nf4_kernels": path, "workspace_bytes": nf4_kernels.workspace_bytes()}}
+
+
+@register_impl("quant_linear", "fused_cpu", tags=("ours",), available=_cpu_only)
+def fused_cpu(x, packed, absmax, lora_A=None, lora_B=None, bias=None, absmax2=None, code2=None, offset=None, *,
+              shape, blocksize, scaling):
+    w = NF4Weight(packed, absmax, tuple(shape), blocksize, absmax2, code2, offset)
+    return _with_path(nf4_lora_linear(x, w, lora_A, lora_B, scaling, bias), w)
+
+
+@register_impl("quant_linear", "fused_cpu_keep_w", tags=("ours",), available=_cpu_only)
+def fused_cpu_keep_w(x, packed, absmax, lora_A=None, lora_B=None, bias=None, absmax2=None, code2=None,
+                     offset=None, *, shape, blocksize, scaling):
+    """fused_cpu trading memory for time: the GEMM path keeps the dequantised W for the backward."""
+    w = NF4Weight(packed, absmax, tuple(shape), blocksize, absmax2, code2, offset)
+    return _with_path(nf4_lora_linear(x, w, lora_A, lora_B, scaling, bias, keep_dequantized=True), w)
