@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from twinbench.reference import tiny_lm
 
 DATA = Path(__file__).resolve().parent.parent / "suites" / "data" / "qlora_chat.jsonl"

@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from twinbench.reports import charts
-from twinbench.reports import model
+from twinbench.reports import charts, model
 
 TEMPLATES = Path(__file__).with_name("templates")
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from twinbench.harness.core.case import Case
 from twinbench.harness.core.registry import Inputs, Suite, Tolerance, register_impl, register_suite
 
@@ -72,7 +71,6 @@ def run_loop(trainer_cls: Any, *, device: str, seed: int, steps: int, batch: int
     from transformers import PrinterCallback
     from transformers.utils import logging as hf_logging
     from trl import DPOConfig
-
     from twinbench.harness.core.memory import RssSampler
     from twinbench.reference.tiny_lm import build_model, build_tokenizer
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 
 import torch
-
 from twinbench.harness.core.case import Case, torch_dtype
 from twinbench.harness.core.inputs import elem_bytes, generator, randn
 from twinbench.harness.core.registry import Inputs, Suite, Tolerance, register_impl, register_suite

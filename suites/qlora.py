@@ -27,7 +27,6 @@ import functools
 from typing import Any
 
 import torch
-
 from twinbench.harness.core.case import Case
 from twinbench.harness.core.errors import UsageError
 from twinbench.harness.core.registry import Inputs, Suite, Tolerance, register_impl, register_suite

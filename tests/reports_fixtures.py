@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-
 from twinbench.harness.store.results import validate
 
 PLANTED = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\">"

@@ -3,7 +3,6 @@ pytest tests/test_bench_harness.py --benchmark-enable). With the default --bench
 once as ordinary tests, so the code paths stay exercised in CI."""
 
 import torch
-
 from twinbench.harness.core import devices
 from twinbench.harness.core.parity import PoisonedAllocations, compare_tensor
 from twinbench.harness.core.registry import Tolerance

@@ -10,7 +10,6 @@ import tempfile
 
 import pytest
 from reports_fixtures import PLANTED, make_doc
-
 from twinbench.harness.gate.stats import GateConfig, decide, summarize
 from twinbench.reports.html import write_html
 

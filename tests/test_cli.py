@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from twinbench.harness.cli.main import main
 
 

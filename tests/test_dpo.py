@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from twinbench.harness.core.case import Case
 from twinbench.harness.core.parity import check_parity
 from twinbench.harness.core.registry import IMPLS, Impl, load_plugins

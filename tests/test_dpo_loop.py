@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-
 from twinbench.harness.core.parity import check_parity, compare_tensor
 from twinbench.harness.core.registry import IMPLS, Impl, load_plugins
 

@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from reports_fixtures import fingerprint, make_doc, slowed
-
-from twinbench.harness.gate import stats as gate
 from twinbench.harness.cli.main import main
 from twinbench.harness.core.errors import UsageError
+from twinbench.harness.gate import stats as gate
 from twinbench.harness.store.results import atomic_write_json
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,9 +8,8 @@ import re
 import numpy as np
 import pytest
 from reports_fixtures import make_doc
-
-from twinbench.harness.store import history
 from twinbench.harness.cli.main import main
+from twinbench.harness.store import history
 from twinbench.harness.store.results import atomic_write_json
 from twinbench.reports.html import render_html
 

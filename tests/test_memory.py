@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy
 import torch
-
 from twinbench.harness.core.memory import TensorPeak
 
 MB = 1 << 20

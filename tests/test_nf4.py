@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from twinbench.reference import nf4
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes not installed")

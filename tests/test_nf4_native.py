@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from twinbench.harness.core.parity import check_parity
 from twinbench.harness.core.registry import IMPLS, SUITES, load_plugins
 from twinbench.impls.kernels import nf4 as nf4_kernels

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from twinbench.harness.core.case import Case
 from twinbench.harness.core.parity import PoisonedAllocations, check_parity, compare_tensor
 from twinbench.harness.core.registry import IMPLS, Impl, Tolerance, load_plugins

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from twinbench.harness.core.parity import check_parity
 from twinbench.harness.core.registry import IMPLS, SUITES, Impl, load_plugins
 from twinbench.reference.nf4 import nf4_code

@@ -3,7 +3,6 @@ output shows parity per kernel and device (on this project's CI: the CPU). Suite
 (training loops, which have their own tests)."""
 
 import pytest
-
 from twinbench.harness.core import devices
 from twinbench.harness.core.parity import check_parity
 from twinbench.harness.core.registry import IMPLS, SUITES, impls_for, load_plugins

@@ -9,12 +9,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from reports_fixtures import PLANTED, make_doc
-
-from twinbench import reports
 from twinbench.harness.cli.main import main
 from twinbench.harness.gate.stats import GateConfig
 from twinbench.reports.html import render_html, script_json
 from twinbench.reports.markdown import render_markdown
+
+from twinbench import reports
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "tests" / "plugins" / "toy_matmul.py"

@@ -3,8 +3,8 @@
 import os
 import stat
 
-from twinbench.harness.store.results import atomic_write_json
 from twinbench.harness.core.timing import flops_ceiling
+from twinbench.harness.store.results import atomic_write_json
 
 
 def test_atomic_writes_are_readable_by_others(tmp_path):

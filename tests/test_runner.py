@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from twinbench.harness.store.results import load
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from twinbench.reference import tiny_lm
 
 pytest.importorskip("transformers")

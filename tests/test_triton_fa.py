@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-
 from twinbench.harness.core.case import Case
 from twinbench.harness.core.devices import Device
 from twinbench.harness.core.parity import check_parity
@@ -15,8 +14,8 @@ from twinbench.reference.attention import attention
 triton = pytest.importorskip("triton")
 load_plugins()
 
-from twinbench.impls.attention import triton_fa_kernels as kernels  # noqa: E402  (after the registry, like the worker)
 from twinbench.impls.attention import triton_fa as fa  # noqa: E402
+from twinbench.impls.attention import triton_fa_kernels as kernels  # noqa: E402  (after the registry, like the worker)
 
 SUITE = SUITES["attention"]
 IMPL = IMPLS[("attention", "triton_fa")]

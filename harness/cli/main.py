@@ -41,9 +41,9 @@ def _add_run(sub) -> None:
 
 
 def cmd_run(args) -> int:
-    from twinbench.harness.run import runner
     from twinbench.harness.cli.console import print_table
     from twinbench.harness.core.timing import TimingPlan
+    from twinbench.harness.run import runner
 
     plan = TimingPlan()
     if args.rounds is not None:
@@ -87,7 +87,6 @@ def cmd_devices(args) -> int:
         print(json.dumps([{"device": d.as_dict(), "fingerprint": devices.fingerprint(d)} for d in found], indent=1))
         return 0
     from rich.table import Table
-
     from twinbench.harness.cli.console import make_console
 
     table = Table(title="devices")
@@ -103,10 +102,8 @@ def cmd_devices(args) -> int:
 def cmd_list(args) -> int:
     """Every impl per device: can it run there, and why not — before anything runs."""
     from rich.table import Table
-
-    from twinbench.harness.core import devices
-    from twinbench.harness.core import registry
     from twinbench.harness.cli.console import make_console
+    from twinbench.harness.core import devices, registry
 
     registry.load_plugins([str(Path(p).resolve()) for p in args.plugin])
     selected = [devices.find(d) for d in args.device] if args.device else list(devices.detect())

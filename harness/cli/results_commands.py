@@ -58,8 +58,8 @@ def cmd_report(args) -> int:
     doc = merge_documents(args.results)
     gate = None
     if args.baseline:
-        from twinbench.harness.store.baseline import gate_against_baseline
         from twinbench.harness.gate.stats import GateConfig
+        from twinbench.harness.store.baseline import gate_against_baseline
 
         gate = gate_against_baseline(doc, args.baseline, GateConfig(), allow_mismatch=args.allow_fingerprint_mismatch)
     trends = None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from twinbench.harness.core.case import torch_dtype
 
 

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-
 from twinbench.harness.core.devices import Device
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
-
 from twinbench.harness.core.case import Case, torch_dtype
 from twinbench.harness.core.registry import Impl, Inputs, Suite, Tolerance
 

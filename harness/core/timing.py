@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from twinbench.harness.core.devices import Device
 
 

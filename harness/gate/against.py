@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from twinbench.harness import SOURCE_ROOT as ROOT
 from twinbench.harness.core.errors import UsageError
 
-from twinbench.harness import SOURCE_ROOT as ROOT
 # Paired signed-rank test on per-round log ratios: on this box (calibrate, 200 A/A comparisons each) it
 # caught 60% of 5% slowdowns vs Mann-Whitney's 37%, both with 0 confirmed false alarms.
 DEFAULT_TEST = "wilcoxon"
@@ -234,8 +234,7 @@ def base_worktree(ref: str) -> Iterator[tuple[Path, str]]:
 
 def plan_items(args, modes: tuple[str, ...] = ("fwd", "fwdbwd")) -> list[Item]:
     """The working tree's selection (suites, --impl, --case, --profile); untimed suites are left out."""
-    from twinbench.harness.core import devices
-    from twinbench.harness.core import registry
+    from twinbench.harness.core import devices, registry
     from twinbench.harness.run.runner import RunOptions, plan_tasks
 
     registry.load_plugins([str(Path(p).resolve()) for p in args.plugin])

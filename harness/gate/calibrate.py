@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from twinbench.harness.core.errors import UsageError
 
 GRANULARITY = 20  # calls per sample are a multiple of 20, so a 5% slowdown is a whole number of calls
@@ -58,8 +57,8 @@ def _case(item, stats: dict[str, Any]) -> dict[str, Any]:
 
 def against_mode(pair, items, configs: dict[str, Any], n: int, slowdown: float) -> dict[str, Any]:
     """Interleaved comparisons in gate-sized groups; per test: first-stage flags and confirmed alarms."""
-    from twinbench.harness.gate import stats as gate
     from twinbench.harness.gate import against as gate_against
+    from twinbench.harness.gate import stats as gate
 
     counts = {t: {"flagged": 0, "confirmed": 0} for t in configs}
     ratios = []

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-
 from twinbench.harness.core.errors import UsageError
 
 MIN_SAMPLES = 7  # 6 vs 6 can never reach p < 0.002 with the exact test (METHOD.md section 3)

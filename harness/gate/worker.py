@@ -22,7 +22,6 @@ import time
 import traceback
 from typing import Any
 
-
 # The tree's own modules by role. Trees from before the layered layout (docs/architecture.md) kept the
 # engine in a top-level `harness` package; `gate --against` such a commit still drives it.
 LAYOUTS = {

@@ -21,14 +21,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from twinbench.harness import SOURCE_ROOT as ROOT
 from twinbench.harness.core import devices as devices_mod
 from twinbench.harness.core import registry
 from twinbench.harness.core.case import select_cases
 from twinbench.harness.core.errors import UsageError
-from twinbench.harness.store.results import atomic_write_json, new_document, now_iso, provenance, record_key
 from twinbench.harness.core.timing import TimingPlan
-
-from twinbench.harness import SOURCE_ROOT as ROOT
+from twinbench.harness.store.results import atomic_write_json, new_document, now_iso, provenance, record_key
 
 
 @dataclass

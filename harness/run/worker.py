@@ -63,7 +63,6 @@ def _device(config: dict[str, Any]):
 def time_callables(impl, inputs, device, with_backward: bool):
     """fwd and (optionally) fwd+bwd callables over fixed inputs, as a training step would call them."""
     import torch
-
     from twinbench.harness.core.parity import leaves, make_grad_outputs, normalize_outputs, split_metrics
 
     prepared = leaves(inputs, None, None)
@@ -187,7 +186,6 @@ def _wrong_reason(verdict) -> str:
 def _timing(suite, case, device, ref, passed, records, events, options, plan, interleaved, round_ratios,
             timer_for, peak_memory) -> None:
     import torch
-
     from twinbench.harness.core.timing import flops_ceiling
 
     timer = timer_for(device)
@@ -264,8 +262,7 @@ def main() -> int:
 
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
-    from twinbench.harness.core import devices
-    from twinbench.harness.core import registry
+    from twinbench.harness.core import devices, registry
     from twinbench.harness.core.timing import measure_ceilings
 
     events = Events(int(config["event_fd"]))

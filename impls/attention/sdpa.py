@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from twinbench.harness.core.registry import register_impl
 
 

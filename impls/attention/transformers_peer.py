@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 
 import torch
-
 from twinbench.harness.core.registry import register_impl
 
 

@@ -12,7 +12,6 @@ import os
 
 import torch
 from torch.autograd.function import once_differentiable
-
 from twinbench.harness.core.registry import register_impl
 
 MAX_HEAD_DIM = 256

@@ -19,7 +19,6 @@ bf16/fp16 inputs, an fp32 copy of the lm_head).
 from __future__ import annotations
 
 import torch
-
 from twinbench.harness.core.registry import register_impl
 
 TILE_BYTES = 32 * 2**20  # fp32 logits tile when the vocabulary is split (a group's rows x a vocab chunk)

@@ -13,7 +13,6 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
-
 from twinbench.harness.core.registry import register_impl
 
 VOCAB_CHUNK = 32768  # TRL's _CHUNKED_LOGPROB_CHUNK_SIZE

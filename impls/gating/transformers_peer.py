@@ -14,7 +14,6 @@ import functools
 import importlib.util
 
 import torch
-
 from twinbench.harness.core.registry import register_impl
 
 

@@ -12,7 +12,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-
 from twinbench.harness.core.registry import register_impl
 from twinbench.reference.moe import router_losses
 

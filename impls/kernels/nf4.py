@@ -23,7 +23,6 @@ import os
 import threading
 
 import torch
-
 from twinbench.impls.kernels import nf4_native
 
 # bitsandbytes' NF4 code (fp32). Kept here rather than imported from reference/, so that the impls and the

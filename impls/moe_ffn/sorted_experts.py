@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
-
 from twinbench.harness.core.registry import register_impl
 
 

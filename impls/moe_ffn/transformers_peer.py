@@ -8,7 +8,6 @@ import importlib.util
 import os
 
 import torch
-
 from twinbench.harness.core.registry import register_impl
 
 

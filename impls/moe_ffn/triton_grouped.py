@@ -16,9 +16,8 @@ import importlib.util
 import os
 
 import torch
-
 from twinbench.harness.core.registry import register_impl
-from twinbench.impls.moe_ffn.sorted_experts import SortedExperts, Routing
+from twinbench.impls.moe_ffn.sorted_experts import Routing, SortedExperts
 
 BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 32   # tl.dot needs >= 16; the interpreter is cheapest with few programs
 

@@ -19,8 +19,13 @@ Llama / Qwen3(-MoE) layer whose q/k/v/o are peft LoRA over bitsandbytes NF4 (cau
 from __future__ import annotations
 
 import torch
-
-from twinbench.impls.qlora.nf4_lora import lora_parts, bias_free, dequantized, rms_norm_backward, rms_norm_with_rstd
+from twinbench.impls.qlora.nf4_lora import (
+    bias_free,
+    dequantized,
+    lora_parts,
+    rms_norm_backward,
+    rms_norm_with_rstd,
+)
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 

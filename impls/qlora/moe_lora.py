@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from twinbench.impls.moe_ffn.sorted_experts import Routing
 
 

@@ -29,7 +29,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-
 from twinbench.harness.core.registry import register_impl
 from twinbench.impls.qlora.moe_lora import patch_lora_experts
 from twinbench.impls.qlora.nf4_lora import (

@@ -27,9 +27,14 @@ from collections.abc import Iterable
 
 import torch
 from torch.utils.checkpoint import checkpoint
-
 from twinbench.impls.qlora.attention_op import fusable_attention, recomputed_attention
-from twinbench.impls.qlora.nf4_lora import lora_parts, bias_free, dequantized, rms_norm_backward, rms_norm_with_rstd
+from twinbench.impls.qlora.nf4_lora import (
+    bias_free,
+    dequantized,
+    lora_parts,
+    rms_norm_backward,
+    rms_norm_with_rstd,
+)
 
 BLOCKS = ("attn", "mlp", "dense_mlp")
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
 from twinbench.harness.core.registry import register_impl
 from twinbench.impls.kernels import nf4 as nf4_kernels
 from twinbench.impls.kernels import nf4_native

@@ -15,7 +15,6 @@ import functools
 import os
 
 import torch
-
 from twinbench.harness.core.registry import register_impl
 from twinbench.impls.quant_linear.fused import NF4Weight
 
@@ -27,7 +26,6 @@ INTERPRETER_MAX_WEIGHT, INTERPRETER_MAX_BATCH = 128 * 256, 32  # the interpreter
 def kernels():
     """The kernels, imported on first use so this module imports without triton."""
     import triton
-
     from twinbench.impls.kernels import nf4_triton as k
 
     return {"triton": triton, "gemm_fwd": k.gemm_fwd, "gemm_bwd": k.gemm_bwd, "gemv_fwd": k.gemv_fwd,

@@ -5,7 +5,6 @@ import os
 import time
 
 import torch
-
 from twinbench.harness.core.registry import register_impl
 from twinbench.reference.attention import attention
 

@@ -1,7 +1,6 @@
 """A tiny op for end-to-end tests of reports and the gate: y = x @ w, a right and a wrong impl."""
 
 import torch
-
 from twinbench.harness.core.case import Case
 from twinbench.harness.core.inputs import generator, randn
 from twinbench.harness.core.registry import Inputs, Suite, register_impl, register_suite
