@@ -72,7 +72,12 @@ def _spread(items: list, n: int) -> list:
 
 def _session(pair, worker, item, rounds: int, extra: int) -> list[float]:
     """Stored-baseline mode: one side's samples back to back (no interleaving)."""
-    return [pair.sample(worker, item, extra) for _ in range(rounds)]
+    from twinbench.harness.run.process import WorkerFailed
+
+    try:
+        return [pair.sample(worker, item, extra) for _ in range(rounds)]
+    except WorkerFailed as exc:
+        raise UsageError(f"calibration workload {item.key} failed: {exc}") from None
 
 
 def _case(item, stats: dict[str, Any]) -> dict[str, Any]:
