@@ -3,7 +3,9 @@
 The harness knows no operation by name. Operation packages (``suites``/``impls`` and any vendor
 plugin) register themselves on import; :func:`load_plugins` imports them through the entry-point
 groups ``twinbench.suites`` / ``twinbench.impls`` and through ``--plugin FILE.py``.
-An import that fails is kept with its reason (``import_failures``) instead of breaking the package.
+An import that fails is kept with its reason (``import_failures``) instead of breaking the package,
+except a plugin that imports the first version's module names (``harness.registry``): that is a usage
+error naming the new module, since the plugin would otherwise silently never run.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from twinbench.harness.core.case import Case
 from twinbench.harness.core.errors import UsageError
+from twinbench.harness.core.legacy_names import legacy_import_hint
 
 
 @dataclass
@@ -198,11 +201,20 @@ def get_suite(name: str) -> Suite:
     return SUITES[name]
 
 
+def _refuse_legacy_import(where: str | Path, exc: BaseException) -> None:
+    """A plugin written against the first version's module names: one line naming the new import."""
+    hint = legacy_import_hint(exc)
+    if hint is not None:
+        old, new = hint
+        raise UsageError(f"plugin {where}: {old!r} is twinbench's first-version import; use {new!r}") from None
+
+
 def _import_package_tree(package: str) -> None:
     """Import a package and every module below it, keeping failures with their reason."""
     try:
         pkg = importlib.import_module(package)
     except Exception as exc:
+        _refuse_legacy_import(package, exc)
         import_failures[package] = f"{type(exc).__name__}: {exc}"
         return
     for info in pkgutil.walk_packages(getattr(pkg, "__path__", []), prefix=f"{package}."):
@@ -211,6 +223,7 @@ def _import_package_tree(package: str) -> None:
         try:
             importlib.import_module(info.name)
         except Exception as exc:
+            _refuse_legacy_import(info.name, exc)
             import_failures[info.name] = f"{type(exc).__name__}: {exc}"
 
 
@@ -231,6 +244,7 @@ def load_plugin_file(path: str | Path) -> None:
         sys.modules[mod_name] = module
         spec.loader.exec_module(module)
     except Exception as exc:
+        _refuse_legacy_import(p, exc)
         last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
         where = f" (line {last[0].lineno})" if last else ""
         raise UsageError(f"cannot load plugin {p}{where}: {type(exc).__name__}: {exc}") from None
@@ -249,6 +263,7 @@ def load_plugins(plugin_files: Iterable[str | Path] = ()) -> None:
                 try:
                     ep.load()
                 except Exception as exc:
+                    _refuse_legacy_import(ep.value, exc)
                     import_failures[ep.value] = f"{type(exc).__name__}: {exc}"
             else:
                 _import_package_tree(ep.value)
