@@ -45,7 +45,7 @@ class Inputs:
 class Tolerance:
     """How close an optimized output (or gradient) must be to the high-precision reference.
 
-    ``three_way`` (METHOD.md section 1): bound = k * max|ref_lo - ref_hi| + rounding floor + atol + rtol*scale.
+    ``three_way`` (docs/method.md §1): bound = k * max|ref_lo - ref_hi| + rounding floor + atol + rtol*scale.
     Without it (no low-precision reference path exists, e.g. NF4 or losses): bound = atol + rtol*scale,
     where scale = max|ref_hi|. ``metric`` is the error statistic: "max" abs error or "mean" abs error.
     ``max_rel_bound`` caps any bound at that share of the reference's own magnitude, so a loose policy
@@ -60,8 +60,8 @@ class Tolerance:
     metric: str = "max"
     max_rel_bound: float = 0.1
     # fp32 outputs: differently ordered fp32 sums differ by a few ulps, and ref_lo (one such order) can be
-    # luckily exact, so the three-way bound also gets this many fp32 ulps at the output's scale (measured:
-    # SDPA vs the fp32 reference reached 11 ulps on 1 of 40 draws at head_dim 40).
+    # luckily exact, so the three-way bound also gets this many fp32 ulps at the output's scale; 16 sits
+    # above the largest reordering gap measured so far (docs/method.md §1, the measurement in §7).
     fp32_ulps: float = 16.0
     why: str = "three-way rule (flash-attention): k=2 forward, k=3 gradients"
 
@@ -113,7 +113,7 @@ class Impl:
     """One implementation of a suite's operation.
 
     ``available(device) -> (ok, why_not)`` must be cheap and must not raise; ``device`` is a
-    :class:`harness.devices.Device`. ``tags``: "reference", "ours", "library", "peer",
+    :class:`twinbench.harness.core.devices.Device`. ``tags``: "reference", "ours", "library", "peer",
     "interpreter-on-cpu" (Triton: runs through the interpreter on CPU, parity only, never timed).
     """
 
