@@ -59,7 +59,7 @@ def cmd_report(args) -> int:
     gate = None
     if args.baseline:
         from twinbench.harness.gate.stats import GateConfig
-        from twinbench.harness.store.baseline import gate_against_baseline
+        from twinbench.harness.gate.stored import gate_against_baseline
 
         gate = gate_against_baseline(doc, args.baseline, GateConfig(), allow_mismatch=args.allow_fingerprint_mismatch)
     trends = None
@@ -124,7 +124,7 @@ def cmd_gate(args) -> int:
     if bool(args.against) == bool(args.baseline):
         raise UsageError("give exactly one of --baseline FILE (with RESULTS) or --against GIT_REF")
     if args.baseline:
-        from twinbench.harness.store.baseline import gate_against_baseline
+        from twinbench.harness.gate.stored import gate_against_baseline
         from twinbench.harness.store.results import load
 
         if not args.results:
