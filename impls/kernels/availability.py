@@ -12,6 +12,10 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import shutil
+from pathlib import Path
+
+import torch
 
 # twinbench backend -> the name of Triton's driver plugin for it (``triton.backends.backends``).
 TRITON_BACKENDS = {"cuda": "nvidia", "rocm": "amd", "xpu": "intel"}
@@ -63,3 +67,41 @@ def triton_status(backend: str) -> tuple[bool, str]:
 def triton_available(device) -> tuple[bool, str]:
     """``Impl.available`` of every Triton impl (``device`` None: the CPU, as in the case-filter tests)."""
     return triton_status(getattr(device, "backend", "cpu"))
+
+
+@functools.cache
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():  # the end of the first processor's block
+            break
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``avx512f``, ...), as the kernel reports them."""
+    return set(cpu_info().get("flags", "").split())
+
+
+def cpu_vendor() -> str:
+    """``GenuineIntel``, ``AuthenticAMD``, ... ('' where unknown)."""
+    return cpu_info().get("vendor_id", "")
+
+
+def c_compiler() -> str | None:
+    """The C compiler our native kernels are built with: ``$CC``, else ``cc``, else ``gcc`` (None: none)."""
+    return shutil.which(os.environ.get("CC", "")) or shutil.which("cc") or shutil.which("gcc")
+
+
+def torch_backend(device: torch.device) -> str:
+    """The twinbench backend of a torch device (ROCm builds of torch name their GPUs "cuda")."""
+    if device.type == "cuda" and torch.version.hip:
+        return "rocm"
+    return device.type

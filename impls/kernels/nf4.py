@@ -24,22 +24,11 @@ import threading
 
 import torch
 from twinbench.impls.kernels import nf4_native
+from twinbench.impls.kernels.availability import cpu_vendor
+from twinbench.impls.kernels.nf4_code import nf4_table
 
-# bitsandbytes' NF4 code (fp32). Kept here rather than imported from reference/, so that the impls and the
-# reference they are judged against do not share a table: a wrong value on either side is caught.
-NF4_CODE = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
-)
 # Rows of x up to which the fused dequantise-GEMV (weight never materialised) beats dequantise + GEMM.
 GEMV_MAX_ROWS = 4
-
-
-@functools.cache
-def nf4_table(device: str) -> torch.Tensor:
-    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
 
 
 def dequant_even_odd(packed2d: torch.Tensor, scales: torch.Tensor, code: torch.Tensor,
@@ -175,7 +164,7 @@ def _onednn_linear(dtype: torch.dtype):
     (parity ratios 0.12-0.16 on the bench case, MKL's 0.09-0.15). On Intel CPUs MKL is Intel's own tuned
     sgemm (not measured here), so it is kept there; bf16 matmuls already go to oneDNN in torch (measured the
     same speed either way). ``TWINBENCH_NF4_GEMM=aten`` turns this off."""
-    if os.environ.get("TWINBENCH_NF4_GEMM") == "aten" or dtype != torch.float32 or "GenuineIntel" in _cpu_vendor():
+    if os.environ.get("TWINBENCH_NF4_GEMM") == "aten" or dtype != torch.float32 or cpu_vendor() == "GenuineIntel":
         return None
     try:
         if not torch.backends.mkldnn.is_available():
@@ -187,15 +176,6 @@ def _onednn_linear(dtype: torch.dtype):
     except Exception:  # a private op: absent or changed in this torch build -> torch's matmul
         return None
     return op
-
-
-@functools.cache
-def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("vendor_id")), "")
-    except OSError:
-        return ""
 
 
 def gemm_nt(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
