@@ -1,10 +1,10 @@
-"""The native NF4 CPU kernels (impls/nf4_native.c): built with the system C compiler at first use, cached.
+"""The native NF4 CPU kernels (impls/kernels/nf4_native.c): built with the system C compiler at first use, cached.
 
 Plain C with AVX-512F intrinsics and OpenMP, no torch headers, so a build takes about a second. The shared
 object lives under ``$TWINBENCH_CACHE_DIR`` (default ``$XDG_CACHE_HOME/twinbench`` or ``~/.cache/twinbench``)
 in ``nf4_native/<hash>.so``, the hash covering the source, the flags and the compiler's version; it is built
 into a temporary file and renamed into place, so concurrent first uses are safe. ``TWINBENCH_NF4_NATIVE=0``
-turns it off (the inductor kernels in impls/nf4_kernels.py are then used).
+turns it off (the inductor kernels in impls/kernels/nf4.py are then used).
 
 :func:`status` says whether the kernels can run here and why not; the wrappers below check dtypes, shapes
 and contiguity, then call the C functions on the tensors' data pointers.

@@ -1,4 +1,4 @@
-"""Ours, GPU path: the sorted-experts algorithm of impls/moe_ffn_sorted.py with Triton grouped GEMMs.
+"""Ours, GPU path: the sorted-experts algorithm of impls/moe_ffn/sorted_experts.py with Triton grouped GEMMs.
 
 Two kernels, both reading the expert weights in place through strides (no per-expert copies):
 - ``rows_gemm``: out[rows of e] = a[rows of e] @ W[e] (W[e] possibly a transposed view); one program per

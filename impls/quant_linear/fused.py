@@ -9,9 +9,10 @@ lora_B (and bias when it requires grad); the base weight is frozen (no gradient)
 :class:`NF4Weight`. Helpers: :func:`from_linear4bit` (bnb Linear4bit -> (NF4Weight, bias)),
 :func:`peft_lora_forward` / :func:`patch_peft_model` (route peft LoRA-on-Linear4bit layers through it).
 
-Kernels (impls/nf4_kernels.py): on CPU a fused dequantise-GEMV for a few rows (the weight is never
+Kernels (impls/kernels/nf4.py): on CPU a fused dequantise-GEMV for a few rows (the weight is never
 materialised, forward and backward), dequantise + GEMM for more rows — native AVX-512 C kernels
-(impls/nf4_native.c) where the CPU and a compiler allow, else torch.compile'd ones; on GPUs the Triton kernels.
+(impls/kernels/nf4_native.c) where the CPU and a compiler allow, else torch.compile'd ones; on GPUs the
+Triton kernels (impls/quant_linear/triton_nf4.py). :class:`NF4Weight` is defined in impls/kernels/nf4_weight.py.
 """
 
 from __future__ import annotations
@@ -30,9 +31,8 @@ from twinbench.impls.quant_linear.triton_nf4 import triton_nf4_lora_linear
 @contextlib.contextmanager
 def _one_thread(active: bool):
     """Run the tiny LoRA products of a few-row call (O(r (N + K)) work) on one thread: forking an OpenMP team
-    costs more than the work, and on a shared machine a team waits for any descheduled member (measured
-    here: a 1x4096 @ 4096x16 bf16 matmul took 0.03 ms on one thread, 8-16 ms on two while another process
-    ran). The NF4 kernels themselves keep all threads."""
+    costs more than the work, and on a shared machine a team waits for any descheduled member (the
+    measured cost: docs/quant_linear.md). The NF4 kernels themselves keep all threads."""
     threads = torch.get_num_threads()
     if not active or threads == 1:
         yield
@@ -190,7 +190,7 @@ def patch_peft_model(model: torch.nn.Module) -> int:
 
 def _cpu_only(device) -> tuple[bool, str]:
     if getattr(device, "backend", "cpu") != "cpu":
-        return False, "CPU path (GPUs use the Triton kernels: impls/quant_linear_triton.py)"
+        return False, "CPU path (GPUs use the Triton kernels: impls/quant_linear/triton_nf4.py)"
     return True, ""
 
 

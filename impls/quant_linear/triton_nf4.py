@@ -1,6 +1,6 @@
 """Our Triton NF4 (+LoRA) kernels: fused dequantise-GEMV and dequantise-GEMM, forward and backward.
 
-The packed bytes and fp32 block scales are read in place (bnb layout, impls/nf4_kernels.py); each tile of W
+The packed bytes and fp32 block scales are read in place (bnb layout, impls/kernels/nf4.py); each tile of W
 is dequantised in registers and never written out. The 16-value code lookup is a select tree on the nibble's
 bits (the interpreter cannot do data-dependent pointer loads). The LoRA up-projection is fused into the
 epilogue: forward ``out += scaling * (x A^T) B^T``, backward ``dx += scaling * (g B) A``; the rank-r products
@@ -92,7 +92,7 @@ class _TritonNF4LoRA(torch.autograd.Function):
 
 def triton_nf4_lora_linear(x: torch.Tensor, weight: NF4Weight, lora_A=None, lora_B=None, scaling: float = 1.0,
                            bias=None, kind: str | None = None) -> torch.Tensor:
-    """As impls.quant_linear_fused.nf4_lora_linear, through the Triton kernels (kind: 'gemv' | 'gemm')."""
+    """As impls/quant_linear/fused.py's nf4_lora_linear, through the Triton kernels (kind: 'gemv' | 'gemm')."""
     n, k = weight.shape
     if not weight.row_aligned():
         raise ValueError(f"in_features {k} is not a multiple of blocksize {weight.blocksize}")
