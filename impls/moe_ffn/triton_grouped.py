@@ -1,4 +1,4 @@
-"""Ours, GPU path: the sorted-experts algorithm of impls/moe_ffn_sorted.py with Triton grouped GEMMs.
+"""Ours, GPU path: the sorted-experts algorithm of impls/moe_ffn/sorted_experts.py with Triton grouped GEMMs.
 
 Two kernels, both reading the expert weights in place through strides (no per-expert copies):
 - ``rows_gemm``: out[rows of e] = a[rows of e] @ W[e] (W[e] possibly a transposed view); one program per
@@ -12,25 +12,13 @@ On the CPU it runs under TRITON_INTERPRET=1 (fp16/fp32, tiny shapes): parity onl
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import torch
 from twinbench.harness.core.registry import register_impl
+from twinbench.impls.kernels.availability import triton_available
 from twinbench.impls.moe_ffn.sorted_experts import Routing, SortedExperts
 
 BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 32   # tl.dot needs >= 16; the interpreter is cheapest with few programs
-
-
-def _available(device) -> tuple[bool, str]:
-    if importlib.util.find_spec("triton") is None:
-        return False, "triton not installed (pip install 'twinbench[triton]')"
-    backend = getattr(device, "backend", "cpu")
-    if backend == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False, "Triton on the CPU needs TRITON_INTERPRET=1 (set by the CPU worker before import)"
-    if backend == "mps":
-        return False, "no Triton backend for MPS"
-    return True, ""
 
 
 def _supports(case, device) -> tuple[bool, str]:
@@ -92,7 +80,7 @@ def _kernels():
     return (triton, rows_gemm, weight_grad_gemm)
 
 
-def _tiles(route: Routing, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def expert_row_tiles(route: Routing, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row tiles that never straddle two experts: (expert, first row, end row) per tile."""
     experts, starts, ends = [], [], []
     for e, s, t in route.blocks:
@@ -114,7 +102,7 @@ class TritonGemms:
         n, k = wv.shape[2], wv.shape[1]
         out = torch.empty((a.shape[0], n), dtype=a.dtype, device=a.device)
         if not hasattr(route, "tiles"):
-            route.tiles = _tiles(route, a.device)
+            route.tiles = expert_row_tiles(route, a.device)
         tile_expert, tile_start, tile_end = route.tiles
         if tile_expert.numel():
             grid = (tile_expert.numel(), triton.cdiv(n, BLOCK_N))
@@ -137,7 +125,7 @@ class TritonGemms:
         return grad
 
 
-@register_impl("moe_ffn", "triton_grouped", tags=("ours", "interpreter-on-cpu"), available=_available,
+@register_impl("moe_ffn", "triton_grouped", tags=("ours", "interpreter-on-cpu"), available=triton_available,
                supports=_supports)
 def triton_grouped(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
     return SortedExperts.apply(TritonGemms, hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj)
