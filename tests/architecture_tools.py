@@ -42,11 +42,11 @@ ALLOWED: dict[str, frozenset[str]] = {
 # `harness/__init__.py` holds only the checkout-root constant: it belongs to the base layer.
 LAYER_OF_PACKAGE_ROOT = {"harness": "harness.core"}
 
-# The first version's flat layout (harness/*.py, impls/*.py; commit 2ad4c8a), read with its own design rule
-# ("harness imports none of suites/, reference/, impls/; reference never imports impls/"), so the "before"
-# graph of docs/architecture.md marks its upward arrows the same way.
+# The first version's flat layout (harness/*.py, impls/*.py; commit 2ad4c8a): the intended graph projected
+# onto its folders, so the "before" graph of docs/architecture.md marks its upward arrows the same way. The
+# flat harness/ holds the cli too, so harness -> reports is not upward there (it is a cycle with reports).
 FLAT_ALLOWED: dict[str, frozenset[str]] = {
-    "harness": frozenset({"harness"}),
+    "harness": frozenset({"harness", "reports"}),
     "reports": frozenset({"harness", "reports"}),
     "reference": frozenset({"reference"}),
     "suites": frozenset({"harness", "reference", "suites"}),
