@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from twinbench.harness.core.case import DTYPE_PARAM, Case, Param, Rule, case_problems, select_cases
 from twinbench.harness.core.errors import UsageError
 from twinbench.harness.core.registry import SUITES, load_plugins
