@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twinbench.harness.core.case import Case
+from twinbench.harness.core.case import Case, Param, Rule
 from twinbench.harness.core.errors import UsageError
 from twinbench.harness.core.legacy_names import legacy_import_hint
 
@@ -81,6 +81,9 @@ class Suite:
     tolerance: Callable[[Case, str], Tolerance] = lambda case, output: Tolerance()
     # Extra checks on outputs that are not floating point (router ids...): returns (ok, detail).
     check_discrete: Callable[[Case, str, Any, Any, Inputs], tuple[bool, str]] | None = None
+    # The case parameters and the rules between them; a typed --case that breaks them is a usage error.
+    params: tuple[Param, ...] = ()
+    rules: tuple[Rule, ...] = ()
     # Dtype used for the high-precision reference given the case dtype (None: fp32, or fp64 for fp32).
     hi_dtype: Callable[[Case], Any] | None = None
     trials: int = 3

@@ -20,6 +20,8 @@ from twinbench.impls.kernels.nf4_weight import NF4Weight
 from twinbench.impls.kernels.triton_launch import dot_dim, dot_input_precision
 
 GEMV_MAX_ROWS = 16
+# Tiles on GPUs: (BN, BK) for the GEMV, (BM, BN, BK) for the GEMM (the AOT compile checks use these too).
+GPU_TILES = {"gemv": (32, 64), "gemm": (16, 64, 32)}
 INTERPRETER_MAX_WEIGHT, INTERPRETER_MAX_BATCH = 128 * 256, 32  # the interpreter runs one program at a time
 
 
@@ -52,13 +54,13 @@ def launch(kind: str, direction: str, a: torch.Tensor, packed2d: torch.Tensor, s
     # The interpreter pays per program and per loop step, not per element: there, one big tile.
     interp = interpreting()
     if kind == "gemv":
-        bn, bk = (128, 256) if interp else (32, 64)
+        bn, bk = (128, 256) if interp else GPU_TILES["gemv"]
         if direction == "fwd":
             k_["gemv_fwd"][(cdiv(n, bn), m)](*args, n, k, nb, r, scaling, BN=bn, BK=bk, **common)
         else:
             k_["gemv_bwd"][(cdiv(k, bk), m)](*args, n, k, nb, r, scaling, BN=bn, BK=bk, **common)
         return out
-    bm, bn, bk = (32, 128, 128) if interp else (16, 64, 32)
+    bm, bn, bk = (32, 128, 128) if interp else GPU_TILES["gemm"]
     precision = dot_input_precision(a.dtype)
     if direction == "fwd":
         k_["gemm_fwd"][(cdiv(m, bm), cdiv(n, bn))](*args, m, n, k, nb, r, scaling, PRECISION=precision, BM=bm, BN=bn, BK=bk,
