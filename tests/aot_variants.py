@@ -46,9 +46,9 @@ def attention_variants() -> list[Variant]:
             pointers = {p: dtype for p in io} | {p: "fp32" for p in fp32_ptrs}
             sig = signature(fn, pointers, floats=("qk_scale", "sm_scale"))
             named_args = {"Q": SimpleNamespace(element_size=lambda e=ELEMENT_SIZE[dtype]: e), "BLOCK_D": block_d}
-            kept = fa._prune(fa._gpu_configs(), named_args, BLOCK_D=block_d)
+            kept = fa.prune_for_shared_memory(fa.gpu_configs(), named_args, BLOCK_D=block_d)
             for config in kept:
-                consts = _without_unknown(fn, {"CAUSAL": True, "BUG": 0, "PRECISION": precision, "BLOCK_D": block_d,
+                consts = _without_unknown(fn, {"CAUSAL": True, "PRECISION": precision, "BLOCK_D": block_d,
                                                **config.kwargs})
                 out.append(Variant(name, fn, sig, consts, config.num_warps, config.num_stages, fp32=dtype == "fp32",
                                    note=f"{dtype} head_dim<={block_d}"))
@@ -247,3 +247,22 @@ if __name__ == "__main__":
     import sys
 
     sys.exit(main())
+
+
+def kernel_names() -> tuple[set[str], set[str]]:
+    """(every kernel, the CI subset's kernels), computed with the interpreter off (run it in a fresh process)."""
+    import os
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    variants = all_variants()
+    return {v.kernel for v in variants}, {v.kernel for v in ci_subset(variants)}
+
+
+def in_fresh_process(fn, *args):
+    """``fn(*args)`` in a spawned process: Triton kernels defined there are real JIT functions, not the
+    interpreter's (the tests turn TRITON_INTERPRET on for everything else)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()

@@ -6,7 +6,6 @@ import random
 
 import pytest
 import torch
-
 from twinbench.harness.run import torch_state
 
 HOSTILE = {

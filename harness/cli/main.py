@@ -43,7 +43,7 @@ def _add_run(sub) -> None:
 def cmd_run(args) -> int:
     from twinbench.harness.cli.console import print_table
     from twinbench.harness.core.timing import TimingPlan
-    from twinbench.harness.run import runner
+    from twinbench.harness.run import process, runner
     from twinbench.harness.run.plan import RunOptions
 
     plan = TimingPlan()
@@ -61,7 +61,7 @@ def cmd_run(args) -> int:
         out=out, plugins=[str(Path(p).resolve()) for p in args.plugin], resume=args.resume,
         timeout=args.timeout, trials=args.trials, seed=args.seed, reference_device=args.reference_device,
         timing=not args.no_timing, plan=plan, threads=args.threads, memory_limit_gb=args.memory_limit_gb,
-        report=not args.no_report, triton_interpret=user_triton_interpret())
+        report=not args.no_report, triton_interpret=process.user_triton_interpret())
     doc = runner.run(options)
     print_table(doc)
     written = [out / "results.json"]
@@ -134,17 +134,12 @@ def cmd_list(args) -> int:
     return 0
 
 
-def user_triton_interpret() -> bool:
-    """Whether the user started twinbench with TRITON_INTERPRET=1: then GPU workers interpret Triton too."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 class _cpu_worker_env:
     """Availability as the device's worker will see it: its TRITON_INTERPRET from the one env policy."""
 
     def __init__(self, device):
         from twinbench.harness import SOURCE_ROOT
-        from twinbench.harness.run.process import WorkerKind, worker_environment
+        from twinbench.harness.run.process import WorkerKind, user_triton_interpret, worker_environment
 
         env = worker_environment(WorkerKind.RUN, device.backend, device.name, root=SOURCE_ROOT,
                                  head_root=SOURCE_ROOT, triton_interpret=user_triton_interpret()).env

@@ -182,13 +182,13 @@ def _selection(args):
 
 def _measurement(args):
     """gate --against / calibrate: how the two workers measure (rounds and clock validated here)."""
-    from twinbench.harness.cli.main import user_triton_interpret
     from twinbench.harness.gate import against as gate_against
+    from twinbench.harness.run import process
 
     return gate_against.Measurement(
         rounds=gate_against.check_rounds(args.rounds), block_ms=args.block_ms or gate_against.DEFAULT_BLOCK_MS,
         threads=args.threads, clock=gate_against.clock_for(args.device, args.clock), pin=not args.no_pin,
-        timeout=args.timeout, triton_interpret=user_triton_interpret())
+        timeout=args.timeout, triton_interpret=process.user_triton_interpret())
 
 
 def cmd_calibrate(args) -> int:

@@ -207,6 +207,12 @@ class WorkerEnvironment:
     threads: int | None  # torch.set_num_threads in the worker; None: torch's default
 
 
+def user_triton_interpret() -> bool:
+    """Whether the user started twinbench with TRITON_INTERPRET=1: then GPU workers interpret Triton too
+    (read once by the CLI and passed in the worker config, never through another variable)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def worker_environment(kind: WorkerKind, backend: str, device_name: str, *, root: Path, head_root: Path,
                        threads: int | None = None, triton_interpret: bool = False,
                        base: Mapping[str, str] | None = None) -> WorkerEnvironment:
