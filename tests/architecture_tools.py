@@ -31,6 +31,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "harness.store": frozenset({"harness.core", "harness.store"}),
     "harness.run": frozenset({"harness.core", "harness.store", "harness.run"}),
     "harness.gate": frozenset({"harness.core", "harness.store", "harness.run", "harness.gate"}),
+    "harness.doctor": frozenset({"harness.core", "harness.store", "harness.run", "harness.doctor"}),
     "harness.cli": frozenset({"*"}),
     "reports": frozenset({"harness.store", "reports"}),
     "reference": frozenset({"reference"}),
