@@ -5,9 +5,9 @@ as ahead-of-time compile variants (impls/kernels/aot.py). ``ci_subset`` picks th
 from __future__ import annotations
 
 import itertools
-from types import SimpleNamespace
 
-from twinbench.impls.kernels.aot import Variant
+from twinbench.impls.kernels import aot
+from twinbench.impls.kernels.aot import Target, Variant
 
 DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 ELEMENT_SIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -33,28 +33,60 @@ def _without_unknown(fn, constexprs: dict) -> dict:
     return {k: v for k, v in constexprs.items() if k in names}
 
 
-def attention_variants() -> list[Variant]:
+FA_KERNELS = {"fa_fwd": "fwd", "fa_bwd_dkdv": "dkdv", "fa_bwd_dq": "dq"}
+
+
+def fa_limits(target: Target):
+    """The limits the FA autotuner prunes by, for an AOT target (the same function a GPU launch uses)."""
+    from twinbench.impls.attention import triton_fa_kernels as fa
+
+    return fa.TileLimits(target.shared_limit, fa.spills_large_fp32(str(target.arch)))
+
+
+def attention_variants(target: Target) -> list[Variant]:
+    """Per dtype and head-dim block, exactly the configs the FA autotuner keeps on ``target``."""
     from twinbench.impls.attention import triton_fa_kernels as fa
 
     out = []
     kernels = {"fa_fwd": (fa._fwd_kernel, ("Q", "K", "V", "Out"), ("LSE",)),
                "fa_bwd_dkdv": (fa._bwd_dkdv_kernel, ("Q", "K", "V", "DO", "DK", "DV"), ("LSE", "DELTA")),
                "fa_bwd_dq": (fa._bwd_dq_kernel, ("Q", "K", "V", "DO", "DQ"), ("LSE", "DELTA"))}
+    limits = fa_limits(target)
     for dtype, block_d in itertools.product(DTYPES, (64, 128, 256)):
         precision = "ieee" if dtype == "fp32" else None
+        elem = ELEMENT_SIZE[dtype]
         for name, (fn, io, fp32_ptrs) in kernels.items():
             pointers = {p: dtype for p in io} | {p: "fp32" for p in fp32_ptrs}
             sig = signature(fn, pointers, floats=("qk_scale", "sm_scale"))
-            named_args = {"Q": SimpleNamespace(element_size=lambda e=ELEMENT_SIZE[dtype]: e), "BLOCK_D": block_d}
-            kept = fa.prune_for_shared_memory(fa.gpu_configs(), named_args, BLOCK_D=block_d)
-            for config in kept:
+            for config in fa.keep_configs(fa.gpu_configs(), FA_KERNELS[name], block_d, elem, limits):
+                m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
                 consts = _without_unknown(fn, {"CAUSAL": True, "PRECISION": precision, "BLOCK_D": block_d,
                                                **config.kwargs})
                 out.append(Variant(name, fn, sig, consts, config.num_warps, config.num_stages, fp32=dtype == "fp32",
+                                   estimated_shared=fa.shared_estimate(FA_KERNELS[name], m, n, block_d, elem),
                                    note=f"{dtype} head_dim<={block_d}"))
         delta = fa._bwd_delta_kernel
         out.append(Variant("fa_bwd_delta", delta, signature(delta, {"Out": dtype, "DO": dtype, "DELTA": "fp32"}),
                            {"BLOCK_M": 64, "BLOCK_D": block_d}, fp32=dtype == "fp32", note=f"{dtype} head_dim<={block_d}"))
+    return out
+
+
+def kept_counts(targets=None) -> dict[str, dict[str, dict[str, int]]]:
+    """{target: {"fp16 D128": {"fwd": n, "dkdv": n, "dq": n, "before": n}}}: configs the FA autotuner keeps per
+    target and kernel, against the old single 64 KiB estimate ("before", the same for every target)."""
+    from twinbench.impls.attention import triton_fa_kernels as fa
+
+    def old_rule(elem, block_d):  # the rule before per-target limits: (M + 2N) * D * elem * stages <= 64 KiB
+        fit = [c for c in fa.gpu_configs() if (c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"]) * block_d * elem
+               * max(c.num_stages, 1) <= 64 * 1024]
+        return len(fit) or 1  # none fitting: it kept the smallest
+
+    out = {}
+    for name in targets or TARGET_ORDER:
+        limits = fa_limits(aot.TARGETS[name])
+        out[name] = {f"{dtype} D{d}": {**{k: len(fa.keep_configs(fa.gpu_configs(), k, d, elem, limits))
+                                          for k in fa.SHARED_ROWS}, "before": old_rule(elem, d)}
+                     for (dtype, elem), d in itertools.product((("fp16", 2), ("fp32", 4)), (64, 128, 256))}
     return out
 
 
@@ -117,8 +149,9 @@ def nf4_variants() -> list[Variant]:
     return out
 
 
-def all_variants() -> list[Variant]:
-    return attention_variants() + moe_variants() + gating_variants() + nf4_variants()
+def all_variants(target: Target) -> list[Variant]:
+    """Every variant compiled for ``target`` (the FA configs depend on its limits; the others do not)."""
+    return attention_variants(target) + moe_variants() + gating_variants() + nf4_variants()
 
 
 def _tile_size(v: Variant) -> int:
@@ -183,7 +216,7 @@ def compile_for_target(target: str, which: str = "ci") -> list[dict]:
     if which == "planted":
         chosen = planted_variants()
     else:
-        variants = all_variants()
+        variants = all_variants(aot.TARGETS[target])
         chosen = variants if which == "full" else ci_subset(variants)
     return [r.to_json() | {"note": v.note} for v, r in zip(chosen, aot.sweep(chosen, [aot.TARGETS[target]]))]
 
@@ -249,12 +282,13 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-def kernel_names() -> tuple[set[str], set[str]]:
-    """(every kernel, the CI subset's kernels), computed with the interpreter off (run it in a fresh process)."""
+def kernel_names(target: str) -> tuple[set[str], set[str]]:
+    """(every kernel, the CI subset's kernels) on ``target``, computed with the interpreter off (run it in a
+    fresh process)."""
     import os
 
     os.environ.pop("TRITON_INTERPRET", None)
-    variants = all_variants()
+    variants = all_variants(aot.TARGETS[target])
     return {v.kernel for v in variants}, {v.kernel for v in ci_subset(variants)}
 
 

@@ -208,3 +208,95 @@ def test_gpu_config_pruning_fits_small_shared_memory_and_keeps_one():
     # fp32 at head_dim 256: no tile fits the estimate, so the smallest config is kept rather than none
     (only,) = kernels.prune_for_shared_memory(configs, {"Q": torch.zeros(1, dtype=torch.float32)}, BLOCK_D=256)
     assert only.kwargs == {"BLOCK_M": 32, "BLOCK_N": 32} and only.num_stages == 1
+
+
+# --- the reference's query blocks (reference/attention.py) -------------------------------------------------
+
+def _unblocked_reference(q, k, v, causal, scale):
+    """The reference as it was before query blocks (one score matrix for all rows)."""
+    hq, hkv, sq, sk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
+    k, v = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if causal:
+        i, j = torch.arange(sq)[:, None], torch.arange(sk)[None, :]
+        scores = scores.masked_fill(j > i + (sk - sq), float("-inf"))
+    return torch.matmul(torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0), v)
+
+
+REFERENCE_SHAPES = [((2, 4, 2, 37, 53, 16), True), ((1, 3, 1, 64, 29, 8), True), ((2, 2, 2, 41, 41, 24), False)]
+
+
+def _leaves(shape, dtype):
+    b, hq, hkv, sq, sk, d = shape
+    gen = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(b, h, s, d, generator=gen).to(dtype).requires_grad_()
+              for h, s in ((hq, sq), (hkv, sk), (hkv, sk))]
+    return leaves, torch.randn(b, hq, sq, d, generator=gen).to(dtype)
+
+
+def _forward_backward(fn, leaves, grad):
+    for t in leaves:
+        t.grad = None
+    out = fn(*leaves)
+    out.backward(grad)
+    return [out.detach(), *(t.grad for t in leaves)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape,causal", REFERENCE_SHAPES)
+def test_reference_within_one_block_is_bitwise_the_unblocked_one(dtype, shape, causal):
+    leaves, grad = _leaves(shape, dtype)
+    scale = shape[-1] ** -0.5
+    now = _forward_backward(lambda q, k, v: attention(q, k, v, causal=causal, scale=scale), leaves, grad)
+    before = _forward_backward(lambda q, k, v: _unblocked_reference(q, k, v, causal, scale), leaves, grad)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), now, before):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape,causal", REFERENCE_SHAPES)
+def test_reference_in_query_blocks_is_the_same_math(dtype, shape, causal):
+    """Blocks of 7 rows against one block: the same math up to summation order. dk/dv sum over query rows,
+    which the blocks split; and the CPU's BLAS may pick another kernel by row count (here: fp32 with 64
+    rows, fp64 everywhere), so bits may differ by a few ulps, never more."""
+    leaves, grad = _leaves(shape, dtype)
+    b, hq, _, _, sk, _ = shape
+    results = [_forward_backward(lambda q, k, v, bb=bb: attention(q, k, v, causal=causal, block_bytes=bb), leaves, grad)
+               for bb in (2**40, 7 * b * hq * sk * leaves[0].element_size())]
+    for name, whole, blocked in zip(("out", "dq", "dk", "dv"), *results):
+        ulps = 8 * torch.finfo(dtype).eps * float(whole.abs().max())
+        assert float((whole - blocked).abs().max()) <= ulps, name
+    planted = results[1][0].clone()
+    planted[:, :, -7:] = 0  # a lost block is far beyond the bound (so the comparison can fail)
+    assert float((results[0][0] - planted).abs().max()) > 8 * torch.finfo(dtype).eps * float(results[0][0].abs().max())
+
+
+def test_reference_blocks_bound_the_score_rows(monkeypatch):
+    """No op output holds more query rows of scores than one block, forward or backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from twinbench.reference import attention as reference
+
+    b, hq, sq, sk, d = 1, 2, 64, 48, 8
+    block_bytes = 16 * b * hq * sk * 4
+    q, k, v = (torch.randn(b, hq, s, d, requires_grad=True) for s in (sq, sk, sk))
+    assert reference.query_block_rows(q, sk, block_bytes) == 16
+    widest = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-1] == sk:
+                    widest.append(t.shape[2])
+            return out
+
+    with Watch():
+        out = reference.attention(q, k, v, causal=True, block_bytes=block_bytes)
+        out.sum().backward()
+    assert widest and max(widest) <= 16, max(widest)
+    with Watch():  # planted: one block for everything holds all 64 rows (so the watch can fail)
+        widest.clear()
+        reference.attention(q, k, v, causal=True, block_bytes=2**40).sum().backward()
+    assert max(widest) == sq
+    assert reference.query_block_rows(torch.empty(8, 32, 4096, 128), 4096) * 8 * 32 * 4096 * 4 \
+        <= reference.SCORE_BLOCK_BYTES

@@ -14,6 +14,7 @@ from torch.autograd.function import once_differentiable
 from twinbench.harness.core.registry import register_impl
 from twinbench.impls.attention import triton_fa_kernels
 from twinbench.impls.kernels.availability import triton_available
+from twinbench.impls.kernels.triton_launch import dot_dim
 
 MAX_HEAD_DIM = 256
 # Under the interpreter every program runs through numpy one at a time: cost grows with B*Hq*Sq*Sk*D.
@@ -36,6 +37,11 @@ def supports(case, device) -> tuple[bool, str]:
         if _interpreter_work(case) > INTERPRETER_MAX_WORK:
             return False, ("too large for the Triton interpreter (B*H*Sq*Sk*D > "
                            f"{INTERPRETER_MAX_WORK}); CPU parity uses --profile interp")
+    elif device.backend in ("cuda", "rocm") and not triton_fa_kernels.interpreting():
+        # no tile of some kernel fits this GPU's shared memory (fp32 head_dim 256 on a ~99 KiB consumer card)
+        elem = 4 if case["dtype"] == "fp32" else 2
+        return triton_fa_kernels.fits_somewhere(dot_dim(case["head_dim"]), elem,
+                                                triton_fa_kernels.device_limits(torch.device(device.torch_device)))
     return True, ""
 
 

@@ -16,7 +16,9 @@ these kernels from this file's source and checks that parity catches each.
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 from twinbench.impls.kernels.availability import interpreting
@@ -210,17 +212,124 @@ def gpu_configs() -> list:
             if not (m == 32 and w == 8)]
 
 
-def prune_for_shared_memory(configs, named_args, **kwargs):
-    """Drop configs whose tiles cannot fit a small LDS/shared memory (64 KiB on RDNA); keep the smallest."""
-    elem = named_args["Q"].element_size()
-    d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
-    fit = [c for c in configs
-           if (c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"]) * d * elem * max(c.num_stages, 1) <= 64 * 1024]
-    return fit or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+@dataclass(frozen=True)
+class TileLimits:
+    """What a GPU lets one program (block / workgroup) use: the autotuner keeps only configs within it."""
+
+    shared_bytes: int  # shared memory (NVIDIA, opt-in maximum) or LDS (AMD) per block
+    # RDNA (gfx11/gfx12): fp32 tiles with BLOCK_D >= 128 spill VGPRs (thousands on gfx1201, docs/triton_fa.md)
+    spills_large_fp32: bool = False
+
+
+# Shared memory when nothing better is known: 64 KiB is the smallest per-block limit of the GPUs Triton
+# targets (AMD LDS per workgroup on CDNA3 and RDNA3/4; NVIDIA has >= 99 KiB opt-in since sm80).
+FALLBACK_SHARED_BYTES = 64 * 1024
+# Tiles each kernel keeps in shared memory, in rows of BLOCK_D elements (per BLOCK_M row, per BLOCK_N row),
+# fitted to the compiled kernels' own shared memory (triton AOT for sm90, fp16 D128 and fp32 D256, stages
+# 2 and 3 alike; docs/triton_fa.md): fwd (M + N) rows, dK/dV about (2.5 M + 2 N) rows, dQ (2 M + 2 N) rows,
+# plus up to ~10% for layout conversions (fp32 fwd); the margin covers that. tests/test_aot_compile.py
+# compiles the kept configs per target and fails when a compiled kernel needs more than this estimate.
+SHARED_ROWS = {"fwd": (1.0, 1.0), "dkdv": (3.0, 2.0), "dq": (2.0, 2.0)}
+SHARED_MARGIN = 1.15
+# Largest BLOCK_M x BLOCK_N kept for fp32 with BLOCK_D >= 128 where such tiles spill (TileLimits).
+SPILL_SAFE_FP32_TILE = 32 * 32
+
+
+def spills_large_fp32(arch: str) -> bool:
+    """RDNA (consumer AMD, gfx11xx / gfx12xx): 32-wide waves and a register file too small for fp32 tiles
+    with BLOCK_D >= 128, which spill to scratch."""
+    return str(arch).startswith(("gfx11", "gfx12"))
+
+
+def shared_estimate(kernel: str, block_m: int, block_n: int, block_d: int, elem: int) -> int:
+    """Bytes of shared memory ``kernel`` ("fwd", "dkdv", "dq") needs for one tile configuration."""
+    per_m, per_n = SHARED_ROWS[kernel]
+    return int((per_m * block_m + per_n * block_n) * block_d * elem * SHARED_MARGIN)
+
+
+def keep_configs(configs: list, kernel: str, block_d: int, elem: int, limits: TileLimits) -> list:
+    """The configs that fit ``limits``: shared memory within the limit, and no fp32 tile known to spill."""
+    kept = []
+    for c in configs:
+        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if shared_estimate(kernel, m, n, block_d, elem) > limits.shared_bytes:
+            continue
+        if limits.spills_large_fp32 and elem == 4 and block_d >= 128 and m * n > SPILL_SAFE_FP32_TILE:
+            continue
+        kept.append(c)
+    return kept
+
+
+@functools.cache
+def _device_limits(device_index: int) -> TileLimits:
+    props = torch.cuda.get_device_properties(device_index)
+    arch = str(getattr(props, "gcnArchName", "")).split(":")[0]
+    return TileLimits(shared_memory_limit(device_index), spills_large_fp32(arch))
+
+
+def shared_memory_limit(device) -> int:
+    """Shared memory one block may use on ``device`` (a torch device or its index), in bytes: torch's
+    ``shared_memory_per_block_optin`` (the opt-in maximum, what Triton launches with), else the triton
+    driver's ``max_shared_mem``, else :data:`FALLBACK_SHARED_BYTES`."""
+    index = device.index if isinstance(device, torch.device) else int(device)
+    index = torch.cuda.current_device() if index is None else index
+    try:
+        found = int(getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0) or 0)
+        if found:
+            return found
+    except Exception:  # noqa: S110  (no torch.cuda on this build: ask the driver)
+        pass
+    try:
+        return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    except Exception:
+        return FALLBACK_SHARED_BYTES
+
+
+def device_limits(device) -> TileLimits:
+    """The limits of a CUDA/ROCm ``device`` (a torch device or its index), read once per device."""
+    index = device.index if isinstance(device, torch.device) else int(device)
+    return _device_limits(torch.cuda.current_device() if index is None else index)
+
+
+def fits_somewhere(block_d: int, elem: int, limits: TileLimits) -> tuple[bool, str]:
+    """Whether every kernel keeps at least one config under ``limits`` (else the case cannot launch)."""
+    for kernel in SHARED_ROWS:
+        if not keep_configs(gpu_configs(), kernel, block_d, elem, limits):
+            smallest = shared_estimate(kernel, 32, 32, block_d, elem)
+            return False, (f"{kernel} needs ~{smallest // 1024} KiB shared memory at head_dim<={block_d} "
+                           f"({elem}-byte elements); this GPU allows {limits.shared_bytes // 1024} KiB per block")
+    return True, ""
+
+
+def _pruner(kernel: str):
+    """The autotuner's early_config_prune for ``kernel``: the configs that fit the launching device."""
+
+    def prune(configs, named_args, **kwargs):
+        q = named_args["Q"]
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+        kept = keep_configs(configs, kernel, block_d, q.element_size(), device_limits(q.device))
+        # Nothing fits: triton_fa.supports declines such cases; a direct caller gets the smallest tile's
+        # own out-of-resources error rather than an empty autotuner.
+        kept = kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+        progress_note(f"triton_fa {kernel}: autotuning {len(kept)} configs (head_dim<={block_d}, first call)")
+        return kept
+
+    return prune
+
+
+def progress_note(text: str) -> None:
+    """A heartbeat while the first call autotunes (each config compiles: minutes on a new GPU).
+    CALL SITE for twinbench.harness.core.progress.note (docs item 8): used when it exists."""
+    try:
+        from twinbench.harness.core import progress
+    except ImportError:
+        return
+    progress.note(text)
 
 
 _TUNE_KEY = ["SEQ_Q", "SEQ_K", "GROUP", "HEAD_DIM", "CAUSAL"]
 _tuned: dict = {}
+KERNEL_NAMES = {_fwd_kernel: "fwd", _bwd_dkdv_kernel: "dkdv", _bwd_dq_kernel: "dq"} if triton is not None else {}
 
 
 def _launcher(kernel):
@@ -229,7 +338,7 @@ def _launcher(kernel):
         return kernel, dict(INTERPRETER_BLOCKS)
     if kernel not in _tuned:
         _tuned[kernel] = triton.autotune(configs=gpu_configs(), key=_TUNE_KEY,
-                                         prune_configs_by={"early_config_prune": prune_for_shared_memory})(kernel)
+                                         prune_configs_by={"early_config_prune": _pruner(KERNEL_NAMES[kernel])})(kernel)
     return _tuned[kernel], {}
 
 

@@ -152,6 +152,9 @@ def compile_variant(variant: Variant, target: Target) -> Report:
         report.registers, report.spill_bytes = _hip_resources(text)
     if report.shared_bytes > target.shared_limit:
         report.problems.append(f"shared memory {report.shared_bytes} B > {target.name}'s {target.shared_limit} B")
+    if variant.estimated_shared is not None and report.shared_bytes > variant.estimated_shared:
+        report.problems.append(f"shared memory {report.shared_bytes} B above the autotuner's estimate "
+                               f"{variant.estimated_shared} B: its pruning may keep configs that do not fit")
     if variant.fp32:
         report.reduced_precision_instructions = len(REDUCED_FP32.findall(text))
         if report.reduced_precision_instructions:
