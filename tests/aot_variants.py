@@ -40,7 +40,8 @@ def fa_limits(target: Target):
     """The limits the FA autotuner prunes by, for an AOT target (the same function a GPU launch uses)."""
     from twinbench.impls.attention import triton_fa_kernels as fa
 
-    return fa.TileLimits(target.shared_limit, fa.spills_large_fp32(str(target.arch)))
+    return fa.TileLimits(target.shared_limit, amd=target.backend == "hip",
+                         spills_large_fp32=fa.spills_large_fp32(str(target.arch)))
 
 
 def attention_variants(target: Target) -> list[Variant]:
@@ -63,7 +64,7 @@ def attention_variants(target: Target) -> list[Variant]:
                 consts = _without_unknown(fn, {"CAUSAL": True, "PRECISION": precision, "BLOCK_D": block_d,
                                                **config.kwargs})
                 out.append(Variant(name, fn, sig, consts, config.num_warps, config.num_stages, fp32=dtype == "fp32",
-                                   estimated_shared=fa.shared_estimate(FA_KERNELS[name], m, n, block_d, elem),
+                                   estimated_shared=fa.shared_estimate(FA_KERNELS[name], m, n, block_d, elem, limits.amd),
                                    note=f"{dtype} head_dim<={block_d}"))
         delta = fa._bwd_delta_kernel
         out.append(Variant("fa_bwd_delta", delta, signature(delta, {"Out": dtype, "DO": dtype, "DELTA": "fp32"}),

@@ -4,6 +4,8 @@ one fp32 build per kernel with its largest tiles; ``nox -s aot`` compiles every 
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 pytest.importorskip("triton")
@@ -18,10 +20,53 @@ def ci_reports() -> list[dict]:
 
 
 def test_every_kernel_is_in_the_ci_subset():
-    kernels, subset = aot_variants.in_fresh_process(aot_variants.kernel_names)
-    assert subset == kernels
-    assert {"fa_fwd", "fa_bwd_dkdv", "fa_bwd_dq", "moe_rows_gemm", "gating_topk_softmax", "nf4_gemm_fwd",
-            "nf4_gemv_bwd"} <= kernels
+    for target in aot.CI_TARGETS:
+        kernels, subset = aot_variants.in_fresh_process(aot_variants.kernel_names, target)
+        assert subset == kernels, target
+        assert {"fa_fwd", "fa_bwd_dkdv", "fa_bwd_dq", "moe_rows_gemm", "gating_topk_softmax", "nf4_gemm_fwd",
+                "nf4_gemv_bwd"} <= kernels
+
+
+def test_fa_pruning_follows_each_targets_limits():
+    """The FA autotuner keeps per target what fits its shared memory (the AOT sweep compiles exactly these)."""
+    from twinbench.impls.attention import triton_fa_kernels as fa
+
+    counts = aot_variants.kept_counts()
+    assert counts["sm90"]["fp16 D128"] == {"fwd": 27, "dkdv": 27, "dq": 27, "before": 12}
+    sm90 = fa.keep_configs(fa.gpu_configs(), "dkdv", 128, 2, aot_variants.fa_limits(aot.TARGETS["sm90"]))
+    assert any(c.num_stages == 3 and c.kwargs["BLOCK_M"] == 128 for c in sm90)  # the fast H100 configs stay
+    # fp32 head_dim 256: no dK/dV tile fits a consumer card's 99 KiB; triton_fa declines such cases there
+    sm89 = aot_variants.fa_limits(aot.TARGETS["sm89"])
+    assert counts["sm89"]["fp32 D256"]["dkdv"] == 0
+    ok, why = fa.fits_somewhere(256, 4, sm89)
+    assert not ok and "dkdv" in why and "99 KiB" in why
+    assert fa.fits_somewhere(256, 4, aot_variants.fa_limits(aot.TARGETS["sm80"]))[0]
+    # RDNA: fp32 tiles at head_dim >= 128 spill; only the smallest stays
+    rdna = fa.keep_configs(fa.gpu_configs(), "fwd", 128, 4, aot_variants.fa_limits(aot.TARGETS["gfx1201"]))
+    assert rdna and {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in rdna} == {(32, 32)}
+    assert len(fa.keep_configs(fa.gpu_configs(), "fwd", 128, 4, aot_variants.fa_limits(aot.TARGETS["gfx942"]))) > 3
+    for name, target in aot.TARGETS.items():  # everything kept fits by its own estimate
+        limits = aot_variants.fa_limits(target)
+        for kernel, d, elem in itertools.product(fa.SHARED_ROWS, (64, 128, 256), (2, 4)):
+            for c in fa.keep_configs(fa.gpu_configs(), kernel, d, elem, limits):
+                estimate = fa.shared_estimate(kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], d, elem, limits.amd)
+                assert estimate <= target.shared_limit, (name, kernel, d, elem, c)
+
+
+def test_the_autotuner_prunes_by_the_launching_device(monkeypatch):
+    from types import SimpleNamespace
+
+    from twinbench.impls.attention import triton_fa_kernels as fa
+
+    q = SimpleNamespace(element_size=lambda: 4, device="cuda:0")
+    monkeypatch.setattr(fa, "device_limits", lambda device: aot_variants.fa_limits(aot.TARGETS["sm89"]))
+    notes = []
+    monkeypatch.setattr(fa, "progress_note", notes.append)
+    kept = fa._pruner("dkdv")(fa.gpu_configs(), {"Q": q}, BLOCK_D=128)
+    assert kept == fa.keep_configs(fa.gpu_configs(), "dkdv", 128, 4, aot_variants.fa_limits(aot.TARGETS["sm89"]))
+    assert notes and "autotuning" in notes[0]
+    kept = fa._pruner("dkdv")(fa.gpu_configs(), {"Q": q}, BLOCK_D=256)  # nothing fits: the smallest, to fail loudly
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in kept] == [(32, 32, 1)]
 
 
 def test_every_kernel_compiles_for_every_target_within_its_limits(ci_reports):
