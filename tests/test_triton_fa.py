@@ -196,18 +196,25 @@ def test_available_says_why_not(monkeypatch):
     assert not ok and "triton not installed" in why
 
 
-def _tile_bytes(config, block_d, elem):
-    return (config.kwargs["BLOCK_M"] + 2 * config.kwargs["BLOCK_N"]) * block_d * elem * config.num_stages
-
-
-def test_gpu_config_pruning_fits_small_shared_memory_and_keeps_one():
+def test_gpu_config_pruning_fits_the_device_limit():
     configs = kernels.gpu_configs()
-    fp16 = kernels.prune_for_shared_memory(configs, {"Q": torch.zeros(1, dtype=torch.float16)}, BLOCK_D=128)
+    small = kernels.TileLimits(kernels.FALLBACK_SHARED_BYTES)
+    fp16 = kernels.keep_configs(configs, "dkdv", 128, 2, small)
     assert 0 < len(fp16) < len(configs)
-    assert all(_tile_bytes(c, 128, 2) <= 64 * 1024 for c in fp16)
-    # fp32 at head_dim 256: no tile fits the estimate, so the smallest config is kept rather than none
-    (only,) = kernels.prune_for_shared_memory(configs, {"Q": torch.zeros(1, dtype=torch.float32)}, BLOCK_D=256)
-    assert only.kwargs == {"BLOCK_M": 32, "BLOCK_N": 32} and only.num_stages == 1
+    assert all(kernels.shared_estimate("dkdv", c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], 128, 2) <= small.shared_bytes
+               for c in fp16)
+    assert len(kernels.keep_configs(configs, "dkdv", 128, 2, kernels.TileLimits(227 * 1024))) == len(configs)
+    assert kernels.keep_configs(configs, "dkdv", 256, 4, small) == []  # the autotuner hook then keeps the smallest
+
+
+def test_supports_declines_a_case_no_tile_fits(monkeypatch):
+    gpu = Device(name="cuda:0", backend="cuda", torch_device="cuda:0", model="consumer card")
+    monkeypatch.setattr(kernels, "device_limits", lambda device: kernels.TileLimits(99 * 1024))
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    case = _case(1, 2, 2, 64, 64, 256, False, "fp32")
+    ok, why = fa.supports(case, gpu)
+    assert not ok and "99 KiB" in why
+    assert fa.supports(_case(1, 2, 2, 64, 64, 256, False, "fp16"), gpu) == (True, "")
 
 
 # --- the reference's query blocks (reference/attention.py) -------------------------------------------------

@@ -80,7 +80,7 @@ LINEARITY_FACTORS = (1, 2, 4)
 LINEARITY_ROUNDS = 11
 # The 1x block spans many scheduler time slices (a few ms each), so on a shared machine every block length
 # loses the same share of its wall time to other processes; a block that fits in one slice is sometimes
-# not preempted at all, and short blocks then read faster per call (measured here: +40% at 2x with 12 ms).
+# not preempted at all, and short blocks then read faster per call (docs/bring-up.md, Measured).
 LINEARITY_BLOCK_MS = 40.0
 
 
