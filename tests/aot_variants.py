@@ -64,7 +64,8 @@ def attention_variants(target: Target) -> list[Variant]:
                 consts = _without_unknown(fn, {"CAUSAL": True, "PRECISION": precision, "BLOCK_D": block_d,
                                                **config.kwargs})
                 out.append(Variant(name, fn, sig, consts, config.num_warps, config.num_stages, fp32=dtype == "fp32",
-                                   estimated_shared=fa.shared_estimate(FA_KERNELS[name], m, n, block_d, elem, limits.amd),
+                                   estimated_shared=fa.shared_estimate(FA_KERNELS[name], m, n, block_d, elem,
+                                                                       config.num_stages, limits.amd),
                                    note=f"{dtype} head_dim<={block_d}"))
         delta = fa._bwd_delta_kernel
         out.append(Variant("fa_bwd_delta", delta, signature(delta, {"Out": dtype, "DO": dtype, "DELTA": "fp32"}),

@@ -201,9 +201,9 @@ def test_gpu_config_pruning_fits_the_device_limit():
     small = kernels.TileLimits(kernels.FALLBACK_SHARED_BYTES)
     fp16 = kernels.keep_configs(configs, "dkdv", 128, 2, small)
     assert 0 < len(fp16) < len(configs)
-    assert all(kernels.shared_estimate("dkdv", c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], 128, 2) <= small.shared_bytes
-               for c in fp16)
-    assert len(kernels.keep_configs(configs, "dkdv", 128, 2, kernels.TileLimits(227 * 1024))) == len(configs)
+    assert all(kernels.shared_estimate("dkdv", c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], 128, 2, c.num_stages)
+               <= small.shared_bytes for c in fp16)
+    assert len(kernels.keep_configs(configs, "fwd", 128, 2, kernels.TileLimits(227 * 1024))) == len(configs)
     assert kernels.keep_configs(configs, "dkdv", 256, 4, small) == []  # the autotuner hook then keeps the smallest
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -18,11 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from twinbench.harness.core.case import Case
+from twinbench.harness.core.case import Case, torch_dtype
 from twinbench.harness.core.devices import Device, _nvidia_smi, _rocm_smi
 from twinbench.harness.core.parity import check_parity
 from twinbench.harness.core.registry import Impl, Inputs, Suite
-from twinbench.harness.core.timing import Timer, TimingPlan, flops_ceiling, measure_ceilings, timer_for
+from twinbench.harness.core.timing import (
+    Timer,
+    TimingPlan,
+    calibrate_number,
+    flops_ceiling,
+    measure_ceilings,
+    timer_for,
+)
+from twinbench.harness.run.process import VISIBILITY_VARIABLES
 
 
 class Status(enum.Enum):
@@ -134,8 +143,6 @@ def timer_linearity(ctx: DoctorContext) -> Check:
     with single_thread_cpu(ctx.device):
         work = _matmul_work(ctx.device, n)
         plan = TimingPlan(block_ms=LINEARITY_BLOCK_MS, warmup_ms=20.0)
-        from twinbench.harness.core.timing import calibrate_number
-
         number, _ = calibrate_number(ctx.timer, work, plan)
         samples: dict[int, list[float]] = {k: [] for k in LINEARITY_FACTORS}
         for r in range(LINEARITY_ROUNDS):
@@ -215,16 +222,23 @@ def _resident_ms(timer: Timer, fn: Callable[[], Any], number: int) -> float:
 
 # --- clocks -----------------------------------------------------------------------------------------------
 
+def smi_id(device: Device):
+    """The device's id for nvidia-smi / rocm-smi: the worker sees only its device (docs/method.md §6), so
+    torch's index is 0 while the SMI tools count physical devices; the visibility mask names the real one."""
+    mask = os.environ.get(VISIBILITY_VARIABLES.get(device.backend, ""), "").split(",")[0].strip()
+    if mask:
+        return mask
+    return int(device.torch_device.split(":")[1]) if ":" in device.torch_device else 0
+
+
 def read_clocks(device: Device) -> dict[str, float]:
     """Clock readings now: GPU SMI tools where present; CPU: /proc/cpuinfo MHz. Empty: not available."""
     if device.backend == "cuda":
-        index = int(device.torch_device.split(":")[1]) if ":" in device.torch_device else 0
-        smi = _nvidia_smi(index)
+        smi = _nvidia_smi(smi_id(device))
         return {k: float(v) for k, v in smi.items() if k.startswith("clocks.") and _is_number(v)}
     if device.backend == "rocm":
-        index = int(device.torch_device.split(":")[1]) if ":" in device.torch_device else 0
         out = {}
-        for key, value in _rocm_smi(index).items():
+        for key, value in _rocm_smi(smi_id(device)).items():
             digits = "".join(ch for ch in value.split("(")[-1] if ch.isdigit() or ch == ".")
             if "clk" in key.lower() and _is_number(digits):
                 out[key] = float(digits)
@@ -249,8 +263,7 @@ def _is_number(text: str) -> bool:
 
 def throttle_state(device: Device) -> dict[str, str]:
     if device.backend == "cuda":
-        index = int(device.torch_device.split(":")[1]) if ":" in device.torch_device else 0
-        reasons = _nvidia_smi(index).get("clocks_throttle_reasons.active", "")
+        reasons = _nvidia_smi(smi_id(device)).get("clocks_throttle_reasons.active", "")
         return {"throttle_reasons": reasons} if reasons else {}
     if device.backend == "cpu":
         governor = Path("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")
@@ -261,6 +274,17 @@ def throttle_state(device: Device) -> dict[str, str]:
     return {}
 
 
+# nvidia-smi's clocks_throttle_reasons bit mask: 0x1 is "GPU idle", not a throttle.
+GPU_IDLE_REASON = 0x1
+
+
+def _throttling(reasons: str) -> bool:
+    try:
+        return bool(int(reasons, 16) & ~GPU_IDLE_REASON)
+    except ValueError:  # "[N/A]", "Not Active", absent
+        return False
+
+
 def clock_state(ctx: DoctorContext) -> Check:
     ctx.clocks_at_start = read_clocks(ctx.device)
     state = throttle_state(ctx.device)
@@ -269,8 +293,8 @@ def clock_state(ctx: DoctorContext) -> Check:
         return Check("clock_state", Status.SKIP, {"clocks": "not available"}, "readable clocks",
                      "no SMI tool, /proc/cpuinfo MHz or cpufreq governor readable here: not available")
     warn = []
-    if state.get("throttle_reasons", "0x0").lower() not in ("0x0000000000000000", "0x0", "not active"):
-        warn.append(f"throttled now ({state['throttle_reasons']})")
+    if _throttling(state.get("throttle_reasons", "")):
+        warn.append(f"throttled now (nvidia-smi reasons {state['throttle_reasons']})")
     if state.get("scaling_governor", "performance") not in ("performance",):
         warn.append(f"CPU governor {state['scaling_governor']!r}: clocks follow load, times vary")
     return Check("clock_state", Status.WARN if warn else Status.PASS, measured,
@@ -307,8 +331,6 @@ def ceilings(ctx: DoctorContext) -> Check:
     n = found["matmul_n"] * 3 // 2
     over = {}
     for name, tflops in found["matmul_tflops"].items():
-        from twinbench.harness.core.case import torch_dtype
-
         a = torch.randn(n, n, device=ctx.device.torch_device).to(torch_dtype(name))
         b = torch.randn(n, n, device=ctx.device.torch_device).to(torch_dtype(name))
         ms = min(ctx.timer.block(lambda: torch.mm(a, b), 2) for _ in range(3))

@@ -217,7 +217,7 @@ class TileLimits:
     """What a GPU lets one program (block / workgroup) use: the autotuner keeps only configs within it."""
 
     shared_bytes: int  # shared memory (NVIDIA, opt-in maximum) or LDS (AMD) per block
-    amd: bool = False  # AMD keeps dot operands in registers: far less LDS per tile than NVIDIA (SHARED_ROWS)
+    amd: bool = False  # AMD keeps the tiles loaded once in registers: less LDS per config (SHARED_ROWS)
     # RDNA (gfx11/gfx12): fp32 tiles with BLOCK_D >= 128 spill VGPRs (hundreds even at 32x32; docs/triton_fa.md)
     spills_large_fp32: bool = False
 
@@ -225,15 +225,17 @@ class TileLimits:
 # Shared memory when nothing better is known: 64 KiB is the smallest per-block limit of the GPUs Triton
 # targets (AMD LDS per workgroup on CDNA3 and RDNA3/4; NVIDIA has >= 99 KiB opt-in since sm80).
 FALLBACK_SHARED_BYTES = 64 * 1024
-# Tiles each kernel keeps in shared memory, in rows of BLOCK_D elements (per BLOCK_M row, per BLOCK_N row),
-# fitted to the compiled kernels' own shared memory (triton 3.x AOT, docs/triton_fa.md has the numbers).
-# NVIDIA (sm90; fp16 D128 and fp32 D256, stages 2 and 3 alike): fwd M + N rows (+ ~13% of M for fp32
-# layout conversions), dK/dV about 2.5 M + 2 N, dQ 2 M + 2 N. AMD (gfx942 fp16 D128/D256, gfx1201 fp32
-# D128): at most M + N rows for every kernel. The margin covers what the fit misses (up to 2%);
-# tests/test_aot_compile.py compiles the kept configs per target and fails when a compiled kernel needs more
-# than this estimate.
-SHARED_ROWS = {"fwd": (1.15, 1.0), "dkdv": (2.5, 2.0), "dq": (2.0, 2.0)}
-AMD_SHARED_ROWS = (1.0, 1.0)
+# Shared memory per kernel in rows of BLOCK_D elements: (fixed per BLOCK_M row, fixed per BLOCK_N row,
+# per stage per BLOCK_M row, per stage per BLOCK_N row). The tiles a kernel loads inside its loop are
+# multi-buffered by the pipeliner (num_stages copies); the ones loaded once are not. Fitted to triton AOT
+# compiles (docs/triton_fa.md): fp32 D64 128x64 3 stages on sm90 takes exactly q + 3 x (k, v) in the forward,
+# 3 x (q, dO) in dK/dV, (q, dO) + 3 x (k, v) in dQ; fp32 D256 adds ~13% of M for layout conversions in
+# the forward; fp16 builds use less (fp16 D128 on sm90 does not grow with stages). AMD keeps the tiles loaded
+# once in registers: at most num_stages copies of the loop's tiles in LDS (gfx942/gfx1201 fp32 D64 128x64
+# 3 stages: 64 KiB fwd and dQ, 160 KiB dK/dV on gfx1201; fp16 D128/D256 16 KiB). tests/test_aot_compile.py
+# compiles the kept configs per target and fails when a compiled kernel needs more than this estimate.
+SHARED_ROWS = {"fwd": (1.15, 0.0, 0.0, 2.0), "dkdv": (0.5, 2.0, 2.0, 0.0), "dq": (2.0, 0.0, 0.0, 2.0)}
+AMD_SHARED_ROWS = {"fwd": (0.0, 0.0, 0.0, 2.0), "dkdv": (0.0, 0.0, 2.0, 0.0), "dq": (0.0, 0.0, 0.0, 2.0)}
 SHARED_MARGIN = 1.1
 # Largest BLOCK_M x BLOCK_N kept for fp32 with BLOCK_D >= 128 where such tiles spill (TileLimits).
 SPILL_SAFE_FP32_TILE = 32 * 32
@@ -245,10 +247,13 @@ def spills_large_fp32(arch: str) -> bool:
     return str(arch).startswith(("gfx11", "gfx12"))
 
 
-def shared_estimate(kernel: str, block_m: int, block_n: int, block_d: int, elem: int, amd: bool = False) -> int:
+def shared_estimate(kernel: str, block_m: int, block_n: int, block_d: int, elem: int, num_stages: int,
+                    amd: bool = False) -> int:
     """Bytes of shared memory ``kernel`` ("fwd", "dkdv", "dq") needs for one tile configuration."""
-    per_m, per_n = AMD_SHARED_ROWS if amd else SHARED_ROWS[kernel]
-    return int((per_m * block_m + per_n * block_n) * block_d * elem * SHARED_MARGIN)
+    fixed_m, fixed_n, staged_m, staged_n = (AMD_SHARED_ROWS if amd else SHARED_ROWS)[kernel]
+    stages = max(num_stages, 1)
+    rows = (fixed_m + stages * staged_m) * block_m + (fixed_n + stages * staged_n) * block_n
+    return int(rows * block_d * elem * SHARED_MARGIN)
 
 
 def keep_configs(configs: list, kernel: str, block_d: int, elem: int, limits: TileLimits) -> list:
@@ -256,7 +261,7 @@ def keep_configs(configs: list, kernel: str, block_d: int, elem: int, limits: Ti
     kept = []
     for c in configs:
         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if shared_estimate(kernel, m, n, block_d, elem, limits.amd) > limits.shared_bytes:
+        if shared_estimate(kernel, m, n, block_d, elem, c.num_stages, limits.amd) > limits.shared_bytes:
             continue
         if limits.spills_large_fp32 and elem == 4 and block_d >= 128 and m * n > SPILL_SAFE_FP32_TILE:
             continue
@@ -300,7 +305,7 @@ def fits_somewhere(block_d: int, elem: int, limits: TileLimits) -> tuple[bool, s
     """Whether every kernel keeps at least one config under ``limits`` (else the case cannot launch)."""
     for kernel in SHARED_ROWS:
         if not keep_configs(gpu_configs(), kernel, block_d, elem, limits):
-            smallest = shared_estimate(kernel, 32, 32, block_d, elem, limits.amd)
+            smallest = shared_estimate(kernel, 32, 32, block_d, elem, 1, limits.amd)
             return False, (f"{kernel} needs ~{smallest // 1024} KiB shared memory at head_dim<={block_d} "
                            f"({elem}-byte elements); this GPU allows {limits.shared_bytes // 1024} KiB per block")
     return True, ""
