@@ -284,14 +284,17 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-def kernel_names(target: str) -> tuple[set[str], set[str]]:
-    """(every kernel, the CI subset's kernels) on ``target``, computed with the interpreter off (run it in a
+def kernel_names(targets) -> dict[str, tuple[set[str], set[str]]]:
+    """{target: (every kernel, the CI subset's kernels)}, computed with the interpreter off (run it in a
     fresh process)."""
     import os
 
     os.environ.pop("TRITON_INTERPRET", None)
-    variants = all_variants(aot.TARGETS[target])
-    return {v.kernel for v in variants}, {v.kernel for v in ci_subset(variants)}
+    out = {}
+    for target in targets:
+        variants = all_variants(aot.TARGETS[target])
+        out[target] = {v.kernel for v in variants}, {v.kernel for v in ci_subset(variants)}
+    return out
 
 
 def in_fresh_process(fn, *args):
