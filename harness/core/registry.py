@@ -63,6 +63,12 @@ class Tolerance:
     # luckily exact, so the three-way bound also gets this many fp32 ulps at the output's scale; 16 sits
     # above the largest reordering gap measured so far (docs/method.md §1, the measurement in §7).
     fp32_ulps: float = 16.0
+    # An output computed from other outputs' magnitudes (DPO rewards = beta * a difference of two log-prob
+    # sums): its scale, for rtol and the max_rel_bound cap, is the larger of its own magnitude and
+    # scale_factor * max|those outputs| — rounding in what it is computed from does not shrink when the
+    # difference happens to be near 0 (docs/method.md §1).
+    scale_of: tuple[str, ...] = ()
+    scale_factor: float = 1.0
     why: str = "three-way rule (flash-attention): k=2 forward, k=3 gradients"
 
 
@@ -84,6 +90,9 @@ class Suite:
     # The case parameters and the rules between them; a typed --case that breaks them is a usage error.
     params: tuple[Param, ...] = ()
     rules: tuple[Rule, ...] = ()
+    # Every output must have the dtype of the reference's run in the test dtype; an output whose dtype
+    # legitimately differs names the dtype it must have here: (case, output) -> dtype, or None for the rule.
+    output_dtype: Callable[[Case, str], Any] | None = None
     # Dtype used for the high-precision reference given the case dtype (None: fp32, or fp64 for fp32).
     hi_dtype: Callable[[Case], Any] | None = None
     trials: int = 3

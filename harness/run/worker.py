@@ -242,9 +242,7 @@ class Measured:
 
 
 def _wrong_reason(verdict) -> str:
-    bad = [f"{n}: err {c.error:.3g} > bound {c.bound:.3g}" + (f" ({c.detail})" if c.detail else "")
-           for n, c in verdict.checks.items() if not c.ok]
-    return "; ".join(verdict.problems + bad)[:600]
+    return verdict.reason()[:600]
 
 
 def measure_timing(job: TimingJob, events: EventWriter) -> dict[str, Measured]:
