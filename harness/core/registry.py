@@ -10,9 +10,11 @@ error naming the new module, since the plugin would otherwise silently never run
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import pkgutil
 import sys
 import traceback
@@ -120,6 +122,47 @@ class Suite:
         return list(self.profiles[profile])
 
 
+@dataclass(frozen=True)
+class ImplOrigin:
+    """Where an impl's code came from, recorded with its results: module, file, installed distribution."""
+
+    module: str
+    file: str | None = None
+    package: str | None = None  # the installed distribution providing the module, if any
+    version: str | None = None
+
+    def to_json(self) -> dict[str, str | None]:
+        return {"module": self.module, "file": self.file, "package": self.package, "version": self.version}
+
+    def describe(self) -> str:
+        where = self.file or self.module
+        return f"{where} ({self.package} {self.version})" if self.package else where
+
+
+@functools.lru_cache(maxsize=1)
+def _distributions() -> Mapping[str, list[str]]:
+    return importlib.metadata.packages_distributions()
+
+
+def origin_of(fn: Callable[..., Any]) -> ImplOrigin:
+    module = getattr(fn, "__module__", None) or "?"
+    try:
+        file = inspect.getsourcefile(fn)
+    except TypeError:
+        file = None
+    file = file or getattr(sys.modules.get(module), "__file__", None)
+    dists = _distributions().get(module.split(".")[0], [])
+    package = dists[0] if dists else None
+    version = None
+    if package:
+        try:
+            version = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+    return ImplOrigin(module=module, file=str(Path(file).resolve()) if file else None, package=package,
+                      version=version)
+
+
 @dataclass
 class Impl:
     """One implementation of a suite's operation.
@@ -139,6 +182,7 @@ class Impl:
     # Case filter: (ok, why_not) for a case this impl cannot do (e.g. a dtype, a head_dim).
     supports: Callable[[Case, Any], tuple[bool, str]] = lambda case, device: (True, "")
     source: str = ""
+    origin: ImplOrigin | None = None
 
     def can_run(self, case: Case | None, device: Any) -> tuple[bool, str]:
         try:
@@ -176,10 +220,25 @@ def register_impl(
     backward: bool = True,
     deterministic: bool = True,
     supports: Callable[[Case, Any], tuple[bool, str]] | None = None,
+    replace: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: ``@register_impl("attention", "sdpa", tags=("library",))`` on the impl callable."""
+    """Decorator: ``@register_impl("attention", "sdpa", tags=("library",))`` on the impl callable.
+
+    A name already registered by other code (a built-in impl, the reference included) is a usage error
+    naming both sources unless ``replace=True``: a plugin must never silently stand in for what it is
+    judged against. The same function registered again (a module imported twice) is not a replacement.
+    """
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        source = f"{fn.__module__}.{getattr(fn, '__qualname__', fn)}"
+        origin = origin_of(fn)
+        known = IMPLS.get((suite, name))
+        if known is not None and not replace and (known.source, known.origin and known.origin.file) != (
+                source, origin.file):
+            theirs = known.origin.describe() if known.origin else known.source
+            raise UsageError(f"impl {name!r} of suite {suite!r} is already registered by {known.source} "
+                             f"[{theirs}]; {source} [{origin.describe()}] registers it again: rename it, "
+                             f"or pass replace=True to register_impl")
         impl = Impl(
             name=name,
             suite=suite,
@@ -187,7 +246,8 @@ def register_impl(
             tags=tuple(tags),
             backward=backward,
             deterministic=deterministic,
-            source=f"{fn.__module__}.{getattr(fn, '__qualname__', fn)}",
+            source=source,
+            origin=origin,
         )
         if available is not None:
             impl.available = available
@@ -225,6 +285,8 @@ def _import_package_tree(package: str) -> None:
     """Import a package and every module below it, keeping failures with their reason."""
     try:
         pkg = importlib.import_module(package)
+    except UsageError:
+        raise
     except Exception as exc:
         _refuse_legacy_import(package, exc)
         import_failures[package] = f"{type(exc).__name__}: {exc}"
@@ -234,6 +296,8 @@ def _import_package_tree(package: str) -> None:
             continue
         try:
             importlib.import_module(info.name)
+        except UsageError:
+            raise
         except Exception as exc:
             _refuse_legacy_import(info.name, exc)
             import_failures[info.name] = f"{type(exc).__name__}: {exc}"
@@ -255,6 +319,8 @@ def load_plugin_file(path: str | Path) -> None:
         module = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = module
         spec.loader.exec_module(module)
+    except UsageError:
+        raise
     except Exception as exc:
         _refuse_legacy_import(p, exc)
         last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
@@ -274,6 +340,8 @@ def load_plugins(plugin_files: Iterable[str | Path] = ()) -> None:
             if ":" in ep.value:  # "module:attr" form: load it as-is
                 try:
                     ep.load()
+                except UsageError:
+                    raise
                 except Exception as exc:
                     _refuse_legacy_import(ep.value, exc)
                     import_failures[ep.value] = f"{type(exc).__name__}: {exc}"

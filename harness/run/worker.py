@@ -143,6 +143,8 @@ def run_case(task: RunCase, ctx: CaseContext, events: EventWriter) -> None:
     started = time.perf_counter()
 
     def record(impl, status: Status, reason: str = "", **measured: Any) -> None:
+        if impl.origin is not None:  # where the impl's code came from (registry.ImplOrigin)
+            measured["meta"] = {**(measured.get("meta") or {}), "origin": impl.origin.to_json()}
         records[impl.name] = Record.new(suite=suite.name, case=case.id, params=case.as_dict(), device=device.name,
                                         fingerprint=ctx.fingerprint, impl=impl.name, tags=impl.tags,
                                         status=status, reason=reason, **measured)
