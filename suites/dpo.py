@@ -112,6 +112,13 @@ def tolerance(case: Case, output: str) -> Tolerance:
                          "10% of |ref|")
 
 
+def output_dtype(case: Case, output: str) -> tuple[torch.dtype, ...] | None:
+    """Sequence-level outputs of a half-precision case: log-probs are taken in fp32 (TRL, Liger, the
+    reference), and an impl may return them, and what follows from them, in fp32 or in the test dtype."""
+    dt = torch_dtype(case["dtype"])
+    return (dt, torch.float32) if dt in (torch.bfloat16, torch.float16) else None
+
+
 PARAMS = (Param("pairs", int, low=1), Param("hidden", int, low=1), Param("seq", int, low=2),
           Param("vocab", int, low=2), DTYPE_PARAM(),
           Param("loss", str, choices=LOSS_TYPES), Param("beta", float, low=1e-6),
@@ -130,6 +137,7 @@ SUITE = register_suite(Suite(
     flops=flops,
     bytes=bytes_moved,
     tolerance=tolerance,
+    output_dtype=output_dtype,
     trials=3,
 ))
 

@@ -500,17 +500,23 @@ def _measure(suite: Suite, case: Case, found: TrialChecks, refs: ReferenceRuns, 
     found.measured.append(compare_tensor(name, opt, hi, lo, tol, is_grad, source_scale=source_scale(tol, refs)))
 
 
-def expected_dtype(suite: Suite, case: Case, refs: ReferenceRuns, name: str) -> torch.dtype | None:
-    """The dtype output ``name`` must have: the suite's override, else the reference's test-dtype run's."""
+def expected_dtypes(suite: Suite, case: Case, refs: ReferenceRuns, name: str) -> tuple[torch.dtype, ...]:
+    """The dtypes output ``name`` may have: the suite's override, else the reference's test-dtype run's
+    (empty: not checked, no such run)."""
     declared = suite.output_dtype(case, name) if suite.output_dtype else None
     if declared is not None:
-        return torch_dtype(declared) if isinstance(declared, str) else declared
-    return refs.test_dtypes.get(name)
+        allowed = declared if isinstance(declared, tuple) else (declared,)
+        return tuple(torch_dtype(d) if isinstance(d, str) else d for d in allowed)
+    return (refs.test_dtypes[name],) if name in refs.test_dtypes else ()
 
 
-def _with_dtype_failure(check: TensorCheck, got: torch.dtype, want: torch.dtype) -> TensorCheck:
-    why = f"dtype {str(got).replace('torch.', '')} != reference's {str(want).replace('torch.', '')}"
-    return replace(check, ok=False, ratio=max(check.ratio, math.inf), detail="; ".join(filter(None, [why, check.detail])))
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _with_dtype_failure(check: TensorCheck, got: torch.dtype, allowed: tuple[torch.dtype, ...]) -> TensorCheck:
+    why = f"dtype {_dtype_name(got)} != reference's {' or '.join(map(_dtype_name, allowed))}"
+    return replace(check, ok=False, ratio=math.inf, detail="; ".join(filter(None, [why, check.detail])))
 
 
 def compare_outputs(suite: Suite, case: Case, refs: ReferenceRuns, run: ImplRun, inputs: Inputs) -> TrialChecks:
@@ -526,10 +532,10 @@ def compare_outputs(suite: Suite, case: Case, refs: ReferenceRuns, run: ImplRun,
             found.exact.append(compare_exact(suite, case, name, opt, hi, inputs))
         else:
             _measure(suite, case, found, refs, name, opt, hi, refs.lo_outputs.get(name), is_grad=False)
-        want = expected_dtype(suite, case, refs, name)
-        if want is not None and opt.dtype != want:
+        allowed = expected_dtypes(suite, case, refs, name)
+        if allowed and opt.dtype not in allowed:
             checks = found.exact if not hi.is_floating_point() else found.measured
-            checks[-1] = _with_dtype_failure(checks[-1], opt.dtype, want)
+            checks[-1] = _with_dtype_failure(checks[-1], opt.dtype, allowed)
     return found
 
 

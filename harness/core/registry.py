@@ -93,7 +93,8 @@ class Suite:
     params: tuple[Param, ...] = ()
     rules: tuple[Rule, ...] = ()
     # Every output must have the dtype of the reference's run in the test dtype; an output whose dtype
-    # legitimately differs names the dtype it must have here: (case, output) -> dtype, or None for the rule.
+    # legitimately differs names the dtype(s) it may have here: (case, output) -> a dtype, a tuple of
+    # dtypes, or None for the rule.
     output_dtype: Callable[[Case, str], Any] | None = None
     # Dtype used for the high-precision reference given the case dtype (None: fp32, or fp64 for fp32).
     hi_dtype: Callable[[Case], Any] | None = None
@@ -233,8 +234,10 @@ def register_impl(
         source = f"{fn.__module__}.{getattr(fn, '__qualname__', fn)}"
         origin = origin_of(fn)
         known = IMPLS.get((suite, name))
-        if known is not None and not replace and (known.source, known.origin and known.origin.file) != (
-                source, origin.file):
+        # the same function of the same file (a module imported twice, or under a second name) is no replacement
+        same_code = known is not None and known.origin is not None and origin.file is not None and (
+            known.origin.file, getattr(known.fn, "__qualname__", None)) == (origin.file, getattr(fn, "__qualname__", 0))
+        if known is not None and not replace and not same_code:
             theirs = known.origin.describe() if known.origin else known.source
             raise UsageError(f"impl {name!r} of suite {suite!r} is already registered by {known.source} "
                              f"[{theirs}]; {source} [{origin.describe()}] registers it again: rename it, "
