@@ -164,9 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--plugin", action="append", default=[])
     lst.set_defaults(handler=cmd_list)
     _add_run(sub)
-    from twinbench.harness.cli import results_commands
+    from twinbench.harness.cli import bench_command, results_commands
 
     results_commands.register(sub)
+    bench_command.register(sub)
     return parser
 
 

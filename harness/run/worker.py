@@ -94,6 +94,10 @@ def run_case(task: dict[str, Any], device, events: Events, options: dict[str, An
     from twinbench.harness.core.parity import check_parity
     from twinbench.harness.core.timing import TimingPlan, interleaved, round_ratios, timer_for
 
+    if task["suite"] in registry.EXPERIMENTS:  # training loops: their own path (no inputs, no timing)
+        from twinbench.harness.run.experiment_case import run_experiment_case
+
+        return run_experiment_case(task, device, events, options)
     suite = registry.get_suite(task["suite"])
     case = Case.of(task["params"])
     all_impls = registry.impls_for(suite.name)
