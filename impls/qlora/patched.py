@@ -165,7 +165,7 @@ def patch_model(peft_model, checkpointing: bool = False, shared_single_op: bool 
     0.86-1.52x.
     ``checkpointing=True`` keeps the reference's whole-layer checkpointing (slower, no less memory).
     ``recompute_experts``: the MoE experts' LoRA op keeps only its inputs and rebuilds its activations in
-    backward (measured: -10% step memory, +0-7% time).
+    backward (less step memory for a little more time: docs/qlora.md).
     """
     model = peft_model.get_base_model()
     patched: dict[str, Any] = {}
