@@ -1,7 +1,8 @@
 """Renderers for a results document: HTML report, markdown summary, JUnit XML, long-format CSV.
 
 They render only: every number comes from the results document, or from a gate comparison / history
-trend computed by ``harness.gate`` / ``harness.history`` and passed in. Nothing here runs a kernel.
+trend computed by ``harness.gate`` / ``harness.store.history`` and passed in. Nothing here runs a kernel,
+and nothing here imports beyond ``twinbench.harness.store`` (the results model) and ``twinbench.reports``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
-from twinbench.harness.core.case import Case
+from twinbench.harness.core.case import DTYPE_PARAM, Case, Param, Rule
 from twinbench.harness.core.inputs import elem_bytes, generator, randn
 from twinbench.harness.core.registry import Inputs, Suite, register_impl, register_suite
 from twinbench.reference.attention import attention as reference_attention
@@ -77,7 +77,14 @@ def bytes_moved(case: Case) -> dict[str, float]:
     return {"fwd": 2 * q + 2 * kv, "bwd": 4 * q + 4 * kv}  # fwd: q,k,v in, o out; bwd: +o,do in, dq,dk,dv out
 
 
+PARAMS = (Param("batch", int, low=1), Param("heads", int, low=1), Param("kv_heads", int, low=1),
+          Param("seq_q", int, low=1), Param("seq_k", int, low=1),
+          Param("head_dim", int, low=1, high=512), Param("causal", bool), DTYPE_PARAM())
+RULES = (Rule(lambda c: c["heads"] % c["kv_heads"] == 0, "heads must be a multiple of kv_heads"),)
+
+
 SUITE = register_suite(Suite(
+    params=PARAMS, rules=RULES,
     name="attention",
     description="softmax(QK^T*scale)V, bottom-right causal mask, GQA/MQA; outputs and dq/dk/dv",
     profiles={"quick": QUICK, "interp": INTERP, "seed": SEED, "full": FULL},

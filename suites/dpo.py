@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 
 import torch
-from twinbench.harness.core.case import Case, torch_dtype
+from twinbench.harness.core.case import DTYPE_PARAM, Case, Param, torch_dtype
 from twinbench.harness.core.inputs import elem_bytes, generator, randn
 from twinbench.harness.core.registry import Inputs, Suite, Tolerance, register_impl, register_suite
 from twinbench.reference.dpo import LOSS_TYPES, linear_dpo
@@ -100,7 +100,15 @@ def tolerance(case: Case, output: str) -> Tolerance:
                          "10% of |ref|")
 
 
+PARAMS = (Param("pairs", int, low=1), Param("hidden", int, low=1), Param("seq", int, low=2),
+          Param("vocab", int, low=2), DTYPE_PARAM(),
+          Param("loss", str, choices=LOSS_TYPES), Param("beta", float, low=1e-6),
+          Param("smoothing", float, low=0.0, high=0.5), Param("bias", bool))
+RULES = ()
+
+
 SUITE = register_suite(Suite(
+    params=PARAMS, rules=RULES,
     name="dpo",
     description="lm_head -> log-probs (ignore_index masked) -> TRL DPO loss (sigmoid/ipo/robust), rewards, margins; "
                 "grads for policy hidden states, lm_head weight and bias",
@@ -111,7 +119,6 @@ SUITE = register_suite(Suite(
     bytes=bytes_moved,
     tolerance=tolerance,
     trials=3,
-    choices={"loss": LOSS_TYPES},
 ))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twinbench.harness.core.case import Case
+from twinbench.harness.core.case import Case, Param
 from twinbench.harness.core.experiment import Experiment, register_experiment
 from twinbench.harness.core.memory import RssSampler
 from twinbench.harness.core.registry import Tolerance, register_impl
@@ -46,6 +46,10 @@ def bound(case: Case, output: str) -> Tolerance:
                      why="reward-margin trajectory: |delta| <= 1e-4 + 1e-3 * max|margin|")
 
 
+PARAMS = (Param("model", str, choices=("llama",)), Param("steps", int, low=1), Param("batch", int, low=1),
+          Param("lr", float, low=0.0), Param("beta", float, low=1e-6),
+          Param("loss", str))  # a TRL loss_type name
+
 EXPERIMENT = register_experiment(Experiment(
     name="dpo_loop",
     description="DPO training of a tiny Llama on the shipped preference set: TRL DPOTrainer vs the same "
@@ -54,6 +58,7 @@ EXPERIMENT = register_experiment(Experiment(
     arguments=arguments,
     bound=bound,
     meta=lambda case: {"pairs": len(load_preferences(PREFERENCES))},
+    params=PARAMS,
 ))
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 
 import torch
-from twinbench.harness.core.case import Case, torch_dtype
+from twinbench.harness.core.case import DTYPE_PARAM, Case, Param, Rule, torch_dtype
 from twinbench.harness.core.inputs import elem_bytes, generator, randn
 from twinbench.harness.core.registry import Inputs, Suite, Tolerance, register_impl, register_suite
 from twinbench.reference.moe import gating as reference_gating
@@ -136,7 +136,14 @@ def bytes_moved(case: Case) -> dict[str, float]:
     return {"fwd": fwd, "bwd": b * 2 * (t * h + e * h) + 4 * t * e}
 
 
+PARAMS = (Param("tokens", int, low=1), Param("hidden", int, low=1), Param("experts", int, low=1),
+          Param("top_k", int, low=1), Param("norm", bool), DTYPE_PARAM(),
+          Param("tie_rows", int, low=0), Param("nonfinite_rows", int, low=0))
+RULES = (Rule(lambda c: c["top_k"] <= c["experts"], "top_k must be <= experts"),)
+
+
 SUITE = register_suite(Suite(
+    params=PARAMS, rules=RULES,
     name="gating",
     description="MoE top-k router: softmax fp32, lowest-index ties, renorm, aux + z loss; ids exact",
     profiles={"quick": QUICK, "seed": SEED, "full": FULL},

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 
 import torch
-from twinbench.harness.core.case import Case, torch_dtype
+from twinbench.harness.core.case import DTYPE_PARAM, Case, Param, Rule, torch_dtype
 from twinbench.harness.core.inputs import elem_bytes, generator, randn
 from twinbench.harness.core.registry import Inputs, Suite, register_impl, register_suite
 from twinbench.reference.moe import moe_experts
@@ -91,7 +91,14 @@ def bytes_moved(case: Case) -> dict[str, float]:
     return {"fwd": b * (weights + 2 * t * h), "bwd": b * (2 * weights + 3 * t * h)}
 
 
+PARAMS = (Param("batch", int, low=1), Param("seq", int, low=1), Param("hidden", int, low=1),
+          Param("experts", int, low=1), Param("top_k", int, low=1), Param("inter", int, low=1), DTYPE_PARAM(),
+          Param("routing", str, choices=("balanced", "skewed", "one_expert")))
+RULES = (Rule(lambda c: c["top_k"] <= c["experts"], "top_k must be <= experts"),)
+
+
 SUITE = register_suite(Suite(
+    params=PARAMS, rules=RULES,
     name="moe_ffn",
     description="SparseMoE SwiGLU experts (transformers v5 layout); out, dx, d(router weights), dW per expert",
     profiles={"quick": QUICK, "seed": SEED, "bench": BENCH, "full": FULL},
@@ -100,7 +107,6 @@ SUITE = register_suite(Suite(
     flops=flops,
     bytes=bytes_moved,
     trials=3,
-    choices={"routing": ("balanced", "skewed", "one_expert")},
 ))
 
 

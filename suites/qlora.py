@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from twinbench.harness.core.case import Case
+from twinbench.harness.core.case import DTYPE_PARAM, Case, Param
 from twinbench.harness.core.experiment import Experiment, StepPeakMemory, register_experiment
 from twinbench.harness.core.memory import TensorPeak
 from twinbench.harness.core.registry import Tolerance, register_impl
@@ -91,11 +91,15 @@ def judge_probe(case: Case, name: str, opt: torch.Tensor, ref: torch.Tensor,
     return True, ""
 
 
+PARAMS = (Param("kind", str, choices=("llama", "qwen3_moe")), DTYPE_PARAM("fp32", "bf16"),
+          Param("steps", int, low=1), Param("seq_len", int, low=8), Param("batch", int, low=1),
+          Param("accum", int, low=1))
+
 EXPERIMENT = register_experiment(Experiment(
     name="qlora", description="QLoRA fine-tune: reference transformers+peft+bnb loop vs patched loop",
     profiles={"quick": QUICK, "full": FULL, "seed": FULL}, arguments=arguments, bound=bound, judge=judge_probe,
     meta=lambda case: {"tokens_per_step": case["batch"] * case["accum"] * case["seq_len"]},
-    choices={"kind": ("llama", "qwen3_moe"), "dtype": ("fp32", "bf16")},
+    params=PARAMS, choices={"kind": ("llama", "qwen3_moe"), "dtype": ("fp32", "bf16")},
 ))
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 
-from twinbench.harness.core.case import Case
+from twinbench.harness.core.case import DTYPE_PARAM, Case, Param
 from twinbench.harness.core.inputs import elem_bytes, generator, randn
 from twinbench.harness.core.registry import Inputs, Suite, Tolerance, register_impl, register_suite
 from twinbench.reference.nf4 import nf4_linear, quantize_nf4
@@ -97,7 +97,14 @@ def tolerance(case: Case, output: str) -> Tolerance:
                          "codes: the matmul is judged); k=2 outputs, k=3 gradients")
 
 
+PARAMS = (Param("out", int, low=1), Param("inp", int, low=1), Param("batch", int, low=1), Param("rank", int, low=0),
+          Param("blocksize", int, choices=(32, 64, 128, 256, 512, 1024, 2048, 4096)),
+          Param("double_quant", bool), DTYPE_PARAM(), Param("bias", bool))
+RULES = ()
+
+
 SUITE = register_suite(Suite(
+    params=PARAMS, rules=RULES,
     name="quant_linear",
     description="NF4 linear (bnb storage, double quant) + LoRA: x W^T + s (x A^T) B^T; out, dx, dA, dB",
     profiles={"quick": QUICK, "bench": BENCH, "full": FULL},

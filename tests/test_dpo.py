@@ -136,10 +136,10 @@ def test_fused_passes_over_many_seeds(case, fn):
 
 
 def test_split_vocab_path_really_splits():
-    from twinbench.impls.dpo.fused_torch import _vocab_chunk
+    from twinbench.impls.dpo.fused_torch import vocab_chunk
 
-    assert _vocab_chunk(rows=40, vocab=200, tile_bytes=2048) < 200
-    assert _vocab_chunk(rows=40, vocab=200, tile_bytes=2**20) == 200
+    assert vocab_chunk(rows=40, vocab=200, tile_bytes=2048) < 200
+    assert vocab_chunk(rows=40, vocab=200, tile_bytes=2**20) == 200
 
 
 def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():

@@ -3,6 +3,7 @@ reference judged too, poisoned allocations catch an output never written, crashe
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -12,20 +13,24 @@ from twinbench.harness.core.case import Case
 from twinbench.harness.core.experiment import Experiment, register_experiment
 from twinbench.harness.core.registry import Tolerance
 from twinbench.harness.run.experiment_case import run_experiment_case
+from twinbench.harness.run.process import RunCase
+from twinbench.harness.run.worker import CaseContext, RunWorkerConfig
 from twinbench.reference.outcome import LoopOutcome
 
 CASE = Case.of(steps=4)
 
 
 class Events:
-    def __init__(self):
-        self.sent: list[tuple[str, dict]] = []
+    """The worker's event pipe, kept in memory (the messages as they would be written)."""
 
-    def send(self, kind: str, **payload) -> None:
-        self.sent.append((kind, payload))
+    def __init__(self):
+        self.sent: list[dict] = []
+
+    def send(self, message) -> None:
+        self.sent.append(json.loads(json.dumps(message.to_json())))
 
     def records(self) -> dict[str, dict]:
-        return {p["record"]["impl"]: p["record"] for k, p in self.sent if k == "record"}
+        return {m["record"]["impl"]: m["record"] for m in self.sent if m["type"] == "record"}
 
 
 def _loop(curve: torch.Tensor, steps: int) -> LoopOutcome:
@@ -81,9 +86,10 @@ def toy():
 
 def _run(name: str, impls: list[str]) -> dict[str, dict]:
     events = Events()
-    task = {"suite": name, "params": CASE.as_dict(), "impls": impls}
-    run_experiment_case(task, devices.find("cpu"), events, {"fingerprint": "fp", "seed": 0})
-    assert events.sent[-1][0] == "case_done"
+    ctx = CaseContext(device=devices.find("cpu"), fingerprint="fp", ceilings={},
+                      config=RunWorkerConfig(device="cpu", backend="cpu", seed=0))
+    run_experiment_case(RunCase(suite=name, params=CASE.as_dict(), impls=impls), ctx, events)
+    assert events.sent[-1]["type"] == "case_done"
     return events.records()
 
 

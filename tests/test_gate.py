@@ -123,16 +123,13 @@ def test_the_screen_is_lenient_only_for_regressions():
 
 
 def test_both_gate_workers_share_the_same_cpus():
-    from types import SimpleNamespace
-
     from twinbench.harness.gate import against as gate_against
 
     allowed = sorted(os.sched_getaffinity(0))
-    cpu = SimpleNamespace(device="cpu", no_pin=False)
-    assert gate_against.shared_cpus(cpu, None) == allowed[-1:]
-    assert gate_against.shared_cpus(cpu, 64) == allowed[-64:]
-    assert gate_against.shared_cpus(SimpleNamespace(device="cpu", no_pin=True), None) is None
-    assert gate_against.shared_cpus(SimpleNamespace(device="cuda:0", no_pin=False), None) is None
+    assert gate_against.shared_cpus("cpu", True, None) == allowed[-1:]
+    assert gate_against.shared_cpus("cpu", True, 64) == allowed[-64:]
+    assert gate_against.shared_cpus("cpu", False, None) is None
+    assert gate_against.shared_cpus("cuda:0", True, None) is None
 
 
 # --- stored baselines through the CLI -------------------------------------------------------------

@@ -117,11 +117,11 @@ def test_batched_mm_guard_skips_the_benchmark_shape():
 
 def test_triton_tiles_never_straddle_experts():
     from twinbench.impls.moe_ffn.sorted_experts import Routing
-    from twinbench.impls.moe_ffn.triton_grouped import BLOCK_M, _tiles
+    from twinbench.impls.moe_ffn.triton_grouped import BLOCK_M, expert_row_tiles
 
     ids = torch.tensor([[0, 2]] * 40 + [[2, 3]] * 3)
     route = Routing(ids, 5)
-    experts, starts, ends = _tiles(route, "cpu")
+    experts, starts, ends = expert_row_tiles(route, "cpu")
     offs = [0] + route.offs.tolist()
     for e, s, t in zip(experts.tolist(), starts.tolist(), ends.tolist()):
         assert offs[e] <= s < t <= offs[e + 1] and t - s <= BLOCK_M

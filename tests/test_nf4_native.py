@@ -1,4 +1,4 @@
-"""The native NF4 CPU kernels (impls/nf4_native.c): bit-exact dequantisation against the reference and bnb,
+"""The native NF4 CPU kernels (impls/kernels/nf4_native.c): bit-exact dequantisation against the reference and bnb,
 GEMV forward/backward within fp32 summation-order error, the build cache, planted bugs caught through the
 native path, and the inductor fallback still correct when the native kernels are off."""
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from twinbench.harness.core.parity import check_parity
 from twinbench.harness.core.registry import IMPLS, SUITES, load_plugins
+from twinbench.impls.kernels import availability, nf4_native
 from twinbench.impls.kernels import nf4 as nf4_kernels
-from twinbench.impls.kernels import nf4_native
-from twinbench.impls.quant_linear.fused import NF4Weight
+from twinbench.impls.kernels.nf4_weight import NF4Weight
 from twinbench.reference.nf4 import dequantize_state, quantize_nf4
 
 load_plugins()
@@ -98,7 +98,7 @@ def test_wrappers_refuse_bad_arguments():
 @native
 def test_build_is_cached_by_source_hash(tmp_path, monkeypatch):
     monkeypatch.setenv("TWINBENCH_CACHE_DIR", str(tmp_path))
-    cc = nf4_native._compiler()
+    cc = availability.c_compiler()
     first = nf4_native._build(cc)
     assert first.parent == tmp_path / "nf4_native" and first.exists()
     stamp = first.stat().st_mtime_ns
@@ -136,8 +136,8 @@ def _native_path_calls(monkeypatch) -> list[str]:
 def test_planted_native_bug_is_caught(bug, case, monkeypatch):
     kind, corrupt = NATIVE_BUGS[bug]
     if kind == "code":
-        wrong = corrupt(nf4_native._code16().clone())
-        monkeypatch.setattr(nf4_native, "_code16", lambda: wrong)
+        wrong = corrupt(nf4_native.nf4_table("cpu").clone())
+        monkeypatch.setattr(nf4_native, "nf4_table", lambda device: wrong)
     else:
         real = nf4_native._weight
         monkeypatch.setattr(nf4_native, "_weight",

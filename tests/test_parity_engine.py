@@ -1,17 +1,31 @@
 """The parity rule must catch wrong attention kernels and pass a right one over many seeds."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from twinbench.harness.core.case import Case
-from twinbench.harness.core.parity import PoisonedAllocations, check_parity, compare_tensor
+from twinbench.harness.core.parity import (
+    ImplRun,
+    ParityVerdict,
+    PoisonedAllocations,
+    TensorCheck,
+    TrialChecks,
+    check_parity,
+    compare_tensor,
+    merge_trial,
+    reference_placement,
+    run_impl_poisoned,
+    run_reference,
+    same_results,
+)
 from twinbench.harness.core.registry import IMPLS, Impl, Tolerance, load_plugins
 from twinbench.reference.attention import attention
+from twinbench.suites.attention import SUITE
 
 load_plugins()
-SUITE = __import__("suites.attention", fromlist=["SUITE"]).SUITE
 REF = IMPLS[("attention", "reference")]
 
 SQUARE = Case.of(batch=1, heads=4, kv_heads=2, seq_q=24, seq_k=24, head_dim=16, causal=True, dtype="fp32")
@@ -192,3 +206,67 @@ def test_nondeterministic_impl_may_differ_by_reordering_but_not_more():
     assert reordered.stable, reordered.problems
     noisy = check_parity(SUITE, _impl(_jitter(1e-4), deterministic=False), REF, SQUARE, "cpu", trials=1)
     assert noisy.stable is False and "unstable: the same inputs gave different results" in noisy.problems
+
+
+# The steps of check_parity, one at a time.
+
+def test_the_reference_runs_upcast_and_fp64_leaves_mps_for_the_cpu():
+    assert reference_placement(SUITE, SQUARE, "cpu", None).hi_dtype == torch.float64
+    assert reference_placement(SUITE, BF16, "cpu", None).hi_dtype == torch.float32
+    assert reference_placement(SUITE, SQUARE, "mps", None).device == "cpu"  # MPS has no fp64
+    assert reference_placement(SUITE, BF16, "mps", None).device == "mps"
+    as_given = reference_placement(dataclasses.replace(SUITE, hi_dtype=lambda case: None), BF16, "cpu", None)
+    assert as_given.hi_dtype is None and as_given.hi_dtype_label == "as-given"
+
+
+def test_the_reference_runs_share_one_output_gradient():
+    inputs = SUITE.make_inputs(BF16, "cpu", 0)
+    three_way = run_reference(SUITE, REF, inputs, reference_placement(SUITE, BF16, "cpu", None), "cpu",
+                              grad_seed=0, backward=True)
+    assert three_way.hi_outputs["out"].dtype == torch.float32 and three_way.lo_outputs["out"].dtype == torch.bfloat16
+    assert three_way.grad_outputs["out"].dtype == torch.bfloat16
+    single = dataclasses.replace(SUITE, three_way_reference=False)
+    one = run_reference(single, REF, inputs, reference_placement(single, BF16, "cpu", None), "cpu",
+                        grad_seed=0, backward=True)
+    assert one.lo_outputs == {} and one.grad_outputs["out"].dtype == torch.float32  # drawn from ref_hi's output
+    assert run_reference(SUITE, REF, inputs, reference_placement(SUITE, BF16, "cpu", None), "cpu",
+                         grad_seed=0, backward=False).grad_outputs is None
+
+
+def test_the_poisoned_run_names_a_mutated_input_and_leaves_the_callers_tensors_alone():
+    inputs = SUITE.make_inputs(SQUARE, "cpu", 0)
+    q_before = inputs.tensors["q"].clone()
+    run = run_impl_poisoned(_impl(mutates_input), inputs, None)
+    assert run.mutated == ["q"] and run.grads == {}
+    assert torch.equal(inputs.tensors["q"], q_before)  # the impl wrote into its own copy
+    assert run_impl_poisoned(_impl(unwritten_tail), inputs, None).outputs["out"][..., -1].isnan().all()
+
+
+def _run(**outputs):
+    return ImplRun(outputs=outputs, grads={}, metrics={}, mutated=[])
+
+
+def test_a_rerun_is_the_same_bit_for_bit_or_within_reordering():
+    x = torch.randn(64)
+    nudged = x + torch.finfo(torch.float32).eps * x.abs().max()
+    assert same_results(_run(out=x), _run(out=x.clone()), deterministic=True)
+    assert not same_results(_run(out=x), _run(out=nudged), deterministic=True)
+    assert not same_results(_run(out=x), _run(), deterministic=True)  # an output gone on the re-run
+    assert same_results(_run(out=x), _run(out=nudged), deterministic=False)
+    assert not same_results(_run(out=x), _run(out=x * 1.001), deterministic=False)
+
+
+def _check(name, ok, ratio, detail=""):
+    return TensorCheck(name=name, ok=ok, error=ratio, bound=1.0, ratio=ratio, mean_error=ratio, ref_lo_error=None,
+                       scale=1.0, metric="max", detail=detail)
+
+
+def test_the_verdict_keeps_each_tensors_worst_trial():
+    verdict = ParityVerdict(ok=True)
+    merge_trial(verdict, TrialChecks(measured=[_check("out", True, 0.5)], exact=[_check("ids", False, 1, "a")]))
+    merge_trial(verdict, TrialChecks(measured=[_check("out", True, 0.2)], exact=[_check("ids", True, 0)]))
+    assert verdict.checks["out"].ratio == 0.5 and verdict.checks["ids"].detail == "a"  # a pass never replaces
+    merge_trial(verdict, TrialChecks(measured=[_check("out", False, 0.1)], problems=["output 'x' missing"]))
+    assert not verdict.checks["out"].ok and verdict.problems == ["output 'x' missing"]  # a failure does
+    merge_trial(verdict, TrialChecks(measured=[_check("out", True, 9.0)]))
+    assert not verdict.checks["out"].ok

@@ -137,3 +137,28 @@ def test_report_of_a_missing_file_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "results file not found" in err and err.count("\n") == 1
     assert not (tmp_path / "r.html").exists()
+
+
+def _imported_modules(path: Path) -> set[str]:
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            found.add("twinbench.reports" if node.level else str(node.module))
+    return found
+
+
+def test_reports_import_only_the_results_model_and_renderers():
+    """reports/ renders a results document: it imports nothing that runs kernels, gates or workers."""
+    import sys
+
+    allowed = ("twinbench.harness.store", "twinbench.reports", "jinja2", "plotly")
+    folder = Path(reports.__file__).parent
+    offending = {f"{path.name}: {name}" for path in folder.glob("*.py") for name in _imported_modules(path)
+                 if name.split(".")[0] not in sys.stdlib_module_names
+                 and not any(name == a or name.startswith(a + ".") for a in allowed)}
+    assert len(list(folder.glob("*.py"))) >= 5
+    assert not offending, sorted(offending)

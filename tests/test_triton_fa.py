@@ -1,21 +1,26 @@
-"""Our Triton FlashAttention-2 (impls/attention_triton_fa.py) under the CPU interpreter: the interp grid passes
-the three-way parity rule for out/dq/dk/dv, planted kernel bugs are caught, edge rows and LSE are right."""
+"""Our Triton FlashAttention-2 (impls/attention/triton_fa.py) under the CPU interpreter: the interp grid passes
+the three-way parity rule for out/dq/dk/dv, wrong copies of the kernels are caught, edge rows and LSE are right."""
 
+import importlib.util
 import math
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
+from twinbench.harness.core import registry
 from twinbench.harness.core.case import Case
 from twinbench.harness.core.devices import Device
 from twinbench.harness.core.parity import check_parity
-from twinbench.harness.core.registry import IMPLS, SUITES, load_plugins
+from twinbench.harness.core.registry import IMPLS, SUITES, load_plugins, register_impl
 from twinbench.reference.attention import attention
 
 triton = pytest.importorskip("triton")
 load_plugins()
 
 from twinbench.impls.attention import triton_fa as fa  # noqa: E402
-from twinbench.impls.attention import triton_fa_kernels as kernels  # noqa: E402  (after the registry, like the worker)
+from twinbench.impls.attention import triton_fa_kernels as kernels  # noqa: E402
+from twinbench.impls.kernels import availability  # noqa: E402
 
 SUITE = SUITES["attention"]
 IMPL = IMPLS[("attention", "triton_fa")]
@@ -50,26 +55,76 @@ def test_passes_over_several_seeds():
     assert verdict.trials == 5 and verdict.backward_checked
 
 
-# Each planted bug lives in the kernel itself (a constexpr the launcher passes); the suite must catch it.
+# Planted bugs: wrong copies of the kernels, built here from the kernel file's source with one line changed
+# (the production kernels carry no switch for them), registered as plugin impls under a test name.
+KERNEL_SOURCE = Path(kernels.__file__).read_text()
+MUTATIONS = {  # name: (line fragment in the kernel source, what the wrong copy has instead)
+    "causal-boundary": ("return SEQ_K - SEQ_Q", "return SEQ_K - SEQ_Q + 1"),  # every causal bound one key too far
+    "key-padding": ("(offs_n[None, :] < SEQ_K)", "(offs_n[None, :] < SEQ_K + 1)"),  # a padding key is real
+    "gqa-group-sum": ("for g in range(0, GROUP):", "for g in range(0, 1):"),  # dK/dV from one query head
+}
 CAUSAL_RECT = _case(1, 4, 2, 33, 70, 40, True, "fp32")   # bottom-right mask with seq_q != seq_k
 PADDED_KEYS = _case(1, 2, 1, 20, 45, 24, False, "fp16")  # seq_k not a multiple of the key block
 
 
-@pytest.mark.parametrize("where,bug,case,caught", [
-    ("fwd", 1, CAUSAL_RECT, "out"),       # causal boundary one key too far, forward only
-    ("bwd", 1, CAUSAL_RECT, "grad:q"),    # ... backward only: the output still passes
-    ("fwd", 2, PADDED_KEYS, "out"),       # one padding key past seq_k treated as a real key
-    ("bwd", 3, CAUSAL_RECT, "grad:k"),    # dK/dV not summed over the GQA group
+def mutant_kernels(mutation: str, wrong_pass: str, folder: Path) -> ModuleType:
+    """A module like triton_fa_kernels whose ``wrong_pass`` ("fwd" or "bwd") runs the mutated kernels; the
+    other pass is the production one, so a one-sided bug is seen by its own checks only."""
+    original, wrong = MUTATIONS[mutation]
+    assert KERNEL_SOURCE.count(original) == 1, f"{original!r} no longer names one place in the kernels"
+    path = folder / f"triton_fa_mutant_{mutation.replace('-', '_')}.py"
+    path.write_text(KERNEL_SOURCE.replace(original, wrong))  # a real file: triton reads the kernels' source
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if wrong_pass == "fwd":
+        module.backward = kernels.backward
+    else:
+        module.forward = kernels.forward
+    return module
+
+
+def register_mutant(monkeypatch, name: str, mutant: ModuleType):
+    """Register ``mutant`` as an attention impl like triton_fa (same availability, support and tags), in a
+    copy of the registry that the test's end restores."""
+    monkeypatch.setattr(registry, "IMPLS", dict(registry.IMPLS))
+
+    def wrong_fa(q, k, v, *, causal, scale):
+        return fa.flash_attention(q, k, v, causal=causal, scale=scale, kernels=mutant)
+
+    register_impl("attention", name, available=IMPL.available, supports=IMPL.supports, tags=IMPL.tags,
+                  deterministic=IMPL.deterministic)(wrong_fa)
+    return registry.IMPLS[("attention", name)]
+
+
+@pytest.mark.parametrize("wrong_pass,mutation,case,caught", [
+    ("fwd", "causal-boundary", CAUSAL_RECT, "out"),     # causal boundary one key too far, forward only
+    ("bwd", "causal-boundary", CAUSAL_RECT, "grad:q"),  # ... backward only: the output still passes
+    ("fwd", "key-padding", PADDED_KEYS, "out"),         # one padding key past seq_k treated as a real key
+    ("bwd", "gqa-group-sum", CAUSAL_RECT, "grad:k"),    # dK/dV not summed over the GQA group
 ], ids=["fwd-causal-boundary", "bwd-causal-boundary", "fwd-key-padding", "bwd-gqa-group-sum"])
-def test_planted_kernel_bug_is_caught(monkeypatch, where, bug, case, caught):
-    monkeypatch.setitem(kernels._PLANTED_BUG, where, bug)
-    verdict = check_parity(SUITE, IMPL, REF, case, "cpu", trials=1, seed=3)
+def test_planted_kernel_bug_is_caught(monkeypatch, tmp_path, wrong_pass, mutation, case, caught):
+    impl = register_mutant(monkeypatch, f"triton_fa-mutant-{wrong_pass}-{mutation}",
+                           mutant_kernels(mutation, wrong_pass, tmp_path))
+    verdict = check_parity(SUITE, impl, REF, case, "cpu", trials=1, seed=3)
     assert not verdict.ok
     assert not verdict.checks[caught].ok, verdict.checks
-    if where == "bwd":
+    if wrong_pass == "bwd":
         assert verdict.checks["out"].ok, "a backward-only bug must leave the forward output right"
-    if bug == 3:
+    if mutation == "gqa-group-sum":
         assert verdict.checks["grad:v"].ok is False and verdict.checks["grad:q"].ok
+
+
+def test_unmutated_copy_passes(monkeypatch, tmp_path):
+    """The copy machinery alone (source file, module load, registration) changes nothing: the catches above
+    come from the one changed line."""
+    monkeypatch.setitem(MUTATIONS, "none", ("return SEQ_K - SEQ_Q", "return SEQ_K - SEQ_Q"))
+    impl = register_mutant(monkeypatch, "triton_fa-copy", mutant_kernels("none", "fwd", tmp_path))
+    assert check_parity(SUITE, impl, REF, CAUSAL_RECT, "cpu", trials=1, seed=3).ok
+
+
+def test_production_kernels_carry_no_planted_switch():
+    assert "BUG" not in KERNEL_SOURCE and "PLANTED" not in KERNEL_SOURCE.upper()
 
 
 def test_fully_masked_rows_are_zero_and_lse_matches_logsumexp():
@@ -136,7 +191,7 @@ def test_available_says_why_not(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     ok, why = fa.available(CPU)
     assert not ok and "TRITON_INTERPRET=1" in why
-    monkeypatch.setattr(fa.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(availability, "installed", lambda module: False)
     ok, why = fa.available(CPU)
     assert not ok and "triton not installed" in why
 
@@ -146,10 +201,10 @@ def _tile_bytes(config, block_d, elem):
 
 
 def test_gpu_config_pruning_fits_small_shared_memory_and_keeps_one():
-    configs = kernels._gpu_configs()
-    fp16 = kernels._prune(configs, {"Q": torch.zeros(1, dtype=torch.float16)}, BLOCK_D=128)
+    configs = kernels.gpu_configs()
+    fp16 = kernels.prune_for_shared_memory(configs, {"Q": torch.zeros(1, dtype=torch.float16)}, BLOCK_D=128)
     assert 0 < len(fp16) < len(configs)
     assert all(_tile_bytes(c, 128, 2) <= 64 * 1024 for c in fp16)
     # fp32 at head_dim 256: no tile fits the estimate, so the smallest config is kept rather than none
-    (only,) = kernels._prune(configs, {"Q": torch.zeros(1, dtype=torch.float32)}, BLOCK_D=256)
+    (only,) = kernels.prune_for_shared_memory(configs, {"Q": torch.zeros(1, dtype=torch.float32)}, BLOCK_D=256)
     assert only.kwargs == {"BLOCK_M": 32, "BLOCK_N": 32} and only.num_stages == 1

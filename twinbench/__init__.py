@@ -4,7 +4,8 @@ One import namespace over the repository's layer folders: ``twinbench.harness`` 
 ``twinbench.suites``, ``twinbench.reference``, ``twinbench.impls`` and ``twinbench.reports``.
 An installed wheel holds them inside this package; in a source checkout (editable install, or
 ``PYTHONPATH`` at the checkout, as the gate's base worktree runs) they are the top-level folders
-beside this one, so the package's search path also covers the checkout's root.
+beside this one, so the package's search path also covers the checkout's root. Which layer may import
+which: docs/architecture.md; the method the harness implements: docs/method.md.
 """
 
 import os as _os

@@ -43,7 +43,8 @@ def _add_run(sub) -> None:
 def cmd_run(args) -> int:
     from twinbench.harness.cli.console import print_table
     from twinbench.harness.core.timing import TimingPlan
-    from twinbench.harness.run import runner
+    from twinbench.harness.run import process, runner
+    from twinbench.harness.run.plan import RunOptions
 
     plan = TimingPlan()
     if args.rounds is not None:
@@ -55,12 +56,12 @@ def cmd_run(args) -> int:
     if args.trials is not None and args.trials < 1:
         raise UsageError("--trials must be >= 1")
     out = args.out or Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    options = runner.RunOptions(
+    options = RunOptions(
         suites=args.suites, devices=args.device, impls=args.impl, cases=args.case, profile=args.profile,
         out=out, plugins=[str(Path(p).resolve()) for p in args.plugin], resume=args.resume,
         timeout=args.timeout, trials=args.trials, seed=args.seed, reference_device=args.reference_device,
         timing=not args.no_timing, plan=plan, threads=args.threads, memory_limit_gb=args.memory_limit_gb,
-        report=not args.no_report)
+        report=not args.no_report, triton_interpret=process.user_triton_interpret())
     doc = runner.run(options)
     print_table(doc)
     written = [out / "results.json"]
@@ -134,22 +135,29 @@ def cmd_list(args) -> int:
 
 
 class _cpu_worker_env:
-    """Availability as the CPU worker will see it (it sets TRITON_INTERPRET=1 before importing impls)."""
+    """Availability as the device's worker will see it: its TRITON_INTERPRET from the one env policy."""
 
     def __init__(self, device):
-        self.active = device.backend == "cpu"
+        from twinbench.harness import SOURCE_ROOT
+        from twinbench.harness.run.process import WorkerKind, user_triton_interpret, worker_environment
+
+        env = worker_environment(WorkerKind.RUN, device.backend, device.name, root=SOURCE_ROOT,
+                                 head_root=SOURCE_ROOT, triton_interpret=user_triton_interpret()).env
+        self.value = env.get("TRITON_INTERPRET")
 
     def __enter__(self):
         self.saved = os.environ.get("TRITON_INTERPRET")
-        if self.active:
-            os.environ["TRITON_INTERPRET"] = "1"
+        self._set(self.value)
 
     def __exit__(self, *exc):
-        if self.active:
-            if self.saved is None:
-                os.environ.pop("TRITON_INTERPRET", None)
-            else:
-                os.environ["TRITON_INTERPRET"] = self.saved
+        self._set(self.saved)
+
+    @staticmethod
+    def _set(value: str | None) -> None:
+        if value is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,8 +180,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        os.environ["TWINBENCH_USER_TRITON_INTERPRET"] = "1"  # respected by GPU workers too
     try:
         args = build_parser().parse_args(argv)
         return int(args.handler(args) or 0)

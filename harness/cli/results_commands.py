@@ -59,7 +59,7 @@ def cmd_report(args) -> int:
     gate = None
     if args.baseline:
         from twinbench.harness.gate.stats import GateConfig
-        from twinbench.harness.store.baseline import gate_against_baseline
+        from twinbench.harness.gate.stored import gate_against_baseline
 
         gate = gate_against_baseline(doc, args.baseline, GateConfig(), allow_mismatch=args.allow_fingerprint_mismatch)
     trends = None
@@ -124,7 +124,7 @@ def cmd_gate(args) -> int:
     if bool(args.against) == bool(args.baseline):
         raise UsageError("give exactly one of --baseline FILE (with RESULTS) or --against GIT_REF")
     if args.baseline:
-        from twinbench.harness.store.baseline import gate_against_baseline
+        from twinbench.harness.gate.stored import gate_against_baseline
         from twinbench.harness.store.results import load
 
         if not args.results:
@@ -141,8 +141,11 @@ def cmd_gate(args) -> int:
             raise UsageError("gate --against runs both sides itself; it takes no RESULTS file")
         if args.confirm:
             raise UsageError("--confirm is for --baseline (--against re-runs flagged cases itself)")
+        options = gate_against.GateOptions(against=args.against, selection=_selection(args),
+                                           measurement=_measurement(args), out=Path(args.out) if args.out else None,
+                                           parity=not args.no_parity)
         config = _gate_config(args, threshold=gate_against.DEFAULT_THRESHOLD, test=gate_against.DEFAULT_TEST)
-        result = gate_against.run_gate(args, config)
+        result = gate_against.run_gate(options, config)
         doc = None
     print(format_table(result))
     if args.out:
@@ -169,10 +172,39 @@ def _write_gate_outputs(result: dict[str, Any], out: Path, doc: dict[str, Any] |
     print("wrote " + ", ".join(str(p) for p in written))
 
 
+def _selection(args):
+    """gate --against / calibrate: what to compare."""
+    from twinbench.harness.gate.against import Selection
+
+    return Selection(suites=list(args.suites), impls=list(args.impl), cases=list(args.case), profile=args.profile,
+                     device=args.device, plugins=[str(Path(p).resolve()) for p in args.plugin])
+
+
+def _measurement(args):
+    """gate --against / calibrate: how the two workers measure (rounds and clock validated here)."""
+    from twinbench.harness.gate import against as gate_against
+    from twinbench.harness.run import process
+
+    return gate_against.Measurement(
+        rounds=gate_against.check_rounds(args.rounds), block_ms=args.block_ms or gate_against.DEFAULT_BLOCK_MS,
+        threads=args.threads, clock=gate_against.clock_for(args.device, args.clock), pin=not args.no_pin,
+        timeout=args.timeout, triton_interpret=process.user_triton_interpret())
+
+
 def cmd_calibrate(args) -> int:
     from twinbench.harness.gate import calibrate
 
-    return calibrate.main(args)
+    slowdowns = calibrate.parse_slowdowns(args.slowdowns)
+    modes = calibrate.parse_modes(args.modes)
+    if args.comparisons < 1 or args.power_comparisons < 1:
+        raise UsageError("--comparisons and --power-comparisons must be >= 1")
+    options = calibrate.CalibrateOptions(
+        selection=_selection(args), measurement=_measurement(args), slowdowns=slowdowns, modes=modes,
+        comparisons=args.comparisons, power_comparisons=args.power_comparisons, max_cases=args.max_cases,
+        threshold=args.threshold, k=args.k, alpha=args.alpha, correction=args.correction,
+        tests=[args.test] if args.test else ["mwu", "wilcoxon"], save_dir=Path(args.dir) if args.save else None,
+        json=Path(args.json) if args.json else None)
+    return calibrate.main(options)
 
 
 def cmd_history_add(args) -> int:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,12 +114,15 @@ class Case:
         return out
 
 
-def select_cases(grid: Iterable[Case], case_args: Iterable[str], suite_name: str) -> list[Case]:
+def select_cases(grid: Iterable[Case], case_args: Iterable[str], suite_name: str, *,
+                 params: Iterable[Param] = (), rules: Iterable[Rule] = ()) -> list[Case]:
     """Cases to run: the grid, or for each ``--case`` the grid cases it matches, else a new case.
 
     A ``--case`` whose keys all exist in the grid filters it when some grid case matches; otherwise it
     builds a new case from the first grid case with those values overridden ("any shape a user types").
+    A new case must satisfy the suite's declared ``params`` and ``rules``, else it is a usage error.
     """
+    params, rules = list(params), list(rules)
     grid = list(grid)
     case_args = list(case_args)
     if not case_args:
@@ -136,7 +140,81 @@ def select_cases(grid: Iterable[Case], case_args: Iterable[str], suite_name: str
                 f"(parameters: {', '.join(grid[0].as_dict())})"
             )
         matches = [c for c in grid if all(c.get(k) == v for k, v in over.items())]
-        for c in matches or [grid[0].replace(**over)]:
+        if not matches:
+            built = grid[0].replace(**over)
+            problems = case_problems(built, params, rules)
+            if problems:
+                raise UsageError(f"--case {text!r}: suite {suite_name!r}: {'; '.join(problems)}")
+            matches = [built]
+        for c in matches:
             if c not in chosen:
                 chosen.append(c)
     return chosen
+
+
+@dataclass(frozen=True)
+class Param:
+    """One case parameter a suite accepts: its type and valid values, checked before any worker starts.
+
+    ``kind`` is int, float, bool or str; ``low``/``high`` are inclusive bounds for numbers; ``choices`` lists
+    the allowed values where the set is closed (dtypes, loss types). A typed value the reference would choke
+    on (``head_dim=-1``, ``tokens=16.5``, ``norm=maybe``) is the user's mistake, not a crash of some impl.
+    """
+
+    name: str
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] = ()
+
+    def problem(self, value: Any) -> str:
+        """Why ``value`` is not valid for this parameter ('' when it is)."""
+        if self.kind is bool:
+            ok_type = isinstance(value, bool)
+        elif self.kind is int:
+            ok_type = isinstance(value, int) and not isinstance(value, bool)
+        elif self.kind is float:
+            ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok_type = isinstance(value, self.kind)
+        if not ok_type:
+            return f"must be {'true or false' if self.kind is bool else 'an integer' if self.kind is int else self.kind.__name__}, got {_format_value(value)!r}"
+        if self.choices and value not in self.choices:
+            return f"must be one of {', '.join(_format_value(c) for c in self.choices)}, got {_format_value(value)!r}"
+        if self.low is not None and value < self.low:
+            return f"must be >= {_format_value(self.low)}, got {_format_value(value)}"
+        if self.high is not None and value > self.high:
+            return f"must be <= {_format_value(self.high)}, got {_format_value(value)}"
+        if self.kind is float and not math.isfinite(value):
+            return f"must be finite, got {_format_value(value)}"
+        return ""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A constraint between parameters (``top_k <= experts``): ``holds(case)`` and how to say it."""
+
+    holds: Callable[[Case], bool]
+    text: str
+
+
+def DTYPE_PARAM(*allowed: str) -> Param:  # noqa: N802 (reads as a constant in the suites' declarations)
+    """The ``dtype`` parameter with the short names a suite supports (default: fp32, fp16, bf16)."""
+    return Param("dtype", str, choices=allowed or ("fp32", "fp16", "bf16"))
+
+
+def case_problems(case: Case, params: Iterable[Param], rules: Iterable[Rule] = ()) -> list[str]:
+    """Everything wrong with ``case`` under the suite's declarations; empty when it is valid."""
+    declared = {p.name: p for p in params}
+    if not declared:  # a suite (or a plugin's) that declares nothing is not checked
+        return []
+    problems = [f"{key} is not a parameter (parameters: {', '.join(declared)})"
+                for key in case.as_dict() if key not in declared]
+    problems += [f"{name} is missing" for name in declared if name not in case]
+    for key, value in case.items:
+        why = declared[key].problem(value) if key in declared else ""
+        if why:
+            problems.append(f"{key} {why}")
+    if not problems:  # rules read the values, so only once every value is well-typed
+        problems += [rule.text for rule in rules if not rule.holds(case)]
+    return problems

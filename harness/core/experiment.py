@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 from twinbench.harness.core import registry
-from twinbench.harness.core.case import Case
+from twinbench.harness.core.case import Case, Param, Rule
 from twinbench.harness.core.errors import UsageError
 from twinbench.harness.core.memory import RssSampler, _release_freed_heap
 from twinbench.harness.core.registry import Tolerance
@@ -51,6 +51,9 @@ class Experiment:
     judge: Callable[[Case, str, torch.Tensor, torch.Tensor, dict[str, Any]], tuple[bool, str]] | None = None
     meta: Callable[[Case], dict[str, Any]] = lambda case: {}
     reference: str = "reference"
+    # the case parameters and the rules between them (as for suites: a typed --case breaking them is exit 2)
+    params: tuple[Param, ...] = ()
+    rules: tuple[Rule, ...] = ()
     choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     # a loop measures its own step time; the planner, `gate` and the pytest parity items skip experiments
     timed: bool = False

@@ -1,4 +1,7 @@
-"""Peak memory of one call, per backend: allocator peak on GPUs, sampled resident set size on the CPU."""
+"""Peak memory of one call, per backend: allocator peak on GPUs, sampled resident set size on the CPU.
+
+What each number means and where it under- or over-counts: docs/method.md §3.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The parity rule (METHOD.md section 1): is an optimized impl computing the reference's function?
+"""The parity rule (docs/method.md §1): is an optimized impl computing the reference's function?
 
 For every trial (fresh seeded inputs) the reference runs twice — upcast (``ref_hi``, possibly on another
 device) and in the test dtype (``ref_lo``) — and the impl runs with poisoned allocations. Outputs and every
@@ -185,16 +185,15 @@ def _stat(x: torch.Tensor, metric: str) -> float:
 def compare_tensor(name: str, opt: torch.Tensor | None, hi: torch.Tensor | None, lo: torch.Tensor | None,
                    tol: Tolerance, is_grad: bool) -> TensorCheck:
     """Apply the parity rule to one tensor. ``hi`` is the upcast reference, ``lo`` the same-dtype one."""
-    nan = float("nan")
     if hi is None and opt is None:
-        return TensorCheck(name, True, 0.0, 0.0, 0.0, 0.0, None, 0.0, tol.metric, "no gradient on either side")
+        return TensorCheck(name=name, ok=True, error=0.0, bound=0.0, ratio=0.0, mean_error=0.0, ref_lo_error=None,
+                           scale=0.0, metric=tol.metric, detail="no gradient on either side")
     if opt is None:
-        return TensorCheck(name, False, nan, 0.0, math.inf, nan, None, 0.0, tol.metric, "missing (reference has it)")
+        return _unmeasurable(name, tol, "missing (reference has it)")
     if hi is None:
         hi = torch.zeros_like(opt)  # reference says 'no gradient': the impl must give zeros
     if tuple(opt.shape) != tuple(hi.shape):
-        return TensorCheck(name, False, nan, 0.0, math.inf, nan, None, 0.0, tol.metric,
-                           f"shape {tuple(opt.shape)} != reference {tuple(hi.shape)}")
+        return _unmeasurable(name, tol, f"shape {tuple(opt.shape)} != reference {tuple(hi.shape)}")
     hi_cast = hi.to(opt.dtype)  # 'result cast back' to the dtype being judged
     o = opt.to(hi.device, torch.float64)
     h = hi_cast.to(torch.float64)
@@ -227,7 +226,15 @@ def compare_tensor(name: str, opt: torch.Tensor | None, hi: torch.Tensor | None,
         bound = min(bound, tol.max_rel_bound * scale)
     ratio = error / bound if bound > 0 else (0.0 if error == 0 else math.inf)
     ok = ok and error <= bound
-    return TensorCheck(name, ok, error, bound, ratio, mean_error, lo_err, scale, tol.metric, detail)
+    return TensorCheck(name=name, ok=ok, error=error, bound=bound, ratio=ratio, mean_error=mean_error,
+                       ref_lo_error=lo_err, scale=scale, metric=tol.metric, detail=detail)
+
+
+def _unmeasurable(name: str, tol: Tolerance, detail: str) -> TensorCheck:
+    """A failed check with no error to measure (missing tensor, wrong shape): NaN error, infinite ratio."""
+    nan = float("nan")
+    return TensorCheck(name=name, ok=False, error=nan, bound=0.0, ratio=math.inf, mean_error=nan, ref_lo_error=None,
+                       scale=0.0, metric=tol.metric, detail=detail)
 
 
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -249,84 +256,198 @@ def make_grad_outputs(outs: Mapping[str, torch.Tensor], seed: int) -> dict[str, 
             for n, o in outs.items() if o.is_floating_point()}
 
 
+@dataclass(frozen=True)
+class ReferencePlacement:
+    """Where and in which dtype the high-precision reference (``ref_hi``) runs."""
+
+    device: str
+    hi_dtype: torch.dtype | None  # None: the reference runs in the dtype it is given (training loops)
+
+    @property
+    def hi_dtype_label(self) -> str:
+        return str(self.hi_dtype).replace("torch.", "") if self.hi_dtype else "as-given"
+
+
+def reference_placement(suite: Suite, case: Case, device: str, reference_device: str | None) -> ReferencePlacement:
+    """The suite's high-precision dtype on ``reference_device`` (default: the impl's device); MPS has no
+    fp64, so an fp64 reference asked of MPS runs on the CPU."""
+    ref_device = str(reference_device or device)
+    hi_dtype = suite.hi_dtype(case) if suite.hi_dtype else default_hi_dtype(case)
+    if hi_dtype == torch.float64 and ref_device.startswith("mps"):
+        ref_device = "cpu"
+    return ReferencePlacement(device=ref_device, hi_dtype=hi_dtype)
+
+
+@dataclass
+class ReferenceRuns:
+    """One trial's reference results, and the output gradients the impl's backward is seeded with."""
+
+    hi_outputs: dict[str, torch.Tensor]
+    hi_grads: dict[str, torch.Tensor | None]
+    lo_outputs: dict[str, torch.Tensor]  # empty without a three-way reference
+    lo_grads: dict[str, torch.Tensor | None]
+    grad_outputs: dict[str, torch.Tensor] | None  # on the impl's device; None when backward is not checked
+
+
+def run_reference(suite: Suite, ref: Impl, inputs: Inputs, placement: ReferencePlacement, device: str, *,
+                  grad_seed: int, backward: bool) -> ReferenceRuns:
+    """``ref_lo`` (test dtype) then ``ref_hi`` (upcast) for a three-way suite, else ``ref_hi`` alone.
+
+    The output gradients are drawn once, from the first run's outputs, and the same ``g`` seeds every
+    backward of the trial, so the three gradients differ only by the code and dtype that computed them.
+    """
+    drawn: dict[str, torch.Tensor] = {}
+
+    def draw_grad_outputs(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        drawn.update(make_grad_outputs(outputs, grad_seed))
+        return drawn
+
+    first_grad_outputs = draw_grad_outputs if backward else None
+    if not suite.three_way_reference:  # one reference run, as given or upcast when the suite names a hi_dtype
+        hi_out, hi_grads = call_impl(ref, leaves(inputs, placement.hi_dtype, placement.device), first_grad_outputs)
+        grad_outputs = {n: g.to(device) for n, g in drawn.items()} if backward else None
+        return ReferenceRuns(hi_outputs=hi_out, hi_grads=hi_grads, lo_outputs={}, lo_grads={},
+                             grad_outputs=grad_outputs)
+    lo_out, lo_grads = call_impl(ref, leaves(inputs, None, None), first_grad_outputs)
+    hi_grad_outputs = ({n: g.to(placement.device).to(placement.hi_dtype or g.dtype) for n, g in drawn.items()}
+                       if backward else None)
+    hi_out, hi_grads = call_impl(ref, leaves(inputs, placement.hi_dtype, placement.device), hi_grad_outputs)
+    return ReferenceRuns(hi_outputs=hi_out, hi_grads=hi_grads, lo_outputs=lo_out, lo_grads=lo_grads,
+                         grad_outputs=drawn if backward else None)
+
+
+@dataclass
+class ImplRun:
+    """The impl's outputs and input gradients under poisoned allocations, and what it did to its inputs."""
+
+    outputs: dict[str, torch.Tensor]
+    grads: dict[str, torch.Tensor | None]
+    metrics: dict[str, Any]  # self-measured numbers (training loops)
+    mutated: list[str]  # inputs it changed in place
+
+
+def run_impl_poisoned(impl: Impl, inputs: Inputs, grad_outputs: dict[str, torch.Tensor] | None) -> ImplRun:
+    """Run the impl on fresh leaves of ``inputs`` with poisoned ``torch.empty*``; inputs are compared
+    bit for bit before and after, since an impl that writes into its inputs corrupts the caller's tensors."""
+    own = leaves(inputs, None, None)
+    before = {n: t.detach().clone() for n, t in own.tensors.items() if isinstance(t, torch.Tensor)}
+    outputs, grads = call_impl(impl, own, grad_outputs, poison=True)
+    mutated = [n for n, t in before.items() if not _bitwise_equal(t, own.tensors[n].detach())]
+    # ``leaves`` shares ``meta`` with ``inputs``: the metrics are those every run of this trial reported so far
+    return ImplRun(outputs=outputs, grads=grads, metrics=dict(own.meta.get("metrics", {})), mutated=mutated)
+
+
+@dataclass
+class TrialChecks:
+    """One trial's comparisons, before they are merged into the verdict."""
+
+    exact: list[TensorCheck] = field(default_factory=list)  # non-float outputs (ids): equal or not
+    measured: list[TensorCheck] = field(default_factory=list)  # float outputs, then gradients
+    problems: list[str] = field(default_factory=list)
+    policies: set[str] = field(default_factory=set)  # the tolerances' reasons, for the verdict's summary
+
+
+def compare_exact(suite: Suite, case: Case, name: str, opt: torch.Tensor, hi: torch.Tensor,
+                  inputs: Inputs) -> TensorCheck:
+    """A non-float output (router ids...): the suite's own rule (ties may be allowed), else equality."""
+    if suite.check_discrete:
+        ok, why = suite.check_discrete(case, name, opt, hi, inputs)
+    else:
+        ok, why = torch.equal(opt.cpu(), hi.cpu()), "ids differ from the reference"
+    if ok:
+        return TensorCheck(name=name, ok=True, error=0, bound=0, ratio=0, mean_error=0, ref_lo_error=None,
+                           scale=0, metric="exact")
+    return TensorCheck(name=name, ok=False, error=1, bound=0, ratio=math.inf, mean_error=1, ref_lo_error=None,
+                       scale=0, metric="exact", detail=why)
+
+
+def _measure(suite: Suite, case: Case, found: TrialChecks, name: str, opt: torch.Tensor | None,
+             hi: torch.Tensor | None, lo: torch.Tensor | None, *, is_grad: bool) -> None:
+    tol = suite.tolerance(case, name)
+    found.policies.add(tol.why)
+    found.measured.append(compare_tensor(name, opt, hi, lo, tol, is_grad))
+
+
+def compare_outputs(suite: Suite, case: Case, refs: ReferenceRuns, run: ImplRun, inputs: Inputs) -> TrialChecks:
+    """Every reference output against the impl's: exact for ids, the parity rule for floats."""
+    found = TrialChecks()
+    for name, hi in refs.hi_outputs.items():
+        if name not in run.outputs:
+            found.problems.append(f"output {name!r} missing")
+        elif not hi.is_floating_point():
+            found.exact.append(compare_exact(suite, case, name, run.outputs[name], hi, inputs))
+        else:
+            _measure(suite, case, found, name, run.outputs[name], hi, refs.lo_outputs.get(name), is_grad=False)
+    return found
+
+
+def compare_gradients(suite: Suite, case: Case, refs: ReferenceRuns, run: ImplRun, inputs: Inputs,
+                      found: TrialChecks) -> None:
+    """Every input gradient the suite names (``grad:<input>``) by the parity rule, with the gradients' k."""
+    for n in inputs.grad:
+        _measure(suite, case, found, f"grad:{n}", run.grads.get(n), refs.hi_grads.get(n), refs.lo_grads.get(n),
+                 is_grad=True)
+
+
+def same_results(first: ImplRun, again: ImplRun, *, deterministic: bool) -> bool:
+    """Two runs on the same inputs: bit-identical for a deterministic impl; otherwise float tensors agree
+    within :func:`reorder_allowance` (non-float outputs of a non-deterministic impl are not compared)."""
+    for name, out in first.outputs.items():
+        other = again.outputs.get(name)
+        if deterministic:
+            if other is None or not _bitwise_equal(out, other):
+                return False
+        elif other is not None and out.is_floating_point() and not _close_enough_twice(out, other):
+            return False
+    same = _bitwise_equal if deterministic else _close_enough_twice
+    return all(same(g, again.grads[n]) for n, g in first.grads.items()
+               if g is not None and again.grads.get(n) is not None)
+
+
+def rerun_is_stable(impl: Impl, inputs: Inputs, grad_outputs: dict[str, torch.Tensor] | None,
+                    first: ImplRun) -> bool:
+    """Run the impl again on the same inputs: does it give the same results (:func:`same_results`)?"""
+    outputs, grads = call_impl(impl, leaves(inputs, None, None), grad_outputs, poison=True)
+    again = ImplRun(outputs=outputs, grads=grads, metrics={}, mutated=[])
+    return same_results(first, again, deterministic=impl.deterministic)
+
+
+def merge_trial(verdict: ParityVerdict, found: TrialChecks) -> None:
+    """Keep each tensor's worst trial: a failure over a pass, then the higher error/bound ratio.
+    An exact check keeps its latest failure (a ratio cannot rank two wrong id sets)."""
+    for check in found.exact:
+        if check.name not in verdict.checks or not check.ok:
+            verdict.checks[check.name] = check
+    for check in found.measured:
+        prev = verdict.checks.get(check.name)
+        if prev is None or (prev.ok and not check.ok) or (check.ok == prev.ok and check.ratio > prev.ratio):
+            verdict.checks[check.name] = check
+    verdict.problems += found.problems
+
+
 def check_parity(suite: Suite, impl: Impl, ref: Impl, case: Case, device: str, *, trials: int | None = None,
                  seed: int = 0, reference_device: str | None = None, backward: bool = True) -> ParityVerdict:
-    """Run the parity rule for one impl on one case; the verdict keeps each tensor's worst trial."""
-    ref_dev = reference_device or device
-    hi_dtype = suite.hi_dtype(case) if suite.hi_dtype else default_hi_dtype(case)  # None: as given
-    if hi_dtype == torch.float64 and str(ref_dev).startswith("mps"):
-        ref_dev = "cpu"  # MPS has no fp64: the high-precision reference moves to the CPU
-    n_trials = trials or suite.trials
-    do_bwd = backward and impl.backward and ref.backward
-    verdict = ParityVerdict(ok=True, trials=n_trials, backward_checked=do_bwd, reference_device=str(ref_dev),
-                            hi_dtype=str(hi_dtype).replace("torch.", "") if hi_dtype else "as-given")
-    policies = set()
-    for trial in range(n_trials):
-        base = suite.make_inputs(case, device, seed + trial)
-        made: dict[str, torch.Tensor] = {}
-
-        def grads_for(outs: dict[str, torch.Tensor], _seed: int = seed + trial) -> dict[str, torch.Tensor]:
-            made.update(make_grad_outputs(outs, _seed))
-            return made
-
-        if suite.three_way_reference:
-            lo_out, lo_grads = call_impl(ref, leaves(base, None, None), grads_for if do_bwd else None)
-            g_lo = made if do_bwd else None
-            g_hi = ({n: g.to(ref_dev).to(hi_dtype or g.dtype) for n, g in g_lo.items()}
-                    if g_lo is not None else None)
-            hi_out, hi_grads = call_impl(ref, leaves(base, hi_dtype, ref_dev), g_hi)
-        else:  # one reference run, in the dtype it is given (or upcast when the suite names a hi_dtype)
-            hi_out, hi_grads = call_impl(ref, leaves(base, hi_dtype, ref_dev), grads_for if do_bwd else None)
-            g_lo = {n: g.to(device) for n, g in made.items()} if do_bwd else None
-            lo_out, lo_grads = {}, {}
-
-        opt_in = leaves(base, None, None)
-        snapshot = {n: t.detach().clone() for n, t in opt_in.tensors.items() if isinstance(t, torch.Tensor)}
-        opt_out, opt_grads = call_impl(impl, opt_in, g_lo, poison=True)
-        verdict.metrics.update(opt_in.meta.get("metrics", {}))
-        for n, before in snapshot.items():
-            if not _bitwise_equal(before, opt_in.tensors[n].detach()):
-                verdict.problems.append(f"mutated its input {n!r}")
-
-        pairs: list[tuple[str, Any, Any, Any, bool]] = []
-        for n in hi_out:
-            if n not in opt_out:
-                verdict.problems.append(f"output {n!r} missing")
-                continue
-            if not hi_out[n].is_floating_point():
-                okd, why = (suite.check_discrete(case, n, opt_out[n], hi_out[n], base) if suite.check_discrete
-                            else (torch.equal(opt_out[n].cpu(), hi_out[n].cpu()), "ids differ from the reference"))
-                verdict.checks.setdefault(n, TensorCheck(n, True, 0, 0, 0, 0, None, 0, "exact"))
-                if not okd:
-                    verdict.checks[n] = TensorCheck(n, False, 1, 0, math.inf, 1, None, 0, "exact", why)
-                continue
-            pairs.append((n, opt_out[n], hi_out[n], lo_out.get(n), False))
-        if do_bwd:
-            for n in base.grad:
-                pairs.append((f"grad:{n}", opt_grads.get(n), hi_grads.get(n), lo_grads.get(n), True))
-        for name, o, h, lo, is_grad in pairs:
-            tol = suite.tolerance(case, name)
-            policies.add(tol.why)
-            check = compare_tensor(name, o, h, lo, tol, is_grad)
-            prev = verdict.checks.get(name)
-            if prev is None or (not check.ok and prev.ok) or (check.ok == prev.ok and check.ratio > prev.ratio):
-                verdict.checks[name] = check
-
-        if trial == 0 and suite.check_stability:  # stability: same inputs again must give the same bits
-            again_out, again_grads = call_impl(impl, leaves(base, None, None), g_lo, poison=True)
-            stable = True
-            for n, o in opt_out.items():
-                a = again_out.get(n)
-                if impl.deterministic:
-                    stable &= a is not None and _bitwise_equal(o, a)
-                elif a is not None and o.is_floating_point():
-                    stable &= _close_enough_twice(o, a)
-            for n, gr in opt_grads.items():
-                a = again_grads.get(n)
-                if gr is not None and a is not None:
-                    stable &= _bitwise_equal(gr, a) if impl.deterministic else _close_enough_twice(gr, a)
-            verdict.stable = bool(stable)
-            if not stable:
+    """Run the parity rule for one impl on one case (docs/method.md §1); the verdict keeps each tensor's
+    worst trial. Trial ``t`` draws its inputs and output gradients from ``seed + t``."""
+    placement = reference_placement(suite, case, device, reference_device)
+    do_backward = backward and impl.backward and ref.backward
+    verdict = ParityVerdict(ok=True, trials=trials or suite.trials, backward_checked=do_backward,
+                            reference_device=placement.device, hi_dtype=placement.hi_dtype_label)
+    policies: set[str] = set()
+    for trial in range(verdict.trials):
+        inputs = suite.make_inputs(case, device, seed + trial)
+        refs = run_reference(suite, ref, inputs, placement, device, grad_seed=seed + trial, backward=do_backward)
+        run = run_impl_poisoned(impl, inputs, refs.grad_outputs)
+        verdict.metrics.update(run.metrics)
+        verdict.problems += [f"mutated its input {n!r}" for n in run.mutated]
+        found = compare_outputs(suite, case, refs, run, inputs)
+        if do_backward:
+            compare_gradients(suite, case, refs, run, inputs, found)
+        merge_trial(verdict, found)
+        policies |= found.policies
+        if trial == 0 and suite.check_stability:  # the same inputs again must give the same results
+            verdict.stable = rerun_is_stable(impl, inputs, refs.grad_outputs, run)
+            if not verdict.stable:
                 verdict.problems.append("unstable: the same inputs gave different results")
     verdict.problems = sorted(set(verdict.problems))
     verdict.tolerance = "; ".join(sorted(policies))

@@ -3,7 +3,9 @@
 The harness knows no operation by name. Operation packages (``suites``/``impls`` and any vendor
 plugin) register themselves on import; :func:`load_plugins` imports them through the entry-point
 groups ``twinbench.suites`` / ``twinbench.impls`` and through ``--plugin FILE.py``.
-An import that fails is kept with its reason (``import_failures``) instead of breaking the package.
+An import that fails is kept with its reason (``import_failures``) instead of breaking the package,
+except a plugin that imports the first version's module names (``harness.registry``): that is a usage
+error naming the new module, since the plugin would otherwise silently never run.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twinbench.harness.core.case import Case
+from twinbench.harness.core.case import Case, Param, Rule
 from twinbench.harness.core.errors import UsageError
+from twinbench.harness.core.legacy_names import legacy_import_hint
 
 
 @dataclass
@@ -42,7 +45,7 @@ class Inputs:
 class Tolerance:
     """How close an optimized output (or gradient) must be to the high-precision reference.
 
-    ``three_way`` (METHOD.md section 1): bound = k * max|ref_lo - ref_hi| + rounding floor + atol + rtol*scale.
+    ``three_way`` (docs/method.md §1): bound = k * max|ref_lo - ref_hi| + rounding floor + atol + rtol*scale.
     Without it (no low-precision reference path exists, e.g. NF4 or losses): bound = atol + rtol*scale,
     where scale = max|ref_hi|. ``metric`` is the error statistic: "max" abs error or "mean" abs error.
     ``max_rel_bound`` caps any bound at that share of the reference's own magnitude, so a loose policy
@@ -57,8 +60,8 @@ class Tolerance:
     metric: str = "max"
     max_rel_bound: float = 0.1
     # fp32 outputs: differently ordered fp32 sums differ by a few ulps, and ref_lo (one such order) can be
-    # luckily exact, so the three-way bound also gets this many fp32 ulps at the output's scale (measured:
-    # SDPA vs the fp32 reference reached 11 ulps on 1 of 40 draws at head_dim 40).
+    # luckily exact, so the three-way bound also gets this many fp32 ulps at the output's scale; 16 sits
+    # above the largest reordering gap measured so far (docs/method.md §1, the measurement in §7).
     fp32_ulps: float = 16.0
     why: str = "three-way rule (flash-attention): k=2 forward, k=3 gradients"
 
@@ -78,6 +81,9 @@ class Suite:
     tolerance: Callable[[Case, str], Tolerance] = lambda case, output: Tolerance()
     # Extra checks on outputs that are not floating point (router ids...): returns (ok, detail).
     check_discrete: Callable[[Case, str, Any, Any, Inputs], tuple[bool, str]] | None = None
+    # The case parameters and the rules between them; a typed --case that breaks them is a usage error.
+    params: tuple[Param, ...] = ()
+    rules: tuple[Rule, ...] = ()
     # Dtype used for the high-precision reference given the case dtype (None: fp32, or fp64 for fp32).
     hi_dtype: Callable[[Case], Any] | None = None
     trials: int = 3
@@ -110,7 +116,7 @@ class Impl:
     """One implementation of a suite's operation.
 
     ``available(device) -> (ok, why_not)`` must be cheap and must not raise; ``device`` is a
-    :class:`harness.devices.Device`. ``tags``: "reference", "ours", "library", "peer",
+    :class:`twinbench.harness.core.devices.Device`. ``tags``: "reference", "ours", "library", "peer",
     "interpreter-on-cpu" (Triton: runs through the interpreter on CPU, parity only, never timed).
     """
 
@@ -201,11 +207,20 @@ def get_suite(name: str) -> Suite:
     return SUITES[name]
 
 
+def _refuse_legacy_import(where: str | Path, exc: BaseException) -> None:
+    """A plugin written against the first version's module names: one line naming the new import."""
+    hint = legacy_import_hint(exc)
+    if hint is not None:
+        old, new = hint
+        raise UsageError(f"plugin {where}: {old!r} is twinbench's first-version import; use {new!r}") from None
+
+
 def _import_package_tree(package: str) -> None:
     """Import a package and every module below it, keeping failures with their reason."""
     try:
         pkg = importlib.import_module(package)
     except Exception as exc:
+        _refuse_legacy_import(package, exc)
         import_failures[package] = f"{type(exc).__name__}: {exc}"
         return
     for info in pkgutil.walk_packages(getattr(pkg, "__path__", []), prefix=f"{package}."):
@@ -214,6 +229,7 @@ def _import_package_tree(package: str) -> None:
         try:
             importlib.import_module(info.name)
         except Exception as exc:
+            _refuse_legacy_import(info.name, exc)
             import_failures[info.name] = f"{type(exc).__name__}: {exc}"
 
 
@@ -234,6 +250,7 @@ def load_plugin_file(path: str | Path) -> None:
         sys.modules[mod_name] = module
         spec.loader.exec_module(module)
     except Exception as exc:
+        _refuse_legacy_import(p, exc)
         last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
         where = f" (line {last[0].lineno})" if last else ""
         raise UsageError(f"cannot load plugin {p}{where}: {type(exc).__name__}: {exc}") from None
@@ -252,6 +269,7 @@ def load_plugins(plugin_files: Iterable[str | Path] = ()) -> None:
                 try:
                     ep.load()
                 except Exception as exc:
+                    _refuse_legacy_import(ep.value, exc)
                     import_failures[ep.value] = f"{type(exc).__name__}: {exc}"
             else:
                 _import_package_tree(ep.value)

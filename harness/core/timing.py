@@ -1,7 +1,9 @@
 """Timers per backend, warm-up, raw samples, and reference/optimized interleaved round by round.
 
-METHOD.md section 2: keep raw samples; report median, IQR, p20/p80; interleave R O R O... and store
-each round's ratio so machine drift cancels; flush L2 outside the timed region on GPUs.
+docs/method.md §2: keep raw samples; report median, IQR, p20/p80; interleave R O R O... and store each
+round's ratio, so both sides of a ratio ran under the same conditions (drift between rounds cancels; the
+different contention response of two different kernels does not, which is why the gate compares an impl
+with itself, §4); flush L2 outside the timed region on GPUs.
 """
 
 from __future__ import annotations

@@ -3,33 +3,44 @@
 The base is checked out in a temporary ``git worktree`` (removed afterwards). Two gate workers serve
 one tree each (cwd and PYTHONPATH at that tree); the supervisor alternates them round by round
 (A B, B A, ...) with the same number of calls per sample, so machine drift hits both sides alike and
-the per-round ratio new/base of the *same* implementation is what the gate tests (METHOD.md 2-3).
+the per-round ratio new/base of the *same* implementation is what the gate tests (docs/method.md §2, §4).
 Flagged cases are re-run on the same workers and must regress again.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from twinbench.harness import SOURCE_ROOT as ROOT
 from twinbench.harness.core.errors import UsageError
+from twinbench.harness.gate.worker import GateWorkerConfig
+from twinbench.harness.run.process import (
+    DEFAULT_GATE_CPU_THREADS,
+    Message,
+    Prepare,
+    Prepared,
+    Ready,
+    Time,
+    Timed,
+    WorkerFailed,
+    WorkerKind,
+    WorkerProcess,
+    worker_environment,
+)
 
-# Paired signed-rank test on per-round log ratios: on this box (calibrate, 200 A/A comparisons each) it
-# caught 60% of 5% slowdowns vs Mann-Whitney's 37%, both with 0 confirmed false alarms.
+# Paired signed-rank test on per-round log ratios: in calibration it caught more planted 5% slowdowns than
+# Mann-Whitney at the same (zero) confirmed false alarms (docs/method.md §4; numbers in §7).
 DEFAULT_TEST = "wilcoxon"
 DEFAULT_THRESHOLD = 0.02
 DEFAULT_ROUNDS = 41        # the median ratio's noise falls as 1/sqrt(rounds); see docs/reports-and-gate.md
@@ -37,89 +48,109 @@ DEFAULT_BLOCK_MS = 5.0
 # Flagged cases are re-measured with this many times the rounds: the re-run decides, corrected across
 # every compared case, so it needs the power (docs/reports-and-gate.md, "two stages").
 CONFIRM_ROUNDS_FACTOR = 3
-# One thread per CPU worker by default: measured on the shared 2-core box (load ~8), the A/A median
-# ratio of 10 comparisons had CV 0.16 with 2 threads and 0.038 with 1 (docs/reports-and-gate.md).
-DEFAULT_CPU_THREADS = 1
+CLOCKS = ("process", "wall")
 
 
-class WorkerError(Exception):
-    pass
+@dataclass(frozen=True)
+class Selection:
+    """What to compare: the working tree's suites, impls and cases on one device."""
+
+    suites: list[str] = field(default_factory=list)
+    impls: list[str] = field(default_factory=list)
+    cases: list[str] = field(default_factory=list)
+    profile: str = "quick"
+    device: str = "cpu"
+    plugins: list[str] = field(default_factory=list)  # absolute paths
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """How the two workers measure; validated by the CLI (rounds >= 7, a known clock)."""
+
+    rounds: int = DEFAULT_ROUNDS
+    block_ms: float = DEFAULT_BLOCK_MS
+    threads: int | None = None
+    clock: str = "process"
+    pin: bool = True
+    timeout: float = 300.0
+    triton_interpret: bool = False  # the user asked for the Triton interpreter on GPUs too
+
+
+@dataclass(frozen=True)
+class GateOptions:
+    """`gate --against`'s options; built by the CLI only."""
+
+    against: str
+    selection: Selection
+    measurement: Measurement
+    out: Path | None = None
+    parity: bool = True
+
+
+def check_rounds(rounds: int | None) -> int:
+    rounds = rounds or DEFAULT_ROUNDS
+    if rounds < 7:
+        raise UsageError("--rounds must be >= 7 (the exact Mann-Whitney test needs 7 samples per side)")
+    return rounds
+
+
+def clock_for(device: str, clock: str | None) -> str:
+    """CPU: process CPU time by default (a shared box's scheduling noise drops out); GPUs: device events."""
+    clock = clock or ("process" if device == "cpu" else "wall")
+    if clock not in CLOCKS:
+        raise UsageError("--clock must be process or wall")
+    return clock
+
+
+def device_backend(name: str) -> str:
+    """The backend behind a device name; the CPU needs no detection, so its workers start without torch here."""
+    if name == "cpu":
+        return "cpu"
+    from twinbench.harness.core import devices
+
+    return devices.find(name).backend
 
 
 class GateWorker:
-    """One gate_worker process serving the tree at ``root``."""
+    """One gate worker (harness/gate/worker.py from the head) serving the tree at ``root``."""
 
-    def __init__(self, root: Path, device: str, plugins: list[str], log_path: Path, timeout: float,
-                 threads: int | None = None, cpus: list[int] | None = None):
+    def __init__(self, root: Path, device: str, plugins: list[str], log_path: Path, measurement: Measurement,
+                 cpus: list[int] | None = None):
         self.root = Path(root).resolve()
-        self.timeout = timeout
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(self.root)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                                                                if p and Path(p).resolve() != ROOT])
-        env["PYTHONUNBUFFERED"] = "1"
-        backend = "cpu" if device == "cpu" else "gpu"
-        if backend == "cpu":
-            # The idle side's OpenMP threads must not spin-wait while the other side is timed.
-            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-            threads = threads or DEFAULT_CPU_THREADS
-        elif os.environ.get("TWINBENCH_USER_TRITON_INTERPRET") != "1":
-            env.pop("TRITON_INTERPRET", None)  # compiled Triton on GPUs, as the run workers
-        self.threads, self.cpus = threads, cpus
-        config = {"device": device, "backend": backend, "plugins": plugins, "threads": threads, "cpus": cpus}
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        self.log = open(log_path, "a", encoding="utf-8")
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "harness" / "gate" / "worker.py"), json.dumps(config)],
-                                     cwd=str(self.root), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True, start_new_session=True)
-        self.buffer = ""
+        self.timeout = measurement.timeout
+        setup = worker_environment(WorkerKind.GATE, device_backend(device), device, root=self.root, head_root=ROOT,
+                                   threads=measurement.threads, triton_interpret=measurement.triton_interpret)
+        self.threads, self.cpus = setup.threads, cpus
+        config = GateWorkerConfig(device=device, plugins=plugins, threads=setup.threads, cpus=cpus)
+        self.process = WorkerProcess([sys.executable, str(ROOT / "harness" / "gate" / "worker.py")],
+                                     config.to_json(), cwd=self.root, env=setup.env, log_path=log_path,
+                                     label=f"worker for {self.root}")
         self.fingerprint: dict[str, Any] = {}
 
     def ready(self) -> GateWorker:
         """Wait for the worker's hello (started separately so both sides import torch in parallel)."""
-        hello = self._read()
-        self.fingerprint = hello.get("fingerprint") or {}
-        served = Path(hello.get("harness", "")).resolve()
+        hello = self.process.next_event(self.timeout)
+        if not isinstance(hello, Ready):
+            self.stop()
+            raise WorkerFailed(f"worker for {self.root} sent {hello.TYPE!r} before it was ready")
+        self.fingerprint = hello.fingerprint
+        served = Path(hello.harness).resolve()
         if served.parent != self.root:
             self.stop()
-            raise WorkerError(f"the worker for {self.root} imported harness from {served.parent}")
+            raise WorkerFailed(f"the worker for {self.root} imported harness from {served.parent}")
         return self
 
-    def _read(self) -> dict[str, Any]:
-        deadline = time.monotonic() + self.timeout
-        while "\n" not in self.buffer:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.stop()
-                raise WorkerError(f"worker for {self.root} sent nothing for {self.timeout:g}s")
-            ready, _, _ = select.select([self.proc.stdout], [], [], min(left, 1.0))
-            if ready:
-                chunk = os.read(self.proc.stdout.fileno(), 65536).decode("utf-8", "replace")
-                if not chunk:
-                    code = self.proc.wait(timeout=30)
-                    raise WorkerError(f"worker for {self.root} exited with code {code} (log: {self.log.name})")
-                self.buffer += chunk
-        line, self.buffer = self.buffer.split("\n", 1)
-        return json.loads(line)
+    def request(self, message: Message) -> Any:
+        return self.process.request(message, self.timeout)
 
-    def request(self, **msg: Any) -> dict[str, Any]:
-        try:
-            self.proc.stdin.write(json.dumps(msg) + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError) as exc:
-            raise WorkerError(f"worker for {self.root} is gone (log: {self.log.name})") from exc
-        return self._read()
+    def prepare(self, message: Prepare) -> Prepared:
+        return self.request(message)
+
+    def time(self, message: Time) -> Timed:
+        return self.request(message)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write(json.dumps({"op": "stop"}) + "\n")
-                self.proc.stdin.flush()
-                self.proc.wait(timeout=10)
-            except Exception:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
+        self.process.stop(grace=10)
 
 
 @dataclass
@@ -151,36 +182,38 @@ class Pair:
 
     def prepare(self, item: Item, *, parity: bool = False, granularity: int = 1) -> dict[str, Any]:
         """Prepare both sides; returns {"ok", "why", "missing", "parity"} (parity judged on the head)."""
-        msg = {"op": "prepare", "key": item.key, "suite": item.suite, "params": item.params, "impl": item.impl,
-               "mode": item.mode, "seed": self.seed}
-        head = self.head.request(**msg, parity=parity)
-        base = self.base.request(**msg, parity=False)
-        out = {"ok": bool(head.get("ok") and base.get("ok")), "parity": head.get("parity"),
-               "missing": bool(base.get("missing")), "why": ""}
-        if not head.get("ok"):
-            out["why"] = f"new: {head.get('why')}"
-        elif not base.get("ok"):
-            out["why"] = f"base: {base.get('why')}"
+        msg = Prepare(key=item.key, suite=item.suite, params=item.params, impl=item.impl, mode=item.mode,
+                      seed=self.seed)
+        head = self.head.prepare(replace(msg, parity=parity))
+        base = self.base.prepare(msg)
+        out = {"ok": head.ok and base.ok, "parity": head.parity, "missing": base.missing, "why": ""}
+        if not head.ok:
+            out["why"] = f"new: {head.why}"
+        elif not base.ok:
+            out["why"] = f"base: {base.why}"
         if out["ok"]:
-            per_call = max(head["per_call_ms"], base["per_call_ms"], 1e-6)
+            per_call = max(head.per_call_ms, base.per_call_ms, 1e-6)
             n = max(1, math.ceil(self.block_ms / per_call))
             self.numbers[item.key] = granularity * math.ceil(n / granularity)
         return out
 
+    def sample(self, worker: GateWorker, item: Item, extra: int = 0) -> float:
+        """One sample of ``item`` on one side: ms per call (``extra`` calls on top: a planted slowdown)."""
+        reply = worker.time(Time(key=item.key, number=self.numbers[item.key], extra=extra, clock=self.clock))
+        if not reply.ok:
+            raise WorkerFailed(f"{item.key}: {reply.why}")
+        return reply.ms
+
     def measure(self, item: Item, *, extra_fraction: float = 0.0,
                 rounds: int | None = None) -> tuple[list[float], list[float]]:
         """Interleaved samples (base, head); ``extra_fraction`` of extra calls on the head = a planted slowdown."""
-        number = self.numbers[item.key]
-        extra = round(extra_fraction * number)
+        extra = round(extra_fraction * self.numbers[item.key])
         base_ms: list[float] = []
         head_ms: list[float] = []
         for r in range(rounds or self.rounds):
             sides = [(self.base, base_ms, 0), (self.head, head_ms, extra)]
             for worker, sink, add in (sides if r % 2 == 0 else reversed(sides)):
-                reply = worker.request(op="time", key=item.key, number=number, extra=add, clock=self.clock)
-                if not reply.get("ok"):
-                    raise WorkerError(f"{item.key}: {reply.get('why')}")
-                sink.append(reply["ms"])
+                sink.append(self.sample(worker, item, add))
         return base_ms, head_ms
 
     def stop(self) -> None:
@@ -232,22 +265,22 @@ def base_worktree(ref: str) -> Iterator[tuple[Path, str]]:
         subprocess.run(["git", "worktree", "prune"], cwd=ROOT, capture_output=True)
 
 
-def plan_items(args, modes: tuple[str, ...] = ("fwd", "fwdbwd")) -> list[Item]:
+def plan_items(selection: Selection, modes: tuple[str, ...] = ("fwd", "fwdbwd")) -> list[Item]:
     """The working tree's selection (suites, --impl, --case, --profile); untimed suites are left out."""
     from twinbench.harness.core import devices, registry
-    from twinbench.harness.run.runner import RunOptions, plan_tasks
+    from twinbench.harness.run.plan import RunOptions, plan_tasks
 
-    registry.load_plugins([str(Path(p).resolve()) for p in args.plugin])
-    device = devices.find(args.device)
-    options = RunOptions(suites=list(args.suites), impls=list(args.impl), cases=list(args.case),
-                         profile=args.profile)
+    registry.load_plugins(selection.plugins)
+    device = devices.find(selection.device)
+    options = RunOptions(suites=list(selection.suites), impls=list(selection.impls), cases=list(selection.cases),
+                         profile=selection.profile)
     items = []
     for suite, tasks in plan_tasks(options):
         if not suite.timed:
             continue
         for task in tasks:
             for name in task.impls:
-                if args.impl and name not in args.impl:
+                if selection.impls and name not in selection.impls:
                     continue
                 impl = registry.IMPLS[(suite.name, name)]
                 if impl.timing_excluded(device):
@@ -261,35 +294,19 @@ def plan_items(args, modes: tuple[str, ...] = ("fwd", "fwdbwd")) -> list[Item]:
     return items
 
 
-def shared_cpus(args, threads: int | None) -> list[int] | None:
+def shared_cpus(device: str, pin: bool, threads: int | None) -> list[int] | None:
     """The CPUs both workers are pinned to (the same ones), or None (not pinned).
 
     Why: unpinned, each worker migrates between vCPUs on its own, and on a VM the vCPUs run at different
-    speeds (neighbours, frequency): each worker's samples jump between levels ~20% apart for ~10 rounds at a
-    time, independently, so the per-round ratio does not cancel them. Measured on the idle 2-core box
-    (attention/sdpa, 4 cases x 20 comparisons of 31 rounds): SD of the median log ratio 0.06-0.12 unpinned,
-    0.006-0.016 with both workers on one CPU. The workers take turns, so sharing CPUs costs nothing.
+    speeds (neighbours, frequency): each worker's samples jump between levels for rounds at a time,
+    independently, so the per-round ratio does not cancel them; pinned, the spread of the median log ratio
+    falls several-fold (docs/method.md §6; numbers in §7). The workers take turns, so sharing CPUs costs nothing.
     """
-    if getattr(args, "no_pin", False) or args.device != "cpu" or not hasattr(os, "sched_getaffinity"):
+    if not pin or device != "cpu" or not hasattr(os, "sched_getaffinity"):
         return None
     allowed = sorted(os.sched_getaffinity(0))
-    want = max(1, threads or DEFAULT_CPU_THREADS)
+    want = max(1, threads or DEFAULT_GATE_CPU_THREADS)
     return allowed[-want:] if len(allowed) >= want else allowed
-
-
-def clock_for(args) -> str:
-    """CPU: process CPU time by default (a shared box's scheduling noise drops out); GPUs: device events."""
-    clock = getattr(args, "clock", None) or ("process" if args.device == "cpu" else "wall")
-    if clock not in ("process", "wall"):
-        raise UsageError("--clock must be process or wall")
-    return clock
-
-
-def _check_rounds(args) -> int:
-    rounds = args.rounds or DEFAULT_ROUNDS
-    if rounds < 7:
-        raise UsageError("--rounds must be >= 7 (the exact Mann-Whitney test needs 7 samples per side)")
-    return rounds
 
 
 def compare_items(pair: Pair, items: list[Item], config, *, parity: bool) -> tuple[list[dict], list[dict]]:
@@ -319,48 +336,47 @@ def compare_items(pair: Pair, items: list[Item], config, *, parity: bool) -> tup
     return cases, parity_failures
 
 
-def run_gate(args, config) -> dict[str, Any]:
+def run_gate(options: GateOptions, config) -> dict[str, Any]:
     from twinbench.harness.gate import stats as gate
 
-    rounds = _check_rounds(args)
-    resolve_ref(args.against)  # a bad ref fails before anything is loaded
-    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="twinbench-gate-"))
+    sel, m = options.selection, options.measurement
+    resolve_ref(options.against)  # a bad ref fails before anything is loaded
+    out_dir = options.out or Path(tempfile.mkdtemp(prefix="twinbench-gate-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    with terminate_as_interrupt(), base_worktree(args.against) as (base_root, sha):
-        plugins = [str(Path(p).resolve()) for p in args.plugin]
-        cpus = shared_cpus(args, args.threads)
-        base = GateWorker(base_root, args.device, [_in_tree(p, base_root) for p in plugins],
-                          out_dir / "gate-base.log", args.timeout, args.threads, cpus)
-        head = GateWorker(ROOT, args.device, plugins, out_dir / "gate-head.log", args.timeout, args.threads, cpus)
-        pair = Pair(base, head, rounds, args.block_ms or DEFAULT_BLOCK_MS, clock=clock_for(args))
+    with terminate_as_interrupt(), base_worktree(options.against) as (base_root, sha):
+        cpus = shared_cpus(sel.device, m.pin, m.threads)
+        base = GateWorker(base_root, sel.device, [_in_tree(p, base_root) for p in sel.plugins],
+                          out_dir / "gate-base.log", m, cpus)
+        head = GateWorker(ROOT, sel.device, sel.plugins, out_dir / "gate-head.log", m, cpus)
+        pair = Pair(base, head, m.rounds, m.block_ms, clock=m.clock)
         try:
-            items = plan_items(args)  # while the workers import torch
+            items = plan_items(sel)  # while the workers import torch
             base.ready()
             head.ready()
             diff = _fingerprint_note(base.fingerprint, head.fingerprint)
-            cases, parity_failures = compare_items(pair, items, config, parity=not getattr(args, "no_parity", False))
+            cases, parity_failures = compare_items(pair, items, config, parity=options.parity)
             gate.screen(cases, config)
             flagged = [c for c in cases if c["verdict"] == "regression"]
             by_key = {i.key: i for i in items}
             rerun = []
             for c in flagged:
                 item = by_key[f"{c['suite']}|{c['case']}|{c['impl']}|{c['mode']}"]
-                base_ms, head_ms = pair.measure(item, rounds=CONFIRM_ROUNDS_FACTOR * rounds)
+                base_ms, head_ms = pair.measure(item, rounds=CONFIRM_ROUNDS_FACTOR * m.rounds)
                 rerun.append(dict(c, **gate.compare_samples(base_ms, head_ms, paired=True, test=config.test,
                                                             n_boot=config.n_boot, seed=config.seed + 1,
                                                             name=item.key)))
             gate.confirm(cases, rerun, config, family=sum(c.get("p_value") is not None for c in cases))
         finally:
             pair.stop()
-    note = (f"base {args.against} = {sha[:12]}, head = working tree; {rounds} interleaved rounds per case, "
+    note = (f"base {options.against} = {sha[:12]}, head = working tree; {m.rounds} interleaved rounds per case, "
             f"{pair.clock} clock, " + (f"both workers pinned to CPU(s) {cpus}" if cpus else "workers not pinned"))
     if flagged:
-        note += (f"; {len(flagged)} flagged case(s) re-run for confirmation with {CONFIRM_ROUNDS_FACTOR * rounds} "
+        note += (f"; {len(flagged)} flagged case(s) re-run for confirmation with {CONFIRM_ROUNDS_FACTOR * m.rounds} "
                  f"rounds, corrected across all compared cases")
     if diff:
         note += f"; {diff}"
     return gate.summarize(cases, parity_failures, config, mode="against",
-                          mode_text=f"--against {args.against} (interleaved)", note=note)
+                          mode_text=f"--against {options.against} (interleaved)", note=note)
 
 
 def _in_tree(plugin: str, base_root: Path) -> str:

@@ -14,16 +14,39 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from twinbench.harness.core.errors import UsageError
+from twinbench.harness.gate.against import Measurement, Selection
 
 GRANULARITY = 20  # calls per sample are a multiple of 20, so a 5% slowdown is a whole number of calls
+MODES = ("against", "baseline")
 
 
-def _parse_slowdowns(text: str) -> list[float]:
+@dataclass(frozen=True)
+class CalibrateOptions:
+    """`twinbench calibrate`'s options; built (and validated) by the CLI only."""
+
+    selection: Selection
+    measurement: Measurement  # its clock is the interleaved mode's; the stored-baseline mode uses the wall clock
+    slowdowns: list[float] = field(default_factory=lambda: [0.05, 0.10, 0.20])  # fractions
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    comparisons: int = 200
+    power_comparisons: int = 60
+    max_cases: int = 4
+    threshold: float | None = None  # None: each mode's gate default
+    k: float = 2.0
+    alpha: float = 0.05
+    correction: str = "holm"
+    tests: list[str] = field(default_factory=lambda: ["mwu", "wilcoxon"])
+    save_dir: Path | None = None  # write <dir>/<fingerprint>.calibration.json
+    json: Path | None = None
+
+
+def parse_slowdowns(text: str) -> list[float]:
     try:
         values = [float(x) / 100 for x in text.split(",") if x.strip()]
     except ValueError:
@@ -33,6 +56,13 @@ def _parse_slowdowns(text: str) -> list[float]:
     return values
 
 
+def parse_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    if not modes or set(modes) - set(MODES):
+        raise UsageError("--modes takes against, baseline or against,baseline")
+    return modes
+
+
 def _spread(items: list, n: int) -> list:
     if len(items) <= n:
         return items
@@ -40,15 +70,14 @@ def _spread(items: list, n: int) -> list:
     return [items[i] for i in sorted(set(idx))]
 
 
-def _session(worker, item, number: int, rounds: int, extra: int, clock: str) -> list[float]:
+def _session(pair, worker, item, rounds: int, extra: int) -> list[float]:
     """Stored-baseline mode: one side's samples back to back (no interleaving)."""
-    out = []
-    for _ in range(rounds):
-        reply = worker.request(op="time", key=item.key, number=number, extra=extra, clock=clock)
-        if not reply.get("ok"):
-            raise UsageError(f"calibration workload {item.key} failed: {reply.get('why')}")
-        out.append(reply["ms"])
-    return out
+    from twinbench.harness.run.process import WorkerFailed
+
+    try:
+        return [pair.sample(worker, item, extra) for _ in range(rounds)]
+    except WorkerFailed as exc:
+        raise UsageError(f"calibration workload {item.key} failed: {exc}") from None
 
 
 def _case(item, stats: dict[str, Any]) -> dict[str, Any]:
@@ -97,10 +126,10 @@ def baseline_sessions(pair, items, n: int, slowdown: float, rounds: int) -> list
     out = []
     while len(out) < n:
         group = items[: max(1, min(len(items), n - len(out)))]
-        base = {i.key: _session(pair.base, i, pair.numbers[i.key], rounds, 0, pair.clock) for i in group}
+        base = {i.key: _session(pair, pair.base, i, rounds, 0) for i in group}
         extra = {i.key: round(slowdown * pair.numbers[i.key]) for i in group}
-        new = {i.key: _session(pair.head, i, pair.numbers[i.key], rounds, extra[i.key], pair.clock) for i in group}
-        again = {i.key: _session(pair.head, i, pair.numbers[i.key], rounds, extra[i.key], pair.clock) for i in group}
+        new = {i.key: _session(pair, pair.head, i, rounds, extra[i.key]) for i in group}
+        again = {i.key: _session(pair, pair.head, i, rounds, extra[i.key]) for i in group}
         out += [{"item": i, "base": base[i.key], "new": new[i.key], "again": again[i.key], "group": len(out)}
                 for i in group]
     print(f"   stored sessions, slowdown {slowdown:.0%}: {len(out)} comparisons done", flush=True)
@@ -157,56 +186,48 @@ def smallest_caught(result: dict[str, Any], test: str, target_fa: float = 0.01,
     return None
 
 
-def main(args) -> int:
+def main(options: CalibrateOptions) -> int:
     from twinbench.harness.gate import against as gate_against
 
     with gate_against.terminate_as_interrupt():
-        return _main(args)
+        return _main(options)
 
 
-def _main(args) -> int:
+def _main(o: CalibrateOptions) -> int:
     from twinbench.harness.gate import against as gate_against
     from twinbench.harness.gate.stats import GateConfig
     from twinbench.harness.store.results import atomic_write_json, now_iso
 
-    slowdowns = _parse_slowdowns(args.slowdowns)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or set(modes) - {"against", "baseline"}:
-        raise UsageError("--modes takes against, baseline or against,baseline")
-    if args.comparisons < 1 or args.power_comparisons < 1:
-        raise UsageError("--comparisons and --power-comparisons must be >= 1")
-    rounds = gate_against._check_rounds(args)
-    block_ms = args.block_ms or gate_against.DEFAULT_BLOCK_MS
-    threshold = {"against": args.threshold if args.threshold is not None else gate_against.DEFAULT_THRESHOLD,
-                 "baseline": args.threshold if args.threshold is not None else 0.05}
-    tests = [args.test] if args.test else ["mwu", "wilcoxon"]
+    m = o.measurement
+    rounds, block_ms = m.rounds, m.block_ms
+    threshold = {"against": o.threshold if o.threshold is not None else gate_against.DEFAULT_THRESHOLD,
+                 "baseline": o.threshold if o.threshold is not None else 0.05}
 
     def config(mode: str, test: str) -> GateConfig:
-        c = GateConfig(threshold=threshold[mode], k=args.k, alpha=args.alpha, correction=args.correction, test=test)
+        c = GateConfig(threshold=threshold[mode], k=o.k, alpha=o.alpha, correction=o.correction, test=test)
         c.check()
         return c
 
-    out_dir = Path(args.dir)
-    logs = Path(args.json).parent if args.json else Path("/tmp")
+    logs = o.json.parent if o.json else Path("/tmp")
     report: dict[str, Any] = {"kind": "twinbench-calibration", "created": now_iso(), "rounds": rounds,
                               "confirm_rounds": gate_against.CONFIRM_ROUNDS_FACTOR * rounds, "block_ms": block_ms,
-                              "k": args.k, "alpha": args.alpha, "correction": args.correction}
-    if "against" in modes:
+                              "k": o.k, "alpha": o.alpha, "correction": o.correction}
+    if "against" in o.modes:
         # As `gate --against` runs: both workers pinned to the same CPU(s), the process clock on the CPU.
-        cpus = gate_against.shared_cpus(args, args.threads)
-        with _started_pair(args, rounds, block_ms, logs, cpus, gate_against.clock_for(args), report) as (pair, items):
-            configs = {t: config("against", t) for t in tests}
+        cpus = gate_against.shared_cpus(o.selection.device, m.pin, m.threads)
+        with _started_pair(o, m, logs, cpus, report) as (pair, items):
+            configs = {t: config("against", t) for t in o.tests}
             res = {"threshold": threshold["against"], "clock": pair.clock, "pinned_cpus": cpus,
-                   "aa": against_mode(pair, items, configs, args.comparisons, 0.0),
-                   "power": [against_mode(pair, items, configs, args.power_comparisons, s) for s in slowdowns]}
-            res["smallest_caught"] = {t: smallest_caught(res, t) for t in tests}
+                   "aa": against_mode(pair, items, configs, o.comparisons, 0.0),
+                   "power": [against_mode(pair, items, configs, o.power_comparisons, s) for s in o.slowdowns]}
+            res["smallest_caught"] = {t: smallest_caught(res, t) for t in o.tests}
             report["against"] = res
-            print(_format("against (interleaved)", res, tests), flush=True)
-    if "baseline" in modes:
+            print(_format("against (interleaved)", res, o.tests), flush=True)
+    if "baseline" in o.modes:
         # As `twinbench run` measures what a stored baseline holds: unpinned workers, the wall clock.
-        with _started_pair(args, rounds, block_ms, logs, None, "wall", report) as (pair, items):
+        with _started_pair(o, replace(m, clock="wall"), logs, None, report) as (pair, items):
             cfg = config("baseline", "mwu")
-            aa = baseline_sessions(pair, items, args.comparisons, 0.0, rounds)
+            aa = baseline_sessions(pair, items, o.comparisons, 0.0, rounds)
             halves = [aa[0::2], aa[1::2]]
             noises = [run_to_run_noise(h) if len(h) >= 2 else 0.0 for h in halves]
             counts = {"flagged": 0, "confirmed": 0}
@@ -217,34 +238,34 @@ def _main(args) -> int:
             res = {"threshold": threshold["baseline"], "clock": "wall", "pinned_cpus": None,
                    "run_to_run_noise": noise, "aa": {"comparisons": len(aa), "slowdown": 0.0, "tests": {"mwu": counts}},
                    "power": []}
-            for s in slowdowns:
-                sessions = baseline_sessions(pair, items, args.power_comparisons, s, rounds)
+            for s in o.slowdowns:
+                sessions = baseline_sessions(pair, items, o.power_comparisons, s, rounds)
                 res["power"].append({"comparisons": len(sessions), "slowdown": s,
                                      "tests": {"mwu": judge_baseline(sessions, cfg, noise)}})
             res["smallest_caught"] = {"mwu": smallest_caught(res, "mwu")}
             report["baseline"] = res
             print(_format(f"stored baseline (run-to-run noise {noise:.3f})", res, ["mwu"]), flush=True)
-    if args.json:
-        atomic_write_json(args.json, report)
-        print(f"wrote {args.json}")
-    if args.save:
-        path = out_dir / f"{report['fingerprint'].get('id', 'unknown')}.calibration.json"
+    if o.json:
+        atomic_write_json(o.json, report)
+        print(f"wrote {o.json}")
+    if o.save_dir:
+        path = o.save_dir / f"{report['fingerprint'].get('id', 'unknown')}.calibration.json"
         atomic_write_json(path, report)
         print(f"wrote {path}")
     return 0
 
 
 @contextlib.contextmanager
-def _started_pair(args, rounds: int, block_ms: float, logs: Path, cpus: list[int] | None, clock: str,
+def _started_pair(o: CalibrateOptions, m: Measurement, logs: Path, cpus: list[int] | None,
                   report: dict[str, Any]) -> Iterator[tuple[Any, list]]:
     """Two workers on the working tree, ready and prepared for the workload; always stopped."""
     from twinbench.harness.gate import against as gate_against
 
-    a, b = (gate_against.GateWorker(gate_against.ROOT, args.device, args.plugin, logs / f"calibrate-{side}.log",
-                                    args.timeout, args.threads, cpus) for side in "ab")
-    pair = gate_against.Pair(a, b, rounds, block_ms, clock=clock)
+    a, b = (gate_against.GateWorker(gate_against.ROOT, o.selection.device, o.selection.plugins,
+                                    logs / f"calibrate-{side}.log", m, cpus) for side in "ab")
+    pair = gate_against.Pair(a, b, m.rounds, m.block_ms, clock=m.clock)
     try:
-        items = _spread(gate_against.plan_items(args, modes=("fwd",)), args.max_cases)  # while workers start
+        items = _spread(gate_against.plan_items(o.selection, modes=("fwd",)), o.max_cases)  # while workers start
         a.ready()
         b.ready()
         report.update(fingerprint=b.fingerprint, threads=a.threads, workload=[i.key for i in items])
@@ -252,7 +273,7 @@ def _started_pair(args, rounds: int, block_ms: float, logs: Path, cpus: list[int
             prep = pair.prepare(item, granularity=GRANULARITY)
             if not prep["ok"]:
                 raise UsageError(f"calibration workload {item.key} cannot run: {prep['why']}")
-        print(f"calibrating on {len(items)} case(s), {rounds} rounds of {block_ms:g} ms samples, {clock} clock, "
+        print(f"calibrating on {len(items)} case(s), {m.rounds} rounds of {m.block_ms:g} ms samples, {m.clock} clock, "
               f"{a.threads or 'default'} thread(s), " + (f"pinned to CPU(s) {cpus}" if cpus else "not pinned") + ": "
               + ", ".join(f"{i.key} x{pair.numbers[i.key]}" for i in items), flush=True)
         yield pair, items

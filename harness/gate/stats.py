@@ -1,10 +1,11 @@
-"""The statistical gate (METHOD.md section 3): is the new code slower than the base, beyond noise?
+"""The statistical gate (docs/method.md §4): is the new code slower than the base, beyond noise?
 
 Per case: a two-sided test on the timing samples (Mann-Whitney U, exact where possible; or the paired
 Wilcoxon signed-rank on per-round log ratios for interleaved runs), a ratio new/base with a bootstrap
 95% interval, and a minimum effect ``max(threshold, k x the case's own noise)``. Across cases: Holm
 (default) or Benjamini-Hochberg. A flagged case must persist in an independent re-run (``confirm``).
-Pure statistics over samples: the runners live in harness.gate_against and harness.cli_reports.
+Pure statistics over samples: the modes that gather them are harness.gate.against (interleaved
+``gate --against``) and harness.gate.stored (``gate --baseline``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 from twinbench.harness.core.errors import UsageError
 
-MIN_SAMPLES = 7  # 6 vs 6 can never reach p < 0.002 with the exact test (METHOD.md section 3)
+MIN_SAMPLES = 7  # 6 vs 6 can never reach p < 0.002 with the exact test (docs/method.md §4)
 TESTS = ("mwu", "wilcoxon")
 CORRECTIONS = ("holm", "bh")
 

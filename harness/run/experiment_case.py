@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 import traceback
+from dataclasses import replace
 from typing import Any
 
 from twinbench.harness.core import registry
@@ -19,6 +20,8 @@ from twinbench.harness.core.case import Case
 from twinbench.harness.core.experiment import Experiment, Outcome
 from twinbench.harness.core.parity import ParityVerdict, PoisonedAllocations, TensorCheck, compare_tensor
 from twinbench.harness.core.registry import Impl
+from twinbench.harness.run.process import Begin, CaseDone, EventWriter, RecordDone, RunCase
+from twinbench.harness.store.record import Record, Status
 
 
 def run_impl(impl: Impl, arguments: dict[str, Any], poisoned: bool) -> Outcome:
@@ -78,40 +81,39 @@ def judge_outcome(experiment: Experiment, case: Case, opt: Outcome, ref: Outcome
     return verdict
 
 
-def run_experiment_case(task: dict[str, Any], device, events, options: dict[str, Any]) -> None:
-    """The worker's ``run_case`` for an experiment: sends one ``record`` event per impl, then ``case_done``."""
-    experiment: Experiment = registry.EXPERIMENTS[task["suite"]]
-    case = Case.of(task["params"])
+def run_experiment_case(task: RunCase, ctx: Any, events: EventWriter) -> None:
+    """The worker's ``run_case`` for an experiment (``ctx``: the worker's ``CaseContext``): one
+    ``RecordDone`` per impl, then ``CaseDone``."""
+    experiment: Experiment = registry.EXPERIMENTS[task.suite]
+    case = Case.of(task.params)
+    device, seed = ctx.device, ctx.config.seed
     all_impls = registry.impls_for(experiment.name)
     ref = next((i for i in all_impls if i.name == experiment.reference), None)
-    wanted = [i for i in all_impls if i.name in task["impls"]]
-    excluded = task.get("exclude", {})  # impl -> (status, reason) decided by the supervisor
-    seed = options.get("seed", 0)
-    base = {"suite": experiment.name, "case": case.id, "params": case.as_dict(), "device": device.name,
-            "fingerprint": options["fingerprint"]}
-    records: dict[str, dict[str, Any]] = {}
+    wanted = [i for i in all_impls if i.name in task.impls]
+    records: dict[str, Record] = {}
     started = time.perf_counter()
 
-    def record(impl: Impl, status: str, reason: str = "", **fields: Any) -> None:
-        records[impl.name] = {**base, "impl": impl.name, "tags": list(impl.tags), "status": status,
-                              "reason": reason, "parity": None, "timing": None, "memory": None,
-                              "derived": None, "meta": None, "metrics": None, **fields}
+    def record(impl: Impl, status: Status, reason: str = "", **measured: Any) -> None:
+        records[impl.name] = Record.new(suite=experiment.name, case=case.id, params=case.as_dict(),
+                                        device=device.name, fingerprint=ctx.fingerprint, impl=impl.name,
+                                        tags=impl.tags, status=status, reason=reason, **measured)
 
     runnable = []
     for impl in wanted:
-        if impl.name in excluded:
-            record(impl, *excluded[impl.name])
+        if impl.name in task.exclude:  # decided by the supervisor after this impl killed a worker
+            status, reason = task.exclude[impl.name]
+            record(impl, Status(status), reason)
             continue
         ok, why = impl.can_run(case, device)
         if not ok:
-            record(impl, "skipped", why)
+            record(impl, Status.SKIPPED, why)
         elif (dtype := case.get("dtype")) and not device.supports_dtype(dtype):
-            record(impl, "skipped", f"{device.name} cannot compute in {dtype}")
+            record(impl, Status.SKIPPED, f"{device.name} cannot compute in {dtype}")
         else:
             runnable.append(impl)
     ref_ok, ref_why = ref.can_run(case, device) if ref else (False, "")
     for impl in runnable if not ref_ok else []:
-        record(impl, "skipped", f"reference cannot run here: {ref_why}" if ref else
+        record(impl, Status.SKIPPED, f"reference cannot run here: {ref_why}" if ref else
                f"experiment {experiment.name} has no reference impl {experiment.reference!r}")
 
     if ref_ok and runnable:
@@ -119,7 +121,7 @@ def run_experiment_case(task: dict[str, Any], device, events, options: dict[str,
         arguments = experiment.arguments(case, where, seed)
         baseline: Outcome | None = None
         for impl in runnable:
-            events.send("begin", impl=impl.name, phase="parity")
+            events.send(Begin(impl=impl.name, phase="parity"))
             t0 = time.perf_counter()
             try:
                 if baseline is None:  # the comparison baseline: the reference loop, unpoisoned, once per case
@@ -129,21 +131,19 @@ def run_experiment_case(task: dict[str, Any], device, events, options: dict[str,
                 if impl.name == ref.name or baseline is None:
                     for other in runnable:
                         if other.name not in records:
-                            record(other, "skipped", f"reference failed: {failure_reason(exc)}")
+                            record(other, Status.SKIPPED, f"reference failed: {failure_reason(exc)}")
                     if impl.name == ref.name:
-                        record(impl, "crashed", failure_reason(exc))
+                        record(impl, Status.CRASHED, failure_reason(exc))
                     break
-                record(impl, "crashed", failure_reason(exc), meta={"traceback": traceback.format_exc()[-2000:]})
+                record(impl, Status.CRASHED, failure_reason(exc), meta={"traceback": traceback.format_exc()[-2000:]})
                 continue
             verdict = judge_outcome(experiment, case, outcome, baseline, arguments, where)
-            record(impl, "ok" if verdict.ok else "wrong", "" if verdict.ok else wrong_reason(verdict),
-                   parity=verdict.to_json(), metrics=verdict.metrics or None,
-                   duration_s=time.perf_counter() - t0)
+            record(impl, Status.OK if verdict.ok else Status.WRONG, "" if verdict.ok else wrong_reason(verdict),
+                   parity=verdict.to_json(), metrics=verdict.metrics or None, duration_s=time.perf_counter() - t0)
 
     meta = experiment.meta(case)
     for rec in records.values():
-        if meta and rec["status"] in ("ok", "wrong"):
-            rec["meta"] = {**(rec["meta"] or {}), **meta}
-        rec.setdefault("duration_s", None)
-        events.send("record", record=rec)
-    events.send("case_done", seconds=time.perf_counter() - started)
+        if meta and rec.status in (Status.OK, Status.WRONG):
+            rec = replace(rec, meta={**(rec.meta or {}), **meta})
+        events.send(RecordDone(record=rec.to_json()))
+    events.send(CaseDone(seconds=time.perf_counter() - started))

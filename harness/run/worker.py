@@ -1,8 +1,9 @@
 """The per-device worker process: parity, interleaved timing and memory for one case at a time.
 
-Started by :mod:`twinbench.harness.run.runner` as ``python -m twinbench.harness.run.worker`` with a JSON config. It reads tasks as JSON
-lines on stdin and writes events as JSON lines to the file descriptor named in the config. Before every
-risky step it announces ``begin`` (impl, phase), so when this process segfaults, aborts or hangs the
+Started by :mod:`twinbench.harness.run.runner` through :class:`~twinbench.harness.run.process.WorkerProcess`
+as ``python -m twinbench.harness.run.worker CONFIG``. It reads :class:`RunCase` requests on stdin and sends
+events on the pipe named in the config (the protocol in :mod:`twinbench.harness.run.process`). Before every
+risky step it announces :class:`Begin` (impl, phase), so when this process segfaults, aborts or hangs the
 supervisor knows whom to blame. Its stdout/stderr go to a log file (libraries print).
 """
 
@@ -10,23 +11,60 @@ from __future__ import annotations
 
 import faulthandler
 import json
-import os
 import sys
 import time
 import traceback
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from twinbench.harness.run.process import (
+    Begin,
+    CaseDone,
+    CaseError,
+    Ceilings,
+    EventWriter,
+    Fingerprint,
+    Ready,
+    RecordDone,
+    RunCase,
+    requests,
+)
 
-class Events:
-    def __init__(self, fd: int):
-        self.fh = os.fdopen(fd, "w", buffering=1, encoding="utf-8")
 
-    def send(self, kind: str, **payload: Any) -> None:
-        from twinbench.harness.store.results import json_default
+@dataclass(frozen=True)
+class RunWorkerConfig:
+    """What the supervisor tells a run worker (argv[1], JSON); the environment is already set (process.py)."""
 
-        self.fh.write(json.dumps({"type": kind, **payload}, default=json_default) + "\n")
-        self.fh.flush()
+    device: str
+    backend: str
+    plugins: list[str] = field(default_factory=list)
+    threads: int | None = None
+    memory_limit_bytes: int = 0
+    ceilings: dict[str, Any] | None = None  # cached from a --resume'd journal; None: measure them
+    measure_ceilings: bool = True
+    trials: int | None = None
+    seed: int = 0
+    reference_device: str | None = None
+    timing: bool = True
+    plan: dict[str, Any] = field(default_factory=dict)  # TimingPlan fields
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunWorkerConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class CaseContext:
+    """What every case of this worker shares."""
+
+    device: Any
+    fingerprint: str
+    ceilings: dict[str, Any]
+    config: RunWorkerConfig
 
 
 def _limit_memory(limit_bytes: int) -> None:
@@ -50,13 +88,14 @@ def failure_reason(exc: BaseException) -> str:
     return text
 
 
-def _device(config: dict[str, Any]):
+def _device(config: RunWorkerConfig):
+    """The one device this worker sees (visibility narrowed by the supervisor), under the name users typed."""
     from twinbench.harness.core import devices
 
-    backend = config["backend"]
+    backend = config.backend
     for dev in devices.detect():
         if dev.backend == backend:
-            return replace(dev, name=config["device"])
+            return replace(dev, name=config.device)
     raise RuntimeError(f"worker sees no {backend} device")
 
 
@@ -87,45 +126,43 @@ def time_callables(impl, inputs, device, with_backward: bool):
     return calls
 
 
-def run_case(task: dict[str, Any], device, events: Events, options: dict[str, Any]) -> None:
+def run_case(task: RunCase, ctx: CaseContext, events: EventWriter) -> None:
     from twinbench.harness.core import registry
     from twinbench.harness.core.case import Case
-    from twinbench.harness.core.memory import peak_memory
     from twinbench.harness.core.parity import check_parity
-    from twinbench.harness.core.timing import TimingPlan, interleaved, round_ratios, timer_for
+    from twinbench.harness.core.timing import TimingPlan
+    from twinbench.harness.store.record import Record, Status
 
-    if task["suite"] in registry.EXPERIMENTS:  # training loops: their own path (no inputs, no timing)
+    if task.suite in registry.EXPERIMENTS:  # training loops: their own path (no inputs, no timing)
         from twinbench.harness.run.experiment_case import run_experiment_case
 
-        return run_experiment_case(task, device, events, options)
-    suite = registry.get_suite(task["suite"])
-    case = Case.of(task["params"])
+        return run_experiment_case(task, ctx, events)
+    device, config = ctx.device, ctx.config
+    suite = registry.get_suite(task.suite)
+    case = Case.of(task.params)
     all_impls = registry.impls_for(suite.name)
     ref = next((i for i in all_impls if i.name == suite.reference), None)
-    wanted = [i for i in all_impls if i.name in task["impls"]]
-    excluded = task.get("exclude", {})  # impl -> (status, reason) decided by the supervisor
-    base = {"suite": suite.name, "case": case.id, "params": case.as_dict(), "device": device.name,
-            "fingerprint": options["fingerprint"]}
-    records: dict[str, dict[str, Any]] = {}
+    wanted = [i for i in all_impls if i.name in task.impls]
+    records: dict[str, Record] = {}
     started = time.perf_counter()
 
-    def record(impl, status: str, reason: str = "", **fields: Any) -> None:
-        records[impl.name] = {**base, "impl": impl.name, "tags": list(impl.tags), "status": status,
-                              "reason": reason, "parity": None, "timing": None, "memory": None,
-                              "derived": None, "meta": None, "metrics": None, **fields}
+    def record(impl, status: Status, reason: str = "", **measured: Any) -> None:
+        records[impl.name] = Record.new(suite=suite.name, case=case.id, params=case.as_dict(), device=device.name,
+                                        fingerprint=ctx.fingerprint, impl=impl.name, tags=impl.tags,
+                                        status=status, reason=reason, **measured)
 
     runnable = []
     for impl in wanted:
-        if impl.name in excluded:
-            status, reason = excluded[impl.name]
-            record(impl, status, reason)
+        if impl.name in task.exclude:  # decided by the supervisor after this impl killed a worker
+            status, reason = task.exclude[impl.name]
+            record(impl, Status(status), reason)
             continue
         ok, why = impl.can_run(case, device)
         if not ok:
-            record(impl, "skipped", why)
+            record(impl, Status.SKIPPED, why)
         elif dtype := case.get("dtype"):
             if not device.supports_dtype(dtype):
-                record(impl, "skipped", f"{device.name} cannot compute in {dtype}")
+                record(impl, Status.SKIPPED, f"{device.name} cannot compute in {dtype}")
             else:
                 runnable.append(impl)
         else:
@@ -133,52 +170,79 @@ def run_case(task: dict[str, Any], device, events: Events, options: dict[str, An
 
     if ref is None:
         for impl in runnable:
-            record(impl, "skipped", f"suite {suite.name} has no reference impl {suite.reference!r}")
+            record(impl, Status.SKIPPED, f"suite {suite.name} has no reference impl {suite.reference!r}")
         runnable = []
     ref_ok, ref_why = ref.can_run(case, device) if ref else (False, "")
     if ref and not ref_ok:
         for impl in runnable:
-            record(impl, "skipped", f"reference cannot run here: {ref_why}")
+            record(impl, Status.SKIPPED, f"reference cannot run here: {ref_why}")
         runnable = []
 
     passed = []
     for impl in runnable:
-        events.send("begin", impl=impl.name, phase="parity")
+        events.send(Begin(impl=impl.name, phase="parity"))
         t0 = time.perf_counter()
         try:
-            verdict = check_parity(suite, impl, ref, case, device.torch_device, trials=options.get("trials"),
-                                   seed=options.get("seed", 0), reference_device=options.get("reference_device"))
+            verdict = check_parity(suite, impl, ref, case, device.torch_device, trials=config.trials,
+                                   seed=config.seed, reference_device=config.reference_device)
         except Exception as exc:
             if impl.name == ref.name:
                 for other in runnable:
-                    record(other, "skipped", f"reference failed: {failure_reason(exc)}")
-                record(impl, "crashed", failure_reason(exc))
+                    record(other, Status.SKIPPED, f"reference failed: {failure_reason(exc)}")
+                record(impl, Status.CRASHED, failure_reason(exc))
                 passed = []
                 break
-            record(impl, "crashed", failure_reason(exc), meta={"traceback": traceback.format_exc()[-2000:]})
+            record(impl, Status.CRASHED, failure_reason(exc), meta={"traceback": traceback.format_exc()[-2000:]})
             continue
-        status = "ok" if verdict.ok else "wrong"
+        status = Status.OK if verdict.ok else Status.WRONG
         reason = "" if verdict.ok else _wrong_reason(verdict)
         record(impl, status, reason, parity=verdict.to_json(), metrics=verdict.metrics or None,
                duration_s=time.perf_counter() - t0)
         if verdict.ok:
             passed.append(impl)
 
-    if options.get("timing", True) and suite.timed and ref in passed:
-        _timing(suite, case, device, ref, passed, records, events, options, TimingPlan(**options["plan"]),
-                interleaved, round_ratios, timer_for, peak_memory)
+    if config.timing and suite.timed and ref in passed:
+        job = TimingJob(suite=suite, case=case, device=device, reference=ref, passed=tuple(passed),
+                        seed=config.seed, plan=TimingPlan(**config.plan), ceilings=ctx.ceilings)
+        for name, measured in measure_timing(job, events).items():
+            records[name] = replace(records[name], **measured.fields())
 
     meta = None
     try:
-        meta = suite.make_inputs(case, "cpu", options.get("seed", 0)).meta or None
+        meta = suite.make_inputs(case, "cpu", config.seed).meta or None
     except Exception:
         pass
     for rec in records.values():
-        if meta and rec["status"] in ("ok", "wrong"):
-            rec["meta"] = {**(rec["meta"] or {}), **{k: v for k, v in meta.items() if k != "metrics"}}
-        rec.setdefault("duration_s", None)
-        events.send("record", record=rec)
-    events.send("case_done", seconds=time.perf_counter() - started)
+        if meta and rec.status in (Status.OK, Status.WRONG):
+            rec = replace(rec, meta={**(rec.meta or {}), **{k: v for k, v in meta.items() if k != "metrics"}})
+        events.send(RecordDone(record=rec.to_json()))
+    events.send(CaseDone(seconds=time.perf_counter() - started))
+
+
+@dataclass(frozen=True)
+class TimingJob:
+    """One case's timing: the impls that passed parity, timed interleaved with the reference."""
+
+    suite: Any
+    case: Any
+    device: Any
+    reference: Any
+    passed: tuple[Any, ...]
+    seed: int
+    plan: Any  # TimingPlan
+    ceilings: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What timing adds to one impl's record."""
+
+    timing: dict[str, Any]
+    derived: dict[str, float | None] | None = None
+    memory: dict[str, Any] | None = None
+
+    def fields(self) -> dict[str, Any]:
+        return {"timing": self.timing, "derived": self.derived, "memory": self.memory}
 
 
 def _wrong_reason(verdict) -> str:
@@ -187,34 +251,34 @@ def _wrong_reason(verdict) -> str:
     return "; ".join(verdict.problems + bad)[:600]
 
 
-def _timing(suite, case, device, ref, passed, records, events, options, plan, interleaved, round_ratios,
-            timer_for, peak_memory) -> None:
+def measure_timing(job: TimingJob, events: EventWriter) -> dict[str, Measured]:
+    """Interleaved fwd (and fwd+bwd) timing, derived throughput and peak memory per impl (docs/method.md §2-3)."""
     import torch
-    from twinbench.harness.core.timing import flops_ceiling
+    from twinbench.harness.core.memory import peak_memory
+    from twinbench.harness.core.timing import flops_ceiling, interleaved, round_ratios, timer_for
 
+    suite, case, device, ref = job.suite, job.case, job.device, job.reference
     timer = timer_for(device)
-    timed = [i for i in passed if not i.timing_excluded(device)]
-    for impl in passed:
-        if impl not in timed:
-            records[impl.name]["timing"] = {"mode": timer.mode, "excluded": impl.timing_excluded(device)}
+    timed = [i for i in job.passed if not i.timing_excluded(device)]
+    out = {impl.name: Measured(timing={"mode": timer.mode, "excluded": impl.timing_excluded(device)})
+           for impl in job.passed if impl not in timed}
     if ref not in timed:
-        return
-    inputs = suite.make_inputs(case, device.torch_device, options.get("seed", 0))
+        return out
+    inputs = suite.make_inputs(case, device.torch_device, job.seed)
     calls = {}
     for impl in timed:
-        events.send("begin", impl=impl.name, phase="timing-setup")
+        events.send(Begin(impl=impl.name, phase="timing-setup"))
         calls[impl.name] = time_callables(impl, inputs, device, impl.backward and ref.backward)
     flops = suite.flops(case) if suite.flops else {}
     nbytes = suite.bytes(case) if suite.bytes else {}
-    ceilings = options.get("ceilings") or {}
     dtype = case.get("dtype", "fp32")
     per_mode: dict[str, dict[str, Any]] = {}
     for mode in ("fwd", "fwdbwd"):
         fns = {name: c[mode] for name, c in calls.items() if mode in c}
         if ref.name not in fns:
             continue
-        per_mode[mode] = interleaved(timer, fns, plan,
-                                     on_round=lambda n, m=mode: events.send("begin", impl=n, phase=f"time-{m}"))
+        per_mode[mode] = interleaved(timer, fns, job.plan,
+                                     on_round=lambda n, m=mode: events.send(Begin(impl=n, phase=f"time-{m}")))
     for impl in timed:
         timing: dict[str, Any] = {"mode": timer.mode, "excluded": "", "ratio_vs_reference": {}}
         derived: dict[str, float | None] = {}
@@ -229,24 +293,24 @@ def _timing(suite, case, device, ref, passed, records, events, options, plan, in
             moved = nbytes.get("fwd", 0) + (nbytes.get("bwd", 0) if mode == "fwdbwd" else 0)
             if work:
                 derived[f"{mode}_tflops"] = work / seconds / 1e12
-                peak = flops_ceiling(ceilings, dtype)
+                peak = flops_ceiling(job.ceilings, dtype)
                 derived[f"{mode}_pct_peak_flops"] = 100 * derived[f"{mode}_tflops"] / peak if peak else None
             if moved:
                 derived[f"{mode}_gbps"] = moved / seconds / 1e9
-                bw = ceilings.get("copy_gbps")
+                bw = job.ceilings.get("copy_gbps")
                 derived[f"{mode}_pct_peak_bw"] = 100 * derived[f"{mode}_gbps"] / bw if bw else None
         if "fwd" in timing and "fwdbwd" in timing:
             timing["bwd_median_ms"] = max(0.0, timing["fwdbwd"]["median_ms"] - timing["fwd"]["median_ms"])
-        records[impl.name]["timing"] = timing
-        records[impl.name]["derived"] = derived or None
-        events.send("begin", impl=impl.name, phase="memory")
+        events.send(Begin(impl=impl.name, phase="memory"))
         fn = calls[impl.name].get("fwdbwd") or calls[impl.name]["fwd"]
         try:
-            records[impl.name]["memory"] = peak_memory(device, fn)
+            memory = peak_memory(device, fn)
         except Exception as exc:
-            records[impl.name]["memory"] = {"peak_bytes": None, "method": f"failed: {failure_reason(exc)}"}
+            memory = {"peak_bytes": None, "method": f"failed: {failure_reason(exc)}"}
+        out[impl.name] = Measured(timing=timing, derived=derived or None, memory=memory)
         if device.is_gpu:
             torch.cuda.empty_cache() if device.backend in ("cuda", "rocm") else None
+    return out
 
 
 def _ratio(ratios: list[float]) -> dict[str, Any] | None:
@@ -256,41 +320,36 @@ def _ratio(ratios: list[float]) -> dict[str, Any] | None:
 
 
 def main() -> int:
-    config = json.loads(sys.argv[1])
-    if config["backend"] == "cpu" and config.get("triton_interpret", True):
-        os.environ["TRITON_INTERPRET"] = "1"  # before any impl (and so any @triton.jit) is imported
+    raw = json.loads(sys.argv[1])
+    config = RunWorkerConfig.from_json(raw)
     faulthandler.enable(file=sys.stderr, all_threads=True)
-    if config["backend"] == "cpu":
-        _limit_memory(int(config.get("memory_limit_bytes", 0)))
+    if config.backend == "cpu":
+        _limit_memory(config.memory_limit_bytes)
     import torch
 
-    if config.get("threads"):
-        torch.set_num_threads(int(config["threads"]))
+    if config.threads:
+        torch.set_num_threads(int(config.threads))
     from twinbench.harness.core import devices, registry
     from twinbench.harness.core.timing import measure_ceilings
+    from twinbench.harness.store.results import json_default
 
-    events = Events(int(config["event_fd"]))
-    registry.load_plugins(config.get("plugins", []))
+    events = EventWriter(int(raw["event_fd"]), default=json_default)
+    registry.load_plugins(config.plugins)
     device = _device(config)
     fp = devices.fingerprint(device)
-    events.send("fingerprint", fingerprint=fp, import_failures=registry.import_failures)
-    ceilings = config.get("ceilings")
-    if ceilings is None and config.get("measure_ceilings", True):
-        events.send("begin", impl="", phase="ceilings")
+    events.send(Fingerprint(fingerprint=fp, import_failures=dict(registry.import_failures)))
+    ceilings = config.ceilings
+    if ceilings is None and config.measure_ceilings:
+        events.send(Begin(impl="", phase="ceilings"))
         ceilings = measure_ceilings(device)
-        events.send("ceilings", fingerprint=fp["id"], ceilings=ceilings)
-    options = dict(config["options"], fingerprint=fp["id"], ceilings=ceilings)
-    events.send("ready")
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        task = json.loads(line)
-        if task.get("type") == "stop":
-            break
+        events.send(Ceilings(fingerprint=fp["id"], ceilings=ceilings))
+    ctx = CaseContext(device=device, fingerprint=fp["id"], ceilings=ceilings or {}, config=config)
+    events.send(Ready())
+    for task in requests(sys.stdin):
         try:
-            run_case(task, device, events, options)
+            run_case(task, ctx, events)
         except Exception as exc:  # a suite-level failure (bad inputs factory...): report, keep serving
-            events.send("case_error", reason=failure_reason(exc), traceback=traceback.format_exc()[-3000:])
+            events.send(CaseError(reason=failure_reason(exc), traceback=traceback.format_exc()[-3000:]))
     return 0
 
 

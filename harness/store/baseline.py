@@ -3,6 +3,8 @@
 A baseline keeps the raw timing samples per (suite, case, impl, mode), one entry per line so a
 reviewer reads the diff of a baseline update. Comparing results to a baseline measured under another
 hard fingerprint (other GPU, driver, torch, thread count...) is refused unless explicitly allowed.
+Storage only: comparing results with a baseline is the gate's stored-baseline mode
+(:mod:`twinbench.harness.gate.stored`).
 """
 
 from __future__ import annotations
@@ -17,9 +19,6 @@ from twinbench.harness.store.results import atomic_write_text, now_iso, read_jso
 SCHEMA_PATH = Path(__file__).with_name("baseline.schema.json")
 KIND = "twinbench-baseline"
 MODES = ("fwd", "fwdbwd")
-# Without a calibration file the stored-baseline mode assumes the run-to-run noise METHOD.md measured on
-# the shared CPU box (absolute medians vary with CV ~10% across runs).
-DEFAULT_RUN_TO_RUN_NOISE = 0.10
 
 
 def _round(x: float) -> float:
@@ -133,95 +132,3 @@ def check_fingerprint(result_fp: dict[str, Any], base: dict[str, Any], source: s
         raise UsageError(f"{source} was measured under another hard fingerprint ({'; '.join(diff)[:300]}); "
                          f"pass --allow-fingerprint-mismatch to compare anyway")
     return diff
-
-
-def load_calibration(path: str | Path | None) -> dict[str, Any] | None:
-    if path is None:
-        return None
-    p = Path(path)
-    if not p.exists():
-        return None
-    data = read_json(p, "calibration")
-    if not isinstance(data, dict) or data.get("kind") != "twinbench-calibration":
-        raise UsageError(f"{p}: not a twinbench calibration file")
-    return data
-
-
-def gate_against_baseline(doc: dict[str, Any], baseline_path: str | Path, config, *,
-                          allow_mismatch: bool = False, calibration: str | Path | None = None,
-                          confirm_doc: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Compare a results document (and optionally a confirmation re-run) with stored baselines."""
-    from twinbench.harness.gate import stats as gate
-
-    config.check()
-    cases: list[dict[str, Any]] = []
-    compared = []
-    notes = []
-    for fp_id, base, path in pick(baseline_path, doc):
-        result_fp = (doc.get("fingerprints") or {}).get(fp_id) or {"hard": {}}
-        diff = check_fingerprint(result_fp, base, str(path), allow_mismatch)
-        if diff:
-            notes.append(f"compared across hard fingerprints ({'; '.join(diff)[:200]})")
-        cal = load_calibration(calibration or path.with_name(f"{base['fingerprint']['id']}.calibration.json"))
-        run_noise = ((cal or {}).get("baseline") or {}).get("run_to_run_noise")
-        if run_noise is None:
-            run_noise = DEFAULT_RUN_TO_RUN_NOISE
-            notes.append(f"no calibration for {fp_id[:12]}: run-to-run noise assumed {run_noise:.0%} "
-                         f"(measure it with `twinbench calibrate --save`)")
-        else:
-            notes.append(f"run-to-run noise {run_noise:.3f} from calibration")
-        cases += _compare_doc(doc, fp_id, base, config, run_noise)
-        compared.append((fp_id, base, run_noise))
-    gate.decide(cases, config)
-    if confirm_doc is not None:
-        rerun: list[dict[str, Any]] = []
-        for fp_id, base, run_noise in compared:
-            rerun += _compare_doc(confirm_doc, fp_id, base, config, run_noise, only=cases)
-        gate.confirm(cases, rerun, config)
-        notes.append("flagged cases were re-checked against the --confirm run")
-    else:
-        for c in cases:
-            if c["verdict"] == "regression":
-                c["verdict"] = "regression (unconfirmed)"
-                c["note"] = ("a stored baseline cannot re-run the base: confirm with a fresh `twinbench run` "
-                             "of this case and `gate --confirm`")
-    failures = [r for r in doc["results"] if r["status"] in ("wrong", "crashed", "timeout")]
-    return gate.summarize(cases, failures, config, mode="baseline",
-                          mode_text=f"stored baseline {Path(baseline_path)}", note="; ".join(notes))
-
-
-def _compare_doc(doc: dict[str, Any], fp_id: str, base: dict[str, Any], config, run_noise: float,
-                 only: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    from twinbench.harness.gate import stats as gate
-
-    entries = {entry_key(e): e for e in base["entries"]}
-    wanted = None
-    if only is not None:
-        wanted = {(c["suite"], c["case"], c["impl"], c["mode"]) for c in only if c.get("verdict") == "regression"}
-    cases, seen = [], set()
-    for rec in doc["results"]:
-        if rec["fingerprint"] != fp_id or rec["status"] != "ok" or (rec.get("timing") or {}).get("excluded"):
-            continue
-        for mode in MODES:
-            stats = (rec.get("timing") or {}).get(mode) or {}
-            if not stats.get("samples_ms"):
-                continue
-            key = (rec["suite"], rec["case"], rec["impl"], mode)
-            if wanted is not None and key not in wanted:
-                continue
-            seen.add(key)
-            c = {"suite": rec["suite"], "case": rec["case"], "impl": rec["impl"], "device": rec["device"],
-                 "mode": mode}
-            if key not in entries:
-                c.update(verdict="new", note="not in the baseline")
-            else:
-                c.update(gate.compare_samples(entries[key]["samples_ms"], stats["samples_ms"], paired=False,
-                                              test=config.test, extra_noise=run_noise, n_boot=config.n_boot,
-                                              seed=config.seed, name=f"{rec['suite']} {rec['case']} {rec['impl']}"))
-            cases.append(c)
-    if only is None:
-        for key, e in entries.items():
-            if key not in seen and any(r["suite"] == e["suite"] for r in doc["results"]):
-                cases.append({"suite": e["suite"], "case": e["case"], "impl": e["impl"], "device": "",
-                              "mode": e["mode"], "verdict": "missing", "note": "in the baseline, not in these results"})
-    return cases

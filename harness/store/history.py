@@ -3,7 +3,7 @@
 The store is SQLite through the standard library by default (a file path); a database URL
 (``postgresql://...``, ``sqlite:///...``) goes through SQLAlchemy Core instead. Change points come
 from Apache Otava's E-divisive with the Hunter merge step (``otava.series.Series.analyze``, offline),
-METHOD.md section 3: window 50, p < 0.001, a minimum relative magnitude.
+docs/method.md §4: window 50, p < 0.001, a minimum relative magnitude.
 """
 
 from __future__ import annotations

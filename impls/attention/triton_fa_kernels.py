@@ -7,207 +7,210 @@ j <= i + (Sk - Sq); a query row that sees no key outputs zeros and gets LSE = +i
 The head dimension is padded to BLOCK_D (a power of two >= 16) with masked loads/stores.
 Scores live in the log2 domain (scale * log2(e) folded in) so the exponential is exp2.
 
-This module imports triton at the top: it is private (the plugin walker skips `_` modules) and is imported
-by impls/attention_triton_fa.py only when the kernel is called, after TRITON_INTERPRET is settled.
+The kernels are module-level (the interpreter resolves jit helpers by global name). Plugin discovery imports
+this module: without triton it defines no kernels, and with triton ``@triton.jit`` only wraps the functions
+(compilation happens at the first launch). ``@triton.jit`` reads TRITON_INTERPRET when a kernel is defined,
+so workers settle it before discovery (docs/method.md §5). tests/test_triton_fa.py builds wrong copies of
+these kernels from this file's source and checks that parity catches each.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
-import triton
-import triton.language as tl
+from twinbench.impls.kernels.availability import interpreting
+from twinbench.impls.kernels.triton_launch import dot_dim, dot_input_precision
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the impl's availability check reports it
+    triton = None
 
 LOG2E = 1.4426950408889634
-# Planted bugs for the tests (0 = none): 1 = causal boundary one key too far, 2 = one padding key past Sk
-# counted as a real key, 3 = dK/dV from the first query head of each GQA group only (backward).
-# "fwd" goes to the forward kernel, "bwd" to the backward kernels.
-_PLANTED_BUG = {"fwd": 0, "bwd": 0}
 # Under the interpreter one fixed small config (autotuning would need a GPU timer, and the interpreter runs
 # one program at a time, so fewer, larger programs are faster while still crossing block boundaries).
 INTERPRETER_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64}
 
 
-@triton.jit
-def _score_mask(offs_m, offs_n, SEQ_Q, SEQ_K, CAUSAL: tl.constexpr, BUG: tl.constexpr):
-    """True where query row offs_m may attend key offs_n (inside both lengths, bottom-right causal)."""
-    key_end = SEQ_K + 1 if BUG == 2 else SEQ_K
-    valid = (offs_m[:, None] < SEQ_Q) & (offs_n[None, :] < key_end)
-    if CAUSAL:
-        reach = 1 if BUG == 1 else 0
-        valid = valid & (offs_n[None, :] <= offs_m[:, None] + (SEQ_K - SEQ_Q) + reach)
-    return valid
+if triton is not None:  # absent: the module defines no kernels (the impl reports triton missing)
 
+    @triton.jit
+    def _diagonal(SEQ_Q, SEQ_K):
+        """The bottom-right causal alignment: query row i sees key j when j <= i + _diagonal. Every causal bound
+        (the mask and the key/row ranges the loops skip) is derived from this one value."""
+        return SEQ_K - SEQ_Q
 
-@triton.jit
-def _fwd_kernel(Q, K, V, Out, LSE, qk_scale,
-                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                H_Q, GROUP, SEQ_Q, SEQ_K, HEAD_DIM,
-                CAUSAL: tl.constexpr, BUG: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H_Q
-    h = bh % H_Q
-    q_base = b * stride_qb + h * stride_qh  # o shares q's layout
-    kv_base = b * stride_kb + (h // GROUP) * stride_kh
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=(offs_m[:, None] < SEQ_Q) & d_ok[None, :], other=0.0)
+    @triton.jit
+    def _score_mask(offs_m, offs_n, SEQ_Q, SEQ_K, CAUSAL: tl.constexpr):
+        """True where query row offs_m may attend key offs_n (inside both lengths, bottom-right causal)."""
+        valid = (offs_m[:, None] < SEQ_Q) & (offs_n[None, :] < SEQ_K)
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None] + _diagonal(SEQ_Q, SEQ_K))
+        return valid
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (log2 domain)
-    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    end_n = SEQ_K
-    if CAUSAL:  # keys past the block's last row's reach are all masked: skip them
-        end_n = tl.maximum(tl.minimum(SEQ_K, start_m + BLOCK_M + (SEQ_K - SEQ_Q) + (1 if BUG == 1 else 0)), 0)
-    for start_n in range(0, end_n, BLOCK_N):
-        cols = start_n + offs_n
-        kv_ok = (cols[:, None] < SEQ_K) & d_ok[None, :]
-        k = tl.load(K + kv_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        qk = tl.where(_score_mask(offs_m, cols, SEQ_Q, SEQ_K, CAUSAL, BUG), qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+    @triton.jit
+    def _fwd_kernel(Q, K, V, Out, LSE, qk_scale,
+                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                    H_Q, GROUP, SEQ_Q, SEQ_K, HEAD_DIM,
+                    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        start_m = tl.program_id(0) * BLOCK_M
+        bh = tl.program_id(1).to(tl.int64)
+        b = bh // H_Q
+        h = bh % H_Q
+        q_base = b * stride_qb + h * stride_qh  # o shares q's layout
+        kv_base = b * stride_kb + (h // GROUP) * stride_kh
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        q = tl.load(Q + q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
+                    mask=(offs_m[:, None] < SEQ_Q) & d_ok[None, :], other=0.0)
 
-    empty = l_i == 0.0  # no visible key: output 0, LSE +inf
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(Out + q_base + offs_m[:, None] * stride_qm + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=(offs_m[:, None] < SEQ_Q) & d_ok[None, :])
-    tl.store(LSE + bh * SEQ_Q + offs_m, lse, mask=offs_m < SEQ_Q)
-
-
-@triton.jit
-def _bwd_delta_kernel(Out, DO, DELTA, stride_qb, stride_qh, stride_qm, H_Q, SEQ_Q, HEAD_DIM,
-                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """delta[b, h, i] = sum_d o * do: the softmax-backward correction term, in fp32."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    base = (bh // H_Q) * stride_qb + (bh % H_Q) * stride_qh
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < SEQ_Q) & (offs_d[None, :] < HEAD_DIM)
-    ptrs = base + offs_m[:, None] * stride_qm + offs_d[None, :]
-    o = tl.load(Out + ptrs, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + bh * SEQ_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < SEQ_Q)
-
-
-@triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
-                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                     H_Q, H_KV, GROUP, SEQ_Q, SEQ_K, HEAD_DIM,
-                     CAUSAL: tl.constexpr, BUG: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One block of keys of one kv head: dV = P^T dO, dK = scale * dS^T Q, summed over the GROUP heads."""
-    start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1).to(tl.int64)
-    b = bhk // H_KV
-    hk = bhk % H_KV
-    kv_base = b * stride_kb + hk * stride_kh
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    kv_mask = (offs_n[:, None] < SEQ_K) & d_ok[None, :]
-    kv_ptrs = kv_base + offs_n[:, None] * stride_kn + offs_d[None, :]
-    k = tl.load(K + kv_ptrs, mask=kv_mask, other=0.0)
-    v = tl.load(V + kv_ptrs, mask=kv_mask, other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    start_m0 = 0
-    if CAUSAL:  # rows before the first one that reaches this key block see none of it
-        start_m0 = tl.maximum(start_n - (SEQ_K - SEQ_Q) - (1 if BUG == 1 else 0), 0) // BLOCK_M * BLOCK_M
-    for g in range(0, 1 if BUG == 3 else GROUP):
-        bh = b * H_Q + hk * GROUP + g
-        q_base = b * stride_qb + (hk * GROUP + g) * stride_qh
-        for start_m in range(start_m0, SEQ_Q, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < SEQ_Q
-            q_mask = row_ok[:, None] & d_ok[None, :]
-            q_ptrs = q_base + offs_m[:, None] * stride_qm + offs_d[None, :]
-            q = tl.load(Q + q_ptrs, mask=q_mask, other=0.0)
-            do = tl.load(DO + q_ptrs, mask=q_mask, other=0.0)
-            lse = tl.load(LSE + bh * SEQ_Q + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA + bh * SEQ_Q + offs_m, mask=row_ok, other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (log2 domain)
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        end_n = SEQ_K
+        if CAUSAL:  # keys past the block's last row's reach are all masked: skip them
+            end_n = tl.maximum(tl.minimum(SEQ_K, start_m + BLOCK_M + _diagonal(SEQ_Q, SEQ_K)), 0)
+        for start_n in range(0, end_n, BLOCK_N):
+            cols = start_n + offs_n
+            kv_ok = (cols[:, None] < SEQ_K) & d_ok[None, :]
+            k = tl.load(K + kv_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            visible = _score_mask(offs_m, offs_n, SEQ_Q, SEQ_K, CAUSAL, BUG)
+            qk = tl.where(_score_mask(offs_m, cols, SEQ_Q, SEQ_K, CAUSAL), qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+            p = tl.math.exp2(qk - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + kv_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+            m_i = m_new
+
+        empty = l_i == 0.0  # no visible key: output 0, LSE +inf
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(Out + q_base + offs_m[:, None] * stride_qm + offs_d[None, :], out.to(Out.dtype.element_ty),
+                 mask=(offs_m[:, None] < SEQ_Q) & d_ok[None, :])
+        tl.store(LSE + bh * SEQ_Q + offs_m, lse, mask=offs_m < SEQ_Q)
+
+    @triton.jit
+    def _bwd_delta_kernel(Out, DO, DELTA, stride_qb, stride_qh, stride_qm, H_Q, SEQ_Q, HEAD_DIM,
+                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """delta[b, h, i] = sum_d o * do: the softmax-backward correction term, in fp32."""
+        start_m = tl.program_id(0) * BLOCK_M
+        bh = tl.program_id(1).to(tl.int64)
+        base = (bh // H_Q) * stride_qb + (bh % H_Q) * stride_qh
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_m[:, None] < SEQ_Q) & (offs_d[None, :] < HEAD_DIM)
+        ptrs = base + offs_m[:, None] * stride_qm + offs_d[None, :]
+        o = tl.load(Out + ptrs, mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(DO + ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DELTA + bh * SEQ_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < SEQ_Q)
+
+    @triton.jit
+    def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale,
+                         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                         H_Q, H_KV, GROUP, SEQ_Q, SEQ_K, HEAD_DIM,
+                         CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One block of keys of one kv head: dV = P^T dO, dK = scale * dS^T Q, summed over the GROUP heads."""
+        start_n = tl.program_id(0) * BLOCK_N
+        bhk = tl.program_id(1).to(tl.int64)
+        b = bhk // H_KV
+        hk = bhk % H_KV
+        kv_base = b * stride_kb + hk * stride_kh
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        kv_mask = (offs_n[:, None] < SEQ_K) & d_ok[None, :]
+        kv_ptrs = kv_base + offs_n[:, None] * stride_kn + offs_d[None, :]
+        k = tl.load(K + kv_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_ptrs, mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        start_m0 = 0
+        if CAUSAL:  # rows before the first one that reaches this key block see none of it
+            start_m0 = tl.maximum(start_n - _diagonal(SEQ_Q, SEQ_K), 0) // BLOCK_M * BLOCK_M
+        for g in range(0, GROUP):
+            bh = b * H_Q + hk * GROUP + g
+            q_base = b * stride_qb + (hk * GROUP + g) * stride_qh
+            for start_m in range(start_m0, SEQ_Q, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                row_ok = offs_m < SEQ_Q
+                q_mask = row_ok[:, None] & d_ok[None, :]
+                q_ptrs = q_base + offs_m[:, None] * stride_qm + offs_d[None, :]
+                q = tl.load(Q + q_ptrs, mask=q_mask, other=0.0)
+                do = tl.load(DO + q_ptrs, mask=q_mask, other=0.0)
+                lse = tl.load(LSE + bh * SEQ_Q + offs_m, mask=row_ok, other=float("inf"))
+                delta = tl.load(DELTA + bh * SEQ_Q + offs_m, mask=row_ok, other=0.0)
+                qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+                visible = _score_mask(offs_m, offs_n, SEQ_Q, SEQ_K, CAUSAL)
+                p = tl.where(visible, tl.math.exp2(qk * qk_scale - lse[:, None]), 0.0)
+                dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                ds = p * (dp - delta[:, None])
+                dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
+        tl.store(DK + kv_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
+                       stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                       H_Q, GROUP, SEQ_Q, SEQ_K, HEAD_DIM,
+                       CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One block of query rows: dQ = scale * dS K, walking the keys the forward walked."""
+        start_m = tl.program_id(0) * BLOCK_M
+        bh = tl.program_id(1).to(tl.int64)
+        b = bh // H_Q
+        h = bh % H_Q
+        q_base = b * stride_qb + h * stride_qh
+        kv_base = b * stride_kb + (h // GROUP) * stride_kh
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        row_ok = offs_m < SEQ_Q
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q_ptrs = q_base + offs_m[:, None] * stride_qm + offs_d[None, :]
+        q = tl.load(Q + q_ptrs, mask=q_mask, other=0.0)
+        do = tl.load(DO + q_ptrs, mask=q_mask, other=0.0)
+        lse = tl.load(LSE + bh * SEQ_Q + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + bh * SEQ_Q + offs_m, mask=row_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        end_n = SEQ_K
+        if CAUSAL:
+            end_n = tl.maximum(tl.minimum(SEQ_K, start_m + BLOCK_M + _diagonal(SEQ_Q, SEQ_K)), 0)
+        for start_n in range(0, end_n, BLOCK_N):
+            cols = start_n + offs_n
+            kv_ok = (cols[:, None] < SEQ_K) & d_ok[None, :]
+            k = tl.load(K + kv_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(V + kv_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            visible = _score_mask(offs_m, cols, SEQ_Q, SEQ_K, CAUSAL)
             p = tl.where(visible, tl.math.exp2(qk * qk_scale - lse[:, None]), 0.0)
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
-    tl.store(DK + kv_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
-
-
-@triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale,
-                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                   H_Q, GROUP, SEQ_Q, SEQ_K, HEAD_DIM,
-                   CAUSAL: tl.constexpr, BUG: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One block of query rows: dQ = scale * dS K, walking the keys the forward walked."""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H_Q
-    h = bh % H_Q
-    q_base = b * stride_qb + h * stride_qh
-    kv_base = b * stride_kb + (h // GROUP) * stride_kh
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < SEQ_Q
-    q_mask = row_ok[:, None] & d_ok[None, :]
-    q_ptrs = q_base + offs_m[:, None] * stride_qm + offs_d[None, :]
-    q = tl.load(Q + q_ptrs, mask=q_mask, other=0.0)
-    do = tl.load(DO + q_ptrs, mask=q_mask, other=0.0)
-    lse = tl.load(LSE + bh * SEQ_Q + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + bh * SEQ_Q + offs_m, mask=row_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    end_n = SEQ_K
-    if CAUSAL:
-        end_n = tl.maximum(tl.minimum(SEQ_K, start_m + BLOCK_M + (SEQ_K - SEQ_Q) + (1 if BUG == 1 else 0)), 0)
-    for start_n in range(0, end_n, BLOCK_N):
-        cols = start_n + offs_n
-        kv_ok = (cols[:, None] < SEQ_K) & d_ok[None, :]
-        k = tl.load(K + kv_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(V + kv_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        visible = _score_mask(offs_m, cols, SEQ_Q, SEQ_K, CAUSAL, BUG)
-        p = tl.where(visible, tl.math.exp2(qk * qk_scale - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
-    tl.store(DQ + q_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+        tl.store(DQ + q_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # --- launch: autotuned on GPUs, one fixed config under the interpreter -----------------------------------
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _gpu_configs() -> list:
+def gpu_configs() -> list:
+    """The autotuner's candidate tiles on GPUs."""
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n in ((128, 64), (128, 32), (64, 64), (64, 32), (32, 32))
             for w in (4, 8) for s in (1, 2, 3)
             if not (m == 32 and w == 8)]
 
 
-def _prune(configs, named_args, **kwargs):
+def prune_for_shared_memory(configs, named_args, **kwargs):
     """Drop configs whose tiles cannot fit a small LDS/shared memory (64 KiB on RDNA); keep the smallest."""
     elem = named_args["Q"].element_size()
     d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
@@ -225,19 +228,9 @@ def _launcher(kernel):
     if interpreting():
         return kernel, dict(INTERPRETER_BLOCKS)
     if kernel not in _tuned:
-        _tuned[kernel] = triton.autotune(configs=_gpu_configs(), key=_TUNE_KEY,
-                                         prune_configs_by={"early_config_prune": _prune})(kernel)
+        _tuned[kernel] = triton.autotune(configs=gpu_configs(), key=_TUNE_KEY,
+                                         prune_configs_by={"early_config_prune": prune_for_shared_memory})(kernel)
     return _tuned[kernel], {}
-
-
-def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs an inner dimension >= 16
-
-
-def _precision(dtype: torch.dtype) -> str | None:
-    # fp32 inputs must not be rounded to tf32 on tensor cores. 16-bit inputs take the backend's default
-    # (naming "tf32" would be rejected by AMD backends other than gfx942).
-    return "ieee" if dtype == torch.float32 else None
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
@@ -254,8 +247,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
 
     kernel[grid](q, k, v, o, lse, scale * LOG2E, q.stride(0), q.stride(1), q.stride(2),
                  k.stride(0), k.stride(1), k.stride(2), hq, hq // hkv, sq, sk, d,
-                 CAUSAL=causal, BUG=_PLANTED_BUG["fwd"], PRECISION=_precision(q.dtype),
-                 BLOCK_D=_block_d(d), **fixed)
+                 CAUSAL=causal, PRECISION=dot_input_precision(q.dtype), BLOCK_D=dot_dim(d), **fixed)
     return o, lse
 
 
@@ -264,14 +256,14 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """(dq, dk, dv) for contiguous q, k, v, o, do and the forward's lse."""
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
-    block_d = _block_d(d)
+    block_d = dot_dim(d)
     delta = torch.empty((b, hq, sq), device=q.device, dtype=torch.float32)
     _bwd_delta_kernel[(triton.cdiv(sq, 64), b * hq)](o, do, delta, q.stride(0), q.stride(1), q.stride(2),
                                                      hq, sq, d, BLOCK_M=64, BLOCK_D=block_d)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    common = dict(CAUSAL=causal, BUG=_PLANTED_BUG["bwd"], PRECISION=_precision(q.dtype), BLOCK_D=block_d)
+    common = dict(CAUSAL=causal, PRECISION=dot_input_precision(q.dtype), BLOCK_D=block_d)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     kernel, fixed = _launcher(_bwd_dkdv_kernel)
 

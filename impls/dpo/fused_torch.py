@@ -46,7 +46,7 @@ def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.dtype == torch.float32 else t.float()
 
 
-def _vocab_chunk(rows: int, vocab: int, tile_bytes: int) -> int:
+def vocab_chunk(rows: int, vocab: int, tile_bytes: int) -> int:
     if rows * vocab * 4 <= KEEP_FACTOR * tile_bytes:
         return vocab
     return max(128, min(vocab, tile_bytes // (4 * max(rows, 1))))
@@ -130,7 +130,7 @@ class FusedLinearDPO(torch.autograd.Function):
         h_all = _fp32(hidden.reshape(-1, width)[rows])
         ref_h_all = _fp32(ref_hidden.reshape(-1, width)[rows])
         groups = _group_pairs(rows_per_pair, max(MIN_GROUP_ROWS, tile_bytes // (4 * vocab)))
-        chunks = {(a, b): _vocab_chunk(b - a, vocab, tile_bytes) for _, _, a, b in groups}
+        chunks = {(a, b): vocab_chunk(b - a, vocab, tile_bytes) for _, _, a, b in groups}
         tiles = _Tiles(max((b - a) * c for (a, b), c in chunks.items()), dev)
 
         # Sequence sums of ~T token log-probs, and the pair losses derived from their differences, in fp64

@@ -1,7 +1,7 @@
 """Ours, CPU-native and any device: the router in a few fused PyTorch ops.
 
-``torch.topk`` does not promise which index wins a tie (measured on the CPU: an all-zero row of 64 experts
-returns 44, 41, 42, ...). Probabilities are >= 0, so their fp32 bit patterns order like the values; packing
+``torch.topk`` does not promise which index wins a tie (on the CPU an all-zero row does not come back
+as 0, 1, 2, ...: docs/moe.md). Probabilities are >= 0, so their fp32 bit patterns order like the values; packing
 ``bits << 16 | (65535 - index)`` into one int64 key makes every key unique, and ``topk`` on the keys is
 the stable, lowest-index-wins selection, at topk's O(E) cost instead of a full sort.
 """

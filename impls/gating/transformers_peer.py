@@ -2,10 +2,9 @@
 transformers' ``load_balancing_loss_func`` for the aux loss (z-loss: transformers has none for Qwen3-MoE,
 so it is computed here the reference's way).
 
-It selects with ``torch.topk``, whose tie-breaking is unspecified (on this CPU an all-zero row of 64
-experts gives 44, 41, 42, ...), so it cannot meet the lowest-index rule on tie rows: those cases are
-skipped with that reason (tests/test_gating.py shows the harness catches it when forced). Natural exact
-ties in bf16 logits (hidden 2048: 6 of 126 rows tie at the k-th place) make it `wrong` on the seed profile.
+It selects with ``torch.topk``, whose tie-breaking is unspecified, so it cannot meet the lowest-index rule
+on tie rows: those cases are skipped with that reason (tests/test_gating.py shows the harness catches it
+when forced). Natural exact ties in bf16 logits make it `wrong` on the seed profile (docs/moe.md, "Findings").
 """
 
 from __future__ import annotations

@@ -7,24 +7,12 @@ On the CPU it runs under TRITON_INTERPRET=1: parity only, never timed.
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import torch
 import torch.nn.functional as F
 from twinbench.harness.core.registry import register_impl
+from twinbench.impls.kernels.availability import triton_available
 from twinbench.reference.moe import router_losses
-
-
-def _available(device) -> tuple[bool, str]:
-    if importlib.util.find_spec("triton") is None:
-        return False, "triton not installed (pip install 'twinbench[triton]')"
-    backend = getattr(device, "backend", "cpu")
-    if backend == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False, "Triton on the CPU needs TRITON_INTERPRET=1 (set by the CPU worker before import)"
-    if backend in ("mps",):
-        return False, "no Triton backend for MPS"
-    return True, ""
 
 
 def _supports(case, device) -> tuple[bool, str]:
@@ -112,7 +100,7 @@ class TopKSoftmax(torch.autograd.Function):
         return g_logits.to(logits.dtype), None, None
 
 
-@register_impl("gating", "triton_topk_softmax", tags=("ours", "interpreter-on-cpu"), available=_available,
+@register_impl("gating", "triton_topk_softmax", tags=("ours", "interpreter-on-cpu"), available=triton_available,
                supports=_supports)
 def triton_topk_softmax(hidden_states, router_weight, *, top_k, norm_topk_prob):
     logits = F.linear(hidden_states, router_weight)

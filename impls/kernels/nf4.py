@@ -4,13 +4,13 @@ Layout: the packed weight is bnb's, uint8 ``[(N*K)/2, 1]``, row-major over the [
 even column. We view it ``[N, K/2]`` and never repack it. The CPU kernels work in an *even/odd* column order
 (``[W[:, 0::2] | W[:, 1::2]]``): the high and low nibbles of a byte row are then two contiguous vectors, so
 the inductor C++ code vectorises without interleaved stores; inputs/outputs are permuted to match (cheap,
-[M, K]). (Measured here: a torch.where select tree for the 16-value lookup compiled to code ~100x slower
-than the indexed gather, so the lookup is ``code[nibble]``.)
+[M, K]). The lookup is the indexed gather ``code[nibble]``: inductor compiles a torch.where select tree for
+the 16 values to far slower code (docs/quant_linear.md, "Measured").
 
 Public entry points (all take ``packed2d`` uint8 [N, K/2] and ``scales`` fp32 [N, K/blocksize]):
 ``nf4_mm(x, ...)`` -> ``x @ W^T`` and ``nf4_mm_t(g, ...)`` -> ``g @ W`` for 2-D x/g in any float dtype.
 
-Which kernels run: the native AVX-512 ones (impls/nf4_native.py: in-register 16-entry lookup, built with
+Which kernels run: the native AVX-512 ones (nf4_native.py: in-register 16-entry lookup, built with
 the system compiler) where :func:`nf4_native.status` allows and blocks are multiples of 32 columns; else
 the torch.compile'd ones below (and bnb's dequantiser for the GEMM path). :func:`cpu_path` names the
 choice. ``TWINBENCH_NF4_NATIVE=0`` forces the fallback.
@@ -24,22 +24,11 @@ import threading
 
 import torch
 from twinbench.impls.kernels import nf4_native
+from twinbench.impls.kernels.availability import cpu_vendor
+from twinbench.impls.kernels.nf4_code import nf4_table
 
-# bitsandbytes' NF4 code (fp32). Kept here rather than imported from reference/, so that the impls and the
-# reference they are judged against do not share a table: a wrong value on either side is caught.
-NF4_CODE = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
-)
 # Rows of x up to which the fused dequantise-GEMV (weight never materialised) beats dequantise + GEMM.
 GEMV_MAX_ROWS = 4
-
-
-@functools.cache
-def nf4_table(device: str) -> torch.Tensor:
-    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
 
 
 def dequant_even_odd(packed2d: torch.Tensor, scales: torch.Tensor, code: torch.Tensor,
@@ -126,8 +115,8 @@ _scratch = threading.local()
 def _workspace(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     """A reusable [N, K] buffer (per thread and dtype, grown to the largest weight seen) for the GEMM path's
     transient W. A fresh 32-64 MB tensor costs its page faults on first touch, more than the native
-    dequantisation itself (measured: 4096x4096 fp32 into a fresh tensor 33 ms, into a reused one ~5 ms);
-    the price is that one such buffer stays allocated between calls."""
+    dequantisation itself (docs/quant_linear.md has the times); the price is that one such buffer stays
+    allocated between calls."""
     bufs = _scratch.__dict__.setdefault("bufs", {})
     buf = bufs.get(dtype)
     if buf is None or buf.numel() < n * k:
@@ -145,8 +134,8 @@ def dequantize(packed2d: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
                transient: bool = False) -> torch.Tensor:
     """The [N, K] weight in natural column order and ``dtype``, for the GEMM path. ``transient``: the caller
     drops the result before the next call (it may then live in the reused workspace). Native kernel where it
-    applies; else, on CPU with bitsandbytes present, bnb's native (OpenMP C) dequantiser (measured here it
-    beats our inductor gather loop); else the inductor kernel."""
+    applies; else, on CPU with bitsandbytes present, bnb's native (OpenMP C) dequantiser (faster than our
+    inductor gather loop); else the inductor kernel."""
     n, half = packed2d.shape
     if nf4_native.supports(packed2d, scales) and dtype in (torch.float32, torch.bfloat16, torch.float16):
         out = _workspace(n, 2 * half, dtype) if transient else None
@@ -170,12 +159,11 @@ def _bnb_dequant():
 @functools.cache
 def _onednn_linear(dtype: torch.dtype):
     """oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, the op inductor's CPU weight-freezing path
-    calls) for the GEMM path, or None for torch's matmul. Measured here (AMD EPYC, 4096x4096 weight, 512 rows,
-    one thread) oneDNN's fp32 GEMM takes 200 ms where torch's (MKL sgemm) takes 314 ms, with fp32 accumulation
-    (parity ratios 0.12-0.16 on the bench case, MKL's 0.09-0.15). On Intel CPUs MKL is Intel's own tuned
-    sgemm (not measured here), so it is kept there; bf16 matmuls already go to oneDNN in torch (measured the
-    same speed either way). ``TWINBENCH_NF4_GEMM=aten`` turns this off."""
-    if os.environ.get("TWINBENCH_NF4_GEMM") == "aten" or dtype != torch.float32 or "GenuineIntel" in _cpu_vendor():
+    calls) for the GEMM path, or None for torch's matmul. On AMD CPUs oneDNN's fp32 GEMM is faster than
+    torch's (MKL sgemm) at the same fp32 accumulation (docs/quant_linear.md, "Measured": times and parity
+    ratios). On Intel CPUs MKL is Intel's own tuned sgemm (not measured), so it is kept there; bf16 matmuls
+    already go to oneDNN in torch. ``TWINBENCH_NF4_GEMM=aten`` turns this off."""
+    if os.environ.get("TWINBENCH_NF4_GEMM") == "aten" or dtype != torch.float32 or cpu_vendor() == "GenuineIntel":
         return None
     try:
         if not torch.backends.mkldnn.is_available():
@@ -187,15 +175,6 @@ def _onednn_linear(dtype: torch.dtype):
     except Exception:  # a private op: absent or changed in this torch build -> torch's matmul
         return None
     return op
-
-
-@functools.cache
-def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("vendor_id")), "")
-    except OSError:
-        return ""
 
 
 def gemm_nt(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,10 @@
-"""The native NF4 CPU kernels (impls/nf4_native.c): built with the system C compiler at first use, cached.
+"""The native NF4 CPU kernels (impls/kernels/nf4_native.c): built with the system C compiler at first use, cached.
 
 Plain C with AVX-512F intrinsics and OpenMP, no torch headers, so a build takes about a second. The shared
 object lives under ``$TWINBENCH_CACHE_DIR`` (default ``$XDG_CACHE_HOME/twinbench`` or ``~/.cache/twinbench``)
 in ``nf4_native/<hash>.so``, the hash covering the source, the flags and the compiler's version; it is built
 into a temporary file and renamed into place, so concurrent first uses are safe. ``TWINBENCH_NF4_NATIVE=0``
-turns it off (the inductor kernels in impls/nf4_kernels.py are then used).
+turns it off (the inductor kernels in impls/kernels/nf4.py are then used).
 
 :func:`status` says whether the kernels can run here and why not; the wrappers below check dtypes, shapes
 and contiguity, then call the C functions on the tensors' data pointers.
@@ -16,13 +16,14 @@ import ctypes
 import functools
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from twinbench.impls.kernels.availability import c_compiler, cpu_flags
+from twinbench.impls.kernels.nf4_code import nf4_table
 
 SOURCE = Path(__file__).with_name("nf4_native.c")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared",
@@ -35,19 +36,6 @@ def cache_dir() -> Path:
     if os.environ.get("TWINBENCH_CACHE_DIR"):
         return Path(os.environ["TWINBENCH_CACHE_DIR"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "twinbench"
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
-
-
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CC", "")) or shutil.which("cc") or shutil.which("gcc")
 
 
 def _build(cc: str) -> Path:
@@ -77,10 +65,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, "turned off by TWINBENCH_NF4_NATIVE=0"
     if not sys.platform.startswith("linux"):
         return None, f"native NF4 kernels are built for Linux only (this is {sys.platform})"
-    flags = _cpu_flags()
-    if "avx512f" not in flags:
+    if "avx512f" not in cpu_flags():
         return None, "this CPU lacks AVX-512F (the native NF4 kernels need it)"
-    cc = _compiler()
+    cc = c_compiler()
     if cc is None:
         return None, "no C compiler found (set CC, or install gcc)"
     try:
@@ -117,13 +104,6 @@ def _checked(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
     if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
         raise ValueError(f"{name}: need a contiguous CPU {dtype} tensor, got {t.dtype} on {t.device}")
     return t
-
-
-@functools.cache
-def _code16() -> torch.Tensor:
-    from twinbench.impls.kernels.nf4 import NF4_CODE
-
-    return torch.tensor(NF4_CODE, dtype=torch.float32)
 
 
 def _lib() -> ctypes.CDLL:
@@ -207,7 +187,7 @@ def _in_row_groups(kernel, packed2d: torch.Tensor, scales: torch.Tensor, inp: to
     threads = _threads(packed2d)
     for r in range(0, inp.shape[0], MAX_ROWS):
         rows = min(MAX_ROWS, inp.shape[0] - r)
-        _call(kernel, packed2d.data_ptr(), scales.data_ptr(), _code16().data_ptr(), inp[r].data_ptr(),
+        _call(kernel, packed2d.data_ptr(), scales.data_ptr(), nf4_table("cpu").data_ptr(), inp[r].data_ptr(),
               out[r].data_ptr(), rows, n, k, bs, threads)
 
 
@@ -223,6 +203,6 @@ def dequantize(packed2d: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
     elif out.shape != (n, k):
         raise ValueError(f"out has shape {tuple(out.shape)}, the weight is {n}x{k}")
     _checked(out, dtype, "out")
-    _call(_lib().nf4_dequantize, packed2d.data_ptr(), scales.data_ptr(), _code16().data_ptr(), out.data_ptr(),
+    _call(_lib().nf4_dequantize, packed2d.data_ptr(), scales.data_ptr(), nf4_table("cpu").data_ptr(), out.data_ptr(),
           n * k, bs, _OUT_KIND[dtype], _threads(packed2d))
     return out

@@ -1,5 +1,7 @@
-"""Triton kernel source for impls/quant_linear_triton.py (module level: the interpreter resolves jit helpers
-by global name). Defines nothing when triton is absent, so the registry's import never fails."""
+"""Triton NF4 kernel source for impls/quant_linear/triton_nf4.py (module level: the interpreter resolves jit
+helpers by global name). Plugin discovery imports this module: it defines nothing when triton is absent, so
+that import never fails, and ``@triton.jit`` only wraps the functions (compilation waits for the first
+launch)."""
 
 from __future__ import annotations
 

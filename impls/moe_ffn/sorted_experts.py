@@ -1,21 +1,21 @@
 """Ours: sort-by-expert permute -> per-expert GEMMs over contiguous row blocks -> weighted un-permute,
 as one autograd.Function with a hand-written backward.
 
-What it does differently from transformers' grouped_mm path (measured on the 2-core CPU at the bench
-shape: 3.7x fp32 / 3.1x bf16 faster with 2 threads, equal with 1 thread — see docs/moe.md):
+What it does differently from transformers' grouped_mm path (the speed this buys, and where it buys
+nothing: docs/moe.md, "Measured"):
 - on the CPU the experts are split over the intra-op threads, each running whole GEMMs single-threaded
   (``_for_each_block``); with one thread both are the same per-expert GEMM loop;
 - one sort and one host sync (``counts.tolist()``) per call; forward and backward reuse the permutation;
 - the routing weight multiplies the down projection's output, as in transformers (folding it into the
-  down projection's input saves an [S, H] tensor but was measured to double the rounding error of the
-  router-weight gradient, 1.33x the three-way bound on a single-token fp32 case);
+  down projection's input saves an [S, H] tensor but doubles the rounding error of the router-weight
+  gradient, past the three-way bound: docs/moe.md);
 - weight gradients are written by ``torch.mm(..., out=grad[e])`` straight into the [E, ...] gradient
   (nothing dense per expert is materialised besides the gradients themselves; empty experts get zeros);
 - the GEMM operands are passed with BLAS-friendly strides (transposed views, no copies of the weights).
 GEMM backend: on CUDA capability 9.x/10.x in bf16 the row GEMMs use ``torch.nn.functional.grouped_mm`` (a
 real grouped kernel, called as transformers calls it); weight gradients, and every GEMM elsewhere, are a
-per-expert ``torch.mm`` loop (METHOD.md section 4: grouped_mm elsewhere is a loop fallback with a host sync
-anyway; on this CPU its fp32 path with transposed weights measured ~6x slower than the loop).
+per-expert ``torch.mm`` loop (docs/method.md §5: grouped_mm elsewhere is a loop fallback with a host sync
+anyway, and on the CPU its fp32 path with transposed weights is slower than the loop: docs/moe.md).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from twinbench.harness.core.registry import register_impl
 
 
 def _fast_grouped_mm(x: torch.Tensor) -> bool:
-    """True where grouped_mm is a real grouped kernel (METHOD.md section 4), not a loop fallback."""
+    """True where grouped_mm is a real grouped kernel (docs/method.md §5), not a loop fallback."""
     if x.device.type != "cuda" or torch.version.hip is not None or x.dtype != torch.bfloat16:
         return False
     return hasattr(F, "grouped_mm") and torch.cuda.get_device_capability(x.device)[0] in (9, 10)
@@ -65,8 +65,8 @@ def _for_each_block(work, blocks: list[tuple[int, int, int]], device: torch.devi
     """Run ``work(e, s, t)`` for every expert block.
 
     On the CPU with N > 1 intra-op threads the experts are split over N threads, each running whole GEMMs
-    single-threaded: GEMMs of ~64 rows parallelise badly inside the BLAS (measured here on 64 experts x
-    64 rows, gate_up shape: 1.58x fp32, 1.33x bf16 over the intra-op-threaded loop).
+    single-threaded: GEMMs of ~64 rows parallelise badly inside the BLAS (a team of threads waits in
+    barriers on every small GEMM; docs/moe.md has the measured gain).
     """
     threads = torch.get_num_threads() if device.type == "cpu" else 1
     if threads <= 1 or len(blocks) < 2 or work_flops < _THREADED_MIN_FLOPS:

@@ -64,8 +64,8 @@ def hf_eager(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj)
 
 
 # Not bitwise reproducible at size: the backward of its row gather ``hidden_states[perm // top_k]`` (every
-# token k times) accumulates with index_put_, in parallel on the CPU above a grain size (measured at the
-# bench shape: two identical fp32 calls gave different gradients; stable at the quick sizes).
+# token k times) accumulates with index_put_, in parallel on the CPU above a grain size, so two identical
+# calls at the bench shape can give different gradients (docs/moe.md, "Findings").
 @register_impl("moe_ffn", "hf_grouped_mm", tags=("peer", "library"), available=_has_transformers,
                deterministic=False)
 def hf_grouped_mm(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
@@ -74,7 +74,7 @@ def hf_grouped_mm(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_
 
 # Not bitwise reproducible: its weight gradients accumulate through the backward of
 # ``gate_up_proj[expert_ids]`` (index_put_ with accumulate), whose order varies run to run on the CPU
-# (measured: gate_up_proj grad differs by ~1e-6 between two identical fp32 calls).
+# (the observed spread: docs/moe.md, "Findings").
 @register_impl("moe_ffn", "hf_batched_mm", tags=("peer", "library"), available=_has_transformers,
                supports=_batched_mm_fits, deterministic=False)
 def hf_batched_mm(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):

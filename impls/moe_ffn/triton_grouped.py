@@ -1,4 +1,4 @@
-"""Ours, GPU path: the sorted-experts algorithm of impls/moe_ffn_sorted.py with Triton grouped GEMMs.
+"""Ours, GPU path: the sorted-experts algorithm of impls/moe_ffn/sorted_experts.py with Triton grouped GEMMs.
 
 Two kernels, both reading the expert weights in place through strides (no per-expert copies):
 - ``rows_gemm``: out[rows of e] = a[rows of e] @ W[e] (W[e] possibly a transposed view); one program per
@@ -12,25 +12,14 @@ On the CPU it runs under TRITON_INTERPRET=1 (fp16/fp32, tiny shapes): parity onl
 from __future__ import annotations
 
 import functools
-import importlib.util
-import os
 
 import torch
 from twinbench.harness.core.registry import register_impl
+from twinbench.impls.kernels.availability import triton_available
+from twinbench.impls.kernels.triton_launch import dot_input_precision
 from twinbench.impls.moe_ffn.sorted_experts import Routing, SortedExperts
 
 BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 32   # tl.dot needs >= 16; the interpreter is cheapest with few programs
-
-
-def _available(device) -> tuple[bool, str]:
-    if importlib.util.find_spec("triton") is None:
-        return False, "triton not installed (pip install 'twinbench[triton]')"
-    backend = getattr(device, "backend", "cpu")
-    if backend == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False, "Triton on the CPU needs TRITON_INTERPRET=1 (set by the CPU worker before import)"
-    if backend == "mps":
-        return False, "no Triton backend for MPS"
-    return True, ""
 
 
 def _supports(case, device) -> tuple[bool, str]:
@@ -53,7 +42,7 @@ def _kernels():
     @triton.jit
     def rows_gemm(a_ptr, w_ptr, out_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr, n, k,
                   stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_on,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         tile, pid_n = tl.program_id(0), tl.program_id(1)
         expert = tl.load(tile_expert_ptr + tile)
         row0, row_end = tl.load(tile_start_ptr + tile), tl.load(tile_end_ptr + tile)
@@ -66,14 +55,15 @@ def _kernels():
                         mask=(rows[:, None] < row_end) & (ks[None, :] < k), other=0.0)
             w = tl.load(w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
                         mask=(ks[:, None] < k) & (cols[None, :] < n), other=0.0)
-            acc += tl.dot(a, w)
+            acc += tl.dot(a, w, input_precision=PRECISION)
         tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
                  acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < row_end) & (cols[None, :] < n))
 
     @triton.jit
     def weight_grad_gemm(g_ptr, a_ptr, grad_ptr, starts_ptr, ends_ptr, n, k,
                          stride_gm, stride_gn, stride_am, stride_ak, stride_de, stride_dn, stride_dk,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
         expert, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         start, end = tl.load(starts_ptr + expert), tl.load(ends_ptr + expert)
         ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -85,14 +75,14 @@ def _kernels():
                           mask=(rs[None, :] < end) & (ns[:, None] < n), other=0.0)       # [BLOCK_N, BLOCK_M]
             a = tl.load(a_ptr + rs[:, None] * stride_am + ks[None, :] * stride_ak,
                         mask=(rs[:, None] < end) & (ks[None, :] < k), other=0.0)         # [BLOCK_M, BLOCK_K]
-            acc += tl.dot(g_t, a)
+            acc += tl.dot(g_t, a, input_precision=PRECISION)
         tl.store(grad_ptr + expert * stride_de + ns[:, None] * stride_dn + ks[None, :] * stride_dk,
                  acc.to(grad_ptr.dtype.element_ty), mask=(ns[:, None] < n) & (ks[None, :] < k))
 
     return (triton, rows_gemm, weight_grad_gemm)
 
 
-def _tiles(route: Routing, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def expert_row_tiles(route: Routing, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row tiles that never straddle two experts: (expert, first row, end row) per tile."""
     experts, starts, ends = [], [], []
     for e, s, t in route.blocks:
@@ -114,13 +104,14 @@ class TritonGemms:
         n, k = wv.shape[2], wv.shape[1]
         out = torch.empty((a.shape[0], n), dtype=a.dtype, device=a.device)
         if not hasattr(route, "tiles"):
-            route.tiles = _tiles(route, a.device)
+            route.tiles = expert_row_tiles(route, a.device)
         tile_expert, tile_start, tile_end = route.tiles
         if tile_expert.numel():
             grid = (tile_expert.numel(), triton.cdiv(n, BLOCK_N))
             rows_gemm[grid](a, wv, out, tile_expert, tile_start, tile_end, n, k,
                             a.stride(0), a.stride(1), wv.stride(0), wv.stride(1), wv.stride(2),
-                            out.stride(0), out.stride(1), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+                            out.stride(0), out.stride(1), PRECISION=dot_input_precision(a.dtype),
+                            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
         return out
 
     @staticmethod
@@ -133,11 +124,12 @@ class TritonGemms:
         grid = (e, triton.cdiv(n, BLOCK_N), triton.cdiv(k, BLOCK_K))
         weight_grad_gemm[grid](g, a, grad, starts, ends, n, k, g.stride(0), g.stride(1), a.stride(0), a.stride(1),
                                grad.stride(0), grad.stride(1), grad.stride(2),
-                               BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+                               PRECISION=dot_input_precision(a.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                               BLOCK_K=BLOCK_K)
         return grad
 
 
-@register_impl("moe_ffn", "triton_grouped", tags=("ours", "interpreter-on-cpu"), available=_available,
+@register_impl("moe_ffn", "triton_grouped", tags=("ours", "interpreter-on-cpu"), available=triton_available,
                supports=_supports)
 def triton_grouped(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
     return SortedExperts.apply(TritonGemms, hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj)

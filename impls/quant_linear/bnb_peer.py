@@ -2,7 +2,7 @@
 
 The LoRA term is computed as peft does (``lora_B(lora_A(x)) * scaling``). On CPU, bnb logs "Failed to load
 CPU gemm_4bit_forward from kernels-community" when the optional hub kernel is absent (offline): it then
-uses its native CPU kernels — a note, not a failure (METHOD.md section 4). Only the training path is
+uses its native CPU kernels — a note, not a failure (docs/method.md §6). Only the training path is
 exercised here (x requires grad), which dequantises W to the compute dtype and calls the dtype's GEMM;
 bnb's AVX512-BF16 inference GEMV (eval mode, no grad) computes in bf16 whatever the compute dtype.
 """

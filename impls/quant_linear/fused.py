@@ -9,101 +9,30 @@ lora_B (and bias when it requires grad); the base weight is frozen (no gradient)
 :class:`NF4Weight`. Helpers: :func:`from_linear4bit` (bnb Linear4bit -> (NF4Weight, bias)),
 :func:`peft_lora_forward` / :func:`patch_peft_model` (route peft LoRA-on-Linear4bit layers through it).
 
-Kernels (impls/nf4_kernels.py): on CPU a fused dequantise-GEMV for a few rows (the weight is never
+Kernels (impls/kernels/nf4.py): on CPU a fused dequantise-GEMV for a few rows (the weight is never
 materialised, forward and backward), dequantise + GEMM for more rows — native AVX-512 C kernels
-(impls/nf4_native.c) where the CPU and a compiler allow, else torch.compile'd ones; on GPUs the Triton kernels.
+(impls/kernels/nf4_native.c) where the CPU and a compiler allow, else torch.compile'd ones; on GPUs the
+Triton kernels (impls/quant_linear/triton_nf4.py). :class:`NF4Weight` is defined in impls/kernels/nf4_weight.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from twinbench.harness.core.registry import register_impl
 from twinbench.impls.kernels import nf4 as nf4_kernels
-from twinbench.impls.kernels import nf4_native
-
-DOUBLE_QUANT_BLOCKSIZE = 256  # bnb quantises absmax in blocks of 256 (the only nested size it supports)
-
-
-@dataclass
-class NF4Weight:
-    """An NF4 weight in bitsandbytes' storage: ``packed`` uint8 [(N*K+1)//2, 1] (high nibble first),
-    ``absmax`` fp32 [blocks] — or, double-quantised, uint8 [blocks] with ``absmax2`` fp32 [ceil(blocks/256)],
-    ``code2`` fp32 [256] (bnb's dynamic map) and ``offset`` (fp32 scalar tensor)."""
-
-    packed: torch.Tensor
-    absmax: torch.Tensor
-    shape: tuple[int, int]
-    blocksize: int
-    absmax2: torch.Tensor | None = None
-    code2: torch.Tensor | None = None
-    offset: torch.Tensor | None = None
-
-    @classmethod
-    def from_bnb(cls, weight: Any, quant_state: Any = None) -> NF4Weight:
-        """From a ``bnb.nn.Params4bit`` (its ``.quant_state``) or ``(packed, QuantState)``."""
-        qs = quant_state if quant_state is not None else getattr(weight, "quant_state", None)
-        if qs is None:
-            raise ValueError("no bitsandbytes QuantState: pass a quantized Params4bit or (packed, quant_state)")
-        if qs.quant_type != "nf4":
-            raise ValueError(f"only NF4 weights are supported, got quant_type={qs.quant_type!r}")
-        if getattr(qs, "packing_format_for_cpu", False):
-            raise ValueError("weight was repacked by bnb for CPU inference (eval mode); quantize it again")
-        packed = weight.data if hasattr(weight, "data") else weight
-        if packed.dtype != torch.uint8:
-            packed = packed.view(torch.uint8)
-        shape = (int(qs.shape[0]), int(qs.shape[1]))
-        if qs.nested:
-            if qs.state2.blocksize != DOUBLE_QUANT_BLOCKSIZE:
-                raise ValueError(f"nested absmax blocksize {qs.state2.blocksize} (only 256 is supported)")
-            return cls(packed, qs.absmax, shape, int(qs.blocksize), qs.state2.absmax, qs.state2.code, qs.offset)
-        return cls(packed, qs.absmax, shape, int(qs.blocksize))
-
-    @property
-    def nested(self) -> bool:
-        return self.absmax2 is not None
-
-    def block_scales(self) -> torch.Tensor:
-        """fp32 absmax per block; nested: ``code2[q] * absmax2[block // 256] + offset`` in fp32, as bnb."""
-        if not self.nested:
-            return self.absmax.float()
-        if self.absmax.device.type == "cpu" and self.absmax.dtype == torch.uint8 and nf4_native.status()[0]:
-            return nf4_native.decode_absmax(self.absmax, self.absmax2, self.code2, float(self.offset))
-        q = self.absmax.reshape(-1).long()
-        outer = self.absmax2.float().repeat_interleave(DOUBLE_QUANT_BLOCKSIZE)[: q.numel()]
-        return self.code2.float()[q] * outer + self.offset.float()
-
-    def row_aligned(self) -> bool:
-        """Blocks never straddle rows: the fused kernels' [N, K/blocksize] scale layout applies."""
-        return self.shape[1] % self.blocksize == 0 and self.blocksize % 2 == 0
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The [N, K] weight (any shape; used where the fused layout does not apply)."""
-        n = self.shape[0] * self.shape[1]
-        p = self.packed.reshape(-1)
-        idx = torch.stack([p >> 4, p & 15], 1).reshape(-1)[:n].long()
-        code = nf4_kernels.nf4_table(str(p.device))
-        w = code[idx] * self.block_scales().repeat_interleave(self.blocksize)[:n]
-        return w.reshape(self.shape).to(dtype)
-
-
-def as_nf4_weight(qweight_state: Any) -> NF4Weight:
-    if isinstance(qweight_state, NF4Weight):
-        return qweight_state
-    if isinstance(qweight_state, tuple) and len(qweight_state) == 2:
-        return NF4Weight.from_bnb(*qweight_state)
-    return NF4Weight.from_bnb(qweight_state)
+from twinbench.impls.kernels.availability import torch_backend, triton_status
+from twinbench.impls.kernels.nf4_weight import NF4Weight, as_nf4_weight
+from twinbench.impls.quant_linear.triton_nf4 import triton_nf4_lora_linear
 
 
 @contextlib.contextmanager
 def _one_thread(active: bool):
     """Run the tiny LoRA products of a few-row call (O(r (N + K)) work) on one thread: forking an OpenMP team
-    costs more than the work, and on a shared machine a team waits for any descheduled member (measured
-    here: a 1x4096 @ 4096x16 bf16 matmul took 0.03 ms on one thread, 8-16 ms on two while another process
-    ran). The NF4 kernels themselves keep all threads."""
+    costs more than the work, and on a shared machine a team waits for any descheduled member (the
+    measured cost: docs/quant_linear.md). The NF4 kernels themselves keep all threads."""
     threads = torch.get_num_threads()
     if not active or threads == 1:
         yield
@@ -163,14 +92,6 @@ class _NF4LoRALinear(torch.autograd.Function):
         return dx, None, None, da, db, dbias, None, None
 
 
-def _triton_ready() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def nf4_lora_linear(x: torch.Tensor, qweight_state: Any, lora_A: torch.Tensor | None = None,
                     lora_B: torch.Tensor | None = None, scaling: float = 1.0,
                     bias: torch.Tensor | None = None, keep_dequantized: bool = False) -> torch.Tensor:
@@ -198,9 +119,7 @@ def nf4_lora_linear(x: torch.Tensor, qweight_state: Any, lora_A: torch.Tensor | 
         if lora_A is not None:
             out = out + scaling * ((x2 @ lora_A.t()) @ lora_B.t())
         out = out + bias if bias is not None else out
-    elif x.device.type in ("cuda", "xpu") and _triton_ready():
-        from twinbench.impls.quant_linear.triton_nf4 import triton_nf4_lora_linear
-
+    elif x.device.type in ("cuda", "xpu") and triton_status(torch_backend(x.device))[0]:
         out = triton_nf4_lora_linear(x2, w, lora_A, lora_B, scaling, bias)
     else:
         packed2d = w.packed.reshape(n, k // 2)
@@ -271,7 +190,7 @@ def patch_peft_model(model: torch.nn.Module) -> int:
 
 def _cpu_only(device) -> tuple[bool, str]:
     if getattr(device, "backend", "cpu") != "cpu":
-        return False, "CPU path (GPUs use the Triton kernels: impls/quant_linear_triton.py)"
+        return False, "CPU path (GPUs use the Triton kernels: impls/quant_linear/triton_nf4.py)"
     return True, ""
 
 

@@ -1,6 +1,6 @@
 """Our Triton NF4 (+LoRA) kernels: fused dequantise-GEMV and dequantise-GEMM, forward and backward.
 
-The packed bytes and fp32 block scales are read in place (bnb layout, impls/nf4_kernels.py); each tile of W
+The packed bytes and fp32 block scales are read in place (bnb layout, impls/kernels/nf4.py); each tile of W
 is dequantised in registers and never written out. The 16-value code lookup is a select tree on the nibble's
 bits (the interpreter cannot do data-dependent pointer loads). The LoRA up-projection is fused into the
 epilogue: forward ``out += scaling * (x A^T) B^T``, backward ``dx += scaling * (g B) A``; the rank-r products
@@ -12,13 +12,16 @@ fp16/fp32: the interpreter has no bf16 arithmetic).
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from twinbench.harness.core.registry import register_impl
-from twinbench.impls.quant_linear.fused import NF4Weight
+from twinbench.impls.kernels.availability import interpreting, triton_available
+from twinbench.impls.kernels.nf4_weight import NF4Weight
+from twinbench.impls.kernels.triton_launch import dot_dim, dot_input_precision
 
 GEMV_MAX_ROWS = 16
+# Tiles on GPUs: (BN, BK) for the GEMV, (BM, BN, BK) for the GEMM (the AOT compile checks use these too).
+GPU_TILES = {"gemv": (32, 64), "gemm": (16, 64, 32)}
 INTERPRETER_MAX_WEIGHT, INTERPRETER_MAX_BATCH = 128 * 256, 32  # the interpreter runs one program at a time
 
 
@@ -30,10 +33,6 @@ def kernels():
 
     return {"triton": triton, "gemm_fwd": k.gemm_fwd, "gemm_bwd": k.gemm_bwd, "gemv_fwd": k.gemv_fwd,
             "gemv_bwd": k.gemv_bwd}
-
-
-def _rank_pad(r: int) -> int:
-    return max(16, 1 << max(0, (r - 1)).bit_length())  # tl.dot wants >= 16 and a power of two
 
 
 def launch(kind: str, direction: str, a: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor,
@@ -49,21 +48,20 @@ def launch(kind: str, direction: str, a: torch.Tensor, packed2d: torch.Tensor, s
     r = lora_w.shape[1] if has_lora and direction == "fwd" else (lora_w.shape[0] if has_lora else 0)
     dummy = a  # unused pointer when there is no LoRA term
     args = (a, packed2d, scales, low if has_lora else dummy, lora_w.contiguous() if has_lora else dummy, out)
-    common = dict(BS=blocksize, HAS_LORA=has_lora, RP=_rank_pad(r))
+    common = dict(BS=blocksize, HAS_LORA=has_lora, RP=dot_dim(r))
     nb = scales.shape[1]
     cdiv = k_["triton"].cdiv
     # The interpreter pays per program and per loop step, not per element: there, one big tile.
-    interp = a.device.type == "cpu"
+    interp = interpreting()
     if kind == "gemv":
-        bn, bk = (128, 256) if interp else (32, 64)
+        bn, bk = (128, 256) if interp else GPU_TILES["gemv"]
         if direction == "fwd":
             k_["gemv_fwd"][(cdiv(n, bn), m)](*args, n, k, nb, r, scaling, BN=bn, BK=bk, **common)
         else:
             k_["gemv_bwd"][(cdiv(k, bk), m)](*args, n, k, nb, r, scaling, BN=bn, BK=bk, **common)
         return out
-    bm, bn, bk = (32, 128, 128) if interp else (16, 64, 32)
-    # fp32 must not be rounded to tf32 on tensor cores; 16-bit inputs take the backend's default (as the FA kernels).
-    precision = "ieee" if a.dtype == torch.float32 else None
+    bm, bn, bk = (32, 128, 128) if interp else GPU_TILES["gemm"]
+    precision = dot_input_precision(a.dtype)
     if direction == "fwd":
         k_["gemm_fwd"][(cdiv(m, bm), cdiv(n, bn))](*args, m, n, k, nb, r, scaling, PRECISION=precision, BM=bm, BN=bn, BK=bk,
                                                    **common)
@@ -96,7 +94,7 @@ class _TritonNF4LoRA(torch.autograd.Function):
 
 def triton_nf4_lora_linear(x: torch.Tensor, weight: NF4Weight, lora_A=None, lora_B=None, scaling: float = 1.0,
                            bias=None, kind: str | None = None) -> torch.Tensor:
-    """As impls.quant_linear_fused.nf4_lora_linear, through the Triton kernels (kind: 'gemv' | 'gemm')."""
+    """As impls/quant_linear/fused.py's nf4_lora_linear, through the Triton kernels (kind: 'gemv' | 'gemm')."""
     n, k = weight.shape
     if not weight.row_aligned():
         raise ValueError(f"in_features {k} is not a multiple of blocksize {weight.blocksize}")
@@ -111,19 +109,6 @@ def triton_nf4_lora_linear(x: torch.Tensor, weight: NF4Weight, lora_A=None, lora
 
 
 # --- registration ---------------------------------------------------------------------------------------
-
-def triton_available(device) -> tuple[bool, str]:
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:
-        return False, f"triton unavailable: {type(exc).__name__}: {exc}"
-    backend = getattr(device, "backend", "cpu")
-    if backend == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False, "on CPU Triton runs only through the interpreter (TRITON_INTERPRET=1)"
-    if backend not in ("cpu", "cuda", "rocm", "xpu"):
-        return False, f"no Triton backend for {backend}"
-    return True, ""
-
 
 def _supports(kind: str):
     def supports(case, device) -> tuple[bool, str]:

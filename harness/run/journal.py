@@ -1,0 +1,62 @@
+"""The run's journal: every finished record appended as it arrives, so a killed run can --resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from twinbench.harness.store.results import atomic_write_json, new_document, now_iso, record_key
+
+
+class Journal:
+    """Append-only JSON lines, fsync'd per line; a torn last line (killed mid-write) is ignored on read.
+
+    Entries: ``{"type": "start", "provenance"}``, ``{"type": "fingerprint", "fingerprint", "import_failures"}``,
+    ``{"type": "ceilings", "device", "fingerprint", "ceilings"}``, ``{"type": "record", "record"}``.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock = threading.Lock()
+
+    def append(self, entry: dict[str, Any]) -> None:
+        with self.lock, open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        entries = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return entries
+
+
+def assemble(out: Path, journal: Journal, prov: dict[str, Any]) -> dict[str, Any]:
+    """Results document from the journal (last record per key wins); written atomically."""
+    doc = new_document(dict(prov, finished=now_iso()))
+    by_key: dict[tuple, dict[str, Any]] = {}
+    failures: dict[str, str] = {}
+    for entry in journal.read():
+        kind = entry.get("type")
+        if kind == "fingerprint":
+            fp = entry["fingerprint"]
+            doc["fingerprints"][fp["id"]] = fp
+            failures.update(entry.get("import_failures") or {})
+        elif kind == "ceilings":
+            doc["ceilings"][entry["fingerprint"]] = entry["ceilings"]
+        elif kind == "record":
+            by_key[record_key(entry["record"])] = entry["record"]
+    doc["results"] = list(by_key.values())
+    if failures:
+        doc["import_failures"] = failures
+    atomic_write_json(out / "results.json", doc)
+    return doc

@@ -1,0 +1,391 @@
+"""The one worker-process class and protocol behind `run`, `gate --against` and `calibrate`.
+
+A worker is a child process in its own session (so killing its process group also kills whatever it
+spawned: compiler jobs, data loaders). The supervisor writes requests as JSON lines on the worker's stdin;
+the worker writes events as JSON lines on a pipe whose fd it gets as ``event_fd`` in its JSON config
+(argv[1]). The worker's stdout and stderr go to a log file, because libraries print. Every message has one
+``type`` field; the classes below are the whole vocabulary.
+
+Workers import :class:`EventWriter` and the message classes from here. The gate worker runs as a script
+from the head against an older tree, so this module imports nothing but the standard library: the gate
+worker loads the head's copy by file path instead of the measured tree's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import os
+import select
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import IO, Any, ClassVar
+
+# --- messages -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Message:
+    TYPE: ClassVar[str] = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.TYPE, **asdict(self)}
+
+
+# Requests (supervisor -> worker, on stdin).
+@dataclass(frozen=True)
+class Stop(Message):
+    TYPE: ClassVar[str] = "stop"
+
+
+@dataclass(frozen=True)
+class RunCase(Message):
+    """Run worker: parity, timing and memory of ``impls`` on one case; ``exclude`` is decided already."""
+
+    TYPE: ClassVar[str] = "case"
+    suite: str
+    params: dict[str, Any]
+    impls: list[str]
+    exclude: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Prepare(Message):
+    """Gate worker: build the callable for (suite, case, impl, mode), warm it up, estimate one call."""
+
+    TYPE: ClassVar[str] = "prepare"
+    key: str
+    suite: str
+    params: dict[str, Any]
+    impl: str
+    mode: str
+    seed: int = 0
+    parity: bool = False
+
+
+@dataclass(frozen=True)
+class Time(Message):
+    """Gate worker: one sample, ms per call of ``number`` calls (+ ``extra`` calls: a planted slowdown)."""
+
+    TYPE: ClassVar[str] = "time"
+    key: str
+    number: int
+    extra: int = 0
+    clock: str = "wall"
+
+
+# Events (worker -> supervisor, on the event pipe).
+@dataclass(frozen=True)
+class Fingerprint(Message):
+    TYPE: ClassVar[str] = "fingerprint"
+    fingerprint: dict[str, Any]
+    import_failures: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ceilings(Message):
+    TYPE: ClassVar[str] = "ceilings"
+    fingerprint: str
+    ceilings: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Ready(Message):
+    """The worker serves requests now; ``harness`` is the folder its engine was imported from."""
+
+    TYPE: ClassVar[str] = "ready"
+    harness: str = ""
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Begin(Message):
+    """Announced before every risky step, so a death or hang is blamed on ``impl`` during ``phase``."""
+
+    TYPE: ClassVar[str] = "begin"
+    impl: str
+    phase: str
+
+
+@dataclass(frozen=True)
+class RecordDone(Message):
+    TYPE: ClassVar[str] = "record"
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CaseError(Message):
+    TYPE: ClassVar[str] = "case_error"
+    reason: str
+    traceback: str = ""
+
+
+@dataclass(frozen=True)
+class CaseDone(Message):
+    TYPE: ClassVar[str] = "case_done"
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Prepared(Message):
+    TYPE: ClassVar[str] = "prepared"
+    ok: bool
+    why: str = ""
+    missing: bool = False
+    per_call_ms: float = 0.0
+    parity: tuple[bool, str] | None = None
+    traceback: str = ""
+
+
+@dataclass(frozen=True)
+class Timed(Message):
+    TYPE: ClassVar[str] = "timed"
+    ok: bool
+    ms: float = 0.0
+    why: str = ""
+    traceback: str = ""
+
+
+MESSAGES: dict[str, type[Message]] = {cls.TYPE: cls for cls in (
+    Stop, RunCase, Prepare, Time, Fingerprint, Ceilings, Ready, Begin, RecordDone, CaseError, CaseDone,
+    Prepared, Timed)}
+
+
+def parse(line: str) -> Message:
+    """One JSON line into its message class; keys a newer peer added are ignored."""
+    data = json.loads(line)
+    cls = MESSAGES[data["type"]]
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class EventWriter:
+    """The worker's side of the event pipe: one JSON line per message, flushed at once."""
+
+    def __init__(self, fd: int, default: Callable[[Any], Any] | None = None):
+        self.fh = os.fdopen(fd, "w", buffering=1, encoding="utf-8")
+        self.default = default
+
+    def send(self, message: Message) -> None:
+        self.fh.write(json.dumps(message.to_json(), default=self.default) + "\n")
+        self.fh.flush()
+
+
+def requests(stream: IO[str]):
+    """The worker's request loop: messages from stdin until Stop or end of input."""
+    for line in stream:
+        if not line.strip():
+            continue
+        message = parse(line)
+        if isinstance(message, Stop):
+            return
+        yield message
+
+
+# --- the environment policy ------------------------------------------------------------------------------
+
+
+class WorkerKind(enum.Enum):
+    RUN = "run"    # `twinbench run`: one worker per device, devices in parallel
+    GATE = "gate"  # `gate --against` / `calibrate`: two workers taking turns on one device
+
+
+# One thread per CPU gate/calibrate worker unless asked: on a shared box the A/A median ratio is far steadier
+# with one (docs/method.md §6, numbers in §7).
+DEFAULT_GATE_CPU_THREADS = 1
+VISIBILITY_VARIABLES = {"cuda": "CUDA_VISIBLE_DEVICES", "rocm": "HIP_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}
+
+
+@dataclass(frozen=True)
+class WorkerEnvironment:
+    env: dict[str, str]
+    threads: int | None  # torch.set_num_threads in the worker; None: torch's default
+
+
+def user_triton_interpret() -> bool:
+    """Whether the user started twinbench with TRITON_INTERPRET=1: then GPU workers interpret Triton too
+    (read once by the CLI and passed in the worker config, never through another variable)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def worker_environment(kind: WorkerKind, backend: str, device_name: str, *, root: Path, head_root: Path,
+                       threads: int | None = None, triton_interpret: bool = False,
+                       base: Mapping[str, str] | None = None) -> WorkerEnvironment:
+    """The environment and thread count of every worker; the one place that decides them (docs/method.md §6).
+
+    - ``PYTHONPATH``: ``root`` (the tree the worker serves) first; entries naming the head's tree are dropped
+      when they differ, so a base-tree worker never imports the head's modules. ``PYTHONUNBUFFERED=1`` so
+      the log holds what a worker printed before it died.
+    - ``TRITON_INTERPRET``: ``1`` on the CPU (Triton only runs there through its interpreter; set before any
+      impl imports triton). On GPUs it is removed, so kernels compile, unless ``triton_interpret`` (the user
+      started twinbench with ``TRITON_INTERPRET=1``; the CLI passes that in the options).
+    - Device visibility (run workers on GPUs): ``CUDA_VISIBLE_DEVICES`` / ``HIP_VISIBLE_DEVICES`` /
+      ``ZE_AFFINITY_MASK`` narrowed to the worker's device, so per-device workers in parallel cannot touch
+      each other's device; an existing mask is indexed, not replaced. Gate workers are not narrowed: they
+      find the device by name in the tree they serve, which may be an older commit.
+    - Threads: gate/calibrate CPU workers default to one thread and ``OMP_WAIT_POLICY=PASSIVE`` (the idle
+      side's OpenMP threads must not spin while the other side is timed); run workers keep torch's default
+      unless ``threads`` is given.
+    """
+    env = dict(os.environ if base is None else base)
+    root, head_root = Path(root).resolve(), Path(head_root).resolve()
+    drop = {root, head_root}
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() not in drop]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), *rest])
+    env["PYTHONUNBUFFERED"] = "1"
+    if backend == "cpu" or triton_interpret:
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    if kind is WorkerKind.RUN and backend in VISIBILITY_VARIABLES:
+        var = VISIBILITY_VARIABLES[backend]
+        index = device_name.split(":")[1]
+        visible = [v for v in env.get(var, "").split(",") if v.strip()]
+        env[var] = visible[int(index)] if visible and int(index) < len(visible) else index
+    if kind is WorkerKind.GATE and backend == "cpu":
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        threads = threads or DEFAULT_GATE_CPU_THREADS
+    return WorkerEnvironment(env=env, threads=threads)
+
+
+# --- the supervisor's side -------------------------------------------------------------------------------
+
+
+class WorkerFailed(Exception):
+    """A worker that cannot serve any more; the message says why (exit code or signal, log tail)."""
+
+
+class WorkerDied(WorkerFailed):
+    pass
+
+
+class WorkerHung(WorkerFailed):
+    pass
+
+
+SIGNAL_HINTS = {"SIGKILL": " (killed: out of memory?)", "SIGSEGV": " (segmentation fault)", "SIGABRT": " (aborted)"}
+
+
+class WorkerProcess:
+    """One worker: started in its own session, JSON lines both ways, killed with its whole process group."""
+
+    def __init__(self, command: list[str], config: dict[str, Any], *, cwd: Path, env: dict[str, str],
+                 log_path: Path, label: str = "worker"):
+        self.label = label
+        self.log_path = Path(log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        read_fd, write_fd = os.pipe()
+        self.log = open(self.log_path, "a", encoding="utf-8")
+        self.log.write(f"\n==== {label} start {time.strftime('%Y-%m-%dT%H:%M:%S')} ====\n")
+        self.log.flush()
+        try:
+            self.proc = subprocess.Popen([*command, json.dumps(dict(config, event_fd=write_fd))],
+                                         stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT,
+                                         pass_fds=(write_fd,), env=env, cwd=str(cwd), text=True,
+                                         start_new_session=True)
+        except BaseException:
+            os.close(read_fd)
+            self.log.close()
+            raise
+        finally:
+            os.close(write_fd)
+        self.events = os.fdopen(read_fd, "rb")
+        self.buffer = b""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, message: Message) -> None:
+        try:
+            self.proc.stdin.write(json.dumps(message.to_json()) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError) as exc:
+            self._reap()
+            raise WorkerDied(self.death_reason()) from exc
+
+    def next_event(self, timeout: float) -> Message:
+        """The next event; WorkerHung (after killing the worker) when none comes within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.kill()
+                raise WorkerHung(f"{self.label} sent nothing for {timeout:g}s")
+            ready, _, _ = select.select([self.events], [], [], min(left, 1.0))
+            if ready:
+                chunk = os.read(self.events.fileno(), 65536)
+                if not chunk:
+                    self._reap()
+                    raise WorkerDied(self.death_reason())
+                self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return parse(line.decode("utf-8", "replace"))
+
+    def request(self, message: Message, timeout: float) -> Message:
+        self.send(message)
+        return self.next_event(timeout)
+
+    def death_reason(self) -> str:
+        """Why the worker is gone, from the process itself: its exit code or signal, and its log's last lines."""
+        code = self.proc.poll()
+        if code is None:
+            text = f"{self.label} stopped answering"
+        elif code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            text = f"{self.label} died with {name}{SIGNAL_HINTS.get(name, '')}"
+        else:
+            text = f"{self.label} exited with code {code}"
+        tail = self.log_tail()
+        return f"{text}; log: {tail}" if tail else f"{text} (log: {self.log_path})"
+
+    def log_tail(self, lines: int = 3) -> str:
+        try:
+            self.log.flush()
+            text = self.log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        except (OSError, ValueError):
+            return ""
+        keep = [line.strip() for line in text if line.strip() and not line.startswith("====")][-lines:]
+        return " | ".join(keep)[-500:]
+
+    def _reap(self) -> None:
+        """The event pipe closed: the worker is exiting; wait for its status (or kill it)."""
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def _kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the group's id is its pid
+
+    def kill(self) -> None:
+        """SIGKILL to the worker's whole process group (it and everything it spawned), then reap it."""
+        self._kill_group()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.close()
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Ask it to stop; kill the group if it does not within ``grace`` seconds. Leftover children go too."""
+        if self.proc.poll() is None:
+            try:
+                self.send(Stop())
+                self.proc.wait(timeout=grace)
+            except (WorkerFailed, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+
+    def close(self) -> None:
+        for fh in (self.events, self.proc.stdin, self.log):
+            with contextlib.suppress(Exception):
+                fh.close()

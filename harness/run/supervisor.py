@@ -1,0 +1,204 @@
+"""One device's worker, supervised through its tasks: a crash or hang costs only the impl that caused it.
+
+The worker announces each risky step (``Begin``); when it dies or goes silent the supervisor records that
+impl (crashed / timeout, with the reason the process gave), starts a fresh worker and re-runs the rest of
+the case with the culprit excluded. A reference or case-setup failure ends the case: nothing else can be
+compared without it.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections import deque
+from dataclasses import asdict
+from typing import Any
+
+from twinbench.harness import SOURCE_ROOT as ROOT
+from twinbench.harness.core import devices as devices_mod
+from twinbench.harness.core import registry
+from twinbench.harness.run.journal import Journal
+from twinbench.harness.run.plan import RunOptions, Task
+from twinbench.harness.run.process import (
+    Begin,
+    CaseDone,
+    CaseError,
+    Ceilings,
+    Fingerprint,
+    Ready,
+    RecordDone,
+    WorkerDied,
+    WorkerHung,
+    WorkerKind,
+    WorkerProcess,
+    worker_environment,
+)
+from twinbench.harness.run.worker import RunWorkerConfig
+from twinbench.harness.store.record import FAILED, Record, Status
+
+
+class Progress:
+    """A rich progress bar on a terminal; one plain line per finished case otherwise (CI logs)."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.done = 0
+        self.lock = threading.Lock()
+        self.live = None
+        if sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.live = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), transient=True)
+            self.task = self.live.add_task("starting", total=total)
+            self.live.start()
+
+    def status(self, text: str) -> None:
+        if self.live:
+            self.live.update(self.task, description=text[:90])
+
+    def case_done(self, device: str, task: Task, records: list[dict[str, Any]]) -> None:
+        with self.lock:
+            self.done += 1
+            counts: dict[str, int] = {}
+            for rec in records:
+                counts[rec["status"]] = counts.get(rec["status"], 0) + 1
+            summary = " ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+            if self.live:
+                self.live.update(self.task, advance=1)
+                if any(r["status"] in FAILED for r in records):
+                    self.live.console.print(f"[red]{task.suite} {device} {task.case_id}: {summary}")
+            else:
+                print(f"[{self.done}/{self.total}] {task.suite} {device} {task.case_id}: {summary}", flush=True)
+
+    def close(self) -> None:
+        if self.live:
+            self.live.stop()
+
+
+class DeviceRun:
+    """Supervises one device's worker through its tasks, surviving crashes and hangs."""
+
+    def __init__(self, device: devices_mod.Device, tasks: list[Task], options: RunOptions, journal: Journal,
+                 progress: Progress | None, ceilings: dict[str, Any] | None, reference: dict[str, str]):
+        self.device = device
+        self.tasks = deque(tasks)
+        self.options = options
+        self.journal = journal
+        self.progress = progress
+        self.ceilings = ceilings
+        self.reference = reference  # suite -> reference impl name
+        self.fingerprint: dict[str, Any] | None = None
+        self.records: list[dict[str, Any]] = []
+        self.log_path = options.out / f"worker-{device.name.replace(':', '')}.log"
+
+    def _start(self) -> WorkerProcess:
+        o, dev = self.options, self.device
+        setup = worker_environment(WorkerKind.RUN, dev.backend, dev.name, root=ROOT, head_root=ROOT,
+                                   threads=o.threads, triton_interpret=o.triton_interpret)
+        mem = o.memory_limit_gb
+        limit = int(mem * 2**30) if mem else int(0.85 * dev.memory_bytes) if dev.backend == "cpu" else 0
+        config = RunWorkerConfig(device=dev.name, backend=dev.backend, plugins=o.plugins, threads=setup.threads,
+                                 memory_limit_bytes=limit, ceilings=self.ceilings, measure_ceilings=o.timing,
+                                 trials=o.trials, seed=o.seed, reference_device=o.reference_device,
+                                 timing=o.timing, plan=asdict(o.plan))
+        worker = WorkerProcess([sys.executable, "-m", "twinbench.harness.run.worker"], config.to_json(), cwd=ROOT,
+                               env=setup.env, log_path=self.log_path)
+        while True:
+            try:
+                event = worker.next_event(o.timeout)
+            except WorkerHung:
+                raise WorkerDied(f"worker did not start within {o.timeout:.0f}s") from None
+            if isinstance(event, Fingerprint):
+                self.fingerprint = event.fingerprint
+                self.journal.append({"type": "fingerprint", "fingerprint": event.fingerprint,
+                                     "import_failures": event.import_failures})
+            elif isinstance(event, Ceilings):
+                self.ceilings = event.ceilings
+                self.journal.append({"type": "ceilings", "device": dev.name, "fingerprint": event.fingerprint,
+                                     "ceilings": event.ceilings})
+            elif isinstance(event, Ready):
+                return worker
+
+    def _emit(self, rec: dict[str, Any]) -> None:
+        self.journal.append({"type": "record", "record": rec})
+        self.records.append(rec)
+
+    def _blame(self, task: Task, culprit: str, status: Status, reason: str, got: set[str]) -> None:
+        """Record what the dead/hung worker was running; re-queue the rest of the case."""
+        ref = self.reference[task.suite]
+        if culprit in ("", None) or culprit == ref:
+            who = "reference" if culprit == ref else "case setup"
+            for name in task.impls:
+                if name in got:
+                    continue
+                rec_status = status if name == culprit or not culprit else Status.SKIPPED
+                why = reason if rec_status == status else f"{who} {status.value}: {reason}"
+                self._emit(self._bare_record(task, name, rec_status, why))
+            self._case_done(task)
+            return
+        task.exclude[culprit] = (status.value, reason)
+
+    def _bare_record(self, task: Task, impl: str, status: Status, reason: str) -> dict[str, Any]:
+        """The record of an impl the worker could not finish: status and reason, nothing measured."""
+        found = registry.IMPLS.get((task.suite, impl))
+        return Record.new(suite=task.suite, case=task.case_id, params=task.params, device=self.device.name,
+                          fingerprint=(self.fingerprint or {}).get("id", ""), impl=impl,
+                          tags=found.tags if found else [], status=status, reason=reason).to_json()
+
+    def _case_done(self, task: Task) -> None:
+        self.progress.case_done(self.device.name, task, [r for r in self.records if r["suite"] == task.suite
+                                                         and r["case"] == task.case_id])
+        self.tasks.popleft()
+
+    def run(self) -> None:
+        worker: WorkerProcess | None = None
+        timeout = self.options.timeout
+        while self.tasks:
+            task = self.tasks[0]
+            if worker is None:
+                try:
+                    worker = self._start()
+                except WorkerDied as exc:
+                    for t in list(self.tasks):
+                        for name in t.impls:
+                            self._emit(self._bare_record(t, name, Status.CRASHED, f"worker failed to start: {exc}"))
+                        self.progress.case_done(self.device.name, t, [])
+                    self.tasks.clear()
+                    return
+            got = {r["impl"] for r in self.records if r["suite"] == task.suite and r["case"] == task.case_id}
+            task.impls = [n for n in task.impls if n not in got or n == self.reference[task.suite]]
+            current = ("", "setup")
+            self.progress.status(f"{self.device.name} {task.suite} {task.case_id}")
+            try:
+                worker.send(task.request())
+                while True:
+                    event = worker.next_event(timeout)
+                    if isinstance(event, Begin):
+                        current = (event.impl, event.phase)
+                        self.progress.status(f"{self.device.name} {task.suite} {task.case_id} {event.impl} "
+                                             f"{event.phase}")
+                    elif isinstance(event, RecordDone):
+                        if event.record["impl"] not in got:
+                            got.add(event.record["impl"])
+                            self._emit(event.record)
+                    elif isinstance(event, CaseError):
+                        for name in task.impls:
+                            if name not in got:
+                                self._emit(self._bare_record(task, name, Status.CRASHED,
+                                                             f"case failed: {event.reason}"))
+                        self._case_done(task)
+                        break
+                    elif isinstance(event, CaseDone):
+                        self._case_done(task)
+                        break
+            except WorkerHung:  # already killed, with its process group
+                worker = None
+                self._blame(task, current[0], Status.TIMEOUT, f"no progress for {timeout:g}s during {current[1]}",
+                            got)
+            except WorkerDied as exc:
+                worker.kill()
+                worker = None
+                self._blame(task, current[0], Status.CRASHED, f"{exc} (during {current[1]})", got)
+        if worker is not None:
+            worker.stop()

@@ -1,0 +1,268 @@
+"""Every Triton kernel of the built-in impls, in every configuration its launcher or autotuner may choose,
+as ahead-of-time compile variants (impls/kernels/aot.py). ``ci_subset`` picks the few that CI compiles;
+``nox -s aot`` compiles them all."""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+
+from twinbench.impls.kernels.aot import Variant
+
+DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+ELEMENT_SIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def signature(fn, pointers: dict[str, str], floats: tuple[str, ...] = ()) -> dict[str, str]:
+    """Triton signature: constexprs by the kernel's own declaration, pointers by ``pointers``, floats named,
+    every other scalar a 32-bit integer (strides and sizes of tensors below 2**31 elements)."""
+    sig = {}
+    for param in fn.params:
+        name = param.name
+        if param.is_constexpr:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = "*" + pointers[name]
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+    return sig
+
+
+def _without_unknown(fn, constexprs: dict) -> dict:
+    names = {p.name for p in fn.params}
+    return {k: v for k, v in constexprs.items() if k in names}
+
+
+def attention_variants() -> list[Variant]:
+    from twinbench.impls.attention import triton_fa_kernels as fa
+
+    out = []
+    kernels = {"fa_fwd": (fa._fwd_kernel, ("Q", "K", "V", "Out"), ("LSE",)),
+               "fa_bwd_dkdv": (fa._bwd_dkdv_kernel, ("Q", "K", "V", "DO", "DK", "DV"), ("LSE", "DELTA")),
+               "fa_bwd_dq": (fa._bwd_dq_kernel, ("Q", "K", "V", "DO", "DQ"), ("LSE", "DELTA"))}
+    for dtype, block_d in itertools.product(DTYPES, (64, 128, 256)):
+        precision = "ieee" if dtype == "fp32" else None
+        for name, (fn, io, fp32_ptrs) in kernels.items():
+            pointers = {p: dtype for p in io} | {p: "fp32" for p in fp32_ptrs}
+            sig = signature(fn, pointers, floats=("qk_scale", "sm_scale"))
+            named_args = {"Q": SimpleNamespace(element_size=lambda e=ELEMENT_SIZE[dtype]: e), "BLOCK_D": block_d}
+            kept = fa.prune_for_shared_memory(fa.gpu_configs(), named_args, BLOCK_D=block_d)
+            for config in kept:
+                consts = _without_unknown(fn, {"CAUSAL": True, "PRECISION": precision, "BLOCK_D": block_d,
+                                               **config.kwargs})
+                out.append(Variant(name, fn, sig, consts, config.num_warps, config.num_stages, fp32=dtype == "fp32",
+                                   note=f"{dtype} head_dim<={block_d}"))
+        delta = fa._bwd_delta_kernel
+        out.append(Variant("fa_bwd_delta", delta, signature(delta, {"Out": dtype, "DO": dtype, "DELTA": "fp32"}),
+                           {"BLOCK_M": 64, "BLOCK_D": block_d}, fp32=dtype == "fp32", note=f"{dtype} head_dim<={block_d}"))
+    return out
+
+
+def moe_variants() -> list[Variant]:
+    from twinbench.impls.moe_ffn import triton_grouped as moe
+
+    _, rows_gemm, weight_grad_gemm = moe._kernels()
+    blocks = {"BLOCK_M": moe.BLOCK_M, "BLOCK_N": moe.BLOCK_N, "BLOCK_K": moe.BLOCK_K}
+    out = []
+    for dtype in DTYPES:
+        ids = {"tile_expert_ptr": "i32", "tile_start_ptr": "i32", "tile_end_ptr": "i32"}
+        out.append(Variant("moe_rows_gemm", rows_gemm,
+                           signature(rows_gemm, {"a_ptr": dtype, "w_ptr": dtype, "out_ptr": dtype} | ids),
+                           _without_unknown(rows_gemm, dict(blocks, PRECISION="ieee" if dtype == "fp32" else None)),
+                           fp32=dtype == "fp32", note=dtype))
+        out.append(Variant("moe_weight_grad_gemm", weight_grad_gemm,
+                           signature(weight_grad_gemm, {"g_ptr": dtype, "a_ptr": dtype, "grad_ptr": dtype,
+                                                        "starts_ptr": "i32", "ends_ptr": "i32"}),
+                           _without_unknown(weight_grad_gemm, dict(blocks, PRECISION="ieee" if dtype == "fp32" else None)),
+                           fp32=dtype == "fp32", note=dtype))
+    return out
+
+
+def gating_variants() -> list[Variant]:
+    from twinbench.impls.gating import triton_router
+
+    _, kernel = triton_router._kernel()
+    out = []
+    for dtype, (experts, top_k) in itertools.product(DTYPES, ((8, 2), (128, 8))):
+        sig = signature(kernel, {"logits_ptr": dtype, "weights_ptr": "fp32", "ids_ptr": "i64", "lse_ptr": "fp32"})
+        out.append(Variant("gating_topk_softmax", kernel, sig,
+                           {"TOP_K": top_k, "BLOCK_E": experts, "BLOCK_K": max(top_k, 2), "RENORM": True},
+                           fp32=dtype == "fp32", note=f"{dtype} experts={experts} top_k={top_k}"))
+    return out
+
+
+def nf4_variants() -> list[Variant]:
+    from twinbench.impls.kernels import nf4_triton as k
+    from twinbench.impls.quant_linear import triton_nf4
+
+    gemv_tiles, gemm_tiles = triton_nf4.GPU_TILES["gemv"], triton_nf4.GPU_TILES["gemm"]
+    out = []
+    for dtype, lora in itertools.product(DTYPES, (True, False)):
+        lora_ptrs = {"xa_ptr": dtype, "b_ptr": dtype, "gb_ptr": dtype, "a_ptr": dtype}
+        for name in ("gemm_fwd", "gemm_bwd"):
+            fn = getattr(k, name)
+            io = {"x_ptr": dtype, "g_ptr": dtype, "out_ptr": dtype, "dx_ptr": dtype}
+            sig = signature(fn, {"packed_ptr": "u8", "scales_ptr": "fp32"} | io | lora_ptrs, floats=("scaling",))
+            consts = {"BS": 64, "HAS_LORA": lora, "RP": 16, "PRECISION": "ieee" if dtype == "fp32" else None,
+                      "BM": gemm_tiles[0], "BN": gemm_tiles[1], "BK": gemm_tiles[2]}
+            out.append(Variant(f"nf4_{name}", fn, sig, _without_unknown(fn, consts), fp32=dtype == "fp32",
+                               note=f"{dtype} lora={lora}"))
+        for name in ("gemv_fwd", "gemv_bwd"):
+            fn = getattr(k, name)
+            io = {"x_ptr": dtype, "g_ptr": dtype, "out_ptr": dtype, "dx_ptr": dtype}
+            sig = signature(fn, {"packed_ptr": "u8", "scales_ptr": "fp32"} | io | lora_ptrs, floats=("scaling",))
+            consts = {"BS": 64, "HAS_LORA": lora, "RP": 16, "BN": gemv_tiles[0], "BK": gemv_tiles[1]}
+            out.append(Variant(f"nf4_{name}", fn, sig, _without_unknown(fn, consts), fp32=dtype == "fp32",
+                               note=f"{dtype} lora={lora}"))
+    return out
+
+
+def all_variants() -> list[Variant]:
+    return attention_variants() + moe_variants() + gating_variants() + nf4_variants()
+
+
+def _tile_size(v: Variant) -> int:
+    return sum(x for k, x in v.constexprs.items() if k.startswith("BLOCK") or k in ("BM", "BN", "BK")) * max(v.num_stages, 1)
+
+
+def ci_subset(variants: list[Variant]) -> list[Variant]:
+    """Per kernel, its fp32 build (the TF32/XF32 check) with the largest tiles the autotuner keeps (the most
+    shared memory and registers), at head_dim 64 where the kernel has one: every kernel on every CI target
+    in about two minutes. The full sweep (all dtypes, head dims and configs) is ``nox -s aot``."""
+    chosen: dict[str, Variant] = {}
+    for v in variants:
+        if not v.fp32 or ("head_dim" in v.note and "<=64" not in v.note) or "lora=False" in v.note:
+            continue
+        if v.kernel not in chosen or _tile_size(v) > _tile_size(chosen[v.kernel]):
+            chosen[v.kernel] = v
+    return list(chosen.values())
+
+
+def planted_variants() -> list[Variant]:
+    """Kernels built to fail the checks (so the checks can fail): an fp32 tl.dot left at the backend's default
+    precision (TF32 on NVIDIA) or asking for tf32 (XF32 on CDNA3), the same with "ieee" (passes), and a tile
+    whose operands need more shared memory than a 64 KiB LDS."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def planted_dot(a_ptr, b_ptr, c_ptr, PRECISION: tl.constexpr):
+        offs = tl.arange(0, 32)
+        a = tl.load(a_ptr + offs[:, None] * 32 + offs[None, :])
+        b = tl.load(b_ptr + offs[:, None] * 32 + offs[None, :])
+        tl.store(c_ptr + offs[:, None] * 32 + offs[None, :], tl.dot(a, b, input_precision=PRECISION))
+
+    @triton.jit
+    def planted_big_tile(a_ptr, b_ptr, c_ptr, BLOCK: tl.constexpr):
+        rows = tl.arange(0, BLOCK)
+        cols = tl.arange(0, 256)
+        acc = tl.zeros((BLOCK, 256), dtype=tl.float32)
+        for k0 in range(0, 1024, 256):
+            a = tl.load(a_ptr + rows[:, None] * 1024 + k0 + cols[None, :])
+            b = tl.load(b_ptr + (k0 + cols[:, None]) * 256 + cols[None, :])
+            acc += tl.dot(a, b)
+        tl.store(c_ptr + rows[:, None] * 256 + cols[None, :], acc)
+
+    dot_sig = {"a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32", "PRECISION": "constexpr"}
+    big_sig = {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32", "BLOCK": "constexpr"}
+    return [Variant("planted_default_precision", planted_dot, dot_sig, {"PRECISION": None}, fp32=True),
+            Variant("planted_tf32", planted_dot, dot_sig, {"PRECISION": "tf32"}, fp32=True),
+            Variant("planted_ieee", planted_dot, dot_sig, {"PRECISION": "ieee"}, fp32=True),
+            Variant("planted_big_tile", planted_big_tile, big_sig, {"BLOCK": 128}, num_stages=3)]
+
+
+def compile_for_target(target: str, which: str = "ci") -> list[dict]:
+    """Reports (JSON) for one target, ``which`` = ci | full | planted. Run in a fresh process: the kernels
+    must be defined with the interpreter off (the tests turn it on for everything else)."""
+    import os
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated (silences its warning)
+    from twinbench.impls.kernels import aot
+
+    if which == "planted":
+        chosen = planted_variants()
+    else:
+        variants = all_variants()
+        chosen = variants if which == "full" else ci_subset(variants)
+    return [r.to_json() | {"note": v.note} for v, r in zip(chosen, aot.sweep(chosen, [aot.TARGETS[target]]))]
+
+
+def compile_in_processes(targets, which: str = "ci", jobs: int = 2) -> list[dict]:
+    """``compile_for_target`` for each target, ``jobs`` spawned processes at a time."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return [r for rs in pool.map(compile_for_target, targets, [which] * len(targets)) for r in rs]
+
+
+def table(reports: list[dict]) -> str:
+    """Markdown: kernel x target -> compiles, worst shared memory (of the limit), most registers and spills."""
+    targets = sorted({r["target"] for r in reports}, key=lambda n: list(TARGET_ORDER).index(n))
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for r in reports:
+        cells.setdefault((r["kernel"], r["target"]), []).append(r)
+    lines = ["| kernel | " + " | ".join(targets) + " |", "|---" * (len(targets) + 1) + "|"]
+    for kernel in dict.fromkeys(r["kernel"] for r in reports):
+        row = []
+        for target in targets:
+            got = cells.get((kernel, target), [])
+            bad = sum(not r["ok"] for r in got)
+            shared = max((r["shared_bytes"] for r in got), default=0)
+            spills = max((r["spill_bytes"] or 0 for r in got), default=0)
+            regs = max((r["registers"] or 0 for r in got), default=0)
+            row.append(f"{len(got) - bad}/{len(got)} ok, {shared / 1024:.0f} KiB, {regs} regs, {spills} spill")
+        lines.append(f"| {kernel} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+TARGET_ORDER = ("sm80", "sm89", "sm90", "sm100", "gfx942", "gfx1201")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python tests/aot_variants.py [--full] [--out aot.json] [TARGET ...]``: compile, print the table,
+    exit 1 when any variant fails a check."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("targets", nargs="*", default=list(TARGET_ORDER))
+    parser.add_argument("--full", action="store_true", help="every variant (default: the CI subset)")
+    parser.add_argument("--out", default=None, help="write every report as JSON here")
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args(argv)
+    reports = compile_in_processes(args.targets, "full" if args.full else "ci", args.jobs)
+    print(table(reports))
+    for r in reports:
+        if not r["ok"]:
+            print(f"FAIL {r['target']} {r['variant']}: {'; '.join(r['problems'])}")
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as fh:
+            json.dump(reports, fh, indent=1)
+    return 1 if any(not r["ok"] for r in reports) else 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
+
+
+def kernel_names() -> tuple[set[str], set[str]]:
+    """(every kernel, the CI subset's kernels), computed with the interpreter off (run it in a fresh process)."""
+    import os
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    variants = all_variants()
+    return {v.kernel for v in variants}, {v.kernel for v in ci_subset(variants)}
+
+
+def in_fresh_process(fn, *args):
+    """``fn(*args)`` in a spawned process: Triton kernels defined there are real JIT functions, not the
+    interpreter's (the tests turn TRITON_INTERPRET on for everything else)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
