@@ -201,6 +201,53 @@ DEFAULT_GATE_CPU_THREADS = 1
 VISIBILITY_VARIABLES = {"cuda": "CUDA_VISIBLE_DEVICES", "rocm": "HIP_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}
 
 
+def _mask(value: str | None) -> list[str] | None:
+    """A visibility variable's entries (indices or UUIDs); None when unset."""
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def narrowed_visibility(backend: str, index: int, env: Mapping[str, str]) -> dict[str, str | None]:
+    """The visibility variables that make torch's device ``index`` (numbered in ``env``'s view) the worker's only
+    device: name -> value, None to remove. Masks compose, they are never replaced: ``index`` is an index into
+    the list that ``env`` already exposes.
+
+    ROCm applies ``ROCR_VISIBLE_DEVICES`` first (the runtime's list), then ``HIP_VISIBLE_DEVICES`` indexes into
+    that list, and ``CUDA_VISIBLE_DEVICES`` only when HIP's is unset (HIP's has precedence; torch's
+    ``_parse_visible_devices`` reads them the same way). So ROCR's mask stays as it is, the HIP/CUDA mask in
+    effect is indexed, the entry goes into ``HIP_VISIBLE_DEVICES`` and ``CUDA_VISIBLE_DEVICES`` is removed (a
+    stale one could otherwise be read by a tool that ignores HIP's). CUDA and XPU have one variable each.
+    """
+    if backend == "rocm":
+        effective = _mask(env.get("HIP_VISIBLE_DEVICES"))
+        if effective is None:
+            effective = _mask(env.get("CUDA_VISIBLE_DEVICES"))
+        return {"HIP_VISIBLE_DEVICES": _entry(effective, index, "HIP/CUDA_VISIBLE_DEVICES"),
+                "CUDA_VISIBLE_DEVICES": None}
+    var = VISIBILITY_VARIABLES[backend]
+    return {var: _entry(_mask(env.get(var)), index, var)}
+
+
+def _entry(mask: list[str] | None, index: int, name: str) -> str:
+    if mask is None:
+        return str(index)
+    if index >= len(mask):
+        raise ValueError(f"device index {index} is not in {name}={','.join(mask)}")
+    return mask[index]
+
+
+def pin_worker_device(torch_device: str) -> None:
+    """Make the worker's device the current one, before any work: events, streams, ``synchronize()`` and memory
+    calls without a device argument mean the current device, so an unpinned gate worker on ``cuda:1`` would
+    time ``cuda:0`` (docs/method.md §2). Imports torch here: this module stays standard-library at import."""
+    import torch
+
+    device = torch.device(torch_device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif device.type == "xpu":
+        torch.xpu.set_device(device)
+
+
 @dataclass(frozen=True)
 class WorkerEnvironment:
     env: dict[str, str]
@@ -226,8 +273,9 @@ def worker_environment(kind: WorkerKind, backend: str, device_name: str, *, root
       started twinbench with ``TRITON_INTERPRET=1``; the CLI passes that in the options).
     - Device visibility (run workers on GPUs): ``CUDA_VISIBLE_DEVICES`` / ``HIP_VISIBLE_DEVICES`` /
       ``ZE_AFFINITY_MASK`` narrowed to the worker's device, so per-device workers in parallel cannot touch
-      each other's device; an existing mask is indexed, not replaced. Gate workers are not narrowed: they
-      find the device by name in the tree they serve, which may be an older commit.
+      each other's device; existing masks are composed, not replaced (:func:`narrowed_visibility`, ROCm's
+      three variables included). Gate workers are not narrowed: they find the device by name in the tree
+      they serve, which may be an older commit, and pin it (:func:`pin_worker_device`).
     - Threads: gate/calibrate CPU workers default to one thread and ``OMP_WAIT_POLICY=PASSIVE`` (the idle
       side's OpenMP threads must not spin while the other side is timed); run workers keep torch's default
       unless ``threads`` is given.
@@ -243,10 +291,11 @@ def worker_environment(kind: WorkerKind, backend: str, device_name: str, *, root
     else:
         env.pop("TRITON_INTERPRET", None)
     if kind is WorkerKind.RUN and backend in VISIBILITY_VARIABLES:
-        var = VISIBILITY_VARIABLES[backend]
-        index = device_name.split(":")[1]
-        visible = [v for v in env.get(var, "").split(",") if v.strip()]
-        env[var] = visible[int(index)] if visible and int(index) < len(visible) else index
+        for var, value in narrowed_visibility(backend, int(device_name.split(":")[1]), env).items():
+            if value is None:
+                env.pop(var, None)
+            else:
+                env[var] = value
     if kind is WorkerKind.GATE and backend == "cpu":
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         threads = threads or DEFAULT_GATE_CPU_THREADS

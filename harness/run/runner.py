@@ -28,6 +28,8 @@ def run(options: RunOptions, on_device_done: Callable[[str], None] | None = None
     devices = [devices_mod.find(d) for d in options.devices] if options.devices else list(devices_mod.detect())
     if options.reference_device:
         devices_mod.find(options.reference_device)
+        for dev in devices:  # as each device's worker will see it (GPU workers see only their own device)
+            devices_mod.reference_device_in_worker(options.reference_device, dev.name)
     check_dtypes(planned, devices)
     out = options.out
     journal = Journal(out / "journal.jsonl")

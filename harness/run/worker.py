@@ -27,6 +27,7 @@ from twinbench.harness.run.process import (
     Ready,
     RecordDone,
     RunCase,
+    pin_worker_device,
     requests,
 )
 
@@ -129,6 +130,7 @@ def time_callables(impl, inputs, device, with_backward: bool):
 def run_case(task: RunCase, ctx: CaseContext, events: EventWriter) -> None:
     from twinbench.harness.core import registry
     from twinbench.harness.core.case import Case
+    from twinbench.harness.core.devices import reference_device_in_worker
     from twinbench.harness.core.parity import check_parity
     from twinbench.harness.core.timing import TimingPlan
     from twinbench.harness.store.record import Record, Status
@@ -184,7 +186,8 @@ def run_case(task: RunCase, ctx: CaseContext, events: EventWriter) -> None:
         t0 = time.perf_counter()
         try:
             verdict = check_parity(suite, impl, ref, case, device.torch_device, trials=config.trials,
-                                   seed=config.seed, reference_device=config.reference_device)
+                                   seed=config.seed,
+                                   reference_device=reference_device_in_worker(config.reference_device, config.device))
         except Exception as exc:
             if impl.name == ref.name:
                 for other in runnable:
@@ -255,7 +258,13 @@ def measure_timing(job: TimingJob, events: EventWriter) -> dict[str, Measured]:
     """Interleaved fwd (and fwd+bwd) timing, derived throughput and peak memory per impl (docs/method.md §2-3)."""
     import torch
     from twinbench.harness.core.memory import peak_memory
-    from twinbench.harness.core.timing import flops_ceiling, interleaved, round_ratios, timer_for
+    from twinbench.harness.core.timing import (
+        flops_ceiling,
+        interleaved,
+        round_ratios,
+        share_of_peak,
+        timer_for,
+    )
 
     suite, case, device, ref = job.suite, job.case, job.device, job.reference
     timer = timer_for(device)
@@ -282,6 +291,7 @@ def measure_timing(job: TimingJob, events: EventWriter) -> dict[str, Measured]:
     for impl in timed:
         timing: dict[str, Any] = {"mode": timer.mode, "excluded": "", "ratio_vs_reference": {}}
         derived: dict[str, float | None] = {}
+        too_low: list[str] = []  # shares clipped at 100%: the measured ceiling under-measures the device
         for mode, stats in per_mode.items():
             if impl.name not in stats:
                 continue
@@ -293,12 +303,16 @@ def measure_timing(job: TimingJob, events: EventWriter) -> dict[str, Measured]:
             moved = nbytes.get("fwd", 0) + (nbytes.get("bwd", 0) if mode == "fwdbwd" else 0)
             if work:
                 derived[f"{mode}_tflops"] = work / seconds / 1e12
-                peak = flops_ceiling(job.ceilings, dtype)
-                derived[f"{mode}_pct_peak_flops"] = 100 * derived[f"{mode}_tflops"] / peak if peak else None
+                share = share_of_peak(derived[f"{mode}_tflops"], flops_ceiling(job.ceilings, dtype))
+                derived[f"{mode}_pct_peak_flops"] = share.pct
+                too_low += [f"{mode}_pct_peak_flops"] if share.ceiling_too_low else []
             if moved:
                 derived[f"{mode}_gbps"] = moved / seconds / 1e9
-                bw = job.ceilings.get("copy_gbps")
-                derived[f"{mode}_pct_peak_bw"] = 100 * derived[f"{mode}_gbps"] / bw if bw else None
+                share = share_of_peak(derived[f"{mode}_gbps"], job.ceilings.get("copy_gbps"))
+                derived[f"{mode}_pct_peak_bw"] = share.pct
+                too_low += [f"{mode}_pct_peak_bw"] if share.ceiling_too_low else []
+        if too_low:
+            timing["ceiling_too_low"] = too_low
         if "fwd" in timing and "fwdbwd" in timing:
             timing["bwd_median_ms"] = max(0.0, timing["fwdbwd"]["median_ms"] - timing["fwd"]["median_ms"])
         events.send(Begin(impl=impl.name, phase="memory"))
@@ -336,6 +350,7 @@ def main() -> int:
     events = EventWriter(int(raw["event_fd"]), default=json_default)
     registry.load_plugins(config.plugins)
     device = _device(config)
+    pin_worker_device(device.torch_device)
     fp = devices.fingerprint(device)
     events.send(Fingerprint(fingerprint=fp, import_failures=dict(registry.import_failures)))
     ceilings = config.ceilings
