@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from twinbench.harness.cli import arguments
 from twinbench.harness.core.errors import UsageError
 
 
@@ -27,15 +28,17 @@ def _add_run(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/<timestamp>)")
     p.add_argument("--plugin", action="append", default=[], help="extra impls/suites from a Python file")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run in --out")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds without progress before a case is a hang")
-    p.add_argument("--trials", type=int, default=None, help="parity trials (fresh inputs) per case")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=arguments.positive_float, default=600.0,
+                   help="seconds without progress before a case is a hang")
+    p.add_argument("--trials", type=arguments.positive_int, default=None, help="parity trials (fresh inputs) per case")
+    p.add_argument("--seed", type=arguments.nonnegative_int, default=0)
     p.add_argument("--reference-device", default=None, help="compute the high-precision reference here (e.g. cpu)")
     p.add_argument("--no-timing", action="store_true", help="parity only")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (>= 7)")
-    p.add_argument("--budget", type=float, default=None, help="timing seconds per case and mode")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the CPU worker")
-    p.add_argument("--memory-limit-gb", type=float, default=None, help="CPU worker address-space cap")
+    p.add_argument("--rounds", type=arguments.rounds, default=None, help="interleaved timing rounds (>= 7)")
+    p.add_argument("--budget", type=arguments.positive_float, default=None, help="timing seconds per case and mode")
+    p.add_argument("--threads", type=arguments.positive_int, default=None, help="CPU threads for the CPU worker")
+    p.add_argument("--memory-limit-gb", type=arguments.positive_float, default=None,
+                   help="CPU worker address-space cap")
     p.add_argument("--no-report", action="store_true", help="skip report.html/summary.md/junit.xml")
     p.set_defaults(handler=cmd_run)
 
@@ -48,14 +51,11 @@ def cmd_run(args) -> int:
 
     plan = TimingPlan()
     if args.rounds is not None:
-        if args.rounds < 7:
-            raise UsageError("--rounds must be >= 7 (the exact Mann-Whitney test needs 7 samples per side)")
         plan.rounds = args.rounds
     if args.budget is not None:
         plan.budget_s = args.budget
-    if args.trials is not None and args.trials < 1:
-        raise UsageError("--trials must be >= 1")
     out = args.out or Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    _check_run_folder(out, report=not args.no_report)
     options = RunOptions(
         suites=args.suites, devices=args.device, impls=args.impl, cases=args.case, profile=args.profile,
         out=out, plugins=[str(Path(p).resolve()) for p in args.plugin], resume=args.resume,
@@ -69,6 +69,18 @@ def cmd_run(args) -> int:
         written += _write_reports(doc, out)
     print("wrote " + ", ".join(str(p) for p in written))
     return runner.exit_code(doc)
+
+
+def _check_run_folder(out: Path, *, report: bool) -> None:
+    """A run writes only into a new folder or its own (one with its journal, for --resume)."""
+    from twinbench.harness.store.results import Output, check_outputs
+    from twinbench.reports import REPORT_FILES
+
+    if (out / "results.json").exists() and not (out / "journal.jsonl").exists():
+        raise UsageError(f"--out {out} holds a results.json that no run journal there produced; "
+                         f"choose another --out (it is not overwritten)")
+    names = ["results.json", "journal.jsonl", *(REPORT_FILES if report else ())]
+    check_outputs([Output("--out", out, folder=True), *(Output("--out", out / n) for n in names)])
 
 
 def _write_reports(doc, out: Path) -> list[Path]:
