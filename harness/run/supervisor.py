@@ -46,6 +46,9 @@ from twinbench.harness.store.record import FAILED, Record, Status
 
 # A probe must be cheap (registry.Impl); one silent this long is hung, whatever --timeout allows a kernel.
 PROBE_TIMEOUT_S = 60.0
+# Starting a worker (importing torch and every impl, measuring ceilings) is no impl's step: a short --timeout
+# meant for kernels must not fail the start on a loaded machine.
+START_TIMEOUT_S = 120.0
 
 
 def phase_timeout(phase: str, timeout: float) -> float:
@@ -130,11 +133,12 @@ class DeviceRun:
         worker = WorkerProcess([sys.executable, "-m", "twinbench.harness.run.worker"], config.to_json(), cwd=ROOT,
                                env=setup.env, log_path=self.log_path)
         self.worker = worker
+        start_timeout = max(o.timeout, START_TIMEOUT_S)
         while True:
             try:
-                event = worker.next_event(o.timeout)
+                event = worker.next_event(start_timeout)
             except WorkerHung:
-                raise WorkerDied(f"worker did not start within {o.timeout:.0f}s") from None
+                raise WorkerDied(f"worker did not start within {start_timeout:.0f}s") from None
             if isinstance(event, Fingerprint):
                 self.fingerprint = event.fingerprint
                 self.journal.append({"type": "fingerprint", "fingerprint": event.fingerprint,
@@ -243,7 +247,7 @@ class DeviceRun:
 
 
 def probe_impls(device: devices_mod.Device, suites: list[str], plugins: list[str], *,
-                timeout: float = PROBE_TIMEOUT_S, start_timeout: float = 600.0) -> dict[tuple[str, str], tuple[bool, str]]:
+                timeout: float = PROBE_TIMEOUT_S, start_timeout: float = START_TIMEOUT_S) -> dict[tuple[str, str], tuple[bool, str]]:
     """`twinbench list`: (ok, why not) of every impl of ``suites`` on ``device``, probed in a run worker.
 
     Each probe is its own phase: one that hangs past ``timeout`` is "probe timed out", one that kills the
