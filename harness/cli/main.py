@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -113,16 +112,24 @@ def cmd_devices(args) -> int:
 
 
 def cmd_list(args) -> int:
-    """Every impl per device: can it run there, and why not — before anything runs."""
+    """Every impl per device: can it run there, and why not — before anything runs.
+
+    The probes run in a worker per device (its environment, as a run would see it), each bounded by
+    PROBE_TIMEOUT_S: a probe that hangs or crashes marks its impl and the list still returns.
+    """
+    from rich.markup import escape
     from rich.table import Table
     from twinbench.harness.cli.console import make_console
     from twinbench.harness.core import devices, registry
+    from twinbench.harness.run.supervisor import probe_impls
 
-    registry.load_plugins([str(Path(p).resolve()) for p in args.plugin])
+    plugins = [str(Path(p).resolve()) for p in args.plugin]
+    registry.load_plugins(plugins)
     selected = [devices.find(d) for d in args.device] if args.device else list(devices.detect())
     suites = args.suites or sorted(registry.SUITES)
     for s in suites:
         registry.get_suite(s)
+    probed = {dev.name: probe_impls(dev, suites, plugins) for dev in selected}
     table = Table(title="implementations")
     for col in ("suite", "impl", "tags", *[d.name for d in selected]):
         table.add_column(col, overflow="fold")
@@ -130,10 +137,10 @@ def cmd_list(args) -> int:
         for impl in registry.impls_for(s):
             cells = []
             for dev in selected:
-                with _cpu_worker_env(dev):
-                    ok, why = impl.can_run(None, dev)
+                ok, why = probed[dev.name].get((s, impl.name), (False, "not probed"))
                 note = impl.timing_excluded(dev) if ok else why
-                cells.append(("[green]yes[/]" + (f" ({note})" if note else "")) if ok else f"[red]no[/]: {why}")
+                cells.append(("[green]yes[/]" + (f" ({escape(note)})" if note else "")) if ok
+                             else f"[red]no[/]: {escape(why)}")
             table.add_row(s, impl.name, ",".join(impl.tags), *cells)
     console = make_console()
     console.print(table)
@@ -144,32 +151,6 @@ def cmd_list(args) -> int:
         suite = registry.SUITES[s]
         console.print(f"{s}: " + ", ".join(f"{p} ({len(c)} cases)" for p, c in suite.profiles.items()))
     return 0
-
-
-class _cpu_worker_env:
-    """Availability as the device's worker will see it: its TRITON_INTERPRET from the one env policy."""
-
-    def __init__(self, device):
-        from twinbench.harness import SOURCE_ROOT
-        from twinbench.harness.run.process import WorkerKind, user_triton_interpret, worker_environment
-
-        env = worker_environment(WorkerKind.RUN, device.backend, device.name, root=SOURCE_ROOT,
-                                 head_root=SOURCE_ROOT, triton_interpret=user_triton_interpret()).env
-        self.value = env.get("TRITON_INTERPRET")
-
-    def __enter__(self):
-        self.saved = os.environ.get("TRITON_INTERPRET")
-        self._set(self.value)
-
-    def __exit__(self, *exc):
-        self._set(self.saved)
-
-    @staticmethod
-    def _set(value: str | None) -> None:
-        if value is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ worker loads the head's copy by file path instead of the measured tree's.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import enum
 import json
@@ -20,6 +21,7 @@ import os
 import select
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -113,6 +115,32 @@ class Begin(Message):
 
 
 @dataclass(frozen=True)
+class Heartbeat(Message):
+    """The running step is alive (``twinbench.harness.core.progress.note``): resets the no-progress clock."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class ProbeSuite(Message):
+    """Run worker: ``available``/``supports`` of every impl of ``suite`` not in ``exclude`` (``twinbench list``)."""
+
+    TYPE: ClassVar[str] = "probe_suite"
+    suite: str
+    exclude: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Probed(Message):
+    TYPE: ClassVar[str] = "probed"
+    impl: str
+    ok: bool
+    why: str = ""
+    state_changed: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class RecordDone(Message):
     TYPE: ClassVar[str] = "record"
     record: dict[str, Any]
@@ -152,8 +180,8 @@ class Timed(Message):
 
 
 MESSAGES: dict[str, type[Message]] = {cls.TYPE: cls for cls in (
-    Stop, RunCase, Prepare, Time, Fingerprint, Ceilings, Ready, Begin, RecordDone, CaseError, CaseDone,
-    Prepared, Timed)}
+    Stop, RunCase, Prepare, Time, Fingerprint, Ceilings, Ready, Begin, Heartbeat, ProbeSuite, Probed, RecordDone,
+    CaseError, CaseDone, Prepared, Timed)}
 
 
 def parse(line: str) -> Message:
@@ -165,15 +193,24 @@ def parse(line: str) -> Message:
 
 
 class EventWriter:
-    """The worker's side of the event pipe: one JSON line per message, flushed at once."""
+    """The worker's side of the event pipe: one JSON line per message, flushed at once.
+
+    The fd is made non-inheritable: a process an impl starts (``os.system``, ``fork``) must not hold the
+    pipe open, or the supervisor could not tell the worker's death from its silence.
+    """
 
     def __init__(self, fd: int, default: Callable[[Any], Any] | None = None):
+        with contextlib.suppress(OSError):
+            os.set_inheritable(fd, False)
         self.fh = os.fdopen(fd, "w", buffering=1, encoding="utf-8")
         self.default = default
+        self.lock = threading.Lock()  # heartbeats may come from an impl's own threads
 
     def send(self, message: Message) -> None:
-        self.fh.write(json.dumps(message.to_json(), default=self.default) + "\n")
-        self.fh.flush()
+        line = json.dumps(message.to_json(), default=self.default) + "\n"
+        with self.lock:
+            self.fh.write(line)
+            self.fh.flush()
 
 
 def requests(stream: IO[str]):
@@ -320,6 +357,59 @@ class WorkerHung(WorkerFailed):
 SIGNAL_HINTS = {"SIGKILL": " (killed: out of memory?)", "SIGSEGV": " (segmentation fault)", "SIGABRT": " (aborted)"}
 
 
+def _proc_stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, process group) of a live process from /proc; None when gone, a zombie, or no /proc."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields_ = text.rsplit(")", 1)[1].split()
+    if fields_[0] == "Z":
+        return None
+    return int(fields_[1]), int(fields_[2])
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children of children too) plus the other members of its process
+    group, read from /proc (empty where there is none). A child that called ``setsid`` leaves the group but
+    stays a descendant while its parent lives; that is why both are collected."""
+    table: dict[int, tuple[int, int]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit() and (found := _proc_stat(int(entry.name))) is not None:
+                table[int(entry.name)] = found
+    below = {p for p, (_, group) in table.items() if group == pid and p != pid}
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        for p, (ppid, _) in table.items():
+            if ppid == parent and p not in below and p != pid:
+                below.add(p)
+                frontier.append(p)
+    return sorted(below)
+
+
+def kill_pids(pids: list[int]) -> None:
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, signal.SIGKILL)
+
+
+# Every started worker until it is killed: `kill_all` (at interpreter exit, and from the runner on SIGINT /
+# SIGTERM) ends them, because a worker in its own session never sees the terminal's Ctrl-C.
+_LIVE: set[WorkerProcess] = set()
+
+
+def kill_all() -> None:
+    """Kill every worker this process started and everything they spawned (any exit path)."""
+    for worker in list(_LIVE):
+        with contextlib.suppress(Exception):
+            worker.kill()
+
+
+atexit.register(kill_all)
+
+
 class WorkerProcess:
     """One worker: started in its own session, JSON lines both ways, killed with its whole process group."""
 
@@ -332,6 +422,7 @@ class WorkerProcess:
         self.log = open(self.log_path, "a", encoding="utf-8")
         self.log.write(f"\n==== {label} start {time.strftime('%Y-%m-%dT%H:%M:%S')} ====\n")
         self.log.flush()
+        self.log_start = os.fstat(self.log.fileno()).st_size  # the log is shared by the device's workers: quote only this one's lines
         try:
             self.proc = subprocess.Popen([*command, json.dumps(dict(config, event_fd=write_fd))],
                                          stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT,
@@ -345,6 +436,7 @@ class WorkerProcess:
             os.close(write_fd)
         self.events = os.fdopen(read_fd, "rb")
         self.buffer = b""
+        _LIVE.add(self)
 
     @property
     def pid(self) -> int:
@@ -359,20 +451,27 @@ class WorkerProcess:
             raise WorkerDied(self.death_reason()) from exc
 
     def next_event(self, timeout: float) -> Message:
-        """The next event; WorkerHung (after killing the worker) when none comes within ``timeout`` seconds."""
+        """The next event; WorkerHung (after killing the worker) when none comes within ``timeout`` seconds.
+
+        Death is read from the process itself (polled every second), not from the pipe's end: a process the
+        worker started may still hold the pipe open after the worker crashed.
+        """
         deadline = time.monotonic() + timeout
         while b"\n" not in self.buffer:
             left = deadline - time.monotonic()
             if left <= 0:
                 self.kill()
                 raise WorkerHung(f"{self.label} sent nothing for {timeout:g}s")
-            ready, _, _ = select.select([self.events], [], [], min(left, 1.0))
+            exited = self.proc.poll() is not None
+            ready, _, _ = select.select([self.events], [], [], 0 if exited else min(left, 1.0))
             if ready:
                 chunk = os.read(self.events.fileno(), 65536)
-                if not chunk:
-                    self._reap()
-                    raise WorkerDied(self.death_reason())
-                self.buffer += chunk
+                if chunk:
+                    self.buffer += chunk
+                    continue
+            if exited or (ready and not chunk):  # gone, and everything it wrote before dying is read
+                self._reap()
+                raise WorkerDied(self.death_reason())
         line, self.buffer = self.buffer.split(b"\n", 1)
         return parse(line.decode("utf-8", "replace"))
 
@@ -397,9 +496,12 @@ class WorkerProcess:
         return f"{text}; log: {tail}" if tail else f"{text} (log: {self.log_path})"
 
     def log_tail(self, lines: int = 3) -> str:
+        """The last lines this worker wrote (never an earlier worker's, which share the log file)."""
         try:
             self.log.flush()
-            text = self.log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            with open(self.log_path, "rb") as fh:
+                fh.seek(self.log_start)
+                text = fh.read().decode("utf-8", "replace").strip().splitlines()
         except (OSError, ValueError):
             return ""
         keep = [line.strip() for line in text if line.strip() and not line.startswith("====")][-lines:]
@@ -417,12 +519,16 @@ class WorkerProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the group's id is its pid
 
     def kill(self) -> None:
-        """SIGKILL to the worker's whole process group (it and everything it spawned), then reap it."""
+        """SIGKILL to the worker, its whole process group and its descendants (collected before the kill: a
+        child that left the group is found only while its parent lives), then reap it."""
+        spawned = descendants(self.proc.pid)
         self._kill_group()
         if self.proc.poll() is None:
             self.proc.kill()
+        kill_pids(spawned)
         self.proc.wait()
         self.close()
+        _LIVE.discard(self)
 
     def stop(self, grace: float = 30.0) -> None:
         """Ask it to stop; kill the group if it does not within ``grace`` seconds. Leftover children go too."""
