@@ -22,7 +22,7 @@ import torch
 from twinbench.harness.core import registry
 from twinbench.harness.core.case import Case, Param, Rule
 from twinbench.harness.core.errors import UsageError
-from twinbench.harness.core.memory import RssSampler, _release_freed_heap
+from twinbench.harness.core.memory import RssSampler, release_freed_heap
 from twinbench.harness.core.registry import Tolerance
 
 
@@ -92,7 +92,7 @@ class StepPeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
-            _release_freed_heap()
+            release_freed_heap()
             self._sampler = RssSampler(interval_s=0.002)
             self._sampler.__enter__()
             self._start = self._sampler.peak

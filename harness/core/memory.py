@@ -27,7 +27,7 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _release_freed_heap() -> None:
+def release_freed_heap() -> None:
     """Give freed heap back to the OS so the next call's growth shows in RSS (glibc only)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -87,7 +87,7 @@ def peak_memory(device: Device, fn: Callable[[], Any]) -> dict[str, Any]:
             fn()
         torch.mps.synchronize()
         return {"peak_bytes": int(watched.peak), "method": TensorPeak.METHOD}
-    _release_freed_heap()
+    release_freed_heap()
     with RssSampler() as sampler:
         start = sampler.peak
         fn()

@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from twinbench.harness.store.results import atomic_write_json, new_document, now_iso, record_key
+from twinbench.harness.store.results import atomic_write_json, dumps_strict, new_document, now_iso, record_key
 
 
 class Journal:
@@ -25,7 +25,7 @@ class Journal:
         self.tail_checked = False
 
     def append(self, entry: dict[str, Any]) -> None:
-        line = json.dumps(entry) + "\n"
+        line = dumps_strict(entry, indent=None) + "\n"  # strict JSON, as every file we write
         with self.lock:
             if not self.tail_checked:
                 self._cut_torn_tail()
