@@ -383,11 +383,11 @@ class ReferencePlacement:
     """Where and in which dtype the high-precision reference (``ref_hi``) runs."""
 
     device: str
-    hi_dtype: torch.dtype | None  # None: the reference runs in the dtype it is given (training loops)
+    hi_dtype: torch.dtype
 
     @property
     def hi_dtype_label(self) -> str:
-        return str(self.hi_dtype).replace("torch.", "") if self.hi_dtype else "as-given"
+        return str(self.hi_dtype).replace("torch.", "")
 
 
 def reference_placement(suite: Suite, case: Case, device: str, reference_device: str | None) -> ReferencePlacement:
@@ -427,14 +427,8 @@ def run_reference(suite: Suite, ref: Impl, inputs: Inputs, placement: ReferenceP
         return drawn
 
     first_grad_outputs = draw_grad_outputs if backward else None
-    if not suite.three_way_reference:  # one reference run, as given or upcast when the suite names a hi_dtype
-        hi_out, hi_grads = call_impl(ref, leaves(inputs, placement.hi_dtype, placement.device), first_grad_outputs)
-        grad_outputs = {n: g.to(device) for n, g in drawn.items()} if backward else None
-        as_given = {n: o.dtype for n, o in hi_out.items()} if placement.hi_dtype is None else {}
-        return ReferenceRuns(hi_outputs=hi_out, hi_grads=hi_grads, lo_outputs={}, lo_grads={},
-                             grad_outputs=grad_outputs, test_dtypes=as_given)
     lo_out, lo_grads = call_impl(ref, leaves(inputs, None, None), first_grad_outputs)
-    hi_grad_outputs = ({n: g.to(placement.device).to(placement.hi_dtype or g.dtype) for n, g in drawn.items()}
+    hi_grad_outputs = ({n: g.to(placement.device).to(placement.hi_dtype) for n, g in drawn.items()}
                        if backward else None)
     hi_out, hi_grads = call_impl(ref, leaves(inputs, placement.hi_dtype, placement.device), hi_grad_outputs)
     return ReferenceRuns(hi_outputs=hi_out, hi_grads=hi_grads, lo_outputs=lo_out, lo_grads=lo_grads,
@@ -659,14 +653,14 @@ def check_parity(suite: Suite, impl: Impl, ref: Impl, case: Case, device: str, *
     for trial in range(verdict.trials):
         inputs = suite.make_inputs(case, device, seed + trial)
         priming = None
-        if trial == 0 and suite.check_stability:
+        if trial == 0:
             def priming(refs: ReferenceRuns) -> None:
                 prime(suite, impl, case, device, seed, refs.grad_outputs)
         found, run, refs = run_trial(suite, impl, ref, case, inputs, setup, seed + trial, before_impl=priming)
         verdict.metrics.update(run.metrics)
         merge_trial(verdict, found)
         policies |= found.policies
-        if trial == 0 and suite.check_stability:  # the same inputs again must give the same results
+        if trial == 0:  # the same inputs again must give the same results
             verdict.stable = rerun_is_stable(impl, inputs, refs.grad_outputs, run)
             if not verdict.stable:
                 verdict.problems.append("unstable: the same inputs gave different results")

@@ -21,7 +21,7 @@ import traceback
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from twinbench.harness.core.case import Case, Param, Rule
 from twinbench.harness.core.errors import UsageError
@@ -74,53 +74,47 @@ class Tolerance:
     why: str = "three-way rule (flash-attention): k=2 forward, k=3 gradients"
 
 
-@dataclass
-class Suite:
-    """One operation family: its case grids, input factory, cost model and parity policy."""
+@dataclass(kw_only=True)
+class Operation:
+    """What kernel suites and training-loop experiments share: a name, case grids per profile, the declared
+    case parameters, and the name of the reference impl the others are judged against."""
 
     name: str
     description: str
     profiles: Mapping[str, list[Case]]
-    make_inputs: Callable[[Case, Any, int], Inputs]
     reference: str = "reference"
+    # The case parameters and the rules between them; a typed --case that breaks them is a usage error.
+    params: tuple[Param, ...] = ()
+    rules: tuple[Rule, ...] = ()
+    tags: tuple[str, ...] = ()
+    # Kernel suites are timed by the harness (interleaved); experiments measure their own steps.
+    timed: ClassVar[bool] = True
+
+    def cases(self, profile: str) -> list[Case]:
+        if profile not in self.profiles:
+            raise UsageError(f"{type(self).__name__.lower()} {self.name!r} has no profile {profile!r} "
+                             f"(has: {', '.join(sorted(self.profiles))})")
+        return list(self.profiles[profile])
+
+
+@dataclass(kw_only=True)
+class Suite(Operation):
+    """One kernel operation: its input factory, cost model and parity policy."""
+
+    make_inputs: Callable[[Case, Any, int], Inputs]
     # FLOPs / bytes per case and direction: {"fwd": float, "bwd": float}; bwd may be absent.
     flops: Callable[[Case], Mapping[str, float]] | None = None
     bytes: Callable[[Case], Mapping[str, float]] | None = None
     tolerance: Callable[[Case, str], Tolerance] = lambda case, output: Tolerance()
     # Extra checks on outputs that are not floating point (router ids...): returns (ok, detail).
     check_discrete: Callable[[Case, str, Any, Any, Inputs], tuple[bool, str]] | None = None
-    # The case parameters and the rules between them; a typed --case that breaks them is a usage error.
-    params: tuple[Param, ...] = ()
-    rules: tuple[Rule, ...] = ()
     # Every output must have the dtype of the reference's run in the test dtype; an output whose dtype
     # legitimately differs names the dtype(s) it may have here: (case, output) -> a dtype, a tuple of
     # dtypes, or None for the rule.
     output_dtype: Callable[[Case, str], Any] | None = None
-    # Dtype used for the high-precision reference given the case dtype (None: fp32, or fp64 for fp32).
+    # Dtype of the high-precision reference given the case dtype (None: fp32, or fp64 for fp32 cases).
     hi_dtype: Callable[[Case], Any] | None = None
     trials: int = 3
-    # Training loops: no upcast/low-precision pair (hi_dtype returning None runs the reference as-is),
-    # no second run for stability, and no interleaved timing (the impl reports its own "metrics").
-    # Allowed values of categorical case parameters ({"kind": ("llama", "qwen3_moe")}): a --case naming
-    # anything else is a usage error before anything runs, not a crash recorded later.
-    choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
-    three_way_reference: bool = True
-    check_stability: bool = True
-    timed: bool = True
-    tags: tuple[str, ...] = ()
-
-    def check_choices(self, case: Case) -> None:
-        for key, allowed in self.choices.items():
-            if key in case and case[key] not in allowed:
-                raise UsageError(f"case {case.id}: suite {self.name!r} has no {key} {case[key]!r} "
-                                 f"(choose from: {', '.join(map(str, allowed))})")
-
-    def cases(self, profile: str) -> list[Case]:
-        if profile not in self.profiles:
-            raise UsageError(
-                f"suite {self.name!r} has no profile {profile!r} (has: {', '.join(sorted(self.profiles))})"
-            )
-        return list(self.profiles[profile])
 
 
 @dataclass(frozen=True)
