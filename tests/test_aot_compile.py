@@ -64,12 +64,16 @@ def test_the_autotuner_prunes_by_the_launching_device(monkeypatch):
     q = SimpleNamespace(element_size=lambda: 4, device="cuda:0")
     monkeypatch.setattr(fa, "device_limits", lambda device: aot_variants.fa_limits(aot.TARGETS["sm89"]))
     notes = []
-    monkeypatch.setattr(fa, "progress_note", notes.append)
+    monkeypatch.setattr(fa, "note", notes.append)
     kept = fa._pruner("dkdv")(fa.gpu_configs(), {"Q": q}, BLOCK_D=128)
     assert kept == fa.keep_configs(fa.gpu_configs(), "dkdv", 128, 4, aot_variants.fa_limits(aot.TARGETS["sm89"]))
     assert notes and "autotuning" in notes[0]
     kept = fa._pruner("dkdv")(fa.gpu_configs(), {"Q": q}, BLOCK_D=256)  # nothing fits: the smallest, to fail loudly
     assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in kept] == [(32, 32, 1)]
+    heartbeat = fa._autotune_heartbeat("dkdv")
+    heartbeat({"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2})
+    heartbeat({}, reset_only=True)  # the autotuner's reset after tuning is no progress
+    assert "BLOCK_M=64 BLOCK_N=32 warps=4 stages=2" in notes[-1] and len(notes) == 3
 
 
 def test_every_kernel_compiles_for_every_target_within_its_limits(ci_reports):

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from twinbench.harness.core.progress import note
 from twinbench.impls.kernels.availability import interpreting
 from twinbench.impls.kernels.triton_launch import dot_dim, dot_input_precision
 
@@ -321,20 +322,23 @@ def _pruner(kernel: str):
         # Nothing fits: triton_fa.supports declines such cases; a direct caller gets the smallest tile's
         # own out-of-resources error rather than an empty autotuner.
         kept = kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
-        progress_note(f"triton_fa {kernel}: autotuning {len(kept)} configs (head_dim<={block_d}, first call)")
+        note(f"triton_fa {kernel}: autotuning {len(kept)} configs (head_dim<={block_d}, first call)")
         return kept
 
     return prune
 
 
-def progress_note(text: str) -> None:
-    """A heartbeat while the first call autotunes (each config compiles: minutes on a new GPU).
-    CALL SITE for twinbench.harness.core.progress.note (docs item 8): used when it exists."""
-    try:
-        from twinbench.harness.core import progress
-    except ImportError:
-        return
-    progress.note(text)
+def _autotune_heartbeat(kernel: str):
+    """The autotuner's pre_hook (it runs before each config's benchmark launches, never in a tuned launch):
+    a heartbeat per config tried, so a first call that compiles and times many configs on a new GPU is
+    progress, not a hang (docs/method.md §6)."""
+
+    def hook(nargs, reset_only=False):
+        if not reset_only:
+            note(f"triton_fa {kernel}: autotuning BLOCK_M={nargs.get('BLOCK_M')} BLOCK_N={nargs.get('BLOCK_N')} "
+                 f"warps={nargs.get('num_warps')} stages={nargs.get('num_stages')} (first call)")
+
+    return hook
 
 
 _TUNE_KEY = ["SEQ_Q", "SEQ_K", "GROUP", "HEAD_DIM", "CAUSAL"]
@@ -347,8 +351,9 @@ def _launcher(kernel):
     if interpreting():
         return kernel, dict(INTERPRETER_BLOCKS)
     if kernel not in _tuned:
-        _tuned[kernel] = triton.autotune(configs=gpu_configs(), key=_TUNE_KEY,
-                                         prune_configs_by={"early_config_prune": _pruner(KERNEL_NAMES[kernel])})(kernel)
+        name = KERNEL_NAMES[kernel]
+        _tuned[kernel] = triton.autotune(configs=gpu_configs(), key=_TUNE_KEY, pre_hook=_autotune_heartbeat(name),
+                                         prune_configs_by={"early_config_prune": _pruner(name)})(kernel)
     return _tuned[kernel], {}
 
 
