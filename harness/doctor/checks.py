@@ -8,6 +8,7 @@ its exception by the worker, never a crash of the doctor.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import os
@@ -93,20 +94,17 @@ LINEARITY_ROUNDS = 11
 LINEARITY_BLOCK_MS = 40.0
 
 
+@contextlib.contextmanager
 def single_thread_cpu(device: Device):
     """On the CPU the timer checks run on one thread: an OpenMP team waiting for a descheduled member turns a
     0.03 ms call into 8-16 ms on a shared box (docs/method.md §6, §7), which is the machine, not the timer."""
-
-    class _Guard:
-        def __enter__(self):
-            self.saved = torch.get_num_threads()
-            if not device.is_gpu:
-                torch.set_num_threads(1)
-
-        def __exit__(self, *exc):
-            torch.set_num_threads(self.saved)
-
-    return _Guard()
+    saved = torch.get_num_threads()
+    if not device.is_gpu:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def _matmul_work(device: Device, n: int) -> Callable[[], Any]:
