@@ -3,6 +3,7 @@ the three-way parity rule for out/dq/dk/dv, wrong copies of the kernels are caug
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -76,6 +77,7 @@ def mutant_kernels(mutation: str, wrong_pass: str, folder: Path) -> ModuleType:
     path.write_text(KERNEL_SOURCE.replace(original, wrong))  # a real file: triton reads the kernels' source
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # @dataclass looks its module up there while the module executes
     spec.loader.exec_module(module)
     if wrong_pass == "fwd":
         module.backward = kernels.backward
