@@ -579,6 +579,13 @@ def test_file_torn_journal_line_then_resume_gives_every_record(runs, tmp_path):
                            "--no-report", "--resume", *plugins()], cwd=tmp_path, env=env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    unreadable = []
+    for line in (out / "journal.jsonl").read_text().splitlines():
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            unreadable.append(line)
+    assert unreadable in ([], [torn]), f"resume glued entries onto the torn line: {unreadable}"
     doc = strict_json((out / "results.json").read_text())
     keys = [(r["suite"], r["case"], r["impl"]) for r in doc["results"]]
     assert len(keys) == len(set(keys)) == 4 and {(s, i) for s, _, i in keys} == expected, keys
