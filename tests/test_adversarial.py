@@ -36,7 +36,7 @@ from twinbench.harness.cli.main import main
 ROOT = Path(__file__).resolve().parent.parent
 HOSTILE = ROOT / "tests" / "hostile"
 HANG_TIMEOUT = 15  # --timeout where impls hang: it also bounds a worker's start on a loaded 2-core box
-NO_HANG_TIMEOUT = 40
+NO_HANG_TIMEOUT = 25
 KERNEL_PLUGINS = ("k02_state_leak", "k05_spawns_sleep", "k06_crash_with_child", "k12_wrong_shape", "k13_exit3",
                   "k16_stale_memory", "k17_stale_cache", "k18_nan_row_grad", "k19_wrong_dtype", "k22_nan_output",
                   "held_faults")
@@ -181,9 +181,9 @@ def runs(tmp_path_factory):
         "checks": Background(["run", "hostile", "--device", "cpu", "--no-timing", "--timeout", str(HANG_TIMEOUT),
                               "--out", "out", "--no-report", *plugins("k03_available_hangs"), "--impl", "good",
                               "--impl", "available_hangs", "--impl", "supports_hangs", "--impl", "available_aborts"],
-                             base / "checks", timeout=120),
+                             base / "checks", timeout=180),
         "list": Background(["list", "hostile", "--device", "cpu", *plugins("k03_available_hangs")],
-                           base / "list", timeout=60),
+                           base / "list", timeout=180),
         "replace": Background(["list", "attention", "--device", "cpu", "--plugin", str(HOSTILE / "k20_replaces_builtin.py")],
                               base / "replace", timeout=60),
         "timed": Background(["run", "hostile", "--device", "cpu", "--impl", "good", "--rounds", "7", "--budget",
