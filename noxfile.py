@@ -45,3 +45,11 @@ def full(session: nox.Session) -> None:
     """Every suite's full profile on every detected device (hours on a CPU; meant for GPU machines)."""
     _install(session)
     session.run("twinbench", "run", "--profile", "full", "--out", "runs/full", *session.posargs)
+
+
+@nox.session
+def aot(session: nox.Session) -> None:
+    """Every Triton kernel variant compiled ahead of time for every GPU target (sm80/89/90/100, gfx942, gfx1201):
+    the compile table, and exit 1 when a variant fails a check (CI compiles a subset: tests/test_aot_compile.py)."""
+    _install(session)
+    session.run("python", "tests/aot_variants.py", "--full", "--out", "runs/aot.json", *session.posargs)

@@ -1,15 +1,15 @@
 """Tiny causal language models and a BPE tokenizer, built offline (no downloads), for training-loop suites.
 
 The models are real transformers classes (``LlamaForCausalLM``, ``Qwen3MoeForCausalLM``) built from a
-config with seeded random init; the tokenizer is a byte-level BPE trained with ``tokenizers`` from text
-shipped in ``suites/data/tokenizer_corpus.txt`` and wrapped as a ``PreTrainedTokenizerFast`` with a chat
+config with seeded random init; the tokenizer is a byte-level BPE trained with ``tokenizers`` from a text
+corpus the caller names (the suites ship ``suites/data/tokenizer_corpus.txt``) and wrapped as a ``PreTrainedTokenizerFast`` with a chat
 template. ``save_and_reload`` goes through ``save_pretrained`` / ``from_pretrained`` so the real loading
 code (and e.g. a ``quantization_config``) runs.
 
 API::
 
-    tok = build_tokenizer()                        # PreTrainedTokenizerFast; trained once per process
-    model = build_model("llama", seed=0)           # or "qwen3_moe"; **overrides go into the config
+    tok = build_tokenizer(corpus_path)             # PreTrainedTokenizerFast; trained once per process
+    model = build_model("llama", tok, seed=0)      # or "qwen3_moe"; **overrides go into the config
     model, tok = save_and_reload(model, tok, dir)  # from_pretrained kwargs: save_and_reload(..., dtype=...)
     text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
     ids = tok(text, add_special_tokens=False)["input_ids"]   # (transformers 5: tokenize=True returns a dict)
@@ -24,7 +24,6 @@ import functools
 from pathlib import Path
 from typing import Any
 
-CORPUS = Path(__file__).resolve().parent.parent / "suites" / "data" / "tokenizer_corpus.txt"
 SPECIAL_TOKENS = ("<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>")
 VOCAB_SIZE = 512  # BPE target; small so embeddings and lm_head stay tiny
 CHAT_TEMPLATE = (
@@ -64,7 +63,7 @@ def _trained_tokenizer_json(corpus: str, vocab_size: int) -> str:
     return tok.to_str()
 
 
-def build_tokenizer(corpus: str | Path = CORPUS, vocab_size: int = VOCAB_SIZE):
+def build_tokenizer(corpus: str | Path, vocab_size: int = VOCAB_SIZE):
     """A fresh ``PreTrainedTokenizerFast`` (chat template, pad/eos/bos set) over the cached trained BPE."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
@@ -77,20 +76,19 @@ def build_tokenizer(corpus: str | Path = CORPUS, vocab_size: int = VOCAB_SIZE):
     )
 
 
-def build_config(kind: str = "llama", tokenizer=None, **overrides: Any):
+def build_config(kind: str, tokenizer, **overrides: Any):
     """The transformers config for a tiny ``kind`` model whose vocabulary matches ``tokenizer``."""
     from transformers import LlamaConfig, Qwen3MoeConfig
 
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown tiny model kind {kind!r} (use one of {', '.join(MODEL_KINDS)})")
-    tok = tokenizer if tokenizer is not None else build_tokenizer()
-    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-               bos_token_id=tok.bos_token_id)
+    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+               eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     cls, defaults = (LlamaConfig, LLAMA_DEFAULTS) if kind == "llama" else (Qwen3MoeConfig, QWEN3_MOE_DEFAULTS)
     return cls(**{**defaults, **ids, **overrides})
 
 
-def build_model(kind: str = "llama", seed: int = 0, tokenizer=None, dtype=None, **overrides: Any):
+def build_model(kind: str, tokenizer, seed: int = 0, dtype=None, **overrides: Any):
     """A randomly initialised tiny ``LlamaForCausalLM`` / ``Qwen3MoeForCausalLM``; same seed, same weights."""
     import torch
     from transformers import AutoModelForCausalLM

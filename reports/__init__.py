@@ -10,6 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+# What write_all writes into its folder, in order; commands check these paths before writing anything.
+REPORT_FILES = ("report.html", "summary.md", "junit.xml", "results.csv")
+
 
 def write_all(doc: dict[str, Any], out: str | Path, *, gate: dict[str, Any] | None = None,
               trends: dict[str, Any] | None = None) -> list[Path]:
@@ -20,7 +23,7 @@ def write_all(doc: dict[str, Any], out: str | Path, *, gate: dict[str, Any] | No
     from twinbench.reports.markdown import write_markdown
 
     out = Path(out)
-    paths = [out / "report.html", out / "summary.md", out / "junit.xml", out / "results.csv"]
+    paths = [out / name for name in REPORT_FILES]
     write_html(doc, paths[0], gate=gate, trends=trends)
     write_markdown(doc, paths[1], gate=gate)
     write_junit(doc, paths[2], gate=gate)

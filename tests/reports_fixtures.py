@@ -12,7 +12,7 @@ import numpy as np
 from twinbench.harness.store.results import validate
 
 PLANTED = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\">"
-FP = "fp0000000000cpu1"
+FP = "0000000000c0ffee"  # a fingerprint id as harness.core.devices makes them: 16 hex digits
 
 
 def fingerprint(fp_id: str = FP, threads: int = 2) -> dict:

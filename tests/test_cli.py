@@ -20,7 +20,7 @@ from twinbench.harness.cli.main import main
     (["run", "dpo", "--device", "cpu", "--case", "loss=hinge"], "loss must be one of sigmoid, ipo, robust, got 'hinge'"),
     (["run", "attention", "--device", "cpu", "--profile", "huge"], "has no profile 'huge'"),
     (["run", "attention", "--device", "cpu", "--plugin", "/nonexistent/plugin.py"], "plugin file not found"),
-    (["run", "attention", "--device", "cpu", "--rounds", "3"], "--rounds must be >= 7"),
+    (["run", "attention", "--device", "cpu", "--rounds", "3"], "argument --rounds: must be >= 7"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, needle, capsys, tmp_path):

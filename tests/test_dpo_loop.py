@@ -5,30 +5,26 @@ import math
 
 import pytest
 import torch
-from twinbench.harness.core.parity import check_parity, compare_tensor
-from twinbench.harness.core.registry import IMPLS, Impl, load_plugins
+from twinbench.harness.core.parity import compare_tensor
+from twinbench.harness.core.registry import IMPLS, load_plugins
+from twinbench.harness.run.experiment_case import judge_outcome, run_impl
+from twinbench.reference.dpo_loop import run_loop
+from twinbench.suites.dpo_loop import EXPERIMENT
 
 pytest.importorskip("trl")
 load_plugins()
-SUITE = __import__("twinbench.suites.dpo_loop", fromlist=["SUITE"]).SUITE
-CASE = SUITE.cases("quick")[0]
-
-
-def _cached(impl: Impl, store: dict) -> Impl:
-    def fn(**kw):
-        store[impl.name] = impl.fn(**kw)
-        return store[impl.name]
-
-    return Impl(name=impl.name, suite=impl.suite, fn=fn, backward=False)
+CASE = EXPERIMENT.cases("quick")[0]
+ARGS = EXPERIMENT.arguments(CASE, "cpu", 0)
 
 
 @pytest.fixture(scope="module")
 def runs():
-    """One harness parity check of the quick case; both loops' full results kept for the assertions."""
-    store: dict = {}
-    verdict = check_parity(SUITE, _cached(IMPLS[("dpo_loop", "fused_loss")], store),
-                           _cached(IMPLS[("dpo_loop", "reference")], store), CASE, "cpu")
-    return verdict, store
+    """The harness's judgement of the quick case (the fused loop poisoned, as a run does it); both loops'
+    outputs kept for the assertions."""
+    ref = run_impl(IMPLS[("dpo_loop", "reference")], ARGS, poisoned=False)
+    ours = run_impl(IMPLS[("dpo_loop", "fused_loss")], ARGS, poisoned=True)
+    verdict = judge_outcome(EXPERIMENT, CASE, ours, ref, ARGS, "cpu")
+    return verdict, {"reference": ref.outputs, "fused_loss": ours.outputs}
 
 
 def test_trajectories_agree(runs):
@@ -82,21 +78,15 @@ def _beta_twice(args, kw):
 
 
 def test_planted_reference_ignored_breaks_step1_ln2():
-    from twinbench.suites.dpo_loop import run_loop
-
-    out = run_loop(_planted_trainer(_ref_ignored), device="cpu", seed=0, steps=1, batch=CASE["batch"],
-                   lr=CASE["lr"], beta=CASE["beta"], loss=CASE["loss"])
+    out = run_loop(_planted_trainer(_ref_ignored), **{**ARGS, "steps": 1}).outputs
     assert abs(float(out["loss_curve"][0]) - math.log(2)) > 1e-3
 
 
 def test_planted_beta_twice_breaks_the_trajectory(runs):
-    from twinbench.suites.dpo_loop import run_loop
-
     _, store = runs
     steps = 4
-    out = run_loop(_planted_trainer(_beta_twice), device="cpu", seed=0, steps=steps, batch=CASE["batch"],
-                   lr=CASE["lr"], beta=CASE["beta"], loss=CASE["loss"])
+    out = run_loop(_planted_trainer(_beta_twice), **{**ARGS, "steps": steps}).outputs
     assert abs(float(out["loss_curve"][0]) - math.log(2)) < 1e-6     # invisible at step 1 ...
     ref = store["reference"]["loss_curve"][:steps]
-    check = compare_tensor("loss_curve", out["loss_curve"], ref, None, SUITE.tolerance(CASE, "loss_curve"), False)
+    check = compare_tensor("loss_curve", out["loss_curve"], ref, None, EXPERIMENT.bound(CASE, "loss_curve"), False)
     assert not check.ok, check                                          # ... caught by the trajectory bound

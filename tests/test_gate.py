@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from reports_fixtures import fingerprint, make_doc, slowed
+from reports_fixtures import FP, fingerprint, make_doc, slowed
 from twinbench.harness.cli.main import main
 from twinbench.harness.core.errors import UsageError
 from twinbench.harness.gate import stats as gate
@@ -145,7 +145,7 @@ def saved(tmp_path):
 
 def test_baseline_file_is_one_reviewable_line_per_entry(saved, capsys):
     tmp, _ = saved
-    path = tmp / "bl" / "fp0000000000cpu1.json"
+    path = tmp / "bl" / f"{FP}.json"
     lines = path.read_text().splitlines()
     entry_lines = [ln for ln in lines if ln.lstrip().startswith('{"suite"')]
     assert len(entry_lines) == 14  # (3 cases x reference+fast, + the n=512 reference) x 2 modes
@@ -193,9 +193,9 @@ def test_a_parity_failure_fails_the_gate(saved, tmp_path):
 def test_another_hard_fingerprint_is_refused_unless_allowed(saved, capsys):
     tmp, doc = saved
     other = json.loads(json.dumps(doc))
-    other["fingerprints"]["fp0000000000cpu1"] = fingerprint(threads=8)
+    other["fingerprints"][FP] = fingerprint(threads=8)
     atomic_write_json(tmp / "other.json", other)
-    base_file = tmp / "bl" / "fp0000000000cpu1.json"
+    base_file = tmp / "bl" / f"{FP}.json"
     out = tmp / "never"
     assert main(["gate", str(tmp / "other.json"), "--baseline", str(base_file), "--out", str(out)]) == 2
     err = capsys.readouterr().err
@@ -206,7 +206,7 @@ def test_another_hard_fingerprint_is_refused_unless_allowed(saved, capsys):
 
 def test_unreadable_baseline_is_one_line_exit_2_and_nothing_is_written(saved, capsys):
     tmp, _ = saved
-    broken = tmp / "bl" / "fp0000000000cpu1.json"
+    broken = tmp / "bl" / f"{FP}.json"
     broken.write_text('{"kind": "twinbench-baseline", "version": 1, "entries": [')
     before = broken.read_text()
     assert main(["gate", str(tmp / "r.json"), "--baseline", str(broken), "--out", str(tmp / "o")]) == 2

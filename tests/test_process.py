@@ -35,12 +35,21 @@ WORKER = textwrap.dedent('''
     events = EventWriter(config["event_fd"])
     events.send(Ready())
     for request in requests(sys.stdin):
-        print("working on", request.suite, flush=True)
         do = config["do"]
+        if do != "quiet_exit":
+            print("working on", request.suite, flush=True)
         if do == "segfault":
             ctypes.string_at(0)
         elif do == "exit":
             sys.exit(3)
+        elif do == "quiet_exit":
+            sys.exit(5)
+        elif do == "abort":
+            os.abort()
+        elif do == "segfault_with_a_child_holding_the_pipe":
+            os.set_inheritable(config["event_fd"], True)  # as a worker before EventWriter made it private
+            subprocess.Popen(["sleep", "1005"], close_fds=False)
+            ctypes.string_at(0)
         elif do == "hang":
             time.sleep(10_000)
         elif do == "spawn":
@@ -84,6 +93,29 @@ def test_an_exit_is_reported_with_its_code(tmp_path):
     with pytest.raises(WorkerDied, match="exited with code 3"):
         worker.next_event(60)
     worker.kill()
+
+
+def test_a_crash_is_seen_even_while_a_child_holds_the_event_pipe(tmp_path):
+    """Death comes from the process, not the pipe's end: a child holding the pipe made this a 600 s timeout."""
+    worker = start(tmp_path, "segfault_with_a_child_holding_the_pipe")
+    t0 = time.monotonic()
+    with pytest.raises(WorkerDied, match="died with SIGSEGV"):
+        worker.next_event(60)
+    assert time.monotonic() - t0 < 20
+    worker.kill()  # and the child holding the pipe dies with the group
+
+
+def test_the_log_tail_quotes_only_the_dying_worker(tmp_path):
+    first = start(tmp_path, "abort")
+    with pytest.raises(WorkerDied, match=r"SIGABRT.*log: .*working on s"):
+        first.next_event(60)
+    first.kill()
+    assert "working on s" in (tmp_path / "worker.log").read_text()  # the earlier worker's lines are still there
+    second = start(tmp_path, "quiet_exit")  # same log file, prints nothing before exiting
+    with pytest.raises(WorkerDied) as died:
+        second.next_event(60)
+    second.kill()
+    assert str(died.value) == f"worker exited with code 5 (log: {tmp_path / 'worker.log'})"  # nothing of the first
 
 
 def test_a_hang_is_a_timeout_and_the_worker_is_killed(tmp_path):

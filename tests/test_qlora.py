@@ -1,4 +1,4 @@
-"""QLoRA suite: the patched loop matches the reference loop, the probe is asserted (and a loop that cannot
+"""QLoRA experiment: the patched loop matches the reference loop, the probe is asserted (and a loop that cannot
 learn fails it), and the trajectory comparison catches planted divergence. CPU, one thread per loop."""
 
 from __future__ import annotations
@@ -12,18 +12,37 @@ pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("lm_eval")
 
-from twinbench.harness.core.parity import check_parity, compare_tensor  # noqa: E402
-from twinbench.harness.core.registry import IMPLS, SUITES, Impl, load_plugins  # noqa: E402
-from twinbench.impls.qlora import moe_lora as qlora_moe_lora
-from twinbench.impls.qlora import nf4_lora as qlora_nf4_lora
+from twinbench.harness.core.parity import compare_tensor  # noqa: E402
+from twinbench.harness.core.registry import IMPLS, Impl, load_plugins  # noqa: E402
+from twinbench.harness.run.experiment_case import judge_outcome, run_impl  # noqa: E402
+from twinbench.impls.qlora import moe_lora as qlora_moe_lora  # noqa: E402
+from twinbench.impls.qlora import nf4_lora as qlora_nf4_lora  # noqa: E402
 from twinbench.impls.qlora import patched as qlora_patched  # noqa: E402
-from twinbench.reference import qlora_loop  # noqa: E402
+from twinbench.reference.qlora.config import LoopConfig  # noqa: E402
+from twinbench.reference.qlora.experiment import run_experiment  # noqa: E402
+from twinbench.reference.qlora.model import load_qlora_model, save_base_checkpoint  # noqa: E402
+from twinbench.suites.qlora import DATA, EXPERIMENT  # noqa: E402
 
 load_plugins()
-SUITE = SUITES["qlora"]
 REF = IMPLS[("qlora", "reference")]
 PATCHED = IMPLS[("qlora", "patched")]
-LLAMA, MOE = SUITE.cases("quick")
+LLAMA, MOE = EXPERIMENT.cases("quick")
+
+
+def _reference(case):
+    """The case's arguments and the reference loop's outcome (the comparison baseline, unpoisoned)."""
+    args = EXPERIMENT.arguments(case, "cpu", 0)
+    return args, run_impl(REF, args, poisoned=False)
+
+
+def _judged(impl, case, reference):
+    args, baseline = reference
+    return judge_outcome(EXPERIMENT, case, run_impl(impl, args, poisoned=True), baseline, args, "cpu")
+
+
+@pytest.fixture(scope="module")
+def llama_reference():
+    return _reference(LLAMA)
 
 
 def _failing(verdict) -> set[str]:
@@ -31,8 +50,8 @@ def _failing(verdict) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def llama_verdict():
-    return check_parity(SUITE, PATCHED, REF, LLAMA, "cpu")
+def llama_verdict(llama_reference):
+    return _judged(PATCHED, LLAMA, llama_reference)
 
 
 def test_patched_llama_loop_matches_reference_and_learns(llama_verdict):
@@ -51,28 +70,28 @@ def test_patched_llama_loop_matches_reference_and_learns(llama_verdict):
 
 
 def test_reference_probe_is_judged_absolutely():
-    ref = SUITE.make_inputs(LLAMA, "cpu", 0)
-    ok, _ = SUITE.check_discrete(LLAMA, "probe_hits", torch.tensor([0, 6, 6]), torch.tensor([0, 6, 6]), ref)
+    args = EXPERIMENT.arguments(LLAMA, "cpu", 0)
+    ok, _ = EXPERIMENT.judge(LLAMA, "probe_hits", torch.tensor([0, 6, 6]), torch.tensor([0, 6, 6]), args)
     assert ok
     for bad in ([1, 6, 6], [0, 5, 6], [0, 6, 0]):
-        ok, why = SUITE.check_discrete(LLAMA, "probe_hits", torch.tensor([0, 6, 6]), torch.tensor(bad), ref)
+        ok, why = EXPERIMENT.judge(LLAMA, "probe_hits", torch.tensor([0, 6, 6]), torch.tensor(bad), args)
         assert not ok and "reference loop probe" in why
 
 
 @pytest.mark.parametrize("bug", [{"lr": 0.0}, {"freeze_adapters": True}], ids=["zero-lr", "frozen-adapters"])
 def test_loop_that_cannot_learn_fails_the_probe(bug):
-    cfg = dataclasses.replace(SUITE.make_inputs(LLAMA, "cpu", 0).static["config"], **bug)
-    out = qlora_loop.run_experiment(cfg, "cpu", prepare=qlora_patched.patch_model,
-                                    loss_fn=qlora_patched.labelled_loss, evaluate=False)
-    before, after, _ = out["probe_hits"].tolist()
+    args = EXPERIMENT.arguments(LLAMA, "cpu", 0)
+    cfg = dataclasses.replace(args["config"], **bug)
+    out = run_experiment(cfg, args["meters"], "cpu", prepare=qlora_patched.patch_model,
+                         loss_fn=qlora_patched.labelled_loss, evaluate=False)
+    before, after, _ = out.outputs["probe_hits"].tolist()
     assert before == 0 and after == 0
-    inputs = SUITE.make_inputs(LLAMA, "cpu", 0)
-    ok, why = SUITE.check_discrete(LLAMA, "probe_hits", out["probe_hits"], torch.tensor([0, 6, 6]), inputs)
+    ok, why = EXPERIMENT.judge(LLAMA, "probe_hits", out.outputs["probe_hits"], torch.tensor([0, 6, 6]), args)
     assert not ok and "after=0" in why
 
 
-def test_planted_lora_scaling_error_is_caught_by_trajectory_and_gradients(llama_verdict):
-    def planted(*, config, device):
+def test_planted_lora_scaling_error_is_caught_by_trajectory_and_gradients(llama_reference):
+    def planted(*, config, device, meters):
         def prepare(model):
             info = qlora_patched.patch_model(model)
             for module in model.modules():
@@ -80,10 +99,10 @@ def test_planted_lora_scaling_error_is_caught_by_trajectory_and_gradients(llama_
                     module.scaling = {k: v * 1.05 for k, v in module.scaling.items()}
             return info
 
-        return qlora_loop.run_experiment(config, device, prepare=prepare, loss_fn=qlora_patched.labelled_loss)
+        return run_experiment(config, meters, device, prepare=prepare, loss_fn=qlora_patched.labelled_loss)
 
     wrong = Impl(name="planted", suite="qlora", fn=planted, backward=False, deterministic=False)
-    v = check_parity(SUITE, wrong, REF, LLAMA, "cpu")  # the reference run is the cached one
+    v = _judged(wrong, LLAMA, llama_reference)
     assert not v.ok
     assert {"first_grads", "loss_curve_head", "final_lora"} <= _failing(v)
 
@@ -92,21 +111,21 @@ def test_trajectory_comparison_catches_a_late_divergence():
     gen = torch.Generator().manual_seed(0)
     ref = 6.0 * torch.exp(-torch.arange(60, dtype=torch.float64) / 15) + 0.1 * torch.rand(60, generator=gen,
                                                                                            dtype=torch.float64)
-    tol = SUITE.tolerance(LLAMA, "loss_curve")
+    tol = EXPERIMENT.bound(LLAMA, "loss_curve")
     same = ref + 1e-4 * torch.randn(60, generator=gen, dtype=torch.float64)
     assert compare_tensor("loss_curve", same, ref, None, tol, False).ok
     diverged = ref.clone()
     diverged[30:] += 0.05  # the second half of training drifts
     check = compare_tensor("loss_curve", diverged, ref, None, tol, False)
     assert not check.ok and check.ratio > 1
-    head_tol = SUITE.tolerance(LLAMA, "loss_curve_head")
+    head_tol = EXPERIMENT.bound(LLAMA, "loss_curve_head")
     early = ref[:10].clone()
     early[4] += 5e-3
     assert not compare_tensor("loss_curve_head", early, ref[:10], None, head_tol, False).ok
 
 
 def test_patched_moe_loop_matches_reference():
-    v = check_parity(SUITE, PATCHED, REF, MOE, "cpu")
+    v = _judged(PATCHED, MOE, _reference(MOE))
     assert v.ok, (v.problems, {n: (c.error, c.bound, c.detail) for n, c in v.checks.items() if not c.ok})
     assert v.metrics["patched"].get("moe_experts")
     assert v.metrics["probe_hits"] == {"before": 0, "after": 6, "merged_16bit": 6}
@@ -117,10 +136,10 @@ def test_patched_moe_loop_matches_reference():
 
 @pytest.fixture(scope="module")
 def qlora_layers(tmp_path_factory):
-    cfg = qlora_loop.LoopConfig()
+    cfg = LoopConfig(DATA)
     path = tmp_path_factory.mktemp("qlora") / "base"
-    qlora_loop.save_base_checkpoint(cfg, path)
-    model = qlora_loop.load_qlora_model(path, cfg)
+    save_base_checkpoint(cfg, path)
+    model = load_qlora_model(path, cfg)
     attn = model.get_base_model().model.layers[0].self_attn
     return [attn.q_proj, attn.k_proj, attn.v_proj]
 
@@ -165,10 +184,10 @@ def test_fused_nf4_lora_projections_match_peft_and_planted_bugs_fail(qlora_layer
 
 @pytest.fixture(scope="module")
 def moe_experts(tmp_path_factory):
-    cfg = qlora_loop.LoopConfig(kind="qwen3_moe")
+    cfg = LoopConfig(DATA, kind="qwen3_moe")
     path = tmp_path_factory.mktemp("qlora_moe") / "base"
-    qlora_loop.save_base_checkpoint(cfg, path)
-    model = qlora_loop.load_qlora_model(path, cfg)
+    save_base_checkpoint(cfg, path)
+    model = load_qlora_model(path, cfg)
     wrappers, experts = qlora_moe_lora._wrapper_chain(model.get_base_model().model.layers[0].mlp.experts)
     assert set(wrappers) == {"gate_up_proj", "down_proj"} and not qlora_moe_lora._why_not(wrappers, experts)
     return model.get_base_model().model.layers[0].mlp.experts, wrappers, experts
@@ -231,8 +250,8 @@ def test_bench_user_mistakes_are_one_line_and_exit_2(args):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "twinbench.suites.qlora", "--bench", *args], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "twinbench", "bench", "qlora", *args], capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("twinbench: error: "), proc.stderr
     assert proc.stdout == ""

@@ -13,26 +13,34 @@ pytest.importorskip("bitsandbytes")
 from twinbench.impls.qlora import attention_op as qlora_attention_op
 from twinbench.impls.qlora import patched as qlora_patched
 from twinbench.impls.qlora import recompute as qlora_recompute  # noqa: E402
-from twinbench.reference import qlora_loop  # noqa: E402
+from twinbench.reference.qlora.config import LoopConfig  # noqa: E402
+from twinbench.reference.qlora.data import micro_batches  # noqa: E402
+from twinbench.reference.qlora.model import (  # noqa: E402
+    flat,
+    load_qlora_model,
+    lora_parameters,
+    save_base_checkpoint,
+)
+from twinbench.suites.qlora import DATA  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    cfg = qlora_loop.LoopConfig()
+    cfg = LoopConfig(DATA)
     path = tmp_path_factory.mktemp("qlora_recompute") / "base"
-    tok = qlora_loop.save_base_checkpoint(cfg, path)
-    return cfg, path, next(qlora_loop.micro_batches(tok, cfg))
+    tok = save_base_checkpoint(cfg, path)
+    return cfg, path, next(micro_batches(tok, cfg))
 
 
 def _loss_grads_saved(base, kind: str, recompute: tuple[str, ...], plant=None):
     """(loss, LoRA grads, bytes saved for backward) of one micro-batch through the patched model."""
     cfg, path, batch = base
-    cfg = qlora_loop.LoopConfig(kind=kind)
+    cfg = LoopConfig(DATA, kind=kind)
     if kind != "llama":
         path = path.parent / kind
         if not path.exists():
-            qlora_loop.save_base_checkpoint(cfg, path)
-    model = qlora_loop.load_qlora_model(path, cfg)
+            save_base_checkpoint(cfg, path)
+    model = load_qlora_model(path, cfg)
     info = qlora_patched.patch_model(model, recompute=recompute)
     assert ("recompute" in info["patched"]) == bool(recompute)
     if plant is not None:
@@ -47,8 +55,8 @@ def _loss_grads_saved(base, kind: str, recompute: tuple[str, ...], plant=None):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = qlora_patched.labelled_loss(model, batch)
     loss.backward()
-    params = qlora_loop.lora_parameters(model)
-    return loss.detach(), qlora_loop.flat([p.grad for p in params.values()], list(params.values())), \
+    params = lora_parameters(model)
+    return loss.detach(), flat([p.grad for p in params.values()], list(params.values())), \
         sum(storages.values())
 
 
@@ -129,7 +137,7 @@ def _norm_backward_without_rstd_term(grad_x, h, weight, rstd):
 
 def test_fused_mlp_is_used_and_a_planted_backward_bug_is_caught(base, monkeypatch):
     cfg, path, _batch = base
-    model = qlora_loop.load_qlora_model(path, cfg)
+    model = load_qlora_model(path, cfg)
     qlora_patched.patch_model(model, recompute=("mlp",))
     assert all(layer._twinbench_fused_mlp for layer in model.get_base_model().model.layers)
     _loss, grads0, _ = _loss_grads_saved(base, "llama", ())
@@ -150,7 +158,7 @@ def test_layers_with_a_bias_or_attention_dropout_are_not_fused(base):
     from twinbench.impls.qlora.attention_op import fusable_attention
 
     cfg, path, _batch = base
-    model = qlora_loop.load_qlora_model(path, cfg)
+    model = load_qlora_model(path, cfg)
     layer = model.get_base_model().model.layers[0]
     attn, mlp = layer.self_attn, layer.mlp
     assert fusable_attention(layer.input_layernorm, attn)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from reports_fixtures import PLANTED, make_doc
+from reports_fixtures import FP, PLANTED, make_doc
 from twinbench.harness.cli.main import main
 from twinbench.harness.gate.stats import GateConfig
 from twinbench.reports.html import render_html, script_json
@@ -70,7 +70,7 @@ def test_html_has_the_charts_failures_fingerprint_and_gate():
     assert {"speedup-fwd", "speedup-fwdbwd", "latency-fwd", "parity", "roofline", "memory", "curves", "gate"} <= kinds
     for reason in ("worker died with SIGSEGV", "no progress for 600s", "out: err 3e-3 &gt; bound 2e-6"):
         assert reason in text
-    assert "fp0000000000cpu1" in text and "cpu_threads" in text
+    assert FP in text and "cpu_threads" in text
     assert '<td class="regression">regression</td>' in text and "<b>FAIL</b>" in text
 
 

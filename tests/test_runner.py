@@ -112,3 +112,27 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path):
     assert proc.returncode == 2
     assert "--resume" in proc.stderr and proc.stderr.count("\n") == 1
     assert (out / "journal.jsonl").read_text() == '{"type": "start", "provenance": {}}\n'
+
+
+def test_a_torn_journal_tail_is_cut_before_the_next_entry(tmp_path):
+    from twinbench.harness.run.journal import Journal
+
+    path = tmp_path / "journal.jsonl"
+    whole = '{"type": "start", "provenance": {}}\n'
+    torn = '{"type": "record", "rec'  # the run was killed mid-write
+    fingerprint = {"type": "fingerprint", "fingerprint": {"id": "f"}, "import_failures": {}}
+
+    planted = tmp_path / "planted.jsonl"  # the old append: the entry glues onto the fragment and is lost
+    planted.write_text(whole + torn)
+    with open(planted, "a") as fh:
+        fh.write(json.dumps(fingerprint) + "\n")
+    assert fingerprint not in Journal(planted).read()
+
+    path.write_text(whole + torn)
+    journal = Journal(path)
+    assert journal.read() == [{"type": "start", "provenance": {}}]  # the fragment is ignored on read
+    journal.append(fingerprint)
+    journal.append({"type": "record", "record": {"impl": "x"}})
+    assert journal.read() == [{"type": "start", "provenance": {}}, fingerprint,
+                              {"type": "record", "record": {"impl": "x"}}]
+    assert path.read_text().startswith(whole + json.dumps(fingerprint))

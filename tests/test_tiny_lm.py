@@ -3,6 +3,7 @@
 import pytest
 import torch
 from twinbench.reference import tiny_lm
+from twinbench.suites.training_data import TOKENIZER_CORPUS
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -12,7 +13,7 @@ CHAT = [{"role": "user", "content": "What day was I born?"},
 
 
 def test_tokenizer_round_trip_and_chat_template():
-    tok = tiny_lm.build_tokenizer()
+    tok = tiny_lm.build_tokenizer(TOKENIZER_CORPUS)
     assert len(tok) == tiny_lm.VOCAB_SIZE
     text = tok.apply_chat_template(CHAT, tokenize=False)
     assert text.startswith("<|im_start|>user\nWhat day was I born?<|im_end|>\n<|im_start|>assistant\n")
@@ -26,7 +27,7 @@ def test_tokenizer_round_trip_and_chat_template():
 
 
 def test_tokenizer_is_cached_but_each_call_is_a_fresh_object():
-    a, b = tiny_lm.build_tokenizer(), tiny_lm.build_tokenizer()
+    a, b = tiny_lm.build_tokenizer(TOKENIZER_CORPUS), tiny_lm.build_tokenizer(TOKENIZER_CORPUS)
     assert a is not b
     assert a.get_vocab() == b.get_vocab()
     assert tiny_lm._trained_tokenizer_json.cache_info().hits >= 1
@@ -34,7 +35,7 @@ def test_tokenizer_is_cached_but_each_call_is_a_fresh_object():
 
 @pytest.mark.parametrize("kind", tiny_lm.MODEL_KINDS)
 def test_model_seeded_and_reloads_through_from_pretrained(kind, tmp_path):
-    tok = tiny_lm.build_tokenizer()
+    tok = tiny_lm.build_tokenizer(TOKENIZER_CORPUS)
     rng_before = torch.random.get_rng_state()
     m = tiny_lm.build_model(kind, seed=3, tokenizer=tok)
     assert torch.equal(rng_before, torch.random.get_rng_state())  # caller's RNG untouched
@@ -56,7 +57,8 @@ def test_model_seeded_and_reloads_through_from_pretrained(kind, tmp_path):
 
 
 def test_overrides_and_unknown_kind():
-    m = tiny_lm.build_model("llama", num_hidden_layers=1, hidden_size=32, head_dim=8)
+    tok = tiny_lm.build_tokenizer(TOKENIZER_CORPUS)
+    m = tiny_lm.build_model("llama", tok, num_hidden_layers=1, hidden_size=32, head_dim=8)
     assert m.config.num_hidden_layers == 1 and m.config.hidden_size == 32
     with pytest.raises(ValueError, match="unknown tiny model kind"):
-        tiny_lm.build_model("gpt9")
+        tiny_lm.build_model("gpt9", tok)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import sys
 from pathlib import Path
 
+from twinbench.harness.cli import arguments
 from twinbench.harness.core.errors import UsageError
 
 
@@ -27,15 +27,17 @@ def _add_run(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/<timestamp>)")
     p.add_argument("--plugin", action="append", default=[], help="extra impls/suites from a Python file")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run in --out")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds without progress before a case is a hang")
-    p.add_argument("--trials", type=int, default=None, help="parity trials (fresh inputs) per case")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=arguments.positive_float, default=600.0,
+                   help="seconds without progress before a case is a hang")
+    p.add_argument("--trials", type=arguments.positive_int, default=None, help="parity trials (fresh inputs) per case")
+    p.add_argument("--seed", type=arguments.nonnegative_int, default=0)
     p.add_argument("--reference-device", default=None, help="compute the high-precision reference here (e.g. cpu)")
     p.add_argument("--no-timing", action="store_true", help="parity only")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (>= 7)")
-    p.add_argument("--budget", type=float, default=None, help="timing seconds per case and mode")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the CPU worker")
-    p.add_argument("--memory-limit-gb", type=float, default=None, help="CPU worker address-space cap")
+    p.add_argument("--rounds", type=arguments.rounds, default=None, help="interleaved timing rounds (>= 7)")
+    p.add_argument("--budget", type=arguments.positive_float, default=None, help="timing seconds per case and mode")
+    p.add_argument("--threads", type=arguments.positive_int, default=None, help="CPU threads for the CPU worker")
+    p.add_argument("--memory-limit-gb", type=arguments.positive_float, default=None,
+                   help="CPU worker address-space cap")
     p.add_argument("--no-report", action="store_true", help="skip report.html/summary.md/junit.xml")
     p.set_defaults(handler=cmd_run)
 
@@ -48,14 +50,11 @@ def cmd_run(args) -> int:
 
     plan = TimingPlan()
     if args.rounds is not None:
-        if args.rounds < 7:
-            raise UsageError("--rounds must be >= 7 (the exact Mann-Whitney test needs 7 samples per side)")
         plan.rounds = args.rounds
     if args.budget is not None:
         plan.budget_s = args.budget
-    if args.trials is not None and args.trials < 1:
-        raise UsageError("--trials must be >= 1")
     out = args.out or Path("runs") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    _check_run_folder(out, report=not args.no_report)
     options = RunOptions(
         suites=args.suites, devices=args.device, impls=args.impl, cases=args.case, profile=args.profile,
         out=out, plugins=[str(Path(p).resolve()) for p in args.plugin], resume=args.resume,
@@ -69,6 +68,18 @@ def cmd_run(args) -> int:
         written += _write_reports(doc, out)
     print("wrote " + ", ".join(str(p) for p in written))
     return runner.exit_code(doc)
+
+
+def _check_run_folder(out: Path, *, report: bool) -> None:
+    """A run writes only into a new folder or its own (one with its journal, for --resume)."""
+    from twinbench.harness.store.results import Output, check_outputs
+    from twinbench.reports import REPORT_FILES
+
+    if (out / "results.json").exists() and not (out / "journal.jsonl").exists():
+        raise UsageError(f"--out {out} holds a results.json that no run journal there produced; "
+                         f"choose another --out (it is not overwritten)")
+    names = ["results.json", "journal.jsonl", *(REPORT_FILES if report else ())]
+    check_outputs([Output("--out", out, folder=True), *(Output("--out", out / n) for n in names)])
 
 
 def _write_reports(doc, out: Path) -> list[Path]:
@@ -101,16 +112,24 @@ def cmd_devices(args) -> int:
 
 
 def cmd_list(args) -> int:
-    """Every impl per device: can it run there, and why not — before anything runs."""
+    """Every impl per device: can it run there, and why not — before anything runs.
+
+    The probes run in a worker per device (its environment, as a run would see it), each bounded by
+    PROBE_TIMEOUT_S: a probe that hangs or crashes marks its impl and the list still returns.
+    """
+    from rich.markup import escape
     from rich.table import Table
     from twinbench.harness.cli.console import make_console
     from twinbench.harness.core import devices, registry
+    from twinbench.harness.run.supervisor import probe_impls
 
-    registry.load_plugins([str(Path(p).resolve()) for p in args.plugin])
+    plugins = [str(Path(p).resolve()) for p in args.plugin]
+    registry.load_plugins(plugins)
     selected = [devices.find(d) for d in args.device] if args.device else list(devices.detect())
     suites = args.suites or sorted(registry.SUITES)
     for s in suites:
         registry.get_suite(s)
+    probed = {dev.name: probe_impls(dev, suites, plugins) for dev in selected}
     table = Table(title="implementations")
     for col in ("suite", "impl", "tags", *[d.name for d in selected]):
         table.add_column(col, overflow="fold")
@@ -118,10 +137,10 @@ def cmd_list(args) -> int:
         for impl in registry.impls_for(s):
             cells = []
             for dev in selected:
-                with _cpu_worker_env(dev):
-                    ok, why = impl.can_run(None, dev)
+                ok, why = probed[dev.name].get((s, impl.name), (False, "not probed"))
                 note = impl.timing_excluded(dev) if ok else why
-                cells.append(("[green]yes[/]" + (f" ({note})" if note else "")) if ok else f"[red]no[/]: {why}")
+                cells.append(("[green]yes[/]" + (f" ({escape(note)})" if note else "")) if ok
+                             else f"[red]no[/]: {escape(why)}")
             table.add_row(s, impl.name, ",".join(impl.tags), *cells)
     console = make_console()
     console.print(table)
@@ -132,32 +151,6 @@ def cmd_list(args) -> int:
         suite = registry.SUITES[s]
         console.print(f"{s}: " + ", ".join(f"{p} ({len(c)} cases)" for p, c in suite.profiles.items()))
     return 0
-
-
-class _cpu_worker_env:
-    """Availability as the device's worker will see it: its TRITON_INTERPRET from the one env policy."""
-
-    def __init__(self, device):
-        from twinbench.harness import SOURCE_ROOT
-        from twinbench.harness.run.process import WorkerKind, user_triton_interpret, worker_environment
-
-        env = worker_environment(WorkerKind.RUN, device.backend, device.name, root=SOURCE_ROOT,
-                                 head_root=SOURCE_ROOT, triton_interpret=user_triton_interpret()).env
-        self.value = env.get("TRITON_INTERPRET")
-
-    def __enter__(self):
-        self.saved = os.environ.get("TRITON_INTERPRET")
-        self._set(self.value)
-
-    def __exit__(self, *exc):
-        self._set(self.saved)
-
-    @staticmethod
-    def _set(value: str | None) -> None:
-        if value is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,9 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--plugin", action="append", default=[])
     lst.set_defaults(handler=cmd_list)
     _add_run(sub)
-    from twinbench.harness.cli import results_commands
+    from twinbench.harness.cli import bench_command, results_commands
 
     results_commands.register(sub)
+    bench_command.register(sub)
     return parser
 
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from twinbench.harness.cli import arguments
 from twinbench.harness.core.errors import UsageError
 
 DEFAULT_BASELINES = Path("baselines")
 DEFAULT_HISTORY = Path("history.sqlite")
+# Besides gate.json, what `gate --against --out` writes (with --baseline: the results' full reports too).
+GATE_AGAINST_FILES = ("summary.md", "junit.xml")
 
 
 def merge_documents(paths: list[str]) -> dict[str, Any]:
@@ -33,6 +36,14 @@ def merge_documents(paths: list[str]) -> dict[str, Any]:
     return merged
 
 
+def _files_in(path: str | None) -> list[Path]:
+    """An input given as a file or a folder of files (a baseline folder): what must never be overwritten."""
+    if not path or "://" in path:
+        return []
+    p = Path(path)
+    return [f for f in p.iterdir() if f.is_file()] if p.is_dir() else [p]
+
+
 def _gate_config(args, *, threshold: float, test: str):
     from twinbench.harness.gate.stats import GateConfig
 
@@ -43,18 +54,26 @@ def _gate_config(args, *, threshold: float, test: str):
 
 
 def _add_gate_options(p, *, threshold_help: str) -> None:
-    p.add_argument("--threshold", type=float, default=None, help=threshold_help)
-    p.add_argument("--k", type=float, default=2.0, help="minimum effect >= k x the case's own noise (default 2)")
-    p.add_argument("--alpha", type=float, default=0.05, help="family-wise level across compared cases")
+    p.add_argument("--threshold", type=arguments.nonnegative_float, default=None, help=threshold_help)
+    p.add_argument("--k", type=arguments.nonnegative_float, default=2.0,
+                   help="minimum effect >= k x the case's own noise (default 2)")
+    p.add_argument("--alpha", type=arguments.probability, default=0.05,
+                   help="family-wise level across compared cases")
     p.add_argument("--correction", default="holm", help="holm (default) or bh")
     p.add_argument("--test", default=None, help="mwu (Mann-Whitney U) or wilcoxon (paired; --against only)")
 
 
 def cmd_report(args) -> int:
+    from twinbench.harness.store.results import Output, check_outputs
     from twinbench.reports.html import write_html
     from twinbench.reports.junit import write_junit
     from twinbench.reports.markdown import write_markdown
 
+    out = Path(args.out)
+    outputs = [Output("--out", out)] + [Output(option, Path(path)) for option, path in
+                                        (("--markdown", args.markdown), ("--junit", args.junit), ("--csv", args.csv))
+                                        if path]
+    check_outputs(outputs, inputs=[*args.results, *_files_in(args.baseline), *_files_in(args.history)])
     doc = merge_documents(args.results)
     gate = None
     if args.baseline:
@@ -67,9 +86,6 @@ def cmd_report(args) -> int:
         from twinbench.harness.store import history
 
         trends = history.trends(args.history, doc)
-    out = Path(args.out)
-    if out.is_dir():
-        raise UsageError(f"--out {out} is a folder; give the report's file name (e.g. {out}/report.html)")
     written = [write_html(doc, out, gate=gate, trends=trends)]
     if args.markdown:
         written.append(write_markdown(doc, args.markdown, gate=gate))
@@ -86,10 +102,13 @@ def cmd_report(args) -> int:
 
 def cmd_baseline_save(args) -> int:
     from twinbench.harness.store import baseline
-    from twinbench.harness.store.results import load
+    from twinbench.harness.store.results import Output, check_outputs, load
 
     doc = load(args.results)
-    for path in baseline.save(doc, args.dir, device=args.device, replace=args.replace):
+    plans = baseline.plan_save(doc, args.dir, device=args.device, replace=args.replace)
+    check_outputs([Output("--dir", Path(args.dir), folder=True), *(Output("--dir", path) for path, _ in plans)],
+                  inputs=[args.results])
+    for path in baseline.write(plans):
         n = len(baseline.load(path)["entries"])
         print(f"wrote {path} ({n} entries)")
     return 0
@@ -123,6 +142,15 @@ def cmd_gate(args) -> int:
 
     if bool(args.against) == bool(args.baseline):
         raise UsageError("give exactly one of --baseline FILE (with RESULTS) or --against GIT_REF")
+    if args.out:  # before the gate runs: an unwritable --out must not follow a printed verdict
+        from twinbench.harness.store.results import Output, check_outputs
+        from twinbench.reports import REPORT_FILES
+
+        names = ["gate.json", *(REPORT_FILES if args.baseline else GATE_AGAINST_FILES)]
+        check_outputs([Output("--out", Path(args.out), folder=True), *(Output("--out", Path(args.out) / n)
+                                                                         for n in names)],
+                      inputs=[*args.results, *_files_in(args.confirm), *_files_in(args.baseline),
+                              *_files_in(args.calibration)])
     if args.baseline:
         from twinbench.harness.gate.stored import gate_against_baseline
         from twinbench.harness.store.results import load
@@ -167,8 +195,8 @@ def _write_gate_outputs(result: dict[str, Any], out: Path, doc: dict[str, Any] |
         from twinbench.reports.markdown import write_markdown
 
         empty = {"schema_version": 1, "provenance": {}, "fingerprints": {}, "results": []}
-        written += [write_markdown(empty, out / "summary.md", gate=result),
-                    write_junit(empty, out / "junit.xml", gate=result)]
+        markdown, junit = GATE_AGAINST_FILES
+        written += [write_markdown(empty, out / markdown, gate=result), write_junit(empty, out / junit, gate=result)]
     print("wrote " + ", ".join(str(p) for p in written))
 
 
@@ -193,11 +221,12 @@ def _measurement(args):
 
 def cmd_calibrate(args) -> int:
     from twinbench.harness.gate import calibrate
+    from twinbench.harness.store.results import Output, check_outputs
 
     slowdowns = calibrate.parse_slowdowns(args.slowdowns)
     modes = calibrate.parse_modes(args.modes)
-    if args.comparisons < 1 or args.power_comparisons < 1:
-        raise UsageError("--comparisons and --power-comparisons must be >= 1")
+    check_outputs([*([Output("--json", Path(args.json))] if args.json else []),
+                   *([Output("--dir", Path(args.dir), folder=True)] if args.save else [])])
     options = calibrate.CalibrateOptions(
         selection=_selection(args), measurement=_measurement(args), slowdowns=slowdowns, modes=modes,
         comparisons=args.comparisons, power_comparisons=args.power_comparisons, max_cases=args.max_cases,
@@ -209,7 +238,10 @@ def cmd_calibrate(args) -> int:
 
 def cmd_history_add(args) -> int:
     from twinbench.harness.store import history
+    from twinbench.harness.store.results import Output, check_outputs
 
+    if "://" not in args.db:  # a URL is a database server's business
+        check_outputs([Output("--db", Path(args.db))], inputs=args.results)
     for path in args.results:
         added = history.add(args.db, path)
         print(f"{path}: {'added' if added else 'already in the history, skipped'} ({args.db})")
@@ -267,11 +299,13 @@ def register(sub) -> None:
     c = sub.add_parser("calibrate", help="measure the gate's A/A false alarms and power on this machine")
     _add_selection(c)
     _add_gate_options(c, threshold_help="product threshold to calibrate (default as the gate)")
-    c.add_argument("--comparisons", type=int, default=200, help="A/A case comparisons per mode (>= 200)")
-    c.add_argument("--power-comparisons", type=int, default=60, help="comparisons per injected slowdown")
+    c.add_argument("--comparisons", type=arguments.positive_int, default=200,
+                   help="A/A case comparisons per mode (>= 200)")
+    c.add_argument("--power-comparisons", type=arguments.positive_int, default=60,
+                   help="comparisons per injected slowdown")
     c.add_argument("--slowdowns", default="5,10,20", help="injected slowdowns in percent")
     c.add_argument("--modes", default="against,baseline", help="against, baseline or both")
-    c.add_argument("--max-cases", type=int, default=4, help="workload cases (cycled through)")
+    c.add_argument("--max-cases", type=arguments.positive_int, default=4, help="workload cases (cycled through)")
     c.add_argument("--save", action="store_true", help="write <dir>/<fingerprint>.calibration.json")
     c.add_argument("--dir", default=str(DEFAULT_BASELINES))
     c.add_argument("--json", default=None, help="write the measured numbers here")
@@ -287,9 +321,10 @@ def register(sub) -> None:
     hs.add_argument("--db", default=str(DEFAULT_HISTORY))
     hs.add_argument("--suite", default=None)
     hs.add_argument("--metric", default="fwd_median_ms", help="metric name (see results.csv), default fwd_median_ms")
-    hs.add_argument("--window", type=int, default=50, help="E-divisive window (Otava default 50)")
-    hs.add_argument("--max-pvalue", type=float, default=0.001)
-    hs.add_argument("--min-magnitude", type=float, default=0.05, help="smallest relative change reported")
+    hs.add_argument("--window", type=arguments.positive_int, default=50, help="E-divisive window (Otava default 50)")
+    hs.add_argument("--max-pvalue", type=arguments.probability, default=0.001)
+    hs.add_argument("--min-magnitude", type=arguments.nonnegative_float, default=0.05,
+                    help="smallest relative change reported")
     hs.add_argument("--json", action="store_true")
     hs.set_defaults(handler=cmd_history_show)
 
@@ -300,13 +335,13 @@ def _add_selection(p) -> None:
     p.add_argument("--case", action="append", default=[], help="key=value[,...]: filter or new shape")
     p.add_argument("--profile", default="quick")
     p.add_argument("--device", default="cpu", help="one device (default cpu)")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per comparison (>= 7)")
-    p.add_argument("--block-ms", type=float, default=None, help="milliseconds of calls per sample")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--rounds", type=arguments.rounds, default=None, help="interleaved rounds per comparison (>= 7)")
+    p.add_argument("--block-ms", type=arguments.positive_float, default=None, help="milliseconds of calls per sample")
+    p.add_argument("--threads", type=arguments.positive_int, default=None,
                    help="CPU threads per worker (default 1 on the CPU: shared-box timings are far steadier)")
     p.add_argument("--clock", default=None,
                    help="CPU only: process (CPU time, default) or wall (what `twinbench run` measures)")
     p.add_argument("--no-pin", action="store_true",
                    help="CPU only: do not pin both workers to the same CPU(s) (pinning is far steadier on VMs)")
     p.add_argument("--plugin", action="append", default=[])
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds a worker may stay silent")
+    p.add_argument("--timeout", type=arguments.positive_float, default=300.0, help="seconds a worker may stay silent")

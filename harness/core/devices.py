@@ -15,6 +15,30 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
 
+# AMD's last-level cache ("Infinity Cache", MALL) per gfx arch, the largest part of each arch; torch reports only
+# the L2 (docs/method.md §2: the flush must be at least twice the last-level cache). Public AMD spec sheets.
+INFINITY_CACHE_BYTES = {
+    "gfx908": 0,             # MI100: none, the L2 is the last level
+    "gfx90a": 0,             # MI200: none
+    "gfx942": 256 * 2**20,   # MI300X / MI300A / MI325X
+    "gfx950": 256 * 2**20,   # MI350X / MI355X
+    "gfx1030": 128 * 2**20,  # RX 6800 / 6900
+    "gfx1031": 96 * 2**20,   # RX 6700 XT
+    "gfx1032": 32 * 2**20,   # RX 6600
+    "gfx1100": 96 * 2**20,   # RX 7900 XTX
+    "gfx1101": 64 * 2**20,   # RX 7800 XT
+    "gfx1102": 32 * 2**20,   # RX 7600
+    "gfx1200": 32 * 2**20,   # RX 9060 XT
+    "gfx1201": 64 * 2**20,   # RX 9070 XT
+}
+
+# What users may type for the first device of a kind.
+ALIASES = {"cuda": "cuda:0", "rocm": "cuda:0", "hip": "cuda:0", "xpu": "xpu:0", "gpu": "cuda:0"}
+
+# Device-name prefixes whose run workers see only their own device (process.py's worker_environment narrows
+# CUDA/HIP and Level Zero visibility): inside such a worker its device is index 0.
+NARROWED_IN_RUN_WORKERS = ("cuda", "xpu")
+
 # Environment variables that change which kernels run; recorded in the fingerprint's soft part.
 RELEVANT_ENV = (
     "TRITON_INTERPRET",
@@ -90,6 +114,20 @@ def _cpu_device() -> Device:
     )
 
 
+def _bf16_native(props: Any, is_rocm: bool) -> bool:
+    """What ``torch.cuda.is_bf16_supported(including_emulation=False)`` decides, for the device whose properties
+    these are: the call itself reads only the *current* device, and making each GPU current in turn would create
+    a CUDA context on every GPU in the supervisor. Emulated bf16 (pre-sm80) is not bf16 support: kernels fall
+    back to slow paths or refuse."""
+    return is_rocm or int(getattr(props, "major", 0)) >= 8
+
+
+def device_uuid(props: Any) -> str:
+    """The device's UUID as torch reports it (``str(props.uuid)``); empty when this torch has none."""
+    uuid = getattr(props, "uuid", None)
+    return str(uuid) if uuid is not None else ""
+
+
 def _cuda_devices() -> list[Device]:
     import torch
 
@@ -104,9 +142,14 @@ def _cuda_devices() -> list[Device]:
         else:
             arch = f"sm_{p.major}{p.minor}"
         dtypes = ["fp32", "fp16"]
-        if torch.cuda.is_bf16_supported() if not is_rocm else True:
+        if _bf16_native(p, is_rocm):
             dtypes.append("bf16")
         dtypes.append("fp64")
+        l2 = int(getattr(p, "L2_cache_size", 0) or 0)
+        # The largest cache level: L2 on NVIDIA; on AMD the Infinity Cache where the arch has one.
+        last_level = max(l2, INFINITY_CACHE_BYTES.get(arch, 0) if is_rocm else 0)
+        if is_rocm and arch not in INFINITY_CACHE_BYTES:
+            last_level = 0  # an AMD arch not in the table may have an Infinity Cache: unknown, not L2
         found.append(
             Device(
                 name=f"cuda:{i}",
@@ -119,7 +162,9 @@ def _cuda_devices() -> list[Device]:
                 dtypes=tuple(dtypes),
                 extra={
                     "capability": f"{p.major}.{p.minor}",
-                    "l2_cache_bytes": int(getattr(p, "L2_cache_size", 0) or 0),
+                    "l2_cache_bytes": l2,
+                    "last_level_cache_bytes": last_level,  # 0: unknown
+                    "uuid": device_uuid(p),
                 },
             )
         )
@@ -152,6 +197,28 @@ def _xpu_devices() -> list[Device]:
     return found
 
 
+def _run_text(command: list[str]) -> str:
+    """A helper tool's stdout; empty when it is missing, fails or hangs (a fingerprint field is then empty)."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=10, check=True).stdout
+    except Exception:
+        return ""
+
+
+def _apple_gpu() -> tuple[str, int]:
+    """The Apple chip's name (``Apple M2 Pro``) and its GPU core count (0 when unreadable): MPS reports neither,
+    and ``platform.processor()`` says only ``arm``, so different M-series chips would share a hard key."""
+    chip = _run_text(["sysctl", "-n", "machdep.cpu.brand_string"]).strip()
+    cores = 0
+    try:
+        displays = json.loads(_run_text(["system_profiler", "SPDisplaysDataType", "-json"]) or "{}")
+        for gpu in displays.get("SPDisplaysDataType", []):
+            cores = max(cores, int(str(gpu.get("sppci_cores", "0")).strip() or 0))
+    except (ValueError, AttributeError, TypeError):
+        cores = 0
+    return chip, cores
+
+
 def _mps_devices() -> list[Device]:
     import torch
 
@@ -165,8 +232,10 @@ def _mps_devices() -> list[Device]:
         dtypes.append("bf16")
     except Exception:
         pass
-    return [Device(name="mps", backend="mps", torch_device="mps", model=platform.processor() or "Apple GPU",
-                   arch=platform.machine(), memory_bytes=_mem_total(), dtypes=tuple(dtypes))]
+    chip, gpu_cores = _apple_gpu()
+    return [Device(name="mps", backend="mps", torch_device="mps", model=chip or platform.processor() or "Apple GPU",
+                   arch=platform.machine(), compute_units=gpu_cores, memory_bytes=_mem_total(),
+                   dtypes=tuple(dtypes))]
 
 
 @lru_cache(maxsize=1)
@@ -185,13 +254,36 @@ def detect() -> tuple[Device, ...]:
 def find(name: str) -> Device:
     from twinbench.harness.core.errors import UsageError
 
-    aliases = {"cuda": "cuda:0", "rocm": "cuda:0", "hip": "cuda:0", "xpu": "xpu:0", "gpu": "cuda:0"}
-    wanted = aliases.get(name, name)
+    wanted = ALIASES.get(name, name)
     for dev in detect():
         if dev.name == wanted:
             return dev
     have = ", ".join(d.name for d in detect())
     raise UsageError(f"no device {name!r} on this machine (found: {have})")
+
+
+def reference_device_in_worker(reference: str | None, worker_device: str) -> str | None:
+    """``--reference-device`` as the run worker of ``worker_device`` must name it.
+
+    The supervisor checks the name in its own view of every device, but a run worker on a GPU sees only its
+    own device, as index 0 (``worker_environment``): there ``cuda:1`` is an invalid ordinal and ``cuda:0``
+    silently means the worker's own GPU. The worker's own device becomes index 0; another device of the same
+    kind is not visible to that worker (UsageError, one line); other kinds (``cpu``, ``mps``, another family)
+    pass unchanged.
+    """
+    from twinbench.harness.core.errors import UsageError
+
+    if reference is None:
+        return None
+    wanted, worker = ALIASES.get(reference, reference), ALIASES.get(worker_device, worker_device)
+    family, _, index = wanted.partition(":")
+    worker_family, _, worker_index = worker.partition(":")
+    if family != worker_family or family not in NARROWED_IN_RUN_WORKERS:
+        return wanted
+    if index != worker_index:
+        raise UsageError(f"--reference-device {reference} is not visible to the {worker_device} worker (a GPU "
+                         f"worker sees only its own device): use cpu or {worker_device}")
+    return f"{family}:0"
 
 
 def _versions() -> dict[str, str]:
@@ -209,35 +301,58 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _nvidia_smi(index: int) -> dict[str, str]:
-    """Clocks, power limit, temperature, throttle reasons, driver (soft fields); empty if unreadable."""
+def _nvidia_smi(uuid: str) -> dict[str, str]:
+    """Clocks, power limit, temperature, throttle reasons, driver (soft fields) of the GPU with this UUID; empty
+    if unreadable. By UUID, never by torch's index: ``nvidia-smi --id=N`` ignores CUDA_VISIBLE_DEVICES, so inside
+    a narrowed worker index 0 is another physical GPU."""
+    if not uuid:
+        return {}
     fields = "driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu,clocks_throttle_reasons.active"
-    try:
-        text = subprocess.run(
-            ["nvidia-smi", f"--id={index}", f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()
-    except Exception:
+    ident = uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+    text = _run_text(["nvidia-smi", f"--id={ident}", f"--query-gpu={fields}", "--format=csv,noheader,nounits"])
+    values = [v.strip() for v in text.strip().split(",")]
+    if len(values) != len(fields.split(",")):
         return {}
-    return dict(zip(fields.split(","), (v.strip() for v in text.split(","))))
+    return dict(zip(fields.split(","), values))
 
 
-def _rocm_smi(index: int) -> dict[str, str]:
-    """ROCm clocks, power cap, temperature and driver from rocm-smi's JSON (soft fields); empty if absent."""
+def _rocm_unique_ids(uuid: str) -> set[str]:
+    """The forms under which rocm-smi's "Unique ID" may name the GPU whose torch UUID this is: HIP's UUID holds
+    the unique ID's hex digits as ASCII bytes (``35636162-...`` is ``5cab...``); compare both, lower-case."""
+    digits = uuid.removeprefix("GPU-").replace("-", "").lower()
+    forms = {digits}
     try:
-        text = subprocess.run(["rocm-smi", "-d", str(index), "--showclocks", "--showmaxpower", "--showtemp",
-                               "--showdriverversion", "--json"], capture_output=True, text=True, timeout=10,
-                              check=True).stdout
-        data = json.loads(text)
-    except Exception:
+        forms.add(bytes.fromhex(digits).decode("ascii").lower())
+    except (ValueError, UnicodeDecodeError):
+        pass
+    return {f.removeprefix("0x") for f in forms if f}
+
+
+def _rocm_smi(uuid: str) -> dict[str, str]:
+    """ROCm driver (system-wide) and the clocks, power cap and temperature (soft fields) of the card whose unique
+    ID matches the device's UUID; no card fields when none matches. ``rocm-smi -d N`` numbers cards ignoring the visibility masks,
+    so the card is found by ID, never by torch's index."""
+    if not uuid:
         return {}
+    try:
+        data = json.loads(_run_text(["rocm-smi", "--showuniqueid", "--showclocks", "--showmaxpower", "--showtemp",
+                                     "--showdriverversion", "--json"]) or "{}")
+    except ValueError:
+        return {}
+    wanted = _rocm_unique_ids(uuid)
     out: dict[str, str] = {}
     for section in data.values():
+        if not isinstance(section, dict):
+            continue
+        driver = [str(v) for k, v in section.items() if "driver version" in k.lower()]
+        if driver:  # reported once, in the "system" section
+            out["driver"] = driver[0]
+        ident = next((str(v).lower().removeprefix("0x") for k, v in section.items() if "unique id" in k.lower()), None)
+        if ident is None or ident not in wanted:
+            continue
         for key, value in section.items():
             low = key.lower()
-            if "driver version" in low:
-                out["driver"] = str(value)
-            elif "sclk" in low or "mclk" in low or "max graphics package power" in low or "temperature" in low:
+            if "sclk" in low or "mclk" in low or "max graphics package power" in low or "temperature" in low:
                 out[key] = str(value)
     return out
 
@@ -282,11 +397,11 @@ def fingerprint(device: Device) -> dict[str, Any]:
         "env": {k: os.environ[k] for k in RELEVANT_ENV if k in os.environ},
     }
     if device.backend == "cuda":
-        smi = _nvidia_smi(int(device.name.split(":")[1]))
+        smi = _nvidia_smi(str(device.extra.get("uuid", "")))
         hard["driver"] = smi.pop("driver_version", "")
         soft.update(smi)
     elif device.backend == "rocm":
-        smi = _rocm_smi(int(device.name.split(":")[1]))
+        smi = _rocm_smi(str(device.extra.get("uuid", "")))
         hard["driver"] = smi.pop("driver", "")
         soft.update(smi)
     soft.update({k: v for k, v in device.extra.items() if k != "threads"})

@@ -27,7 +27,7 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _release_freed_heap() -> None:
+def release_freed_heap() -> None:
     """Give freed heap back to the OS so the next call's growth shows in RSS (glibc only)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -71,22 +71,23 @@ def peak_memory(device: Device, fn: Callable[[], Any]) -> dict[str, Any]:
         torch.cuda.synchronize(device.torch_device)
         return {"peak_bytes": int(torch.cuda.max_memory_allocated(device.torch_device) - start),
                 "method": "torch.cuda.max_memory_allocated"}
-    if backend == "xpu":
-        torch.xpu.synchronize()
-        torch.xpu.reset_peak_memory_stats()
-        start = torch.xpu.memory_allocated()
+    if backend == "xpu":  # every call names the device: without one they read the current device
+        torch.xpu.synchronize(device.torch_device)
+        torch.xpu.reset_peak_memory_stats(device.torch_device)
+        start = torch.xpu.memory_allocated(device.torch_device)
         fn()
-        torch.xpu.synchronize()
-        return {"peak_bytes": int(torch.xpu.max_memory_allocated() - start),
+        torch.xpu.synchronize(device.torch_device)
+        return {"peak_bytes": int(torch.xpu.max_memory_allocated(device.torch_device) - start),
                 "method": "torch.xpu.max_memory_allocated"}
     if backend == "mps":
+        # MPS has no peak counter and the driver's allocation at the end of the call reads ~0 (freed blocks
+        # stay cached): count live tensors exactly instead (docs/method.md §3).
         torch.mps.synchronize()
-        start = torch.mps.driver_allocated_memory()
-        fn()
+        with TensorPeak() as watched:
+            fn()
         torch.mps.synchronize()
-        return {"peak_bytes": int(max(0, torch.mps.driver_allocated_memory() - start)),
-                "method": "torch.mps.driver_allocated_memory (end of call; MPS has no peak counter)"}
-    _release_freed_heap()
+        return {"peak_bytes": int(watched.peak), "method": TensorPeak.METHOD}
+    release_freed_heap()
     with RssSampler() as sampler:
         start = sampler.peak
         fn()
@@ -104,6 +105,8 @@ class TensorPeak:
     before the block (parameters, optimizer state, cached workspaces) and the relief when one of them is freed
     inside it; the allocator's rounding. Slows each op by Python-level bookkeeping: time a block without it.
     """
+
+    METHOD = "tensor-peak (live tensor storages allocated in the call; no allocator rounding)"
 
     def __init__(self) -> None:
         self.peak = 0

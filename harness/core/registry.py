@@ -148,6 +148,9 @@ class Impl:
 
 
 SUITES: dict[str, Suite] = {}
+# Training loops (harness.core.experiment.Experiment): also in SUITES, the catalogue that `list` and the
+# planner read; harness.run.worker hands their cases to harness.run.experiment_case.
+EXPERIMENTS: dict[str, Any] = {}
 IMPLS: dict[tuple[str, str], Impl] = {}
 import_failures: dict[str, str] = {}
 _loaded_sources: set[str] = set()

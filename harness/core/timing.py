@@ -32,9 +32,14 @@ def summarize_ratio(ratios: list[float]) -> dict[str, Any]:
 
 
 class Timer:
-    """Times ``number`` back-to-back calls of ``fn``; returns milliseconds per call."""
+    """Times ``number`` back-to-back calls of ``fn``; returns milliseconds per call.
+
+    ``overhead_ms_per_call`` is device time each call costs outside the timed region (the cache flush): it
+    does not count in the samples but it does in the time budget (:func:`interleaved`).
+    """
 
     mode = "cpu-wallclock"
+    overhead_ms_per_call = 0.0
 
     def __init__(self, device: Device):
         self.device = device
@@ -51,54 +56,86 @@ class Timer:
         return (time.perf_counter() - start) * 1e3 / number
 
 
+# Flush size when the device reports no last-level cache: twice the largest one known (MI300X's and MI355X's
+# 256 MiB Infinity Cache), docs/method.md §2.
+UNKNOWN_CACHE_FLUSH_BYTES = 2 * 256 * 2**20
+
+
+def flush_bytes(device: Device) -> int:
+    """Bytes written between timed calls: at least twice the largest cache level the device reports."""
+    largest = int(device.extra.get("last_level_cache_bytes") or 0)  # 0: unknown (devices.py)
+    return 2 * largest if largest > 0 else UNKNOWN_CACHE_FLUSH_BYTES
+
+
 class CudaTimer(Timer):
-    """CUDA/ROCm events around each call; an L2-sized buffer is zeroed before each call, outside the events."""
+    """CUDA/ROCm events on the device's own current stream around each call; a buffer of at least twice the
+    last-level cache is zeroed before each call, outside the events. Every call names the device: events,
+    streams and ``synchronize()`` without one use the current device, which need not be this one."""
 
     mode = "cuda-events+l2-flush"
 
     def __init__(self, device: Device):
         super().__init__(device)
-        l2 = int(device.extra.get("l2_cache_bytes") or 0)
-        # >= 2x last-level cache; 256 MiB covers MI300X's Infinity Cache when L2 size is unknown.
-        flush_bytes = max(2 * l2, 256 * 2**20)
-        self.flush_buf = torch.empty(flush_bytes // 4, dtype=torch.int32, device=device.torch_device)
+        self.torch_device = torch.device(device.torch_device)
+        self.flush_buf = torch.empty(flush_bytes(device) // 4, dtype=torch.int32, device=self.torch_device)
         if device.backend == "rocm":
             self.mode = "hip-events+l2-flush"
+        self.overhead_ms_per_call = self._flush_ms()
+
+    def _flush_ms(self, repeats: int = 3) -> float:
+        """Device time of one flush (the first, cold one not counted)."""
+        stream = torch.cuda.current_stream(self.torch_device)
+        self.flush_buf.zero_()
+        pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        for start, end in pairs:
+            start.record(stream)
+            self.flush_buf.zero_()
+            end.record(stream)
+        self.sync()
+        return float(np.median([s.elapsed_time(e) for s, e in pairs]))
 
     def sync(self) -> None:
-        torch.cuda.synchronize(self.device.torch_device)
+        torch.cuda.synchronize(self.torch_device)
 
     def block(self, fn: Callable[[], Any], number: int) -> float:
+        stream = torch.cuda.current_stream(self.torch_device)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(number)]
         for start, end in events:
             self.flush_buf.zero_()
-            start.record()
+            start.record(stream)
             fn()
-            end.record()
+            end.record(stream)
         self.sync()
         return float(np.mean([s.elapsed_time(e) for s, e in events]))
 
 
 class XpuTimer(Timer):
+    """XPU events on the device's own current stream; every call names the device (see CudaTimer)."""
+
     mode = "xpu-events"
 
+    def __init__(self, device: Device):
+        super().__init__(device)
+        self.torch_device = torch.device(device.torch_device)
+
     def sync(self) -> None:
-        torch.xpu.synchronize()
+        torch.xpu.synchronize(self.torch_device)
 
     def block(self, fn: Callable[[], Any], number: int) -> float:
+        stream = torch.xpu.current_stream(self.torch_device)
         start, end = torch.xpu.Event(enable_timing=True), torch.xpu.Event(enable_timing=True)
         self.sync()
-        start.record()
+        start.record(stream)
         for _ in range(number):
             fn()
-        end.record()
+        end.record(stream)
         self.sync()
         return float(start.elapsed_time(end)) / number
 
 
 class MpsTimer(Timer):
-    """torch.utils.benchmark does not synchronise MPS; MPS events do."""
+    """torch.utils.benchmark does not synchronise MPS; MPS events do. MPS has one device."""
 
     mode = "mps-events"
 
@@ -150,7 +187,7 @@ def interleaved(timer: Timer, fns: Mapping[str, Callable[[], Any]], plan: Timing
         if on_round:
             on_round(name)
         numbers[name], per_call = calibrate_number(timer, fn, plan)
-        per_round_s += numbers[name] * per_call / 1e3
+        per_round_s += numbers[name] * (per_call + timer.overhead_ms_per_call) / 1e3
     rounds = plan.rounds
     if per_round_s * rounds > plan.budget_s:
         rounds = max(plan.min_rounds, int(plan.budget_s / max(per_round_s, 1e-9)))
@@ -177,27 +214,56 @@ def flops_ceiling(ceilings: Mapping[str, Any], dtype: str | None) -> float | Non
     return max(found) if found else None
 
 
+@dataclass(frozen=True)
+class PeakShare:
+    """Achieved throughput as a share of the measured ceiling. ``ceiling_too_low``: the case ran faster than the
+    ceiling, so the ceiling under-measures the device; the share is then clipped to 100, never reported above."""
+
+    pct: float | None
+    ceiling_too_low: bool = False
+
+
+def share_of_peak(achieved: float, ceiling: float | None) -> PeakShare:
+    if not ceiling:
+        return PeakShare(None)
+    pct = 100 * achieved / ceiling
+    return PeakShare(min(pct, 100.0), pct > 100.0)
+
+
+# Square matmul sizes tried for the FLOP/s ceiling: one size under-measures some devices (2048^3 is below the
+# achievable peak of H100/B200/MI300-class GPUs), so several are timed and the best counts.
+CEILING_SIZES_GPU = (2048, 4096, 8192)
+CEILING_SIZES_CPU = (512, 1024)
+
+
 def measure_ceilings(device: Device, dtypes: tuple[str, ...] = ("fp32", "bf16", "fp16"),
                      budget_ms: float = 400.0) -> dict[str, Any]:
-    """The device's achievable peaks, measured: a large matmul per dtype and a large copy."""
+    """The device's achievable peaks, measured: the best of several matmul sizes per dtype, and a large copy."""
     from twinbench.harness.core.case import torch_dtype
 
     timer = timer_for(device)
     plan = TimingPlan(block_ms=budget_ms / 4, warmup_ms=budget_ms / 8)
-    n = 2048 if device.is_gpu else 1024
-    out: dict[str, Any] = {"matmul_tflops": {}, "copy_gbps": None, "matmul_n": n}
+    sizes = CEILING_SIZES_GPU if device.is_gpu else CEILING_SIZES_CPU
+    out: dict[str, Any] = {"matmul_tflops": {}, "copy_gbps": None, "matmul_n": {}}
     for name in dtypes:
         if not device.supports_dtype(name):
             continue
-        try:
-            a = torch.randn(n, n, device=device.torch_device).to(torch_dtype(name))
-            b = torch.randn(n, n, device=device.torch_device).to(torch_dtype(name))
-            number, _ = calibrate_number(timer, lambda: torch.mm(a, b), plan)
-            ms = min(timer.block(lambda: torch.mm(a, b), number) for _ in range(3))
-            out["matmul_tflops"][name] = 2 * n**3 / (ms * 1e-3) / 1e12
-        except Exception:  # a dtype the backend cannot multiply has no ceiling
-            continue
-    size = (256 if device.is_gpu else 64) * 2**20
+        for n in sizes:
+            try:
+                a = torch.randn(n, n, device=device.torch_device).to(torch_dtype(name))
+                b = torch.randn(n, n, device=device.torch_device).to(torch_dtype(name))
+                number, per_call = calibrate_number(timer, lambda a=a, b=b: torch.mm(a, b), plan)
+                ms = min(timer.block(lambda a=a, b=b: torch.mm(a, b), number) for _ in range(3))
+            except Exception:  # a dtype the backend cannot multiply (or a size it cannot hold) has no ceiling
+                break
+            tflops = 2 * n**3 / (ms * 1e-3) / 1e12
+            if tflops > out["matmul_tflops"].get(name, 0.0):
+                out["matmul_tflops"][name], out["matmul_n"][name] = tflops, n
+            if per_call > plan.block_ms:  # the next size would take 8x longer: past the budget
+                break
+    # Each side at least as large as the flush (which is sized past the last-level cache), so the copy streams
+    # from memory, not from a cache.
+    size = max((256 if device.is_gpu else 64) * 2**20, flush_bytes(device) if device.is_gpu else 0)
     src = torch.empty(size // 4, dtype=torch.float32, device=device.torch_device).fill_(1.0)
     dst = torch.empty_like(src)
     number, _ = calibrate_number(timer, lambda: dst.copy_(src), plan)

@@ -15,7 +15,7 @@ from typing import Any
 from twinbench.harness.core.errors import UsageError
 from twinbench.harness.gate import stats
 from twinbench.harness.store.baseline import MODES, check_fingerprint, entry_key, pick
-from twinbench.harness.store.results import read_json
+from twinbench.harness.store.results import confined, read_json
 
 # Without a calibration file the run-to-run noise of the median between sessions is assumed to be this
 # share; `twinbench calibrate --save` measures the real one (docs/method.md §4, numbers in §7).
@@ -49,7 +49,8 @@ def gate_against_baseline(doc: dict[str, Any], baseline_path: str | Path, config
         diff = check_fingerprint(result_fp, base, str(path), allow_mismatch)
         if diff:
             notes.append(f"compared across hard fingerprints ({'; '.join(diff)[:200]})")
-        cal = load_calibration(calibration or path.with_name(f"{base['fingerprint']['id']}.calibration.json"))
+        cal = load_calibration(calibration or confined(path.parent, f"{base['fingerprint']['id']}.calibration.json",
+                                                       "calibration file"))
         run_noise = ((cal or {}).get("baseline") or {}).get("run_to_run_noise")
         if run_noise is None:
             run_noise = DEFAULT_RUN_TO_RUN_NOISE

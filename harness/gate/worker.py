@@ -165,6 +165,8 @@ def main() -> int:
 
     registry.load_plugins(config.plugins)
     device = devices.find(config.device)
+    # Gate workers see every GPU (not narrowed), and the tree's timers may predate explicit devices: pin first.
+    proto.pin_worker_device(device.torch_device)
     events.send(proto.Ready(harness=os.path.dirname(os.path.abspath(harness.__file__)),
                             fingerprint=devices.fingerprint(device)))
     prepared: dict[str, Any] = {}

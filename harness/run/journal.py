@@ -8,11 +8,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from twinbench.harness.store.results import atomic_write_json, new_document, now_iso, record_key
+from twinbench.harness.store.results import atomic_write_json, dumps_strict, new_document, now_iso, record_key
 
 
 class Journal:
-    """Append-only JSON lines, fsync'd per line; a torn last line (killed mid-write) is ignored on read.
+    """Append-only JSON lines, fsync'd per line. A torn last line (a run killed mid-write) is ignored on read
+    and cut off before the first append, so the next entry never glues onto it.
 
     Entries: ``{"type": "start", "provenance"}``, ``{"type": "fingerprint", "fingerprint", "import_failures"}``,
     ``{"type": "ceilings", "device", "fingerprint", "ceilings"}``, ``{"type": "record", "record"}``.
@@ -21,12 +22,30 @@ class Journal:
     def __init__(self, path: Path):
         self.path = path
         self.lock = threading.Lock()
+        self.tail_checked = False
 
     def append(self, entry: dict[str, Any]) -> None:
-        with self.lock, open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(entry) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        line = dumps_strict(entry, indent=None) + "\n"  # strict JSON, as every file we write
+        with self.lock:
+            if not self.tail_checked:
+                self._cut_torn_tail()
+                self.tail_checked = True
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    def _cut_torn_tail(self) -> None:
+        """Truncate the file after its last complete line (a line is complete once its newline is written)."""
+        try:
+            with open(self.path, "rb+") as fh:
+                data = fh.read()
+                if data and not data.endswith(b"\n"):
+                    fh.truncate(data.rfind(b"\n") + 1)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        except FileNotFoundError:
+            pass
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():

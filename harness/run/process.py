@@ -13,6 +13,7 @@ worker loads the head's copy by file path instead of the measured tree's.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import enum
 import json
@@ -20,6 +21,7 @@ import os
 import select
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -113,6 +115,32 @@ class Begin(Message):
 
 
 @dataclass(frozen=True)
+class Heartbeat(Message):
+    """The running step is alive (``twinbench.harness.core.progress.note``): resets the no-progress clock."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class ProbeSuite(Message):
+    """Run worker: ``available``/``supports`` of every impl of ``suite`` not in ``exclude`` (``twinbench list``)."""
+
+    TYPE: ClassVar[str] = "probe_suite"
+    suite: str
+    exclude: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Probed(Message):
+    TYPE: ClassVar[str] = "probed"
+    impl: str
+    ok: bool
+    why: str = ""
+    state_changed: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class RecordDone(Message):
     TYPE: ClassVar[str] = "record"
     record: dict[str, Any]
@@ -152,8 +180,8 @@ class Timed(Message):
 
 
 MESSAGES: dict[str, type[Message]] = {cls.TYPE: cls for cls in (
-    Stop, RunCase, Prepare, Time, Fingerprint, Ceilings, Ready, Begin, RecordDone, CaseError, CaseDone,
-    Prepared, Timed)}
+    Stop, RunCase, Prepare, Time, Fingerprint, Ceilings, Ready, Begin, Heartbeat, ProbeSuite, Probed, RecordDone,
+    CaseError, CaseDone, Prepared, Timed)}
 
 
 def parse(line: str) -> Message:
@@ -165,15 +193,24 @@ def parse(line: str) -> Message:
 
 
 class EventWriter:
-    """The worker's side of the event pipe: one JSON line per message, flushed at once."""
+    """The worker's side of the event pipe: one JSON line per message, flushed at once.
+
+    The fd is made non-inheritable: a process an impl starts (``os.system``, ``fork``) must not hold the
+    pipe open, or the supervisor could not tell the worker's death from its silence.
+    """
 
     def __init__(self, fd: int, default: Callable[[Any], Any] | None = None):
+        with contextlib.suppress(OSError):
+            os.set_inheritable(fd, False)
         self.fh = os.fdopen(fd, "w", buffering=1, encoding="utf-8")
         self.default = default
+        self.lock = threading.Lock()  # heartbeats may come from an impl's own threads
 
     def send(self, message: Message) -> None:
-        self.fh.write(json.dumps(message.to_json(), default=self.default) + "\n")
-        self.fh.flush()
+        line = json.dumps(message.to_json(), default=self.default) + "\n"
+        with self.lock:
+            self.fh.write(line)
+            self.fh.flush()
 
 
 def requests(stream: IO[str]):
@@ -201,6 +238,53 @@ DEFAULT_GATE_CPU_THREADS = 1
 VISIBILITY_VARIABLES = {"cuda": "CUDA_VISIBLE_DEVICES", "rocm": "HIP_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}
 
 
+def _mask(value: str | None) -> list[str] | None:
+    """A visibility variable's entries (indices or UUIDs); None when unset."""
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def narrowed_visibility(backend: str, index: int, env: Mapping[str, str]) -> dict[str, str | None]:
+    """The visibility variables that make torch's device ``index`` (numbered in ``env``'s view) the worker's only
+    device: name -> value, None to remove. Masks compose, they are never replaced: ``index`` is an index into
+    the list that ``env`` already exposes.
+
+    ROCm applies ``ROCR_VISIBLE_DEVICES`` first (the runtime's list), then ``HIP_VISIBLE_DEVICES`` indexes into
+    that list, and ``CUDA_VISIBLE_DEVICES`` only when HIP's is unset (HIP's has precedence; torch's
+    ``_parse_visible_devices`` reads them the same way). So ROCR's mask stays as it is, the HIP/CUDA mask in
+    effect is indexed, the entry goes into ``HIP_VISIBLE_DEVICES`` and ``CUDA_VISIBLE_DEVICES`` is removed (a
+    stale one could otherwise be read by a tool that ignores HIP's). CUDA and XPU have one variable each.
+    """
+    if backend == "rocm":
+        effective = _mask(env.get("HIP_VISIBLE_DEVICES"))
+        if effective is None:
+            effective = _mask(env.get("CUDA_VISIBLE_DEVICES"))
+        return {"HIP_VISIBLE_DEVICES": _entry(effective, index, "HIP/CUDA_VISIBLE_DEVICES"),
+                "CUDA_VISIBLE_DEVICES": None}
+    var = VISIBILITY_VARIABLES[backend]
+    return {var: _entry(_mask(env.get(var)), index, var)}
+
+
+def _entry(mask: list[str] | None, index: int, name: str) -> str:
+    if mask is None:
+        return str(index)
+    if index >= len(mask):
+        raise ValueError(f"device index {index} is not in {name}={','.join(mask)}")
+    return mask[index]
+
+
+def pin_worker_device(torch_device: str) -> None:
+    """Make the worker's device the current one, before any work: events, streams, ``synchronize()`` and memory
+    calls without a device argument mean the current device, so an unpinned gate worker on ``cuda:1`` would
+    time ``cuda:0`` (docs/method.md §2). Imports torch here: this module stays standard-library at import."""
+    import torch
+
+    device = torch.device(torch_device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    elif device.type == "xpu":
+        torch.xpu.set_device(device)
+
+
 @dataclass(frozen=True)
 class WorkerEnvironment:
     env: dict[str, str]
@@ -226,8 +310,9 @@ def worker_environment(kind: WorkerKind, backend: str, device_name: str, *, root
       started twinbench with ``TRITON_INTERPRET=1``; the CLI passes that in the options).
     - Device visibility (run workers on GPUs): ``CUDA_VISIBLE_DEVICES`` / ``HIP_VISIBLE_DEVICES`` /
       ``ZE_AFFINITY_MASK`` narrowed to the worker's device, so per-device workers in parallel cannot touch
-      each other's device; an existing mask is indexed, not replaced. Gate workers are not narrowed: they
-      find the device by name in the tree they serve, which may be an older commit.
+      each other's device; existing masks are composed, not replaced (:func:`narrowed_visibility`, ROCm's
+      three variables included). Gate workers are not narrowed: they find the device by name in the tree
+      they serve, which may be an older commit, and pin it (:func:`pin_worker_device`).
     - Threads: gate/calibrate CPU workers default to one thread and ``OMP_WAIT_POLICY=PASSIVE`` (the idle
       side's OpenMP threads must not spin while the other side is timed); run workers keep torch's default
       unless ``threads`` is given.
@@ -243,10 +328,11 @@ def worker_environment(kind: WorkerKind, backend: str, device_name: str, *, root
     else:
         env.pop("TRITON_INTERPRET", None)
     if kind is WorkerKind.RUN and backend in VISIBILITY_VARIABLES:
-        var = VISIBILITY_VARIABLES[backend]
-        index = device_name.split(":")[1]
-        visible = [v for v in env.get(var, "").split(",") if v.strip()]
-        env[var] = visible[int(index)] if visible and int(index) < len(visible) else index
+        for var, value in narrowed_visibility(backend, int(device_name.split(":")[1]), env).items():
+            if value is None:
+                env.pop(var, None)
+            else:
+                env[var] = value
     if kind is WorkerKind.GATE and backend == "cpu":
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         threads = threads or DEFAULT_GATE_CPU_THREADS
@@ -271,6 +357,59 @@ class WorkerHung(WorkerFailed):
 SIGNAL_HINTS = {"SIGKILL": " (killed: out of memory?)", "SIGSEGV": " (segmentation fault)", "SIGABRT": " (aborted)"}
 
 
+def _proc_stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, process group) of a live process from /proc; None when gone, a zombie, or no /proc."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields_ = text.rsplit(")", 1)[1].split()
+    if fields_[0] == "Z":
+        return None
+    return int(fields_[1]), int(fields_[2])
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children of children too) plus the other members of its process
+    group, read from /proc (empty where there is none). A child that called ``setsid`` leaves the group but
+    stays a descendant while its parent lives; that is why both are collected."""
+    table: dict[int, tuple[int, int]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit() and (found := _proc_stat(int(entry.name))) is not None:
+                table[int(entry.name)] = found
+    below = {p for p, (_, group) in table.items() if group == pid and p != pid}
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        for p, (ppid, _) in table.items():
+            if ppid == parent and p not in below and p != pid:
+                below.add(p)
+                frontier.append(p)
+    return sorted(below)
+
+
+def kill_pids(pids: list[int]) -> None:
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, signal.SIGKILL)
+
+
+# Every started worker until it is killed: `kill_all` (at interpreter exit, and from the runner on SIGINT /
+# SIGTERM) ends them, because a worker in its own session never sees the terminal's Ctrl-C.
+_LIVE: set[WorkerProcess] = set()
+
+
+def kill_all() -> None:
+    """Kill every worker this process started and everything they spawned (any exit path)."""
+    for worker in list(_LIVE):
+        with contextlib.suppress(Exception):
+            worker.kill()
+
+
+atexit.register(kill_all)
+
+
 class WorkerProcess:
     """One worker: started in its own session, JSON lines both ways, killed with its whole process group."""
 
@@ -283,6 +422,7 @@ class WorkerProcess:
         self.log = open(self.log_path, "a", encoding="utf-8")
         self.log.write(f"\n==== {label} start {time.strftime('%Y-%m-%dT%H:%M:%S')} ====\n")
         self.log.flush()
+        self.log_start = os.fstat(self.log.fileno()).st_size  # the log is shared by the device's workers: quote only this one's lines
         try:
             self.proc = subprocess.Popen([*command, json.dumps(dict(config, event_fd=write_fd))],
                                          stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT,
@@ -296,6 +436,7 @@ class WorkerProcess:
             os.close(write_fd)
         self.events = os.fdopen(read_fd, "rb")
         self.buffer = b""
+        _LIVE.add(self)
 
     @property
     def pid(self) -> int:
@@ -310,20 +451,27 @@ class WorkerProcess:
             raise WorkerDied(self.death_reason()) from exc
 
     def next_event(self, timeout: float) -> Message:
-        """The next event; WorkerHung (after killing the worker) when none comes within ``timeout`` seconds."""
+        """The next event; WorkerHung (after killing the worker) when none comes within ``timeout`` seconds.
+
+        Death is read from the process itself (polled every second), not from the pipe's end: a process the
+        worker started may still hold the pipe open after the worker crashed.
+        """
         deadline = time.monotonic() + timeout
         while b"\n" not in self.buffer:
             left = deadline - time.monotonic()
             if left <= 0:
                 self.kill()
                 raise WorkerHung(f"{self.label} sent nothing for {timeout:g}s")
-            ready, _, _ = select.select([self.events], [], [], min(left, 1.0))
+            exited = self.proc.poll() is not None
+            ready, _, _ = select.select([self.events], [], [], 0 if exited else min(left, 1.0))
             if ready:
                 chunk = os.read(self.events.fileno(), 65536)
-                if not chunk:
-                    self._reap()
-                    raise WorkerDied(self.death_reason())
-                self.buffer += chunk
+                if chunk:
+                    self.buffer += chunk
+                    continue
+            if exited or (ready and not chunk):  # gone, and everything it wrote before dying is read
+                self._reap()
+                raise WorkerDied(self.death_reason())
         line, self.buffer = self.buffer.split(b"\n", 1)
         return parse(line.decode("utf-8", "replace"))
 
@@ -348,9 +496,12 @@ class WorkerProcess:
         return f"{text}; log: {tail}" if tail else f"{text} (log: {self.log_path})"
 
     def log_tail(self, lines: int = 3) -> str:
+        """The last lines this worker wrote (never an earlier worker's, which share the log file)."""
         try:
             self.log.flush()
-            text = self.log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            with open(self.log_path, "rb") as fh:
+                fh.seek(self.log_start)
+                text = fh.read().decode("utf-8", "replace").strip().splitlines()
         except (OSError, ValueError):
             return ""
         keep = [line.strip() for line in text if line.strip() and not line.startswith("====")][-lines:]
@@ -368,12 +519,16 @@ class WorkerProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the group's id is its pid
 
     def kill(self) -> None:
-        """SIGKILL to the worker's whole process group (it and everything it spawned), then reap it."""
+        """SIGKILL to the worker, its whole process group and its descendants (collected before the kill: a
+        child that left the group is found only while its parent lives), then reap it."""
+        spawned = descendants(self.proc.pid)
         self._kill_group()
         if self.proc.poll() is None:
             self.proc.kill()
+        kill_pids(spawned)
         self.proc.wait()
         self.close()
+        _LIVE.discard(self)
 
     def stop(self, grace: float = 30.0) -> None:
         """Ask it to stop; kill the group if it does not within ``grace`` seconds. Leftover children go too."""

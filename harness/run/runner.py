@@ -3,12 +3,21 @@
 A worker that segfaults, aborts, hangs past ``timeout`` or is killed for memory takes only the impl it
 was running with it (:mod:`.supervisor`). Every finished record is appended (fsync'd) to ``journal.jsonl``
 (:mod:`.journal`), so ``--resume`` finishes an interrupted run without redoing what is recorded.
+
+One run at a time per folder: the folder is locked (``flock`` on the folder itself, so nothing is written
+for it), and a second run into it is a usage error. On every way out (finished, error, Ctrl-C, SIGTERM)
+the run's workers and everything they started are killed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from twinbench.harness.core import devices as devices_mod
@@ -28,6 +37,8 @@ def run(options: RunOptions, on_device_done: Callable[[str], None] | None = None
     devices = [devices_mod.find(d) for d in options.devices] if options.devices else list(devices_mod.detect())
     if options.reference_device:
         devices_mod.find(options.reference_device)
+        for dev in devices:  # as each device's worker will see it (GPU workers see only their own device)
+            devices_mod.reference_device_in_worker(options.reference_device, dev.name)
     check_dtypes(planned, devices)
     out = options.out
     journal = Journal(out / "journal.jsonl")
@@ -35,6 +46,15 @@ def run(options: RunOptions, on_device_done: Callable[[str], None] | None = None
         raise UsageError(f"{out} already holds a run (journal.jsonl); pass --resume to finish it or choose "
                          f"another --out")
     out.mkdir(parents=True, exist_ok=True)
+    with locked_folder(out), sigterm_ends_run():
+        if journal.path.exists() and not options.resume:  # another run finished there while we waited to lock
+            raise UsageError(f"{out} already holds a run (journal.jsonl); pass --resume to finish it or choose "
+                             f"another --out")
+        return _run_locked(options, planned, devices, journal)
+
+
+def _run_locked(options: RunOptions, planned, devices, journal: Journal) -> dict[str, Any]:
+    out = options.out
     previous = journal.read()
     prov = next((e["provenance"] for e in previous if e.get("type") == "start"), None)
     if prov is None:
@@ -69,9 +89,47 @@ def run(options: RunOptions, on_device_done: Callable[[str], None] | None = None
         for r in runs:  # the CPU last and alone: GPU workers' host threads would disturb its timings
             if not r.device.is_gpu:
                 r.run()
+    except BaseException:  # Ctrl-C reaches this thread only: the device threads' workers are killed here
+        for r in runs:
+            r.cancel()
+        raise
     finally:
         progress.close()
     return assemble(out, journal, prov)
+
+
+@contextlib.contextmanager
+def locked_folder(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder; a second run into it is a usage error (one line, exit 2),
+    since both would run the missing cases and write duplicate records."""
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another twinbench run is writing to {out}; wait for it to finish or choose "
+                             f"another --out") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def sigterm_ends_run() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C (exit 143), so the workers are killed on the way out instead of being
+    left running in their own sessions; outside the main thread signals cannot be handled, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def exit_code(doc: dict[str, Any]) -> int:

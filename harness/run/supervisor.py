@@ -3,15 +3,19 @@
 The worker announces each risky step (``Begin``); when it dies or goes silent the supervisor records that
 impl (crashed / timeout, with the reason the process gave), starts a fresh worker and re-runs the rest of
 the case with the culprit excluded. A reference or case-setup failure ends the case: nothing else can be
-compared without it.
+compared without it. An impl's probe (``available``/``supports``) is its own phase with its own, shorter
+time limit, so a probe that hangs or crashes costs only its impl; :func:`probe_impls` runs the probes of
+`twinbench list` the same way.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 import threading
 from collections import deque
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from twinbench.harness import SOURCE_ROOT as ROOT
@@ -25,16 +29,31 @@ from twinbench.harness.run.process import (
     CaseError,
     Ceilings,
     Fingerprint,
+    Heartbeat,
+    Probed,
+    ProbeSuite,
     Ready,
     RecordDone,
     WorkerDied,
     WorkerHung,
     WorkerKind,
     WorkerProcess,
+    user_triton_interpret,
     worker_environment,
 )
 from twinbench.harness.run.worker import RunWorkerConfig
 from twinbench.harness.store.record import FAILED, Record, Status
+
+# A probe must be cheap (registry.Impl); one silent this long is hung, whatever --timeout allows a kernel.
+PROBE_TIMEOUT_S = 60.0
+# Starting a worker (importing torch and every impl, measuring ceilings) is no impl's step: a short --timeout
+# meant for kernels must not fail the start on a loaded machine.
+START_TIMEOUT_S = 120.0
+
+
+def phase_timeout(phase: str, timeout: float) -> float:
+    """The no-progress limit while the worker is in ``phase``."""
+    return min(timeout, PROBE_TIMEOUT_S) if phase == "probe" else timeout
 
 
 class Progress:
@@ -91,6 +110,15 @@ class DeviceRun:
         self.fingerprint: dict[str, Any] | None = None
         self.records: list[dict[str, Any]] = []
         self.log_path = options.out / f"worker-{device.name.replace(':', '')}.log"
+        self.worker: WorkerProcess | None = None
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Stop now (Ctrl-C, SIGTERM, an error elsewhere): kill the worker and start no other."""
+        self.cancelled = True
+        worker = self.worker
+        if worker is not None:
+            worker.kill()
 
     def _start(self) -> WorkerProcess:
         o, dev = self.options, self.device
@@ -104,11 +132,13 @@ class DeviceRun:
                                  timing=o.timing, plan=asdict(o.plan))
         worker = WorkerProcess([sys.executable, "-m", "twinbench.harness.run.worker"], config.to_json(), cwd=ROOT,
                                env=setup.env, log_path=self.log_path)
+        self.worker = worker
+        start_timeout = max(o.timeout, START_TIMEOUT_S)
         while True:
             try:
-                event = worker.next_event(o.timeout)
+                event = worker.next_event(start_timeout)
             except WorkerHung:
-                raise WorkerDied(f"worker did not start within {o.timeout:.0f}s") from None
+                raise WorkerDied(f"worker did not start within {start_timeout:.0f}s") from None
             if isinstance(event, Fingerprint):
                 self.fingerprint = event.fingerprint
                 self.journal.append({"type": "fingerprint", "fingerprint": event.fingerprint,
@@ -152,9 +182,18 @@ class DeviceRun:
         self.tasks.popleft()
 
     def run(self) -> None:
+        try:
+            self._run()
+        except BaseException:
+            self.cancel()
+            raise
+        if self.worker is not None:
+            self.worker.stop()
+
+    def _run(self) -> None:
         worker: WorkerProcess | None = None
         timeout = self.options.timeout
-        while self.tasks:
+        while self.tasks and not self.cancelled:
             task = self.tasks[0]
             if worker is None:
                 try:
@@ -173,8 +212,11 @@ class DeviceRun:
             try:
                 worker.send(task.request())
                 while True:
-                    event = worker.next_event(timeout)
-                    if isinstance(event, Begin):
+                    event = worker.next_event(phase_timeout(current[1], timeout))
+                    if isinstance(event, Heartbeat):  # alive: the wait above already restarted the clock
+                        self.progress.status(f"{self.device.name} {task.suite} {task.case_id} {current[0]} "
+                                             f"{event.text}")
+                    elif isinstance(event, Begin):
                         current = (event.impl, event.phase)
                         self.progress.status(f"{self.device.name} {task.suite} {task.case_id} {event.impl} "
                                              f"{event.phase}")
@@ -193,12 +235,85 @@ class DeviceRun:
                         self._case_done(task)
                         break
             except WorkerHung:  # already killed, with its process group
-                worker = None
-                self._blame(task, current[0], Status.TIMEOUT, f"no progress for {timeout:g}s during {current[1]}",
-                            got)
+                worker = self.worker = None
+                self._blame(task, current[0], Status.TIMEOUT,
+                            f"no progress for {phase_timeout(current[1], timeout):g}s during {current[1]}", got)
             except WorkerDied as exc:
                 worker.kill()
-                worker = None
+                worker = self.worker = None
+                if self.cancelled:
+                    return
                 self._blame(task, current[0], Status.CRASHED, f"{exc} (during {current[1]})", got)
-        if worker is not None:
-            worker.stop()
+
+
+def probe_impls(device: devices_mod.Device, suites: list[str], plugins: list[str], *,
+                timeout: float = PROBE_TIMEOUT_S, start_timeout: float = START_TIMEOUT_S) -> dict[tuple[str, str], tuple[bool, str]]:
+    """`twinbench list`: (ok, why not) of every impl of ``suites`` on ``device``, probed in a run worker.
+
+    Each probe is its own phase: one that hangs past ``timeout`` is "probe timed out", one that kills the
+    worker "probe crashed: <signal, log>"; a fresh worker probes the rest, so the list always returns.
+    """
+    setup = worker_environment(WorkerKind.RUN, device.backend, device.name, root=ROOT, head_root=ROOT,
+                               triton_interpret=user_triton_interpret())
+    config = RunWorkerConfig(device=device.name, backend=device.backend, plugins=plugins, threads=setup.threads,
+                             measure_ceilings=False, timing=False)
+    found: dict[tuple[str, str], tuple[bool, str]] = {}
+    pending = deque(suites)
+    worker: WorkerProcess | None = None
+    with tempfile.TemporaryDirectory(prefix="twinbench-list-") as scratch:
+        try:
+            while pending:
+                suite = pending[0]
+                names = [i.name for i in registry.impls_for(suite)]
+                if worker is None:
+                    try:
+                        worker = _start_probe_worker(config, setup.env, Path(scratch) / "probe.log", start_timeout)
+                    except WorkerDied as exc:
+                        for rest in pending:
+                            for impl in registry.impls_for(rest):
+                                found.setdefault((rest, impl.name), (False, f"probe worker failed to start: {exc}"))
+                        break
+                current = ""
+                try:
+                    worker.send(ProbeSuite(suite=suite, exclude={n: "" for n in names if (suite, n) in found}))
+                    while True:
+                        event = worker.next_event(timeout)
+                        if isinstance(event, Begin):
+                            current = event.impl
+                        elif isinstance(event, Probed):
+                            found[(suite, event.impl)] = (event.ok, event.why)
+                        elif isinstance(event, (CaseDone, CaseError)):
+                            why = f"probe failed: {event.reason}" if isinstance(event, CaseError) else "not probed"
+                            for n in names:
+                                found.setdefault((suite, n), (False, why))
+                            pending.popleft()
+                            break
+                except WorkerHung:
+                    worker = None
+                    if current:
+                        found[(suite, current)] = (False, f"probe timed out (no answer in {timeout:g}s)")
+                except WorkerDied as exc:
+                    worker.kill()
+                    worker = None
+                    if current:
+                        found[(suite, current)] = (False, f"probe crashed: {exc}")
+                if current == "" and pending and pending[0] == suite and worker is None:
+                    for n in names:  # died before any probe began: nothing to blame, do not loop
+                        found.setdefault((suite, n), (False, "probe worker died before probing"))
+                    pending.popleft()
+        finally:
+            if worker is not None:
+                worker.stop()
+    return found
+
+
+def _start_probe_worker(config: RunWorkerConfig, env: dict[str, str], log_path: Path, timeout: float) -> WorkerProcess:
+    worker = WorkerProcess([sys.executable, "-m", "twinbench.harness.run.worker"], config.to_json(), cwd=ROOT,
+                           env=env, log_path=log_path, label="probe worker")
+    while True:
+        try:
+            event = worker.next_event(timeout)
+        except WorkerHung:
+            raise WorkerDied(f"probe worker did not start within {timeout:.0f}s") from None
+        if isinstance(event, Ready):
+            return worker

@@ -5,16 +5,26 @@ as ``python -m twinbench.harness.run.worker CONFIG``. It reads :class:`RunCase` 
 events on the pipe named in the config (the protocol in :mod:`twinbench.harness.run.process`). Before every
 risky step it announces :class:`Begin` (impl, phase), so when this process segfaults, aborts or hangs the
 supervisor knows whom to blame. Its stdout/stderr go to a log file (libraries print).
+
+Hostile impls are contained here too: every impl call (probe, parity, timing, backward, memory) runs
+inside :func:`~twinbench.harness.run.torch_state.kept`, so process-global torch state an impl changes is
+put back before anything else runs and named on its record (``state_changed``); processes an impl leaves
+behind are killed after its case (docs/method.md §6).
 """
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
+import functools
 import json
+import os
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from twinbench.harness.run.process import (
@@ -24,9 +34,15 @@ from twinbench.harness.run.process import (
     Ceilings,
     EventWriter,
     Fingerprint,
+    Heartbeat,
+    Probed,
+    ProbeSuite,
     Ready,
     RecordDone,
     RunCase,
+    descendants,
+    kill_pids,
+    pin_worker_device,
     requests,
 )
 
@@ -79,6 +95,83 @@ def _limit_memory(limit_bytes: int) -> None:
         pass
 
 
+class StateLedger:
+    """Which process-global torch state each impl changed; every impl call goes through it, so no impl's
+    change reaches the next impl or case (an impl that set one thread made the reference 40x slower)."""
+
+    def __init__(self) -> None:
+        self.changed: dict[str, set[str]] = {}
+
+    @contextlib.contextmanager
+    def kept(self, impl_name: str) -> Iterator[None]:
+        from twinbench.harness.run.torch_state import kept
+
+        with kept(self.changed.setdefault(impl_name, set())):
+            yield
+
+    def guarded(self, impl):
+        """A copy of ``impl`` whose every call restores the state it found (used where the harness calls an
+        impl and the reference alternately, as the parity check does)."""
+        fn, changed = impl.fn, self.changed.setdefault(impl.name, set())
+        from twinbench.harness.run.torch_state import kept
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            with kept(changed):
+                return fn(*args, **kwargs)
+
+        return replace(impl, fn=call)
+
+    def names(self, impl_name: str) -> list[str] | None:
+        return sorted(self.changed[impl_name]) if self.changed.get(impl_name) else None
+
+
+class RoundKeeper:
+    """Timing's state guard: the snapshot is restored between blocks (outside the timed region), never
+    around each call, so the guard adds nothing to what is timed; a change is blamed on the block's impl."""
+
+    def __init__(self, ledger: StateLedger, events: EventWriter, mode: str):
+        from twinbench.harness.run.torch_state import capture
+
+        self.ledger, self.events, self.mode = ledger, events, mode
+        self.before = capture()
+        self.current: str | None = None
+
+    def switch(self, impl_name: str | None) -> None:
+        from twinbench.harness.run.torch_state import restore
+
+        changed = restore(self.before)
+        if self.current is not None:
+            self.ledger.changed.setdefault(self.current, set()).update(changed)
+        self.current = impl_name
+        if impl_name is not None:
+            self.events.send(Begin(impl=impl_name, phase=f"time-{self.mode}"))
+
+
+# Helpers torch keeps for the whole process, not an impl's leftovers: inductor's compile-worker pool starts
+# once and serves every later torch.compile; killing it after a case would break the next case's compiles.
+KEEP_ACROSS_CASES = ("torch/_inductor/compile_worker",)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def leftover_processes() -> list[int]:
+    """Processes this worker's impls started and left running (its descendants and process-group members),
+    except torch's own long-lived helpers (KEEP_ACROSS_CASES) and theirs."""
+    found = descendants(os.getpid())
+    keep: set[int] = set()
+    for pid in found:
+        if any(marker in _cmdline(pid) for marker in KEEP_ACROSS_CASES):
+            keep.add(pid)
+            keep.update(descendants(pid))
+    return [p for p in found if p not in keep]
+
+
 def failure_reason(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:400]
     low = text.lower()
@@ -99,7 +192,7 @@ def _device(config: RunWorkerConfig):
     raise RuntimeError(f"worker sees no {backend} device")
 
 
-def time_callables(impl, inputs, device, with_backward: bool):
+def time_callables(impl, inputs, device, with_backward: bool, ledger: StateLedger | None = None):
     """fwd and (optionally) fwd+bwd callables over fixed inputs, as a training step would call them."""
     import torch
     from twinbench.harness.core.parity import leaves, make_grad_outputs, normalize_outputs, split_metrics
@@ -112,7 +205,8 @@ def time_callables(impl, inputs, device, with_backward: bool):
 
     calls = {"fwd": fwd}
     if with_backward and leaves:
-        outs = normalize_outputs(split_metrics(fwd())[0])
+        with ledger.kept(impl.name) if ledger else contextlib.nullcontext():
+            outs = normalize_outputs(split_metrics(fwd())[0])
         grads = make_grad_outputs(outs, 0)
         names = [n for n, o in outs.items() if n in grads and o.requires_grad]
 
@@ -129,10 +223,15 @@ def time_callables(impl, inputs, device, with_backward: bool):
 def run_case(task: RunCase, ctx: CaseContext, events: EventWriter) -> None:
     from twinbench.harness.core import registry
     from twinbench.harness.core.case import Case
+    from twinbench.harness.core.devices import reference_device_in_worker
     from twinbench.harness.core.parity import check_parity
     from twinbench.harness.core.timing import TimingPlan
     from twinbench.harness.store.record import Record, Status
 
+    if task.suite in registry.EXPERIMENTS:  # training loops: their own path (no inputs, no timing)
+        from twinbench.harness.run.experiment_case import run_experiment_case
+
+        return run_experiment_case(task, ctx, events)
     device, config = ctx.device, ctx.config
     suite = registry.get_suite(task.suite)
     case = Case.of(task.params)
@@ -141,11 +240,23 @@ def run_case(task: RunCase, ctx: CaseContext, events: EventWriter) -> None:
     wanted = [i for i in all_impls if i.name in task.impls]
     records: dict[str, Record] = {}
     started = time.perf_counter()
+    ledger = StateLedger()
 
     def record(impl, status: Status, reason: str = "", **measured: Any) -> None:
         records[impl.name] = Record.new(suite=suite.name, case=case.id, params=case.as_dict(), device=device.name,
                                         fingerprint=ctx.fingerprint, impl=impl.name, tags=impl.tags,
                                         status=status, reason=reason, **measured)
+
+    probed: dict[str, tuple[bool, str]] = {}
+
+    def probe(impl) -> tuple[bool, str]:
+        """``available``/``supports`` announced as their own phase: a probe that hangs or crashes the worker
+        is blamed on its impl alone (the supervisor bounds the phase, PROBE_TIMEOUT_S)."""
+        if impl.name not in probed:
+            events.send(Begin(impl=impl.name, phase="probe"))
+            with ledger.kept(impl.name):
+                probed[impl.name] = impl.can_run(case, device)
+        return probed[impl.name]
 
     runnable = []
     for impl in wanted:
@@ -153,7 +264,7 @@ def run_case(task: RunCase, ctx: CaseContext, events: EventWriter) -> None:
             status, reason = task.exclude[impl.name]
             record(impl, Status(status), reason)
             continue
-        ok, why = impl.can_run(case, device)
+        ok, why = probe(impl)
         if not ok:
             record(impl, Status.SKIPPED, why)
         elif dtype := case.get("dtype"):
@@ -168,7 +279,7 @@ def run_case(task: RunCase, ctx: CaseContext, events: EventWriter) -> None:
         for impl in runnable:
             record(impl, Status.SKIPPED, f"suite {suite.name} has no reference impl {suite.reference!r}")
         runnable = []
-    ref_ok, ref_why = ref.can_run(case, device) if ref else (False, "")
+    ref_ok, ref_why = probe(ref) if ref and ref.name not in task.exclude else (False, "")
     if ref and not ref_ok:
         for impl in runnable:
             record(impl, Status.SKIPPED, f"reference cannot run here: {ref_why}")
@@ -179,8 +290,11 @@ def run_case(task: RunCase, ctx: CaseContext, events: EventWriter) -> None:
         events.send(Begin(impl=impl.name, phase="parity"))
         t0 = time.perf_counter()
         try:
-            verdict = check_parity(suite, impl, ref, case, device.torch_device, trials=config.trials,
-                                   seed=config.seed, reference_device=config.reference_device)
+            with ledger.kept(impl.name):  # also catches what a custom backward changed
+                verdict = check_parity(suite, ledger.guarded(impl), ledger.guarded(ref), case, device.torch_device,
+                                       trials=config.trials, seed=config.seed,
+                                       reference_device=reference_device_in_worker(config.reference_device,
+                                                                                   config.device))
         except Exception as exc:
             if impl.name == ref.name:
                 for other in runnable:
@@ -200,7 +314,7 @@ def run_case(task: RunCase, ctx: CaseContext, events: EventWriter) -> None:
     if config.timing and suite.timed and ref in passed:
         job = TimingJob(suite=suite, case=case, device=device, reference=ref, passed=tuple(passed),
                         seed=config.seed, plan=TimingPlan(**config.plan), ceilings=ctx.ceilings)
-        for name, measured in measure_timing(job, events).items():
+        for name, measured in measure_timing(job, events, ledger).items():
             records[name] = replace(records[name], **measured.fields())
 
     meta = None
@@ -211,8 +325,24 @@ def run_case(task: RunCase, ctx: CaseContext, events: EventWriter) -> None:
     for rec in records.values():
         if meta and rec.status in (Status.OK, Status.WRONG):
             rec = replace(rec, meta={**(rec.meta or {}), **{k: v for k, v in meta.items() if k != "metrics"}})
+        rec = replace(rec, state_changed=ledger.names(rec.impl))
         events.send(RecordDone(record=rec.to_json()))
     events.send(CaseDone(seconds=time.perf_counter() - started))
+
+
+def probe_suite(task: ProbeSuite, ctx: CaseContext, events: EventWriter) -> None:
+    """`twinbench list` in a worker: each impl's probe as its own phase, its answer as one event."""
+    from twinbench.harness.core import registry
+
+    ledger = StateLedger()
+    for impl in registry.impls_for(task.suite):
+        if impl.name in task.exclude:
+            continue
+        events.send(Begin(impl=impl.name, phase="probe"))
+        with ledger.kept(impl.name):
+            ok, why = impl.can_run(None, ctx.device)
+        events.send(Probed(impl=impl.name, ok=ok, why=why, state_changed=ledger.names(impl.name) or []))
+    events.send(CaseDone())
 
 
 @dataclass(frozen=True)
@@ -247,11 +377,17 @@ def _wrong_reason(verdict) -> str:
     return "; ".join(verdict.problems + bad)[:600]
 
 
-def measure_timing(job: TimingJob, events: EventWriter) -> dict[str, Measured]:
+def measure_timing(job: TimingJob, events: EventWriter, ledger: StateLedger | None = None) -> dict[str, Measured]:
     """Interleaved fwd (and fwd+bwd) timing, derived throughput and peak memory per impl (docs/method.md §2-3)."""
     import torch
     from twinbench.harness.core.memory import peak_memory
-    from twinbench.harness.core.timing import flops_ceiling, interleaved, round_ratios, timer_for
+    from twinbench.harness.core.timing import (
+        flops_ceiling,
+        interleaved,
+        round_ratios,
+        share_of_peak,
+        timer_for,
+    )
 
     suite, case, device, ref = job.suite, job.case, job.device, job.reference
     timer = timer_for(device)
@@ -260,11 +396,12 @@ def measure_timing(job: TimingJob, events: EventWriter) -> dict[str, Measured]:
            for impl in job.passed if impl not in timed}
     if ref not in timed:
         return out
+    ledger = ledger or StateLedger()
     inputs = suite.make_inputs(case, device.torch_device, job.seed)
     calls = {}
     for impl in timed:
         events.send(Begin(impl=impl.name, phase="timing-setup"))
-        calls[impl.name] = time_callables(impl, inputs, device, impl.backward and ref.backward)
+        calls[impl.name] = time_callables(impl, inputs, device, impl.backward and ref.backward, ledger)
     flops = suite.flops(case) if suite.flops else {}
     nbytes = suite.bytes(case) if suite.bytes else {}
     dtype = case.get("dtype", "fp32")
@@ -273,11 +410,13 @@ def measure_timing(job: TimingJob, events: EventWriter) -> dict[str, Measured]:
         fns = {name: c[mode] for name, c in calls.items() if mode in c}
         if ref.name not in fns:
             continue
-        per_mode[mode] = interleaved(timer, fns, job.plan,
-                                     on_round=lambda n, m=mode: events.send(Begin(impl=n, phase=f"time-{m}")))
+        keeper = RoundKeeper(ledger, events, mode)
+        per_mode[mode] = interleaved(timer, fns, job.plan, on_round=keeper.switch)
+        keeper.switch(None)
     for impl in timed:
         timing: dict[str, Any] = {"mode": timer.mode, "excluded": "", "ratio_vs_reference": {}}
         derived: dict[str, float | None] = {}
+        too_low: list[str] = []  # shares clipped at 100%: the measured ceiling under-measures the device
         for mode, stats in per_mode.items():
             if impl.name not in stats:
                 continue
@@ -289,18 +428,23 @@ def measure_timing(job: TimingJob, events: EventWriter) -> dict[str, Measured]:
             moved = nbytes.get("fwd", 0) + (nbytes.get("bwd", 0) if mode == "fwdbwd" else 0)
             if work:
                 derived[f"{mode}_tflops"] = work / seconds / 1e12
-                peak = flops_ceiling(job.ceilings, dtype)
-                derived[f"{mode}_pct_peak_flops"] = 100 * derived[f"{mode}_tflops"] / peak if peak else None
+                share = share_of_peak(derived[f"{mode}_tflops"], flops_ceiling(job.ceilings, dtype))
+                derived[f"{mode}_pct_peak_flops"] = share.pct
+                too_low += [f"{mode}_pct_peak_flops"] if share.ceiling_too_low else []
             if moved:
                 derived[f"{mode}_gbps"] = moved / seconds / 1e9
-                bw = job.ceilings.get("copy_gbps")
-                derived[f"{mode}_pct_peak_bw"] = 100 * derived[f"{mode}_gbps"] / bw if bw else None
+                share = share_of_peak(derived[f"{mode}_gbps"], job.ceilings.get("copy_gbps"))
+                derived[f"{mode}_pct_peak_bw"] = share.pct
+                too_low += [f"{mode}_pct_peak_bw"] if share.ceiling_too_low else []
+        if too_low:
+            timing["ceiling_too_low"] = too_low
         if "fwd" in timing and "fwdbwd" in timing:
             timing["bwd_median_ms"] = max(0.0, timing["fwdbwd"]["median_ms"] - timing["fwd"]["median_ms"])
         events.send(Begin(impl=impl.name, phase="memory"))
         fn = calls[impl.name].get("fwdbwd") or calls[impl.name]["fwd"]
         try:
-            memory = peak_memory(device, fn)
+            with ledger.kept(impl.name):
+                memory = peak_memory(device, fn)
         except Exception as exc:
             memory = {"peak_bytes": None, "method": f"failed: {failure_reason(exc)}"}
         out[impl.name] = Measured(timing=timing, derived=derived or None, memory=memory)
@@ -325,13 +469,15 @@ def main() -> int:
 
     if config.threads:
         torch.set_num_threads(int(config.threads))
-    from twinbench.harness.core import devices, registry
+    from twinbench.harness.core import devices, progress, registry
     from twinbench.harness.core.timing import measure_ceilings
     from twinbench.harness.store.results import json_default
 
     events = EventWriter(int(raw["event_fd"]), default=json_default)
+    progress.set_sink(lambda text: events.send(Heartbeat(text=text)))
     registry.load_plugins(config.plugins)
     device = _device(config)
+    pin_worker_device(device.torch_device)
     fp = devices.fingerprint(device)
     events.send(Fingerprint(fingerprint=fp, import_failures=dict(registry.import_failures)))
     ceilings = config.ceilings
@@ -343,9 +489,13 @@ def main() -> int:
     events.send(Ready())
     for task in requests(sys.stdin):
         try:
-            run_case(task, ctx, events)
+            if isinstance(task, ProbeSuite):
+                probe_suite(task, ctx, events)
+            else:
+                run_case(task, ctx, events)
         except Exception as exc:  # a suite-level failure (bad inputs factory...): report, keep serving
             events.send(CaseError(reason=failure_reason(exc), traceback=traceback.format_exc()[-3000:]))
+        kill_pids(leftover_processes())  # what an impl started and left running dies with its case
     return 0
 
 

@@ -10,11 +10,20 @@ Storage only: comparing results with a baseline is the gate's stored-baseline mo
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from twinbench.harness.core.errors import UsageError
-from twinbench.harness.store.results import atomic_write_text, now_iso, read_json, validate_against
+from twinbench.harness.store.results import (
+    FINGERPRINT_ID_PATTERN,
+    atomic_write_text,
+    check_finite,
+    confined,
+    now_iso,
+    read_json,
+    validate_against,
+)
 
 SCHEMA_PATH = Path(__file__).with_name("baseline.schema.json")
 KIND = "twinbench-baseline"
@@ -52,14 +61,17 @@ def entry_key(e: dict[str, Any]) -> tuple[str, str, str, str]:
 
 def dumps(base: dict[str, Any]) -> str:
     """Stable, reviewable text: header fields indented, one sorted entry per line."""
-    head = json.dumps({k: v for k, v in base.items() if k != "entries"}, indent=1, sort_keys=True)
-    lines = [json.dumps(e) for e in sorted(base["entries"], key=entry_key)]
+    head = json.dumps({k: v for k, v in base.items() if k != "entries"}, indent=1, sort_keys=True, allow_nan=False)
+    lines = [json.dumps(e, allow_nan=False) for e in sorted(base["entries"], key=entry_key)]
     entries = "[\n  " + ",\n  ".join(lines) + "\n ]" if lines else "[]"
     return head[:-2] + f',\n "entries": {entries}\n}}\n'
 
 
 def validate(data: Any, source: str) -> None:
     validate_against(data, SCHEMA_PATH, source, "baseline")
+    for i, e in enumerate(data["entries"]):
+        check_finite([e["median_ms"], *e["samples_ms"]], f"{source}: entries/{i} ({e['suite']} {e['case']} "
+                                                          f"{e['impl']} {e['mode']})")
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -68,11 +80,12 @@ def load(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def save(doc: dict[str, Any], directory: str | Path, *, device: str | None = None,
-         replace: bool = False) -> list[Path]:
-    """Write (or update) ``<dir>/<fingerprint id>.json`` for every fingerprint with timed results.
+def plan_save(doc: dict[str, Any], directory: str | Path, *, device: str | None = None,
+              replace: bool = False) -> list[tuple[Path, dict[str, Any]]]:
+    """What saving ``doc`` writes: ``(<dir>/<fingerprint id>.json, baseline)`` per fingerprint with timed results.
 
-    Every existing file is read and validated before anything is written: a broken one stops the save.
+    Nothing is written here. Every existing file is read and validated first (a broken one stops the save),
+    and a file name comes from the results file only when it is a fingerprint id and stays inside ``directory``.
     """
     directory = Path(directory)
     plans = []
@@ -82,7 +95,10 @@ def save(doc: dict[str, Any], directory: str | Path, *, device: str | None = Non
         entries = entries_from_results(doc, fp_id)
         if not entries:
             continue
-        path = directory / f"{fp_id}.json"
+        if not re.fullmatch(FINGERPRINT_ID_PATTERN, fp_id) or fp.get("id") != fp_id:
+            raise UsageError(f"fingerprint id {fp_id!r} is not a twinbench fingerprint id; refusing to name a "
+                             f"baseline file after it")
+        path = confined(directory, f"{fp_id}.json", "baseline file")
         old: list[dict[str, Any]] = []
         if path.exists() and not replace:
             old = load(path)["entries"]
@@ -93,10 +109,15 @@ def save(doc: dict[str, Any], directory: str | Path, *, device: str | None = Non
                 "source": {"git_sha": prov.get("git_sha", ""), "git_dirty": prov.get("git_dirty"),
                            "command": prov.get("command", "")},
                 "entries": list(merged.values())}
+        validate(base, str(path))
         plans.append((path, base))
     if not plans:
         which = f" for device {device}" if device else ""
         raise UsageError(f"no timed, parity-passing results{which} to save (run without --no-timing)")
+    return plans
+
+
+def write(plans: list[tuple[Path, dict[str, Any]]]) -> list[Path]:
     for path, base in plans:
         atomic_write_text(path, dumps(base))
     return [p for p, _ in plans]
@@ -107,7 +128,8 @@ def pick(path: str | Path, doc: dict[str, Any]) -> list[tuple[str, dict[str, Any
     p = Path(path)
     fps = [fp for fp in (doc.get("fingerprints") or {}) if any(r["fingerprint"] == fp for r in doc["results"])]
     if p.is_dir():
-        found = [(fp, load(p / f"{fp}.json"), p / f"{fp}.json") for fp in fps if (p / f"{fp}.json").exists()]
+        files = {fp: confined(p, f"{fp}.json", "baseline file") for fp in fps}
+        found = [(fp, load(f), f) for fp, f in files.items() if f.exists()]
         if not found:
             have = ", ".join(sorted(f.stem for f in p.glob("*.json") if not f.stem.endswith(".calibration")))
             raise UsageError(f"no baseline in {p} for fingerprint(s) {', '.join(fps) or 'none'} "

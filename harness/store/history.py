@@ -9,14 +9,13 @@ docs/method.md §4: window 50, p < 0.001, a minimum relative magnitude.
 from __future__ import annotations
 
 import hashlib
-import json
 import sqlite3
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from twinbench.harness.core.errors import UsageError
-from twinbench.harness.store.results import now_iso, to_long_rows
+from twinbench.harness.store.results import dumps_strict, now_iso, to_long_rows
 
 POINT_COLUMNS = ("run_id", "suite", "case_id", "impl", "device", "fingerprint", "status", "metric", "value")
 RUN_COLUMNS = ("run_key", "started", "git_sha", "git_dirty", "command", "source", "added")
@@ -120,9 +119,13 @@ def open_store(db: str | Path):
 
 
 def run_key(doc: dict[str, Any]) -> str:
-    prov = doc.get("provenance") or {}
-    ident = [prov.get("started"), prov.get("git_sha"), prov.get("command"), len(doc["results"])]
-    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
+    """What makes a run "already in the history": its records' content, not its provenance.
+
+    A sha256 of the records' canonical JSON (keys sorted, records in sorted order): the same file added
+    twice is one run, while an edited copy with the same provenance is another and does not hide the real one.
+    """
+    canonical = sorted(dumps_strict(rec, indent=None, sort_keys=True) for rec in doc["results"])
+    return hashlib.sha256("\n".join(canonical).encode()).hexdigest()[:32]
 
 
 def add(db: str | Path, results_path: str | Path) -> bool:
@@ -206,7 +209,7 @@ def show(db: str | Path, *, suite: str | None = None, metric: str = "fwd_median_
     found = series(db, metric=metric, suite=suite, window=window, max_pvalue=max_pvalue,
                    min_magnitude=min_magnitude)
     if as_json:
-        return json.dumps(found, indent=1)
+        return dumps_strict(found)
     if not found:
         return f"no {metric} points in {db}" + (f" for suite {suite}" if suite else "")
     lines = [f"{'suite':<14} {'impl':<18} {'fp':<8} {'runs':>5} {'first':>10} {'latest':>10}  change points / case"]

@@ -45,6 +45,8 @@ class Record:
     meta: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
     duration_s: float | None = None
+    # process-global torch state the impl changed (threads, default dtype...), undone by the worker after it
+    state_changed: list[str] | None = None
 
     @classmethod
     def new(cls, *, suite: str, case: str, params: dict[str, Any], device: str, fingerprint: str, impl: str,

@@ -9,12 +9,14 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import json
+import math
 import os
 import shlex
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,10 @@ from twinbench.harness.core.errors import UsageError
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("results.schema.json")
 STATUSES = ("ok", "wrong", "skipped", "crashed", "timeout")
+# How harness.core.devices.fingerprint makes an id: the first 16 hex digits of a sha256. Results and
+# baseline schemas carry the same pattern (a test keeps the three equal): an id names a baseline file, so
+# anything else (a path, "../..") is refused when the file is read.
+FINGERPRINT_ID_PATTERN = "^[0-9a-f]{16}$"
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -53,7 +59,27 @@ def _umask() -> int:
 
 
 def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=False, default=json_default) + "\n")
+    """The one JSON file writer: atomic and strict (docs/method.md §6)."""
+    atomic_write_text(path, dumps_strict(data) + "\n")
+
+
+def dumps_strict(data: Any, *, indent: int | None = 1, sort_keys: bool = False) -> str:
+    """Standard JSON: a non-finite float (an unmeasurable parity error, an infinite ratio) is written as
+    null, JSON's "no number", because ``NaN``/``Infinity`` are not JSON and strict readers reject them."""
+    return json.dumps(_finite_or_null(data), indent=indent, sort_keys=sort_keys, allow_nan=False,
+                      default=json_default)
+
+
+def _finite_or_null(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_finite_or_null(v) for v in obj]
+    if hasattr(obj, "item"):  # numpy scalars, 0-d tensors
+        return _finite_or_null(obj.item())
+    return obj
 
 
 def json_default(obj: Any) -> Any:
@@ -124,7 +150,29 @@ def read_json(path: str | Path, what: str) -> Any:
 
 
 def validate(doc: Any, source: str = "results") -> None:
+    """Schema, fingerprint keys equal to their ids, and finite timings (a NaN sample would poison a baseline)."""
     validate_against(doc, SCHEMA_PATH, source, "results file")
+    for key, fp in doc["fingerprints"].items():
+        if fp["id"] != key:
+            raise UsageError(f"{source}: not a twinbench results file (fingerprints/{key}: its id is {fp['id']!r})")
+    for i, rec in enumerate(doc["results"]):
+        timing = rec.get("timing") or {}
+        ratios = timing.get("ratio_vs_reference") or {}
+        for where, values in (("fwd/samples_ms", (timing.get("fwd") or {}).get("samples_ms")),
+                              ("fwdbwd/samples_ms", (timing.get("fwdbwd") or {}).get("samples_ms")),
+                              ("fwd/median_ms", [(timing.get("fwd") or {}).get("median_ms")]),
+                              ("fwdbwd/median_ms", [(timing.get("fwdbwd") or {}).get("median_ms")]),
+                              ("ratio_vs_reference/fwd", (ratios.get("fwd") or {}).get("samples")),
+                              ("ratio_vs_reference/fwdbwd", (ratios.get("fwdbwd") or {}).get("samples"))):
+            check_finite(values, f"{source}: results/{i}/timing/{where} ({rec['suite']} {rec['case']} "
+                                 f"{rec['impl']})")
+
+
+def check_finite(values: Iterable[Any] | None, where: str) -> None:
+    """Timing numbers must be finite: JSON Schema's number admits the NaN and Infinity Python reads."""
+    bad = [v for v in values or () if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise UsageError(f"{where} holds a non-finite timing ({bad[0]}); timings must be finite numbers")
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -179,3 +227,70 @@ def write_csv(doc: dict[str, Any], path: str | Path) -> None:
     cols = ["suite", "case", "impl", "device", "fingerprint", "status", "reason", "metric", "value"]
     frame = pd.DataFrame(to_long_rows(doc), columns=cols)
     atomic_write_text(path, frame.to_csv(index=False))
+
+
+def confined(folder: str | Path, name: str, what: str) -> Path:
+    """``folder/name`` for a name read from a file: refused unless it stays inside ``folder``."""
+    base = Path(folder).resolve()
+    path = (base / name).resolve()
+    if path.parent != base:
+        raise UsageError(f"{what} {name!r} would be written outside {folder}; refusing")
+    return Path(folder) / name
+
+
+@dataclass(frozen=True)
+class Output:
+    """A path a command will write: a file, or a folder it writes files into. ``option`` names it to the user."""
+    option: str
+    path: Path
+    folder: bool = False
+
+
+def check_outputs(outputs: Iterable[Output], inputs: Iterable[str | Path] = ()) -> None:
+    """Before the first write: every output is writable, none is an input, none is named twice.
+
+    The one check every command makes (run, report, gate, baseline save, calibrate, history add), so an
+    unwritable or clashing path is one UsageError line and nothing is written. Writability is probed by
+    creating and removing a temporary file in the nearest existing folder: permission bits do not say
+    what root may do, nor what /proc or a read-only mount refuse.
+    """
+    input_ids = {_file_id(Path(p)) for p in inputs} - {None}
+    named: dict[str, str] = {}
+    for out in outputs:
+        path = Path(out.path)
+        if _file_id(path) in input_ids:
+            raise UsageError(f"{out.option} {path} is one of the inputs; inputs are never overwritten")
+        real = os.path.realpath(path)
+        if real in named:
+            raise UsageError(f"{out.option} {path} is also {named[real]}; give each output its own path")
+        named[real] = f"{out.option} {path}"
+        if out.folder:
+            if path.exists() and not path.is_dir():
+                raise UsageError(f"{out.option} {path} is a file, not a folder")
+            _probe_writable(path, out)
+        else:
+            if path.is_dir():
+                raise UsageError(f"{out.option} {path} is a folder; give a file name")
+            _probe_writable(path.parent, out)
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _probe_writable(folder: Path, out: Output) -> None:
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{out.option} {out.path}: {existing} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".twinbench-probe.", dir=existing)
+    except OSError as exc:
+        raise UsageError(f"{out.option} {out.path}: cannot write in {existing} ({exc.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)

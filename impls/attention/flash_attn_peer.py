@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 from twinbench.harness.core.registry import register_impl
+
+# ROCm archs of flash-attn's Composable Kernel build (docs/method.md §5); any other AMD GPU needs the Triton
+# backend, which flash-attn chooses at import from this variable (set before import: the worker's environment).
+CK_ARCHS = ("gfx90a", "gfx942", "gfx950")
+TRITON_AMD_VARIABLE = "FLASH_ATTENTION_TRITON_AMD_ENABLE"
 
 
 def _available(device) -> tuple[bool, str]:
@@ -16,6 +22,9 @@ def _available(device) -> tuple[bool, str]:
         major = int(str(device.extra.get("capability", "0.0")).split(".")[0])
         if major < 8:
             return False, f"flash-attn needs sm80+, device is {device.arch}"
+    elif device.arch not in CK_ARCHS and os.environ.get(TRITON_AMD_VARIABLE, "").upper() != "TRUE":
+        return False, (f"flash-attn's ROCm build supports {'/'.join(CK_ARCHS)}, device is {device.arch or 'unknown'} "
+                       f"(set {TRITON_AMD_VARIABLE}=TRUE for its Triton backend)")
     return True, ""
 
 

@@ -7,8 +7,11 @@ logits. The same metrics TRL logs for DPO (rewards, margins, accuracies, log-pro
 
 from __future__ import annotations
 
+from typing import Any
+
 from twinbench.harness.core.registry import register_impl
 from twinbench.impls.dpo.fused_torch import fused_linear_dpo
+from twinbench.reference.dpo_loop import run_loop, trl_available
 
 _TRAINER = None
 
@@ -55,15 +58,7 @@ def fused_dpo_trainer():
     return _TRAINER
 
 
-def _available(device) -> tuple[bool, str]:
-    from twinbench.suites.dpo_loop import trl_available
-
-    return trl_available(device)
-
-
-@register_impl("dpo_loop", "fused_loss", tags=("ours",), available=_available, backward=False)
-def fused_loss(*, device, seed, steps, batch, lr, beta, loss):
-    from twinbench.suites.dpo_loop import run_loop
-
-    return run_loop(fused_dpo_trainer(), device=device, seed=seed, steps=steps, batch=batch, lr=lr, beta=beta,
-                    loss=loss)
+@register_impl("dpo_loop", "fused_loss", tags=("ours",), available=trl_available, backward=False)
+def fused_loss(**arguments: Any):
+    """The reference loop's arguments (data, meter, settings), with the fused-loss trainer."""
+    return run_loop(fused_dpo_trainer(), **arguments)

@@ -9,8 +9,8 @@ Llama / Qwen3(-MoE) layer whose q/k/v/o are peft LoRA over bitsandbytes NF4 (cau
   saves at seq 64);
 - backward rebuilds the norm, q/k/v (one GEMM with the dequantised weight that dx needs anyway), the
   Qwen3 q/k norms and RoPE, then runs the fused kernel's own backward from the saved output and
-  log-sum-exp, so neither SDPA nor o_proj is re-run (``torch.utils.checkpoint`` re-runs the whole block:
-  measured +0.10-0.14 of the reference step time at these sizes);
+  log-sum-exp, so neither SDPA nor o_proj is re-run (``torch.utils.checkpoint`` re-runs the whole block,
+  which costs a tenth of the reference's step time and more: docs/qlora.md);
 - the kernel is ATen's CPU flash attention (``_scaled_dot_product_flash_attention_for_cpu`` and its
   backward: the kernel ``F.scaled_dot_product_attention`` picks on the CPU for this causal case, GQA
   native). Other devices and masked batches take ``torch.utils.checkpoint`` (see ``qlora_recompute``).
@@ -120,8 +120,8 @@ class RecomputedAttention(torch.autograd.Function):
     def forward(ctx, h, cos, sin, norm_weight, eps, qk_norms, nf4, scalings, shape, scale, *lora):
         # lora = A_q, B_q, A_k, B_k, A_v, B_v, A_o, B_o; shape = (heads, kv heads, head dim)
         # GEMMs in the adapters' (bnb compute) dtype; norms, RoPE and attention in the residual stream's, as
-        # the reference runs them (bnb and peft return their projections in their input's dtype; measured:
-        # the CPU flash kernel's bf16 backward takes 4.6x its fp32 one here)
+        # the reference runs them (bnb and peft return their projections in their input's dtype; the CPU flash
+        # kernel's bf16 backward is several times slower than its fp32 one: docs/qlora.md)
         dtype, act = lora[0].dtype, h.dtype
         lay = _Layout(h, *shape, rank=lora[0].shape[0])
         h2 = h.reshape(-1, h.shape[-1])

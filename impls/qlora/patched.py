@@ -39,7 +39,8 @@ from twinbench.impls.qlora.nf4_lora import (
     use_shared_single_op,
 )
 from twinbench.impls.qlora.recompute import patch_decoder_layers
-from twinbench.reference.qlora_loop import training_stack_available
+from twinbench.reference.qlora.model import training_stack_available
+from twinbench.reference.qlora.train import Meters
 
 ATTN_NAME = "twinbench"
 EXPERTS_NAME = "twinbench_moe"
@@ -164,7 +165,7 @@ def patch_model(peft_model, checkpointing: bool = False, shared_single_op: bool 
     0.86-1.52x.
     ``checkpointing=True`` keeps the reference's whole-layer checkpointing (slower, no less memory).
     ``recompute_experts``: the MoE experts' LoRA op keeps only its inputs and rebuilds its activations in
-    backward (measured: -10% step memory, +0-7% time).
+    backward (less step memory for a little more time: docs/qlora.md).
     """
     model = peft_model.get_base_model()
     patched: dict[str, Any] = {}
@@ -247,9 +248,10 @@ def labelled_loss(model, batch: dict[str, torch.Tensor], chunk_rows: int = 4096)
 # ---------------------------------------------------------------- the impl
 
 
-@register_impl("qlora", "patched", tags=("ours",), available=training_stack_available, backward=False, deterministic=False)
-def patched(*, config, device):
+@register_impl("qlora", "patched", tags=("ours",), available=training_stack_available, backward=False,
+               deterministic=False)
+def patched(*, config, device: str, meters: Meters):
     """The reference experiment with ``patch_model`` applied and ``labelled_loss`` as the loss."""
-    from twinbench.reference.qlora_loop import run_experiment
+    from twinbench.reference.qlora.experiment import run_experiment
 
-    return run_experiment(config, device, prepare=patch_model, loss_fn=labelled_loss, fused_optimizer=True)
+    return run_experiment(config, meters, device, prepare=patch_model, loss_fn=labelled_loss, fused_optimizer=True)

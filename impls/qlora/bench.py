@@ -1,0 +1,85 @@
+"""The QLoRA loops side by side: reference and patched from one checkpoint, stepped in lockstep
+(R O R O ...) by the shared ``reference.qlora.train.run_steps``. A benchmark, not a test: per-step time
+ratio (opt / ref), each loop's peak working memory per step, live-tensor peaks and the loss difference.
+Run it with ``twinbench bench qlora`` (``harness/cli/bench_command.py``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from twinbench.impls.kernels import nf4 as nf4_kernels
+from twinbench.impls.qlora.patched import labelled_loss, patch_model
+from twinbench.reference.qlora.config import LoopConfig
+from twinbench.reference.qlora.model import load_qlora_model, save_base_checkpoint
+from twinbench.reference.qlora.train import Meters, Trainer, run_steps
+
+MIN_STEPS = 3  # a warm-up step, a memory-measured one and a timed one
+
+
+def fix_mmap_threshold(nbytes: int) -> bool:
+    """glibc ``mallopt(M_MMAP_THRESHOLD, nbytes)``: blocks of at least ``nbytes`` are mmapped and go back to
+    the OS when freed (the fixed value also stops glibc raising the threshold as blocks are freed), so a
+    sampled RSS follows live memory instead of the heap's high-water mark. False where not glibc."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(nbytes)))  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return False
+
+
+def bench(cfg: LoopConfig, meters: Meters, device: str = "cpu", checkpointing: bool = False,
+          recompute_experts: bool = True, mmap_threshold: int | None = None,
+          recompute: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Both loops for ``cfg.steps`` steps in lockstep; ``recompute``: the patched loop's sub-blocks rebuilt in
+    backward (None: ``patch_model``'s default). ``mmap_threshold`` (bytes; CPU, glibc): see
+    ``fix_mmap_threshold``: with glibc's default (a threshold that rises as blocks are freed) the per-step
+    RSS is mostly heap high-water mark and fragmentation (docs/qlora.md has the measured effect)."""
+    if cfg.steps < MIN_STEPS:
+        raise ValueError(f"the bench needs at least {MIN_STEPS} steps (warm-up, memory-measured, timed)")
+    fixed = fix_mmap_threshold(mmap_threshold) if mmap_threshold else False
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.cpu_threads or threads)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tok = save_base_checkpoint(cfg, Path(tmp) / "base")
+            ref_model = load_qlora_model(Path(tmp) / "base", cfg, device)
+            opt_model = load_qlora_model(Path(tmp) / "base", cfg, device)
+            extra = {} if recompute is None else {"recompute": recompute}
+            patches = patch_model(opt_model, checkpointing=checkpointing, recompute_experts=recompute_experts,
+                                  **extra)
+            loops = {"reference": Trainer(ref_model, tok, cfg, device),
+                     "patched": Trainer(opt_model, tok, cfg, device, labelled_loss, fused=True)}
+            logs = run_steps(loops, cfg.steps, meters)
+            workspace = nf4_kernels.workspace_bytes()
+    finally:
+        torch.set_num_threads(threads)
+    times = {n: [t.step_times_s[i] for i in logs[n].timed] for n, t in loops.items()}
+    peaks = {n: log.memory_peaks for n, log in logs.items()}
+    # the patched loop's live tensors also count the NF4 GEMM workspace it keeps between calls (allocated
+    # before any measured step, so the live-tensor meter cannot see it)
+    live = {n: max(log.tensor_peaks, default=0) + (workspace if n == "patched" else 0) for n, log in logs.items()}
+    ratios = [o / r for o, r in zip(times["patched"], times["reference"])]
+    spread = statistics.quantiles(ratios, n=5) if len(ratios) > 1 else [ratios[0]] * 4
+    return {
+        "case": dict(kind=cfg.kind, dtype=cfg.dtype, seq_len=cfg.seq_len, steps=cfg.steps, batch=cfg.batch_size,
+                     accum=cfg.grad_accum, patched_checkpointing=checkpointing, recompute_experts=recompute_experts,
+                     mmap_threshold=mmap_threshold if fixed else "glibc default"),
+        "median_step_s": {n: statistics.median(t) for n, t in times.items()},
+        "step_time_ratio_median": statistics.median(ratios),
+        "step_time_ratio_p20_p80": [spread[0], spread[-1]],
+        "timed_steps": len(ratios),
+        "peak_step_memory_bytes": {n: max(p) for n, p in peaks.items()},
+        "peak_memory_ratio": max(peaks["patched"]) / max(max(peaks["reference"]), 1),
+        "peak_step_tensor_bytes": live,
+        "tensor_peak_ratio": live["patched"] / max(live["reference"], 1) if logs["patched"].tensor_peaks else None,
+        "patched_workspace_bytes": workspace,
+        "max_abs_loss_diff": max(abs(a - b) for a, b in zip(loops["reference"].loss_curve,
+                                                             loops["patched"].loss_curve)),
+        "patched": patches,
+    }
