@@ -164,7 +164,7 @@ def runs(tmp_path_factory):
     """Every `twinbench run`/`list` subprocess of the module, started together."""
     base = tmp_path_factory.mktemp("adversarial")
     kernel_impls = ["good", "state_leaker", "state_canary", "crash_with_child", "wrong_shape", "noisy", "exits_3",
-                    "backward_unwritten", "aten_empty_unwritten", "stale_cache", "wrong_dtype", "nan_output",
+                    "backward_unwritten", "aten_backward_unwritten", "aten_empty_unwritten", "stale_cache", "wrong_dtype", "nan_output",
                     "segfaults", "aborts", "memory_error", "huge_allocation", "raises_html", HTML_NAME,
                     "wrong_grad_nan_row"]
     started = {
@@ -344,10 +344,11 @@ def test_kernel_plugin_cannot_silently_replace_a_built_in_impl(runs):
 # ---------------------------------------------------------------------------------- parity blind spots
 
 @pytest.mark.item(16)
-@pytest.mark.parametrize("impl", ["backward_unwritten", "aten_empty_unwritten"])
-def test_parity_memory_never_written_is_wrong(kernels, impl):
+@pytest.mark.parametrize("impl", ["backward_unwritten", "aten_backward_unwritten", "aten_empty_unwritten"])
+def test_parity_memory_never_written_is_caught_by_the_poison(kernels, impl):
     rec = kernels[("hostile", impl)]
-    assert rec["status"] == "wrong", rec["reason"]
+    # Garbage alone can make it wrong by luck (or right, when a freed block comes back): the poison must say so.
+    assert rec["status"] == "wrong" and "non-finite" in rec["reason"] and "unwritten" in rec["reason"], rec["reason"]
 
 
 @pytest.mark.item(17)
@@ -369,7 +370,7 @@ def test_parity_output_dtype_is_checked(kernels):
 
 
 @pytest.mark.item(22)
-@pytest.mark.parametrize("impl", ["nan_output", "backward_unwritten", "aten_empty_unwritten"])
+@pytest.mark.parametrize("impl", ["nan_output", "backward_unwritten", "aten_backward_unwritten", "aten_empty_unwritten"])
 def test_parity_a_nan_verdict_never_claims_an_error_above_its_bound_that_is_below_it(kernels, impl):
     rec = kernels[("hostile", impl)]
     assert rec["status"] == "wrong"
