@@ -1,4 +1,5 @@
-"""Item 13: a noisy impl, then one that writes its last words and calls _exit(3): the reason shows those."""
+"""Item 13: log tails. A noisy impl; one that writes its last words and calls _exit(3) (its reason shows
+those); then, in the fresh worker, one that exits quietly: its reason must not quote the dead worker's log."""
 
 import os
 import sys
@@ -19,4 +20,9 @@ def noisy(x):
 @register_impl("hostile", "exits_3")
 def exits_3(x):
     print(LAST_WORDS, file=sys.stderr, flush=True)
+    os._exit(3)
+
+
+@register_impl("hostile", "exits_3_quietly")
+def exits_3_quietly(x):
     os._exit(3)
