@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from twinbench.harness.cli import arguments
 from twinbench.harness.core.errors import UsageError
 
 
@@ -17,13 +18,13 @@ def register(sub) -> None:
     q = experiments.add_parser("qlora", help="reference and patched QLoRA loops in lockstep")
     q.add_argument("--kind", default="llama", choices=["llama", "qwen3_moe"])
     q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    q.add_argument("--seq-len", type=int, default=64)
-    q.add_argument("--steps", type=int, default=20)
+    q.add_argument("--seq-len", type=arguments.positive_int, default=64)
+    q.add_argument("--steps", type=arguments.positive_int, default=20)
     q.add_argument("--device", default="cpu", help="torch device the loops run on (default cpu)")
     q.add_argument("--checkpointing", action="store_true", help="keep layer checkpointing when patched")
     q.add_argument("--keep-expert-activations", action="store_true",
                    help="MoE: save the experts' activations instead of recomputing them in backward")
-    q.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
+    q.add_argument("--mmap-threshold", type=arguments.positive_int, default=None, metavar="BYTES",
                    help="fix glibc's mmap threshold (e.g. 65536): per-step RSS then closer to live memory")
     q.add_argument("--recompute", default=None, metavar="BLOCKS",
                    help="sub-blocks the patched loop rebuilds in backward, comma-separated: attn, dense_mlp, mlp "
