@@ -1,20 +1,12 @@
-"""Item 13: log tails. A noisy impl; one that writes its last words and calls _exit(3) (its reason shows
-those); then, in the fresh worker, one that exits quietly: its reason must not quote the dead worker's log."""
+"""Item 13: log tails. One impl writes its last words and calls _exit(3): its reason quotes them. The next
+runs in the fresh worker and exits without a word: its reason must not quote the dead worker's log."""
 
 import os
 import sys
 
-import torch
 from twinbench.harness.core.registry import register_impl
 
 LAST_WORDS = "hostile-item13-last-words"
-
-
-@register_impl("hostile", "noisy")
-def noisy(x):
-    for _ in range(50):
-        print("hostile-item13-earlier-noise", file=sys.stderr)
-    return x * torch.sigmoid(x)
 
 
 @register_impl("hostile", "exits_3")
