@@ -120,6 +120,14 @@ def tolerance(case: Case, output: str) -> Tolerance:
         # (transformers' load_balancing_loss_func does): 2 eps of the test dtype, relative, on top.
         return Tolerance(rtol=2 * torch.finfo(torch_dtype(case["dtype"])).eps,
                          why="three-way rule; losses + 2 eps(test dtype) relative")
+    if case["dtype"] != "fp32":
+        # ref_hi is ref_lo in half precision (hi_dtype), so the three-way yardstick is 0 and the bound only the
+        # rounding floor; but the logits and the router-weight gradient are sums (over hidden, over tokens)
+        # that an impl may accumulate in another order: a few ulps at the tensor's scale are honest (the
+        # Triton router's fp16 router-weight gradient behind NaN rows is 3 ulps off; a planted halved
+        # gradient is off by 50%).
+        return Tolerance(rtol=4 * torch.finfo(torch_dtype(case["dtype"])).eps,
+                         why="three-way rule; half precision: + 4 eps(test dtype) relative for reordered sums")
     return Tolerance()
 
 

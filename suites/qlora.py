@@ -91,8 +91,7 @@ def judge_probe(case: Case, name: str, opt: torch.Tensor, ref: torch.Tensor,
     return True, ""
 
 
-# closed sets (kind, dtype) are checked by ``choices`` below, as before the declarations existed
-PARAMS = (Param("kind", str), Param("dtype", str),
+PARAMS = (Param("kind", str, choices=("llama", "qwen3_moe")), Param("dtype", str, choices=("fp32", "bf16")),
           Param("steps", int, low=1), Param("seq_len", int, low=8), Param("batch", int, low=1),
           Param("accum", int, low=1))
 
@@ -100,7 +99,7 @@ EXPERIMENT = register_experiment(Experiment(
     name="qlora", description="QLoRA fine-tune: reference transformers+peft+bnb loop vs patched loop",
     profiles={"quick": QUICK, "full": FULL, "seed": FULL}, arguments=arguments, bound=bound, judge=judge_probe,
     meta=lambda case: {"tokens_per_step": case["batch"] * case["accum"] * case["seq_len"]},
-    params=PARAMS, choices={"kind": ("llama", "qwen3_moe"), "dtype": ("fp32", "bf16")},
+    params=PARAMS,
 ))
 
 

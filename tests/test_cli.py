@@ -15,7 +15,7 @@ from twinbench.harness.cli.main import main
     (["run", "attention", "--device", "cpu", "--case", "dtype=fp8"], "dtype must be one of fp32, fp16, bf16, got 'fp8'"),
     (["run", "attention", "--device", "tpu:0"], "no device 'tpu:0'"),
     (["run", "attention", "--device", "cpu", "--reference-device", "tpu:0"], "no device 'tpu:0'"),
-    (["run", "qlora", "--device", "cpu", "--case", "kind=gpt9"], "has no kind 'gpt9'"),
+    (["run", "qlora", "--device", "cpu", "--case", "kind=gpt9"], "kind must be one of llama, qwen3_moe, got 'gpt9'"),
     (["run", "moe_ffn", "--device", "cpu", "--case", "routing=random"], "routing must be one of balanced, skewed, one_expert, got 'random'"),
     (["run", "dpo", "--device", "cpu", "--case", "loss=hinge"], "loss must be one of sigmoid, ipo, robust, got 'hinge'"),
     (["run", "attention", "--device", "cpu", "--profile", "huge"], "has no profile 'huge'"),

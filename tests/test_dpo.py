@@ -12,7 +12,7 @@ from twinbench.impls.dpo.fused_torch import fused_linear_dpo
 from twinbench.reference.dpo import linear_dpo, sequence_logps
 
 load_plugins()
-SUITE = __import__("suites.dpo", fromlist=["SUITE"]).SUITE
+SUITE = __import__("twinbench.suites.dpo", fromlist=["SUITE"]).SUITE
 REF = IMPLS[("dpo", "reference")]
 
 SIGMOID = Case.of(pairs=2, seq=16, hidden=32, vocab=200, dtype="fp32", loss="sigmoid", beta=0.1, smoothing=0.0,

@@ -9,7 +9,7 @@ from twinbench.harness.core.registry import IMPLS, Impl, load_plugins
 from twinbench.reference.moe import gating, router_losses
 
 load_plugins()
-SUITE = __import__("suites.gating", fromlist=["SUITE"]).SUITE
+SUITE = __import__("twinbench.suites.gating", fromlist=["SUITE"]).SUITE
 REF = IMPLS[("gating", "reference")]
 from twinbench.impls.gating.fused_torch import lowest_index_topk  # noqa: E402
 

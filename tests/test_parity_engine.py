@@ -15,6 +15,7 @@ from twinbench.harness.core.parity import (
     TrialChecks,
     check_parity,
     compare_tensor,
+    make_grad_outputs,
     merge_trial,
     reference_placement,
     run_impl_poisoned,
@@ -215,8 +216,8 @@ def test_the_reference_runs_upcast_and_fp64_leaves_mps_for_the_cpu():
     assert reference_placement(SUITE, BF16, "cpu", None).hi_dtype == torch.float32
     assert reference_placement(SUITE, SQUARE, "mps", None).device == "cpu"  # MPS has no fp64
     assert reference_placement(SUITE, BF16, "mps", None).device == "mps"
-    as_given = reference_placement(dataclasses.replace(SUITE, hi_dtype=lambda case: None), BF16, "cpu", None)
-    assert as_given.hi_dtype is None and as_given.hi_dtype_label == "as-given"
+    named = reference_placement(dataclasses.replace(SUITE, hi_dtype=lambda case: torch.float16), BF16, "cpu", None)
+    assert named.hi_dtype == torch.float16 and named.hi_dtype_label == "float16"  # the suite's own choice
 
 
 def test_the_reference_runs_share_one_output_gradient():
@@ -225,10 +226,8 @@ def test_the_reference_runs_share_one_output_gradient():
                               grad_seed=0, backward=True)
     assert three_way.hi_outputs["out"].dtype == torch.float32 and three_way.lo_outputs["out"].dtype == torch.bfloat16
     assert three_way.grad_outputs["out"].dtype == torch.bfloat16
-    single = dataclasses.replace(SUITE, three_way_reference=False)
-    one = run_reference(single, REF, inputs, reference_placement(single, BF16, "cpu", None), "cpu",
-                        grad_seed=0, backward=True)
-    assert one.lo_outputs == {} and one.grad_outputs["out"].dtype == torch.float32  # drawn from ref_hi's output
+    assert torch.equal(three_way.grad_outputs["out"].float(),
+                       make_grad_outputs({"out": three_way.lo_outputs["out"]}, 0)["out"].float())  # one draw
     assert run_reference(SUITE, REF, inputs, reference_placement(SUITE, BF16, "cpu", None), "cpu",
                          grad_seed=0, backward=False).grad_outputs is None
 

@@ -8,22 +8,22 @@ numbers the loop measured itself (step time, peak memory), recorded as they are.
 reference loop once per case (the comparison baseline), then every impl, the reference included, under
 poisoned allocations (``harness.run.experiment_case``; docs/method.md §1).
 
-Experiments are listed and planned like suites (``cases``, ``choices``, ``tags``; never timed by the harness):
+Experiments are listed and planned like suites (both are an ``Operation``: ``cases``, ``params``, ``tags``;
+never timed by the harness):
 ``register_experiment`` puts one in ``registry.EXPERIMENTS`` and in the ``registry.SUITES`` catalogue.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 import torch
 from twinbench.harness.core import registry
-from twinbench.harness.core.case import Case, Param, Rule
-from twinbench.harness.core.errors import UsageError
+from twinbench.harness.core.case import Case
 from twinbench.harness.core.memory import RssSampler, release_freed_heap
-from twinbench.harness.core.registry import Tolerance
+from twinbench.harness.core.registry import Operation, Tolerance
 
 
 class Outcome(Protocol):
@@ -33,8 +33,8 @@ class Outcome(Protocol):
     metrics: Mapping[str, Any]
 
 
-@dataclass
-class Experiment:
+@dataclass(kw_only=True)
+class Experiment(Operation):
     """One training loop family: its cases, the arguments each impl is called with, and how outputs are judged.
 
     ``arguments(case, device, seed)``: keyword arguments of every impl (``impl.fn(**arguments)``), e.g. a loop
@@ -43,33 +43,13 @@ class Experiment:
     reference's). ``meta(case)``: JSON data recorded with each judged record (e.g. tokens per step).
     """
 
-    name: str
-    description: str
-    profiles: Mapping[str, list[Case]]
     arguments: Callable[[Case, str, int], dict[str, Any]]
     bound: Callable[[Case, str], Tolerance]
     judge: Callable[[Case, str, torch.Tensor, torch.Tensor, dict[str, Any]], tuple[bool, str]] | None = None
     meta: Callable[[Case], dict[str, Any]] = lambda case: {}
-    reference: str = "reference"
-    # the case parameters and the rules between them (as for suites: a typed --case breaking them is exit 2)
-    params: tuple[Param, ...] = ()
-    rules: tuple[Rule, ...] = ()
-    choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
-    # a loop measures its own step time; the planner, `gate` and the pytest parity items skip experiments
-    timed: bool = False
     tags: tuple[str, ...] = ("experiment", "no-pytest-items")
-
-    def check_choices(self, case: Case) -> None:
-        for key, allowed in self.choices.items():
-            if key in case and case[key] not in allowed:
-                raise UsageError(f"case {case.id}: experiment {self.name!r} has no {key} {case[key]!r} "
-                                 f"(choose from: {', '.join(map(str, allowed))})")
-
-    def cases(self, profile: str) -> list[Case]:
-        if profile not in self.profiles:
-            raise UsageError(
-                f"experiment {self.name!r} has no profile {profile!r} (has: {', '.join(sorted(self.profiles))})")
-        return list(self.profiles[profile])
+    # a loop measures its own step time; the planner, `gate` and the pytest parity items skip experiments
+    timed: ClassVar[bool] = False
 
 
 def register_experiment(experiment: Experiment) -> Experiment:

@@ -10,16 +10,18 @@ error naming the new module, since the plugin would otherwise silently never run
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import pkgutil
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from twinbench.harness.core.case import Case, Param, Rule
 from twinbench.harness.core.errors import UsageError
@@ -63,52 +65,97 @@ class Tolerance:
     # luckily exact, so the three-way bound also gets this many fp32 ulps at the output's scale; 16 sits
     # above the largest reordering gap measured so far (docs/method.md §1, the measurement in §7).
     fp32_ulps: float = 16.0
+    # An output computed from other outputs' magnitudes (DPO rewards = beta * a difference of two log-prob
+    # sums): its scale, for rtol and the max_rel_bound cap, is the larger of its own magnitude and
+    # scale_factor * max|those outputs| — rounding in what it is computed from does not shrink when the
+    # difference happens to be near 0 (docs/method.md §1).
+    scale_of: tuple[str, ...] = ()
+    scale_factor: float = 1.0
     why: str = "three-way rule (flash-attention): k=2 forward, k=3 gradients"
 
 
-@dataclass
-class Suite:
-    """One operation family: its case grids, input factory, cost model and parity policy."""
+@dataclass(kw_only=True)
+class Operation:
+    """What kernel suites and training-loop experiments share: a name, case grids per profile, the declared
+    case parameters, and the name of the reference impl the others are judged against."""
 
     name: str
     description: str
     profiles: Mapping[str, list[Case]]
-    make_inputs: Callable[[Case, Any, int], Inputs]
     reference: str = "reference"
+    # The case parameters and the rules between them; a typed --case that breaks them is a usage error.
+    params: tuple[Param, ...] = ()
+    rules: tuple[Rule, ...] = ()
+    tags: tuple[str, ...] = ()
+    # Kernel suites are timed by the harness (interleaved); experiments measure their own steps.
+    timed: ClassVar[bool] = True
+
+    def cases(self, profile: str) -> list[Case]:
+        if profile not in self.profiles:
+            raise UsageError(f"{type(self).__name__.lower()} {self.name!r} has no profile {profile!r} "
+                             f"(has: {', '.join(sorted(self.profiles))})")
+        return list(self.profiles[profile])
+
+
+@dataclass(kw_only=True)
+class Suite(Operation):
+    """One kernel operation: its input factory, cost model and parity policy."""
+
+    make_inputs: Callable[[Case, Any, int], Inputs]
     # FLOPs / bytes per case and direction: {"fwd": float, "bwd": float}; bwd may be absent.
     flops: Callable[[Case], Mapping[str, float]] | None = None
     bytes: Callable[[Case], Mapping[str, float]] | None = None
     tolerance: Callable[[Case, str], Tolerance] = lambda case, output: Tolerance()
     # Extra checks on outputs that are not floating point (router ids...): returns (ok, detail).
     check_discrete: Callable[[Case, str, Any, Any, Inputs], tuple[bool, str]] | None = None
-    # The case parameters and the rules between them; a typed --case that breaks them is a usage error.
-    params: tuple[Param, ...] = ()
-    rules: tuple[Rule, ...] = ()
-    # Dtype used for the high-precision reference given the case dtype (None: fp32, or fp64 for fp32).
+    # Every output must have the dtype of the reference's run in the test dtype; an output whose dtype
+    # legitimately differs names the dtype(s) it may have here: (case, output) -> a dtype, a tuple of
+    # dtypes, or None for the rule.
+    output_dtype: Callable[[Case, str], Any] | None = None
+    # Dtype of the high-precision reference given the case dtype (None: fp32, or fp64 for fp32 cases).
     hi_dtype: Callable[[Case], Any] | None = None
     trials: int = 3
-    # Training loops: no upcast/low-precision pair (hi_dtype returning None runs the reference as-is),
-    # no second run for stability, and no interleaved timing (the impl reports its own "metrics").
-    # Allowed values of categorical case parameters ({"kind": ("llama", "qwen3_moe")}): a --case naming
-    # anything else is a usage error before anything runs, not a crash recorded later.
-    choices: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
-    three_way_reference: bool = True
-    check_stability: bool = True
-    timed: bool = True
-    tags: tuple[str, ...] = ()
 
-    def check_choices(self, case: Case) -> None:
-        for key, allowed in self.choices.items():
-            if key in case and case[key] not in allowed:
-                raise UsageError(f"case {case.id}: suite {self.name!r} has no {key} {case[key]!r} "
-                                 f"(choose from: {', '.join(map(str, allowed))})")
 
-    def cases(self, profile: str) -> list[Case]:
-        if profile not in self.profiles:
-            raise UsageError(
-                f"suite {self.name!r} has no profile {profile!r} (has: {', '.join(sorted(self.profiles))})"
-            )
-        return list(self.profiles[profile])
+@dataclass(frozen=True)
+class ImplOrigin:
+    """Where an impl's code came from, recorded with its results: module, file, installed distribution."""
+
+    module: str
+    file: str | None = None
+    package: str | None = None  # the installed distribution providing the module, if any
+    version: str | None = None
+
+    def to_json(self) -> dict[str, str | None]:
+        return {"module": self.module, "file": self.file, "package": self.package, "version": self.version}
+
+    def describe(self) -> str:
+        where = self.file or self.module
+        return f"{where} ({self.package} {self.version})" if self.package else where
+
+
+@functools.lru_cache(maxsize=1)
+def _distributions() -> Mapping[str, list[str]]:
+    return importlib.metadata.packages_distributions()
+
+
+def origin_of(fn: Callable[..., Any]) -> ImplOrigin:
+    module = getattr(fn, "__module__", None) or "?"
+    try:
+        file = inspect.getsourcefile(fn)
+    except TypeError:
+        file = None
+    file = file or getattr(sys.modules.get(module), "__file__", None)
+    dists = _distributions().get(module.split(".")[0], [])
+    package = dists[0] if dists else None
+    version = None
+    if package:
+        try:
+            version = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            version = None
+    return ImplOrigin(module=module, file=str(Path(file).resolve()) if file else None, package=package,
+                      version=version)
 
 
 @dataclass
@@ -130,6 +177,7 @@ class Impl:
     # Case filter: (ok, why_not) for a case this impl cannot do (e.g. a dtype, a head_dim).
     supports: Callable[[Case, Any], tuple[bool, str]] = lambda case, device: (True, "")
     source: str = ""
+    origin: ImplOrigin | None = None
 
     def can_run(self, case: Case | None, device: Any) -> tuple[bool, str]:
         try:
@@ -170,10 +218,27 @@ def register_impl(
     backward: bool = True,
     deterministic: bool = True,
     supports: Callable[[Case, Any], tuple[bool, str]] | None = None,
+    replace: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: ``@register_impl("attention", "sdpa", tags=("library",))`` on the impl callable."""
+    """Decorator: ``@register_impl("attention", "sdpa", tags=("library",))`` on the impl callable.
+
+    A name already registered by other code (a built-in impl, the reference included) is a usage error
+    naming both sources unless ``replace=True``: a plugin must never silently stand in for what it is
+    judged against. The same function registered again (a module imported twice) is not a replacement.
+    """
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        source = f"{fn.__module__}.{getattr(fn, '__qualname__', fn)}"
+        origin = origin_of(fn)
+        known = IMPLS.get((suite, name))
+        # the same function of the same file (a module imported twice, or under a second name) is no replacement
+        same_code = known is not None and known.origin is not None and origin.file is not None and (
+            known.origin.file, getattr(known.fn, "__qualname__", None)) == (origin.file, getattr(fn, "__qualname__", 0))
+        if known is not None and not replace and not same_code:
+            theirs = known.origin.describe() if known.origin else known.source
+            raise UsageError(f"impl {name!r} of suite {suite!r} is already registered by {known.source} "
+                             f"[{theirs}]; {source} [{origin.describe()}] registers it again: rename it, "
+                             f"or pass replace=True to register_impl")
         impl = Impl(
             name=name,
             suite=suite,
@@ -181,7 +246,8 @@ def register_impl(
             tags=tuple(tags),
             backward=backward,
             deterministic=deterministic,
-            source=f"{fn.__module__}.{getattr(fn, '__qualname__', fn)}",
+            source=source,
+            origin=origin,
         )
         if available is not None:
             impl.available = available
@@ -219,6 +285,8 @@ def _import_package_tree(package: str) -> None:
     """Import a package and every module below it, keeping failures with their reason."""
     try:
         pkg = importlib.import_module(package)
+    except UsageError:
+        raise
     except Exception as exc:
         _refuse_legacy_import(package, exc)
         import_failures[package] = f"{type(exc).__name__}: {exc}"
@@ -228,6 +296,8 @@ def _import_package_tree(package: str) -> None:
             continue
         try:
             importlib.import_module(info.name)
+        except UsageError:
+            raise
         except Exception as exc:
             _refuse_legacy_import(info.name, exc)
             import_failures[info.name] = f"{type(exc).__name__}: {exc}"
@@ -249,6 +319,8 @@ def load_plugin_file(path: str | Path) -> None:
         module = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = module
         spec.loader.exec_module(module)
+    except UsageError:
+        raise
     except Exception as exc:
         _refuse_legacy_import(p, exc)
         last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
@@ -268,6 +340,8 @@ def load_plugins(plugin_files: Iterable[str | Path] = ()) -> None:
             if ":" in ep.value:  # "module:attr" form: load it as-is
                 try:
                     ep.load()
+                except UsageError:
+                    raise
                 except Exception as exc:
                     _refuse_legacy_import(ep.value, exc)
                     import_failures[ep.value] = f"{type(exc).__name__}: {exc}"

@@ -17,6 +17,7 @@ from typing import Any
 
 from twinbench.harness.core import registry
 from twinbench.harness.core.case import Case
+from twinbench.harness.core.errors import failure_reason
 from twinbench.harness.core.experiment import Experiment, Outcome
 from twinbench.harness.core.parity import ParityVerdict, PoisonedAllocations, TensorCheck, compare_tensor
 from twinbench.harness.core.registry import Impl
@@ -33,20 +34,8 @@ def run_impl(impl: Impl, arguments: dict[str, Any], poisoned: bool) -> Outcome:
         return impl.fn(**arguments)
 
 
-def failure_reason(exc: BaseException) -> str:
-    """One line for a crashed loop (as the worker words it; out-of-memory named as such)."""
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:400]
-    low = text.lower()
-    if isinstance(exc, MemoryError) or any(s in low for s in ("out of memory", "can't allocate memory",
-                                                               "not enough memory")):
-        return f"out of memory: {text}"
-    return text
 
 
-def wrong_reason(verdict: ParityVerdict) -> str:
-    bad = [f"{n}: err {c.error:.3g} > bound {c.bound:.3g}" + (f" ({c.detail})" if c.detail else "")
-           for n, c in verdict.checks.items() if not c.ok]
-    return "; ".join(verdict.problems + bad)[:600]
 
 
 def judge_outcome(experiment: Experiment, case: Case, opt: Outcome, ref: Outcome, arguments: dict[str, Any],
@@ -138,7 +127,7 @@ def run_experiment_case(task: RunCase, ctx: Any, events: EventWriter) -> None:
                 record(impl, Status.CRASHED, failure_reason(exc), meta={"traceback": traceback.format_exc()[-2000:]})
                 continue
             verdict = judge_outcome(experiment, case, outcome, baseline, arguments, where)
-            record(impl, Status.OK if verdict.ok else Status.WRONG, "" if verdict.ok else wrong_reason(verdict),
+            record(impl, Status.OK if verdict.ok else Status.WRONG, "" if verdict.ok else verdict.reason(),
                    parity=verdict.to_json(), metrics=verdict.metrics or None, duration_s=time.perf_counter() - t0)
 
     meta = experiment.meta(case)

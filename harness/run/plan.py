@@ -68,8 +68,6 @@ def plan_tasks(options: RunOptions) -> list[tuple[registry.Suite, list[Task]]]:
         if options.impls:
             chosen = [n for n in impl_names if n in options.impls or n == suite.reference]
         cases = select_cases(suite.cases(options.profile), options.cases, name, params=suite.params, rules=suite.rules)
-        for case in cases:
-            suite.check_choices(case)
         planned.append((suite, [Task(name, c.as_dict(), c.id, list(chosen)) for c in cases]))
     if options.impls:
         every = {i.name for i in registry.IMPLS.values() if i.suite in [s.name for s, _ in planned]}

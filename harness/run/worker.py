@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from twinbench.harness.core.errors import failure_reason
 from twinbench.harness.run.process import (
     Begin,
     CaseDone,
@@ -172,13 +173,6 @@ def leftover_processes() -> list[int]:
     return [p for p in found if p not in keep]
 
 
-def failure_reason(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:400]
-    low = text.lower()
-    if "out of memory" in low or "can't allocate memory" in low or "not enough memory" in low \
-            or isinstance(exc, MemoryError):
-        return f"out of memory: {text}"
-    return text
 
 
 def _device(config: RunWorkerConfig):
@@ -243,6 +237,8 @@ def run_case(task: RunCase, ctx: CaseContext, events: EventWriter) -> None:
     ledger = StateLedger()
 
     def record(impl, status: Status, reason: str = "", **measured: Any) -> None:
+        if impl.origin is not None:  # where the impl's code came from (registry.ImplOrigin)
+            measured["meta"] = {**(measured.get("meta") or {}), "origin": impl.origin.to_json()}
         records[impl.name] = Record.new(suite=suite.name, case=case.id, params=case.as_dict(), device=device.name,
                                         fingerprint=ctx.fingerprint, impl=impl.name, tags=impl.tags,
                                         status=status, reason=reason, **measured)
@@ -305,7 +301,7 @@ def run_case(task: RunCase, ctx: CaseContext, events: EventWriter) -> None:
             record(impl, Status.CRASHED, failure_reason(exc), meta={"traceback": traceback.format_exc()[-2000:]})
             continue
         status = Status.OK if verdict.ok else Status.WRONG
-        reason = "" if verdict.ok else _wrong_reason(verdict)
+        reason = "" if verdict.ok else verdict.reason()
         record(impl, status, reason, parity=verdict.to_json(), metrics=verdict.metrics or None,
                duration_s=time.perf_counter() - t0)
         if verdict.ok:
@@ -371,10 +367,6 @@ class Measured:
         return {"timing": self.timing, "derived": self.derived, "memory": self.memory}
 
 
-def _wrong_reason(verdict) -> str:
-    bad = [f"{n}: err {c.error:.3g} > bound {c.bound:.3g}" + (f" ({c.detail})" if c.detail else "")
-           for n, c in verdict.checks.items() if not c.ok]
-    return "; ".join(verdict.problems + bad)[:600]
 
 
 def measure_timing(job: TimingJob, events: EventWriter, ledger: StateLedger | None = None) -> dict[str, Measured]:
