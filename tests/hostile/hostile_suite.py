@@ -44,7 +44,7 @@ register_suite(Suite(
 register_suite(Suite(
     name="hostile_nanrow", description="y = x * rowsum(x) with a NaN in row 0",
     profiles={"quick": [Case.of(rows=8, cols=16, dtype="fp32")]},
-    make_inputs=make_nanrow_inputs, reference="reference", trials=1, timed=False,
+    make_inputs=make_nanrow_inputs, reference="reference", trials=1,
 ))
 
 
