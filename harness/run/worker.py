@@ -215,115 +215,154 @@ def time_callables(impl, inputs, device, with_backward: bool, ledger: StateLedge
 
 
 def run_case(task: RunCase, ctx: CaseContext, events: EventWriter) -> None:
+    """One case: probe every wanted impl, check each runnable one's parity, time those that passed (with the
+    reference), then send every record. Training loops (experiments) take their own path."""
     from twinbench.harness.core import registry
-    from twinbench.harness.core.case import Case
-    from twinbench.harness.core.devices import reference_device_in_worker
-    from twinbench.harness.core.parity import check_parity
-    from twinbench.harness.core.timing import TimingPlan
-    from twinbench.harness.store.record import Record, Status
 
-    if task.suite in registry.EXPERIMENTS:  # training loops: their own path (no inputs, no timing)
+    if task.suite in registry.EXPERIMENTS:  # training loops: no inputs, no harness timing
         from twinbench.harness.run.experiment_case import run_experiment_case
 
         return run_experiment_case(task, ctx, events)
-    device, config = ctx.device, ctx.config
-    suite = registry.get_suite(task.suite)
-    case = Case.of(task.params)
-    all_impls = registry.impls_for(suite.name)
-    ref = next((i for i in all_impls if i.name == suite.reference), None)
-    wanted = [i for i in all_impls if i.name in task.impls]
-    records: dict[str, Record] = {}
     started = time.perf_counter()
-    ledger = StateLedger()
+    kernel_case = KernelCase(task, ctx, events)
+    runnable = kernel_case.runnable_impls()
+    passed = kernel_case.check_parity_of(runnable)
+    kernel_case.time(passed)
+    kernel_case.send_records()
+    events.send(CaseDone(seconds=time.perf_counter() - started))
 
-    def record(impl, status: Status, reason: str = "", **measured: Any) -> None:
+
+class KernelCase:
+    """The state of one kernel case in the worker: its impls, the records made so far, and the torch-state
+    ledger (docs/method.md §6) that every impl call goes through."""
+
+    def __init__(self, task: RunCase, ctx: CaseContext, events: EventWriter):
+        from twinbench.harness.core import registry
+        from twinbench.harness.core.case import Case
+
+        self.task, self.ctx, self.events = task, ctx, events
+        self.device, self.config = ctx.device, ctx.config
+        self.suite = registry.get_suite(task.suite)
+        self.case = Case.of(task.params)
+        all_impls = registry.impls_for(self.suite.name)
+        self.ref = next((i for i in all_impls if i.name == self.suite.reference), None)
+        self.wanted = [i for i in all_impls if i.name in task.impls]
+        self.records: dict[str, Any] = {}
+        self.ledger = StateLedger()
+        self.probed: dict[str, tuple[bool, str]] = {}
+
+    def record(self, impl, status, reason: str = "", **measured: Any) -> None:
+        from twinbench.harness.store.record import Record
+
         if impl.origin is not None:  # where the impl's code came from (registry.ImplOrigin)
             measured["meta"] = {**(measured.get("meta") or {}), "origin": impl.origin.to_json()}
-        records[impl.name] = Record.new(suite=suite.name, case=case.id, params=case.as_dict(), device=device.name,
-                                        fingerprint=ctx.fingerprint, impl=impl.name, tags=impl.tags,
-                                        status=status, reason=reason, **measured)
+        self.records[impl.name] = Record.new(
+            suite=self.suite.name, case=self.case.id, params=self.case.as_dict(), device=self.device.name,
+            fingerprint=self.ctx.fingerprint, impl=impl.name, tags=impl.tags, status=status, reason=reason,
+            **measured)
 
-    probed: dict[str, tuple[bool, str]] = {}
-
-    def probe(impl) -> tuple[bool, str]:
+    def probe(self, impl) -> tuple[bool, str]:
         """``available``/``supports`` announced as their own phase: a probe that hangs or crashes the worker
         is blamed on its impl alone (the supervisor bounds the phase, PROBE_TIMEOUT_S)."""
-        if impl.name not in probed:
-            events.send(Begin(impl=impl.name, phase="probe"))
-            with ledger.kept(impl.name):
-                probed[impl.name] = impl.can_run(case, device)
-        return probed[impl.name]
+        if impl.name not in self.probed:
+            self.events.send(Begin(impl=impl.name, phase="probe"))
+            with self.ledger.kept(impl.name):
+                self.probed[impl.name] = impl.can_run(self.case, self.device)
+        return self.probed[impl.name]
 
-    runnable = []
-    for impl in wanted:
-        if impl.name in task.exclude:  # decided by the supervisor after this impl killed a worker
-            status, reason = task.exclude[impl.name]
-            record(impl, Status(status), reason)
-            continue
-        ok, why = probe(impl)
-        if not ok:
-            record(impl, Status.SKIPPED, why)
-        elif dtype := case.get("dtype"):
-            if not device.supports_dtype(dtype):
-                record(impl, Status.SKIPPED, f"{device.name} cannot compute in {dtype}")
+    def runnable_impls(self) -> list:
+        """The wanted impls that can run here; the others get their skipped (or excluded) record now."""
+        from twinbench.harness.store.record import Status
+
+        runnable = []
+        for impl in self.wanted:
+            if impl.name in self.task.exclude:  # decided by the supervisor after this impl killed a worker
+                status, reason = self.task.exclude[impl.name]
+                self.record(impl, Status(status), reason)
+                continue
+            ok, why = self.probe(impl)
+            dtype = self.case.get("dtype")
+            if not ok:
+                self.record(impl, Status.SKIPPED, why)
+            elif dtype and not self.device.supports_dtype(dtype):
+                self.record(impl, Status.SKIPPED, f"{self.device.name} cannot compute in {dtype}")
             else:
                 runnable.append(impl)
-        else:
-            runnable.append(impl)
+        ref = self.ref
+        if ref is None:
+            return self._skip_all(runnable, f"suite {self.suite.name} has no reference impl {self.suite.reference!r}")
+        ref_ok, ref_why = self.probe(ref) if ref.name not in self.task.exclude else (False, "")
+        if not ref_ok:
+            return self._skip_all(runnable, f"reference cannot run here: {ref_why}")
+        return runnable
 
-    if ref is None:
-        for impl in runnable:
-            record(impl, Status.SKIPPED, f"suite {suite.name} has no reference impl {suite.reference!r}")
-        runnable = []
-    ref_ok, ref_why = probe(ref) if ref and ref.name not in task.exclude else (False, "")
-    if ref and not ref_ok:
-        for impl in runnable:
-            record(impl, Status.SKIPPED, f"reference cannot run here: {ref_why}")
-        runnable = []
+    def _skip_all(self, impls: list, reason: str) -> list:
+        from twinbench.harness.store.record import Status
 
-    passed = []
-    for impl in runnable:
-        events.send(Begin(impl=impl.name, phase="parity"))
-        t0 = time.perf_counter()
+        for impl in impls:
+            self.record(impl, Status.SKIPPED, reason)
+        return []
+
+    def check_parity_of(self, runnable: list) -> list:
+        """Each runnable impl against the reference (the reference itself first in the list); returns those
+        that passed. A reference that fails takes the case's other impls with it, as skipped."""
+        from twinbench.harness.core.devices import reference_device_in_worker
+        from twinbench.harness.core.parity import check_parity
+        from twinbench.harness.store.record import Status
+
+        config = self.config
+        reference_device = reference_device_in_worker(config.reference_device, config.device)
+        passed = []
+        for impl in runnable:
+            self.events.send(Begin(impl=impl.name, phase="parity"))
+            t0 = time.perf_counter()
+            try:
+                with self.ledger.kept(impl.name):  # also catches what a custom backward changed
+                    verdict = check_parity(self.suite, self.ledger.guarded(impl), self.ledger.guarded(self.ref),
+                                           self.case, self.device.torch_device, trials=config.trials,
+                                           seed=config.seed, reference_device=reference_device)
+            except Exception as exc:
+                if impl.name == self.ref.name:
+                    self._skip_all(runnable, f"reference failed: {failure_reason(exc)}")
+                    self.record(impl, Status.CRASHED, failure_reason(exc))
+                    return []
+                self.record(impl, Status.CRASHED, failure_reason(exc),
+                            meta={"traceback": traceback.format_exc()[-2000:]})
+                continue
+            self.record(impl, Status.OK if verdict.ok else Status.WRONG, "" if verdict.ok else verdict.reason(),
+                        parity=verdict.to_json(), metrics=verdict.metrics or None,
+                        duration_s=time.perf_counter() - t0)
+            if verdict.ok:
+                passed.append(impl)
+        return passed
+
+    def time(self, passed: list) -> None:
+        """Interleaved timing of the impls that passed, with the reference (docs/method.md §2)."""
+        from twinbench.harness.core.timing import TimingPlan
+
+        config = self.config
+        if not (config.timing and self.suite.timed and self.ref in passed):
+            return
+        job = TimingJob(suite=self.suite, case=self.case, device=self.device, reference=self.ref,
+                        passed=tuple(passed), seed=config.seed, plan=TimingPlan(**config.plan),
+                        ceilings=self.ctx.ceilings)
+        for name, measured in measure_timing(job, self.events, self.ledger).items():
+            self.records[name] = replace(self.records[name], **measured.fields())
+
+    def send_records(self) -> None:
+        """Every record, with the case's input metadata (judged records) and the torch state each impl changed."""
+        from twinbench.harness.store.record import Status
+
+        meta = None
         try:
-            with ledger.kept(impl.name):  # also catches what a custom backward changed
-                verdict = check_parity(suite, ledger.guarded(impl), ledger.guarded(ref), case, device.torch_device,
-                                       trials=config.trials, seed=config.seed,
-                                       reference_device=reference_device_in_worker(config.reference_device,
-                                                                                   config.device))
-        except Exception as exc:
-            if impl.name == ref.name:
-                for other in runnable:
-                    record(other, Status.SKIPPED, f"reference failed: {failure_reason(exc)}")
-                record(impl, Status.CRASHED, failure_reason(exc))
-                passed = []
-                break
-            record(impl, Status.CRASHED, failure_reason(exc), meta={"traceback": traceback.format_exc()[-2000:]})
-            continue
-        status = Status.OK if verdict.ok else Status.WRONG
-        reason = "" if verdict.ok else verdict.reason()
-        record(impl, status, reason, parity=verdict.to_json(), metrics=verdict.metrics or None,
-               duration_s=time.perf_counter() - t0)
-        if verdict.ok:
-            passed.append(impl)
-
-    if config.timing and suite.timed and ref in passed:
-        job = TimingJob(suite=suite, case=case, device=device, reference=ref, passed=tuple(passed),
-                        seed=config.seed, plan=TimingPlan(**config.plan), ceilings=ctx.ceilings)
-        for name, measured in measure_timing(job, events, ledger).items():
-            records[name] = replace(records[name], **measured.fields())
-
-    meta = None
-    try:
-        meta = suite.make_inputs(case, "cpu", config.seed).meta or None
-    except Exception:
-        pass
-    for rec in records.values():
-        if meta and rec.status in (Status.OK, Status.WRONG):
-            rec = replace(rec, meta={**(rec.meta or {}), **{k: v for k, v in meta.items() if k != "metrics"}})
-        rec = replace(rec, state_changed=ledger.names(rec.impl))
-        events.send(RecordDone(record=rec.to_json()))
-    events.send(CaseDone(seconds=time.perf_counter() - started))
+            meta = self.suite.make_inputs(self.case, "cpu", self.config.seed).meta or None
+        except Exception:
+            pass
+        for rec in self.records.values():
+            if meta and rec.status in (Status.OK, Status.WRONG):
+                rec = replace(rec, meta={**(rec.meta or {}), **{k: v for k, v in meta.items() if k != "metrics"}})
+            rec = replace(rec, state_changed=self.ledger.names(rec.impl))
+            self.events.send(RecordDone(record=rec.to_json()))
 
 
 def probe_suite(task: ProbeSuite, ctx: CaseContext, events: EventWriter) -> None:
