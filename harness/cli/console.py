@@ -13,17 +13,23 @@ STATUS_STYLE = {"ok": "green", "wrong": "bold red", "crashed": "bold red", "time
                 "skipped": "dim"}
 
 
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1e}"  # None: unmeasurable (wrong shape, no finite element)
+
+
 def _err(check: dict[str, Any] | None) -> str:
     if not check:
         return ""
-    return f"{check['error']:.1e}/{check['bound']:.1e}"
+    return f"{_number(check['error'])}/{_number(check['bound'])}"
 
 
 def _worst(parity: dict[str, Any] | None, grads: bool) -> dict[str, Any] | None:
     if not parity:
         return None
     checks = [c for n, c in parity["checks"].items() if n.startswith("grad:") == grads and c.get("metric") != "exact"]
-    return max(checks, key=lambda c: (c["ratio"] if c["ratio"] is not None else 0), default=None)
+    # a failing check first (its ratio may be unmeasurable), then the largest error/bound ratio
+    return max(checks, key=lambda c: (not c.get("ok", True), c["ratio"] if c["ratio"] is not None else 0),
+               default=None)
 
 
 def _ms(timing: dict[str, Any] | None, key: str) -> str:

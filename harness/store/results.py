@@ -147,6 +147,8 @@ def read_json(path: str | Path, what: str) -> Any:
         raise UsageError(f"{what} not found: {p}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"cannot read {what} {p}: {exc}") from None
+    except (RecursionError, ValueError) as exc:  # nested past Python's stack, or an integer of >4300 digits
+        raise UsageError(f"cannot read {what} {p}: not a plausible JSON document ({type(exc).__name__})") from None
 
 
 def validate(doc: Any, source: str = "results") -> None:
