@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from twinbench.harness.cli import arguments
 from twinbench.harness.core.errors import UsageError
 
 DOCTOR_SCHEMA = "twinbench-doctor/1"
@@ -21,7 +22,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("doctor", help="self-checks of the harness on a device before trusting its numbers")
     p.add_argument("--device", action="append", default=[], help="cpu, cuda:0, ... (repeatable; default all)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/doctor-<timestamp>)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for the CPU worker")
+    p.add_argument("--threads", type=arguments.positive_int, default=None, help="CPU threads for the CPU worker")
     p.set_defaults(handler=cmd_doctor)
 
 
