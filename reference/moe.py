@@ -2,7 +2,7 @@
 and the sparse SwiGLU experts as a plain per-expert loop. Dtype-following: they compute in the inputs'
 dtype (the router softmax in at least fp32), so the harness can run them upcast.
 
-Rules this reference fixes (METHOD.md section 1):
+Rules this reference fixes (docs/method.md §1):
 - top-k is a *stable* descending sort: among equal probabilities the lowest expert index wins.
 - a token whose router probabilities are not all finite (NaN/Inf in its hidden state) keeps NaN weights;
   its ids are not defined (suites exclude them from the id comparison) and it is left out of the losses,

@@ -2,7 +2,7 @@
 Switch load-balancing loss and the router z-loss. Outputs: weights, ids, aux_loss, z_loss; gradients for
 the hidden states and the router weight.
 
-Special rows (METHOD.md section 1): ``tie_rows`` all-zero hidden states (every expert's logit is exactly 0:
+Special rows (docs/method.md §1): ``tie_rows`` all-zero hidden states (every expert's logit is exactly 0:
 a full tie, the lowest ``top_k`` indices must win) and ``nonfinite_rows`` (a NaN, then an +Inf, in the
 hidden state: the row's probabilities are NaN; ids there are undefined and not compared, the row is left out
 of the losses — see reference/moe.py).

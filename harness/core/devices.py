@@ -1,7 +1,7 @@
 """Find every accelerator (CUDA, ROCm/HIP, XPU, MPS) and the CPU; capabilities; fingerprints.
 
 ROCm shares ``torch.cuda``: it is ROCm when ``torch.version.hip`` is set, and its arch is
-``gcnArchName`` (METHOD.md section 4). Nothing here assumes a GPU exists.
+``gcnArchName`` (docs/method.md §5). Nothing here assumes a GPU exists.
 """
 
 from __future__ import annotations
