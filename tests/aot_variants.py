@@ -233,7 +233,8 @@ def compile_in_processes(targets, which: str = "ci", jobs: int = 2) -> list[dict
 
 
 def table(reports: list[dict]) -> str:
-    """Markdown: kernel x target -> compiles, worst shared memory (of the limit), most registers and spills."""
+    """Markdown: kernel x target -> compiles, worst shared memory, most registers and spills (NVIDIA: stack
+    bytes per thread, where ptxas spills; AMD: spilled registers)."""
     targets = sorted({r["target"] for r in reports}, key=lambda n: list(TARGET_ORDER).index(n))
     cells: dict[tuple[str, str], list[dict]] = {}
     for r in reports:
@@ -245,9 +246,10 @@ def table(reports: list[dict]) -> str:
             got = cells.get((kernel, target), [])
             bad = sum(not r["ok"] for r in got)
             shared = max((r["shared_bytes"] for r in got), default=0)
-            spills = max((r["spill_bytes"] or 0 for r in got), default=0)
+            spills = max((r["spills"] or 0 for r in got), default=0)
             regs = max((r["registers"] or 0 for r in got), default=0)
-            row.append(f"{len(got) - bad}/{len(got)} ok, {shared / 1024:.0f} KiB, {regs} regs, {spills} spill")
+            spill_unit = "B stack" if target.startswith("sm") else "spilled regs"
+            row.append(f"{len(got) - bad}/{len(got)} ok, {shared / 1024:.0f} KiB, {regs} regs, {spills} {spill_unit}")
         lines.append(f"| {kernel} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 

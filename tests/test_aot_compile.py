@@ -43,6 +43,12 @@ def test_fa_pruning_follows_each_targets_limits():
     ok, why = fa.fits_somewhere(256, 4, sm89)
     assert not ok and "99 KiB" in why
     assert fa.fits_somewhere(256, 4, aot_variants.fa_limits(aot.TARGETS["sm80"]))[0]
+    # NVIDIA fp32 (FMA dots): no tile above 8 score elements per thread (larger builds spill KBs of stack)
+    fp32 = fa.keep_configs(fa.gpu_configs(), "fwd", 64, 4, sm90)
+    assert fp32 and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 8 * 32 * c.num_warps for c in fp32)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in fp32} == {(64, 32, 8), (32, 32, 4)}
+    dkdv = fa.keep_configs(fa.gpu_configs(), "dkdv", 64, 4, sm90)  # dK/dV holds more per thread: 32x32 only
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in dkdv} == {(32, 32)}
     # RDNA: fp32 tiles at head_dim >= 128 spill; only the smallest stays
     rdna = fa.keep_configs(fa.gpu_configs(), "fwd", 128, 4, aot_variants.fa_limits(aot.TARGETS["gfx1201"]))
     assert rdna and {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in rdna} == {(32, 32)}

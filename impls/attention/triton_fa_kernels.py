@@ -240,6 +240,12 @@ AMD_SHARED_ROWS = {"fwd": (0.0, 0.0, 0.0, 2.0), "dkdv": (0.0, 0.0, 2.0, 0.0), "d
 SHARED_MARGIN = 1.1
 # Largest BLOCK_M x BLOCK_N kept for fp32 with BLOCK_D >= 128 where such tiles spill (TileLimits).
 SPILL_SAFE_FP32_TILE = 32 * 32
+# NVIDIA, fp32 ("ieee" dots run on FMA units, not tensor cores): tiles of more than this many score elements
+# per thread make ptxas give up on registers (32 registers and 7-17 KB of stack per thread in sm80/sm90 builds
+# of fwd/dkdv/dq at D64, already at 16 per thread on sm80); at 8 the stack is at most ~1.6 KB, except dK/dV
+# (it keeps dk, dv and the recomputed scores: 64x32 with 8 warps gave 4.9 KB on sm100), kept at 32x32
+# (docs/triton_fa.md).
+NVIDIA_FP32_TILE_PER_THREAD = 8
 
 
 def spills_large_fp32(arch: str) -> bool:
@@ -258,13 +264,17 @@ def shared_estimate(kernel: str, block_m: int, block_n: int, block_d: int, elem:
 
 
 def keep_configs(configs: list, kernel: str, block_d: int, elem: int, limits: TileLimits) -> list:
-    """The configs that fit ``limits``: shared memory within the limit, and no fp32 tile known to spill."""
+    """The configs that fit ``limits``: shared memory within the limit, and no fp32 tile known to spill
+    (RDNA at BLOCK_D >= 128; NVIDIA above NVIDIA_FP32_TILE_PER_THREAD score elements per thread)."""
     kept = []
     for c in configs:
         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         if shared_estimate(kernel, m, n, block_d, elem, c.num_stages, limits.amd) > limits.shared_bytes:
             continue
         if limits.spills_large_fp32 and elem == 4 and block_d >= 128 and m * n > SPILL_SAFE_FP32_TILE:
+            continue
+        if not limits.amd and elem == 4 and (m * n > NVIDIA_FP32_TILE_PER_THREAD * 32 * c.num_warps
+                                             or (kernel == "dkdv" and m * n > SPILL_SAFE_FP32_TILE)):
             continue
         kept.append(c)
     return kept

@@ -80,8 +80,8 @@ class Report:
     error: str = ""
     shared_bytes: int = 0
     shared_limit: int = 0
-    registers: int | None = None
-    spill_bytes: int | None = None
+    registers: int | None = None  # per thread: registers (CUDA), VGPRs (HIP)
+    spills: int | None = None  # CUDA: stack + local bytes per thread; HIP: spilled VGPRs + SGPRs
     reduced_precision_instructions: int = 0
     fp32: bool = False
     seconds: float = 0.0
@@ -95,6 +95,9 @@ class Report:
         return dict(asdict(self), ok=self.ok)
 
 
+# Stack (spilled registers and local arrays) per thread above which a CUDA build counts as spilling: the
+# kernels we keep stay under ~1.6 KB; builds ptxas gives up on reach 7-17 KB (docs/triton_fa.md).
+CUDA_STACK_LIMIT = 4096
 # TF32 on NVIDIA (mma/wgmma/tcgen05 with .tf32 operands) and XF32 on CDNA3 (v_mfma_*_xf32).
 REDUCED_FP32 = re.compile(r"\.tf32\b|\btf32\b|_xf32\b")
 
@@ -106,15 +109,17 @@ def _tool(name: str) -> str:
 
 
 def _cuda_resources(cubin: bytes) -> tuple[int | None, int | None]:
-    """(registers per thread, local-memory bytes per thread: spills and stack) from ``cuobjdump -res-usage``."""
+    """(registers per thread, bytes per thread in local memory: the stack frame, where ptxas puts spilled
+    registers, plus other local arrays) from ``cuobjdump -res-usage``. A register count far below 255 with a
+    large stack is a kernel ptxas could not keep in registers."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
         fh.write(cubin)
         fh.flush()
         done = subprocess.run([_tool("cuobjdump"), "-res-usage", fh.name], capture_output=True, text=True,
                               timeout=60)
     regs = re.search(r"REG:(\d+)", done.stdout)
-    local = re.search(r"LOCAL:(\d+)", done.stdout)
-    return (int(regs.group(1)) if regs else None), (int(local.group(1)) if local else None)
+    local = [int(n) for n in re.findall(r"(?:STACK|LOCAL):(\d+)", done.stdout)]
+    return (int(regs.group(1)) if regs else None), (sum(local) if local else None)
 
 
 def _hip_resources(amdgcn: str) -> tuple[int | None, int | None]:
@@ -145,11 +150,14 @@ def compile_variant(variant: Variant, target: Target) -> Report:
     report.compiled = True
     report.shared_bytes = int(compiled.metadata.shared)
     if target.backend == "cuda":
-        report.registers, report.spill_bytes = _cuda_resources(compiled.asm["cubin"])
+        report.registers, report.spills = _cuda_resources(compiled.asm["cubin"])
         text = compiled.asm.get("ptx", "")
     else:
         text = compiled.asm.get("amdgcn", "")
-        report.registers, report.spill_bytes = _hip_resources(text)
+        report.registers, report.spills = _hip_resources(text)
+    if target.backend == "cuda" and (report.spills or 0) > CUDA_STACK_LIMIT:
+        report.problems.append(f"{report.spills} B of stack per thread ({report.registers} registers): ptxas "
+                               "could not keep the tile in registers")
     if report.shared_bytes > target.shared_limit:
         report.problems.append(f"shared memory {report.shared_bytes} B > {target.name}'s {target.shared_limit} B")
     if variant.estimated_shared is not None and report.shared_bytes > variant.estimated_shared:
