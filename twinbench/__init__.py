@@ -12,9 +12,6 @@ import os as _os
 
 __version__ = "0.1.0"
 
-# The layers that make up the namespace; nothing else below the checkout's root is importable through it.
-LAYERS = ("harness", "suites", "reference", "impls", "reports")
-
 _here = _os.path.dirname(_os.path.abspath(__file__))
 if not _os.path.isdir(_os.path.join(_here, "harness")):  # a source checkout, not an installed wheel
     __path__.append(_os.path.dirname(_here))  # noqa: F821 (a package's own __path__)
