@@ -63,22 +63,16 @@ class RssSampler:
 def peak_memory(device: Device, fn: Callable[[], Any]) -> dict[str, Any]:
     """Peak bytes above the starting level while ``fn`` runs once (the call's own working memory)."""
     backend = device.backend
-    if backend in ("cuda", "rocm"):
-        torch.cuda.synchronize(device.torch_device)
-        torch.cuda.reset_peak_memory_stats(device.torch_device)
-        start = torch.cuda.memory_allocated(device.torch_device)
+    if backend in ("cuda", "rocm", "xpu"):
+        # every call names the device: without one they read the current device, maybe another GPU
+        api, name = (torch.xpu, "torch.xpu") if backend == "xpu" else (torch.cuda, "torch.cuda")
+        api.synchronize(device.torch_device)
+        api.reset_peak_memory_stats(device.torch_device)
+        start = api.memory_allocated(device.torch_device)
         fn()
-        torch.cuda.synchronize(device.torch_device)
-        return {"peak_bytes": int(torch.cuda.max_memory_allocated(device.torch_device) - start),
-                "method": "torch.cuda.max_memory_allocated"}
-    if backend == "xpu":  # every call names the device: without one they read the current device
-        torch.xpu.synchronize(device.torch_device)
-        torch.xpu.reset_peak_memory_stats(device.torch_device)
-        start = torch.xpu.memory_allocated(device.torch_device)
-        fn()
-        torch.xpu.synchronize(device.torch_device)
-        return {"peak_bytes": int(torch.xpu.max_memory_allocated(device.torch_device) - start),
-                "method": "torch.xpu.max_memory_allocated"}
+        api.synchronize(device.torch_device)
+        return {"peak_bytes": int(api.max_memory_allocated(device.torch_device) - start),
+                "method": f"{name}.max_memory_allocated"}
     if backend == "mps":
         # MPS has no peak counter and the driver's allocation at the end of the call reads ~0 (freed blocks
         # stay cached): count live tensors exactly instead (docs/method.md §3).
