@@ -181,7 +181,8 @@ def test_list_probes_are_bounded_and_blamed_on_their_impl(tmp_path):
 
 @pytest.mark.slow
 def test_twinbench_list_returns_with_a_hanging_probe(tmp_path):
-    proc = twinbench(tmp_path, "list", "attention", "--device", "cpu", "--plugin", str(PLUGIN), timeout=400)
+    proc = twinbench(tmp_path, "list", "attention", "--device", "cpu", "--plugin", str(PLUGIN), "--timeout", "8",
+                     timeout=400)
     assert proc.returncode == 0, proc.stderr
     lines = {line.split("│")[2].strip(): line for line in proc.stdout.splitlines() if line.count("│") >= 4}
     assert "probe timed out" in lines["probe_hangs"] and "probe crashed" in lines["probe_segfaults"]

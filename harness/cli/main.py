@@ -115,13 +115,14 @@ def cmd_list(args) -> int:
     """Every impl per device: can it run there, and why not — before anything runs.
 
     The probes run in a worker per device (its environment, as a run would see it), each bounded by
-    PROBE_TIMEOUT_S: a probe that hangs or crashes marks its impl and the list still returns.
+    ``--timeout`` (default PROBE_TIMEOUT_S): a probe that hangs or crashes marks its impl and the list
+    still returns.
     """
     from rich.markup import escape
     from rich.table import Table
     from twinbench.harness.cli.console import make_console
     from twinbench.harness.core import devices, registry
-    from twinbench.harness.run.supervisor import probe_impls
+    from twinbench.harness.run.supervisor import PROBE_TIMEOUT_S, probe_impls
 
     plugins = [str(Path(p).resolve()) for p in args.plugin]
     registry.load_plugins(plugins)
@@ -129,7 +130,7 @@ def cmd_list(args) -> int:
     suites = args.suites or sorted(registry.SUITES)
     for s in suites:
         registry.get_suite(s)
-    probed = {dev.name: probe_impls(dev, suites, plugins) for dev in selected}
+    probed = {dev.name: probe_impls(dev, suites, plugins, timeout=args.timeout or PROBE_TIMEOUT_S) for dev in selected}
     table = Table(title="implementations")
     for col in ("suite", "impl", "tags", *[d.name for d in selected]):
         table.add_column(col, overflow="fold")
@@ -163,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("suites", nargs="*")
     lst.add_argument("--device", action="append", default=[])
     lst.add_argument("--plugin", action="append", default=[])
+    lst.add_argument("--timeout", type=arguments.positive_float, default=None,
+                     help="seconds one impl's available()/supports() may take (default: PROBE_TIMEOUT_S, 60)")
     lst.set_defaults(handler=cmd_list)
     _add_run(sub)
     from twinbench.harness.cli import bench_command, doctor_command, results_commands
