@@ -130,15 +130,8 @@ class DeviceRun:
                                  memory_limit_bytes=limit, ceilings=self.ceilings, measure_ceilings=o.timing,
                                  trials=o.trials, seed=o.seed, reference_device=o.reference_device,
                                  timing=o.timing, plan=asdict(o.plan))
-        worker = WorkerProcess([sys.executable, "-m", "twinbench.harness.run.worker"], config.to_json(), cwd=ROOT,
-                               env=setup.env, log_path=self.log_path)
-        self.worker = worker
-        start_timeout = max(o.timeout, START_TIMEOUT_S)
-        while True:
-            try:
-                event = worker.next_event(start_timeout)
-            except WorkerHung:
-                raise WorkerDied(f"worker did not start within {start_timeout:.0f}s") from None
+
+        def journal_start_event(event) -> None:
             if isinstance(event, Fingerprint):
                 self.fingerprint = event.fingerprint
                 self.journal.append({"type": "fingerprint", "fingerprint": event.fingerprint,
@@ -147,8 +140,12 @@ class DeviceRun:
                 self.ceilings = event.ceilings
                 self.journal.append({"type": "ceilings", "device": dev.name, "fingerprint": event.fingerprint,
                                      "ceilings": event.ceilings})
-            elif isinstance(event, Ready):
-                return worker
+
+        return start_run_worker(config, setup.env, self.log_path, max(o.timeout, START_TIMEOUT_S),
+                                on_event=journal_start_event, started=self._started)
+
+    def _started(self, worker: WorkerProcess) -> None:
+        self.worker = worker  # visible to cancel() while the worker is still starting
 
     def _emit(self, rec: dict[str, Any]) -> None:
         self.journal.append({"type": "record", "record": rec})
@@ -307,13 +304,24 @@ def probe_impls(device: devices_mod.Device, suites: list[str], plugins: list[str
     return found
 
 
-def _start_probe_worker(config: RunWorkerConfig, env: dict[str, str], log_path: Path, timeout: float) -> WorkerProcess:
+def start_run_worker(config: RunWorkerConfig, env: dict[str, str], log_path: Path, timeout: float, *,
+                     label: str = "worker", on_event=None, started=None) -> WorkerProcess:
+    """Start a run worker and wait for its Ready; events before it (fingerprint, ceilings) go to ``on_event``,
+    the process to ``started`` as soon as it exists. Silence past ``timeout`` is a failed start."""
     worker = WorkerProcess([sys.executable, "-m", "twinbench.harness.run.worker"], config.to_json(), cwd=ROOT,
-                           env=env, log_path=log_path, label="probe worker")
+                           env=env, log_path=log_path, label=label)
+    if started:
+        started(worker)
     while True:
         try:
             event = worker.next_event(timeout)
         except WorkerHung:
-            raise WorkerDied(f"probe worker did not start within {timeout:.0f}s") from None
+            raise WorkerDied(f"{label} did not start within {timeout:.0f}s") from None
         if isinstance(event, Ready):
             return worker
+        if on_event:
+            on_event(event)
+
+
+def _start_probe_worker(config: RunWorkerConfig, env: dict[str, str], log_path: Path, timeout: float) -> WorkerProcess:
+    return start_run_worker(config, env, log_path, timeout, label="probe worker")
