@@ -168,11 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds one impl's available()/supports() may take (default: PROBE_TIMEOUT_S, 60)")
     lst.set_defaults(handler=cmd_list)
     _add_run(sub)
-    from twinbench.harness.cli import bench_command, doctor_command, results_commands
+    from twinbench.harness.cli import bench_command, bisect_command, doctor_command, results_commands
 
     results_commands.register(sub)
     bench_command.register(sub)
     doctor_command.register(sub)
+    bisect_command.register(sub)
     return parser
 
 
