@@ -82,7 +82,6 @@ class BisectOptions:
     selection: Selection           # plugins empty: they come from ``code`` at each commit
     measurement: Measurement
     parity: bool = False           # --parity: a parity failure is what makes a commit bad
-    json: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -157,10 +156,11 @@ def repository(path: Path | None) -> Path:
 def code_under_test(repo: Path | None, plugins: list[str]) -> CodeUnderTest:
     """The repository and its plugin files, relative to it; one that leaves it is a usage error."""
     top = repository(repo)
+    given = Path(repo).resolve() if repo else top  # relative plugin paths start where --repo points
     relative = []
     for p in plugins:
         path = Path(p)
-        full = (path if path.is_absolute() else top / path).resolve()
+        full = (path if path.is_absolute() else given / path).resolve()
         if not full.is_relative_to(top):
             raise UsageError(f"--plugin {p}: not inside the repository {top} (bisect takes each commit's copy)")
         relative.append(str(full.relative_to(top)))
@@ -320,6 +320,8 @@ class Bisection:
                 else:
                     step, _ = self._timing_step(number, commit, worker, self.items)
         except WorkerFailed as exc:  # the commit's code cannot be measured (crashes on import, say): skipped
+            if self.base.process.proc.poll() is not None:
+                raise  # GOOD's own worker is gone: no step can be measured any more
             step = Step(number, commit.sha, commit.subject, Verdict.UNDECIDED, note=str(exc).splitlines()[0][:400])
         step.seconds = time.monotonic() - started
         self.steps.append(step)
@@ -397,8 +399,9 @@ def run_bisect(options: BisectOptions, config) -> BisectResult:
 
 def format_table(result: BisectResult) -> str:
     """Plain text for the console: one line per step, then the verdict."""
+    cases = ", ".join(result.cases[:2]) + (f" and {len(result.cases) - 2} more" if len(result.cases) > 2 else "")
     lines = [f"bisect {result.good[:12]} (good) .. {result.bad[:12]} (bad) in {result.repo}: {result.commits} "
-             f"first-parent commits, {result.mode.value} mode, cases: {', '.join(result.cases) or '-'}",
+             f"first-parent commits, {result.mode.value} mode, cases: {cases or '-'}",
              f"{'step':>4}  {'commit':<12}  {'verdict':<9} {'new/good':>9} {'95% interval':>19} {'p':>9} "
              f"{'seconds':>8}  subject / note"]
     lines.append("-" * len(lines[-1]))
