@@ -201,7 +201,8 @@ def check_plugins(code: CodeUnderTest, bad: str) -> None:
 def _timing_verdict(cases: list[dict[str, Any]], hunted: dict[str, float]) -> tuple[Verdict, dict[str, Any] | None]:
     """A commit is bad when any case is a confirmed regression; good when every case's interval is clearly
     not slower: its upper end within the gate's minimum effect, or below the geometric midpoint between no
-    change and the slowdown BAD showed for that case (clearly not the one being hunted)."""
+    change and the slowdown BAD showed for that case (clearly not the one being hunted); docs/reports-and-gate.md,
+    "Bisect"."""
     worst = max((c for c in cases if c.get("ratio") is not None), key=lambda c: c["ratio"], default=None)
     if any(c["verdict"] == "regression (confirmed)" for c in cases):
         return Verdict.BAD, max((c for c in cases if c["verdict"] == "regression (confirmed)"),
