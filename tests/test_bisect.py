@@ -7,15 +7,20 @@ failure). Each bisect must name that commit within ceil(log2(8)) + 1 steps, step
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from twinbench.harness.cli.main import main
 from twinbench.harness.core import registry
 from twinbench.harness.gate import bisect
+from twinbench.harness.gate.against import Measurement, Selection
+from twinbench.harness.gate.stats import GateConfig
+from twinbench.harness.run.process import WorkerFailed
 
 PLUGIN = '''
 """A vendor's kernels, version {version}."""
@@ -192,6 +197,30 @@ def test_an_undecided_commit_is_skipped_and_can_leave_a_range():
         return bisect.Verdict.UNDECIDED if i == 1 else bisect.Verdict.BAD if i >= 4 else bisect.Verdict.GOOD
 
     assert bisect.search(_commits(8), measure_clear)[:2] == (3, 4)  # skipping 1 costs nothing here
+
+
+class _GoodWorker:
+    """GOOD's worker as far as a step looks at it: alive (exit code None) or dead."""
+
+    def __init__(self, exit_code: int | None):
+        self.process = SimpleNamespace(proc=SimpleNamespace(poll=lambda: exit_code))
+
+
+def test_a_commit_whose_worker_dies_is_skipped_unless_goods_worker_died(monkeypatch):
+    @contextlib.contextmanager
+    def dying_head(self, commit):
+        raise WorkerFailed("worker for /tmp/tree died with SIGSEGV (segmentation fault)")
+        yield
+
+    monkeypatch.setattr(bisect.Bisection, "head", dying_head)
+    options = bisect.BisectOptions("g", "b", bisect.CodeUnderTest(Path("/nowhere")), Selection(), Measurement())
+    good = bisect.Commit("0" * 40, "good")
+    bisection = bisect.Bisection(options, GateConfig(), Path("/nowhere"), good, _GoodWorker(None), None)
+    step = bisection.measure(1, bisect.Commit("c" * 40, "crashes on import"))
+    assert step.verdict is bisect.Verdict.UNDECIDED and "SIGSEGV" in step.note
+    bisection.base = _GoodWorker(-9)
+    with pytest.raises(WorkerFailed):  # without GOOD's worker no later step could be measured
+        bisection.measure(2, bisect.Commit("d" * 40, "next"))
 
 
 def _case(ratio: float, ci_high: float, verdict: str = "no change", min_effect: float = 0.02) -> dict:
