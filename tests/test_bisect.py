@@ -214,8 +214,7 @@ def test_a_commit_whose_worker_dies_is_skipped_unless_goods_worker_died(monkeypa
 
     monkeypatch.setattr(bisect.Bisection, "head", dying_head)
     options = bisect.BisectOptions("g", "b", bisect.CodeUnderTest(Path("/nowhere")), Selection(), Measurement())
-    good = bisect.Commit("0" * 40, "good")
-    bisection = bisect.Bisection(options, GateConfig(), Path("/nowhere"), good, _GoodWorker(None), None)
+    bisection = bisect.Bisection(options, GateConfig(), Path("/nowhere"), _GoodWorker(None), None)
     step = bisection.measure(1, bisect.Commit("c" * 40, "crashes on import"))
     assert step.verdict is bisect.Verdict.UNDECIDED and "SIGSEGV" in step.note
     bisection.base = _GoodWorker(-9)

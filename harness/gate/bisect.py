@@ -230,9 +230,8 @@ def _parity(worker: GateWorker, item: Item) -> tuple[bool | None, str]:
 class Bisection:
     """GOOD's worker (the base of every step) and the steps measured against it."""
 
-    def __init__(self, options: BisectOptions, config, logs: Path, good: Commit, base: GateWorker,
-                 cpus: list[int] | None):
-        self.options, self.config, self.logs, self.good, self.base, self.cpus = options, config, logs, good, base, cpus
+    def __init__(self, options: BisectOptions, config, logs: Path, base: GateWorker, cpus: list[int] | None):
+        self.options, self.config, self.logs, self.base, self.cpus = options, config, logs, base, cpus
         self.items: list[Item] = []
         self.hunted: dict[str, float] = {}  # BAD's ratio per regressed case (timing mode)
         self.mode = Mode.PARITY if options.parity else Mode.TIMING
@@ -364,7 +363,6 @@ def run_bisect(options: BisectOptions, config) -> BisectResult:
     bad = resolve_ref(options.bad, code.repo, "BAD")
     commits = first_parent_commits(code.repo, good, bad)
     check_plugins(code, bad)
-    subject = _git(code.repo, "log", "-1", "--format=%s", good).stdout.strip()
     result = BisectResult(repo=str(code.repo), good=good, bad=bad, mode=Mode.TIMING, commits=len(commits))
     m, sel = options.measurement, options.selection
     with terminate_as_interrupt(), tempfile.TemporaryDirectory(prefix="twinbench-bisect-") as logs, \
@@ -372,7 +370,7 @@ def run_bisect(options: BisectOptions, config) -> BisectResult:
         cpus = shared_cpus(sel.device, m.pin, m.threads)
         base = GateWorker(code.worker_root(good_tree), sel.device, code.plugin_files(good_tree),
                           Path(logs) / "good.log", m, cpus)
-        bisection = Bisection(options, config, Path(logs), Commit(good, subject), base, cpus)
+        bisection = Bisection(options, config, Path(logs), base, cpus)
         try:
             nothing = bisection.endpoint(commits[-1])
             if not nothing:
