@@ -81,6 +81,7 @@ def cmd_report(args) -> int:
                                         if path]
     check_outputs(outputs, inputs=[*args.results, *_files_in(args.baseline), *_files_in(args.history)])
     doc = merge_documents(args.results)
+    focus = _focus_device(doc, args.focus_device)
     gate = None
     if args.baseline:
         from twinbench.harness.gate.stats import GateConfig
@@ -92,7 +93,7 @@ def cmd_report(args) -> int:
         from twinbench.harness.store import history
 
         trends = history.trends(args.history, doc)
-    written = [write_html(doc, out, gate=gate, trends=trends)]
+    written = [write_html(doc, out, gate=gate, trends=trends, focus_device=focus)]
     if args.markdown:
         written.append(write_markdown(doc, args.markdown, gate=gate))
     if args.junit:
@@ -104,6 +105,21 @@ def cmd_report(args) -> int:
         written.append(Path(args.csv))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _focus_device(doc: dict[str, Any], text: str | None) -> str | None:
+    """The device column --focus-device names (exactly one), or None for the default (the first file's)."""
+    from twinbench.reports import model
+
+    if text is None:
+        return None
+    columns = model.device_columns(doc)
+    matched = model.match_devices(columns, text)
+    if len(matched) != 1:
+        listed = "; ".join(f"{c.model} ({c.key})" for c in columns)
+        raise UsageError(f"--focus-device {text!r} matches {len(matched)} of the devices in these results "
+                         f"({listed}); give a fingerprint id or fingerprint/device")
+    return matched[0].key
 
 
 def cmd_baseline_save(args) -> int:
@@ -273,6 +289,9 @@ def register(sub) -> None:
     p.add_argument("--markdown", default=None, help="also write the markdown summary here")
     p.add_argument("--junit", default=None, help="also write JUnit XML here")
     p.add_argument("--csv", default=None, help="also write the long-format CSV here")
+    p.add_argument("--focus-device", default=None,
+                   help="the device under bring-up, highlighted in the device-by-device view: a fingerprint id, "
+                        "a device name or part of the model name (default: the first results file's device)")
     p.set_defaults(handler=cmd_report)
 
     b = sub.add_parser("baseline", help="save or show regression baselines (one file per fingerprint)")
