@@ -272,12 +272,13 @@ def device_comparison(doc: dict[str, Any], focus: str | None = None) -> DeviceCo
             focus_rec = recs[focus_i]
             focus_ms = median_ms(focus_rec, "fwd") if focus_rec else None
             rows.append(ComparisonRow(suite, key[1], labels.get(key[1], key[1]), key[2],
-                                      tuple(_cell(r, focus_ms) if r else None for r in recs)))
+                                      tuple(_cell(r, focus_ms if j != focus_i else None) if r else None
+                                            for j, r in enumerate(recs))))
     summaries = []
     for i in range(len(columns)):
         cells = [row.cells[i] for row in rows]
         present = [c for c in cells if c is not None]
-        ratios = [c.focus_over_this for c in present if c.focus_over_this]
+        ratios = [c.focus_over_this for c in present if c.focus_over_this] if i != focus_i else []
         summaries.append(DeviceSummary(
             ok=sum(c.status == "ok" for c in present), failed=sum(c.status in FAILED for c in present),
             skipped=sum(c.status == "skipped" for c in present), missing=len(cells) - len(present),
