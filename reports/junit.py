@@ -9,6 +9,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from twinbench.reports import model
+
 # Characters XML 1.0 forbids (control characters, e.g. a crash's ANSI colour codes, lone surrogates):
 # ElementTree writes them as they are, and a CI's parser then rejects the whole file.
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -24,8 +26,9 @@ def _xml_safe(root: ET.Element) -> None:
 def render_junit(doc: dict[str, Any], *, gate: dict[str, Any] | None = None) -> str:
     root = ET.Element("testsuites", name="twinbench")
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    device_of = model.device_namer(doc)  # several machines' cuda:0 stay apart
     for r in doc["results"]:
-        groups[(r["suite"], r["device"])].append(r)
+        groups[(r["suite"], device_of(r))].append(r)
     totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     for (suite, device), records in sorted(groups.items()):
         ts = ET.SubElement(root, "testsuite", name=f"{suite}[{device}]")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +23,22 @@ def records_of(doc: dict[str, Any], suite: str) -> list[dict[str, Any]]:
     return [r for r in doc["results"] if r["suite"] == suite]
 
 
+def device_namer(doc: dict[str, Any]) -> Callable[[dict[str, Any]], str]:
+    """rec -> the device name tables show: its name in its run, or ``name@fingerprint`` where results of
+    several machines share that name (`cuda:0` on an H100 machine and on an MI300X machine)."""
+    fingerprints: dict[str, set[str]] = defaultdict(set)
+    for r in doc["results"]:
+        fingerprints[r["device"]].add(r.get("fingerprint") or "")
+    shared = {name for name, fps in fingerprints.items() if len(fps) > 1}
+    return lambda r: f"{r['device']}@{r.get('fingerprint') or ''}" if r["device"] in shared else r["device"]
+
+
 def verdicts(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (suite, device): status counts and PASS/FAIL (any wrong, crashed or timeout fails)."""
     groups: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    device_of = device_namer(doc)
     for r in doc["results"]:
-        groups[(r["suite"], r["device"])][r["status"]] += 1
+        groups[(r["suite"], device_of(r))][r["status"]] += 1
     rows = []
     for (suite, device), counts in sorted(groups.items()):
         failed = sum(counts[s] for s in FAILED)

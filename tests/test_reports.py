@@ -239,3 +239,17 @@ def test_report_focus_device_highlights_it_and_escapes_every_name(bring_up_files
     err = capsys.readouterr().err
     assert "matches 2 of the devices" in err and err.count("\n") == 1
     assert not (tmp_path / "x.html").exists()
+
+
+def test_verdicts_and_junit_keep_two_machines_cuda0_apart(bring_up_files):
+    from twinbench.harness.cli.results_commands import merge_documents
+    from twinbench.reports import model
+    from twinbench.reports.junit import render_junit
+
+    doc = merge_documents(bring_up_files)
+    devices = {v["device"] for v in model.verdicts(doc) if v["suite"] == "matmul"}
+    assert devices == {"cuda:0@00000000000a1100", "cuda:0@00000000000a1300", "xpu:0"}
+    root = ET.fromstring(render_junit(doc).split("\n", 1)[1])
+    names = [ts.get("name") for ts in root.iter("testsuite")]
+    assert len(names) == len(set(names)) == 5  # matmul on 3 devices, loop on 2 (the new GPU ran none)
+    assert [v["device"] for v in model.verdicts(make_doc())] == ["cpu", "cpu"]  # one machine: names as run
