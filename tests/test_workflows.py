@@ -117,6 +117,16 @@ def test_actionlint_catches_a_planted_mistake(tmp_path):
     assert '"a100"' in done.stdout and "base_reff" in done.stdout
 
 
+def test_workflows_install_as_the_readme_says():
+    """The CPU install is the README's command verbatim; a GPU runner drops the CPU torch constraint (README)."""
+    readme_install = 'python3 -m pip install -c .ci/constraints-cpu.txt -e ".[all]"'
+    assert readme_install in (ROOT / "README.md").read_text()
+    allowed = {readme_install, readme_install.replace("-c .ci/constraints-cpu.txt ", "")}
+    installs = [line.strip() for f in WORKFLOWS.glob("*.yml") for job in load(f.name)["jobs"].values()
+                for step in job["steps"] for line in step.get("run", "").splitlines() if "pip install" in line]
+    assert len(installs) >= 4 and set(installs) <= allowed, installs
+
+
 # --- the commands they run ---------------------------------------------------------------------------------
 
 def test_nightly_commands_run_record_history_and_report_over_the_legs(tmp_path, shim_path):
