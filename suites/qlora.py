@@ -23,6 +23,8 @@ by step: ``twinbench bench qlora``.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,7 +32,7 @@ from twinbench.harness.core.case import Case, Param
 from twinbench.harness.core.experiment import Experiment, StepPeakMemory, register_experiment
 from twinbench.harness.core.memory import TensorPeak
 from twinbench.harness.core.registry import Tolerance, register_impl
-from twinbench.reference.qlora.config import DataFiles, LoopConfig
+from twinbench.reference.qlora.config import MODEL_SIZES, DataFiles, LoopConfig
 from twinbench.reference.qlora.model import training_stack_available
 from twinbench.reference.qlora.train import Meters
 from twinbench.suites.training_data import QLORA_CHAT, QLORA_LM_EVAL_TASK, TOKENIZER_CORPUS
@@ -62,6 +64,74 @@ BOUNDS: dict[str, dict[str, tuple[float, float, str]]] = {  # output -> dtype ->
 def loop_config(case: Case, seed: int) -> LoopConfig:
     return LoopConfig(data=DATA, kind=case["kind"], dtype=case["dtype"], steps=case["steps"],
                       seq_len=case["seq_len"], batch_size=case["batch"], grad_accum=case["accum"], seed=seed)
+
+
+# ---------------------------------------------------------------- the lockstep bench (`twinbench bench qlora`)
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One side-by-side run of both loops; ``size``: "tiny" (the experiment's model) or a ``MODEL_SIZES`` key."""
+
+    kind: str = "llama"
+    dtype: str = "fp32"
+    size: str = "tiny"
+    seq_len: int = 64
+    batch: int = 4
+    accum: int = 2
+    steps: int = 20
+
+
+# tiny: the experiment's quick case through the bench path (the probe is learned in 60 steps; the CI test).
+# bench: ~100M parameters at seq 512; 12 steps = 5 timed, 3 RSS-measured and 3 live-tensor-measured steps
+# per loop (``reference.qlora.train.step_role``), plus one profiled step. 2 rows x 512 tokens per step keep a
+# CPU run of both models near 10 minutes (docs/qlora.md).
+BENCH_PROFILES: dict[str, tuple[BenchCase, ...]] = {
+    "tiny": (BenchCase("llama", steps=60), BenchCase("qwen3_moe", steps=60)),
+    "bench": (BenchCase("llama", size="100m", seq_len=512, batch=2, accum=1, steps=12),
+              BenchCase("qwen3_moe", size="100m", seq_len=512, batch=2, accum=1, steps=12)),
+}
+# The targets of issue 18 item 5 (patched / reference, measured in lockstep in one process).
+BENCH_TARGETS = {"step_time_ratio_median": 0.5, "tensor_peak_ratio": 0.6}
+
+
+def bench_config(case: BenchCase, seed: int = 0) -> LoopConfig:
+    cfg = LoopConfig(data=DATA, kind=case.kind, dtype=case.dtype, steps=case.steps, seq_len=case.seq_len,
+                     batch_size=case.batch, grad_accum=case.accum, seed=seed)
+    if case.size == "tiny":
+        return cfg
+    return dataclasses.replace(cfg, model_overrides=MODEL_SIZES[case.size][case.kind])
+
+
+@dataclass(frozen=True)
+class BenchCheck:
+    ok: bool
+    value: float | None  # None: not measured (a run too short for a live-tensor step)
+    bound: float
+    gates: bool  # True: a failure is a wrong result (exit 1); False: a performance target, reported only
+
+
+def bench_checks(case: BenchCase, result: dict[str, Any]) -> dict[str, BenchCheck]:
+    """The bench's result against the targets and the experiment's trajectory bounds; the probe: absent
+    before training in both loops, the same number of hits after in both (within one sampled response:
+    bounded-rounding divergence may flip a sample), and ``probe_learned``: every response right in both
+    (a gate only for the tiny models: a 100M random-init model is not expected to learn it in 12 steps)."""
+    checks = {name: BenchCheck(result[name] is not None and result[name] <= bound, result[name], bound, False)
+              for name, bound in BENCH_TARGETS.items()}
+    head_bound, curve_bound = BOUNDS["loss_curve_head"][case.dtype][0], BOUNDS["loss_curve"][case.dtype][0]
+    checks["loss_curve_head"] = BenchCheck(result["max_abs_loss_diff_head"] <= head_bound,
+                                           result["max_abs_loss_diff_head"], head_bound, True)
+    checks["loss_curve"] = BenchCheck(result["mean_abs_loss_diff"] <= curve_bound, result["mean_abs_loss_diff"],
+                                      curve_bound, True)
+    hits, n = result["probe_hits"], result["probe_responses"]
+    before = max(h["before"] for h in hits.values())
+    gap = abs(hits["patched"]["after"] - hits["reference"]["after"])
+    checks["probe_absent_before"] = BenchCheck(before == 0, before, 0, True)
+    checks["probe_same_after"] = BenchCheck(gap <= 1, gap, 1, True)
+    learned = min(h["after"] for h in hits.values())
+    # gates where the profile trains long enough to learn it (tiny: 60 steps); at 100M it is reported
+    checks["probe_learned"] = BenchCheck(learned == n, learned, n, case.size == "tiny")
+    return checks
 
 
 def loop_meters(device: str) -> Meters:

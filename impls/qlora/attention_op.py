@@ -26,6 +26,7 @@ from twinbench.impls.qlora.nf4_lora import (
     rms_norm_backward,
     rms_norm_with_rstd,
 )
+from twinbench.reference.qlora.breakdown import scope
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -208,6 +209,7 @@ def recomputed_attention(h: torch.Tensor, norm, attn, position_embeddings) -> to
     cfg = attn.config
     shape = (cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim)
     cos, sin = position_embeddings
-    return RecomputedAttention.apply(h, cos, sin, norm.weight, norm.variance_epsilon, qk_norms,
-                                     [(p[0], p[1]) for p in parts], [p[4] for p in parts], shape, attn.scaling,
-                                     *lora)
+    with scope("attention"):
+        return RecomputedAttention.apply(h, cos, sin, norm.weight, norm.variance_epsilon, qk_norms,
+                                         [(p[0], p[1]) for p in parts], [p[4] for p in parts], shape, attn.scaling,
+                                         *lora)

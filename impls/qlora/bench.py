@@ -1,7 +1,9 @@
 """The QLoRA loops side by side: reference and patched from one checkpoint, stepped in lockstep
 (R O R O ...) by the shared ``reference.qlora.train.run_steps``. A benchmark, not a test: per-step time
-ratio (opt / ref), each loop's peak working memory per step, live-tensor peaks and the loss difference.
-Run it with ``twinbench bench qlora`` (``harness/cli/bench_command.py``).
+ratio (opt / ref), each loop's peak working memory per step, live-tensor peaks, both loss curves, the probe
+before and after training in both loops, and one extra step of each loop under the profiler, its time by
+part of the loop (``reference.qlora.breakdown``). Run it with ``twinbench bench qlora``
+(``harness/cli/bench_command.py``), which also judges the result against the targets.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from typing import Any
 import torch
 from twinbench.impls.kernels import nf4 as nf4_kernels
 from twinbench.impls.qlora.patched import labelled_loss, patch_model
-from twinbench.reference.qlora.config import LoopConfig
+from twinbench.reference.qlora.breakdown import profile_step
+from twinbench.reference.qlora.config import HEAD_STEPS, LoopConfig
 from twinbench.reference.qlora.model import load_qlora_model, save_base_checkpoint
+from twinbench.reference.qlora.probe import probe
 from twinbench.reference.qlora.train import Meters, Trainer, run_steps
 
 MIN_STEPS = 3  # a warm-up step, a memory-measured one and a timed one
@@ -55,8 +59,13 @@ def bench(cfg: LoopConfig, meters: Meters, device: str = "cpu", checkpointing: b
                                   **extra)
             loops = {"reference": Trainer(ref_model, tok, cfg, device),
                      "patched": Trainer(opt_model, tok, cfg, device, labelled_loss, fused=True)}
+            hits_before = {n: sum(probe(t.model, tok, cfg, device).hits) for n, t in loops.items()}
             logs = run_steps(loops, cfg.steps, meters)
             workspace = nf4_kernels.workspace_bytes()
+            hits_after = {n: sum(probe(t.model, tok, cfg, device).hits) for n, t in loops.items()}
+            curves = {n: list(t.loss_curve) for n, t in loops.items()}
+            # one more step each, under the profiler (after the curves and the probe: it changes neither)
+            breakdown = {n: profile_step(t.step, t.model) for n, t in loops.items()}
     finally:
         torch.set_num_threads(threads)
     times = {n: [t.step_times_s[i] for i in logs[n].timed] for n, t in loops.items()}
@@ -65,9 +74,10 @@ def bench(cfg: LoopConfig, meters: Meters, device: str = "cpu", checkpointing: b
     # before any measured step, so the live-tensor meter cannot see it)
     live = {n: max(log.tensor_peaks, default=0) + (workspace if n == "patched" else 0) for n, log in logs.items()}
     ratios = [o / r for o, r in zip(times["patched"], times["reference"])]
+    diffs = [abs(a - b) for a, b in zip(curves["reference"], curves["patched"])]
     spread = statistics.quantiles(ratios, n=5) if len(ratios) > 1 else [ratios[0]] * 4
     return {
-        "case": dict(kind=cfg.kind, dtype=cfg.dtype, seq_len=cfg.seq_len, steps=cfg.steps, batch=cfg.batch_size,
+        "case": dict(kind=cfg.kind, dtype=cfg.dtype, model=dict(cfg.model_overrides), seq_len=cfg.seq_len, steps=cfg.steps, batch=cfg.batch_size,
                      accum=cfg.grad_accum, patched_checkpointing=checkpointing, recompute_experts=recompute_experts,
                      mmap_threshold=mmap_threshold if fixed else "glibc default"),
         "median_step_s": {n: statistics.median(t) for n, t in times.items()},
@@ -79,7 +89,14 @@ def bench(cfg: LoopConfig, meters: Meters, device: str = "cpu", checkpointing: b
         "peak_step_tensor_bytes": live,
         "tensor_peak_ratio": live["patched"] / max(live["reference"], 1) if logs["patched"].tensor_peaks else None,
         "patched_workspace_bytes": workspace,
-        "max_abs_loss_diff": max(abs(a - b) for a, b in zip(loops["reference"].loss_curve,
-                                                             loops["patched"].loss_curve)),
+        "max_abs_loss_diff": max(diffs),
+        "max_abs_loss_diff_head": max(diffs[:HEAD_STEPS]),
+        "mean_abs_loss_diff": statistics.fmean(diffs),
+        "loss_curve": curves,
+        "probe_hits": {n: {"before": hits_before[n], "after": hits_after[n]} for n in loops},
+        "probe_responses": 1 + cfg.probe_samples,
+        "breakdown": breakdown,
+        "trainable_parameters": sum(p.numel() for p in loops["patched"].params.values() if p.requires_grad),
+        "model_parameters": sum(p.numel() for p in ref_model.parameters()),
         "patched": patches,
     }

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from twinbench.impls.moe_ffn.sorted_experts import Routing
+from twinbench.reference.qlora.breakdown import scope
 
 
 def _row_blocks(route: Routing, n_experts: int) -> list[int]:
@@ -168,8 +169,9 @@ def lora_experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_w
     scaling), the effective weight being ``W + scaling L R`` (peft's ``get_delta_factors``). ``recompute``:
     save only the inputs and rebuild the expert activations in backward (less memory, one more forward)."""
     (w_gu, l_gu, r_gu, s_gu), (w_d, l_d, r_d, s_d) = gate_up, down
-    return SortedLoRAExperts.apply(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype), w_gu, w_d,
-                                   (float(s_gu), float(s_d)), recompute, l_gu, r_gu, l_d, r_d)
+    with scope("mlp_experts"):
+        return SortedLoRAExperts.apply(hidden_states, top_k_index, top_k_weights.to(hidden_states.dtype), w_gu, w_d,
+                                       (float(s_gu), float(s_d)), recompute, l_gu, r_gu, l_d, r_d)
 
 
 # ---------------------------------------------------------------- peft patching

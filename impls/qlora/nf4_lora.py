@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from twinbench.reference.qlora.breakdown import scope
 
 
 def lora_parts(layer) -> tuple[Any, Any, torch.Tensor, torch.Tensor, float]:
@@ -38,8 +39,9 @@ def dequantized(weights: list[tuple[Any, Any]], dtype: torch.dtype) -> torch.Ten
     CPU kernel for its ``out=`` variant, so the parts are concatenated)."""
     import bitsandbytes.functional as bnbf
 
-    parts = [bnbf.dequantize_4bit(packed, q) for packed, q in weights]
-    return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(dtype)
+    with scope("nf4"):
+        parts = [bnbf.dequantize_4bit(packed, q) for packed, q in weights]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(dtype)
 
 
 def rms_norm_with_rstd(h: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype):
@@ -69,15 +71,17 @@ class NF4LoRAProjections(torch.autograd.Function):
         a_list, b_list = lora[0::2], lora[1::2]
         x2 = x.reshape(-1, x.shape[-1])
         w = dequantized(weights, x.dtype)
-        a_cat = torch.cat(a_list) if len(a_list) > 1 else a_list[0]  # [sum r, in]
-        xa = x2 @ a_cat.t()  # [N, sum r]
+        with scope("lora"):
+            a_cat = torch.cat(a_list) if len(a_list) > 1 else a_list[0]  # [sum r, in]
+            xa = x2 @ a_cat.t()  # [N, sum r]
         # GEMMs in the compute dtype, the base + adapter sum in the caller's dtype: as bnb + peft do it
         out = x2 @ w.t()  # [N, sum out]
         del w
         blocks = _blocks(a_list, b_list)
         if out_dtype == x.dtype:  # each adapter accumulates into its column block of the base output
-            for (o, n, r, k), b, s in zip(blocks, b_list, scalings):
-                out[:, o:o + n].addmm_(xa[:, r:r + k], b.t(), alpha=s)
+            with scope("lora"):
+                for (o, n, r, k), b, s in zip(blocks, b_list, scalings):
+                    out[:, o:o + n].addmm_(xa[:, r:r + k], b.t(), alpha=s)
         else:
             lora_out = torch.cat([(xa[:, r:r + k] @ b.t()) * s for (_o, _n, r, k), b, s in zip(blocks, b_list, scalings)],
                                  dim=1)
@@ -90,13 +94,14 @@ class NF4LoRAProjections(torch.autograd.Function):
     def backward(ctx, grad_out):
         x2, xa, a_cat, *b_list = ctx.saved_tensors
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)
-        g_xa = g.new_empty((g.shape[0], xa.shape[1]))  # [N, sum r]: the gradient reaching x A^T
-        grad_b = []
-        for (o, n, r, k), b, s in zip(ctx.blocks, b_list, ctx.scalings):
-            g_i = g[:, o:o + n]
-            g_xa[:, r:r + k].addmm_(g_i, b, beta=0, alpha=s)  # beta 0: the empty buffer is never read
-            grad_b.append(torch.mm(g_i.t(), xa[:, r:r + k]).mul_(s))
-        grad_a = g_xa.t() @ x2  # [sum r, in]
+        with scope("lora"):
+            g_xa = g.new_empty((g.shape[0], xa.shape[1]))  # [N, sum r]: the gradient reaching x A^T
+            grad_b = []
+            for (o, n, r, k), b, s in zip(ctx.blocks, b_list, ctx.scalings):
+                g_i = g[:, o:o + n]
+                g_xa[:, r:r + k].addmm_(g_i, b, beta=0, alpha=s)  # beta 0: the empty buffer is never read
+                grad_b.append(torch.mm(g_i.t(), xa[:, r:r + k]).mul_(s))
+            grad_a = g_xa.t() @ x2  # [sum r, in]
         grads: list[torch.Tensor] = []
         for (_o, _n, r, k), gb in zip(ctx.blocks, grad_b):
             grads += [grad_a[r:r + k], gb]

@@ -35,6 +35,7 @@ from twinbench.impls.qlora.nf4_lora import (
     rms_norm_backward,
     rms_norm_with_rstd,
 )
+from twinbench.reference.qlora.breakdown import scope
 
 BLOCKS = ("attn", "mlp", "dense_mlp")
 
@@ -104,11 +105,13 @@ class RecomputedMLP(torch.autograd.Function):
         dtype, inter, rank = lora[0].dtype, lora[1].shape[0], lora[0].shape[0]
         h2 = h.reshape(-1, h.shape[-1])
         x, _ = rms_norm_with_rstd(h2, norm_weight, eps, dtype)
-        xa = x @ torch.cat([lora[0], lora[2]]).t()
+        with scope("lora"):
+            xa = x @ torch.cat([lora[0], lora[2]]).t()
         gate_up = _gate_up(x, dequantized(nf4[:2], dtype), xa, lora, scalings, inter, rank)
         act = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
         del gate_up
-        act_a = act @ lora[4].t()
+        with scope("lora"):
+            act_a = act @ lora[4].t()
         y = (act @ dequantized(nf4[2:], dtype).t()).addmm_(act_a, lora[5].t(), alpha=scalings[2])
         ctx.nf4, ctx.scalings, ctx.eps, ctx.dims = nf4, scalings, eps, (inter, rank)
         ctx.save_for_backward(h, norm_weight, xa, act_a, *lora)
@@ -153,8 +156,9 @@ def recomputed_mlp(h: torch.Tensor, norm, mlp) -> torch.Tensor:
     """``mlp(norm(h))`` through ``RecomputedMLP`` (a layer ``_fusable_mlp`` accepted)."""
     parts = [lora_parts(getattr(mlp, p)) for p in ("gate_proj", "up_proj", "down_proj")]
     lora = [t for p in parts for t in (p[2], p[3])]
-    return RecomputedMLP.apply(h, norm.weight, norm.variance_epsilon, [(p[0], p[1]) for p in parts],
-                               [p[4] for p in parts], *lora)
+    with scope("mlp_experts"):
+        return RecomputedMLP.apply(h, norm.weight, norm.variance_epsilon, [(p[0], p[1]) for p in parts],
+                                   [p[4] for p in parts], *lora)
 
 
 def patch_decoder_layers(model, blocks: Iterable[str]) -> int:

@@ -14,6 +14,20 @@ MOE_EXPERT_PARAMETERS = ("experts.gate_up_proj", "experts.down_proj")
 # Seeds 0 and 1 learn the probe in 60 steps at these rates; llama at 1e-2 did not (docs/qlora.md).
 DEFAULT_LR = {"llama": 2e-2, "qwen3_moe": 1e-2}
 HEAD_STEPS = 10  # the early steps, where two equivalent loops still agree to rounding level
+# The bench profile's ~100M-parameter models (``LoopConfig.model_overrides``), built from configs with random
+# init: Llama-like 1024 wide, 8 layers (GQA 16/4 heads); Qwen3-MoE-like 768 wide, 6 layers, 16 experts, top-4.
+# The default initializer_range (0.02) already lets a 768+-wide frozen lm_head express confident logits.
+MODEL_SIZES: dict[str, dict[str, tuple[tuple[str, Any], ...]]] = {
+    "100m": {
+        "llama": (("hidden_size", 1024), ("intermediate_size", 3072), ("num_hidden_layers", 8),
+                  ("num_attention_heads", 16), ("num_key_value_heads", 4), ("head_dim", 64),
+                  ("max_position_embeddings", 1024)),
+        "qwen3_moe": (("hidden_size", 768), ("moe_intermediate_size", 384), ("intermediate_size", 1536),
+                      ("num_hidden_layers", 6), ("num_experts", 16), ("num_experts_per_tok", 4),
+                      ("num_attention_heads", 12), ("num_key_value_heads", 4), ("head_dim", 64),
+                      ("max_position_embeddings", 1024)),
+    },
+}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from twinbench.reference.qlora.breakdown import scope
 from twinbench.reference.qlora.config import LoopConfig
 from twinbench.reference.qlora.data import micro_batches
 from twinbench.reference.qlora.model import flat, hf_loss, lora_parameters
@@ -83,11 +84,12 @@ class Trainer:
             del loss  # its spent graph still holds tensors (the embedding output) into the next forward
         if self.first_grads is None:
             self.first_grads = flat([p.grad for p in self.params.values()], list(self.params.values()))
-        if self.cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params.values(), self.cfg.max_grad_norm, foreach=self.fused)
-        self.optimizer.step()
-        self.schedule.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with scope("optimizer"):
+            if self.cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.params.values(), self.cfg.max_grad_norm, foreach=self.fused)
+            self.optimizer.step()
+            self.schedule.step()
+            self.optimizer.zero_grad(set_to_none=True)
         if str(self.device).startswith("cuda"):
             torch.cuda.synchronize(self.device)
         self.step_times_s.append(time.perf_counter() - t0)
