@@ -1,0 +1,101 @@
+"""`twinbench bench qlora`: the lockstep bench path on the tiny profile (the 100M profile is a benchmark command,
+docs/qlora.md), its checks against planted wrong results, and the per-op breakdown's attribution."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+
+from twinbench.harness.cli.main import main  # noqa: E402
+from twinbench.reference.qlora.breakdown import CATEGORIES, profile_step  # noqa: E402
+from twinbench.suites.qlora import BENCH_PROFILES, BENCH_TARGETS, bench_checks  # noqa: E402
+
+TINY_LLAMA = next(c for c in BENCH_PROFILES["tiny"] if c.kind == "llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["bench", "qlora", "--profile", "tiny", "--kind", "llama"])
+    return rc, json.loads(out.getvalue())
+
+
+def test_tiny_bench_learns_and_reports_ratios_and_breakdown(tiny_run):
+    rc, runs = tiny_run
+    assert rc == 0 and len(runs) == 1
+    r = runs[0]
+    assert r["bench_case"] == dataclasses.asdict(TINY_LLAMA) and r["cpu_threads"] == 1
+    n = r["probe_responses"]
+    assert r["probe_hits"] == {"reference": {"before": 0, "after": n}, "patched": {"before": 0, "after": n}}
+    for name in BENCH_TARGETS:
+        assert 0 < r[name] < 2 and r["checks"][name]["bound"] == BENCH_TARGETS[name]
+    assert all(c["ok"] for c in r["checks"].values() if c["gates"])
+    assert set(r["checks"]) >= {"loss_curve_head", "loss_curve", "probe_absent_before", "probe_same_after",
+                                "probe_learned"}
+    assert len(r["loss_curve"]["reference"]) == len(r["loss_curve"]["patched"]) == TINY_LLAMA.steps
+    for loop, b in r["breakdown"].items():
+        assert set(b["ms"]) == set(b["share"]) == set(b["top_ops"]) == set(CATEGORIES), loop
+        assert b["total_ms"] > 0 and abs(sum(b["share"].values()) - 1) < 1e-9
+        assert abs(sum(b["ms"].values()) - b["total_ms"]) < 1e-6 * b["total_ms"]
+        assert all(b["ms"][c] > 0 for c in ("attention", "mlp_experts", "nf4", "optimizer")), (loop, b["ms"])
+    # the reference's adapters are peft modules: their forward and (through sequence_nr) backward are lora
+    assert r["breakdown"]["reference"]["ms"]["lora"] > 0
+    json.dumps(runs, allow_nan=False)  # strict JSON
+
+
+def test_bench_checks_catch_planted_failures(tiny_run):
+    good = tiny_run[1][0]
+    assert all(c.ok for c in bench_checks(TINY_LLAMA, good).values() if c.gates)
+    planted = {
+        "loss_curve_head": {"max_abs_loss_diff_head": 0.01},  # fp32 head bound 1e-3
+        "loss_curve": {"mean_abs_loss_diff": 0.05},  # fp32 curve bound 1e-2
+        "probe_absent_before": {"probe_hits": {**good["probe_hits"], "patched": {"before": 1, "after": 6}}},
+        "probe_same_after": {"probe_hits": {**good["probe_hits"], "patched": {"before": 0, "after": 3}}},
+        "probe_learned": {"probe_hits": {"reference": {"before": 0, "after": 5}, "patched": {"before": 0, "after": 5}}},
+        **{name: {name: bound * 1.01} for name, bound in BENCH_TARGETS.items()},
+    }
+    for check, change in planted.items():
+        failed = {n for n, c in bench_checks(TINY_LLAMA, {**good, **change}).items() if not c.ok}
+        assert check in failed, (check, failed)
+    for name, bound in BENCH_TARGETS.items():  # a performance target at 99% of its bound passes, not gating
+        check = bench_checks(TINY_LLAMA, {**good, name: bound * 0.99})[name]
+        assert check.ok and not check.gates
+
+
+def test_bench_rejects_too_few_steps(capsys):
+    assert main(["bench", "qlora", "--steps", "2"]) == 2
+    assert "at least" in capsys.readouterr().err
+
+
+class _Block(torch.nn.Module):
+    """A decoder-shaped toy: ``self_attn`` and ``mlp`` submodules, an adapter module named like peft's."""
+
+    def __init__(self):
+        super().__init__()
+        self.self_attn = torch.nn.Linear(64, 64, bias=False)
+        self.mlp = torch.nn.ModuleDict({"lora_A": torch.nn.ModuleDict({"default": torch.nn.Linear(64, 8)})})
+        self.head = torch.nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(self.mlp["lora_A"]["default"](self.self_attn(x))).sum()
+
+
+def test_breakdown_follows_backward_to_its_forward_module():
+    model = _Block()
+    x = torch.randn(256, 64)
+    b = profile_step(lambda: model(x).backward(), model)
+    lora_ops = {name for name, _ in b["top_ops"]["lora"]}
+    attention_ops = {name for name, _ in b["top_ops"]["attention"]}
+    # the adapter's backward nodes are found through the forward op's sequence number, not left in "other"
+    assert any("Backward" in n for n in lora_ops), b["top_ops"]
+    assert any("Backward" in n for n in attention_ops), b["top_ops"]
+    assert b["ms"]["lora"] > 0 and b["ms"]["attention"] > 0 and b["ms"]["other"] > 0
