@@ -15,6 +15,7 @@ pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
 from twinbench.harness.cli.main import main  # noqa: E402
+from twinbench.reference.qlora import breakdown  # noqa: E402
 from twinbench.reference.qlora.breakdown import CATEGORIES, profile_step  # noqa: E402
 from twinbench.suites.qlora import BENCH_PROFILES, BENCH_TARGETS, bench_checks  # noqa: E402
 
@@ -82,20 +83,22 @@ class _Block(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.self_attn = torch.nn.Linear(64, 64, bias=False)
-        self.mlp = torch.nn.ModuleDict({"lora_A": torch.nn.ModuleDict({"default": torch.nn.Linear(64, 8)})})
+        self.mlp = torch.nn.ModuleDict({"lora_A": torch.nn.ModuleDict({"default": torch.nn.Linear(64, 8, bias=False)})})
         self.head = torch.nn.Linear(8, 1)
 
     def forward(self, x):
         return self.head(self.mlp["lora_A"]["default"](self.self_attn(x))).sum()
 
 
-def test_breakdown_follows_backward_to_its_forward_module():
+def test_breakdown_follows_backward_to_its_forward_module(monkeypatch):
+    monkeypatch.setattr(breakdown, "TOP_OPS", 1000)  # every op of each category
     model = _Block()
     x = torch.randn(256, 64)
     b = profile_step(lambda: model(x).backward(), model)
     lora_ops = {name for name, _ in b["top_ops"]["lora"]}
     attention_ops = {name for name, _ in b["top_ops"]["attention"]}
     # the adapter's backward nodes are found through the forward op's sequence number, not left in "other"
-    assert any("Backward" in n for n in lora_ops), b["top_ops"]
-    assert any("Backward" in n for n in attention_ops), b["top_ops"]
+    assert any("MmBackward" in n for n in lora_ops), b["top_ops"]
+    assert any("MmBackward" in n for n in attention_ops), b["top_ops"]
+    assert not any("MmBackward" in n for n, _ in b["top_ops"]["other"]), b["top_ops"]["other"]  # head: Addmm
     assert b["ms"]["lora"] > 0 and b["ms"]["attention"] > 0 and b["ms"]["other"] > 0
