@@ -88,8 +88,9 @@ def device_kinds(devices: list[str]) -> list[str]:
 def plan_slots(nodes: list[dict[str, Any]], kinds: list[str], resources: tuple[str, ...]) -> list[SlotSpec]:
     """One slot per (alive node, device) of the selected kinds on nodes offering every required resource.
 
-    ``nodes`` as ``ray.nodes()`` gives them. A node's CPU kind is one slot (the CPU worker uses its threads);
-    its GPU kind is one slot per GPU.
+    ``nodes`` as ``ray.nodes()`` gives them. A node's CPU kind is one slot asking for every CPU of the node
+    (the CPU worker times with all the node's threads, and nothing Ray schedules may share them); its GPU
+    kind is one slot per GPU, asking no CPU.
     """
     slots = []
     for node in nodes:
@@ -97,8 +98,8 @@ def plan_slots(nodes: list[dict[str, Any]], kinds: list[str], resources: tuple[s
         if not node.get("Alive") or any(have.get(r, 0) <= 0 for r in resources):
             continue
         node_id, address = node["NodeID"], node.get("NodeManagerAddress", "")
-        if CPU in kinds and have.get("CPU", 0) >= 1:
-            slots.append(SlotSpec(node_id, address, CPU, num_cpus=1, num_gpus=0))
+        if CPU in kinds and have.get("CPU", 0) >= 1:  # all its cores: Ray sets OMP_NUM_THREADS to the ask,
+            slots.append(SlotSpec(node_id, address, CPU, num_cpus=have["CPU"], num_gpus=0))  # as a local run has
         if GPU in kinds:
             slots += [SlotSpec(node_id, address, GPU, num_cpus=0, num_gpus=1) for _ in range(int(have.get("GPU", 0)))]
     return slots
@@ -261,33 +262,33 @@ def run_on_cluster(options: RunOptions, cluster: ClusterOptions) -> dict[str, An
     planned = plan_tasks(options)
     kinds = device_kinds(options.devices)
     reference = {suite.name: suite.reference for suite, _ in planned}
-    with run_folder(options) as journal:
-        previous = journal.read()
-        prov = next((e["provenance"] for e in previous if e.get("type") == "start"), None)
-        if prov is None:
-            prov = provenance()
-            journal.append({"type": "start", "provenance": prov})
-        journal.append({"type": "cluster", "address": cluster.address, "resources": list(cluster.resources)})
-        started_ray = not ray.is_initialized()
-        if started_ray:
-            try:
-                ray.init(address=None if cluster.address == "local" else cluster.address, log_to_driver=False)
-            except ConnectionError as exc:
-                raise UsageError(f"--cluster {cluster.address}: {str(exc).splitlines()[0]}") from None
-        driver = ClusterRun(options, cluster, ray)
+    started_ray = not ray.is_initialized()
+    if started_ray:  # before run_folder: ray.init installs its own SIGTERM handler, run_folder's must win
         try:
+            ray.init(address=None if cluster.address == "local" else cluster.address, log_to_driver=False)
+        except ConnectionError as exc:
+            raise UsageError(f"--cluster {cluster.address}: {str(exc).splitlines()[0]}") from None
+    try:
+        with run_folder(options) as journal:
+            previous = journal.read()
+            prov = next((e["provenance"] for e in previous if e.get("type") == "start"), None)
+            if prov is None:
+                prov = provenance()
+                journal.append({"type": "start", "provenance": prov})
+            journal.append({"type": "cluster", "address": cluster.address, "resources": list(cluster.resources)})
+            driver = ClusterRun(options, cluster, ray)
             driver.start_actors(kinds, reference)
             driver.run(journal, planned, kinds)
             driver.stop()
-        finally:
-            if started_ray:
-                ray.shutdown()
-        for entry in driver.lost:
-            journal.append({"type": "node_lost", "node": entry})
-        doc = assemble(options.out, journal, prov)
-        doc["cluster"] = cluster_section(journal.read())
-        atomic_write_json(options.out / "results.json", doc)
-        return doc
+            for entry in driver.lost:
+                journal.append({"type": "node_lost", "node": entry})
+            doc = assemble(options.out, journal, prov)
+            doc["cluster"] = cluster_section(journal.read())
+            atomic_write_json(options.out / "results.json", doc)
+            return doc
+    finally:
+        if started_ray:
+            ray.shutdown()
 
 
 def cluster_section(entries: list[dict[str, Any]]) -> dict[str, Any]:

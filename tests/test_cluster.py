@@ -1,0 +1,254 @@
+"""`twinbench run --cluster`: a multi-node Ray cluster on this machine (Ray's own test utilities start one
+raylet per node, each with a custom resource), a planted tiny suite spread over it, compared with the same
+selection run locally; a node killed mid-run loses and doubles nothing; --resume after an interrupted run.
+
+One cluster for the module (starting raylets is most of the cost). The node-kill tests come last: they
+remove nodes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from twinbench.harness.cluster.driver import (
+    CPU,
+    GPU,
+    ClusterOptions,
+    device_kinds,
+    plan_slots,
+    run_on_cluster,
+)
+from twinbench.harness.core.errors import UsageError
+from twinbench.harness.run import runner
+from twinbench.harness.run.journal import Journal
+from twinbench.harness.run.plan import RunOptions
+from twinbench.harness.store.results import load
+
+ray = pytest.importorskip("ray", reason="Ray is the optional 'cluster' extra (CI installs it)")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE_RESOURCE = "twinbench_test_node"
+CASES = 8
+# A planted suite: 8 cases (k sets the matrix size 8 + k), a right impl, a wrong one, one that kills its
+# worker on k=3, and a slow one that keeps each case on its node long enough to kill a node mid-case.
+PLUGIN = textwrap.dedent('''
+    import os, signal, time
+    import torch
+    from twinbench.harness.core.case import Case
+    from twinbench.harness.core.inputs import generator, randn
+    from twinbench.harness.core.registry import Inputs, Suite, register_impl, register_suite
+
+    def make_inputs(case, device, seed):
+        gen, n = generator(seed), 8 + case["k"]
+        return Inputs(tensors={"x": randn((n, n), "fp32", device, gen), "w": randn((n, n), "fp32", device, gen)},
+                      grad=("x", "w"))
+
+    register_suite(Suite(name="cluster_toy", description="y = x @ w (cluster test op)",
+                         profiles={"quick": [Case.of(k=k, dtype="fp32") for k in range(%(cases)d)]},
+                         make_inputs=make_inputs, reference="reference", trials=1))
+
+    @register_impl("cluster_toy", "reference", tags=("reference",))
+    def reference(x, w):
+        return x @ w
+
+    @register_impl("cluster_toy", "right", tags=("ours",))
+    def right(x, w):
+        return torch.mm(x, w)
+
+    @register_impl("cluster_toy", "wrong", tags=("ours",))
+    def wrong(x, w):
+        return torch.mm(x, w) * 1.01
+
+    @register_impl("cluster_toy", "slow", tags=("ours",))
+    def slow(x, w):
+        time.sleep(float(os.environ.get("CLUSTER_TOY_SLEEP_S", "0")))
+        return torch.mm(x, w)
+
+    @register_impl("cluster_toy", "segfaults_on_k3", tags=("ours",))
+    def segfaults_on_k3(x, w):
+        if x.shape[0] == 11:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return torch.mm(x, w)
+''') % {"cases": CASES}
+IMPLS = 5
+SOLO = "twinbench_test_solo"  # only the first node offers it: the last test kills the one node of its kind
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Head (no CPU: it hosts only the driver) + 3 nodes with one CPU and the test resource each."""
+    plugin = tmp_path_factory.mktemp("plugin") / "cluster_toy.py"
+    plugin.write_text(PLUGIN)
+    saved = os.environ.get("CLUSTER_TOY_SLEEP_S")
+    os.environ["CLUSTER_TOY_SLEEP_S"] = "0.3"  # raylets, their actors and the workers inherit it
+    small = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 * 2**20})
+    nodes = [c.add_node(**small, resources={NODE_RESOURCE: 1, **({SOLO: 1} if i == 0 else {})}) for i in range(3)]
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    try:
+        yield c, nodes, plugin
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        if saved is None:
+            os.environ.pop("CLUSTER_TOY_SLEEP_S", None)
+        else:
+            os.environ["CLUSTER_TOY_SLEEP_S"] = saved
+
+
+def options(out: Path, plugin: Path, **over) -> RunOptions:
+    base = RunOptions(suites=["cluster_toy"], devices=["cpu"], out=out, plugins=[str(plugin)], timing=False,
+                      timeout=60, report=False)
+    return replace(base, **over)
+
+
+def verdicts(doc) -> dict[tuple, str]:
+    return {(r["case"], r["impl"], r["device"]): r["status"] for r in doc["results"]}
+
+
+def journal_records(out: Path) -> list[dict]:
+    return [e["record"] for e in Journal(out / "journal.jsonl").read() if e.get("type") == "record"]
+
+
+def planned_keys() -> set[tuple[str, str]]:
+    return {(f"k={k},dtype=fp32", impl) for k in range(CASES)
+            for impl in ("reference", "right", "wrong", "slow", "segfaults_on_k3")}
+
+
+def exactly_once(out: Path) -> Counter:
+    counts = Counter((r["case"], r["impl"]) for r in journal_records(out))
+    assert set(counts) == planned_keys(), "a planned (case, impl) has no record"
+    assert set(counts.values()) == {1}, f"doubled: {[k for k, n in counts.items() if n > 1]}"
+    return counts
+
+
+def wait_for_records(out: Path, count: int, node_ids: set[str] | None = None, timeout: float = 180) -> dict:
+    """The first record (of ``node_ids``' nodes, if given) once ``count`` records are in the journal."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (out / "journal.jsonl").exists():
+            records = journal_records(out)
+            mine = [r for r in records if node_ids is None or r["meta"]["cluster"]["node_id"] in node_ids]
+            if len(records) >= count and mine:
+                return mine[0]
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} records in {out} after {timeout}s")
+
+
+def in_thread(target) -> tuple[threading.Thread, dict]:
+    result: dict = {}
+
+    def body():
+        try:
+            result["doc"] = target()
+        except BaseException as exc:  # surfaced by the test's own assertion
+            result["error"] = exc
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_plan_slots_and_kinds_without_a_cluster():
+    nodes = [
+        {"NodeID": "a", "Alive": True, "Resources": {"CPU": 4, "GPU": 2, "accelerator_type:H100": 1}},
+        {"NodeID": "b", "Alive": True, "Resources": {"CPU": 8}},
+        {"NodeID": "c", "Alive": False, "Resources": {"CPU": 8, "GPU": 8}},
+    ]
+    slots = plan_slots(nodes, [CPU, GPU], ())
+    assert [(s.node_id, s.kind, s.num_cpus, s.num_gpus) for s in slots] == [
+        ("a", CPU, 4, 0), ("a", GPU, 0, 1), ("a", GPU, 0, 1), ("b", CPU, 8, 0)]
+    assert [(s.node_id, s.kind) for s in plan_slots(nodes, [GPU], ("accelerator_type:H100",))] == [("a", GPU)] * 2
+    assert device_kinds([]) == [CPU, GPU] and device_kinds(["cuda:1", "rocm", "cpu"]) == [GPU, CPU]
+    with pytest.raises(UsageError, match="mps"):
+        device_kinds(["mps"])
+
+
+def test_cluster_run_matches_the_local_run(cluster, tmp_path):
+    c, nodes, plugin = cluster
+    start = time.monotonic()
+    doc = run_on_cluster(options(tmp_path / "cluster", plugin), ClusterOptions(c.address, (NODE_RESOURCE,)))
+    cluster_s = time.monotonic() - start
+    start = time.monotonic()
+    local = runner.run(options(tmp_path / "local", plugin))
+    local_s = time.monotonic() - start
+    load(tmp_path / "cluster" / "results.json")  # a valid results document
+    assert verdicts(doc) == verdicts(local)
+    assert Counter(verdicts(doc).values()) == Counter(ok=CASES * 4 - 1, wrong=CASES, crashed=1)
+    crashed = next(r for r in doc["results"] if r["status"] == "crashed")
+    assert crashed["impl"] == "segfaults_on_k3" and "SIGSEGV" in crashed["reason"]  # only its worker died
+    exactly_once(tmp_path / "cluster")
+    served = {r["meta"]["cluster"]["node_id"] for r in doc["results"]}
+    assert len(served) >= 2 and served <= {n.node_id for n in nodes}  # spread over the nodes
+    assert served <= {n["node_id"] for n in doc["cluster"]["nodes"]}  # each one's fingerprint is there
+    assert all(r["fingerprint"] in doc["fingerprints"] for r in doc["results"])
+    print(f"\ncluster: {len(nodes)} nodes, {CASES} cases x {IMPLS} impls: {cluster_s:.1f}s; "
+          f"local: {local_s:.1f}s; load {os.getloadavg()[0]:.1f}")
+
+
+def test_resume_after_an_interrupted_cluster_run(cluster, tmp_path):
+    c, _, plugin = cluster
+    out = tmp_path / "run"
+    cli = [sys.executable, "-m", "twinbench", "run", "cluster_toy", "--device", "cpu", "--plugin", str(plugin),
+           "--no-timing", "--no-report", "--trials", "1", "--out", str(out), "--cluster", c.address,
+           "--cluster-resource", NODE_RESOURCE]
+    proc = subprocess.Popen(cli, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_records(out, 1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM, proc.stderr.read()
+    finally:
+        proc.kill()
+    before = journal_records(out)
+    assert 0 < len(before) < CASES * IMPLS, "interrupted mid-run"
+    doc = run_on_cluster(options(out, plugin, resume=True, trials=1), ClusterOptions(c.address, (NODE_RESOURCE,)))
+    exactly_once(out)
+    assert journal_records(out)[:len(before)] == before  # kept, not redone
+    assert len(doc["results"]) == CASES * IMPLS
+
+
+def test_a_node_killed_mid_run_loses_and_doubles_nothing(cluster, tmp_path):
+    c, nodes, plugin = cluster
+    out = tmp_path / "run"
+    thread, result = in_thread(lambda: run_on_cluster(options(out, plugin),
+                                                      ClusterOptions(c.address, (NODE_RESOURCE,))))
+    victim = next(n for n in nodes[1:] if n.node_id == wait_for_records(
+        out, 1, {n.node_id for n in nodes[1:]})["meta"]["cluster"]["node_id"])
+    c.remove_node(victim)  # it has its next case in flight: the driver hands one over as each returns
+    thread.join(timeout=240)
+    assert "doc" in result, result.get("error")
+    doc = result["doc"]
+    exactly_once(out)
+    requeued = [r for r in doc["results"] if victim.node_id in r["meta"]["cluster"].get("requeued_from", [])]
+    assert requeued and all(r["meta"]["cluster"]["node_id"] != victim.node_id for r in requeued)
+    assert Counter(verdicts(doc).values()) == Counter(ok=CASES * 4 - 1, wrong=CASES, crashed=1)
+    assert [lost["node_id"] for lost in doc["cluster"]["lost"]] == [victim.node_id]
+    assert doc["cluster"]["lost"][0]["reason"].startswith("node lost")
+    print(f"\nnode kill: {len(requeued)} records re-queued from the lost node; load {os.getloadavg()[0]:.1f}")
+
+
+def test_the_last_node_of_a_kind_lost_records_its_cases_with_the_reason(cluster, tmp_path):
+    c, nodes, plugin = cluster
+    out = tmp_path / "run"
+    thread, result = in_thread(lambda: run_on_cluster(options(out, plugin),
+                                                      ClusterOptions(c.address, (NODE_RESOURCE, SOLO))))
+    wait_for_records(out, 1)
+    c.remove_node(nodes[0])  # the only node offering SOLO
+    thread.join(timeout=240)
+    assert "doc" in result, result.get("error")
+    exactly_once(out)
+    lost = [r for r in result["doc"]["results"] if r["reason"].startswith("node lost")]
+    assert lost and all(r["status"] == "crashed" and "no other node of kind cpu left" in r["reason"] for r in lost)
