@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NODE_RESOURCE = "twinbench_test_node"
 CASES = 8
 # A planted suite: 8 cases (k sets the matrix size 8 + k), a right impl, a wrong one, one that kills its
-# worker on k=3, and a slow one that keeps each case on its node long enough to kill a node mid-case.
+# worker on k=3, and one that holds every case from k=2 on while the hold file exists: a test holds the
+# nodes, kills one (or the driver) while it is certainly mid-case, then lets the rest go.
 PLUGIN = textwrap.dedent('''
     import os, signal, time
     import torch
@@ -70,9 +71,10 @@ PLUGIN = textwrap.dedent('''
     def wrong(x, w):
         return torch.mm(x, w) * 1.01
 
-    @register_impl("cluster_toy", "slow", tags=("ours",))
-    def slow(x, w):
-        time.sleep(float(os.environ.get("CLUSTER_TOY_SLEEP_S", "0")))
+    @register_impl("cluster_toy", "held", tags=("ours",))
+    def held(x, w):
+        while x.shape[0] >= 10 and os.path.exists(os.environ.get("CLUSTER_TOY_HOLD", "")):
+            time.sleep(0.05)
         return torch.mm(x, w)
 
     @register_impl("cluster_toy", "segfaults_on_k3", tags=("ours",))
@@ -87,25 +89,26 @@ SOLO = "twinbench_test_solo"  # only the first node offers it: the last test kil
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """Head (no CPU: it hosts only the driver) + 3 nodes with one CPU and the test resource each."""
+    """Head (no CPU: it hosts only the driver) + 2 nodes with one CPU and the test resource each."""
     plugin = tmp_path_factory.mktemp("plugin") / "cluster_toy.py"
     plugin.write_text(PLUGIN)
-    saved = os.environ.get("CLUSTER_TOY_SLEEP_S")
-    os.environ["CLUSTER_TOY_SLEEP_S"] = "0.3"  # raylets, their actors and the workers inherit it
+    hold = tmp_path_factory.mktemp("hold") / "hold"
+    saved = os.environ.get("CLUSTER_TOY_HOLD")
+    os.environ["CLUSTER_TOY_HOLD"] = str(hold)  # raylets, their actors and the workers inherit it
     small = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 * 2**20})
-    nodes = [c.add_node(**small, resources={NODE_RESOURCE: 1, **({SOLO: 1} if i == 0 else {})}) for i in range(3)]
+    nodes = [c.add_node(**small, resources={NODE_RESOURCE: 1, **({SOLO: 1} if i == 0 else {})}) for i in range(2)]
     c.wait_for_nodes()
     ray.init(address=c.address, log_to_driver=False)
     try:
-        yield c, nodes, plugin
+        yield c, nodes, plugin, hold
     finally:
         ray.shutdown()
         c.shutdown()
         if saved is None:
-            os.environ.pop("CLUSTER_TOY_SLEEP_S", None)
+            os.environ.pop("CLUSTER_TOY_HOLD", None)
         else:
-            os.environ["CLUSTER_TOY_SLEEP_S"] = saved
+            os.environ["CLUSTER_TOY_HOLD"] = saved
 
 
 def options(out: Path, plugin: Path, **over) -> RunOptions:
@@ -124,7 +127,7 @@ def journal_records(out: Path) -> list[dict]:
 
 def planned_keys() -> set[tuple[str, str]]:
     return {(f"k={k},dtype=fp32", impl) for k in range(CASES)
-            for impl in ("reference", "right", "wrong", "slow", "segfaults_on_k3")}
+            for impl in ("reference", "right", "wrong", "held", "segfaults_on_k3")}
 
 
 def exactly_once(out: Path) -> Counter:
@@ -177,7 +180,7 @@ def test_plan_slots_and_kinds_without_a_cluster():
 
 
 def test_cluster_run_matches_the_local_run(cluster, tmp_path):
-    c, nodes, plugin = cluster
+    c, nodes, plugin, hold = cluster
     start = time.monotonic()
     doc = run_on_cluster(options(tmp_path / "cluster", plugin), ClusterOptions(c.address, (NODE_RESOURCE,)))
     cluster_s = time.monotonic() - start
@@ -199,41 +202,47 @@ def test_cluster_run_matches_the_local_run(cluster, tmp_path):
 
 
 def test_resume_after_an_interrupted_cluster_run(cluster, tmp_path):
-    c, _, plugin = cluster
+    c, _, plugin, hold = cluster
     out = tmp_path / "run"
     cli = [sys.executable, "-m", "twinbench", "run", "cluster_toy", "--device", "cpu", "--plugin", str(plugin),
-           "--no-timing", "--no-report", "--trials", "1", "--out", str(out), "--cluster", c.address,
-           "--cluster-resource", NODE_RESOURCE]
+           "--no-timing", "--no-report", "--out", str(out), "--cluster", c.address,
+           "--cluster-resource", SOLO]  # one node: one actor to start per session
+    hold.touch()
     proc = subprocess.Popen(cli, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for_records(out, 1)
+        wait_for_records(out, IMPLS * 2)  # k=0 and k=1 done; k=2 held on the node
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 128 + signal.SIGTERM, proc.stderr.read()
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM, proc.stdout.read()
     finally:
         proc.kill()
+        hold.unlink()
     before = journal_records(out)
-    assert 0 < len(before) < CASES * IMPLS, "interrupted mid-run"
-    doc = run_on_cluster(options(out, plugin, resume=True, trials=1), ClusterOptions(c.address, (NODE_RESOURCE,)))
+    assert len(before) == IMPLS * 2, "interrupted mid-run, after two cases"
+    doc = run_on_cluster(options(out, plugin, resume=True), ClusterOptions(c.address, (SOLO,)))
     exactly_once(out)
     assert journal_records(out)[:len(before)] == before  # kept, not redone
     assert len(doc["results"]) == CASES * IMPLS
 
 
 def test_a_node_killed_mid_run_loses_and_doubles_nothing(cluster, tmp_path):
-    c, nodes, plugin = cluster
+    c, nodes, plugin, hold = cluster
     out = tmp_path / "run"
-    thread, result = in_thread(lambda: run_on_cluster(options(out, plugin),
-                                                      ClusterOptions(c.address, (NODE_RESOURCE,))))
-    victim = next(n for n in nodes[1:] if n.node_id == wait_for_records(
-        out, 1, {n.node_id for n in nodes[1:]})["meta"]["cluster"]["node_id"])
-    c.remove_node(victim)  # it has its next case in flight: the driver hands one over as each returns
+    hold.touch()
+    try:
+        thread, result = in_thread(lambda: run_on_cluster(options(out, plugin),
+                                                          ClusterOptions(c.address, (NODE_RESOURCE,))))
+        victim = nodes[1]  # nodes[0] offers SOLO, for the last test
+        wait_for_records(out, 1, {victim.node_id})
+        c.remove_node(victim)  # mid-case: the driver handed it the next case, held on the node (k >= 2)
+    finally:
+        hold.unlink()
     thread.join(timeout=240)
     assert "doc" in result, result.get("error")
     doc = result["doc"]
     exactly_once(out)
     requeued = [r for r in doc["results"] if victim.node_id in r["meta"]["cluster"].get("requeued_from", [])]
-    assert requeued and all(r["meta"]["cluster"]["node_id"] != victim.node_id for r in requeued)
+    assert len(requeued) == IMPLS and all(r["meta"]["cluster"]["node_id"] != victim.node_id for r in requeued)
     assert Counter(verdicts(doc).values()) == Counter(ok=CASES * 4 - 1, wrong=CASES, crashed=1)
     assert [lost["node_id"] for lost in doc["cluster"]["lost"]] == [victim.node_id]
     assert doc["cluster"]["lost"][0]["reason"].startswith("node lost")
@@ -241,14 +250,19 @@ def test_a_node_killed_mid_run_loses_and_doubles_nothing(cluster, tmp_path):
 
 
 def test_the_last_node_of_a_kind_lost_records_its_cases_with_the_reason(cluster, tmp_path):
-    c, nodes, plugin = cluster
+    c, nodes, plugin, hold = cluster
     out = tmp_path / "run"
-    thread, result = in_thread(lambda: run_on_cluster(options(out, plugin),
-                                                      ClusterOptions(c.address, (NODE_RESOURCE, SOLO))))
-    wait_for_records(out, 1)
-    c.remove_node(nodes[0])  # the only node offering SOLO
+    hold.touch()
+    try:
+        thread, result = in_thread(lambda: run_on_cluster(options(out, plugin),
+                                                          ClusterOptions(c.address, (NODE_RESOURCE, SOLO))))
+        wait_for_records(out, IMPLS * 2)  # k=2 is held on the node
+        c.remove_node(nodes[0])  # the only node offering SOLO
+    finally:
+        hold.unlink()
     thread.join(timeout=240)
     assert "doc" in result, result.get("error")
     exactly_once(out)
     lost = [r for r in result["doc"]["results"] if r["reason"].startswith("node lost")]
-    assert lost and all(r["status"] == "crashed" and "no other node of kind cpu left" in r["reason"] for r in lost)
+    assert len(lost) == (CASES - 2) * IMPLS
+    assert all(r["status"] == "crashed" and "no other node of kind cpu left" in r["reason"] for r in lost)

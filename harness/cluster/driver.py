@@ -16,8 +16,12 @@ node of that kind is left, its impls are recorded crashed with reason ``node los
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,6 +166,11 @@ class ClusterRun:
         kinds = [k for k in kinds if any(ident.device == k for ident in self.slots.values())]
         self.queues = {k: deque(Pending(t) for t in pending_tasks(planned, k, done)) for k in kinds}
         progress = Progress(sum(len(q) for q in self.queues.values()))
+        terminated = threading.Event()
+        with sigterm_noted(terminated):
+            self._loop(journal, progress, terminated)
+
+    def _loop(self, journal: Journal, progress: Progress, terminated: threading.Event) -> None:
         in_flight: dict[Any, tuple[Any, NodeIdentity, Pending]] = {}  # ObjectRef -> (actor, where, case)
         try:
             while True:
@@ -176,6 +185,8 @@ class ClusterRun:
                 if not in_flight:
                     return
                 ready, _ = self.ray.wait(list(in_flight), num_returns=1, timeout=WAIT_S)
+                if terminated.is_set():
+                    raise SystemExit(128 + signal.SIGTERM)  # as a local run exits on SIGTERM
                 for ref in ready:
                     actor, ident, item = in_flight.pop(ref)
                     self._finish(journal, progress, ref, actor, ident, item)
@@ -253,6 +264,21 @@ class ClusterRun:
         self.ray.wait(refs, num_returns=len(refs), timeout=30)
         for actor in self.slots:
             self.ray.kill(actor)
+
+
+@contextlib.contextmanager
+def sigterm_noted(terminated: threading.Event) -> Iterator[None]:
+    """SIGTERM only sets ``terminated`` while the driver waits on Ray: an exception raised by a handler
+    inside ``ray.wait`` comes out of Ray as ``SystemExit(1)``, so the loop raises the run's own exit
+    (143) itself. Outside the main thread (tests drive runs from threads) signals cannot be handled."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: terminated.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_on_cluster(options: RunOptions, cluster: ClusterOptions) -> dict[str, Any]:
