@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -20,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from twinbench.harness.cli.main import main
 from twinbench.harness.cluster.driver import (
     CPU,
     GPU,
@@ -37,7 +36,6 @@ from twinbench.harness.store.results import load
 ray = pytest.importorskip("ray", reason="Ray is the optional 'cluster' extra (CI installs it)")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 NODE_RESOURCE = "twinbench_test_node"
 CASES = 8
 # A planted suite: 8 cases (k sets the matrix size 8 + k), a right impl, a wrong one, one that kills its
@@ -201,28 +199,37 @@ def test_cluster_run_matches_the_local_run(cluster, tmp_path):
           f"local: {local_s:.1f}s; load {os.getloadavg()[0]:.1f}")
 
 
-def test_resume_after_an_interrupted_cluster_run(cluster, tmp_path):
+def test_resume_after_an_interrupted_cluster_run(cluster, tmp_path, monkeypatch, capsys):
+    """Through the CLI, in this process (its Ray connection is reused): SIGTERM mid-run, then --resume."""
     c, _, plugin, hold = cluster
     out = tmp_path / "run"
-    cli = [sys.executable, "-m", "twinbench", "run", "cluster_toy", "--device", "cpu", "--plugin", str(plugin),
-           "--no-timing", "--no-report", "--out", str(out), "--cluster", c.address,
-           "--cluster-resource", SOLO]  # one node: one actor to start per session
+    argv = ["run", "cluster_toy", "--device", "cpu", "--plugin", str(plugin), "--no-timing", "--no-report",
+            "--out", str(out), "--cluster", c.address, "--cluster-resource", SOLO]  # one node, one actor
     hold.touch()
-    proc = subprocess.Popen(cli, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+
+    def interrupt():
         wait_for_records(out, IMPLS * 2)  # k=0 and k=1 done; k=2 held on the node
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 128 + signal.SIGTERM, proc.stdout.read()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=interrupt, daemon=True)
+    killer.start()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
     finally:
-        proc.kill()
         hold.unlink()
+    assert stopped.value.code == 128 + signal.SIGTERM
     before = journal_records(out)
     assert len(before) == IMPLS * 2, "interrupted mid-run, after two cases"
-    doc = run_on_cluster(options(out, plugin, resume=True), ClusterOptions(c.address, (SOLO,)))
+    assert main([*argv, "--resume"]) == 1  # the planted segfault is a failure
     exactly_once(out)
     assert journal_records(out)[:len(before)] == before  # kept, not redone
-    assert len(doc["results"]) == CASES * IMPLS
+    assert len(load(out / "results.json")["results"]) == CASES * IMPLS
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    capsys.readouterr()
+    assert main(["run", "cluster_toy", "--plugin", str(plugin), "--cluster-resource", SOLO,
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--cluster-resource needs --cluster" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_a_node_killed_mid_run_loses_and_doubles_nothing(cluster, tmp_path):
