@@ -33,9 +33,6 @@ from twinbench.harness.run.journal import Journal
 from twinbench.harness.run.plan import RunOptions
 from twinbench.harness.store.results import load
 
-ray = pytest.importorskip("ray", reason="Ray is the optional 'cluster' extra (CI installs it)")
-from ray.cluster_utils import Cluster  # noqa: E402
-
 NODE_RESOURCE = "twinbench_test_node"
 CASES = 8
 # A planted suite: 8 cases (k sets the matrix size 8 + k), a right impl, a wrong one, one that kills its
@@ -88,6 +85,9 @@ SOLO = "twinbench_test_solo"  # only the first node offers it: the last test kil
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Head (no CPU: it hosts only the driver) + 2 nodes with one CPU and the test resource each."""
+    ray = pytest.importorskip("ray", reason="Ray is the optional 'cluster' extra (CI installs it)")
+    from ray.cluster_utils import Cluster
+
     plugin = tmp_path_factory.mktemp("plugin") / "cluster_toy.py"
     plugin.write_text(PLUGIN)
     hold = tmp_path_factory.mktemp("hold") / "hold"
@@ -160,6 +160,21 @@ def in_thread(target) -> tuple[threading.Thread, dict]:
     thread = threading.Thread(target=body, daemon=True)
     thread.start()
     return thread, result
+
+
+def test_the_exactly_once_check_catches_a_doubled_or_lost_record(tmp_path):
+    """The check the node-kill tests rely on, on planted journals: one record doubled, one missing."""
+    journal = Journal(tmp_path / "journal.jsonl")
+    keys = sorted(planned_keys())
+    for case, impl in [*keys, keys[0]]:
+        journal.append({"type": "record", "record": {"case": case, "impl": impl}})
+    with pytest.raises(AssertionError, match="doubled"):
+        exactly_once(tmp_path)
+    journal.path.unlink()
+    for case, impl in keys[1:]:
+        journal.append({"type": "record", "record": {"case": case, "impl": impl}})
+    with pytest.raises(AssertionError, match="no record"):
+        exactly_once(tmp_path)
 
 
 def test_plan_slots_and_kinds_without_a_cluster():

@@ -126,15 +126,21 @@ class ClusterRun:
         self.queues: dict[str, deque[Pending]] = {}
         self.lost: list[dict[str, Any]] = []
 
-    def start_actors(self, kinds: list[str], reference: dict[str, str]) -> None:
+    def plan(self, kinds: list[str], explicit: bool) -> list[SlotSpec]:
+        """The actors to start; a kind the user named (``--device``) that no node offers is a usage error,
+        as a device this machine lacks is for a local run."""
+        specs = plan_slots(self.ray.nodes(), kinds, self.cluster.resources)
+        missing = [k for k in kinds if not any(s.kind == k for s in specs)]
+        if not specs or (explicit and missing):
+            want = f" offering {', '.join(self.cluster.resources)}" if self.cluster.resources else ""
+            raise UsageError(f"no alive node of the Ray cluster at {self.cluster.address}{want} has a "
+                             f"{' or '.join(missing)} device")
+        return specs
+
+    def start_actors(self, specs: list[SlotSpec], reference: dict[str, str]) -> None:
         ray = self.ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        specs = plan_slots(ray.nodes(), kinds, self.cluster.resources)
-        if not specs:
-            want = f" offering {', '.join(self.cluster.resources)}" if self.cluster.resources else ""
-            raise UsageError(f"no alive node of the Ray cluster at {self.cluster.address}{want} has a "
-                             f"{' or '.join(kinds)} device")
         remote = ray.remote(NodeDeviceRunner)
         actors = []
         for spec in specs:
@@ -190,9 +196,6 @@ class ClusterRun:
                 for ref in ready:
                     actor, ident, item = in_flight.pop(ref)
                     self._finish(journal, progress, ref, actor, ident, item)
-        except BaseException:
-            self.cancel()
-            raise
         finally:
             progress.close()
 
@@ -252,6 +255,15 @@ class ClusterRun:
                     records.append(rec)
                 progress.case_done(f"(no node)/{kind}", item.task, records)
 
+    @contextlib.contextmanager
+    def cancelled_on_error(self) -> Iterator[None]:
+        """Ctrl-C, SIGTERM or an error in the driver: no actor or worker is left running on the nodes."""
+        try:
+            yield
+        except BaseException:
+            self.cancel()
+            raise
+
     def cancel(self) -> None:
         """Kill every actor's worker, then the actors (Ctrl-C, SIGTERM, an error in the driver)."""
         refs = [actor.cancel.remote() for actor in self.slots]
@@ -295,15 +307,16 @@ def run_on_cluster(options: RunOptions, cluster: ClusterOptions) -> dict[str, An
         except ConnectionError as exc:
             raise UsageError(f"--cluster {cluster.address}: {str(exc).splitlines()[0]}") from None
     try:
-        with run_folder(options) as journal:
+        driver = ClusterRun(options, cluster, ray)
+        specs = driver.plan(kinds, explicit=bool(options.devices))
+        with run_folder(options) as journal, driver.cancelled_on_error():
+            driver.start_actors(specs, reference)  # before the journal's first entry: a failure leaves none
             previous = journal.read()
             prov = next((e["provenance"] for e in previous if e.get("type") == "start"), None)
             if prov is None:
                 prov = provenance()
                 journal.append({"type": "start", "provenance": prov})
             journal.append({"type": "cluster", "address": cluster.address, "resources": list(cluster.resources)})
-            driver = ClusterRun(options, cluster, ray)
-            driver.start_actors(kinds, reference)
             driver.run(journal, planned, kinds)
             driver.stop()
             for entry in driver.lost:
