@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from twinbench.harness.cli import arguments
+from twinbench.harness.cli import arguments, ci_output
 from twinbench.harness.core.errors import UsageError
 
 
@@ -44,6 +44,7 @@ def _add_run(sub) -> None:
                    help="spread the run over a Ray cluster (default: $RAY_ADDRESS; 'local' starts one here)")
     p.add_argument("--cluster-resource", action="append", default=[], metavar="NAME",
                    help="only nodes offering this Ray resource (e.g. accelerator_type:H100; repeatable)")
+    ci_output.add_options(p)
     p.set_defaults(handler=cmd_run)
 
 
@@ -80,6 +81,7 @@ def cmd_run(args) -> int:
     if options.report:
         written += _write_reports(doc, out)
     print("wrote " + ", ".join(str(p) for p in written))
+    ci_output.publish(doc, annotations=args.annotations)
     return runner.exit_code(doc)
 
 
