@@ -94,7 +94,8 @@ def cluster(tmp_path_factory):
     saved = os.environ.get("CLUSTER_TOY_HOLD")
     os.environ["CLUSTER_TOY_HOLD"] = str(hold)  # raylets, their actors and the workers inherit it
     small = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 * 2**20})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 80 * 2**20,
+                                                      "include_dashboard": False})  # a process less
     nodes = [c.add_node(**small, resources={NODE_RESOURCE: 1, **({SOLO: 1} if i == 0 else {})}) for i in range(2)]
     c.wait_for_nodes()
     ray.init(address=c.address, log_to_driver=False)
