@@ -78,7 +78,10 @@ PLUGIN = textwrap.dedent('''
             os.kill(os.getpid(), signal.SIGSEGV)
         return torch.mm(x, w)
 ''') % {"cases": CASES}
-IMPLS = 5
+ALL_IMPLS = ("reference", "right", "wrong", "held", "segfaults_on_k3")
+# The tests after the first leave the segfault out: each restart of a worker imports torch again.
+SOME_IMPLS = ("reference", "right", "wrong", "held")
+IMPLS = len(SOME_IMPLS)
 SOLO = "twinbench_test_solo"  # only the first node offers it: the last test kills the one node of its kind
 
 
@@ -112,7 +115,7 @@ def cluster(tmp_path_factory):
 
 def options(out: Path, plugin: Path, **over) -> RunOptions:
     base = RunOptions(suites=["cluster_toy"], devices=["cpu"], out=out, plugins=[str(plugin)], timing=False,
-                      timeout=60, report=False)
+                      timeout=60, report=False, impls=list(SOME_IMPLS[1:]))
     return replace(base, **over)
 
 
@@ -124,14 +127,13 @@ def journal_records(out: Path) -> list[dict]:
     return [e["record"] for e in Journal(out / "journal.jsonl").read() if e.get("type") == "record"]
 
 
-def planned_keys() -> set[tuple[str, str]]:
-    return {(f"k={k},dtype=fp32", impl) for k in range(CASES)
-            for impl in ("reference", "right", "wrong", "held", "segfaults_on_k3")}
+def planned_keys(impls=SOME_IMPLS) -> set[tuple[str, str]]:
+    return {(f"k={k},dtype=fp32", impl) for k in range(CASES) for impl in impls}
 
 
-def exactly_once(out: Path) -> Counter:
+def exactly_once(out: Path, impls=SOME_IMPLS) -> Counter:
     counts = Counter((r["case"], r["impl"]) for r in journal_records(out))
-    assert set(counts) == planned_keys(), "a planned (case, impl) has no record"
+    assert set(counts) == planned_keys(impls), "a planned (case, impl) has no record"
     assert set(counts.values()) == {1}, f"doubled: {[k for k, n in counts.items() if n > 1]}"
     return counts
 
@@ -196,22 +198,22 @@ def test_plan_slots_and_kinds_without_a_cluster():
 def test_cluster_run_matches_the_local_run(cluster, tmp_path):
     c, nodes, plugin, hold = cluster
     start = time.monotonic()
-    doc = run_on_cluster(options(tmp_path / "cluster", plugin), ClusterOptions(c.address, (NODE_RESOURCE,)))
+    doc = run_on_cluster(options(tmp_path / "cluster", plugin, impls=[]), ClusterOptions(c.address, (NODE_RESOURCE,)))
     cluster_s = time.monotonic() - start
     start = time.monotonic()
-    local = runner.run(options(tmp_path / "local", plugin))
+    local = runner.run(options(tmp_path / "local", plugin, impls=[]))
     local_s = time.monotonic() - start
     load(tmp_path / "cluster" / "results.json")  # a valid results document
     assert verdicts(doc) == verdicts(local)
     assert Counter(verdicts(doc).values()) == Counter(ok=CASES * 4 - 1, wrong=CASES, crashed=1)
     crashed = next(r for r in doc["results"] if r["status"] == "crashed")
     assert crashed["impl"] == "segfaults_on_k3" and "SIGSEGV" in crashed["reason"]  # only its worker died
-    exactly_once(tmp_path / "cluster")
+    exactly_once(tmp_path / "cluster", ALL_IMPLS)
     served = {r["meta"]["cluster"]["node_id"] for r in doc["results"]}
     assert len(served) >= 2 and served <= {n.node_id for n in nodes}  # spread over the nodes
     assert served <= {n["node_id"] for n in doc["cluster"]["nodes"]}  # each one's fingerprint is there
     assert all(r["fingerprint"] in doc["fingerprints"] for r in doc["results"])
-    print(f"\ncluster: {len(nodes)} nodes, {CASES} cases x {IMPLS} impls: {cluster_s:.1f}s; "
+    print(f"\ncluster: {len(nodes)} nodes, {CASES} cases x {len(ALL_IMPLS)} impls: {cluster_s:.1f}s; "
           f"local: {local_s:.1f}s; load {os.getloadavg()[0]:.1f}")
 
 
@@ -220,7 +222,8 @@ def test_resume_after_an_interrupted_cluster_run(cluster, tmp_path, monkeypatch,
     c, _, plugin, hold = cluster
     out = tmp_path / "run"
     argv = ["run", "cluster_toy", "--device", "cpu", "--plugin", str(plugin), "--no-timing", "--no-report",
-            "--out", str(out), "--cluster", c.address, "--cluster-resource", SOLO]  # one node, one actor
+            "--out", str(out), "--cluster", c.address, "--cluster-resource", SOLO,  # one node, one actor
+            *(arg for impl in SOME_IMPLS[1:] for arg in ("--impl", impl))]
     hold.touch()
 
     def interrupt():
@@ -237,7 +240,7 @@ def test_resume_after_an_interrupted_cluster_run(cluster, tmp_path, monkeypatch,
     assert stopped.value.code == 128 + signal.SIGTERM
     before = journal_records(out)
     assert len(before) == IMPLS * 2, "interrupted mid-run, after two cases"
-    assert main([*argv, "--resume"]) == 1  # the planted segfault is a failure
+    assert main([*argv, "--resume"]) == 1  # the wrong impl is a failure
     exactly_once(out)
     assert journal_records(out)[:len(before)] == before  # kept, not redone
     assert len(load(out / "results.json")["results"]) == CASES * IMPLS
@@ -266,7 +269,7 @@ def test_a_node_killed_mid_run_loses_and_doubles_nothing(cluster, tmp_path):
     exactly_once(out)
     requeued = [r for r in doc["results"] if victim.node_id in r["meta"]["cluster"].get("requeued_from", [])]
     assert len(requeued) == IMPLS and all(r["meta"]["cluster"]["node_id"] != victim.node_id for r in requeued)
-    assert Counter(verdicts(doc).values()) == Counter(ok=CASES * 4 - 1, wrong=CASES, crashed=1)
+    assert Counter(verdicts(doc).values()) == Counter(ok=CASES * 3, wrong=CASES)
     assert [lost["node_id"] for lost in doc["cluster"]["lost"]] == [victim.node_id]
     assert doc["cluster"]["lost"][0]["reason"].startswith("node lost")
     print(f"\nnode kill: {len(requeued)} records re-queued from the lost node; load {os.getloadavg()[0]:.1f}")
