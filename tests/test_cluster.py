@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import textwrap
 import threading
 import time
@@ -193,6 +194,13 @@ def test_plan_slots_and_kinds_without_a_cluster():
     assert device_kinds([]) == [CPU, GPU] and device_kinds(["cuda:1", "rocm", "cpu"]) == [GPU, CPU]
     with pytest.raises(UsageError, match="mps"):
         device_kinds(["mps"])
+
+
+def test_without_ray_a_cluster_run_is_a_usage_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` finds when the extra is not installed
+    with pytest.raises(UsageError, match=r"twinbench\[cluster\]"):
+        run_on_cluster(RunOptions(out=tmp_path / "run"), ClusterOptions("auto"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_cluster_run_matches_the_local_run(cluster, tmp_path):
