@@ -76,13 +76,17 @@ def _ops(*ops: str):
     return supports
 
 
-@register_impl("fp8_linear", "torch_cast", tags=("ours",), supports=_ops("quantize"))
+def _emulated(device) -> tuple[bool, str]:
+    return True, "emulated: torch's FP8 casts, fp32 matmul"
+
+
+@register_impl("fp8_linear", "torch_cast", tags=("ours",), available=_emulated, supports=_ops("quantize"))
 def torch_cast(x, *, x_format, scaling, saturate):
     codes, scale = torch_quantize(x, x_format, scaling, Operand.X, saturate)
     return {"codes": codes, "scale": scale, "metrics": {"execution": _execution(x.device.type)}}
 
 
-@register_impl("fp8_linear", "dequant_matmul", tags=("ours",), supports=_ops("gemm", "qgemm"))
+@register_impl("fp8_linear", "dequant_matmul", tags=("ours",), available=_emulated, supports=_ops("gemm", "qgemm"))
 def dequant_matmul(x=None, x_codes=None, x_scale=None, w_codes=None, w_scale=None, *, x_format, w_format, scaling,
                    out_dtype, grad_format=None, saturate=True):
     metrics = {"execution": "emulated"}

@@ -36,7 +36,11 @@ def _gemm_only(case, device) -> tuple[bool, str]:
     return (True, "") if case["op"] == "gemm" else (False, f"op {case['op']}: this impl does gemm")
 
 
-@register_impl("mx_linear", "dequant_matmul", tags=("ours",), supports=_gemm_only)
+def _emulated(device) -> tuple[bool, str]:
+    return True, "emulated: dequantise, fp32 matmul"
+
+
+@register_impl("mx_linear", "dequant_matmul", tags=("ours",), available=_emulated, supports=_gemm_only)
 def dequant_matmul(x_codes, x_scales, x_global, w_codes, w_scales, w_global, *, format, k, out_dtype):  # noqa: A002
     y = dequantize_fp32(x_codes, x_scales, x_global, format, k) @ \
         dequantize_fp32(w_codes, w_scales, w_global, format, k).t()
@@ -45,7 +49,7 @@ def dequant_matmul(x_codes, x_scales, x_global, w_codes, w_scales, w_global, *, 
 
 def blockscaled_available(device) -> tuple[bool, str]:
     if device.backend != "cuda":
-        return False, lowp_support(device, "mxfp4").why_not or "block-scaled torch._scaled_mm: CUDA sm100+"
+        return False, f"block-scaled torch._scaled_mm: CUDA sm100+ only (this is {device.backend})"
     native = [f for f in ("mxfp8", "mxfp4", "nvfp4") if lowp_support(device, f).native]
     return (True, f"native: {', '.join(native)}") if native else (False, lowp_support(device, "mxfp4").why_not)
 

@@ -4,6 +4,8 @@ codes per block); its NVFP4 per-tensor scale is passed in (``per_tensor_scale``)
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from twinbench.harness.core.registry import register_impl
@@ -12,10 +14,9 @@ from twinbench.reference.mx import SPECS, MxFormat
 
 
 def torchao_available(device) -> tuple[bool, str]:
-    try:
-        import torchao.prototype.mx_formats  # noqa: F401
-    except Exception as exc:
-        return False, f"torchao unavailable: {type(exc).__name__}: {exc}"
+    # cheap (no import: torchao takes seconds to import); a broken install fails at run time, with its reason
+    if importlib.util.find_spec("torchao") is None:
+        return False, "torchao not installed (pip install twinbench[lowp])"
     return True, "" if device.backend != "cpu" else "CPU: emulated"
 
 
