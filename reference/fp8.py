@@ -23,7 +23,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-
 from twinbench.reference.lowp_formats import Format, decode, encode, max_value
 
 BLOCK = 128  # DeepSeek-V3: 1 x 128 activation tiles, 128 x 128 weight tiles

@@ -100,7 +100,7 @@ def _value_of_code(code: int, spec: FloatFormat) -> float:
     return sign * (1 + mantissa / (1 << spec.man_bits)) * 2.0 ** (exponent - spec.bias)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _table(fmt: Format) -> tuple[float, ...]:
     if fmt is Format.E8M0:
         return tuple(float("nan") if c == E8M0_NAN else 2.0 ** (c - E8M0_BIAS) for c in range(256))

@@ -30,7 +30,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-
 from twinbench.reference.lowp_formats import (
     E8M0_NAN,
     Format,

@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from twinbench.harness.core.case import Case, Param, Rule
 from twinbench.harness.core.devices import lowp_summary
 from twinbench.harness.core.inputs import elem_bytes, generator
@@ -112,7 +111,7 @@ def _weight(case: Case, seed: int) -> torch.Tensor:
 
 def make_inputs(case: Case, device, seed: int) -> Inputs:
     gen = generator(seed)
-    m, n, k, op = case["m"], case["n"], case["k"], case["op"]
+    m, k, op = case["m"], case["k"], case["op"]
     x = draw(m, k, case["data"], gen)
     static = {"x_format": case["x_format"], "scaling": case["scaling"]}
     dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[case["dtype"]])

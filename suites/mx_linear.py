@@ -20,7 +20,6 @@ the block (a partial last block) and odd (a padding nibble).
 from __future__ import annotations
 
 import torch
-
 from twinbench.harness.core.case import Case, Param
 from twinbench.harness.core.devices import lowp_summary
 from twinbench.harness.core.inputs import elem_bytes, generator

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import torch
-
 from twinbench.harness.core.devices import lowp_support
 from twinbench.harness.core.registry import register_impl
 from twinbench.reference.fp8 import Operand, expand_scale, group_amax, scale_from_amax

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 
 import torch
-
 from twinbench.harness.core.registry import register_impl
 from twinbench.reference.lowp_formats import torch_dtype_of
 

@@ -5,7 +5,6 @@ in cuBLASLt's 128 x 4 swizzled scale layout, torchao's ``to_blocked``)."""
 from __future__ import annotations
 
 import torch
-
 from twinbench.harness.core.devices import lowp_support
 from twinbench.harness.core.registry import register_impl
 from twinbench.reference.lowp_formats import decode_table, unpack_nibbles

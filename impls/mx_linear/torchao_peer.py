@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 
 import torch
-
 from twinbench.harness.core.registry import register_impl
 from twinbench.reference.lowp_formats import Format, max_value
 from twinbench.reference.mx import SPECS, MxFormat
