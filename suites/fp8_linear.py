@@ -19,8 +19,8 @@ multiplies in fp64, ``ref_lo`` in fp32 (what FP8 tensor cores accumulate in) and
 The quantiser is judged bit for bit (codes) and its scales by the rule; its error statistics against fp64 are
 tested per format (tests/test_lowp_formats.py) and measured in docs/low_precision.md.
 
-``data`` picks the trap: ``normal``; ``outliers`` (a few values 1000x the rest: per-tensor scaling flushes
-the small ones); ``zero_block`` (an all-zero row and 128-tile: amax 0); ``nonfinite`` (inf and NaN in x: the
+``data`` picks the trap: ``normal``; ``outliers`` (1% of the values 1000x the rest: E4M3's range absorbs
+them, an MXFP4/NVFP4 block holding one flushes its small values); ``zero_block`` (an all-zero row and 128-tile: amax 0); ``nonfinite`` (inf and NaN in x: the
 scale of that group becomes inf/NaN and its outputs NaN, which impls must keep, not hide); ``tiny`` (values
 near 1e-39: the scale underflows unless raised to 2^-126); ``huge`` (values near 2^100: a scale kept in fp16
 or bf16-rounded overflows or drifts).
