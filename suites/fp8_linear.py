@@ -29,6 +29,7 @@ or bf16-rounded overflows or drifts).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from twinbench.harness.core.case import Case, Param, Rule
@@ -150,27 +151,31 @@ def tolerance(case: Case, output: str) -> Tolerance:
                          "accumulation sets the budget); quantiser codes bit-exact; k=2 outputs, k=3 gradients")
 
 
-def _is_nan_code(codes: torch.Tensor, case: Case, name: str) -> torch.Tensor:
-    """Which codes are NaN: a NaN's sign and payload are not part of the contract (x86 makes inf/inf a
-    negative NaN, which torch's cast keeps: 0xFF where the reference writes 0x7F)."""
-    fmt = case.get("x_format") or {"mxfp8_e4m3": "e4m3", "mxfp8_e5m2": "e5m2"}.get(case.get("format"), "")
-    if name != "codes" or fmt not in {f.value for f in FP8_FORMATS}:
-        return torch.zeros_like(codes, dtype=torch.bool)
-    return torch.isnan(decode(codes, fmt))
+def code_checker(format_of: Callable[[Case, str], str | None]):
+    """``Suite.check_discrete`` for code outputs: bit for bit, except that any NaN code equals any other (a
+    NaN's sign and payload are not part of the contract: x86 makes inf/inf a negative NaN, which torch's cast
+    keeps, 0xFF where the reference writes 0x7F). ``format_of(case, output)``: the output's FP8 format, or
+    None where codes have no NaN to spare (E2M1, packed; E8M0 has the one 0xFF)."""
+
+    def check(case: Case, name: str, opt, ref, inputs: Inputs) -> tuple[bool, str]:
+        opt, ref = opt.cpu(), ref.cpu()
+        if opt.shape != ref.shape or opt.dtype != ref.dtype:
+            return False, f"{name} {tuple(opt.shape)} {opt.dtype} != reference {tuple(ref.shape)} {ref.dtype}"
+        differ = opt != ref
+        fmt = format_of(case, name)
+        if fmt is not None:
+            differ &= ~(torch.isnan(decode(opt, fmt)) & torch.isnan(decode(ref, fmt)))
+        where = differ.nonzero()
+        if not len(where):
+            return True, ""
+        first = tuple(where[0].tolist())
+        return False, (f"{len(where)} of {ref.numel()} codes differ from the reference's; first at {first}: "
+                       f"0x{int(opt[first]):02x} != 0x{int(ref[first]):02x}")
+
+    return check
 
 
-def check_codes(case: Case, name: str, opt, ref, inputs: Inputs) -> tuple[bool, str]:
-    """Codes bit for bit (any NaN code equals any other); the reason counts the differing codes, shows the first."""
-    opt, ref = opt.cpu(), ref.cpu()
-    if opt.shape != ref.shape or opt.dtype != ref.dtype:
-        return False, f"codes {tuple(opt.shape)} {opt.dtype} != reference {tuple(ref.shape)} {ref.dtype}"
-    differ = (opt != ref) & ~(_is_nan_code(opt, case, name) & _is_nan_code(ref, case, name))
-    differ = differ.nonzero()
-    if not len(differ):
-        return True, ""
-    first = tuple(differ[0].tolist())
-    return False, (f"{len(differ)} of {ref.numel()} codes differ from the reference's; first at {first}: "
-                   f"0x{int(opt[first]):02x} != 0x{int(ref[first]):02x}")
+check_codes = code_checker(lambda case, name: case["x_format"] if name == "codes" else None)
 
 
 PARAMS = (Param("op", str, choices=OPS), Param("m", int, low=1), Param("n", int, low=1), Param("k", int, low=1),

@@ -167,14 +167,14 @@ def test_nvfp4_matches_torchao_and_its_value_is_element_times_scale_times_global
 ])
 def test_fp8_error_statistics_against_fp64(fmt, scaling, bound):
     """Normal-range elements: relative error <= half an ulp (2^-(m+1)); the mean is about a third of it."""
-    x = torch.randn(128, 512, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     q = fp8.quantize(x, fmt, scaling, "x")
     rel = ((q.dequantize(torch.float64) - x).abs() / x.abs())[x.abs() > 0.05]
     assert float(rel.max()) <= bound and 0.15 * bound < float(rel.mean()) < 0.5 * bound
 
 
 def test_mx_error_statistics_against_fp64():
-    x = torch.randn(256, 256, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x = torch.randn(128, 256, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     errors = {f: float((mx.quantize(x, f).dequantize(torch.float64) - x).norm() / x.norm())
               for f in ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp4", "nvfp4")}
     # measured 2026-12-05: docs/low_precision.md (MXFP4 ~0.11, NVFP4 ~0.09, MXFP8 e4m3 ~0.03, e5m2 ~0.06)
