@@ -1,5 +1,5 @@
-"""fp8_linear and mx_linear through the real parity engine: every impl passes every quick case it runs on the
-CPU, and each planted bug of issue 16 (wrong variant, E8M0 ceil, nibble order, block boundary off by one,
+"""fp8_linear and mx_linear through the real parity engine (every impl on every quick case: tests/test_registry_parity.py):
+each planted bug of issue 16 (wrong variant, E8M0 ceil, nibble order, block boundary off by one,
 saturation missing) and each known torchao divergence is judged wrong."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 from twinbench.harness.core.devices import find
 from twinbench.harness.core.parity import check_parity
-from twinbench.harness.core.registry import IMPLS, SUITES, Impl, impls_for, load_plugins
+from twinbench.harness.core.registry import IMPLS, SUITES, Impl, load_plugins
 from twinbench.reference import mx
 from twinbench.reference.lowp_formats import Format, decode, encode, unpack_nibbles
 
@@ -24,21 +24,6 @@ def _verdict(suite, fn, case):
 
 def _quick(suite, **match):
     return next(c for c in suite.cases("quick") if all(c[k] == v for k, v in match.items()))
-
-
-@pytest.mark.parametrize("suite", ["fp8_linear", "mx_linear"])
-def test_every_impl_passes_every_quick_case_it_runs(suite):
-    s = SUITES[suite]
-    ran = 0
-    for impl in impls_for(suite)[1:]:
-        if impl.name.startswith("triton_"):
-            continue  # the Triton impls' own tests run them (interpreter)
-        for case in s.cases("quick"):
-            if impl.can_run(case, CPU)[0]:
-                verdict = check_parity(s, impl, IMPLS[(suite, "reference")], case, "cpu", trials=1)
-                assert verdict.ok, f"{impl.name} {case.id}: {verdict.reason()}"
-                ran += 1
-    assert ran >= 10
 
 
 # --- planted bugs --------------------------------------------------------------------------------------------
