@@ -184,8 +184,9 @@ PARAMS = (Param("op", str, choices=OPS), Param("m", int, low=1), Param("n", int,
           Param("scaling", str, choices=tuple(s.value for s in Scaling)), Param("saturate", bool),
           Param("dtype", str, choices=("fp32", "bf16", "fp16")), Param("data", str, choices=DATA))
 RULES = (
-    Rule(lambda c: family(c["x_format"]) == family(c["w_format"]),
-         "x_format and w_format must be of one family (OCP e4m3/e5m2, or FNUZ e4m3fnuz/e5m2fnuz)"),
+    Rule(lambda c: c["op"] == "quantize" or family(c["x_format"]) == family(c["w_format"]),
+         "x_format and w_format must be of one family (OCP e4m3/e5m2, or FNUZ e4m3fnuz/e5m2fnuz); "
+         "quantize reads x_format only"),
     Rule(lambda c: c["op"] != "qgemm" or c["x_format"] in ("e4m3", "e4m3fnuz"),
          "qgemm (the training recipe) quantises its forward operand to E4M3 (x_format e4m3 or e4m3fnuz)"),
 )
