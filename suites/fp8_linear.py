@@ -32,11 +32,11 @@ import math
 from collections.abc import Callable
 
 import torch
-from twinbench.harness.core.case import Case, Param, Rule
+from twinbench.harness.core.case import Case, Param, Rule, torch_dtype
 from twinbench.harness.core.devices import lowp_summary
 from twinbench.harness.core.inputs import elem_bytes, generator
 from twinbench.harness.core.registry import Inputs, Suite, Tolerance, register_impl, register_suite
-from twinbench.reference.fp8 import Fp8TrainingLinear, Operand, Scaling, dequantize, quantize
+from twinbench.reference.fp8 import Fp8TrainingLinear, Operand, Scaling, dequantize, grad_format, quantize
 from twinbench.reference.lowp_formats import FP8_FORMATS, Format, decode
 
 OPS = ("gemm", "quantize", "qgemm")
@@ -82,10 +82,6 @@ def family(fmt: str) -> str:
     return "fnuz" if fmt in FNUZ else "ocp"
 
 
-def grad_format(fmt: str) -> str:
-    return Format.E5M2FNUZ.value if family(fmt) == "fnuz" else Format.E5M2.value
-
-
 def draw(rows: int, cols: int, data: str, gen: torch.Generator) -> torch.Tensor:
     """A seeded fp32 [rows, cols] with the case's trap planted (the module docstring)."""
     x = torch.randn((rows, cols), generator=gen, dtype=torch.float32)
@@ -115,7 +111,7 @@ def make_inputs(case: Case, device, seed: int) -> Inputs:
     m, k, op = case["m"], case["k"], case["op"]
     x = draw(m, k, case["data"], gen)
     static = {"x_format": case["x_format"], "scaling": case["scaling"]}
-    dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[case["dtype"]])
+    dtype = torch_dtype(case["dtype"])
     if op == "quantize":
         static["saturate"] = case["saturate"]
         return Inputs(tensors={"x": x.to(dtype).to(device)}, static=static)
@@ -126,7 +122,7 @@ def make_inputs(case: Case, device, seed: int) -> Inputs:
         xq = quantize(x, case["x_format"], case["scaling"], Operand.X, saturate=case["saturate"])
         tensors = {"x_codes": xq.codes.to(device), "x_scale": xq.scale.to(device), **tensors}
         return Inputs(tensors=tensors, static=static)
-    static.update(grad_format=grad_format(case["x_format"]), saturate=case["saturate"])
+    static.update(grad_format=grad_format(case["x_format"]).value, saturate=case["saturate"])
     return Inputs(tensors={"x": x.to(dtype).to(device), **tensors}, static=static, grad=("x",))
 
 
@@ -228,5 +224,4 @@ def reference(x=None, x_codes=None, x_scale=None, w_codes=None, w_scale=None, *,
     xd = dequantize(x_codes, x_scale, x_format, scaling, Operand.X, compute)
     wd = dequantize(w_codes, w_scale, w_format, scaling, Operand.W, compute)
     y = xd @ wd.t()
-    return y if compute == torch.float64 else y.to(getattr(torch, {"fp32": "float32", "bf16": "bfloat16",
-                                                                    "fp16": "float16"}[out_dtype]))
+    return y if compute == torch.float64 else y.to(torch_dtype(out_dtype))

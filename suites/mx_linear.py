@@ -20,7 +20,7 @@ the block (a partial last block) and odd (a padding nibble).
 from __future__ import annotations
 
 import torch
-from twinbench.harness.core.case import Case, Param
+from twinbench.harness.core.case import Case, Param, torch_dtype
 from twinbench.harness.core.devices import lowp_summary
 from twinbench.harness.core.inputs import elem_bytes, generator
 from twinbench.harness.core.registry import Inputs, Suite, Tolerance, register_impl, register_suite
@@ -28,7 +28,6 @@ from twinbench.reference.mx import SPECS, MxFormat, dequantize, quantize
 from twinbench.suites.fp8_linear import DATA, code_checker, draw
 
 OPS = ("gemm", "quantize")
-OUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _case(op, m, n, k, fmt="mxfp4", dtype="fp32", data="normal") -> Case:
@@ -62,7 +61,7 @@ def make_inputs(case: Case, device, seed: int) -> Inputs:
     m, n, k, fmt = case["m"], case["n"], case["k"], case["format"]
     x = draw(m, k, case["data"], gen)
     if case["op"] == "quantize":
-        return Inputs(tensors={"x": x.to(OUT_DTYPES[case["dtype"]]).to(device)}, static={"format": fmt})
+        return Inputs(tensors={"x": x.to(torch_dtype(case["dtype"])).to(device)}, static={"format": fmt})
     w = draw(n, k, "normal", generator(seed + 104729)) / k ** 0.5
     tensors = {}
     for name, t in (("x", x), ("w", w)):
@@ -108,7 +107,7 @@ def _fp8_format_of(case: Case, output: str) -> str | None:
 
 PARAMS = (Param("op", str, choices=OPS), Param("m", int, low=1), Param("n", int, low=1), Param("k", int, low=1),
           Param("format", str, choices=tuple(f.value for f in MxFormat)),
-          Param("dtype", str, choices=tuple(OUT_DTYPES)), Param("data", str, choices=DATA))
+          Param("dtype", str, choices=("fp32", "bf16", "fp16")), Param("data", str, choices=DATA))
 
 SUITE = register_suite(Suite(
     params=PARAMS, rules=(),
@@ -142,4 +141,4 @@ def reference(x=None, x_codes=None, x_scales=None, x_global=None, w_codes=None, 
     compute = torch.float64 if x_global.dtype == torch.float64 else torch.float32
     y = dequantize(x_codes, x_scales, x_global, format, k, compute) @ \
         dequantize(w_codes, w_scales, w_global, format, k, compute).t()
-    return y if compute == torch.float64 else y.to(OUT_DTYPES[out_dtype])
+    return y if compute == torch.float64 else y.to(torch_dtype(out_dtype))

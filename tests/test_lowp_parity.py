@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from twinbench.harness.core.case import torch_dtype
 from twinbench.harness.core.devices import find
 from twinbench.harness.core.parity import check_parity
 from twinbench.harness.core.registry import IMPLS, SUITES, Impl, load_plugins
@@ -34,7 +35,7 @@ def fnuz_read_as_ocp(x_codes, x_scale, w_codes, w_scale, *, x_format, w_format, 
 
     x = dequantize(x_codes, x_scale, x_format.removesuffix("fnuz"), scaling, "x")
     w = dequantize(w_codes, w_scale, w_format.removesuffix("fnuz"), scaling, "w")
-    return (x @ w.t()).to(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[out_dtype]))
+    return (x @ w.t()).to(torch_dtype(out_dtype))
 
 
 def test_wrong_fp8_variant_is_caught():
@@ -71,7 +72,7 @@ def _nibbles_swapped(swap_x: bool):
         xc = _swap(x_codes) if swap_x else x_codes
         y = mx.dequantize(xc, x_scales, x_global, format, k) @ \
             mx.dequantize(_swap(w_codes), w_scales, w_global, format, k).t()
-        return y.to(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[out_dtype]))
+        return y.to(torch_dtype(out_dtype))
     return fn
 
 
@@ -106,7 +107,7 @@ def block_off_by_one(x_codes, x_scales, x_global, w_codes, w_scales, w_global, *
         return values * per
 
     y = deq(x_codes, x_scales, x_global) @ deq(w_codes, w_scales, w_global).t()
-    return y.to(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[out_dtype]))
+    return y.to(torch_dtype(out_dtype))
 
 
 def test_block_boundary_off_by_one_is_caught():
