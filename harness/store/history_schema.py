@@ -90,7 +90,8 @@ def _refuse_newer(version: int, name: str, migrations: tuple[Migration, ...]) ->
 def migrate(engine: sa.Engine, name: str, *, migrations: tuple[Migration, ...] = MIGRATIONS) -> int:
     """Bring the database to the latest version; the version it is at afterwards.
 
-    ``engine`` must begin write transactions with the database's write lock (``write_transaction``).
+    A SQLite ``engine`` must take the write lock at BEGIN when asked (``history._sqlite_engine``), so
+    ``write_transaction`` serialises the writers; PostgreSQL takes the advisory lock below.
     """
     versions = [m.version for m in migrations]
     assert versions == list(range(1, len(versions) + 1)), "migrations are numbered 1, 2, ... in order"
