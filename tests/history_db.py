@@ -7,12 +7,13 @@ PostgreSQL tests skip with the reason locally, and fail under CI (``CI=true``), 
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pytest
@@ -46,19 +47,26 @@ def nightly_files(folder: Path, n: int = 30, step_at: int | None = 20, factor: f
     return paths
 
 
+def missing(problem: str, env: Mapping[str, str] = os.environ) -> NoReturn:
+    """Skip with the reason locally; fail under CI (``CI=true``), where .ci/run installs and starts everything."""
+    if env.get("CI") == "true":
+        pytest.fail(f"CI=true: {problem}", pytrace=False)
+    pytest.skip(problem, allow_module_level=True)
+
+
+def optional_module(name: str, extra: str = "history"):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        missing(f"{name} is not installed (pip install 'twinbench[{extra}]')")
+
+
 def postgres_server_url(env: Mapping[str, str] = os.environ) -> str:
     """The test server's URL; skips without one, or fails under CI, where .ci/run must have started it."""
     url = env.get(POSTGRES_URL_VARIABLE, "")
-    problem = "" if url else f"{POSTGRES_URL_VARIABLE} is not set (.ci/run starts a PostgreSQL server and sets it)"
-    if not problem:
-        try:
-            import psycopg  # noqa: F401
-        except ImportError:
-            problem = "psycopg is not installed (pip install 'twinbench[history]')"
-    if problem:
-        if env.get("CI") == "true":
-            pytest.fail(f"CI=true: {problem}", pytrace=False)
-        pytest.skip(problem)
+    if not url:
+        missing(f"{POSTGRES_URL_VARIABLE} is not set (.ci/run starts a PostgreSQL server and sets it)", env)
+    optional_module("psycopg")
     return url
 
 

@@ -15,18 +15,21 @@ import sys
 import time
 
 import pytest
-import sqlalchemy as sa
 from history_db import (
     connect,
     fresh_postgres_database,
     nightly_files,
+    optional_module,
     postgres_server_url,
     row_counts,
     schema_versions,
 )
 from twinbench.harness.cli.main import main
-from twinbench.harness.store import history, history_schema
+from twinbench.harness.store import history
 from twinbench.harness.store.results import load
+
+sa = optional_module("sqlalchemy")
+from twinbench.harness.store import history_schema  # noqa: E402  (imports sqlalchemy)
 
 # The first version's tables exactly as it created them (before the schema version table existed).
 V1_SQLITE = ("CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, run_key TEXT UNIQUE, started TEXT, "

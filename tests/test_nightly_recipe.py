@@ -16,7 +16,13 @@ import warnings
 from pathlib import Path
 
 import pytest
-from history_db import fresh_postgres_database, nightly_files, postgres_server_url, row_counts
+from history_db import (
+    fresh_postgres_database,
+    nightly_files,
+    optional_module,
+    postgres_server_url,
+    row_counts,
+)
 from nightly_shims import parse_check
 from twinbench.harness.store import history
 
@@ -124,7 +130,7 @@ def test_the_nightly_script_and_the_pages_commands_run_against_a_real_history(tm
 
 
 def test_the_cronjob_example_submits_the_script_the_page_describes():
-    yaml = pytest.importorskip("yaml")
+    yaml = optional_module("yaml", extra="train")  # PyYAML comes with transformers
     [cronjob] = list(yaml.safe_load_all(CRONJOB.read_text()))
     assert cronjob["kind"] == "CronJob" and len(cronjob["spec"]["schedule"].split()) == 5
     pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
