@@ -223,6 +223,12 @@ def test_show_and_trends_read_the_same_from_sqlite_and_postgresql(pg_url, tmp_pa
     doc = load(files[-1])
     from_sqlite, from_pg = history.trends(sqlite_db, doc), history.trends(pg_url, doc)
     assert from_sqlite["series"] == from_pg["series"] and any(s["change_points"] for s in from_pg["series"])
+    assert from_pg["db"] == history.display_name(pg_url)  # the report shows the URL without its password
+    assert main(["history", "show", "--db", pg_url, "--suite", "no-such-suite"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("no fwd_median_ms points in postgresql")
+    password = sa.make_url(pg_url).password
+    assert not password or (password not in out and password not in from_pg["db"])
 
 
 def test_a_url_password_is_never_printed_and_a_dead_server_is_exit_2(tmp_path, capsys):

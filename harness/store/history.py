@@ -248,7 +248,7 @@ def show(db: str | Path, *, suite: str | None = None, metric: str = "fwd_median_
     if as_json:
         return dumps_strict(found)
     if not found:
-        return f"no {metric} points in {db}" + (f" for suite {suite}" if suite else "")
+        return f"no {metric} points in {display_name(db)}" + (f" for suite {suite}" if suite else "")
     lines = [f"{'suite':<14} {'impl':<18} {'fp':<8} {'runs':>5} {'first':>10} {'latest':>10}  change points / case"]
     for s in found:
         vals = [p["value"] for p in s["points"]]
