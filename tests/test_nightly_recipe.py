@@ -130,7 +130,7 @@ def test_the_nightly_script_and_the_pages_commands_run_against_a_real_history(tm
 
 
 def test_the_cronjob_example_submits_the_script_the_page_describes():
-    yaml = optional_module("yaml", extra="train")  # PyYAML comes with transformers
+    yaml = optional_module("yaml", extra="test")
     [cronjob] = list(yaml.safe_load_all(CRONJOB.read_text()))
     assert cronjob["kind"] == "CronJob" and len(cronjob["spec"]["schedule"].split()) == 5
     pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
