@@ -76,8 +76,8 @@ def fresh_postgres_database(server_url: str) -> Iterator[str]:
     import sqlalchemy as sa
 
     name = f"twinbench_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    with admin.connect() as conn:  # NullPool: no connection stays open for a forked writer to inherit
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
     try:
         yield sa.make_url(server_url).set(database=name).render_as_string(hide_password=False)

@@ -6,13 +6,14 @@ Every test that takes ``db`` runs on both backends; the PostgreSQL half skips lo
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
 import re
 import resource
 import sqlite3
-import subprocess
-import sys
 import time
+from pathlib import Path
 
 import pytest
 from history_db import (
@@ -85,7 +86,7 @@ def _write_v1(db: str, files) -> None:
 
 
 def test_a_fresh_history_gets_every_migration_once(db, tmp_path):
-    [f] = nightly_files(tmp_path, n=1)
+    [f] = nightly_files(tmp_path, n=1, records=2)
     assert history.add(db, f)
     assert schema_versions(db) == [1, 2]
     assert history.add(db, f) is False  # opening again applies nothing and the run is there already
@@ -96,7 +97,7 @@ def test_a_fresh_history_gets_every_migration_once(db, tmp_path):
 
 
 def test_a_first_version_history_migrates_and_keeps_its_rows(db, tmp_path):
-    files = nightly_files(tmp_path, n=6, step_at=None)
+    files = nightly_files(tmp_path, n=6, step_at=None, records=2)
     _write_v1(db, files[:5])
     before = row_counts(db)
     assert before["runs"] == 5 and before["points"] > 0
@@ -111,7 +112,7 @@ def test_a_first_version_history_migrates_and_keeps_its_rows(db, tmp_path):
 
 
 def test_a_newer_schema_is_refused_with_one_line_and_nothing_written(db, tmp_path, capsys):
-    first, second = nightly_files(tmp_path, n=2)
+    first, second = nightly_files(tmp_path, n=2, records=2)
     assert history.add(db, first)
     with connect(db) as conn:
         conn.execute(history_schema.schema_version.insert().values(version=3, description="from the future",
@@ -160,29 +161,38 @@ def test_migrations_run_in_order_once_each_and_a_failing_one_changes_nothing(db,
 WRITERS, FILES_PER_WRITER, SHARED = 8, 20, 5
 
 
+def _writer(db: str, files: list, start, out: Path) -> None:
+    start.wait(timeout=120)  # every writer begins at the same moment
+    out.write_text(json.dumps([history.add(db, f) for f in files]))
+
+
 def test_concurrent_writers_lose_nothing_and_double_nothing(db, tmp_path):
     """8 processes add 20 results files each at the same time: 5 files every one of them adds first (the
-    same run keys, raced), 15 of its own. Fresh database, so they also race through the migrations."""
+    same run keys, raced), 15 of its own. Fresh database, so they also race through the migrations.
+
+    Forked after the imports, so the time goes into the adds rather than 8 interpreters starting."""
     files = nightly_files(tmp_path, n=SHARED + WRITERS * (FILES_PER_WRITER - SHARED), step_at=None, records=2)
     shared, own = files[:SHARED], files[SHARED:]
     per_run = len(history.point_rows(load(files[0])))
-    cpu0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-m", "twinbench", "history", "add", "--db", db,
-                               *map(str, shared + own[w::WRITERS])],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    fork = multiprocessing.get_context("fork")
+    start, outs = fork.Barrier(WRITERS), [tmp_path / f"writer{w}.json" for w in range(WRITERS)]
+    procs = [fork.Process(target=_writer, args=(db, shared + own[w::WRITERS], start, outs[w]))
              for w in range(WRITERS)]
-    outputs = [p.communicate(timeout=240) for p in procs]
+    cpu0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
     wall, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime
-    assert [p.returncode for p in procs] == [0] * WRITERS, [err for _, err in outputs]
-    lines = [line for out, _ in outputs for line in out.splitlines()]
-    assert len(lines) == WRITERS * FILES_PER_WRITER
-    added = sum(": added (" in line for line in lines)
+    assert [p.exitcode for p in procs] == [0] * WRITERS
+    added = [flag for out in outs for flag in json.loads(out.read_text())]
     counts = row_counts(db)
     print(f"\nconcurrent writers on {db.split(':')[0] if '://' in db else 'sqlite'}: {WRITERS} processes x "
           f"{FILES_PER_WRITER} files, {counts['runs']} runs, {counts['points']} points, {wall:.1f} s wall, "
           f"{cpu:.1f} s writer CPU, load {os.getloadavg()[0]:.1f}")
-    assert added == len(files) and len(lines) - added == (WRITERS - 1) * SHARED
+    assert len(added) == WRITERS * FILES_PER_WRITER
+    assert sum(added) == len(files) and added.count(False) == (WRITERS - 1) * SHARED
     assert counts == {"runs": len(files), "points": len(files) * per_run, "run_keys": len(files),
                       "orphan_points": 0, "points_per_run": [per_run]}
     assert schema_versions(db) == [1, 2]
@@ -190,7 +200,7 @@ def test_concurrent_writers_lose_nothing_and_double_nothing(db, tmp_path):
 
 def test_the_row_check_sees_a_doubled_or_lost_run(tmp_path):
     """The concurrency test's counts can fail: a run stored twice (another key, same points) or lost."""
-    files = nightly_files(tmp_path, n=3, step_at=None)
+    files = nightly_files(tmp_path, n=3, step_at=None, records=2)
     db = str(tmp_path / "h.sqlite")
     for f in files:
         history.add(db, f)
@@ -210,7 +220,7 @@ def test_the_row_check_sees_a_doubled_or_lost_run(tmp_path):
 
 
 def test_show_and_trends_read_the_same_from_sqlite_and_postgresql(pg_url, tmp_path, capsys):
-    files = nightly_files(tmp_path, n=24, step_at=12, factor=1.5)
+    files = nightly_files(tmp_path, n=16, step_at=8, factor=1.5, records=2)
     sqlite_db = str(tmp_path / "h.sqlite")
     for f in files:
         assert history.add(sqlite_db, f) and history.add(pg_url, f)
@@ -219,7 +229,7 @@ def test_show_and_trends_read_the_same_from_sqlite_and_postgresql(pg_url, tmp_pa
         assert main(["history", "show", "--db", db, "--suite", "matmul"]) == 0
         assert main(["history", "show", "--db", db, "--json"]) == 0
         shown.append(capsys.readouterr().out)
-    assert shown[0] == shown[1] and re.search(r"run 13 \(\w+\) \+(4\d|5\d)\.\d%", shown[0]), shown
+    assert shown[0] == shown[1] and re.search(r"run 9 \(\w+\) \+(4\d|5\d)\.\d%", shown[0]), shown
     doc = load(files[-1])
     from_sqlite, from_pg = history.trends(sqlite_db, doc), history.trends(pg_url, doc)
     assert from_sqlite["series"] == from_pg["series"] and any(s["change_points"] for s in from_pg["series"])
@@ -232,7 +242,7 @@ def test_show_and_trends_read_the_same_from_sqlite_and_postgresql(pg_url, tmp_pa
 
 
 def test_a_url_password_is_never_printed_and_a_dead_server_is_exit_2(tmp_path, capsys):
-    [f] = nightly_files(tmp_path, n=1)
+    [f] = nightly_files(tmp_path, n=1, records=2)
     url = "postgresql+psycopg://nightly:s3cret@127.0.0.1:1/history"  # nothing listens on port 1
     assert main(["history", "add", str(f), "--db", url]) == 2
     err = capsys.readouterr().err
