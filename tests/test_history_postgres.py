@@ -179,10 +179,15 @@ def test_concurrent_writers_lose_nothing_and_double_nothing(db, tmp_path):
     procs = [fork.Process(target=_writer, args=(db, shared + own[w::WRITERS], start, outs[w]))
              for w in range(WRITERS)]
     cpu0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=240)
+    finally:
+        for p in procs:
+            if p.is_alive():  # a writer stuck past the limit: the test fails, the process does not linger
+                p.kill()
     wall, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime
     assert [p.exitcode for p in procs] == [0] * WRITERS
