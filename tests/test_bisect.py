@@ -242,10 +242,10 @@ def test_a_step_is_good_only_when_clearly_not_the_hunted_slowdown():
 
 
 def test_history_show_offers_the_bisect_command_for_a_change_point(tmp_path, capsys):
-    from test_history import _nightly
+    from history_db import nightly_files
 
     db = tmp_path / "h.sqlite"
-    for p in _nightly(tmp_path, n=24, step_at=12, factor=1.5):
+    for p in nightly_files(tmp_path, n=24, step_at=12, factor=1.5):
         assert main(["history", "add", str(p), "--db", str(db)]) == 0
     capsys.readouterr()
     assert main(["history", "show", "--db", str(db), "--suite", "matmul"]) == 0
