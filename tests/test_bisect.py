@@ -251,7 +251,7 @@ def test_history_show_offers_the_bisect_command_for_a_change_point(tmp_path, cap
     assert main(["history", "show", "--db", str(db), "--suite", "matmul"]) == 0
     out = capsys.readouterr().out
     good, bad = f"{12:x}" * 8, f"{13:x}" * 8  # the commits of the last run before the step and the first after
-    expected = f"twinbench bisect {good[:12]} {bad[:12]} --suite matmul --impl fast --case n=64,dtype=fp32"
+    expected = f"twinbench bisect {good[:12]} {bad[:12]} --suite matmul --impl fast --case n=64,dtype=fp32 --device cpu"
     assert expected in out, out
     assert out.count("twinbench bisect") == 3  # the three stepped series, nothing for the flat ones
     assert main(["history", "show", "--db", str(db), "--suite", "matmul", "--json"]) == 0
@@ -268,3 +268,4 @@ def test_a_change_point_without_recorded_commits_offers_no_command():
     series["points"][1]["git_sha"] = "b" * 40
     assert bisect_command(series, {"index": 1}) == f"twinbench bisect {'a' * 12} {'b' * 12} --suite s --impl i --case n=1"
     assert bisect_command(dict(series, case="n=1,tag=a b"), {"index": 1}).endswith("--case 'n=1,tag=a b'")
+    assert bisect_command(dict(series, device="cuda:1"), {"index": 1}).endswith("--case n=1 --device cuda:1")
