@@ -14,7 +14,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,14 +24,17 @@ from twinbench.harness.cluster.driver import (
     CPU,
     GPU,
     ClusterOptions,
+    ClusterRun,
+    Pending,
     device_kinds,
     plan_slots,
     run_on_cluster,
 )
+from twinbench.harness.cluster.node import NodeIdentity
 from twinbench.harness.core.errors import UsageError
 from twinbench.harness.run import runner
 from twinbench.harness.run.journal import Journal
-from twinbench.harness.run.plan import RunOptions
+from twinbench.harness.run.plan import RunOptions, Task
 from twinbench.harness.store.results import load
 
 NODE_RESOURCE = "twinbench_test_node"
@@ -194,6 +197,21 @@ def test_plan_slots_and_kinds_without_a_cluster():
     assert device_kinds([]) == [CPU, GPU] and device_kinds(["cuda:1", "rocm", "cpu"]) == [GPU, CPU]
     with pytest.raises(UsageError, match="mps"):
         device_kinds(["mps"])
+
+
+def test_a_nodes_cpu_cases_wait_for_its_gpu_cases():
+    """docs/method.md §6 on a cluster: a node's CPU is timed after its GPUs are done, other nodes' CPUs not."""
+    run = ClusterRun(RunOptions(), ClusterOptions("auto"), ray=None)
+    gpu_node = {kind: NodeIdentity("a", "host-a", "", kind) for kind in (CPU, GPU)}
+    cpu_only = NodeIdentity("b", "host-b", "", CPU)
+    run.slots = {"a-cpu": gpu_node[CPU], "a-gpu": gpu_node[GPU], "b-cpu": cpu_only}
+    task = Pending(Task("s", {}, "c", ["reference"]))
+    run.queues = {CPU: deque([task]), GPU: deque([task])}
+    assert run.cpu_waits(gpu_node[CPU], {}) and not run.cpu_waits(cpu_only, {})
+    assert not run.cpu_waits(gpu_node[GPU], {})
+    run.queues[GPU].clear()
+    assert run.cpu_waits(gpu_node[CPU], {"ref": ("a-gpu", gpu_node[GPU], task)})  # still running there
+    assert not run.cpu_waits(gpu_node[CPU], {})
 
 
 def test_without_ray_a_cluster_run_is_a_usage_error(monkeypatch, tmp_path):

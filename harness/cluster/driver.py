@@ -183,7 +183,7 @@ class ClusterRun:
                 busy = {actor for actor, _, _ in in_flight.values()}
                 for actor, ident in self.slots.items():
                     queue = self.queues[ident.device]
-                    if actor not in busy and queue:
+                    if actor not in busy and queue and not self.cpu_waits(ident, in_flight):
                         item = queue.popleft()
                         progress.status(f"{ident.label} {item.task.suite} {item.task.case_id}")
                         in_flight[actor.run_case.remote(item.task)] = (actor, ident, item)
@@ -198,6 +198,15 @@ class ClusterRun:
                     self._finish(journal, progress, ref, actor, ident, item)
         finally:
             progress.close()
+
+    def cpu_waits(self, ident: NodeIdentity, in_flight: dict[Any, tuple[Any, NodeIdentity, Pending]]) -> bool:
+        """A node's CPU cases wait until its GPUs have nothing left (docs/method.md §6: the CPU worker runs
+        after the GPU workers, alone; their host threads would disturb its timings)."""
+        if ident.device != CPU:
+            return False
+        gpus = [i for i in self.slots.values() if i.node_id == ident.node_id and i.device == GPU]
+        running = any(i.node_id == ident.node_id and i.device == GPU for _, i, _ in in_flight.values())
+        return bool(gpus) and (bool(self.queues.get(GPU)) or running)
 
     def _finish(self, journal: Journal, progress: Progress, ref, actor, ident: NodeIdentity, item: Pending) -> None:
         ray = self.ray
