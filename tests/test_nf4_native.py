@@ -132,11 +132,25 @@ def _swap_nibbles(p: torch.Tensor) -> torch.Tensor:
     return ((p << 4) | (p >> 4)).contiguous()
 
 
+def _fp32(s):
+    """fp32 scales, whichever form the kernels were handed (the GEMV path gets double-quantised ones as stored)."""
+    return s.decoded().reshape(-1) if isinstance(s, nf4_native.NestedScales) else s
+
+
+def _nested_code2_shifted(s):
+    """Double-quant decoded with the wrong second-level code (every q one entry off): only the kernels' own
+    per-block decode sees this."""
+    if not isinstance(s, nf4_native.NestedScales):
+        return s * 1.01  # the GEMM path's fp32 scales: the same size of error
+    return nf4_native.NestedScales(s.q, s.absmax2, s.code2.roll(1).contiguous(), s.offset)
+
+
 NATIVE_BUGS = {
     "wrong-code-value": ("code", lambda c: torch.where(torch.arange(16) == 11, torch.tensor(0.35), c)),
     "nibbles-swapped": ("weight", lambda p, s: (_swap_nibbles(p), s)),
-    "off-by-one-block": ("weight", lambda p, s: (p, s.roll(1).contiguous())),
-    "absmax-not-applied": ("weight", lambda p, s: (p, torch.ones_like(s))),
+    "off-by-one-block": ("weight", lambda p, s: (p, _fp32(s).roll(1).contiguous())),
+    "absmax-not-applied": ("weight", lambda p, s: (p, torch.ones_like(_fp32(s)))),
+    "double-quant-code-shifted": ("weight", lambda p, s: (p, _nested_code2_shifted(s))),
 }
 
 

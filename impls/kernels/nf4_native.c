@@ -119,10 +119,18 @@ typedef struct {
     vi lane_idx;
     lut_t lut;
     const float *code;
+    /* the block scales: fp32 (`scales`), or bnb's double-quantised state (q != NULL), decoded per row as the
+     * kernels reach it (block_scale), never in a pass of its own */
+    const float *scales;
+    const uint8_t *q;
+    const float *absmax2, *code2;
+    float offset;
 } plan_t;
 
+#define MAX_ROW_BLOCKS 2048 /* blocks per row the per-row scale buffers hold (K / bs) */
+
 static int make_plan(plan_t *p, const float *code16, i64 N, i64 K, i64 bs) {
-    if (N < 1 || bs < 32 || (bs & (bs - 1)) || K % bs) return -1;
+    if (N < 1 || bs < 32 || (bs & (bs - 1)) || K % bs || K / bs > MAX_ROW_BLOCKS) return -1;
     p->N = N, p->K = K, p->bs = bs, p->nb = K / bs, p->half = K / 2;
     p->groups = K / GROUP_COLS;
     p->tail_cols = K - p->groups * GROUP_COLS; /* only when bs < 8L: whole blocks, done in scalar code */
@@ -132,6 +140,26 @@ static int make_plan(plan_t *p, const float *code16, i64 N, i64 K, i64 bs) {
     p->lut = lut_load(code16);
     p->code = code16;
     return 0;
+}
+
+/* Double-quantised: code2[q[i]] * absmax2[i / 256] + offset, two fp32 roundings (no FMA: -ffp-contract=off), as
+ * bnb and nf4_decode_absmax compute it. */
+AI float block_scale(const plan_t *p, i64 i) {
+    return p->q ? p->code2[p->q[i]] * p->absmax2[i / 256] + p->offset : p->scales[i];
+}
+
+/* The scales of row n's blocks [b0, b1): the fp32 array itself, or decoded into buf (indexed from block 0). */
+AI const float *row_scales(const plan_t *p, i64 n, i64 b0, i64 b1, float *buf) {
+    if (!p->q) return p->scales + n * p->nb;
+    for (i64 b = b0; b < b1; b++) buf[b] = block_scale(p, n * p->nb + b);
+    return buf;
+}
+
+static int set_scales(plan_t *p, const float *scales, const uint8_t *q, const float *absmax2, const float *code2,
+                      float offset) {
+    p->scales = scales, p->q = q, p->absmax2 = absmax2, p->code2 = code2, p->offset = offset;
+    const int fp32 = scales != NULL, nested = q != NULL && absmax2 != NULL && code2 != NULL;
+    return fp32 != nested ? 0 : -1; /* exactly one form */
 }
 
 AI vf group_scale(const plan_t *p, const float *srow, i64 g) {
@@ -220,14 +248,16 @@ static float *scratch(i64 floats) {
 /* RB rows of W from n, R rows of x: each group is loaded once per W row and each decoded vector used for R
  * rows of x; each x vector for RB rows of W. Two partial sums per pair (even/odd nibbles) for latency; each
  * group's partial sum is scaled once. */
-AI void fwd_block(const plan_t *p, const uint8_t *packed, const float *scales, const float *xs, float *y, i64 n,
-                  const int R, const int RB, const int safe) {
+AI void fwd_block(const plan_t *p, const uint8_t *packed, const float *xs, float *y, i64 n, const int R,
+                  const int RB, const int safe) {
     vf acc[4][MAX_ROWS];
     for (int rb = 0; rb < RB; rb++)
         for (int m = 0; m < R; m++) acc[rb][m] = vzero();
     const uint8_t *rows[4];
     const float *srows[4];
-    for (int rb = 0; rb < RB; rb++) rows[rb] = packed + (n + rb) * p->half, srows[rb] = scales + (n + rb) * p->nb;
+    float decoded[4][MAX_ROW_BLOCKS];
+    for (int rb = 0; rb < RB; rb++)
+        rows[rb] = packed + (n + rb) * p->half, srows[rb] = row_scales(p, n + rb, 0, p->nb, decoded[rb]);
     for (i64 g = 0; g < p->groups; g++) {
         vi v[4];
         for (int rb = 0; rb < RB; rb++) v[rb] = group_load(rows[rb] + g * GROUP_BYTES);
@@ -262,21 +292,23 @@ AI void fwd_block(const plan_t *p, const uint8_t *packed, const float *scales, c
         }
 }
 
-AI void fwd_rows(const plan_t *p, const uint8_t *packed, const float *scales, const float *xs, float *y, i64 n0,
-                 i64 n1, const int R, const int RB) {
+AI void fwd_rows(const plan_t *p, const uint8_t *packed, const float *xs, float *y, i64 n0, i64 n1, const int R,
+                 const int RB) {
     const i64 last = n1 == p->N ? n1 - 1 : n1; /* the array's last row: no reads past its end */
     i64 n = n0;
-    for (; n + RB <= last; n += RB) fwd_block(p, packed, scales, xs, y, n, R, RB, 0);
-    for (; n < last; n++) fwd_block(p, packed, scales, xs, y, n, R, 1, 0);
-    if (last < n1) fwd_block(p, packed, scales, xs, y, last, R, 1, 1);
+    for (; n + RB <= last; n += RB) fwd_block(p, packed, xs, y, n, R, RB, 0);
+    for (; n < last; n++) fwd_block(p, packed, xs, y, n, R, 1, 0);
+    if (last < n1) fwd_block(p, packed, xs, y, last, R, 1, 1);
 }
 
 /* Forward: x [M, K] fp32 (x_bf16 = 0) or bf16 (1), y fp32 [M, N], M <= MAX_ROWS. Threads split the rows of W
  * (16 at a time, so no two threads write one cache line of y). Returns 0, or -1 on bad arguments. */
 int nf4_gemv(const uint8_t *packed, const float *scales, const float *code16, const void *x, int x_bf16, float *y,
-             i64 M, i64 N, i64 K, i64 bs, int threads) {
+             i64 M, i64 N, i64 K, i64 bs, int threads, const uint8_t *q, const float *absmax2, const float *code2,
+             float offset) {
     plan_t p;
-    if (M < 1 || M > MAX_ROWS || make_plan(&p, code16, N, K, bs)) return -1;
+    if (M < 1 || M > MAX_ROWS || make_plan(&p, code16, N, K, bs) || set_scales(&p, scales, q, absmax2, code2, offset))
+        return -1;
     float *xs = scratch(M * K);
     if (!xs) return -2;
     tail_to_fp32(x, x_bf16, xs, &p, M);
@@ -289,18 +321,18 @@ int nf4_gemv(const uint8_t *packed, const float *scales, const float *code16, co
         thread_range(N, 16, &n0, &n1);
         switch (M) { /* constant row counts: the accumulators stay in registers */
 #if L == 16
-        case 1: fwd_rows(&p, packed, scales, xs, y, n0, n1, 1, 4); break;
-        case 2: fwd_rows(&p, packed, scales, xs, y, n0, n1, 2, 2); break;
+        case 1: fwd_rows(&p, packed, xs, y, n0, n1, 1, 4); break;
+        case 2: fwd_rows(&p, packed, xs, y, n0, n1, 2, 2); break;
 #else
-        case 1: fwd_rows(&p, packed, scales, xs, y, n0, n1, 1, 2); break;
-        case 2: fwd_rows(&p, packed, scales, xs, y, n0, n1, 2, 1); break;
+        case 1: fwd_rows(&p, packed, xs, y, n0, n1, 1, 2); break;
+        case 2: fwd_rows(&p, packed, xs, y, n0, n1, 2, 1); break;
 #endif
-        case 3: fwd_rows(&p, packed, scales, xs, y, n0, n1, 3, 1); break;
-        case 4: fwd_rows(&p, packed, scales, xs, y, n0, n1, 4, 1); break;
-        case 5: fwd_rows(&p, packed, scales, xs, y, n0, n1, 5, 1); break;
-        case 6: fwd_rows(&p, packed, scales, xs, y, n0, n1, 6, 1); break;
-        case 7: fwd_rows(&p, packed, scales, xs, y, n0, n1, 7, 1); break;
-        default: fwd_rows(&p, packed, scales, xs, y, n0, n1, 8, 1); break;
+        case 3: fwd_rows(&p, packed, xs, y, n0, n1, 3, 1); break;
+        case 4: fwd_rows(&p, packed, xs, y, n0, n1, 4, 1); break;
+        case 5: fwd_rows(&p, packed, xs, y, n0, n1, 5, 1); break;
+        case 6: fwd_rows(&p, packed, xs, y, n0, n1, 6, 1); break;
+        case 7: fwd_rows(&p, packed, xs, y, n0, n1, 7, 1); break;
+        default: fwd_rows(&p, packed, xs, y, n0, n1, 8, 1); break;
         }
     }
     return 0;
@@ -310,19 +342,23 @@ int nf4_gemv(const uint8_t *packed, const float *scales, const float *code16, co
 
 /* Groups [g0, g1) of dxs (group order), all rows of W, RB rows at a time: each dx vector is loaded and stored
  * once per RB rows; the coefficient g[m, n] * scale is formed once per row and group. */
-AI void bwd_cols(const plan_t *p, const uint8_t *packed, const float *scales, const float *g, float *dxs, i64 g0,
-                 i64 g1, const int R, const int RB) {
+AI void bwd_cols(const plan_t *p, const uint8_t *packed, const float *g, float *dxs, i64 g0, i64 g1, const int R,
+                 const int RB) {
     const i64 N = p->N, K = p->K;
     for (int m = 0; m < R; m++) memset(dxs + m * K + g0 * GROUP_COLS, 0, (size_t)((g1 - g0) * GROUP_COLS) * 4);
+    const i64 b0 = g0 * GROUP_COLS / p->bs, b1 = (g1 * GROUP_COLS + p->bs - 1) / p->bs; /* this thread's blocks */
+    float decoded[4][MAX_ROW_BLOCKS];
     for (i64 n = 0; n < N; n += RB) {
         const int rows = N - n < RB ? (int)(N - n) : RB;
+        const float *srows[4];
+        for (int rb = 0; rb < RB; rb++) srows[rb] = row_scales(p, rb < rows ? n + rb : n, b0, b1, decoded[rb]);
         for (i64 gi = g0; gi < g1; gi++) {
             vi v[4];
             vf cf[4][MAX_ROWS];
             for (int rb = 0; rb < RB; rb++) {
                 const i64 r = rb < rows ? n + rb : n; /* a missing row repeats row n with coefficient 0 */
                 v[rb] = group_load(packed + r * p->half + gi * GROUP_BYTES);
-                const vf sc = group_scale(p, scales + r * p->nb, gi);
+                const vf sc = group_scale(p, srows[rb], gi);
                 for (int m = 0; m < R; m++) cf[rb][m] = rb < rows ? vmul(vset1(g[m * N + r]), sc) : vzero();
             }
             float *dg = dxs + gi * GROUP_COLS;
@@ -345,9 +381,11 @@ AI void bwd_cols(const plan_t *p, const uint8_t *packed, const float *scales, co
  * every element is summed in the same order whatever the thread count and no reduction is needed; each
  * thread's slice of dx stays in cache. */
 int nf4_gemv_t(const uint8_t *packed, const float *scales, const float *code16, const float *g, float *dx, i64 M,
-               i64 N, i64 K, i64 bs, int threads) {
+               i64 N, i64 K, i64 bs, int threads, const uint8_t *q, const float *absmax2, const float *code2,
+               float offset) {
     plan_t p;
-    if (M < 1 || M > MAX_ROWS || make_plan(&p, code16, N, K, bs)) return -1;
+    if (M < 1 || M > MAX_ROWS || make_plan(&p, code16, N, K, bs) || set_scales(&p, scales, q, absmax2, code2, offset))
+        return -1;
     float *dxs = scratch(M * K);
     if (!dxs) return -2;
 #pragma omp parallel num_threads(threads)
@@ -356,20 +394,20 @@ int nf4_gemv_t(const uint8_t *packed, const float *scales, const float *code16, 
         thread_range(p.groups, 1, &g0, &g1);
         if (g1 > g0) switch (M) {
 #if L == 16
-            case 1: bwd_cols(&p, packed, scales, g, dxs, g0, g1, 1, 4); break;
-            case 2: bwd_cols(&p, packed, scales, g, dxs, g0, g1, 2, 4); break;
-            case 3: bwd_cols(&p, packed, scales, g, dxs, g0, g1, 3, 2); break;
-            case 4: bwd_cols(&p, packed, scales, g, dxs, g0, g1, 4, 2); break;
+            case 1: bwd_cols(&p, packed, g, dxs, g0, g1, 1, 4); break;
+            case 2: bwd_cols(&p, packed, g, dxs, g0, g1, 2, 4); break;
+            case 3: bwd_cols(&p, packed, g, dxs, g0, g1, 3, 2); break;
+            case 4: bwd_cols(&p, packed, g, dxs, g0, g1, 4, 2); break;
 #else
-            case 1: bwd_cols(&p, packed, scales, g, dxs, g0, g1, 1, 4); break;
-            case 2: bwd_cols(&p, packed, scales, g, dxs, g0, g1, 2, 2); break;
-            case 3: bwd_cols(&p, packed, scales, g, dxs, g0, g1, 3, 1); break;
-            case 4: bwd_cols(&p, packed, scales, g, dxs, g0, g1, 4, 1); break;
+            case 1: bwd_cols(&p, packed, g, dxs, g0, g1, 1, 4); break;
+            case 2: bwd_cols(&p, packed, g, dxs, g0, g1, 2, 2); break;
+            case 3: bwd_cols(&p, packed, g, dxs, g0, g1, 3, 1); break;
+            case 4: bwd_cols(&p, packed, g, dxs, g0, g1, 4, 1); break;
 #endif
-            case 5: bwd_cols(&p, packed, scales, g, dxs, g0, g1, 5, 1); break;
-            case 6: bwd_cols(&p, packed, scales, g, dxs, g0, g1, 6, 1); break;
-            case 7: bwd_cols(&p, packed, scales, g, dxs, g0, g1, 7, 1); break;
-            default: bwd_cols(&p, packed, scales, g, dxs, g0, g1, 8, 1); break;
+            case 5: bwd_cols(&p, packed, g, dxs, g0, g1, 5, 1); break;
+            case 6: bwd_cols(&p, packed, g, dxs, g0, g1, 6, 1); break;
+            case 7: bwd_cols(&p, packed, g, dxs, g0, g1, 7, 1); break;
+            default: bwd_cols(&p, packed, g, dxs, g0, g1, 8, 1); break;
             }
         for (i64 m = 0; m < M; m++) /* back to natural order: this thread's groups only */
             for (i64 gi = g0; gi < g1; gi++)
@@ -380,7 +418,7 @@ int nf4_gemv_t(const uint8_t *packed, const float *scales, const float *code16, 
                 for (i64 k = p.groups * GROUP_COLS; k < K; k++) {
                     float acc = 0.0f;
                     for (i64 n = 0; n < N; n++)
-                        acc += g[m * N + n] * scales[n * p.nb + k / bs] * code_of(&p, packed + n * p.half, k);
+                        acc += g[m * N + n] * block_scale(&p, n * p.nb + k / bs) * code_of(&p, packed + n * p.half, k);
                     dx[m * K + k] = acc;
                 }
     }

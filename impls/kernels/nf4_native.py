@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -108,9 +109,9 @@ def _load_isa(isa: str) -> tuple[ctypes.CDLL | None, str]:
         return None, f"native NF4 build failed: {type(exc).__name__}: {exc}"
     if lib.nf4_native_abi() != 2 or lib.nf4_native_isa() != _ISA_ID[isa]:
         return None, "stale native NF4 build (ABI mismatch)"
-    i64, ptr, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.nf4_gemv.argtypes = [ptr, ptr, ptr, ptr, cint, ptr, i64, i64, i64, i64, cint]
-    lib.nf4_gemv_t.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint]
+    i64, ptr, cint, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.nf4_gemv.argtypes = [ptr, ptr, ptr, ptr, cint, ptr, i64, i64, i64, i64, cint, ptr, ptr, ptr, f32]
+    lib.nf4_gemv_t.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, ptr, ptr, ptr, f32]
     lib.nf4_dequantize.argtypes = [ptr, ptr, ptr, ptr, i64, i64, cint, cint]
     lib.nf4_decode_absmax.argtypes = [ptr, ptr, ptr, ctypes.c_float, ptr, i64]
     lib.nf4_decode_absmax.restype = None
@@ -129,15 +130,58 @@ def status() -> tuple[bool, str]:
     return lib is not None, why
 
 
-def supports(packed2d: torch.Tensor, scales: torch.Tensor) -> bool:
-    """The native kernels take contiguous CPU weights whose blocks are whole multiples of 32 columns."""
+# Blocks per row the GEMV kernels' per-row scale buffers hold (nf4_native.c: MAX_ROW_BLOCKS).
+MAX_ROW_BLOCKS = 2048
+
+
+def supports(packed2d: torch.Tensor, scales: Scales) -> bool:
+    """The native kernels take contiguous CPU weights whose blocks are a power of two >= 32 columns, at most
+    MAX_ROW_BLOCKS of them per row."""
     half = packed2d.shape[1]
     k = 2 * half
     nb = scales.shape[-1]
     bs = k // nb if nb and k % nb == 0 else 0
     # blocks a power of two >= 32 columns (bnb's are: 64..4096; the GEMV lanes rely on it)
     return (packed2d.device.type == "cpu" and packed2d.is_contiguous() and bs >= 32 and bs & (bs - 1) == 0
-            and status()[0])
+            and nb <= MAX_ROW_BLOCKS and status()[0])
+
+
+@dataclass(frozen=True)
+class NestedScales:
+    """bnb's double-quantised absmax as stored (uint8 ``q`` [N, K/bs], fp32 ``absmax2`` per 256 blocks, the
+    256-entry ``code2``, ``offset``), for the GEMV kernels, which decode each block's scale as they reach it
+    (no fp32 scale array written and read again per call)."""
+
+    q: torch.Tensor
+    absmax2: torch.Tensor
+    code2: torch.Tensor
+    offset: float
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def checked(self) -> NestedScales:
+        q = _checked(self.q, torch.uint8, "absmax")
+        a2 = _checked(self.absmax2.float().contiguous(), torch.float32, "absmax2")
+        c2 = _checked(self.code2.float().contiguous(), torch.float32, "code2")
+        if a2.numel() * 256 < q.numel() or c2.numel() != 256:
+            raise ValueError("absmax2 must cover every 256 blocks and code2 must have 256 values")
+        return NestedScales(q, a2, c2, float(self.offset))
+
+    def decoded(self) -> torch.Tensor:
+        """The fp32 scales [N, K/bs] (what the kernels compute per block)."""
+        return decode_absmax(self.q, self.absmax2, self.code2, self.offset).reshape(self.q.shape)
+
+
+Scales = torch.Tensor | NestedScales
+
+
+def _scale_args(scales: Scales) -> tuple:
+    """(fp32 scales, q, absmax2, code2, offset) pointers for the C kernels: one form set, the other NULL."""
+    if isinstance(scales, NestedScales):
+        return (None, scales.q.data_ptr(), scales.absmax2.data_ptr(), scales.code2.data_ptr(), scales.offset)
+    return (scales.data_ptr(), None, None, None, 0.0)
 
 
 def _checked(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -183,43 +227,45 @@ def _threads(packed2d: torch.Tensor) -> int:
     return max(1, min(torch.get_num_threads(), packed2d.numel() // BYTES_PER_THREAD))
 
 
-def _weight(packed2d: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+def _weight(packed2d: torch.Tensor, scales: Scales) -> tuple[torch.Tensor, Scales, int, int, int]:
     packed2d = _checked(packed2d, torch.uint8, "packed")
-    scales = _checked(scales.reshape(-1), torch.float32, "scales")
+    scales = scales.checked() if isinstance(scales, NestedScales) else _checked(scales.reshape(-1), torch.float32,
+                                                                                 "scales")
+    count = scales.q.numel() if isinstance(scales, NestedScales) else scales.numel()
     n, half = packed2d.shape
     k = 2 * half
-    if scales.numel() == 0 or (n * k) % scales.numel():
-        raise ValueError(f"{scales.numel()} scales do not split a {n}x{k} weight into blocks")
-    return packed2d, scales, n, k, n * k // scales.numel()
+    if count == 0 or (n * k) % count:
+        raise ValueError(f"{count} scales do not split a {n}x{k} weight into blocks")
+    return packed2d, scales, n, k, n * k // count
 
 
-def gemv(x: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def gemv(x: torch.Tensor, packed2d: torch.Tensor, scales: Scales) -> torch.Tensor:
     """``x @ W^T`` in fp32 for x [M, K] (bf16 read as is, other dtypes as fp32; up to MAX_ROWS rows per call)."""
     packed2d, scales, n, k, bs = _weight(packed2d, scales)
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x must be [M, {k}], got {tuple(x.shape)}")
     x = x.contiguous() if x.dtype == torch.bfloat16 else x.float().contiguous()
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    lib, code, threads = _lib(), nf4_table("cpu"), _threads(packed2d)
+    lib, code, threads, sargs = _lib(), nf4_table("cpu"), _threads(packed2d), _scale_args(scales)
     for r in range(0, x.shape[0], MAX_ROWS):
         rows = min(MAX_ROWS, x.shape[0] - r)
-        _call(lib.nf4_gemv, packed2d.data_ptr(), scales.data_ptr(), code.data_ptr(), x[r].data_ptr(),
-              int(x.dtype == torch.bfloat16), y[r].data_ptr(), rows, n, k, bs, threads)
+        _call(lib.nf4_gemv, packed2d.data_ptr(), sargs[0], code.data_ptr(), x[r].data_ptr(),
+              int(x.dtype == torch.bfloat16), y[r].data_ptr(), rows, n, k, bs, threads, *sargs[1:])
     return y
 
 
-def gemv_t(g: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def gemv_t(g: torch.Tensor, packed2d: torch.Tensor, scales: Scales) -> torch.Tensor:
     """``g @ W`` in fp32 for g [M, N] (the input gradient of ``x @ W^T``)."""
     packed2d, scales, n, k, bs = _weight(packed2d, scales)
     if g.dim() != 2 or g.shape[1] != n:
         raise ValueError(f"g must be [M, {n}], got {tuple(g.shape)}")
     g = g.float().contiguous()
     dx = torch.empty(g.shape[0], k, dtype=torch.float32)
-    lib, code, threads = _lib(), nf4_table("cpu"), _threads(packed2d)
+    lib, code, threads, sargs = _lib(), nf4_table("cpu"), _threads(packed2d), _scale_args(scales)
     for r in range(0, g.shape[0], MAX_ROWS):
         rows = min(MAX_ROWS, g.shape[0] - r)
-        _call(lib.nf4_gemv_t, packed2d.data_ptr(), scales.data_ptr(), code.data_ptr(), g[r].data_ptr(),
-              dx[r].data_ptr(), rows, n, k, bs, threads)
+        _call(lib.nf4_gemv_t, packed2d.data_ptr(), sargs[0], code.data_ptr(), g[r].data_ptr(),
+              dx[r].data_ptr(), rows, n, k, bs, threads, *sargs[1:])
     return dx
 
 
@@ -234,13 +280,15 @@ def place(packed2d: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def dequantize(packed2d: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+def dequantize(packed2d: torch.Tensor, scales: Scales, dtype: torch.dtype,
                out: torch.Tensor | None = None) -> torch.Tensor:
     """The [N, K] weight in ``dtype`` (fp32/bf16/fp16): ``code * absmax`` in fp32, rounded to nearest even
     (written into ``out`` when given: a contiguous [N, K] tensor of that dtype)."""
     if dtype not in _OUT_KIND:
         raise ValueError(f"native dequantise writes fp32/bf16/fp16, not {dtype}")
     packed2d, scales, n, k, bs = _weight(packed2d, scales)
+    if isinstance(scales, NestedScales):
+        scales = scales.decoded().reshape(-1)
     if out is None:
         out = torch.empty(n, k, dtype=dtype)
     elif out.shape != (n, k):
