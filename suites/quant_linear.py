@@ -90,10 +90,12 @@ def flops(case: Case) -> dict[str, float]:
 
 
 def bytes_moved(case: Case) -> dict[str, float]:
-    """The floor: the 4-bit weight (+ its absmax) read once per direction, plus activations in and out."""
+    """The floor: the 4-bit weight and its absmax *as stored* read once per direction (double quant: one byte
+    per block plus an fp32 per 256 blocks; else fp32 per block), plus activations in and out."""
     m, n, k, r = case["batch"], case["out"], case["inp"], case["rank"]
     e = elem_bytes(case["dtype"])
-    weight = n * k / 2 + 4 * n * k / case["blocksize"]
+    blocks = n * k / case["blocksize"]
+    weight = n * k / 2 + (blocks * (1 + 4 / 256) if case["double_quant"] else 4 * blocks)
     lora = (r * (k + n)) * e
     return {"fwd": weight + lora + m * (k + n) * e, "bwd": weight + 2 * lora + m * (k + n) * e}
 
