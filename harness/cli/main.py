@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from twinbench.harness.cli import arguments
+from twinbench.harness.cli import arguments, ci_output
 from twinbench.harness.core.errors import UsageError
 
 
@@ -39,6 +39,7 @@ def _add_run(sub) -> None:
     p.add_argument("--memory-limit-gb", type=arguments.positive_float, default=None,
                    help="CPU worker address-space cap")
     p.add_argument("--no-report", action="store_true", help="skip report.html/summary.md/junit.xml")
+    ci_output.add_options(p)
     p.set_defaults(handler=cmd_run)
 
 
@@ -67,6 +68,7 @@ def cmd_run(args) -> int:
     if options.report:
         written += _write_reports(doc, out)
     print("wrote " + ", ".join(str(p) for p in written))
+    ci_output.publish(doc, annotations=args.annotations)
     return runner.exit_code(doc)
 
 
