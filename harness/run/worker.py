@@ -86,7 +86,7 @@ class CeilingBook:
 
         self.device, self.fingerprint, self.events, self.enabled = device, fingerprint, events, enabled
         self.measure = measure or measure_ceilings
-        self.fixed: dict[str, Any] | None = None  # given ceilings, used whatever the thread count (fixed())
+        self.fixed: dict[str, Any] | None = None  # given ceilings, used whatever the thread count (fixed_ceilings)
         self.by_threads: dict[int, dict[str, Any]] = {}
         if cached:  # from a --resume'd journal: valid for the thread count it was measured under
             self.by_threads[int(cached.get("threads") or 0)] = cached
