@@ -37,7 +37,7 @@ ISA_FLAGS = {
     "avx2": (["-mavx2", "-mfma", "-mf16c"], ("avx2", "fma", "f16c")),
 }
 _ISA_ID = {"avx512": 512, "avx2": 2}  # what the build's nf4_native_isa() returns
-MAX_ROWS = 8  # rows of x one GEMV call takes (nf4_native.c: MAX_ROWS)
+MAX_ROWS = 4  # rows of x one GEMV call takes (nf4_native.c: MAX_ROWS)
 _OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
