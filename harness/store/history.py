@@ -221,7 +221,9 @@ def series(db: str | Path, *, metric: str | None = None, suite: str | None = Non
     out = []
     for (s, case, impl, fp, m), pts in sorted(grouped.items()):
         points = [{"time": p["time"], "value": p["value"], "git_sha": p["git_sha"] or ""} for p in pts]
-        out.append({"suite": s, "case": case, "impl": impl, "fingerprint": fp, "metric": m, "points": points,
+        # one fingerprint is one device kind; the device name (cuda:0) is what a re-run on that host selects
+        out.append({"suite": s, "case": case, "impl": impl, "fingerprint": fp, "device": pts[-1]["device"] or "",
+                    "metric": m, "points": points,
                     "change_points": change_points([p["value"] for p in points], window=window,
                                                    max_pvalue=max_pvalue, min_magnitude=min_magnitude)})
     return out
