@@ -199,11 +199,120 @@ if triton is not None:  # absent: no kernels (the impl reports triton missing)
                  mask=(rm[:, None] < M) & (rn[None, :] < N))
 
     @triton.jit
+    def rowwise_scale(amax, FMT_MAX: tl.constexpr):
+        """The per-row dequantisation scale amax / max (the reference quantizer's rule); an all-zero row gets 1
+        (its codes are all 0 whatever the scale)."""
+        return tl.where(amax == 0.0, 1.0, amax / FMT_MAX)
+
+    @triton.jit
+    def _round_fields(v, MAN: tl.constexpr, BIAS: tl.constexpr):
+        """v (fp32, finite, within the format's range) rounded to the fp8 grid, nearest even: the grid step at
+        |v| is 2^(max(e, 1-BIAS) - MAN), e = floor(log2|v|); adding and removing C = step * 2^23 makes fp32's own
+        round-to-nearest-even drop exactly the bits below the step. Our own arithmetic rather than
+        ``.to(tl.float8...)``: triton 3.9's interpreter loses the carry when the mantissa rounds up into the next
+        binade (0.986 -> 0.5 in E4M3), and NVIDIA has no fp32 -> FNUZ conversion."""
+        a = tl.abs(v)
+        e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        step_exp = tl.maximum(e, 1 - BIAS) - MAN
+        c = ((step_exp + 23 + 127) << 23).to(tl.float32, bitcast=True)
+        r = (a + c) - c
+        return tl.where((v.to(tl.int32, bitcast=True) >> 31) != 0, -r, r)  # the sign bit: -0 stays -0
+
+    @triton.jit
+    def _encode_fields(r, MAN: tl.constexpr, BIAS: tl.constexpr, FNUZ: tl.constexpr):
+        """int32 code of r, a value on the format's grid (the output of _round_fields)."""
+        bits = r.to(tl.int32, bitcast=True)
+        a_bits = bits & 0x7FFFFFFF
+        e32 = a_bits >> 23
+        normal = ((e32 - 127 + BIAS) << MAN) | ((a_bits & 0x7FFFFF) >> (23 - MAN))
+        step = tl.full(r.shape, (128 - BIAS - MAN) << 23, tl.int32).to(tl.float32, bitcast=True)  # 2^(1-BIAS-MAN)
+        # subnormal codes are < 2^MAN; the clamp keeps normals and NaN out of the integer cast
+        sub = tl.minimum(tl.where(r == r, tl.abs(r), 0.0) / step, 1 << MAN).to(tl.int32)
+        code = tl.where(e32 - 127 >= 1 - BIAS, normal, sub)
+        negative = (bits >> 31) & 1
+        if FNUZ:
+            negative = negative & (code != 0)  # no negative zero: 0x80 is NaN
+        return code | (negative << 7)
+
+    @triton.jit
+    def quantize_fp8(v, FMT: tl.constexpr):
+        """(codes int32, their values fp32) of fp32 v, already divided by its scale and clamped to the format's
+        range; NaN becomes the format's NaN code (its value NaN)."""
+        if FMT == 0:
+            r = _round_fields(v, 3, 7)
+            code = _encode_fields(r, 3, 7, False)
+            nan_code = 0x7F
+        elif FMT == 1:
+            r = _round_fields(v, 3, 8)
+            code = _encode_fields(r, 3, 8, True)
+            nan_code = 0x80
+        elif FMT == 2:
+            r = _round_fields(v, 2, 15)
+            code = _encode_fields(r, 2, 15, False)
+            nan_code = 0x7F
+        else:
+            r = _round_fields(v, 2, 16)
+            code = _encode_fields(r, 2, 16, True)
+            nan_code = 0x80
+        is_nan = v != v
+        return tl.where(is_nan, nan_code, code), tl.where(is_nan, v, r)
+
+    @triton.jit
+    def fp8_rowwise_quant_gemm_kernel(x_ptr, w_ptr, sw_ptr, y_ptr, xq_ptr, sx_ptr, M, N, K, stride_xm, stride_wn,
+                                      stride_ym, X_FMT: tl.constexpr, W_FMT: tl.constexpr, FMT_MAX: tl.constexpr,
+                                      WRITE_Q: tl.constexpr, NATIVE: tl.constexpr, BM: tl.constexpr,
+                                      BN: tl.constexpr, BK: tl.constexpr):
+        """Per-row dynamic quantisation of float x fused into the GEMM's prologue: each program finds its rows'
+        amax (one pass over x), then quantises every x tile in registers right before its fp8 ``tl.dot``
+        (x is never written as fp8). y = (q(x) * sx) @ (decode(wq) * sw).T with per-row sx, sw; NATIVE as in
+        fp8_gemm_kernel.
+        WRITE_Q: programs of the first column also store the codes and scales (the tests' bit-exactness check)."""
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        amax = tl.zeros((BM,), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
+                        other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        sx = rowwise_scale(amax, FMT_MAX)
+        store_q = WRITE_Q and tl.program_id(1) == 0
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            xmask = (rm[:, None] < M) & (rk[None, :] < K)
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=xmask, other=0.0).to(tl.float32)
+            code, value = quantize_fp8(tl.clamp(x / sx[:, None], -FMT_MAX, FMT_MAX), X_FMT)
+            if store_q:
+                tl.store(xq_ptr + rm[:, None] * K + rk[None, :], code.to(tl.uint8), mask=xmask)
+            wc = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K),
+                         other=0)
+            if NATIVE:
+                acc += fp8_tile_dot(code.to(tl.uint8), wc, X_FMT, W_FMT, True)
+            else:  # the rounded values are the codes' exact values (fp16 holds every fp8 value)
+                acc += tl.dot(value.to(tl.float16), tl.trans(decode_fp8(wc, W_FMT).to(tl.float16)),
+                              out_dtype=tl.float32)
+        if store_q:
+            tl.store(sx_ptr + rm, sx, mask=rm < M)
+        sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)
+        acc = acc * sx[:, None] * sw[None, :]
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    @triton.jit
     def fp8_decode_kernel(code_ptr, out_ptr, n, FMT: tl.constexpr, BLOCK_SIZE: tl.constexpr):
         """The decode path's values, written out: tests compare them bit for bit with the format tables."""
         offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         code = tl.load(code_ptr + offs, mask=offs < n, other=0)
         tl.store(out_ptr + offs, decode_fp8(code, FMT), mask=offs < n)
+
+    @triton.jit
+    def fp8_quantize_kernel(v_ptr, code_ptr, n, FMT: tl.constexpr, FMT_MAX: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+        """The fused kernel's saturating cast alone (tests compare it bit for bit with the reference)."""
+        offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        v = tl.load(v_ptr + offs, mask=offs < n, other=0.0)
+        code, _ = quantize_fp8(tl.clamp(v, -FMT_MAX, FMT_MAX), FMT)
+        tl.store(code_ptr + offs, code.to(tl.uint8), mask=offs < n)
 
 
 SCALING_CODES = {Scaling.TENSOR: 0, Scaling.ROW: 1, Scaling.BLOCK: 2}
@@ -227,6 +336,18 @@ def decode(codes: torch.Tensor, fmt: str) -> torch.Tensor:
     fp8_decode_kernel[(triton.cdiv(flat.numel(), block),)](flat, out, flat.numel(), FMT=FP8_LAYOUTS[fmt].code,
                                                             BLOCK_SIZE=block)
     return out.reshape(codes.shape)
+
+
+def quantize(values: torch.Tensor, fmt: str) -> torch.Tensor:
+    """uint8 codes of fp32 ``values`` (already divided by their scale), saturating, nearest even: the fused
+    kernel's cast, through a kernel."""
+    flat = values.reshape(-1).to(torch.float32).contiguous()
+    out = torch.empty(flat.shape, dtype=torch.uint8, device=values.device)
+    block = 256
+    layout = FP8_LAYOUTS[fmt]
+    fp8_quantize_kernel[(triton.cdiv(flat.numel(), block),)](flat, out, flat.numel(), FMT=layout.code,
+                                                             FMT_MAX=layout.max, BLOCK_SIZE=block)
+    return out.reshape(values.shape)
 
 
 def fp8_gemm(xq: torch.Tensor, x_fmt: str, sx: torch.Tensor, wq: torch.Tensor, w_fmt: str, sw: torch.Tensor,
@@ -258,3 +379,27 @@ def fp8_gemm(xq: torch.Tensor, x_fmt: str, sx: torch.Tensor, wq: torch.Tensor, w
                           X_FMT=FP8_LAYOUTS[x_fmt].code, W_FMT=FP8_LAYOUTS[w_fmt].code,
                           SCALING=SCALING_CODES[scaling], NATIVE=path is Path.NATIVE, BM=bm, BN=bn, BK=bk)
     return y
+
+
+def fp8_rowwise_quant_gemm(x: torch.Tensor, x_fmt: str, wq: torch.Tensor, w_fmt: str, sw: torch.Tensor,
+                           path: Path, out_dtype: torch.dtype | None = None, return_quantized: bool = False,
+                           tiles: tuple[int, int, int] | None = None):
+    """y = q(x) @ w.T with x quantised per row to ``x_fmt`` inside the kernel (saturating, nearest even); w: uint8
+    codes (N, K) with per-row scales sw (N,). With ``return_quantized``: (y, xq codes, sx) as the kernel used them."""
+    if x.dim() != 2 or wq.dim() != 2 or x.shape[1] != wq.shape[1] or wq.dtype != torch.uint8:
+        raise ValueError(f"x {tuple(x.shape)} must be M x K floats and w {tuple(wq.shape)} N x K uint8 codes")
+    if tuple(sw.shape) != (wq.shape[0],):
+        raise ValueError(f"sw must be per-row ({wq.shape[0]},), got {tuple(sw.shape)}")
+    m, k = x.shape
+    n = wq.shape[0]
+    bm, bn, bk = tiles or (INTERPRETER_TILES if interpreting() else GPU_TILES)
+    x, wq, sw = x.contiguous(), wq.contiguous(), sw.to(torch.float32).contiguous()
+    y = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
+    xq = torch.empty((m, k) if return_quantized else (1,), dtype=torch.uint8, device=x.device)
+    sx = torch.empty((m,) if return_quantized else (1,), dtype=torch.float32, device=x.device)
+    layout = FP8_LAYOUTS[x_fmt]
+    fp8_rowwise_quant_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+        x, wq, sw, y, xq, sx, m, n, k, x.stride(0), wq.stride(0), y.stride(0), X_FMT=layout.code,
+        W_FMT=FP8_LAYOUTS[w_fmt].code, FMT_MAX=layout.max, WRITE_Q=return_quantized,
+        NATIVE=path is Path.NATIVE, BM=bm, BN=bn, BK=bk)
+    return (y, xq, sx) if return_quantized else y
