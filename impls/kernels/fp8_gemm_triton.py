@@ -200,9 +200,11 @@ if triton is not None:  # absent: no kernels (the impl reports triton missing)
 
     @triton.jit
     def rowwise_scale(amax, FMT_MAX: tl.constexpr):
-        """The per-row dequantisation scale amax / max (the reference quantizer's rule); an all-zero row gets 1
-        (its codes are all 0 whatever the scale)."""
-        return tl.where(amax == 0.0, 1.0, amax / FMT_MAX)
+        """The per-row dequantisation scale, reference/fp8.py's rule: amax / max in fp32, at least 2^-126 (the
+        smallest normal fp32), 1 for an all-zero row; a NaN amax gives a NaN scale."""
+        scale = tl.maximum(amax / FMT_MAX, 1.1754943508222875e-38)
+        scale = tl.where(amax == 0.0, 1.0, scale)
+        return tl.where(amax != amax, amax, scale)
 
     @triton.jit
     def _round_fields(v, MAN: tl.constexpr, BIAS: tl.constexpr):
@@ -270,11 +272,15 @@ if triton is not None:  # absent: no kernels (the impl reports triton missing)
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         amax = tl.zeros((BM,), dtype=tl.float32)
+        nan_rows = tl.zeros((BM,), dtype=tl.int32)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
             x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
                         other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+            nan_rows = tl.maximum(nan_rows, tl.max((x != x).to(tl.int32), axis=1))
+        # NaN propagates into amax explicitly (GPU max reductions may drop it), as in the reference
+        amax = tl.where(nan_rows > 0, float("nan"), amax)
         sx = rowwise_scale(amax, FMT_MAX)
         store_q = WRITE_Q and tl.program_id(1) == 0
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -282,7 +288,7 @@ if triton is not None:  # absent: no kernels (the impl reports triton missing)
             rk = k0 + tl.arange(0, BK)
             xmask = (rm[:, None] < M) & (rk[None, :] < K)
             x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=xmask, other=0.0).to(tl.float32)
-            code, value = quantize_fp8(tl.clamp(x / sx[:, None], -FMT_MAX, FMT_MAX), X_FMT)
+            code, value = quantize_fp8(tl.clamp(x / sx[:, None], -FMT_MAX, FMT_MAX, propagate_nan=tl.PropagateNan.ALL), X_FMT)
             if store_q:
                 tl.store(xq_ptr + rm[:, None] * K + rk[None, :], code.to(tl.uint8), mask=xmask)
             wc = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K),
@@ -311,7 +317,7 @@ if triton is not None:  # absent: no kernels (the impl reports triton missing)
         """The fused kernel's saturating cast alone (tests compare it bit for bit with the reference)."""
         offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         v = tl.load(v_ptr + offs, mask=offs < n, other=0.0)
-        code, _ = quantize_fp8(tl.clamp(v, -FMT_MAX, FMT_MAX), FMT)
+        code, _ = quantize_fp8(tl.clamp(v, -FMT_MAX, FMT_MAX, propagate_nan=tl.PropagateNan.ALL), FMT)
         tl.store(code_ptr + offs, code.to(tl.uint8), mask=offs < n)
 
 
