@@ -335,3 +335,22 @@ def test_planted_kernel_bug_is_caught(name, tmp_path):
 def test_production_kernels_carry_no_planted_switch():
     for module in (fp8, mx):
         assert "PLANTED" not in Path(module.__file__).read_text().upper()
+
+
+# --- ahead-of-time compile coverage (tests/test_aot_compile.py compiles the CI subset for every target) ---------
+
+def test_the_ci_compile_subset_covers_each_targets_paths():
+    import aot_variants  # tests/ is on the path
+    from twinbench.impls.kernels import aot
+
+    notes = aot_variants.in_fresh_process(aot_variants.lowp_ci_notes, aot.CI_TARGETS)
+    for target in aot.CI_TARGETS:
+        assert {"fp8_gemm_decode", "fp8_rowwise_quant_gemm", "mxfp4_gemm_decode"} <= set(notes[target]), target
+        assert "block" in notes[target]["fp8_gemm_decode"] and "e5m2 x e4m3" in notes[target]["fp8_gemm_decode"]
+    assert "fp8_gemm_native" not in notes["sm80"] and "decode" in notes["sm80"]["fp8_rowwise_quant_gemm"]
+    for target in ("sm90", "sm100", "gfx1201"):  # OCP fp8 tensor cores
+        assert notes[target]["fp8_gemm_native"].startswith("e5m2 x e4m3 "), notes[target]
+        assert notes[target]["fp8_rowwise_quant_gemm"].endswith("e4m3 native"), notes[target]
+    assert notes["gfx942"]["fp8_gemm_native"].startswith("e5m2fnuz x e4m3fnuz"), notes["gfx942"]  # MI300: FNUZ
+    assert notes["gfx942"]["fp8_rowwise_quant_gemm"].endswith("e4m3fnuz native")
+    assert [t for t in aot.CI_TARGETS if "mxfp4_gemm_dot_scaled" in notes[t]] == ["sm100"]

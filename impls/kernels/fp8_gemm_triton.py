@@ -79,6 +79,8 @@ FP8_LAYOUTS = {f.name: f for f in (
 # Tiles (BM, BN, BK). BK divides BLOCK so one K step lies in one scale block. Under the interpreter (one
 # program at a time in numpy) fewer, larger programs are faster; small cases still cross tile edges.
 GPU_TILES = (64, 64, 64)
+# 8 warps: with 4, ptxas spills this tile on sm90 (255 registers); the AOT checks compile exactly these.
+GPU_LAUNCH = {"num_warps": 8, "num_stages": 3}
 INTERPRETER_TILES = (32, 32, 128)
 
 
@@ -383,7 +385,8 @@ def fp8_gemm(xq: torch.Tensor, x_fmt: str, sx: torch.Tensor, wq: torch.Tensor, w
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     fp8_gemm_kernel[grid](xq, wq, sx, sw, y, m, n, k, xq.stride(0), wq.stride(0), y.stride(0), -(-k // BLOCK),
                           X_FMT=FP8_LAYOUTS[x_fmt].code, W_FMT=FP8_LAYOUTS[w_fmt].code,
-                          SCALING=SCALING_CODES[scaling], NATIVE=path is Path.NATIVE, BM=bm, BN=bn, BK=bk)
+                          SCALING=SCALING_CODES[scaling], NATIVE=path is Path.NATIVE, BM=bm, BN=bn, BK=bk,
+                          **GPU_LAUNCH)
     return y
 
 
@@ -407,5 +410,5 @@ def fp8_rowwise_quant_gemm(x: torch.Tensor, x_fmt: str, wq: torch.Tensor, w_fmt:
     fp8_rowwise_quant_gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
         x, wq, sw, y, xq, sx, m, n, k, x.stride(0), wq.stride(0), y.stride(0), X_FMT=layout.code,
         W_FMT=FP8_LAYOUTS[w_fmt].code, FMT_MAX=layout.max, WRITE_Q=return_quantized,
-        NATIVE=path is Path.NATIVE, BM=bm, BN=bn, BK=bk)
+        NATIVE=path is Path.NATIVE, BM=bm, BN=bn, BK=bk, **GPU_LAUNCH)
     return (y, xq, sx) if return_quantized else y
