@@ -139,7 +139,8 @@ def cmd_list(args) -> int:
             cells = []
             for dev in selected:
                 ok, why = probed[dev.name].get((s, impl.name), (False, "not probed"))
-                note = impl.timing_excluded(dev) if ok else why
+                # a runnable impl's own note (formats native or emulated...) and why it is never timed there
+                note = "; ".join(filter(None, (why, impl.timing_excluded(dev)))) if ok else why
                 cells.append(("[green]yes[/]" + (f" ({escape(note)})" if note else "")) if ok
                              else f"[red]no[/]: {escape(why)}")
             table.add_row(s, impl.name, ",".join(impl.tags), *cells)
