@@ -157,11 +157,16 @@ def lowp_variants(target: Target) -> list[Variant]:
     ``target`` has (OCP on sm89+/gfx12, FNUZ on gfx942), ``tl.dot_scaled`` where MX instructions exist (sm100).
     Each kernel's first variant is its most demanding one (block scales, mixed formats), which the CI subset
     keeps."""
+    from twinbench.harness.core.devices import Device, lowp_support
     from twinbench.impls.kernels import fp8_gemm_triton as fp8
     from twinbench.impls.kernels import mxfp4_gemm_triton as mx
 
-    arch = f"sm_{target.arch}" if target.backend == "cuda" else str(target.arch)
-    native, _ = fp8.native_formats_for_arch(arch)
+    if target.backend == "cuda":
+        device = Device(name="aot", backend="cuda", torch_device="cuda", model=target.name, arch=f"sm_{target.arch}",
+                        extra={"capability": f"{int(target.arch) // 10}.{int(target.arch) % 10}"})
+    else:
+        device = Device(name="aot", backend="rocm", torch_device="cuda", model=target.name, arch=str(target.arch))
+    native = {name for name in fp8.FP8_LAYOUTS if lowp_support(device, name).native}
     codes = {name: layout.code for name, layout in fp8.FP8_LAYOUTS.items()}
     bm, bn, bk = fp8.GPU_TILES
     launch = fp8.GPU_LAUNCH
@@ -190,7 +195,7 @@ def lowp_variants(target: Target) -> list[Variant]:
             out.append(Variant("fp8_rowwise_quant_gemm", fused, sig, consts, **launch,
                                note=f"{dtype} {fmt} {'native' if is_native else 'decode'}"))
     mxk = mx.mxfp4_gemm_kernel
-    dot_scaled, _ = mx.dot_scaled_native(arch)
+    dot_scaled = lowp_support(device, "mxfp4").native
     # (x pointer dtype, X_KIND, DOT_BF16): fp32 first (the TF32 check of the decode path's fp32 dot)
     kinds = [("fp32", 0, False), ("bf16", 4, True), ("u8", 1, True)]
     for x_dtype, kind, dot_bf16 in kinds:

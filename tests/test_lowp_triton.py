@@ -246,16 +246,22 @@ def test_mxfp4_gemm_matches_fp64(x_dtype, path):
     assert_close_to(y, x.double(), mxfp4_weight(packed, scales, k), f"mxfp4 {x_dtype} {path.value}")
 
 
-@pytest.mark.parametrize("x_fmt,path", list(itertools.product(("e4m3", "e5m2"), mx.MxPath)),
+@pytest.mark.parametrize("x_fmt,path", list(itertools.product(("e4m3", "e5m2", "e2m1"), mx.MxPath)),
                          ids=lambda v: getattr(v, "value", v))
-def test_mxfp8_activations_times_mxfp4_weight_match_fp64(x_fmt, path):
+def test_mx_activations_times_mxfp4_weight_match_fp64(x_fmt, path):
+    """MXFP8 (e4m3/e5m2) or MXFP4 (e2m1) activations with E8M0 scales, odd K."""
     packed, scales, k = mxfp4_operands(seed=1)
     gen = torch.Generator().manual_seed(6)
-    xq = random_codes(x_fmt, M, k, gen)
     xs = torch.randint(120, 132, (M, -(-k // 32)), dtype=torch.uint8, generator=gen)
-    y = mx.mxfp4_gemm(xq, packed, scales, path, x_scales=xs, x_fmt=x_fmt)
-    xd = fp8_values(xq, x_fmt) * e8m0_values(xs).repeat_interleave(32, dim=1)[:, :k]
-    assert_close_to(y, xd, mxfp4_weight(packed, scales, k), f"mxfp8 {x_fmt} {path.value}")
+    if x_fmt == "e2m1":
+        xq = torch.randint(0, 256, (M, (k + 1) // 2), dtype=torch.uint8, generator=gen)
+        xq[:, -1] &= 15  # the padding nibble
+        xd = mxfp4_weight(xq, xs, k)
+    else:
+        xq = random_codes(x_fmt, M, k, gen)
+        xd = fp8_values(xq, x_fmt) * e8m0_values(xs).repeat_interleave(32, dim=1)[:, :k]
+    y = mx.mxfp4_gemm(xq, packed, scales, path, x_scales=xs, x_fmt=x_fmt, k=k)
+    assert_close_to(y, xd, mxfp4_weight(packed, scales, k), f"mx {x_fmt} {path.value}")
 
 
 def test_mxfp4_gemm_refuses_wrong_layouts():

@@ -15,7 +15,8 @@ Two code paths, one kernel:
   accumulator, so this path is the dequantise-then-matmul reference up to the order of fp32 sums. It runs on
   any GPU (FNUZ on NVIDIA, OCP on MI300) and under the CPU interpreter.
 - **native** (``Path.NATIVE``): the uint8 tile is bitcast to the device's fp8 type (``tl.float8e4nv`` /
-  ``tl.float8e5`` for OCP on sm89+/gfx950/gfx12, ``tl.float8e4b8`` / ``tl.float8e5b16`` for FNUZ on gfx942) and
+  ``tl.float8e5`` for OCP on sm89+/gfx950/gfx12, ``tl.float8e4b8`` / ``tl.float8e5b16`` for FNUZ on gfx942: which
+  device has which is harness/core/devices.py ``lowp_support``) and
   ``tl.dot`` multiplies in fp8 with an fp32 accumulator. The interpreter emulates these types (through fp16),
   so the CPU checks this path's logic too; only a GPU shows its hardware rounding.
 
@@ -82,32 +83,6 @@ GPU_TILES = (64, 64, 64)
 # 8 warps: with 4, ptxas spills this tile on sm90 (255 registers); the AOT checks compile exactly these.
 GPU_LAUNCH = {"num_warps": 8, "num_stages": 3}
 INTERPRETER_TILES = (32, 32, 128)
-
-
-def native_formats(device: torch.device | str | None) -> tuple[frozenset[str], str]:
-    """(formats whose ``tl.dot`` is native fp8 on this device, why the others are not). CPU: the interpreter
-    emulates every format (no native hardware)."""
-    device = torch.device(device or "cpu")
-    if device.type != "cuda":
-        return frozenset(), f"{device.type}: no fp8 tensor cores (the Triton interpreter emulates them)"
-    if torch.version.hip:
-        arch = str(getattr(torch.cuda.get_device_properties(device), "gcnArchName", "")).split(":")[0]
-        return native_formats_for_arch(arch)
-    major, minor = torch.cuda.get_device_capability(device)
-    return native_formats_for_arch(f"sm_{major}{minor}")
-
-
-def native_formats_for_arch(arch: str) -> tuple[frozenset[str], str]:
-    """The same by arch name (``sm_90``, ``gfx942``, ...), as twinbench's Device.arch spells it."""
-    if arch.startswith("sm_"):
-        if int(arch[3:]) >= 89:
-            return frozenset({"e4m3", "e5m2"}), f"{arch}: OCP fp8 only (FNUZ is AMD MI300's)"
-        return frozenset(), f"{arch}: fp8 tensor cores need sm89+ (Ada, Hopper, Blackwell)"
-    if arch == "gfx942":
-        return frozenset({"e4m3fnuz", "e5m2fnuz"}), "gfx942 (MI300): FNUZ fp8 only"
-    if arch == "gfx950" or arch.startswith("gfx12"):
-        return frozenset({"e4m3", "e5m2"}), f"{arch}: OCP fp8 only (FNUZ is MI300's)"
-    return frozenset(), f"{arch or 'this GPU'}: no fp8 matrix instructions"
 
 
 if triton is not None:  # absent: no kernels (the impl reports triton missing)
