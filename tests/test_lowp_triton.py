@@ -16,8 +16,13 @@ import torch
 
 pytest.importorskip("triton")
 
+from twinbench.harness.core.devices import Device, find  # noqa: E402
+from twinbench.harness.core.parity import check_parity  # noqa: E402
+from twinbench.harness.core.registry import IMPLS, SUITES, Impl, impls_for, load_plugins  # noqa: E402
 from twinbench.impls.kernels import fp8_gemm_triton as fp8  # noqa: E402
 from twinbench.impls.kernels import mxfp4_gemm_triton as mx  # noqa: E402
+
+load_plugins()
 
 FP8 = ("e4m3", "e4m3fnuz", "e5m2", "e5m2fnuz")
 TORCH_FP8 = {"e4m3": torch.float8_e4m3fn, "e4m3fnuz": torch.float8_e4m3fnuz, "e5m2": torch.float8_e5m2,
@@ -124,24 +129,20 @@ def test_fp8_quantize_is_bit_exact_saturating_nearest_even(fmt):
 
 # --- FP8 GEMM parity ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fmt,scaling,path", list(itertools.product(FP8, fp8.Scaling, fp8.Path)),
-                         ids=lambda v: getattr(v, "value", v))
+# The suite's quick grid (test_triton_impls_pass_every_quick_case_they_run) runs both paths on e4m3 with every
+# scaling, e5m2 x e4m3 per row and the FNUZ pair per tensor and per block; these add the rest of format x scaling.
+GEMM_GRID = [("e5m2", fp8.Scaling.TENSOR), ("e5m2", fp8.Scaling.BLOCK), ("e4m3fnuz", fp8.Scaling.ROW),
+             ("e4m3fnuz", fp8.Scaling.BLOCK), ("e5m2fnuz", fp8.Scaling.TENSOR), ("e5m2fnuz", fp8.Scaling.ROW)]
+GEMM_GRID = [(f, s, p) for (f, s), p in itertools.product(GEMM_GRID, fp8.Path)]
+
+
+@pytest.mark.parametrize("fmt,scaling,path", GEMM_GRID, ids=lambda v: getattr(v, "value", v))
 def test_fp8_gemm_matches_fp64(fmt, scaling, path):
     xq, sx, wq, sw = fp8_operands(fmt, fmt, scaling)
     y = fp8.fp8_gemm(xq, fmt, sx, wq, fmt, sw, scaling, path)
     assert y.shape == (M, N) and y.dtype == torch.float32
     assert_close_to(y, dequantised(xq, sx, fmt, scaling, False), dequantised(wq, sw, fmt, scaling, True),
                     f"{fmt} {scaling.value} {path.value}")
-
-
-@pytest.mark.parametrize("x_fmt,w_fmt", [("e5m2", "e4m3"), ("e5m2fnuz", "e4m3fnuz")])
-def test_fp8_gemm_mixed_formats_the_backward_pass_uses(x_fmt, w_fmt):
-    """dx = dy(E5M2) @ w(E4M3): the two operands in different formats, both paths."""
-    for path in fp8.Path:
-        xq, sx, wq, sw = fp8_operands(x_fmt, w_fmt, fp8.Scaling.ROW, seed=1)
-        y = fp8.fp8_gemm(xq, x_fmt, sx, wq, w_fmt, sw, fp8.Scaling.ROW, path)
-        assert_close_to(y, dequantised(xq, sx, x_fmt, fp8.Scaling.ROW, False),
-                        dequantised(wq, sw, w_fmt, fp8.Scaling.ROW, True), f"{x_fmt} x {w_fmt} {path.value}")
 
 
 def test_fp8_gemm_block_scales_change_at_the_128_boundary():
@@ -341,6 +342,71 @@ def test_planted_kernel_bug_is_caught(name, tmp_path):
 def test_production_kernels_carry_no_planted_switch():
     for module in (fp8, mx):
         assert "PLANTED" not in Path(module.__file__).read_text().upper()
+
+
+# --- through the suites: the registered impls on every quick case they run, planted kernels caught -----------
+
+def _parity(suite: str, impl, case):
+    return check_parity(SUITES[suite], impl, IMPLS[(suite, "reference")], case, "cpu", trials=1)
+
+
+@pytest.mark.parametrize("suite", ["fp8_linear", "mx_linear"])
+def test_triton_impls_pass_every_quick_case_they_run(suite):
+    cpu, ran = find("cpu"), set()
+    for impl in [i for i in impls_for(suite) if i.name.startswith("triton_")]:
+        for case in SUITES[suite].cases("quick"):
+            if impl.can_run(case, cpu)[0]:
+                verdict = _parity(suite, impl, case)
+                assert verdict.ok, f"{impl.name} {case.id}: {verdict.reason()}"
+                assert verdict.metrics["execution"] == "emulated"  # the interpreter: never native
+                ran.add(impl.name)
+    want = {"fp8_linear": {"triton_fp8_decode", "triton_fp8_native", "triton_fp8_fused"},
+            "mx_linear": {"triton_mxfp4_decode", "triton_mxfp4_dot_scaled"}}[suite]
+    assert ran == want
+
+
+def test_native_path_is_refused_where_the_device_lacks_the_format():
+    """GPU gating comes from harness/core/devices.py lowp_support: FNUZ only on gfx942, OCP on sm89+, MXFP4
+    dot_scaled on sm100/gfx950; the decode path runs everywhere."""
+    sm90 = Device(name="cuda:0", backend="cuda", torch_device="cuda:0", model="fake", arch="sm_90",
+                  extra={"capability": "9.0"})
+    mi300 = Device(name="cuda:0", backend="rocm", torch_device="cuda:0", model="fake", arch="gfx942")
+    fnuz = next(c for c in SUITES["fp8_linear"].cases("quick") if c["x_format"] == "e4m3fnuz")
+    ocp = SUITES["fp8_linear"].cases("quick")[0]
+    native, decode = IMPLS[("fp8_linear", "triton_fp8_native")], IMPLS[("fp8_linear", "triton_fp8_decode")]
+    assert native.supports(fnuz, sm90) == (False, "CUDA: emulated (fnuz: ROCm gfx942 only)")
+    assert native.supports(ocp, sm90)[0] and native.supports(fnuz, mi300)[0]
+    assert not native.supports(ocp, mi300)[0] and "gfx942" in native.supports(ocp, mi300)[1]
+    assert decode.supports(fnuz, sm90)[0] and decode.supports(ocp, mi300)[0]
+    mxfp4 = SUITES["mx_linear"].cases("quick")[0]
+    scaled = IMPLS[("mx_linear", "triton_mxfp4_dot_scaled")]
+    assert not scaled.supports(mxfp4, sm90)[0] and "sm100" in scaled.supports(mxfp4, sm90)[1]
+    sm100 = Device(name="cuda:0", backend="cuda", torch_device="cuda:0", model="fake", arch="sm_100",
+                   extra={"capability": "10.0"})
+    assert scaled.supports(mxfp4, sm100)[0]
+
+
+@pytest.mark.parametrize("name,suite", [("fnuz-bias-for-ocp", "fp8_linear"), ("nibble-order", "mx_linear")])
+def test_planted_kernel_is_caught_by_the_suites_parity(name, suite, tmp_path):
+    """The mutant kernel behind the registered impl's own wrapper: the suite's three-way rule fails it (and the
+    same wrapper around the production kernels passes)."""
+    copy = mutant(name, tmp_path)
+    if suite == "fp8_linear":
+        case = next(c for c in SUITES[suite].cases("quick") if c["op"] == "gemm" and c["data"] == "zero_block")
+        impl = IMPLS[(suite, "triton_fp8_decode")]
+        target, attr = sys.modules[impl.fn.__module__], "kernels"
+    else:
+        case = next(c for c in SUITES[suite].cases("quick") if c["op"] == "gemm" and c["k"] % 2)
+        impl = IMPLS[(suite, "triton_mxfp4_decode")]
+        target, attr = sys.modules[impl.fn.__module__], "kernels"
+    assert _parity(suite, impl, case).ok
+    original = getattr(target, attr)
+    setattr(target, attr, copy)
+    try:
+        verdict = _parity(suite, Impl(name="planted", suite=suite, fn=impl.fn), case)
+    finally:
+        setattr(target, attr, original)
+    assert not verdict.ok and "out" in verdict.reason()
 
 
 # --- ahead-of-time compile coverage (tests/test_aot_compile.py compiles the CI subset for every target) ---------
