@@ -196,11 +196,13 @@ def lowp_variants(target: Target) -> list[Variant]:
                                note=f"{dtype} {fmt} {'native' if is_native else 'decode'}"))
     mxk = mx.mxfp4_gemm_kernel
     dot_scaled = lowp_support(device, "mxfp4").native
-    # (x pointer dtype, X_KIND, DOT_BF16): fp32 first (the TF32 check of the decode path's fp32 dot)
-    kinds = [("fp32", 0, False), ("bf16", 4, True), ("u8", 1, True)]
+    # (x pointer dtype, X_KIND, DOT_BF16): fp32 first (the TF32 check of the decode path's fp32 dot), then
+    # MXFP4 activations (what triton_mxfp4_* on mx_linear launch: the CI subset's dot_scaled build), bf16, MXFP8
+    kinds = [("fp32", 0, False), ("u8", 5, True), ("bf16", 4, True), ("u8", 1, True)]
     for x_dtype, kind, dot_bf16 in kinds:
-        sig = signature(mxk, {"x_ptr": x_dtype, "xs_ptr": "u8" if kind == 1 else x_dtype, "w_ptr": "u8",
-                              "ws_ptr": "u8", "y_ptr": "fp32" if kind in (0, 1) else x_dtype})
+        mx_x = kind in (1, 5)
+        sig = signature(mxk, {"x_ptr": x_dtype, "xs_ptr": "u8" if mx_x else x_dtype, "w_ptr": "u8",
+                              "ws_ptr": "u8", "y_ptr": "fp32" if kind == 0 or mx_x else x_dtype})
         for scaled in (False, True):
             if scaled and (not dot_scaled or kind == 0):
                 continue

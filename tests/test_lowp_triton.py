@@ -426,3 +426,4 @@ def test_the_ci_compile_subset_covers_each_targets_paths():
     assert notes["gfx942"]["fp8_gemm_native"].startswith("e5m2fnuz x e4m3fnuz"), notes["gfx942"]  # MI300: FNUZ
     assert notes["gfx942"]["fp8_rowwise_quant_gemm"].endswith("e4m3fnuz native")
     assert [t for t in aot.CI_TARGETS if "mxfp4_gemm_dot_scaled" in notes[t]] == ["sm100"]
+    assert notes["sm100"]["mxfp4_gemm_dot_scaled"] == "x u8 kind=5"  # MXFP4 x MXFP4, as mx_linear launches it
