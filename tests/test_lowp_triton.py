@@ -366,24 +366,30 @@ def test_triton_impls_pass_every_quick_case_they_run(suite):
 
 
 def test_native_path_is_refused_where_the_device_lacks_the_format():
-    """GPU gating comes from harness/core/devices.py lowp_support: FNUZ only on gfx942, OCP on sm89+, MXFP4
-    dot_scaled on sm100/gfx950; the decode path runs everywhere."""
-    sm90 = Device(name="cuda:0", backend="cuda", torch_device="cuda:0", model="fake", arch="sm_90",
-                  extra={"capability": "9.0"})
-    mi300 = Device(name="cuda:0", backend="rocm", torch_device="cuda:0", model="fake", arch="gfx942")
-    fnuz = next(c for c in SUITES["fp8_linear"].cases("quick") if c["x_format"] == "e4m3fnuz")
-    ocp = SUITES["fp8_linear"].cases("quick")[0]
+    """GPU gating comes from harness/core/devices.py lowp_support (fake devices, nothing runs): FNUZ only on
+    gfx942, OCP on sm89+, no native fp8 on sm80, MXFP4 dot_scaled on sm100/gfx950; the decode path everywhere."""
+    def fake(arch: str) -> Device:
+        if arch.startswith("gfx"):
+            return Device(name="cuda:0", backend="rocm", torch_device="cuda:0", model="fake", arch=arch)
+        cap = f"{arch[3:-1]}.{arch[-1]}"
+        return Device(name="cuda:0", backend="cuda", torch_device="cuda:0", model="fake", arch=arch,
+                      extra={"capability": cap})
+
+    quick = SUITES["fp8_linear"].cases("quick")
+    fnuz, ocp = next(c for c in quick if c["x_format"] == "e4m3fnuz"), quick[0]
     native, decode = IMPLS[("fp8_linear", "triton_fp8_native")], IMPLS[("fp8_linear", "triton_fp8_decode")]
-    assert native.supports(fnuz, sm90) == (False, "CUDA: emulated (fnuz: ROCm gfx942 only)")
-    assert native.supports(ocp, sm90)[0] and native.supports(fnuz, mi300)[0]
-    assert not native.supports(ocp, mi300)[0] and "gfx942" in native.supports(ocp, mi300)[1]
-    assert decode.supports(fnuz, sm90)[0] and decode.supports(ocp, mi300)[0]
+    assert native.can_run(fnuz, fake("sm_90")) == (False, "CUDA: emulated (fnuz: ROCm gfx942 only)")
+    assert native.can_run(ocp, fake("sm_90"))[0] and native.can_run(None, fake("sm_90")) == (True, "native: e4m3, e5m2")
+    assert native.can_run(fnuz, fake("gfx942"))[0] and not native.can_run(ocp, fake("gfx942"))[0]
+    assert native.can_run(ocp, fake("gfx1201"))[0] and native.can_run(None, fake("gfx950"))[0]
+    assert native.can_run(None, fake("sm_80")) == (False, "CUDA: emulated (OCP FP8: CUDA sm89+, ROCm gfx950/gfx12)")
+    assert all(decode.can_run(c, fake(a))[0] for c in (fnuz, ocp) for a in ("sm_80", "sm_90", "gfx942"))
     mxfp4 = SUITES["mx_linear"].cases("quick")[0]
     scaled = IMPLS[("mx_linear", "triton_mxfp4_dot_scaled")]
-    assert not scaled.supports(mxfp4, sm90)[0] and "sm100" in scaled.supports(mxfp4, sm90)[1]
-    sm100 = Device(name="cuda:0", backend="cuda", torch_device="cuda:0", model="fake", arch="sm_100",
-                   extra={"capability": "10.0"})
-    assert scaled.supports(mxfp4, sm100)[0]
+    assert scaled.can_run(mxfp4, fake("sm_100"))[0] and scaled.can_run(None, fake("sm_100")) == (True, "native: mxfp4")
+    assert scaled.can_run(mxfp4, fake("gfx950"))[0]
+    assert not scaled.can_run(mxfp4, fake("sm_90"))[0] and "sm100" in scaled.can_run(mxfp4, fake("sm_90"))[1]
+    assert IMPLS[("mx_linear", "triton_mxfp4_decode")].can_run(mxfp4, fake("sm_90"))[0]
 
 
 @pytest.mark.parametrize("name,suite", [("fnuz-bias-for-ocp", "fp8_linear"), ("nibble-order", "mx_linear")])

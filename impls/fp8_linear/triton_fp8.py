@@ -42,6 +42,24 @@ def _interpreter_limits(case, device) -> tuple[bool, str]:
     return True, ""
 
 
+def _available(path: kernels.Path):
+    """Triton usable here, and for the native path a device with some fp8 matrix format: its note says which
+    (`twinbench list`, before anything runs)."""
+    def available(device) -> tuple[bool, str]:
+        ok, why = triton_available(device)
+        if not ok:
+            return ok, why
+        if not _gpu(device):
+            return True, "CPU: emulated (Triton interpreter)"
+        if path is kernels.Path.DECODE:
+            return True, "emulated: fp8 decoded in the kernel, fp16 dot"
+        native = [f for f in kernels.FP8_LAYOUTS if lowp_support(device, f).native]
+        if not native:
+            return False, lowp_support(device, "e4m3").why_not
+        return True, f"native: {', '.join(native)}"
+    return available
+
+
 def _native_formats(case, device) -> tuple[bool, str]:
     """Both operands' formats run on the device's fp8 matrix units (GPUs); the interpreter emulates any."""
     if not _gpu(device):
@@ -86,7 +104,7 @@ def _gemm_supports(path: kernels.Path):
 
 for _path in kernels.Path:
     register_impl("fp8_linear", f"triton_fp8_{_path.value}", tags=("ours", "interpreter-on-cpu"),
-                  available=triton_available, supports=_gemm_supports(_path))(_gemm(_path))
+                  available=_available(_path), supports=_gemm_supports(_path))(_gemm(_path))
 
 
 # --- the fused per-row quantise + GEMM (qgemm) -------------------------------------------------------------
@@ -137,8 +155,8 @@ def fused_supports(case, device) -> tuple[bool, str]:
     return _interpreter_limits(case, device)
 
 
-@register_impl("fp8_linear", "triton_fp8_fused", tags=("ours", "interpreter-on-cpu"), available=triton_available,
-               supports=fused_supports)
+@register_impl("fp8_linear", "triton_fp8_fused", tags=("ours", "interpreter-on-cpu"),
+               available=_available(kernels.Path.DECODE), supports=fused_supports)
 def triton_fp8_fused(x, w_codes, w_scale, *, x_format, grad_format, w_format, scaling, saturate, out_dtype):
     path = _fused_path("cpu" if x.device.type == "cpu" else str(x.device), x_format)
     y = _FusedRowwiseLinear.apply(x, w_codes, w_scale, x_format, grad_format, w_format, saturate, path)

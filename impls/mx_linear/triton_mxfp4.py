@@ -22,16 +22,28 @@ OUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 INTERPRETER_MAX_WORK = 128 * 256 * 256  # the interpreter runs one program at a time: quick-grid sizes on the CPU
 
 
+def _available(path: kernels.MxPath):
+    """Triton usable here; dot_scaled only where MXFP4 is native (the note says so in `twinbench list`)."""
+    def available(device) -> tuple[bool, str]:
+        ok, why = triton_available(device)
+        if not ok:
+            return ok, why
+        if getattr(device, "backend", "cpu") == "cpu":
+            return True, "CPU: emulated (Triton interpreter)"
+        if path is kernels.MxPath.DECODE:
+            return True, "emulated: MXFP4 decoded in the kernel, bf16 dot"
+        support = lowp_support(device, "mxfp4")
+        return (True, "native: mxfp4") if support.native else (False, support.why_not)
+    return available
+
+
 def _supports(path: kernels.MxPath):
     def supports(case, device) -> tuple[bool, str]:
         if case["op"] != "gemm":
             return False, f"op {case['op']}: this impl does gemm"
         if case["format"] != "mxfp4":
             return False, f"format {case['format']}: our Triton MX GEMM takes MXFP4 operands only"
-        gpu = getattr(device, "backend", "cpu") != "cpu"
-        if path is kernels.MxPath.DOT_SCALED and gpu and not lowp_support(device, "mxfp4").native:
-            return False, lowp_support(device, "mxfp4").why_not
-        if not gpu and case["m"] * case["n"] * case["k"] > INTERPRETER_MAX_WORK:
+        if getattr(device, "backend", "cpu") == "cpu" and case["m"] * case["n"] * case["k"] > INTERPRETER_MAX_WORK:
             return False, f"Triton interpreter: M*N*K <= {INTERPRETER_MAX_WORK} on the CPU (parity only)"
         return True, ""
     return supports
@@ -50,4 +62,4 @@ def _impl(path: kernels.MxPath):
 
 for _path in kernels.MxPath:
     register_impl("mx_linear", f"triton_mxfp4_{_path.value}", tags=("ours", "interpreter-on-cpu"),
-                  available=triton_available, supports=_supports(_path))(_impl(_path))
+                  available=_available(_path), supports=_supports(_path))(_impl(_path))
