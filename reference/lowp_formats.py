@@ -144,21 +144,17 @@ def encode(x: torch.Tensor, fmt: Format | str, *, saturate: bool) -> torch.Tenso
     below = (above - 1).clamp_(min=0)
     d_below, d_above = finite_a - magnitudes[below], magnitudes[above] - finite_a
     pick_above = (d_above < d_below) | ((d_above == d_below) & (above % 2 == 0))
-    code = torch.where(pick_above, above, below)
-    overflow = (code > spec.max_code) | torch.isinf(a)
-    negative = torch.signbit(x.detach())
-    if saturate or spec.overflow_nan is None and spec.inf_code is None:
-        overflow_code = torch.full_like(code, spec.max_code)
-    elif spec.inf_code is not None:
-        overflow_code = torch.full_like(code, spec.inf_code)
-    else:
-        overflow_code = torch.full_like(code, spec.overflow_nan & ~spec.sign_bit)
-    code = torch.where(overflow, overflow_code, code)
-    if spec.negative_zero:
-        code = code | negative.long() * spec.sign_bit
-    else:  # FNUZ: a sign only on non-zero codes; an overflow NaN is 0x80 whatever the sign
-        code = torch.where(code != 0, code | negative.long() * spec.sign_bit, code)
-        code = torch.where(overflow & (overflow_code == 0), torch.full_like(code, spec.overflow_nan), code)
+    magnitude = torch.where(pick_above, above, below)
+    overflow = (magnitude > spec.max_code) | torch.isinf(a)
+    magnitude = torch.where(overflow, torch.full_like(magnitude, spec.max_code), magnitude)  # saturated
+    sign = torch.signbit(x.detach()).long() * spec.sign_bit
+    if not spec.negative_zero:  # FNUZ: no -0
+        sign = torch.where(magnitude == 0, torch.zeros_like(sign), sign)
+    code = magnitude | sign
+    if not saturate and spec.inf_code is not None:
+        code = torch.where(overflow, spec.inf_code | sign, code)
+    elif not saturate and spec.overflow_nan is not None:  # e4m3: S.1111.111; FNUZ: 0x80 whatever the sign
+        code = torch.where(overflow, spec.overflow_nan | sign, code)
     code = torch.where(torch.isnan(a), torch.full_like(code, _nan_code(fmt)), code)
     return code.to(torch.uint8)
 

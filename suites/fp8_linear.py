@@ -29,13 +29,14 @@ or bf16-rounded overflows or drifts).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
-from twinbench.harness.core.case import Case, Param, Rule
+from twinbench.harness.core.case import Case, Param, Rule, torch_dtype
 from twinbench.harness.core.devices import lowp_summary
 from twinbench.harness.core.inputs import elem_bytes, generator
 from twinbench.harness.core.registry import Inputs, Suite, Tolerance, register_impl, register_suite
-from twinbench.reference.fp8 import Fp8TrainingLinear, Operand, Scaling, dequantize, quantize
+from twinbench.reference.fp8 import Fp8TrainingLinear, Operand, Scaling, dequantize, grad_format, quantize
 from twinbench.reference.lowp_formats import FP8_FORMATS, Format, decode
 
 OPS = ("gemm", "quantize", "qgemm")
@@ -81,10 +82,6 @@ def family(fmt: str) -> str:
     return "fnuz" if fmt in FNUZ else "ocp"
 
 
-def grad_format(fmt: str) -> str:
-    return Format.E5M2FNUZ.value if family(fmt) == "fnuz" else Format.E5M2.value
-
-
 def draw(rows: int, cols: int, data: str, gen: torch.Generator) -> torch.Tensor:
     """A seeded fp32 [rows, cols] with the case's trap planted (the module docstring)."""
     x = torch.randn((rows, cols), generator=gen, dtype=torch.float32)
@@ -114,7 +111,7 @@ def make_inputs(case: Case, device, seed: int) -> Inputs:
     m, k, op = case["m"], case["k"], case["op"]
     x = draw(m, k, case["data"], gen)
     static = {"x_format": case["x_format"], "scaling": case["scaling"]}
-    dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[case["dtype"]])
+    dtype = torch_dtype(case["dtype"])
     if op == "quantize":
         static["saturate"] = case["saturate"]
         return Inputs(tensors={"x": x.to(dtype).to(device)}, static=static)
@@ -125,7 +122,7 @@ def make_inputs(case: Case, device, seed: int) -> Inputs:
         xq = quantize(x, case["x_format"], case["scaling"], Operand.X, saturate=case["saturate"])
         tensors = {"x_codes": xq.codes.to(device), "x_scale": xq.scale.to(device), **tensors}
         return Inputs(tensors=tensors, static=static)
-    static.update(grad_format=grad_format(case["x_format"]), saturate=case["saturate"])
+    static.update(grad_format=grad_format(case["x_format"]).value, saturate=case["saturate"])
     return Inputs(tensors={"x": x.to(dtype).to(device), **tensors}, static=static, grad=("x",))
 
 
@@ -150,27 +147,31 @@ def tolerance(case: Case, output: str) -> Tolerance:
                          "accumulation sets the budget); quantiser codes bit-exact; k=2 outputs, k=3 gradients")
 
 
-def _is_nan_code(codes: torch.Tensor, case: Case, name: str) -> torch.Tensor:
-    """Which codes are NaN: a NaN's sign and payload are not part of the contract (x86 makes inf/inf a
-    negative NaN, which torch's cast keeps: 0xFF where the reference writes 0x7F)."""
-    fmt = case.get("x_format") or {"mxfp8_e4m3": "e4m3", "mxfp8_e5m2": "e5m2"}.get(case.get("format"), "")
-    if name != "codes" or fmt not in {f.value for f in FP8_FORMATS}:
-        return torch.zeros_like(codes, dtype=torch.bool)
-    return torch.isnan(decode(codes, fmt))
+def code_checker(format_of: Callable[[Case, str], str | None]):
+    """``Suite.check_discrete`` for code outputs: bit for bit, except that any NaN code equals any other (a
+    NaN's sign and payload are not part of the contract: x86 makes inf/inf a negative NaN, which torch's cast
+    keeps, 0xFF where the reference writes 0x7F). ``format_of(case, output)``: the output's FP8 format, or
+    None where codes have no NaN to spare (E2M1, packed; E8M0 has the one 0xFF)."""
+
+    def check(case: Case, name: str, opt, ref, inputs: Inputs) -> tuple[bool, str]:
+        opt, ref = opt.cpu(), ref.cpu()
+        if opt.shape != ref.shape or opt.dtype != ref.dtype:
+            return False, f"{name} {tuple(opt.shape)} {opt.dtype} != reference {tuple(ref.shape)} {ref.dtype}"
+        differ = opt != ref
+        fmt = format_of(case, name)
+        if fmt is not None:
+            differ &= ~(torch.isnan(decode(opt, fmt)) & torch.isnan(decode(ref, fmt)))
+        where = differ.nonzero()
+        if not len(where):
+            return True, ""
+        first = tuple(where[0].tolist())
+        return False, (f"{len(where)} of {ref.numel()} codes differ from the reference's; first at {first}: "
+                       f"0x{int(opt[first]):02x} != 0x{int(ref[first]):02x}")
+
+    return check
 
 
-def check_codes(case: Case, name: str, opt, ref, inputs: Inputs) -> tuple[bool, str]:
-    """Codes bit for bit (any NaN code equals any other); the reason counts the differing codes, shows the first."""
-    opt, ref = opt.cpu(), ref.cpu()
-    if opt.shape != ref.shape or opt.dtype != ref.dtype:
-        return False, f"codes {tuple(opt.shape)} {opt.dtype} != reference {tuple(ref.shape)} {ref.dtype}"
-    differ = (opt != ref) & ~(_is_nan_code(opt, case, name) & _is_nan_code(ref, case, name))
-    differ = differ.nonzero()
-    if not len(differ):
-        return True, ""
-    first = tuple(differ[0].tolist())
-    return False, (f"{len(differ)} of {ref.numel()} codes differ from the reference's; first at {first}: "
-                   f"0x{int(opt[first]):02x} != 0x{int(ref[first]):02x}")
+check_codes = code_checker(lambda case, name: case["x_format"] if name == "codes" else None)
 
 
 PARAMS = (Param("op", str, choices=OPS), Param("m", int, low=1), Param("n", int, low=1), Param("k", int, low=1),
@@ -179,8 +180,9 @@ PARAMS = (Param("op", str, choices=OPS), Param("m", int, low=1), Param("n", int,
           Param("scaling", str, choices=tuple(s.value for s in Scaling)), Param("saturate", bool),
           Param("dtype", str, choices=("fp32", "bf16", "fp16")), Param("data", str, choices=DATA))
 RULES = (
-    Rule(lambda c: family(c["x_format"]) == family(c["w_format"]),
-         "x_format and w_format must be of one family (OCP e4m3/e5m2, or FNUZ e4m3fnuz/e5m2fnuz)"),
+    Rule(lambda c: c["op"] == "quantize" or family(c["x_format"]) == family(c["w_format"]),
+         "x_format and w_format must be of one family (OCP e4m3/e5m2, or FNUZ e4m3fnuz/e5m2fnuz); "
+         "quantize reads x_format only"),
     Rule(lambda c: c["op"] != "qgemm" or c["x_format"] in ("e4m3", "e4m3fnuz"),
          "qgemm (the training recipe) quantises its forward operand to E4M3 (x_format e4m3 or e4m3fnuz)"),
 )
@@ -222,5 +224,4 @@ def reference(x=None, x_codes=None, x_scale=None, w_codes=None, w_scale=None, *,
     xd = dequantize(x_codes, x_scale, x_format, scaling, Operand.X, compute)
     wd = dequantize(w_codes, w_scale, w_format, scaling, Operand.W, compute)
     y = xd @ wd.t()
-    return y if compute == torch.float64 else y.to(getattr(torch, {"fp32": "float32", "bf16": "bfloat16",
-                                                                    "fp16": "float16"}[out_dtype]))
+    return y if compute == torch.float64 else y.to(torch_dtype(out_dtype))

@@ -20,15 +20,14 @@ the block (a partial last block) and odd (a padding nibble).
 from __future__ import annotations
 
 import torch
-from twinbench.harness.core.case import Case, Param
+from twinbench.harness.core.case import Case, Param, torch_dtype
 from twinbench.harness.core.devices import lowp_summary
 from twinbench.harness.core.inputs import elem_bytes, generator
 from twinbench.harness.core.registry import Inputs, Suite, Tolerance, register_impl, register_suite
 from twinbench.reference.mx import SPECS, MxFormat, dequantize, quantize
-from twinbench.suites.fp8_linear import DATA, check_codes, draw
+from twinbench.suites.fp8_linear import DATA, code_checker, draw
 
 OPS = ("gemm", "quantize")
-OUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _case(op, m, n, k, fmt="mxfp4", dtype="fp32", data="normal") -> Case:
@@ -62,7 +61,7 @@ def make_inputs(case: Case, device, seed: int) -> Inputs:
     m, n, k, fmt = case["m"], case["n"], case["k"], case["format"]
     x = draw(m, k, case["data"], gen)
     if case["op"] == "quantize":
-        return Inputs(tensors={"x": x.to(OUT_DTYPES[case["dtype"]]).to(device)}, static={"format": fmt})
+        return Inputs(tensors={"x": x.to(torch_dtype(case["dtype"])).to(device)}, static={"format": fmt})
     w = draw(n, k, "normal", generator(seed + 104729)) / k ** 0.5
     tensors = {}
     for name, t in (("x", x), ("w", w)):
@@ -96,9 +95,19 @@ def tolerance(case: Case, output: str) -> Tolerance:
                          "accumulation sets the budget); quantiser codes and scale codes bit-exact")
 
 
+def _fp8_format_of(case: Case, output: str) -> str | None:
+    """The FP8 format of a code output (NaN codes compare equal): MXFP8 elements, NVFP4's E4M3 scales."""
+    spec = SPECS[MxFormat(case["format"])]
+    if output == "codes" and not spec.packed:
+        return spec.element.value
+    if output == "scales" and spec.scale.value != "e8m0":
+        return spec.scale.value
+    return None
+
+
 PARAMS = (Param("op", str, choices=OPS), Param("m", int, low=1), Param("n", int, low=1), Param("k", int, low=1),
           Param("format", str, choices=tuple(f.value for f in MxFormat)),
-          Param("dtype", str, choices=tuple(OUT_DTYPES)), Param("data", str, choices=DATA))
+          Param("dtype", str, choices=("fp32", "bf16", "fp16")), Param("data", str, choices=DATA))
 
 SUITE = register_suite(Suite(
     params=PARAMS, rules=(),
@@ -111,7 +120,7 @@ SUITE = register_suite(Suite(
     flops=flops,
     bytes=bytes_moved,
     tolerance=tolerance,
-    check_discrete=check_codes,
+    check_discrete=code_checker(_fp8_format_of),
     hi_dtype=lambda case: torch.float64,
     trials=2,
 ))
@@ -132,4 +141,4 @@ def reference(x=None, x_codes=None, x_scales=None, x_global=None, w_codes=None, 
     compute = torch.float64 if x_global.dtype == torch.float64 else torch.float32
     y = dequantize(x_codes, x_scales, x_global, format, k, compute) @ \
         dequantize(w_codes, w_scales, w_global, format, k, compute).t()
-    return y if compute == torch.float64 else y.to(OUT_DTYPES[out_dtype])
+    return y if compute == torch.float64 else y.to(torch_dtype(out_dtype))

@@ -4,18 +4,14 @@ anything runs. Each contract check also runs on a planted wrong table, so it can
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+from dataclasses import replace
 
 import pytest
 from twinbench.harness.core import devices
 from twinbench.harness.core.case import Case
 from twinbench.harness.core.devices import Device, LowpSupport, lowp_support
-from twinbench.harness.core.registry import IMPLS, load_plugins
+from twinbench.harness.core.registry import IMPLS, impls_for, load_plugins
 
-ROOT = Path(__file__).resolve().parent.parent
 load_plugins()
 
 
@@ -106,11 +102,28 @@ def test_block_scaled_scaled_mm_only_on_sm100(arch, ok):
     assert IMPLS[("mx_linear", "scaled_mm_blockscaled")].can_run(case, fake(arch))[0] == ok
 
 
-def test_list_says_per_device_what_runs_and_why_before_anything_runs():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "400"}
-    proc = subprocess.run([sys.executable, "-m", "twinbench", "list", "fp8_linear", "mx_linear", "--device", "cpu"],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    for line in ("CPU: emulated e4m3, e5m2, e4m3fnuz, e5m2fnuz", "fnuz: ROCm gfx942 only", "MXFP4 native: sm100+",
-                 "block-scaled torch._scaled_mm: CUDA sm100+ only"):
-        assert line in proc.stdout, line
+def test_list_says_per_device_what_runs_and_why_before_anything_runs(monkeypatch, capsys):
+    """`twinbench list` on fake sm90 / gfx942 / gfx950 devices and the CPU; the probes run in-process here (the
+    worker that runs them for real is tested in tests/test_cli.py)."""
+    from rich.console import Console
+    from twinbench.harness.cli import console
+    from twinbench.harness.cli.main import main
+    from twinbench.harness.run import supervisor
+
+    fakes = tuple(replace(fake(arch), name=name) for arch, name in
+                  (("sm_90", "cuda:0"), ("gfx942", "cuda:1"), ("gfx950", "cuda:2"), ("cpu", "cpu")))
+    monkeypatch.setattr(devices, "detect", lambda: fakes)
+    monkeypatch.setattr(console, "make_console", lambda: Console(width=2000))
+    monkeypatch.setattr(supervisor, "probe_impls", lambda dev, suites, plugins, timeout: {
+        (s, i.name): i.can_run(None, dev) for s in suites for i in impls_for(s)})
+    assert main(["list", "fp8_linear", "mx_linear"]) == 0
+    rows = {line.split("│")[2].strip() + "@" + line.split("│")[1].strip(): [c.strip() for c in line.split("│")[4:-1]]
+            for line in capsys.readouterr().out.splitlines() if line.count("│") >= 6}
+    sm90, gfx942, gfx950, cpu = rows["reference@fp8_linear"]
+    assert sm90.startswith("yes (native: e4m3, e5m2;") and "fnuz: ROCm gfx942 only" in sm90
+    assert gfx942.startswith("yes (native: e4m3fnuz, e5m2fnuz;") and "OCP FP8" in gfx942
+    assert "CPU: emulated e4m3, e5m2, e4m3fnuz, e5m2fnuz" in cpu
+    assert "native: mxfp8, mxfp4" in rows["reference@mx_linear"][2]
+    assert rows["scaled_mm_blockscaled@mx_linear"][0].startswith("no: ") and "MXFP4 native: sm100+" in \
+        rows["scaled_mm_blockscaled@mx_linear"][0]
+    assert rows["scaled_mm@fp8_linear"][3].startswith("yes (CPU: emulated")

@@ -11,12 +11,12 @@
 from __future__ import annotations
 
 import torch
+from twinbench.harness.core.case import torch_dtype
 from twinbench.harness.core.devices import lowp_support
 from twinbench.harness.core.registry import register_impl
 from twinbench.reference.fp8 import Operand, expand_scale, group_amax, scale_from_amax
 from twinbench.reference.lowp_formats import Format, max_value, torch_dtype_of
 
-OUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # |v| past which a value overflows the format under round-to-nearest-even: max + half a step; the tie
 # itself rounds to the even neighbour, which is the max for e4m3 (S.1111.110) and past it for the others.
 _E4M3_OVERFLOW_ABOVE = 464.0
@@ -94,7 +94,7 @@ def dequant_matmul(x=None, x_codes=None, x_scale=None, w_codes=None, w_scale=Non
                                                   saturate), "metrics": metrics}
     y = torch_dequantize(x_codes, x_scale, x_format, scaling, Operand.X) @ \
         torch_dequantize(w_codes, w_scale, w_format, scaling, Operand.W).t()
-    return {"out": y.to(OUT_DTYPES[out_dtype]), "metrics": metrics}
+    return {"out": y.to(torch_dtype(out_dtype)), "metrics": metrics}
 
 
 def scaled_mm_available(device) -> tuple[bool, str]:
@@ -137,5 +137,5 @@ def scaled_mm(x_codes, x_scale, w_codes, w_scale, *, x_format, w_format, scaling
         sa, sb = x_scale.reshape(-1, 1), w_scale.reshape(1, -1)
     else:
         sa, sb = x_scale, w_scale
-    y = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=OUT_DTYPES[out_dtype])
+    y = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch_dtype(out_dtype))
     return {"out": y, "metrics": {"execution": _execution(x_codes.device.type)}}

@@ -5,12 +5,12 @@ in cuBLASLt's 128 x 4 swizzled scale layout, torchao's ``to_blocked``)."""
 from __future__ import annotations
 
 import torch
+from twinbench.harness.core.case import torch_dtype
 from twinbench.harness.core.devices import lowp_support
 from twinbench.harness.core.registry import register_impl
 from twinbench.reference.lowp_formats import decode_table, unpack_nibbles
 from twinbench.reference.mx import SPECS, MxFormat
 
-OUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _LOWP_NAME = {MxFormat.MXFP8_E4M3: "mxfp8", MxFormat.MXFP8_E5M2: "mxfp8", MxFormat.MXFP4: "mxfp4",
               MxFormat.NVFP4: "nvfp4"}
 
@@ -43,7 +43,7 @@ def _emulated(device) -> tuple[bool, str]:
 def dequant_matmul(x_codes, x_scales, x_global, w_codes, w_scales, w_global, *, format, k, out_dtype):  # noqa: A002
     y = dequantize_fp32(x_codes, x_scales, x_global, format, k) @ \
         dequantize_fp32(w_codes, w_scales, w_global, format, k).t()
-    return {"out": y.to(OUT_DTYPES[out_dtype]), "metrics": {"execution": "emulated"}}
+    return {"out": y.to(torch_dtype(out_dtype)), "metrics": {"execution": "emulated"}}
 
 
 def blockscaled_available(device) -> tuple[bool, str]:
