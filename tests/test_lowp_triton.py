@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 
 from twinbench.harness.core.devices import Device, find  # noqa: E402
 from twinbench.harness.core.parity import check_parity  # noqa: E402
-from twinbench.harness.core.registry import IMPLS, SUITES, Impl, impls_for, load_plugins  # noqa: E402
+from twinbench.harness.core.registry import IMPLS, SUITES, Impl, load_plugins  # noqa: E402
 from twinbench.impls.kernels import fp8_gemm_triton as fp8  # noqa: E402
 from twinbench.impls.kernels import mxfp4_gemm_triton as mx  # noqa: E402
 
@@ -129,7 +129,7 @@ def test_fp8_quantize_is_bit_exact_saturating_nearest_even(fmt):
 
 # --- FP8 GEMM parity ------------------------------------------------------------------------------------------
 
-# The suite's quick grid (test_triton_impls_pass_every_quick_case_they_run) runs both paths on e4m3 with every
+# The suite's quick grid (tests/test_registry_parity.py) runs both paths on e4m3 with every
 # scaling, e5m2 x e4m3 per row and the FNUZ pair per tensor and per block; these add the rest of format x scaling.
 GEMM_GRID = [("e5m2", fp8.Scaling.TENSOR), ("e5m2", fp8.Scaling.BLOCK), ("e4m3fnuz", fp8.Scaling.ROW),
              ("e4m3fnuz", fp8.Scaling.BLOCK), ("e5m2fnuz", fp8.Scaling.TENSOR), ("e5m2fnuz", fp8.Scaling.ROW)]
@@ -350,19 +350,17 @@ def _parity(suite: str, impl, case):
     return check_parity(SUITES[suite], impl, IMPLS[(suite, "reference")], case, "cpu", trials=1)
 
 
-@pytest.mark.parametrize("suite", ["fp8_linear", "mx_linear"])
-def test_triton_impls_pass_every_quick_case_they_run(suite):
-    cpu, ran = find("cpu"), set()
-    for impl in [i for i in impls_for(suite) if i.name.startswith("triton_")]:
-        for case in SUITES[suite].cases("quick"):
-            if impl.can_run(case, cpu)[0]:
-                verdict = _parity(suite, impl, case)
-                assert verdict.ok, f"{impl.name} {case.id}: {verdict.reason()}"
-                assert verdict.metrics["execution"] == "emulated"  # the interpreter: never native
-                ran.add(impl.name)
-    want = {"fp8_linear": {"triton_fp8_decode", "triton_fp8_native", "triton_fp8_fused"},
-            "mx_linear": {"triton_mxfp4_decode", "triton_mxfp4_dot_scaled"}}[suite]
-    assert ran == want
+# Every registered impl's parity on every quick case it runs is tests/test_registry_parity.py's (the same engine).
+@pytest.mark.parametrize("suite,name,path", [
+    ("fp8_linear", "triton_fp8_decode", "decode"), ("fp8_linear", "triton_fp8_native", "native"),
+    ("fp8_linear", "triton_fp8_fused", "fused-native"), ("mx_linear", "triton_mxfp4_decode", "decode"),
+    ("mx_linear", "triton_mxfp4_dot_scaled", "dot_scaled")])
+def test_records_say_which_path_ran_and_that_the_interpreter_emulates(suite, name, path):
+    impl, cpu = IMPLS[(suite, name)], find("cpu")
+    case = min((c for c in SUITES[suite].cases("quick") if impl.can_run(c, cpu)[0]),
+               key=lambda c: c["m"] * c["n"] * c["k"])
+    inputs = SUITES[suite].make_inputs(case, "cpu", 0)
+    assert impl.fn(**inputs.tensors, **inputs.static)["metrics"] == {"execution": "emulated", "path": path}
 
 
 def test_native_path_is_refused_where_the_device_lacks_the_format():

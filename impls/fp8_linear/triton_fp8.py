@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from twinbench.harness.core.case import torch_dtype
 from twinbench.harness.core.devices import find, lowp_support
 from twinbench.harness.core.registry import register_impl
 from twinbench.impls.fp8_linear.torch_paths import torch_dequantize, torch_quantize
@@ -27,7 +28,6 @@ from twinbench.impls.kernels import fp8_gemm_triton as kernels
 from twinbench.impls.kernels.availability import interpreting, triton_available
 from twinbench.reference.fp8 import Operand
 
-OUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The interpreter runs one program at a time in numpy: CPU parity stays on the quick grid's sizes.
 INTERPRETER_MAX_WORK = 128 * 256 * 256
 
@@ -77,7 +77,7 @@ def _execution(device: torch.device, native: bool) -> str:
 
 def _gemm(path: kernels.Path):
     def fn(x_codes, x_scale, w_codes, w_scale, *, x_format, w_format, scaling, out_dtype):
-        out = OUT_DTYPES[out_dtype]
+        out = torch_dtype(out_dtype)
         # the interpreter has no bf16 arithmetic: fp32 there, rounded once to the output dtype (the same value)
         y = kernels.fp8_gemm(x_codes, x_format, x_scale, w_codes, w_format, w_scale, kernels.Scaling(scaling), path,
                              out_dtype=torch.float32 if interpreting() else out)

@@ -13,12 +13,12 @@ On the CPU both run through the Triton interpreter (parity only, never timed).
 from __future__ import annotations
 
 import torch
+from twinbench.harness.core.case import torch_dtype
 from twinbench.harness.core.devices import lowp_support
 from twinbench.harness.core.registry import register_impl
 from twinbench.impls.kernels import mxfp4_gemm_triton as kernels
 from twinbench.impls.kernels.availability import interpreting, triton_available
 
-OUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 INTERPRETER_MAX_WORK = 128 * 256 * 256  # the interpreter runs one program at a time: quick-grid sizes on the CPU
 
 
@@ -51,7 +51,7 @@ def _supports(path: kernels.MxPath):
 
 def _impl(path: kernels.MxPath):
     def fn(x_codes, x_scales, x_global, w_codes, w_scales, w_global, *, format, k, out_dtype):  # noqa: A002
-        out = OUT_DTYPES[out_dtype]
+        out = torch_dtype(out_dtype)
         y = kernels.mxfp4_gemm(x_codes, w_codes, w_scales, path, x_scales=x_scales, x_fmt="e2m1", k=k,
                                out_dtype=torch.float32 if interpreting() else out)
         native = path is kernels.MxPath.DOT_SCALED and x_codes.device.type != "cpu"
