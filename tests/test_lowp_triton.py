@@ -21,32 +21,30 @@ from twinbench.harness.core.parity import check_parity  # noqa: E402
 from twinbench.harness.core.registry import IMPLS, SUITES, Impl, load_plugins  # noqa: E402
 from twinbench.impls.kernels import fp8_gemm_triton as fp8  # noqa: E402
 from twinbench.impls.kernels import mxfp4_gemm_triton as mx  # noqa: E402
+from twinbench.reference import fp8 as ref_fp8  # noqa: E402
+from twinbench.reference import lowp_formats  # noqa: E402
 
 load_plugins()
 
 FP8 = ("e4m3", "e4m3fnuz", "e5m2", "e5m2fnuz")
 TORCH_FP8 = {"e4m3": torch.float8_e4m3fn, "e4m3fnuz": torch.float8_e4m3fnuz, "e5m2": torch.float8_e5m2,
-             "e5m2fnuz": torch.float8_e5m2fnuz}
-# E2M1 (OCP MX v1.0 table 5): codes 0..15, S.EE.M
-E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
-                    dtype=torch.float64)
+             "e5m2fnuz": torch.float8_e5m2fnuz}  # used to draw codes; the judge is reference/lowp_formats.py
 M, N, K = 33, 47, 300  # odd M/N, K neither a multiple of the 128 block nor of the tile
 
 
 def fp8_values(codes: torch.Tensor, fmt: str) -> torch.Tensor:
-    """float64 values of uint8 codes: torch's dtypes are bit-exact tables of the four formats."""
-    return codes.view(TORCH_FP8[fmt]).double()
+    """float64 values of uint8 codes: the reference's tables, read off the formats' published bit layouts."""
+    return lowp_formats.decode(codes, fmt)
 
 
 def e8m0_values(codes: torch.Tensor) -> torch.Tensor:
-    out = torch.pow(2.0, codes.double() - 127)
-    return torch.where(codes == 255, torch.nan, out)
+    return lowp_formats.decode(codes, "e8m0")
 
 
 def mxfp4_weight(packed: torch.Tensor, scales: torch.Tensor, k: int) -> torch.Tensor:
-    """The contract's decode: element 2i in the low nibble, E8M0 scale per 32 along K."""
-    nibbles = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)[:, :k].long()
-    return E2M1[nibbles] * e8m0_values(scales).repeat_interleave(32, dim=1)[:, :k]
+    """The contract's decode: element 2i in the low nibble, E8M0 scale per 32 along K (the reference's tables)."""
+    nibbles = lowp_formats.unpack_nibbles(packed, k)
+    return lowp_formats.decode(nibbles, "e2m1") * e8m0_values(scales).repeat_interleave(32, dim=1)[:, :k]
 
 
 def same_bits(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
@@ -119,9 +117,7 @@ def grid_probes(fmt: str) -> torch.Tensor:
 @pytest.mark.parametrize("fmt", FP8)
 def test_fp8_quantize_is_bit_exact_saturating_nearest_even(fmt):
     v = grid_probes(fmt)
-    top = fp8.FP8_LAYOUTS[fmt].max
-    want = v.clamp(-top, top).to(TORCH_FP8[fmt]).view(torch.uint8)  # torch: nearest even
-    want = torch.where(v.isnan(), 0x80 if "fnuz" in fmt else 0x7F, want.int()).to(torch.uint8)
+    want = lowp_formats.encode(v, fmt, saturate=True)
     got = fp8.quantize(v, fmt)
     bad = (got != want).nonzero().flatten()
     assert not len(bad), [(float(v[i]), int(got[i]), int(want[i])) for i in bad[:8]]
@@ -180,14 +176,10 @@ def test_fp8_gemm_refuses_wrong_scale_shapes_and_dtypes():
 # --- the fused per-row quantise + GEMM -----------------------------------------------------------------------
 
 def rowwise_reference(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """reference/fp8.py's per-row rule: scale = amax / max (fp32, >= 2^-126, 1 for zero rows), codes =
-    nearest-even of x / scale, saturating."""
-    top = fp8.FP8_LAYOUTS[fmt].max
-    amax = x.abs().amax(dim=1)
-    scale = torch.clamp(amax / top, min=2.0 ** -126)
-    scale = torch.where(amax == 0, 1.0, scale)
-    codes = (x / scale[:, None]).clamp(-top, top).to(TORCH_FP8[fmt]).view(torch.uint8)
-    return codes, scale
+    """reference/fp8.py's per-row quantiser (scale = amax / max in fp32, >= 2^-126, 1 for zero rows; codes the
+    nearest even of x / scale, saturating)."""
+    q = ref_fp8.quantize(x, fmt, "row", "x", saturate=True)
+    return q.codes, q.scale
 
 
 @pytest.mark.parametrize("fmt,path", list(itertools.product(("e4m3", "e4m3fnuz"), fp8.Path)),
