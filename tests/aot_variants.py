@@ -206,12 +206,10 @@ def lowp_variants(target: Target) -> list[Variant]:
         for scaled in (False, True):
             if scaled and (not dot_scaled or kind == 0):
                 continue
-            fp32_dot = kind == 0 and not scaled
-            bm, bn, bk = mx.GPU_TILES_FP32 if fp32_dot else mx.GPU_TILES
+            (bm, bn, bk), options = mx.gpu_config(mx.MxPath.DOT_SCALED if scaled else mx.MxPath.DECODE, dot_bf16)
             consts = {"X_KIND": kind, "DOT_SCALED": scaled, "DOT_BF16": dot_bf16, "BM": bm, "BN": bn, "BK": bk}
             out.append(Variant("mxfp4_gemm_dot_scaled" if scaled else "mxfp4_gemm_decode", mxk, sig, consts,
-                               **(mx.GPU_LAUNCH_FP32 if fp32_dot else mx.GPU_LAUNCH), fp32=kind == 0,
-                               note=f"x {x_dtype} kind={kind}"))
+                               **options, fp32=kind == 0, note=f"x {x_dtype} kind={kind}"))
     return out
 
 

@@ -36,14 +36,25 @@ except ImportError:  # the impls' availability checks report it
     triton = None
 
 MX_BLOCK = 32  # elements per E8M0 scale (OCP MX v1.0)
-# GPU tiles and launch options: bf16 dots (bf16 or MXFP8 activations, and dot_scaled) take 64x64x128 with 8 warps;
-# the fp32 decode path's FMA dot keeps 8 products per thread (32x32 over 4 warps, as triton_fa's fp32 tiles):
-# 64x64x128 in fp32 needs 96 KiB of shared memory (above a 64 KiB LDS) and spills 5-7 KB of stack on NVIDIA
-# (the AOT compile checks, tests/aot_variants.py).
-GPU_TILES = (64, 64, 128)
-GPU_LAUNCH = {"num_warps": 8, "num_stages": 3}
-GPU_TILES_FP32 = (32, 32, 32)
-GPU_LAUNCH_FP32 = {"num_warps": 4, "num_stages": 2}
+# GPU tiles (BM, BN, BK) and launch options per build, as the AOT compile checks measured them
+# (tests/aot_variants.py, docs/low_precision.md): the decode path's bf16 dot at BK 64 (BK 128 spilled 0.7-0.9 KB
+# of stack on sm90/sm100 with MXFP4 activations); dot_scaled at BK 128; the fp32 FMA dot keeps 8 products per
+# thread (32x32 over 4 warps, as triton_fa's fp32 tiles: 64x64x128 in fp32 needed 96 KiB of shared memory,
+# above a 64 KiB LDS, and spilled 5-7 KB on NVIDIA).
+GPU_CONFIGS = {
+    "decode-bf16": ((64, 64, 64), {"num_warps": 8, "num_stages": 3}),
+    "decode-fp32": ((32, 32, 32), {"num_warps": 4, "num_stages": 2}),
+    "dot_scaled": ((64, 64, 128), {"num_warps": 8, "num_stages": 3}),
+}
+
+
+def gpu_config(path: MxPath, dot_bf16: bool) -> tuple[tuple[int, int, int], dict[str, int]]:
+    """(tiles, launch options) of a GPU build."""
+    if path is MxPath.DOT_SCALED:
+        return GPU_CONFIGS["dot_scaled"]
+    return GPU_CONFIGS["decode-bf16" if dot_bf16 else "decode-fp32"]
+
+
 INTERPRETER_TILES = (32, 32, 128)
 # Activation kinds (the kernel's X_KIND constexpr): floats, or MXFP8 codes with E8M0 scales.
 FLOAT_KINDS = {torch.float32: 0, torch.float16: 3, torch.bfloat16: 4}
@@ -184,9 +195,8 @@ def mxfp4_gemm(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, 
         dot_bf16 = True
     # The interpreter has no bf16 tl.dot (docs/method.md §2): fp32 there, the same exact products.
     dot_bf16 = dot_bf16 and not interpreting()
-    fp32_dot = not dot_bf16 and path is MxPath.DECODE
-    launch = GPU_LAUNCH_FP32 if fp32_dot else GPU_LAUNCH
-    bm, bn, bk = tiles or (INTERPRETER_TILES if interpreting() else GPU_TILES_FP32 if fp32_dot else GPU_TILES)
+    gpu_tiles, launch = gpu_config(path, dot_bf16)
+    bm, bn, bk = tiles or (INTERPRETER_TILES if interpreting() else gpu_tiles)
     if bk % MX_BLOCK:
         raise ValueError(f"BK {bk} must be a multiple of the MX block {MX_BLOCK}")
     x, w_packed, w_scales = x.contiguous(), w_packed.contiguous(), w_scales.contiguous()
