@@ -275,8 +275,8 @@ MUTATIONS = {  # name: (kernel file module, line fragment, what the wrong copy h
     "fnuz-bias-for-ocp": (fp8, "return _decode_fields(c, 4, 3, 7, 0)", "return _decode_fields(c, 4, 3, 8, 0)"),
     "block-boundary": (fp8, "swb = tl.load(sw_ptr + (rn // 128) * KB + kb",
                        "swb = tl.load(sw_ptr + ((rn + 1) // 128) * KB + kb"),
-    "saturation-missing": (fp8, "code, _ = quantize_fp8(tl.clamp(v, -FMT_MAX, FMT_MAX, "
-                                "propagate_nan=tl.PropagateNan.ALL), FMT)", "code, _ = quantize_fp8(v, FMT)"),
+    "saturation-missing": (fp8, "return tl.clamp(v, -FMT_MAX, FMT_MAX, propagate_nan=tl.PropagateNan.ALL)",
+                           "return v"),
     "nibble-order": (mx, "nibble = (byte >> ((rk % 2) * 4)[None, :]) & 15",
                      "nibble = (byte >> (((rk + 1) % 2) * 4)[None, :]) & 15"),
     "e8m0-code-0-is-zero": (mx, "bits = tl.where(c == 0, 0x00400000, c << 23)", "bits = c << 23"),

@@ -214,9 +214,15 @@ if triton is not None:  # absent: no kernels (the impl reports triton missing)
         return code | (negative << 7)
 
     @triton.jit
-    def quantize_fp8(v, FMT: tl.constexpr):
-        """(codes int32, their values fp32) of fp32 v, already divided by its scale and clamped to the format's
-        range; NaN becomes the format's NaN code (its value NaN)."""
+    def saturate(v, FMT_MAX: tl.constexpr):
+        """Clamp to the format's finite range (the saturating cast); NaN stays NaN."""
+        return tl.clamp(v, -FMT_MAX, FMT_MAX, propagate_nan=tl.PropagateNan.ALL)
+
+    @triton.jit
+    def quantize_fp8(v, FMT: tl.constexpr, FMT_MAX: tl.constexpr):
+        """(codes int32, their values fp32) of fp32 v, already divided by its scale: saturated to the format's
+        range, rounded to nearest even; NaN becomes the format's NaN code (its value NaN)."""
+        v = saturate(v, FMT_MAX)
         if FMT == 0:
             r = _round_fields(v, 3, 7)
             code = _encode_fields(r, 3, 7, False)
@@ -259,15 +265,15 @@ if triton is not None:  # absent: no kernels (the impl reports triton missing)
         # NaN propagates into amax explicitly (GPU max reductions may drop it), as in the reference
         amax = tl.where(nan_rows > 0, float("nan"), amax)
         sx = rowwise_scale(amax, FMT_MAX)
-        store_q = WRITE_Q and tl.program_id(1) == 0
+        q_rows = tl.where(tl.program_id(1) == 0, M, 0)  # WRITE_Q: the first column's programs store codes, scales
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
             xmask = (rm[:, None] < M) & (rk[None, :] < K)
             x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=xmask, other=0.0).to(tl.float32)
-            code, value = quantize_fp8(tl.clamp(x / sx[:, None], -FMT_MAX, FMT_MAX, propagate_nan=tl.PropagateNan.ALL), X_FMT)
-            if store_q:
-                tl.store(xq_ptr + rm[:, None] * K + rk[None, :], code.to(tl.uint8), mask=xmask)
+            code, value = quantize_fp8(x / sx[:, None], X_FMT, FMT_MAX)
+            if WRITE_Q:
+                tl.store(xq_ptr + rm[:, None] * K + rk[None, :], code.to(tl.uint8), mask=(rm[:, None] < q_rows) & (rk[None, :] < K))
             wc = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K),
                          other=0)
             if NATIVE:
@@ -275,8 +281,8 @@ if triton is not None:  # absent: no kernels (the impl reports triton missing)
             else:  # the rounded values are the codes' exact values (fp16 holds every fp8 value)
                 acc += tl.dot(value.to(tl.float16), tl.trans(decode_fp8(wc, W_FMT).to(tl.float16)),
                               out_dtype=tl.float32)
-        if store_q:
-            tl.store(sx_ptr + rm, sx, mask=rm < M)
+        if WRITE_Q:
+            tl.store(sx_ptr + rm, sx, mask=rm < q_rows)
         sw = tl.load(sw_ptr + rn, mask=rn < N, other=0.0)
         acc = acc * sx[:, None] * sw[None, :]
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -294,7 +300,7 @@ if triton is not None:  # absent: no kernels (the impl reports triton missing)
         """The fused kernel's saturating cast alone (tests compare it bit for bit with the reference)."""
         offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         v = tl.load(v_ptr + offs, mask=offs < n, other=0.0)
-        code, _ = quantize_fp8(tl.clamp(v, -FMT_MAX, FMT_MAX, propagate_nan=tl.PropagateNan.ALL), FMT)
+        code, _ = quantize_fp8(v, FMT, FMT_MAX)
         tl.store(code_ptr + offs, code.to(tl.uint8), mask=offs < n)
 
 
