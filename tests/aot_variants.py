@@ -154,7 +154,8 @@ def nf4_variants() -> list[Variant]:
 def lowp_variants(target: Target) -> list[Variant]:
     """Our FP8 and MXFP4 GEMMs (impls/kernels/fp8_gemm_triton.py, mxfp4_gemm_triton.py) as their launchers
     build them: the decode paths on every target (FNUZ on NVIDIA too), the native fp8 ``tl.dot`` in the formats
-    ``target`` has (OCP on sm89+/gfx12, FNUZ on gfx942), ``tl.dot_scaled`` where MX instructions exist (sm100).
+    ``target`` has (OCP on sm89+/gfx950/gfx12, FNUZ on gfx942), ``tl.dot_scaled`` where MX instructions exist
+    (sm100, gfx950).
     Each kernel's first variant is its most demanding one (block scales, mixed formats), which the CI subset
     keeps."""
     from twinbench.harness.core.devices import Device, lowp_support
@@ -318,7 +319,7 @@ def table(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
-TARGET_ORDER = ("sm80", "sm89", "sm90", "sm100", "gfx942", "gfx1201")
+TARGET_ORDER = ("sm80", "sm89", "sm90", "sm100", "gfx942", "gfx950", "gfx1201")
 
 
 def main(argv: list[str] | None = None) -> int:
