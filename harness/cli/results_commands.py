@@ -253,6 +253,7 @@ def cmd_calibrate(args) -> int:
     options = calibrate.CalibrateOptions(
         selection=_selection(args), measurement=_measurement(args), slowdowns=slowdowns, modes=modes,
         comparisons=args.comparisons, power_comparisons=args.power_comparisons, max_cases=args.max_cases,
+        timed=calibrate.parse_timed(args.timed),
         threshold=args.threshold, k=args.k, alpha=args.alpha, correction=args.correction,
         tests=[args.test] if args.test else ["mwu", "wilcoxon"], save_dir=Path(args.dir) if args.save else None,
         json=Path(args.json) if args.json else None)
@@ -332,7 +333,9 @@ def register(sub) -> None:
                    help="comparisons per injected slowdown")
     c.add_argument("--slowdowns", default="5,10,20", help="injected slowdowns in percent")
     c.add_argument("--modes", default="against,baseline", help="against, baseline or both")
-    c.add_argument("--max-cases", type=arguments.positive_int, default=4, help="workload cases (cycled through)")
+    c.add_argument("--max-cases", type=arguments.nonnegative_int, default=4,
+                   help="workload items, spread over the selection (0: every timed item, the whole profile)")
+    c.add_argument("--timed", default="fwd,fwdbwd", help="passes compared: fwd, fwdbwd or fwd,fwdbwd (as the gate)")
     c.add_argument("--save", action="store_true", help="write <dir>/<fingerprint>.calibration.json")
     c.add_argument("--dir", default=str(DEFAULT_BASELINES))
     c.add_argument("--json", default=None, help="write the measured numbers here")

@@ -45,9 +45,6 @@ DEFAULT_TEST = "wilcoxon"
 DEFAULT_THRESHOLD = 0.02
 DEFAULT_ROUNDS = 41        # the median ratio's noise falls as 1/sqrt(rounds); see docs/reports-and-gate.md
 DEFAULT_BLOCK_MS = 5.0
-# Flagged cases are re-measured with this many times the rounds: the re-run decides, corrected across
-# every compared case, so it needs the power (docs/reports-and-gate.md, "two stages").
-CONFIRM_ROUNDS_FACTOR = 3
 CLOCKS = ("process", "wall")
 
 
@@ -358,21 +355,18 @@ def run_gate(options: GateOptions, config) -> dict[str, Any]:
             gate.screen(cases, config)
             flagged = [c for c in cases if c["verdict"] == "regression"]
             by_key = {i.key: i for i in items}
-            rerun = []
-            for c in flagged:
-                item = by_key[f"{c['suite']}|{c['case']}|{c['impl']}|{c['mode']}"]
-                base_ms, head_ms = pair.measure(item, rounds=CONFIRM_ROUNDS_FACTOR * m.rounds)
-                rerun.append(dict(c, **gate.compare_samples(base_ms, head_ms, paired=True, test=config.test,
-                                                            n_boot=config.n_boot, seed=config.seed + 1,
-                                                            name=item.key)))
-            gate.confirm(cases, rerun, config, family=sum(c.get("p_value") is not None for c in cases))
+
+            def rerun(c: dict[str, Any], look: int) -> tuple[list[float], list[float]]:
+                return pair.measure(by_key[f"{c['suite']}|{c['case']}|{c['impl']}|{c['mode']}"])
+
+            gate.confirm_sequentially(cases, config, rerun)
         finally:
             pair.stop()
     note = (f"base {options.against} = {sha[:12]}, head = working tree; {m.rounds} interleaved rounds per case, "
             f"{pair.clock} clock, " + (f"both workers pinned to CPU(s) {cpus}" if cpus else "workers not pinned"))
     if flagged:
-        note += (f"; {len(flagged)} flagged case(s) re-run for confirmation with {CONFIRM_ROUNDS_FACTOR * m.rounds} "
-                 f"rounds, corrected across all compared cases")
+        note += (f"; {len(flagged)} flagged case(s) re-run for confirmation in up to {len(gate.SPENDING)} looks of "
+                 f"{m.rounds} rounds, alpha spent over looks and split over the flagged cases")
     if diff:
         note += f"; {diff}"
     return gate.summarize(cases, parity_failures, config, mode="against",
