@@ -112,3 +112,23 @@ def test_a_case_flagged_by_chance_is_refuted_or_left_unconfirmed():
 def test_spending_must_sum_to_one():
     with pytest.raises(ValueError):
         gate.confirm_sequentially([], CONFIG, lambda c, look: ([], []), spending=(0.5, 0.6))
+
+
+def test_several_threads_are_timed_on_the_wall_clock():
+    """CPU time sums over threads: a kernel that stopped splitting its work would look unchanged."""
+    from twinbench.harness.core.errors import UsageError
+    from twinbench.harness.gate.against import clock_for
+
+    assert clock_for("cpu", None, None) == "process" and clock_for("cpu", None, 1) == "process"
+    assert clock_for("cpu", None, 2) == "wall"
+    with pytest.raises(UsageError):
+        clock_for("cpu", "process", 2)
+
+
+def test_process_clock_with_threads_is_a_usage_error(capsys, tmp_path):
+    from twinbench.harness.cli.main import main
+
+    code = main(["gate", "--against", "HEAD", "--threads", "2", "--clock", "process", "--out", str(tmp_path / "g")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "lost parallelism" in err[0]
+    assert not (tmp_path / "g").exists()

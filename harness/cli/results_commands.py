@@ -236,9 +236,10 @@ def _measurement(args):
     from twinbench.harness.gate import against as gate_against
     from twinbench.harness.run import process
 
+    threads = gate_against.all_threads() if args.threads == "all" else args.threads
     return gate_against.Measurement(
         rounds=gate_against.check_rounds(args.rounds), block_ms=args.block_ms or gate_against.DEFAULT_BLOCK_MS,
-        threads=args.threads, clock=gate_against.clock_for(args.device, args.clock), pin=not args.no_pin,
+        threads=threads, clock=gate_against.clock_for(args.device, args.clock, threads), pin=not args.no_pin,
         timeout=args.timeout, triton_interpret=process.user_triton_interpret())
 
 
@@ -359,6 +360,10 @@ def register(sub) -> None:
     hs.set_defaults(handler=cmd_history_show)
 
 
+def _threads(text: str) -> int | str:
+    return "all" if text == "all" else arguments.positive_int(text)
+
+
 def _add_selection(p) -> None:
     p.add_argument("--suite", dest="suites", action="append", default=[], help="suites (default: all timed)")
     p.add_argument("--impl", action="append", default=[], help="only these impls")
@@ -367,10 +372,12 @@ def _add_selection(p) -> None:
     p.add_argument("--device", default="cpu", help="one device (default cpu)")
     p.add_argument("--rounds", type=arguments.rounds, default=None, help="interleaved rounds per comparison (>= 7)")
     p.add_argument("--block-ms", type=arguments.positive_float, default=None, help="milliseconds of calls per sample")
-    p.add_argument("--threads", type=arguments.positive_int, default=None,
-                   help="CPU threads per worker (default 1 on the CPU: shared-box timings are far steadier)")
+    p.add_argument("--threads", type=_threads, default=None,
+                   help="CPU threads per worker, or 'all' (default 1 on the CPU: shared-box timings are far "
+                        "steadier); with more than one the wall clock is used, for kernels that split work")
     p.add_argument("--clock", default=None,
-                   help="CPU only: process (CPU time, default) or wall (what `twinbench run` measures)")
+                   help="CPU only: process (CPU time, default with one thread) or wall (what `twinbench run` "
+                        "measures; the default and the only choice with --threads > 1)")
     p.add_argument("--no-pin", action="store_true",
                    help="CPU only: do not pin both workers to the same CPU(s) (pinning is far steadier on VMs)")
     p.add_argument("--plugin", action="append", default=[])

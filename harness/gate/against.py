@@ -91,11 +91,24 @@ def check_rounds(rounds: int | None) -> int:
     return rounds
 
 
-def clock_for(device: str, clock: str | None) -> str:
-    """CPU: process CPU time by default (a shared box's scheduling noise drops out); GPUs: device events."""
-    clock = clock or ("process" if device == "cpu" else "wall")
+def all_threads() -> int:
+    """`--threads all`: every CPU this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def clock_for(device: str, clock: str | None, threads: int | None = None) -> str:
+    """CPU, one thread: process CPU time by default (a shared box's scheduling noise drops out).
+    CPU, several threads, and GPUs: the wall clock (device events on GPUs).
+
+    Why the wall clock with threads: CPU time sums over threads, so a kernel that stops splitting its work
+    across threads costs the same CPU time and the process clock cannot see it; the wall clock can."""
+    several = device == "cpu" and (threads or DEFAULT_GATE_CPU_THREADS) > 1
+    clock = clock or ("process" if device == "cpu" and not several else "wall")
     if clock not in CLOCKS:
         raise UsageError("--clock must be process or wall")
+    if clock == "process" and several:
+        raise UsageError("--clock process sums CPU time over threads and cannot see lost parallelism: "
+                         "use the wall clock (the default) with --threads > 1")
     return clock
 
 
