@@ -137,12 +137,17 @@ class DeviceRun:
                 self.journal.append({"type": "fingerprint", "fingerprint": event.fingerprint,
                                      "import_failures": event.import_failures})
             elif isinstance(event, Ceilings):
-                self.ceilings = event.ceilings
-                self.journal.append({"type": "ceilings", "device": dev.name, "fingerprint": event.fingerprint,
-                                     "ceilings": event.ceilings})
+                self._journal_ceilings(event)
 
         return start_run_worker(config, setup.env, self.log_path, max(o.timeout, START_TIMEOUT_S),
                                 on_event=journal_start_event, started=self._started)
+
+    def _journal_ceilings(self, event: Ceilings) -> None:
+        """Ceilings come at the worker's start and again mid-case (another thread count, or a re-measurement
+        after a share above 100%): each is journaled; the last is what a restarted worker reuses."""
+        self.ceilings = event.ceilings
+        self.journal.append({"type": "ceilings", "device": self.device.name, "fingerprint": event.fingerprint,
+                             "ceilings": event.ceilings})
 
     def _started(self, worker: WorkerProcess) -> None:
         self.worker = worker  # visible to cancel() while the worker is still starting
@@ -217,6 +222,8 @@ class DeviceRun:
                         current = (event.impl, event.phase)
                         self.progress.status(f"{self.device.name} {task.suite} {task.case_id} {event.impl} "
                                              f"{event.phase}")
+                    elif isinstance(event, Ceilings):
+                        self._journal_ceilings(event)
                     elif isinstance(event, RecordDone):
                         if event.record["impl"] not in got:
                             got.add(event.record["impl"])
