@@ -20,11 +20,9 @@ from twinbench.harness.core.registry import Inputs, Suite, register_impl, regist
 from twinbench.reference.moe import moe_experts
 
 
-def _case(batch, seq, hidden, experts, top_k, inter, dtype, routing="balanced", threads=None) -> Case:
-    """``threads`` only where given (the bench cases), so the other profiles' case ids stay as they were."""
-    extra = {} if threads is None else {"threads": threads}
+def _case(batch, seq, hidden, experts, top_k, inter, dtype, routing="balanced", threads=0) -> Case:
     return Case.of(batch=batch, seq=seq, hidden=hidden, experts=experts, top_k=top_k, inter=inter,
-                   routing=routing, dtype=dtype, **extra)
+                   routing=routing, dtype=dtype, threads=threads)
 
 
 # Tiny: every impl is parity-checked on these in CI, the Triton one through the interpreter.
