@@ -283,3 +283,19 @@ def test_thread_split_gives_identical_results(threads, isa, monkeypatch):
             assert torch.equal(a, b)
     finally:
         torch.set_num_threads(before)
+
+
+@native
+def test_first_touch_copy_is_the_same_weight(monkeypatch):
+    """place(): each 16-row band written by the thread that reads it in the GEMV; same bytes, same results."""
+    _, _, packed2d, scales = state(97, 256, 64, False, seed=4)
+    monkeypatch.setattr(nf4_native, "BYTES_PER_THREAD", 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        placed = nf4_native.place(packed2d)
+        assert placed.data_ptr() != packed2d.data_ptr() and torch.equal(placed, packed2d)
+        x = torch.randn(2, 256)
+        assert torch.equal(nf4_native.gemv(x, placed, scales), nf4_native.gemv(x, packed2d, scales))
+    finally:
+        torch.set_num_threads(before)

@@ -52,7 +52,10 @@ START_TIMEOUT_S = 120.0
 
 
 def phase_timeout(phase: str, timeout: float) -> float:
-    """The no-progress limit while the worker is in ``phase``."""
+    """The no-progress limit while the worker is in ``phase`` (measuring ceilings, which a case may ask for
+    mid-run, is no impl's step: it gets the start's allowance, not a --timeout meant for kernels)."""
+    if phase == "ceilings":
+        return max(timeout, START_TIMEOUT_S)
     return min(timeout, PROBE_TIMEOUT_S) if phase == "probe" else timeout
 
 
@@ -183,17 +186,20 @@ class DeviceRun:
                                                          and r["case"] == task.case_id])
         self.tasks.popleft()
 
-    def run(self) -> None:
+    def run(self, *, keep_worker: bool = False) -> None:
+        """Run the queued tasks; ``keep_worker`` leaves the worker running for the next call's tasks (a
+        cluster node's actor is handed one case at a time and must not restart torch for each)."""
         try:
             self._run()
         except BaseException:
             self.cancel()
             raise
-        if self.worker is not None:
+        if self.worker is not None and not keep_worker:
             self.worker.stop()
+            self.worker = None
 
     def _run(self) -> None:
-        worker: WorkerProcess | None = None
+        worker: WorkerProcess | None = self.worker  # kept from an earlier run(keep_worker=True), or None
         timeout = self.options.timeout
         while self.tasks and not self.cancelled:
             task = self.tasks[0]

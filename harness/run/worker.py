@@ -86,14 +86,24 @@ class CeilingBook:
 
         self.device, self.fingerprint, self.events, self.enabled = device, fingerprint, events, enabled
         self.measure = measure or measure_ceilings
+        self.fixed: dict[str, Any] | None = None  # given ceilings, used whatever the thread count (fixed_ceilings)
         self.by_threads: dict[int, dict[str, Any]] = {}
         if cached:  # from a --resume'd journal: valid for the thread count it was measured under
             self.by_threads[int(cached.get("threads") or 0)] = cached
+
+    @classmethod
+    def fixed_ceilings(cls, device: Any, fingerprint: str, ceilings: dict[str, Any]) -> CeilingBook:
+        """Ceilings given by the caller (a test, an embedding tool), never measured."""
+        book = cls(device, fingerprint, None, False)
+        book.fixed = ceilings
+        return book
 
     def current(self) -> dict[str, Any]:
         """The ceilings for torch's current thread count (measured now if not yet)."""
         import torch
 
+        if self.fixed is not None:
+            return self.fixed
         threads = torch.get_num_threads()
         if threads not in self.by_threads:
             if not self.enabled:
@@ -104,6 +114,8 @@ class CeilingBook:
     def remeasure(self) -> dict[str, Any]:
         import torch
 
+        if self.fixed is not None:
+            return self.fixed
         if not self.enabled:
             return {}
         if self.events is not None:
@@ -138,8 +150,13 @@ class CaseContext:
 
     device: Any
     fingerprint: str
-    ceilings: CeilingBook
+    ceilings: CeilingBook  # a plain dict given here is used as fixed ceilings
     config: RunWorkerConfig
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ceilings, CeilingBook):
+            object.__setattr__(self, "ceilings",
+                               CeilingBook.fixed_ceilings(self.device, self.fingerprint, dict(self.ceilings)))
 
 
 def _limit_memory(limit_bytes: int) -> None:

@@ -35,7 +35,8 @@ static inline int omp_get_num_threads(void) { return 1; }
 typedef int64_t i64;
 #define AI static inline __attribute__((always_inline))
 
-#define MAX_ROWS 8 /* rows of x handled by one GEMV call (Python splits larger batches) */
+#define MAX_ROWS 4 /* rows of x handled by one GEMV call (Python splits larger batches; the dispatch sends
+                        * at most 4 rows to the GEMV: each count is a specialisation, i.e. compile time) */
 
 /* ---- the vector layer: L floats per vector ------------------------------------------------------------- */
 #if defined(__AVX512F__)
@@ -328,11 +329,7 @@ int nf4_gemv(const uint8_t *packed, const float *scales, const float *code16, co
         case 2: fwd_rows(&p, packed, xs, y, n0, n1, 2, 1); break;
 #endif
         case 3: fwd_rows(&p, packed, xs, y, n0, n1, 3, 1); break;
-        case 4: fwd_rows(&p, packed, xs, y, n0, n1, 4, 1); break;
-        case 5: fwd_rows(&p, packed, xs, y, n0, n1, 5, 1); break;
-        case 6: fwd_rows(&p, packed, xs, y, n0, n1, 6, 1); break;
-        case 7: fwd_rows(&p, packed, xs, y, n0, n1, 7, 1); break;
-        default: fwd_rows(&p, packed, xs, y, n0, n1, 8, 1); break;
+        default: fwd_rows(&p, packed, xs, y, n0, n1, 4, 1); break;
         }
     }
     return 0;
@@ -404,10 +401,7 @@ int nf4_gemv_t(const uint8_t *packed, const float *scales, const float *code16, 
             case 3: bwd_cols(&p, packed, g, dxs, g0, g1, 3, 1); break;
             case 4: bwd_cols(&p, packed, g, dxs, g0, g1, 4, 1); break;
 #endif
-            case 5: bwd_cols(&p, packed, g, dxs, g0, g1, 5, 1); break;
-            case 6: bwd_cols(&p, packed, g, dxs, g0, g1, 6, 1); break;
-            case 7: bwd_cols(&p, packed, g, dxs, g0, g1, 7, 1); break;
-            default: bwd_cols(&p, packed, g, dxs, g0, g1, 8, 1); break;
+            default: break; /* M <= MAX_ROWS: cases 1-4 above */
             }
         for (i64 m = 0; m < M; m++) /* back to natural order: this thread's groups only */
             for (i64 gi = g0; gi < g1; gi++)

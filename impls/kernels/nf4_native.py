@@ -37,7 +37,7 @@ ISA_FLAGS = {
     "avx2": (["-mavx2", "-mfma", "-mf16c"], ("avx2", "fma", "f16c")),
 }
 _ISA_ID = {"avx512": 512, "avx2": 2}  # what the build's nf4_native_isa() returns
-MAX_ROWS = 8  # rows of x one GEMV call takes (nf4_native.c: MAX_ROWS)
+MAX_ROWS = 4  # rows of x one GEMV call takes (nf4_native.c: MAX_ROWS)
 _OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -90,11 +90,17 @@ def _choose_isa(wanted: str) -> tuple[str | None, str]:
 
 
 def _load() -> tuple[ctypes.CDLL | None, str]:
-    if os.environ.get("TWINBENCH_NF4_NATIVE") == "0":
+    return _load_for(os.environ.get("TWINBENCH_NF4_NATIVE", ""), os.environ.get("TWINBENCH_NF4_ISA", ""))
+
+
+@functools.cache
+def _load_for(native: str, wanted_isa: str) -> tuple[ctypes.CDLL | None, str]:
+    """The build for these environment settings (cached: status() runs on every kernel call)."""
+    if native == "0":
         return None, "turned off by TWINBENCH_NF4_NATIVE=0"
     if not sys.platform.startswith("linux"):
         return None, f"native NF4 kernels are built for Linux only (this is {sys.platform})"
-    isa, why = chosen_isa()
+    isa, why = _choose_isa(wanted_isa)
     return _load_isa(isa) if isa else (None, why)
 
 
