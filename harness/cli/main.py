@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,8 +40,13 @@ def _add_run(sub) -> None:
     p.add_argument("--memory-limit-gb", type=arguments.positive_float, default=None,
                    help="CPU worker address-space cap")
     p.add_argument("--no-report", action="store_true", help="skip report.html/summary.md/junit.xml")
+    p.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="spread the run over a Ray cluster (default: $RAY_ADDRESS; 'local' starts one here)")
+    p.add_argument("--cluster-resource", action="append", default=[], metavar="NAME",
+                   help="only nodes offering this Ray resource (e.g. accelerator_type:H100; repeatable)")
     ci_output.add_options(p)
-    p.set_defaults(handler=cmd_run)
+    # a run's journal keeps every finished record, so an interrupted run is finished, not restarted
+    p.set_defaults(handler=cmd_run, interrupt_hint=" (finish with --resume)")
 
 
 def cmd_run(args) -> int:
@@ -62,7 +68,15 @@ def cmd_run(args) -> int:
         timeout=args.timeout, trials=args.trials, seed=args.seed, reference_device=args.reference_device,
         timing=not args.no_timing, plan=plan, threads=args.threads, memory_limit_gb=args.memory_limit_gb,
         report=not args.no_report, triton_interpret=process.user_triton_interpret())
-    doc = runner.run(options)
+    address = args.cluster or os.environ.get("RAY_ADDRESS") or None  # `ray job submit` sets RAY_ADDRESS
+    if args.cluster_resource and not address:
+        raise UsageError("--cluster-resource needs --cluster ADDRESS (or RAY_ADDRESS)")
+    if address:
+        from twinbench.harness.cluster.driver import ClusterOptions, run_on_cluster
+
+        doc = run_on_cluster(options, ClusterOptions(address, tuple(args.cluster_resource)))
+    else:
+        doc = runner.run(options)
     print_table(doc)
     written = [out / "results.json"]
     if options.report:
@@ -141,7 +155,8 @@ def cmd_list(args) -> int:
             cells = []
             for dev in selected:
                 ok, why = probed[dev.name].get((s, impl.name), (False, "not probed"))
-                note = impl.timing_excluded(dev) if ok else why
+                # a runnable impl's own note (formats native or emulated...) and why it is never timed there
+                note = "; ".join(filter(None, (why, impl.timing_excluded(dev)))) if ok else why
                 cells.append(("[green]yes[/]" + (f" ({escape(note)})" if note else "")) if ok
                              else f"[red]no[/]: {escape(why)}")
             table.add_row(s, impl.name, ",".join(impl.tags), *cells)
@@ -180,14 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from twinbench.harness.run.process import WorkerFailed
+
+    args = None
     try:
         args = build_parser().parse_args(argv)
         return int(args.handler(args) or 0)
     except UsageError as exc:
         print(f"twinbench: error: {exc}", file=sys.stderr)
         return 2
+    except WorkerFailed as exc:  # a gate/doctor worker that could not start or died: its first line, no traceback
+        print(f"twinbench: stopped: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("twinbench: interrupted (finish with --resume)", file=sys.stderr)
+        print(f"twinbench: interrupted{getattr(args, 'interrupt_hint', '')}", file=sys.stderr)
         return 130
 
 
