@@ -35,6 +35,7 @@ def test_tiny_bench_learns_and_reports_ratios_and_breakdown(tiny_run):
     assert rc == 0 and len(runs) == 1
     r = runs[0]
     assert r["bench_case"] == dataclasses.asdict(TINY_LLAMA) and r["cpu_threads"] == 1
+    assert r["model_parameters"] == 426_624  # the unquantised tiny llama (hidden 128, vocab 512)
     n = r["probe_responses"]
     assert r["probe_hits"] == {"reference": {"before": 0, "after": n}, "patched": {"before": 0, "after": n}}
     for name in BENCH_TARGETS:

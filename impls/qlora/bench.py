@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from twinbench.impls.kernels import nf4 as nf4_kernels
 from twinbench.impls.qlora.patched import labelled_loss, patch_model
+from twinbench.reference import tiny_lm
 from twinbench.reference.qlora.breakdown import profile_step
 from twinbench.reference.qlora.config import HEAD_STEPS, LoopConfig
 from twinbench.reference.qlora.model import load_qlora_model, save_base_checkpoint
@@ -35,6 +36,15 @@ def fix_mmap_threshold(nbytes: int) -> bool:
         return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(nbytes)))  # M_MMAP_THRESHOLD = -3
     except (OSError, AttributeError):
         return False
+
+
+def base_parameters(cfg: LoopConfig, tokenizer) -> int:
+    """Parameters of the unquantised base model (the NF4 model's packed weights count two per byte)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        config = tiny_lm.build_config(cfg.kind, tokenizer, **dict(cfg.model_overrides))
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
 
 
 def bench(cfg: LoopConfig, meters: Meters, device: str = "cpu", checkpointing: bool = False,
@@ -97,6 +107,6 @@ def bench(cfg: LoopConfig, meters: Meters, device: str = "cpu", checkpointing: b
         "probe_responses": 1 + cfg.probe_samples,
         "breakdown": breakdown,
         "trainable_parameters": sum(p.numel() for p in loops["patched"].params.values() if p.requires_grad),
-        "model_parameters": sum(p.numel() for p in ref_model.parameters()),
+        "model_parameters": base_parameters(cfg, tok),
         "patched": patches,
     }
