@@ -8,11 +8,12 @@ its nearest labelled ancestor:
   ``scope`` inside the patched loop's fused ops, which call no submodules;
 - backward: the autograd node (``autograd::engine::evaluate_function: XBackward``) takes the category of the
   forward op with the same ``sequence_nr`` (the profiler links them), unless its own name says more;
-- by name everywhere: NF4 dequantisation and bitsandbytes' 4-bit ops -> nf4, ``Optimizer.*`` -> optimizer.
+- by name everywhere: NF4 dequantisation (bitsandbytes' and ours) -> nf4, ``Optimizer.*`` -> optimizer.
 Whatever is left (embedding, final norm, lm_head, loss, data movement) is ``other``.
 
 The NF4 GEMMs themselves run in their sub-block's category in both loops (the patched ops fuse the frozen
-GEMM with the adapter accumulation): ``nf4`` is the dequantisation and bitsandbytes' own 4-bit kernels.
+GEMM with the adapter accumulation; bitsandbytes' ``gemm_4bit`` is dequantise + ``linear``): ``nf4`` is the
+dequantisation, which both loops run three times per weight and micro-batch (forward, recompute, dx).
 Labels cost nothing when no profiler runs (``scope`` checks first). CPU time only: on CUDA it is launch time.
 """
 
@@ -32,7 +33,7 @@ MODULE_LABELS = {"self_attn": "attention", "input_layernorm": "attention", "mlp"
                  "post_attention_layernorm": "mlp_experts", "lora_A": "lora", "lora_B": "lora",
                  "lora_dropout": "lora"}
 # (substring of an op or node name, category), first match wins
-NAME_RULES = (("Optimizer.", "optimizer"), ("dequantize", "nf4"), ("bitsandbytes::", "nf4"), ("MatMul4Bit", "nf4"),
+NAME_RULES = (("Optimizer.", "optimizer"), ("dequantize", "nf4"),
               ("RecomputedAttention", "attention"), ("flash_attention", "attention"),
               ("scaled_dot_product", "attention"), ("RecomputedMLP", "mlp_experts"), ("SiluMul", "mlp_experts"),
               ("SortedLoRAExperts", "mlp_experts"))
