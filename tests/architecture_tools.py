@@ -33,6 +33,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "harness.gate": frozenset({"harness.core", "harness.store", "harness.run", "harness.gate"}),
     "harness.doctor": frozenset({"harness.core", "harness.store", "harness.run", "harness.doctor"}),
     "harness.cli": frozenset({"*"}),
+    "harness.pytest_plugin": frozenset({"harness.core", "harness.store", "harness.run", "harness.pytest_plugin"}),
     "reports": frozenset({"harness.store", "reports"}),
     "reference": frozenset({"reference"}),
     "suites": frozenset({"harness.core", "reference", "suites"}),

@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from twinbench.harness.core import devices as devices_mod
@@ -241,6 +241,12 @@ class _Collected:
         self.messages.append(message)
 
 
+def skip(reason: str) -> NoReturn:
+    """Skip the running item, reported at the item (``twinbench::parity[...]``, or the test using the fixture),
+    not at a line of this module."""
+    raise pytest.skip.Exception(reason, _use_item_location=True)
+
+
 def judge(record: dict[str, Any] | None, target: Target) -> None:
     """A record as a pytest outcome: ok passes; skipped skips with the run's reason; wrong, crashed and timeout
     fail with the status and reason the run prints (``twinbench run``'s table and results.json)."""
@@ -249,8 +255,7 @@ def judge(record: dict[str, Any] | None, target: Target) -> None:
                     f"a plugin module it cannot import, or one only on the pytest process's path?)", pytrace=False)
     status = Status(record["status"])
     if status is Status.SKIPPED:
-        # reported at the item (twinbench::parity[...]), not at this line
-        raise pytest.skip.Exception(record["reason"], _use_item_location=True)
+        skip(record["reason"])
     if status.failed:
         pytest.fail(f"{status.value}: {record['reason']}", pytrace=False)
 
@@ -306,8 +311,7 @@ class TwinbenchSession:
             rec = self.records.record(target, self.scheduled(request.session))
             if rec is None or rec["status"] != Status.OK.value:
                 status = rec["status"] if rec else "not run"
-                raise pytest.skip.Exception(f"not timed: parity {status}" + (f": {rec['reason']}" if rec and rec["reason"]
-                                            else ""), _use_item_location=True)
+                skip(f"not timed: parity {status}" + (f": {rec['reason']}" if rec and rec["reason"] else ""))
             self._benchmark(benchmark, target, mode)
 
         return timing
@@ -321,14 +325,14 @@ class TwinbenchSession:
         ref = registry.IMPLS[(target.suite, suite.reference)]
         device = self.plan.devices[target.device]
         if not suite.timed:
-            pytest.skip(f"{target.suite} is a training loop: it measures its own steps (metrics), not timed here")
+            skip(f"{target.suite} is a training loop: it measures its own steps (metrics), not timed here")
         if why := impl.timing_excluded(device):
-            pytest.skip(f"not timed: {why}")
+            skip(f"not timed: {why}")
         inputs = suite.make_inputs(Case.of(target.params), device.torch_device, 0)
         ledger = StateLedger()
         calls = time_callables(impl, inputs, device, impl.backward and ref.backward, ledger)
         if mode not in calls:
-            pytest.skip(f"no {mode} call: {target.impl} or its reference has no backward here")
+            skip(f"no {mode} call: {target.impl} or its reference has no backward here")
         fn = calls[mode]
         timer = self.timers.setdefault(device.name, timer_for(device))  # its sync(): the device's work is done
 
@@ -449,10 +453,10 @@ class CaseInputs:
         case = Case.of(spec.params)
         dtype = case.get("dtype")
         if dtype and not device.supports_dtype(dtype):
-            pytest.skip(f"{device.name} cannot compute in {dtype}")
+            skip(f"{device.name} cannot compute in {dtype}")
         ok, why = registry.IMPLS[(suite.name, suite.reference)].can_run(case, device)
         if not ok:
-            pytest.skip(f"reference cannot run here: {why}")
+            skip(f"reference cannot run here: {why}")
         return cls(suite=suite, case=case, device=device, inputs=suite.make_inputs(case, device.torch_device, seed),
                    seed=seed)
 
