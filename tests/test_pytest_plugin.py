@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from twinbench.harness.core import registry
 from twinbench.harness.core.errors import UsageError
-from twinbench.harness.pytest_plugin.session import Selection, Target, judge, plan, tasks_for
+from twinbench.harness.core.registry import load_plugins
+from twinbench.harness.pytest_plugin.session import Selection, Target, is_builtin, judge, plan, tasks_for
 from twinbench.harness.store.record import Status
 
 pytest_plugins = ["pytester"]
@@ -123,7 +125,8 @@ def test_vendor_repository(vendor: pytest.Pytester, monkeypatch: pytest.MonkeyPa
     case = f"gating/{CASE},top_k=4,norm=true,dtype=fp32,tie_rows=2,nonfinite_rows=2"
     outcomes = outcomes_by_name(result)
     parity = {k.split("/")[-2]: v for k, v in outcomes.items() if k.startswith("twinbench::parity[")}
-    assert parity == {"vendor_good": "PASSED", "vendor_wrong": "FAILED", "vendor_crash": "FAILED"}, text
+    assert parity == {"reference": "PASSED", "vendor_good": "PASSED", "vendor_wrong": "FAILED",
+                      "vendor_crash": "FAILED"}, text
     assert "SKIPPED [1] twinbench:1: needs the VendorChip runtime" in text
     assert "wrong: weights: err " in text and " > bound " in text
     assert "crashed: worker died with SIGABRT (aborted)" in text
@@ -135,7 +138,7 @@ def test_vendor_repository(vendor: pytest.Pytester, monkeypatch: pytest.MonkeyPa
     assert outcomes[f"test_vendor.py::test_own_check[{case}/cpu]"] == "PASSED"
     assert outcomes["test_vendor.py::test_fixture_without_marker"] == "ERROR"
     assert "needs @pytest.mark.twinbench_case(SUITE)" in text
-    result.assert_outcomes(passed=6, failed=2, skipped=7, errors=1)
+    result.assert_outcomes(passed=7, failed=2, skipped=7, errors=1)
 
     bench = json.loads((vendor.path / "bench.json").read_text())
     names = {(b["extra_info"]["impl"], b["extra_info"]["mode"]) for b in bench["benchmarks"]}
@@ -176,14 +179,16 @@ def test_off_unless_asked(vendor: pytest.Pytester) -> None:
     assert "--twinbench-impl selects twinbench items, which are off: add --twinbench" in refused.stderr.str()
 
 
-def test_selection_mistakes_are_usage_errors() -> None:
+def test_selection_mistakes_are_usage_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     """A selection that names nothing runnable is one UsageError line before anything runs (pytest: exit 4)."""
     with pytest.raises(UsageError, match="no device 'nope:7' on this machine"):
         plan(Selection(devices=("nope:7",)))
     with pytest.raises(UsageError, match="unknown impl nope"):
         plan(Selection(impls=("nope",), devices=("cpu",)))
+    load_plugins()  # then only twinbench's own impls (other tests register some of their own)
+    monkeypatch.setattr(registry, "IMPLS", {k: i for k, i in registry.IMPLS.items() if is_builtin(i)})
     with pytest.raises(UsageError, match="no installed plugin registers a twinbench impl"):
-        plan(Selection(devices=("cpu",)))  # this checkout has no vendor plugin installed
+        plan(Selection(devices=("cpu",)))
 
 
 def test_entry_point_declared() -> None:
@@ -215,6 +220,6 @@ def test_judge_maps_every_status(status: Status, outcome) -> None:
 
 
 def test_tasks_for_groups_cases_reference_first() -> None:
-    tasks = tasks_for([_target("a"), _target("b"), _target("a"),
+    tasks = tasks_for([_target("a"), _target("b"), _target("a"), _target("reference"),
                        Target("gating", "c2", {"tokens": 2}, "b", "cpu")], {"gating": "reference"})
-    assert [(t.case_id, t.impls) for t in tasks] == [("c1", ["reference", "a", "b"]), ("c2", ["reference", "b"])]
+    assert [(t.case_id, t.impls) for t in tasks] == [("c1", ["reference", "a", "b"]), ("c2", ["b"])]

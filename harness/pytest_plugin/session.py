@@ -1,12 +1,12 @@
 """What ``pytest --twinbench`` collects and where its verdicts come from: the run engine, never a copy of it.
 
-- **Parity items**, one per (suite, case, impl, device) of the selection (the reference is what the others are
-  judged against, so it has none). Their records are made by ``harness.run`` exactly as ``twinbench run
+- **Parity items**, one per (suite, case, impl, device) of the selection, the case's reference included (the run
+  judges it too, and a failing reference skips the case's impls). Their records are made by ``harness.run`` exactly as ``twinbench run
   --no-timing`` makes them: by default by one run worker per device (:class:`~twinbench.harness.run.supervisor.
   DeviceRun`: a kernel that segfaults, aborts or hangs costs its own items and pytest goes on); with
   ``--twinbench-in-process`` by the same case code (:func:`~twinbench.harness.run.worker.run_case`) called in the
   pytest process: no worker start, no protection from a crash, no ``--twinbench-timeout``.
-- **Timing items** (``--twinbench-benchmark``), one per (suite, case, impl or reference, device, fwd/fwdbwd), timed
+- **Timing items** (``--twinbench-benchmark``), one per (suite, case, impl, device, fwd/fwdbwd), timed
   by pytest-benchmark's ``benchmark`` fixture in the pytest process, so ``--benchmark-autosave`` and
   ``pytest-benchmark compare`` work on them; only an impl whose parity passed is timed.
 - **The case fixture** (:class:`CaseInputs`): a suite's inputs for one case, the reference's outputs on them and
@@ -83,8 +83,9 @@ class Target:
 class Plan:
     """The selection resolved against the registry and the devices: every item's target."""
 
+    # Each case's reference first: the run judges it too (against its own high-precision run), and when it fails
+    # the case's impls are skipped with "reference failed: ...", so its own item is where that failure shows.
     parity: tuple[Target, ...]
-    references: tuple[Target, ...]  # the reference of each (suite, case, device) with a parity target
     reference_of: dict[str, str]  # suite -> its reference impl
     devices: dict[str, devices_mod.Device]
     import_failures: dict[str, str]  # plugin modules (not twinbench's own) that failed to import
@@ -122,27 +123,21 @@ def plan(selection: Selection) -> Plan:
     planned = plan_tasks(RunOptions(suites=suites, impls=impls, cases=list(selection.cases),
                                     profile=selection.profile, plugins=list(selection.plugins)))
     check_dtypes(planned, devices)
-    parity: list[Target] = []
-    references: list[Target] = []
-    for suite, tasks in planned:
-        for task in tasks:
-            for dev in devices:
-                judged = [Target(suite.name, task.case_id, task.params, name, dev.name)
-                          for name in task.impls if name != suite.reference]
-                parity += judged
-                if judged:
-                    references.append(Target(suite.name, task.case_id, task.params, suite.reference, dev.name))
-    return Plan(parity=tuple(parity), references=tuple(references),
-                reference_of={suite.name: suite.reference for suite, _ in planned},
+    parity = [Target(suite.name, task.case_id, task.params, name, dev.name)
+              for suite, tasks in planned for task in tasks if task.impls != [suite.reference]
+              for dev in devices for name in task.impls]
+    return Plan(parity=tuple(parity), reference_of={suite.name: suite.reference for suite, _ in planned},
                 devices={d.name: d for d in devices}, import_failures=plugin_import_failures())
 
 
 def tasks_for(targets: Iterable[Target], reference_of: dict[str, str]) -> list[Task]:
-    """The run's tasks that produce every target's record: one per case, the reference first (the run always
-    runs it: it is what the others are judged against)."""
+    """The run's tasks that produce every target's record: one per case, the reference first when its own item
+    is among the targets (as in `twinbench run`). When it is not (deselected), the impls are still judged against
+    it but it is not judged itself: a broken reference then fails every impl of the case as crashed, instead of
+    failing its own item and skipping theirs; nothing passes that the run would fail."""
     tasks: dict[tuple[str, str], Task] = {}
-    for t in targets:
-        task = tasks.setdefault((t.suite, t.case_id), Task(t.suite, dict(t.params), t.case_id, [reference_of[t.suite]]))
+    for t in sorted(targets, key=lambda t: t.impl != reference_of[t.suite]):
+        task = tasks.setdefault((t.suite, t.case_id), Task(t.suite, dict(t.params), t.case_id, []))
         if t.impl not in task.impls:
             task.impls.append(t.impl)
     return list(tasks.values())
@@ -377,7 +372,7 @@ class TwinbenchCollector(pytest.Collector):
         for target in tb.plan.parity:
             yield self._item(f"parity[{target.id}]", tb.parity_item(target), target)
         if tb.selection.benchmark:
-            for target in [*tb.plan.references, *tb.plan.parity]:
+            for target in tb.plan.parity:
                 for mode in TIMING_MODES:
                     yield self._item(f"benchmark[{target.id}/{mode}]", tb.timing_item(target, mode), target)
 
