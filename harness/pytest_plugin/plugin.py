@@ -119,11 +119,20 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
     tb = session.config.stash.get(SESSION_KEY, None)
     if tb is not None:
-        written = tb.close()
-        if written is not None:
-            reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-            if reporter is not None:
-                reporter.write_line(f"twinbench: wrote {written}")
+        written = tb.finish()
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if written is not None and reporter is not None:
+            reporter.write_line(f"twinbench: wrote {written}")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not enabled(config):
+        return
+    from twinbench.harness.pytest_plugin.session import SESSION_KEY
+
+    tb = config.stash.get(SESSION_KEY, None)
+    if tb is not None:
+        tb.close()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -105,8 +105,8 @@ def plan(selection: Selection) -> Plan:
     """Load the plugins and resolve the selection; a selection that names nothing is a UsageError."""
     devices = [devices_mod.find(d) for d in selection.devices] if selection.devices else list(devices_mod.detect())
     if selection.in_process and all(d.backend == "cpu" for d in devices):
-        # Triton runs on the CPU only through its interpreter, read when a kernel module is imported (below)
-        # (docs/method.md §6); a worker gets it from worker_environment.
+        # On the CPU Triton runs only through its interpreter, chosen when a kernel module is imported
+        # (load_plugins, below; docs/method.md §6); a worker gets it from worker_environment instead.
         os.environ.setdefault("TRITON_INTERPRET", "1")
     registry.load_plugins(selection.plugins)
     suites, impls = list(selection.suites), list(selection.impls)
@@ -276,13 +276,15 @@ class TwinbenchSession:
             self.stack.enter_context(locked_folder(folder))
         self.records = ParityRecords(self.plan, selection, folder, command)
         self.timers: dict[str, Any] = {}
+        self._scheduled: list[Target] | None = None
 
-    def close(self) -> Path | None:
-        """Write results.json when asked for an output folder; release the folder (or remove the temporary one)."""
-        try:
-            return self.records.write_results() if self.selection.out is not None and self.records.records else None
-        finally:
-            self.stack.close()
+    def finish(self) -> Path | None:
+        """results.json, when asked for an output folder and something ran."""
+        return self.records.write_results() if self.selection.out is not None and self.records.records else None
+
+    def close(self) -> None:
+        """Release the output folder, or remove the temporary one (idempotent)."""
+        self.stack.close()
 
     def collect(self, session: pytest.Session) -> list[pytest.Item]:
         """The items, reported as one collector's result (so "collected N items" counts them)."""
@@ -293,7 +295,10 @@ class TwinbenchSession:
 
     def scheduled(self, session: pytest.Session) -> list[Target]:
         """The targets of the twinbench items pytest runs in this process (after -k/-m deselection)."""
-        return [item.target for item in session.items if isinstance(item, TwinbenchItem)]
+        if self._scheduled is None:
+            self._scheduled = [item.target for item in session.items if isinstance(item, TwinbenchItem)
+                               and hasattr(item, "target")]
+        return self._scheduled
 
     def parity_item(self, target: Target) -> Callable[..., None]:
         def parity(request) -> None:
