@@ -68,8 +68,8 @@ def test_own_check(twinbench_case):
     ref = twinbench_case.reference()
     assert set(ref) == {{"weights", "ids", "aux_loss", "z_loss"}}
     assert out["ids"].equal(ref["ids"])
-    assert twinbench_case.check(good).ok
-    verdict = twinbench_case.check(wrong)
+    assert twinbench_case.check(good, trials=1).ok
+    verdict = twinbench_case.check(wrong, trials=1)
     assert not verdict.ok and "weights" in verdict.reason()
 
 
@@ -119,7 +119,7 @@ def test_vendor_repository(vendor: pytest.Pytester, monkeypatch: pytest.MonkeyPa
     vendor.makeini("[pytest]\ntwinbench = true\n")  # the ini switch, as --twinbench
     result = vendor.runpytest_subprocess(
         *plugin_args(), "-p", "no:cacheprovider", "-rA", "--twinbench-device", "cpu",
-        "--twinbench-case", CASE, "--twinbench-out", "tb", "--twinbench-benchmark", "--benchmark-json", "bench.json",
+        "--twinbench-case", CASE, "--twinbench-trials", "1", "--twinbench-out", "tb", "--twinbench-benchmark", "--benchmark-json", "bench.json",
         "--benchmark-max-time", "0.01", "--benchmark-min-rounds", "2")
     text = result.stdout.str()
     case = f"gating/{CASE},top_k=4,norm=true,dtype=fp32,tie_rows=2,nonfinite_rows=2"

@@ -27,7 +27,8 @@ import pytest
 ITEM_OPTIONS = {"twinbench_suite": "--twinbench-suite", "twinbench_impl": "--twinbench-impl",
                 "twinbench_profile": "--twinbench-profile", "twinbench_case": "--twinbench-case",
                 "twinbench_in_process": "--twinbench-in-process", "twinbench_benchmark": "--twinbench-benchmark",
-                "twinbench_out": "--twinbench-out", "twinbench_timeout": "--twinbench-timeout"}
+                "twinbench_out": "--twinbench-out", "twinbench_timeout": "--twinbench-timeout",
+                "twinbench_trials": "--twinbench-trials"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -49,6 +50,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="run parity in the pytest process: no worker start, but a crashing kernel ends pytest")
     group.addoption("--twinbench-timeout", type=float, default=None, metavar="S",
                     help="seconds without progress before a worker's case counts as hung (default 600)")
+    group.addoption("--twinbench-trials", type=int, default=None, metavar="N",
+                    help="parity trials (fresh inputs) per case (default: the suite's)")
     group.addoption("--twinbench-benchmark", action="store_true", default=None,
                     help="also time each impl that passed parity, and its reference, with pytest-benchmark")
     group.addoption("--twinbench-out", default=None, metavar="DIR",
@@ -88,12 +91,17 @@ def _selection(config: pytest.Config):
 
     here = config.invocation_params.dir
     out = config.getoption("twinbench_out")
+    for dest, flag in (("twinbench_trials", "--twinbench-trials"), ("twinbench_timeout", "--twinbench-timeout")):
+        value = config.getoption(dest)
+        if value is not None and not value > 0:
+            raise pytest.UsageError(f"twinbench: {flag} must be positive, not {value:g}")
     return Selection(suites=tuple(config.getoption("twinbench_suite")), impls=tuple(config.getoption("twinbench_impl")),
                      profile=config.getoption("twinbench_profile") or "quick",
                      devices=tuple(config.getoption("twinbench_device")), cases=tuple(config.getoption("twinbench_case")),
                      plugins=_plugin_paths(config), in_process=bool(config.getoption("twinbench_in_process")),
                      benchmark=bool(config.getoption("twinbench_benchmark")),
                      timeout=config.getoption("twinbench_timeout") or 600.0,
+                     trials=config.getoption("twinbench_trials"),
                      out=(here / out).resolve() if out else None)
 
 

@@ -56,6 +56,7 @@ class Selection:
     in_process: bool = False
     benchmark: bool = False
     timeout: float = 600.0
+    trials: int | None = None  # parity trials per case (None: the suite's own number)
     out: Path | None = None  # keep journal.jsonl, worker logs and results.json here (default: a temporary folder)
 
 
@@ -179,7 +180,7 @@ class ParityRecords:
         from twinbench.harness.run.supervisor import DeviceRun, Progress
 
         options = RunOptions(out=self.folder, plugins=list(self.selection.plugins), timeout=self.selection.timeout,
-                             timing=False, triton_interpret=user_triton_interpret())
+                             trials=self.selection.trials, timing=False, triton_interpret=user_triton_interpret())
         progress = Progress(len(tasks))
         run = DeviceRun(device, tasks, options, self.journal, progress, None, self.plan.reference_of)
         try:
@@ -197,7 +198,7 @@ class ParityRecords:
             self.journal.append({"type": "fingerprint", "fingerprint": fp,
                                  "import_failures": dict(registry.import_failures)})
             config = RunWorkerConfig(device=device.name, backend=device.backend, plugins=list(self.selection.plugins),
-                                     measure_ceilings=False, timing=False)
+                                     measure_ceilings=False, timing=False, trials=self.selection.trials)
             self.contexts[device.name] = CaseContext(device=device, fingerprint=fp["id"], ceilings={}, config=config)
         return self.contexts[device.name]
 
@@ -477,15 +478,17 @@ class CaseInputs:
         """The suite's tolerance policy for one output (``grad:NAME`` for a gradient)."""
         return self.suite.tolerance(self.case, output)
 
-    def check(self, fn: Callable[..., Any], *, backward: bool = True, deterministic: bool = True):
+    def check(self, fn: Callable[..., Any], *, backward: bool = True, deterministic: bool = True,
+              trials: int | None = None):
         """twinbench's whole parity rule (docs/method.md §1) for ``fn`` on this case, in this process: the
-        verdict (``.ok``, ``.reason()``, per-tensor error and bound). Its trials draw inputs from seeds 0, 1, ..."""
+        verdict (``.ok``, ``.reason()``, per-tensor error and bound). Its ``trials`` (default: the suite's) draw
+        inputs from seeds 0, 1, ..."""
         from twinbench.harness.core.parity import check_parity
 
         impl = registry.Impl(name=getattr(fn, "__name__", "under_test"), suite=self.suite.name, fn=fn,
                              backward=backward, deterministic=deterministic)
         ref = registry.IMPLS[(self.suite.name, self.suite.reference)]
-        return check_parity(self.suite, impl, ref, self.case, self.device.torch_device, seed=self.seed)
+        return check_parity(self.suite, impl, ref, self.case, self.device.torch_device, trials=trials, seed=self.seed)
 
 
 def usage_error(exc: UsageError) -> pytest.UsageError:
