@@ -3,7 +3,8 @@ pytest in a subprocess in a throwaway project beside a throwaway vendor package 
 ``twinbench.impls`` entry point (a .dist-info folder with entry_points.txt on PYTHONPATH, as pip would install it).
 
 The planted impls: a correct one, a wrong one (weights 5% off), one whose available() says no, and one that
-aborts its process. A plain project without ``--twinbench`` must see nothing of the plugin.
+aborts its process; a second plugin fails to import. A plain project without ``--twinbench`` must see nothing of
+the plugin.
 """
 
 from __future__ import annotations
@@ -95,7 +96,13 @@ def vendor(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vendor-kernels\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text("[twinbench.impls]\nvendor = vendor_kernels\n")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(site)]))
+    # a second plugin whose module does not import: its failure must show, not vanish
+    (site / "vendor_broken.py").write_text("import vendor_runtime_that_is_not_installed\n")
+    broken = site / "vendor_broken-0.1.dist-info"
+    broken.mkdir()
+    (broken / "METADATA").write_text("Metadata-Version: 2.1\nName: vendor-broken\nVersion: 0.1\n")
+    (broken / "entry_points.txt").write_text("[twinbench.impls]\nbroken = vendor_broken\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), str(site), os.environ.get("PYTHONPATH")])))
     return pytester
 
 
@@ -130,6 +137,8 @@ def test_vendor_repository(vendor: pytest.Pytester, monkeypatch: pytest.MonkeyPa
     assert "SKIPPED [1] twinbench:1: needs the VendorChip runtime" in text
     assert "wrong: weights: err " in text and " > bound " in text
     assert "crashed: worker died with SIGABRT (aborted)" in text
+    assert outcomes["twinbench::import[vendor_broken]"] == "FAILED"
+    assert "plugin module vendor_broken failed to import: ModuleNotFoundError" in text
     timed = {k: v for k, v in outcomes.items() if k.startswith("twinbench::benchmark[")}
     assert timed == {f"twinbench::benchmark[{case}/{impl}/cpu/{mode}]": "PASSED"
                      for impl in ("reference", "vendor_good") for mode in ("fwd", "fwdbwd")}, text
@@ -138,7 +147,7 @@ def test_vendor_repository(vendor: pytest.Pytester, monkeypatch: pytest.MonkeyPa
     assert outcomes[f"test_vendor.py::test_own_check[{case}/cpu]"] == "PASSED"
     assert outcomes["test_vendor.py::test_fixture_without_marker"] == "ERROR"
     assert "needs @pytest.mark.twinbench_case(SUITE)" in text
-    result.assert_outcomes(passed=7, failed=2, skipped=7, errors=1)
+    result.assert_outcomes(passed=7, failed=3, skipped=7, errors=1)
 
     bench = json.loads((vendor.path / "bench.json").read_text())
     names = {(b["extra_info"]["impl"], b["extra_info"]["mode"]) for b in bench["benchmarks"]}
