@@ -53,7 +53,9 @@ def _suite_section(doc: dict[str, Any], suite: str, gate: dict[str, Any] | None,
 
 
 def render_html(doc: dict[str, Any], *, gate: dict[str, Any] | None = None,
-                trends: dict[str, Any] | None = None) -> str:
+                trends: dict[str, Any] | None = None, focus_device: str | None = None) -> str:
+    """``focus_device``: the column key (model.DeviceColumn.key) of the device the device-by-device view
+    compares the others with (default: the results' first device)."""
     import jinja2
     import plotly.offline
 
@@ -73,12 +75,13 @@ def render_html(doc: dict[str, Any], *, gate: dict[str, Any] | None = None,
         failures=model.failures(doc), skips=model.skips(doc), sections=sections,
         fingerprints=list((doc.get("fingerprints") or {}).values()), ceilings=doc.get("ceilings") or {},
         import_failures=doc.get("import_failures") or {}, gate=gate, trends=trends,
-        case_labels=case_labels, plotlyjs=plotly.offline.get_plotlyjs(), n_charts=counter[0])
+        case_labels=case_labels, plotlyjs=plotly.offline.get_plotlyjs(), n_charts=counter[0],
+        comparison=model.device_comparison(doc, focus_device))
 
 
 def write_html(doc: dict[str, Any], path: str | Path, *, gate: dict[str, Any] | None = None,
-               trends: dict[str, Any] | None = None) -> Path:
+               trends: dict[str, Any] | None = None, focus_device: str | None = None) -> Path:
     from twinbench.harness.store.results import atomic_write_text
 
-    atomic_write_text(path, render_html(doc, gate=gate, trends=trends))
+    atomic_write_text(path, render_html(doc, gate=gate, trends=trends, focus_device=focus_device))
     return Path(path)

@@ -106,3 +106,32 @@ def slowed(doc: dict, impl: str, factor: float) -> dict:
                 st["samples_ms"] = [x * factor for x in st["samples_ms"]]
                 st["median_ms"] *= factor
     return out
+
+
+# Three machines' results of the same cases, as `twinbench report` merges them for the device-by-device view.
+DEVICES = (("00000000000a1100", "NVIDIA H100 80GB HBM3", "cuda:0", 1.0),
+           ("00000000000a1300", "AMD Instinct MI300X", "cuda:0", 1.25),
+           ("00000000000bbbbb", f"NewGPU {PLANTED}", "xpu:0", 2.0))
+
+
+def device_doc(fp_id: str, model: str, device: str, scale: float, *, seed: int = 0) -> dict:
+    """make_doc's results on one device of one machine; ``scale`` slows every timed impl."""
+    doc = slowed(slowed(make_doc(planted=False, fp_id=fp_id, seed=seed), "fast", scale), "reference", scale)
+    doc["fingerprints"][fp_id]["hard"].update(device=model, backend=device.split(":")[0])
+    for rec in doc["results"]:
+        rec.update(device=device, fingerprint=fp_id)
+    validate(doc, "synthetic")
+    return doc
+
+
+def bring_up_docs() -> list[dict]:
+    """H100 and MI300X (both cuda:0 on their machines) and a new GPU where one impl is wrong and one case missing."""
+    docs = [device_doc(*spec, seed=i) for i, spec in enumerate(DEVICES)]
+    new = docs[-1]
+    for rec in new["results"]:
+        if rec["impl"] == "fast" and rec["params"].get("n") == 128:
+            rec.update(status="wrong", reason="out: err 0.5 > bound 2e-6", timing=None, derived=None, memory=None)
+            rec["parity"]["ok"] = False
+            rec["parity"]["checks"]["out"].update(ok=False, error=0.5, ratio=250000.0)
+    new["results"] = [r for r in new["results"] if r["suite"] != "loop"]
+    return docs

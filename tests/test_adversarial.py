@@ -699,7 +699,7 @@ def results_argv(draw, root: Path):
     value = st.one_of(st.sampled_from(HOSTILE_NUMBERS), st.sampled_from(HOSTILE_TEXT), _path_under(root))
     path = _path_under(root)
     command = draw(st.sampled_from(["report", "baseline save", "baseline show", "gate", "history add",
-                                    "history show", "list", "devices", "calibrate"]))
+                                    "history show", "list", "devices", "calibrate", "bisect"]))
     options = {
         "report": ["--out", "--baseline", "--history", "--markdown", "--junit", "--csv"],
         "baseline save": ["--dir", "--device"], "baseline show": ["--dir"],
@@ -709,6 +709,7 @@ def results_argv(draw, root: Path):
         "history show": ["--db", "--suite", "--metric", "--window", "--max-pvalue", "--min-magnitude"],
         "list": ["--device"], "devices": [],
         "calibrate": ["--comparisons", "--power-comparisons", "--slowdowns", "--modes", "--rounds", "--threshold"],
+        "bisect": ["--repo", "--suite", "--impl", "--case", "--rounds", "--json", "--plugin"],
     }[command]
     argv = command.split()
     if command in ("report", "baseline save", "gate", "history add", "baseline show"):
@@ -716,7 +717,10 @@ def results_argv(draw, root: Path):
     for option in draw(st.lists(st.sampled_from(options), max_size=4)) if options else []:
         argv += [option, draw(value if not option.startswith(("--out", "--dir", "--db", "--markdown", "--junit",
                                                                 "--csv", "--baseline", "--history", "--confirm",
-                                                                "--calibration")) else path)]
+                                                                "--calibration", "--repo", "--json",
+                                                                "--plugin")) else path)]
+    if command == "bisect":  # two refs that never both resolve: no worktree is ever built
+        argv[1:1] = [draw(st.sampled_from(HOSTILE_TEXT)), "no-such-ref-\u00fc"]
     if command == "calibrate":
         argv += ["--comparisons", draw(st.sampled_from(["0", "-1", "nan", "x"]))]  # never a real calibration
     if command == "gate" and "--baseline" not in argv:

@@ -9,8 +9,10 @@ import subprocess
 import tempfile
 
 import pytest
-from reports_fixtures import PLANTED, make_doc
+from reports_fixtures import PLANTED, bring_up_docs, make_doc
+from twinbench.harness.cli.results_commands import merge_documents
 from twinbench.harness.gate.stats import GateConfig, decide, summarize
+from twinbench.harness.store.results import atomic_write_json
 from twinbench.reports.html import write_html
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
@@ -38,8 +40,13 @@ def page(tmp_path_factory):
                           "points": [{"time": f"2026-11-{d:02d}", "value": 1.0 + (d > 5) * 0.3, "git_sha": "ab" * 20}
                                      for d in range(1, 11)],
                           "change_points": [{"index": 5, "change_pct": 30.0, "pvalue": 1e-5}]}]}
-    path = tmp_path_factory.mktemp("html") / "report.html"
-    write_html(make_doc(), path, gate=gate, trends=trends)
+    folder = tmp_path_factory.mktemp("html")
+    # This machine's results first, then three other machines' (H100, MI300X, a new GPU): the device view too.
+    paths = [folder / f"{i}.json" for i in range(4)]
+    for doc, p in zip([make_doc(), *bring_up_docs()], paths):
+        atomic_write_json(p, doc)
+    path = folder / "report.html"
+    write_html(merge_documents([str(p) for p in paths]), path, gate=gate, trends=trends)
     done = _chromium("--dump-dom", path.as_uri())
     return path, done
 
@@ -82,3 +89,19 @@ document.body.setAttribute('data-sorted', [up.length, sorted(up, 1), sorted(down
     dom = _chromium("--dump-dom", probe.as_uri()).stdout
     n, up, down = re.search(r'data-sorted="([^"]*)"', dom).group(1).split("|")
     assert int(n) >= 4 and up == "true" and down == "true"
+
+
+def test_device_comparison_view_renders_with_every_row_and_no_errors(page):
+    _, done = page
+    dom = done.stdout
+    assert done.returncode == 0, done.stderr[-2000:]
+    view = re.search(r'<table id="device-comparison">(.*?)</table>', dom, re.S).group(1)
+    groups = re.findall(r'<th colspan="6" class="device( focus)?"', view)
+    assert groups == [" focus", "", "", ""]  # this machine's CPU (the first file) and the three GPUs
+    body = view[view.index("<tbody>"):view.index("</tbody>")]
+    assert body.count("<tr ") == 16  # the planted crash's case exists on the CPU only
+    assert body.count(">no record<") == 2 + 3  # the new GPU's two loop rows; the planted case on the 3 GPUs
+    assert re.search(r'data-js-errors="(\d+)"', dom).group(1) == "0"
+    assert "<title>twinbench report</title>" in dom  # the planted model name never ran
+    console = [ln for ln in done.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
+    assert console == []

@@ -55,3 +55,34 @@ def test_list_says_why_an_impl_cannot_run(capsys):
     out = capsys.readouterr().out
     assert "flash_attn" in out and "CUDA/ROCm only" in out
     assert "sdpa" in out
+
+
+@pytest.mark.parametrize("error, code, line", [
+    ("worker", 1, "twinbench: stopped: gate worker exited with code 3"),
+    ("interrupt-run", 130, "twinbench: interrupted (finish with --resume)"),
+    ("interrupt-gate", 130, "twinbench: interrupted"),
+])
+def test_a_dead_worker_or_ctrl_c_is_one_line_not_a_traceback(error, code, line, monkeypatch, capsys):
+    """A gate worker that dies (or Ctrl-C) mid-command ends in one line; only `run` offers --resume."""
+    from twinbench.harness.cli import main as cli_main
+    from twinbench.harness.run.process import WorkerDied
+
+    def handler(args):
+        if error == "worker":
+            raise WorkerDied("gate worker exited with code 3\nlog tail: ...")
+        raise KeyboardInterrupt
+
+    real = cli_main.build_parser
+
+    def parser_with_planted_handler():
+        parser = real()
+        for action in parser._subparsers._group_actions:
+            for sub in action.choices.values():
+                sub.set_defaults(handler=handler)  # keeps each command's other defaults (interrupt_hint)
+        return parser
+
+    monkeypatch.setattr(cli_main, "build_parser", parser_with_planted_handler)
+    argv = ["run", "--device", "cpu"] if error == "interrupt-run" else ["gate", "--against", "HEAD"]
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert err == line + "\n"

@@ -162,3 +162,94 @@ def test_reports_import_only_the_results_model_and_renderers():
                  and not any(name == a or name.startswith(a + ".") for a in allowed)}
     assert len(list(folder.glob("*.py"))) >= 5
     assert not offending, sorted(offending)
+
+
+# --- the device-by-device view ------------------------------------------------------------------------------
+
+@pytest.fixture
+def bring_up_files(tmp_path):
+    """H100, MI300X (both `cuda:0` on their machines) and the new GPU, each as its own results file."""
+    from reports_fixtures import bring_up_docs
+    from twinbench.harness.store.results import atomic_write_json
+
+    paths = []
+    for doc, name in zip(bring_up_docs(), ("h100", "mi300x", "newgpu")):
+        atomic_write_json(tmp_path / f"{name}.json", doc)
+        paths.append(str(tmp_path / f"{name}.json"))
+    return paths
+
+
+def test_device_comparison_sets_three_machines_side_by_side(bring_up_files):
+    from reports_fixtures import DEVICES
+    from twinbench.harness.cli.results_commands import merge_documents
+    from twinbench.reports import model
+
+    h100, mi300x, new = bring_up_files
+    view = model.device_comparison(merge_documents([new, h100, mi300x]))
+    assert [(c.model, c.device, c.focus) for c in view.columns] == [
+        (DEVICES[2][1], "xpu:0", True), (DEVICES[0][1], "cuda:0", False), (DEVICES[1][1], "cuda:0", False)]
+    assert len(view.rows) == 15  # matmul: 3 cases x 3 impls + 4 on n=512; loop: 2
+    by_key = {(r.suite, r.case_label, r.impl): r for r in view.rows}
+    wrong = by_key[("matmul", "n=128", "fast")].cells
+    assert (wrong[0].status, wrong[0].parity_error, wrong[0].parity_bound) == ("wrong", 0.5, 2e-6)
+    assert wrong[1].status == "ok" and wrong[1].parity_error == 1e-6 and wrong[1].pct_ceiling == 10.0
+    assert by_key[("loop", "steps=20", "fused")].cells[0] is None  # the new GPU has no loop results
+    timed = by_key[("matmul", "n=256", "fast")].cells
+    assert timed[0].focus_over_this is None  # the focus is not compared with itself
+    assert timed[1].focus_over_this == pytest.approx(2.0, rel=0.05)   # the new GPU is 2x slower than H100
+    assert timed[2].focus_over_this == pytest.approx(1.6, rel=0.05)   # ... and 1.6x slower than MI300X
+    new_s, h100_s, mi_s = view.summaries
+    assert (new_s.ok, new_s.failed, new_s.skipped, new_s.missing, new_s.geomean_focus_over_this) == (6, 4, 3, 2, None)
+    assert (h100_s.missing, h100_s.compared) == (0, 6) and h100_s.geomean_focus_over_this == pytest.approx(2, rel=.05)
+    assert mi_s.geomean_focus_over_this == pytest.approx(1.6, rel=0.05)
+
+
+def test_merging_by_device_name_alone_would_lose_a_machine(bring_up_files):
+    """The view needs one record per fingerprint: keyed by device name, H100 and MI300X (both cuda:0) collapse."""
+    from twinbench.harness.cli.results_commands import merge_documents
+    from twinbench.harness.store.results import load, record_key
+    from twinbench.reports import model
+
+    docs = [load(p) for p in bring_up_files]
+    planted = dict(merge_documents(bring_up_files), results=list(
+        {record_key(r): r for d in docs for r in d["results"]}.values()))
+    assert len(model.device_columns(planted)) == 2
+    assert len(model.device_columns(merge_documents(bring_up_files))) == 3
+
+
+def test_a_single_device_has_no_comparison_view():
+    from twinbench.reports import model
+
+    assert model.device_comparison(make_doc()) is None
+    assert 'id="device-comparison"' not in render_html(make_doc())
+
+
+def test_report_focus_device_highlights_it_and_escapes_every_name(bring_up_files, tmp_path, capsys):
+    h100, mi300x, new = bring_up_files
+    out = tmp_path / "r.html"
+    assert main(["report", h100, mi300x, new, "--out", str(out), "--focus-device", "mi300"]) == 0
+    page = out.read_text()
+    view = page[page.index('id="device-comparison"'):page.index("</table>", page.index('id="device-comparison"'))]
+    assert 'class="device focus" data-device="00000000000a1300/cuda:0">AMD Instinct MI300X (focus)' in view
+    assert view.count('class="device"') == 2 and view.count("<tbody>") == 1
+    assert "NewGPU &lt;script&gt;document.title" in view and "<script>" not in view
+    assert view.count("no record") == 2
+    capsys.readouterr()
+    assert main(["report", h100, mi300x, new, "--out", str(tmp_path / "x.html"), "--focus-device", "cuda:0"]) == 2
+    err = capsys.readouterr().err
+    assert "matches 2 of the devices" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.html").exists()
+
+
+def test_verdicts_and_junit_keep_two_machines_cuda0_apart(bring_up_files):
+    from twinbench.harness.cli.results_commands import merge_documents
+    from twinbench.reports import model
+    from twinbench.reports.junit import render_junit
+
+    doc = merge_documents(bring_up_files)
+    devices = {v["device"] for v in model.verdicts(doc) if v["suite"] == "matmul"}
+    assert devices == {"cuda:0@00000000000a1100", "cuda:0@00000000000a1300", "xpu:0"}
+    root = ET.fromstring(render_junit(doc).split("\n", 1)[1])
+    names = [ts.get("name") for ts in root.iter("testsuite")]
+    assert len(names) == len(set(names)) == 5  # matmul on 3 devices, loop on 2 (the new GPU ran none)
+    assert [v["device"] for v in model.verdicts(make_doc())] == ["cpu", "cpu"]  # one machine: names as run

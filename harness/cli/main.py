@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from twinbench.harness.cli import arguments
+from twinbench.harness.cli import arguments, ci_output
 from twinbench.harness.core.errors import UsageError
 
 
@@ -39,7 +39,9 @@ def _add_run(sub) -> None:
     p.add_argument("--memory-limit-gb", type=arguments.positive_float, default=None,
                    help="CPU worker address-space cap")
     p.add_argument("--no-report", action="store_true", help="skip report.html/summary.md/junit.xml")
-    p.set_defaults(handler=cmd_run)
+    ci_output.add_options(p)
+    # a run's journal keeps every finished record, so an interrupted run is finished, not restarted
+    p.set_defaults(handler=cmd_run, interrupt_hint=" (finish with --resume)")
 
 
 def cmd_run(args) -> int:
@@ -67,6 +69,7 @@ def cmd_run(args) -> int:
     if options.report:
         written += _write_reports(doc, out)
     print("wrote " + ", ".join(str(p) for p in written))
+    ci_output.publish(doc, annotations=args.annotations)
     return runner.exit_code(doc)
 
 
@@ -139,7 +142,8 @@ def cmd_list(args) -> int:
             cells = []
             for dev in selected:
                 ok, why = probed[dev.name].get((s, impl.name), (False, "not probed"))
-                note = impl.timing_excluded(dev) if ok else why
+                # a runnable impl's own note (formats native or emulated...) and why it is never timed there
+                note = "; ".join(filter(None, (why, impl.timing_excluded(dev)))) if ok else why
                 cells.append(("[green]yes[/]" + (f" ({escape(note)})" if note else "")) if ok
                              else f"[red]no[/]: {escape(why)}")
             table.add_row(s, impl.name, ",".join(impl.tags), *cells)
@@ -168,23 +172,31 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds one impl's available()/supports() may take (default: PROBE_TIMEOUT_S, 60)")
     lst.set_defaults(handler=cmd_list)
     _add_run(sub)
-    from twinbench.harness.cli import bench_command, doctor_command, results_commands
+    from twinbench.harness.cli import bench_command, bisect_command, doctor_command, results_commands
 
     results_commands.register(sub)
     bench_command.register(sub)
     doctor_command.register(sub)
+    bisect_command.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from twinbench.harness.run.process import WorkerFailed
+
+    args = None
     try:
         args = build_parser().parse_args(argv)
         return int(args.handler(args) or 0)
     except UsageError as exc:
         print(f"twinbench: error: {exc}", file=sys.stderr)
         return 2
+    except WorkerFailed as exc:  # a gate/doctor worker that could not start or died: its first line, no traceback
+        print(f"twinbench: stopped: {str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("twinbench: interrupted (finish with --resume)", file=sys.stderr)
+        print(f"twinbench: interrupted{getattr(args, 'interrupt_hint', '')}", file=sys.stderr)
         return 130
 
 

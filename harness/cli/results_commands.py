@@ -8,17 +8,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from twinbench.harness.cli import arguments
+from twinbench.harness.cli import arguments, ci_output
 from twinbench.harness.core.errors import UsageError
 
 DEFAULT_BASELINES = Path("baselines")
 DEFAULT_HISTORY = Path("history.sqlite")
 # Besides gate.json, what `gate --against --out` writes (with --baseline: the results' full reports too).
 GATE_AGAINST_FILES = ("summary.md", "junit.xml")
+# What `gate --against` renders its outputs from: it runs no results document, the gate table is the story.
+EMPTY_DOC: dict[str, Any] = {"schema_version": 1, "provenance": {}, "fingerprints": {}, "results": []}
 
 
 def merge_documents(paths: list[str]) -> dict[str, Any]:
-    """One document from several results files (e.g. one per machine); later records win per key."""
+    """One document from several results files (e.g. one per machine); later records win per key.
+
+    The key includes the device's fingerprint: `cuda:0` on an H100 machine and `cuda:0` on an MI300X
+    machine are two devices, both kept (the report's device-by-device view sets them side by side).
+    """
     from twinbench.harness.store.results import load, record_key
 
     docs = [load(p) for p in paths]
@@ -28,7 +34,7 @@ def merge_documents(paths: list[str]) -> dict[str, Any]:
         merged["fingerprints"].update(d.get("fingerprints") or {})
         merged["ceilings"].update(d.get("ceilings") or {})
         for rec in d["results"]:
-            by_key[record_key(rec)] = rec
+            by_key[(*record_key(rec), rec.get("fingerprint"))] = rec
     merged["results"] = list(by_key.values())
     if len(docs) > 1:
         merged["provenance"] = dict(docs[0]["provenance"], command=f"{len(docs)} results files: "
@@ -75,6 +81,7 @@ def cmd_report(args) -> int:
                                         if path]
     check_outputs(outputs, inputs=[*args.results, *_files_in(args.baseline), *_files_in(args.history)])
     doc = merge_documents(args.results)
+    focus = _focus_device(doc, args.focus_device)
     gate = None
     if args.baseline:
         from twinbench.harness.gate.stats import GateConfig
@@ -86,7 +93,7 @@ def cmd_report(args) -> int:
         from twinbench.harness.store import history
 
         trends = history.trends(args.history, doc)
-    written = [write_html(doc, out, gate=gate, trends=trends)]
+    written = [write_html(doc, out, gate=gate, trends=trends, focus_device=focus)]
     if args.markdown:
         written.append(write_markdown(doc, args.markdown, gate=gate))
     if args.junit:
@@ -98,6 +105,21 @@ def cmd_report(args) -> int:
         written.append(Path(args.csv))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _focus_device(doc: dict[str, Any], text: str | None) -> str | None:
+    """The device column --focus-device names (exactly one), or None for the default (the first file's)."""
+    from twinbench.reports import model
+
+    if text is None:
+        return None
+    columns = model.device_columns(doc)
+    matched = model.match_devices(columns, text)
+    if len(matched) != 1:
+        listed = "; ".join(f"{c.model} ({c.key})" for c in columns)
+        raise UsageError(f"--focus-device {text!r} matches {len(matched)} of the devices in these results "
+                         f"({listed}); give a fingerprint id or fingerprint/device")
+    return matched[0].key
 
 
 def cmd_baseline_save(args) -> int:
@@ -178,6 +200,7 @@ def cmd_gate(args) -> int:
     print(format_table(result))
     if args.out:
         _write_gate_outputs(result, Path(args.out), doc)
+    ci_output.publish(doc if doc is not None else EMPTY_DOC, gate=result, annotations=args.annotations)
     return int(result["exit_code"])
 
 
@@ -194,9 +217,9 @@ def _write_gate_outputs(result: dict[str, Any], out: Path, doc: dict[str, Any] |
         from twinbench.reports.junit import write_junit
         from twinbench.reports.markdown import write_markdown
 
-        empty = {"schema_version": 1, "provenance": {}, "fingerprints": {}, "results": []}
         markdown, junit = GATE_AGAINST_FILES
-        written += [write_markdown(empty, out / markdown, gate=result), write_junit(empty, out / junit, gate=result)]
+        written += [write_markdown(EMPTY_DOC, out / markdown, gate=result),
+                    write_junit(EMPTY_DOC, out / junit, gate=result)]
     print("wrote " + ", ".join(str(p) for p in written))
 
 
@@ -266,6 +289,9 @@ def register(sub) -> None:
     p.add_argument("--markdown", default=None, help="also write the markdown summary here")
     p.add_argument("--junit", default=None, help="also write JUnit XML here")
     p.add_argument("--csv", default=None, help="also write the long-format CSV here")
+    p.add_argument("--focus-device", default=None,
+                   help="the device under bring-up, highlighted in the device-by-device view: a fingerprint id, "
+                        "a device name or part of the model name (default: the first results file's device)")
     p.set_defaults(handler=cmd_report)
 
     b = sub.add_parser("baseline", help="save or show regression baselines (one file per fingerprint)")
@@ -291,6 +317,7 @@ def register(sub) -> None:
     g.add_argument("--calibration", default=None, help="calibration JSON (default: beside the baseline)")
     g.add_argument("--out", default=None, help="folder for gate.json, summary.md, junit.xml (and report)")
     g.add_argument("--no-parity", action="store_true", help="--against: skip the head's parity check")
+    ci_output.add_options(g)
     _add_gate_options(g, threshold_help="product threshold (default 0.05 stored baseline, "
                                         "0.02 --against)")
     _add_selection(g)

@@ -413,3 +413,80 @@ def fingerprint_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Hard-key fields that differ, as 'field: a != b' lines (empty when comparable)."""
     ha, hb = a.get("hard", {}), b.get("hard", {})
     return [f"{k}: {ha.get(k)!r} != {hb.get(k)!r}" for k in sorted(set(ha) | set(hb)) if ha.get(k) != hb.get(k)]
+
+
+# --- low-precision formats: which a device runs natively (docs/low_precision.md, docs/method.md §5) ----------
+
+LOWP_FORMATS = ("e4m3", "e5m2", "e4m3fnuz", "e5m2fnuz", "mxfp8", "mxfp4", "nvfp4")
+# Matrix units per AMD arch, from AMD's ISA guides: MI300 (gfx942) has the FNUZ FP8 variants only; MI350
+# (gfx950) the OCP ones plus MX block scaling (MXFP8/MXFP6/MXFP4); RDNA4 (gfx1200/gfx1201) OCP FP8 in WMMA.
+_ROCM_LOWP = {
+    "gfx942": frozenset({"e4m3fnuz", "e5m2fnuz"}),
+    "gfx950": frozenset({"e4m3", "e5m2", "mxfp8", "mxfp4"}),
+    "gfx1200": frozenset({"e4m3", "e5m2"}),
+    "gfx1201": frozenset({"e4m3", "e5m2"}),
+}
+# Why a format is not native where it is not, said the same way everywhere (`twinbench list`, records).
+_WHY_NOT_NATIVE = {
+    "e4m3": "OCP FP8: CUDA sm89+, ROCm gfx950/gfx12",
+    "e5m2": "OCP FP8: CUDA sm89+, ROCm gfx950/gfx12",
+    "e4m3fnuz": "fnuz: ROCm gfx942 only",
+    "e5m2fnuz": "fnuz: ROCm gfx942 only",
+    "mxfp8": "MXFP8 native: sm100+, gfx950",
+    "mxfp4": "MXFP4 native: sm100+, gfx950",
+    "nvfp4": "NVFP4 native: sm100+",
+}
+
+
+@dataclass(frozen=True)
+class LowpSupport:
+    """Whether a device's matrix units run a low-precision format (``native``), else why not: such a format
+    still runs emulated (dequantise, then an fp32 GEMM)."""
+
+    fmt: str
+    native: bool
+    why_not: str = ""
+
+    @property
+    def execution(self) -> str:
+        return "native" if self.native else "emulated"
+
+
+def _cuda_capability(device: Device) -> tuple[int, int]:
+    major, _, minor = str(device.extra.get("capability", "0.0")).partition(".")
+    try:
+        return int(major), int(minor or 0)
+    except ValueError:
+        return 0, 0
+
+
+def lowp_support(device: Device, fmt: str) -> LowpSupport:
+    """The device's support for one of :data:`LOWP_FORMATS` (``mxfp8`` covers both MXFP8 element formats)."""
+    if fmt not in LOWP_FORMATS:
+        raise ValueError(f"unknown low-precision format {fmt!r} (known: {', '.join(LOWP_FORMATS)})")
+    if device.backend == "cuda":
+        capability = _cuda_capability(device)
+        if fmt in ("e4m3", "e5m2"):
+            native = capability >= (8, 9)
+        else:
+            native = fmt in ("mxfp8", "mxfp4", "nvfp4") and capability >= (10, 0)
+    elif device.backend == "rocm":
+        native = fmt in _ROCM_LOWP.get(device.arch, frozenset())
+    else:
+        native = False
+    why = "" if native else f"{device.backend.upper() if device.backend != 'rocm' else device.arch}: emulated " \
+                            f"({_WHY_NOT_NATIVE[fmt]})"
+    return LowpSupport(fmt=fmt, native=native, why_not=why)
+
+
+def lowp_summary(device: Device, formats: tuple[str, ...] = LOWP_FORMATS) -> str:
+    """One line for `twinbench list`: the formats the device runs natively and the rest emulated, with why."""
+    supports = [lowp_support(device, f) for f in formats]
+    native = [s.fmt for s in supports if s.native]
+    emulated = sorted({_WHY_NOT_NATIVE[s.fmt] for s in supports if not s.native})
+    parts = [f"native: {', '.join(native)}"] if native else []
+    if emulated:
+        where = device.arch if device.backend == "rocm" else device.backend.upper()
+        parts.append(f"{where}: emulated {', '.join(s.fmt for s in supports if not s.native)} "
+                     f"({'; '.join(emulated)})")
+    return "; ".join(parts)

@@ -238,21 +238,21 @@ def terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def resolve_ref(ref: str) -> str:
-    done = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd=ROOT,
+def resolve_ref(ref: str, repo: Path = ROOT, option: str = "--against") -> str:
+    done = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], cwd=repo,
                           capture_output=True, text=True)
     if done.returncode != 0 or not done.stdout.strip():
-        raise UsageError(f"--against {ref!r}: not a commit in {ROOT}")
+        raise UsageError(f"{option} {ref!r}: not a commit in {repo}")
     return done.stdout.strip()
 
 
 @contextlib.contextmanager
-def base_worktree(ref: str) -> Iterator[tuple[Path, str]]:
-    """Check out ``ref`` in a temporary worktree; always removed, even on errors."""
-    sha = resolve_ref(ref)
+def base_worktree(ref: str, repo: Path = ROOT) -> Iterator[tuple[Path, str]]:
+    """Check out ``ref`` of ``repo`` in a temporary worktree; always removed, even on errors (and Ctrl-C)."""
+    sha = resolve_ref(ref, repo)
     tmp = Path(tempfile.mkdtemp(prefix="twinbench-base-"))
     path = tmp / "tree"
-    added = subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(path), sha], cwd=ROOT,
+    added = subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(path), sha], cwd=repo,
                            capture_output=True, text=True)
     if added.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -260,9 +260,9 @@ def base_worktree(ref: str) -> Iterator[tuple[Path, str]]:
     try:
         yield path, sha
     finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=ROOT, capture_output=True)
+        subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=repo, capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        subprocess.run(["git", "worktree", "prune"], cwd=ROOT, capture_output=True)
+        subprocess.run(["git", "worktree", "prune"], cwd=repo, capture_output=True)
 
 
 def plan_items(selection: Selection, modes: tuple[str, ...] = ("fwd", "fwdbwd")) -> list[Item]:
@@ -336,6 +336,27 @@ def compare_items(pair: Pair, items: list[Item], config, *, parity: bool) -> tup
     return cases, parity_failures
 
 
+def gate_items(pair: Pair, items: list[Item], config, *,
+               parity: bool) -> tuple[list[dict], list[dict], list[dict]]:
+    """The interleaved gate on one pair of workers: compare, screen, re-run the flagged cases with
+    CONFIRM_ROUNDS_FACTOR x the rounds, confirm across every compared case (docs/method.md §4).
+    Returns (gate cases with their final verdicts, parity failures, the cases the screen flagged)."""
+    from twinbench.harness.gate import stats as gate
+
+    cases, parity_failures = compare_items(pair, items, config, parity=parity)
+    gate.screen(cases, config)
+    flagged = [c for c in cases if c["verdict"] == "regression"]
+    by_key = {i.key: i for i in items}
+    rerun = []
+    for c in flagged:
+        item = by_key[f"{c['suite']}|{c['case']}|{c['impl']}|{c['mode']}"]
+        base_ms, head_ms = pair.measure(item, rounds=CONFIRM_ROUNDS_FACTOR * pair.rounds)
+        rerun.append(dict(c, **gate.compare_samples(base_ms, head_ms, paired=True, test=config.test,
+                                                    n_boot=config.n_boot, seed=config.seed + 1, name=item.key)))
+    gate.confirm(cases, rerun, config, family=sum(c.get("p_value") is not None for c in cases))
+    return cases, parity_failures, flagged
+
+
 def run_gate(options: GateOptions, config) -> dict[str, Any]:
     from twinbench.harness.gate import stats as gate
 
@@ -354,18 +375,7 @@ def run_gate(options: GateOptions, config) -> dict[str, Any]:
             base.ready()
             head.ready()
             diff = _fingerprint_note(base.fingerprint, head.fingerprint)
-            cases, parity_failures = compare_items(pair, items, config, parity=options.parity)
-            gate.screen(cases, config)
-            flagged = [c for c in cases if c["verdict"] == "regression"]
-            by_key = {i.key: i for i in items}
-            rerun = []
-            for c in flagged:
-                item = by_key[f"{c['suite']}|{c['case']}|{c['impl']}|{c['mode']}"]
-                base_ms, head_ms = pair.measure(item, rounds=CONFIRM_ROUNDS_FACTOR * m.rounds)
-                rerun.append(dict(c, **gate.compare_samples(base_ms, head_ms, paired=True, test=config.test,
-                                                            n_boot=config.n_boot, seed=config.seed + 1,
-                                                            name=item.key)))
-            gate.confirm(cases, rerun, config, family=sum(c.get("p_value") is not None for c in cases))
+            cases, parity_failures, flagged = gate_items(pair, items, config, parity=options.parity)
         finally:
             pair.stop()
     note = (f"base {options.against} = {sha[:12]}, head = working tree; {m.rounds} interleaved rounds per case, "

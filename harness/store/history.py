@@ -208,6 +208,11 @@ def show(db: str | Path, *, suite: str | None = None, metric: str = "fwd_median_
         raise UsageError(f"history database not found: {db}")
     found = series(db, metric=metric, suite=suite, window=window, max_pvalue=max_pvalue,
                    min_magnitude=min_magnitude)
+    from twinbench.harness.store.bisect_hint import bisect_command
+
+    for s in found:
+        for c in s["change_points"]:
+            c["bisect"] = bisect_command(s, c)
     if as_json:
         return dumps_strict(found)
     if not found:
@@ -219,4 +224,5 @@ def show(db: str | Path, *, suite: str | None = None, metric: str = "fwd_median_
                         f"p={c['pvalue']:.2g}" for c in s["change_points"]) or "none"
         lines.append(f"{s['suite']:<14} {s['impl']:<18} {s['fingerprint'][:8]:<8} {len(vals):>5} {vals[0]:>10.4g} "
                      f"{vals[-1]:>10.4g}  {cps}  [{s['case']}]")
+        lines += [f"    find the commit: {c['bisect']}" for c in s["change_points"] if c["bisect"]]
     return "\n".join(lines)

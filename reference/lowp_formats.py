@@ -1,0 +1,201 @@
+"""Low-precision number formats, bit by bit: FP8 (OCP and AMD FNUZ), FP4 E2M1 and the E8M0 scale.
+
+Every format here is a table of 2^bits values read off its published bit layout (OCP 8-bit Floating Point
+Specification (OFP8) rev 1.0; OCP Microscaling Formats (MX) v1.0 §5.3-5.4; AMD's MI300 ISA for the FNUZ
+variants). ``decode`` looks codes up in that table; ``encode`` rounds to the nearest table value, ties to
+the even code (round-to-nearest-even: consecutive codes are consecutive magnitudes, so an even code has an
+even last mantissa bit), with the format's overflow rule, saturating or not.
+
+| format     | bias | max     | NaN                | inf        | -0  | vendors (docs/low_precision.md)       |
+|------------|------|---------|--------------------|------------|-----|---------------------------------------|
+| e4m3       | 7    | 448     | S.1111.111         | none       | yes | OCP: sm89/sm90/sm100, gfx950, gfx1201 |
+| e4m3fnuz   | 8    | 240     | 0x80 only          | none       | no  | AMD MI300 (gfx942)                    |
+| e5m2       | 15   | 57344   | S.11111.{01,10,11} | S.11111.00 | yes | OCP                                   |
+| e5m2fnuz   | 16   | 57344   | 0x80 only          | none       | no  | AMD MI300 (gfx942)                    |
+| e2m1       | 1    | 6       | none               | none       | yes | OCP MX / NVFP4 elements (4 bits)      |
+| e8m0       | 127  | 2^127   | 0xFF               | none       | no  | OCP MX shared scale: 2^(code-127)     |
+
+Everything is computed in float64 on the tensor's device: every value of these formats, every midpoint
+between two of them and every fp32 number is exact there, so comparisons decide rounding exactly.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from dataclasses import dataclass
+
+import torch
+
+
+class Format(str, enum.Enum):
+    """A low-precision element or scale format (the names of the data contract)."""
+
+    E4M3 = "e4m3"          # OCP E4M3FN  (torch.float8_e4m3fn)
+    E4M3FNUZ = "e4m3fnuz"  # AMD FNUZ    (torch.float8_e4m3fnuz)
+    E5M2 = "e5m2"          # OCP E5M2    (torch.float8_e5m2)
+    E5M2FNUZ = "e5m2fnuz"  # AMD FNUZ    (torch.float8_e5m2fnuz)
+    E2M1 = "e2m1"          # FP4, 4-bit codes (torch.float4_e2m1fn_x2 packs two)
+    E8M0 = "e8m0"          # MX scale    (torch.float8_e8m0fnu)
+
+
+@dataclass(frozen=True)
+class FloatFormat:
+    """The bit layout of a sign-exponent-mantissa format and its special codes."""
+
+    bits: int
+    exp_bits: int
+    man_bits: int
+    bias: int
+    nan_codes: frozenset[int]
+    inf_code: int | None  # the +inf code (the sign bit set gives -inf); None: no infinity
+    negative_zero: bool   # False (FNUZ): the sign-bit-only code is NaN, and -0 encodes as +0
+    overflow_nan: int | None  # the code an overflow gives without saturation when there is no inf
+
+    @property
+    def sign_bit(self) -> int:
+        return 1 << (self.bits - 1)
+
+    @property
+    def max_code(self) -> int:
+        """The largest finite positive code (codes 0..max_code are the non-negative finite magnitudes, in order)."""
+        return max(c for c in range(self.sign_bit) if c not in self.nan_codes and c != self.inf_code)
+
+
+SPECS: dict[Format, FloatFormat] = {
+    Format.E4M3: FloatFormat(8, 4, 3, 7, frozenset({0x7F, 0xFF}), None, True, 0x7F),
+    Format.E4M3FNUZ: FloatFormat(8, 4, 3, 8, frozenset({0x80}), None, False, 0x80),
+    Format.E5M2: FloatFormat(8, 5, 2, 15, frozenset({0x7D, 0x7E, 0x7F, 0xFD, 0xFE, 0xFF}), 0x7C, True, None),
+    Format.E5M2FNUZ: FloatFormat(8, 5, 2, 16, frozenset({0x80}), None, False, 0x80),
+    Format.E2M1: FloatFormat(4, 2, 1, 1, frozenset(), None, True, None),
+}
+FP8_FORMATS = (Format.E4M3, Format.E4M3FNUZ, Format.E5M2, Format.E5M2FNUZ)
+E8M0_NAN = 0xFF
+E8M0_BIAS = 127
+
+# torch's dtype for each format where one exists (fnuz casts work on the CPU; torch._scaled_mm refuses them there)
+TORCH_DTYPES = {
+    Format.E4M3: "float8_e4m3fn", Format.E4M3FNUZ: "float8_e4m3fnuz", Format.E5M2: "float8_e5m2",
+    Format.E5M2FNUZ: "float8_e5m2fnuz", Format.E8M0: "float8_e8m0fnu",
+}
+
+
+def torch_dtype_of(fmt: Format | str) -> torch.dtype | None:
+    """torch's dtype for the format (None for E2M1, which torch has only packed two per byte)."""
+    name = TORCH_DTYPES.get(Format(fmt))
+    return getattr(torch, name, None) if name else None
+
+
+def _value_of_code(code: int, spec: FloatFormat) -> float:
+    """One code's value, straight from the bit layout: (-1)^s * 2^(e - bias) * 1.m, or 2^(1 - bias) * 0.m."""
+    if code in spec.nan_codes:
+        return float("nan")
+    sign = -1.0 if code & spec.sign_bit else 1.0
+    if spec.inf_code is not None and code & ~spec.sign_bit == spec.inf_code:
+        return sign * float("inf")
+    exponent = (code >> spec.man_bits) & ((1 << spec.exp_bits) - 1)
+    mantissa = code & ((1 << spec.man_bits) - 1)
+    if exponent == 0:  # subnormal (and zero)
+        return sign * mantissa / (1 << spec.man_bits) * 2.0 ** (1 - spec.bias)
+    return sign * (1 + mantissa / (1 << spec.man_bits)) * 2.0 ** (exponent - spec.bias)
+
+
+@functools.cache
+def _table(fmt: Format) -> tuple[float, ...]:
+    if fmt is Format.E8M0:
+        return tuple(float("nan") if c == E8M0_NAN else 2.0 ** (c - E8M0_BIAS) for c in range(256))
+    spec = SPECS[fmt]
+    return tuple(_value_of_code(c, spec) for c in range(1 << spec.bits))
+
+
+def decode_table(fmt: Format | str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Every code's value, float64, indexed by code (256 entries; 16 for E2M1)."""
+    return torch.tensor(_table(Format(fmt)), dtype=torch.float64, device=device)
+
+
+def max_value(fmt: Format | str) -> float:
+    fmt = Format(fmt)
+    return 2.0 ** 127 if fmt is Format.E8M0 else _table(fmt)[SPECS[fmt].max_code]
+
+
+def decode(codes: torch.Tensor, fmt: Format | str) -> torch.Tensor:
+    """Codes (uint8, one code per element; E2M1 unpacked) -> float64 values."""
+    return decode_table(fmt, codes.device)[codes.long()]
+
+
+def encode(x: torch.Tensor, fmt: Format | str, *, saturate: bool) -> torch.Tensor:
+    """x -> codes (uint8), rounded to nearest, ties to even.
+
+    Overflow (|x| rounds past the largest finite value, or is infinite): with ``saturate`` the largest
+    finite value of x's sign; without, +-inf where the format has it (e5m2), else its NaN code (e4m3:
+    S.1111.111 keeps the sign; FNUZ: 0x80). E2M1 has neither, so it always saturates. NaN gives the
+    format's NaN (e4m3/e5m2 0x7F, FNUZ 0x80; E2M1 has no NaN: 0, an MX block's NaN lives in its scale).
+    FNUZ has no -0: negative numbers that round to zero give +0.
+    """
+    fmt = Format(fmt)
+    spec = SPECS[fmt]
+    table = decode_table(fmt, x.device)
+    step_past_max = 2.0 ** (_exponent_of_max(spec) - spec.man_bits)
+    # the non-negative magnitudes in code order, plus the value one step past the largest: rounding there is overflow
+    magnitudes = torch.cat([table[: spec.max_code + 1], table.new_tensor([max_value(fmt) + step_past_max])])
+    a = x.detach().to(torch.float64).abs()
+    finite_a = torch.nan_to_num(a, nan=0.0, posinf=0.0)
+    above = torch.searchsorted(magnitudes, finite_a).clamp_(max=magnitudes.numel() - 1)  # first magnitude >= a
+    below = (above - 1).clamp_(min=0)
+    d_below, d_above = finite_a - magnitudes[below], magnitudes[above] - finite_a
+    pick_above = (d_above < d_below) | ((d_above == d_below) & (above % 2 == 0))
+    magnitude = torch.where(pick_above, above, below)
+    overflow = (magnitude > spec.max_code) | torch.isinf(a)
+    magnitude = torch.where(overflow, torch.full_like(magnitude, spec.max_code), magnitude)  # saturated
+    sign = torch.signbit(x.detach()).long() * spec.sign_bit
+    if not spec.negative_zero:  # FNUZ: no -0
+        sign = torch.where(magnitude == 0, torch.zeros_like(sign), sign)
+    code = magnitude | sign
+    if not saturate and spec.inf_code is not None:
+        code = torch.where(overflow, spec.inf_code | sign, code)
+    elif not saturate and spec.overflow_nan is not None:  # e4m3: S.1111.111; FNUZ: 0x80 whatever the sign
+        code = torch.where(overflow, spec.overflow_nan | sign, code)
+    code = torch.where(torch.isnan(a), torch.full_like(code, _nan_code(fmt)), code)
+    return code.to(torch.uint8)
+
+
+def _exponent_of_max(spec: FloatFormat) -> int:
+    return ((spec.max_code >> spec.man_bits) & ((1 << spec.exp_bits) - 1)) - spec.bias
+
+
+def _nan_code(fmt: Format) -> int:
+    """The NaN an encoder writes: 0x7F (OCP, as torch writes it), 0x80 (FNUZ); E2M1 has none (0)."""
+    spec = SPECS[fmt]
+    if not spec.nan_codes:
+        return 0
+    return 0x80 if not spec.negative_zero else 0x7F
+
+
+# --- E8M0 (the MX shared scale) ----------------------------------------------------------------------------
+
+def e8m0_code(exponent: torch.Tensor) -> torch.Tensor:
+    """The E8M0 code of 2^exponent (integer exponents, clamped to the format's range [-127, 127])."""
+    return (exponent.long().clamp(-E8M0_BIAS, E8M0_BIAS) + E8M0_BIAS).to(torch.uint8)
+
+
+def floor_log2(x: torch.Tensor) -> torch.Tensor:
+    """floor(log2(|x|)) exactly, for finite non-zero x (from the binary exponent, never from a rounded log)."""
+    _, exponent = torch.frexp(x.to(torch.float64).abs())  # |x| = m * 2^exponent, m in [0.5, 1)
+    return exponent.long() - 1
+
+
+# --- FP4 packing (two E2M1 codes per byte) -------------------------------------------------------------------
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """[..., K] 4-bit codes -> [..., ceil(K/2)] bytes: element 2i in the low nibble, 2i+1 in the high nibble
+    (torch.float4_e2m1fn_x2 / torchao / cuBLAS order); an odd K is padded with a 0 nibble."""
+    if codes.shape[-1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    codes = codes.to(torch.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """[..., ceil(K/2)] bytes -> [..., K] 4-bit codes (uint8), low nibble first."""
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack([low, high], dim=-1).flatten(-2)[..., :k]
