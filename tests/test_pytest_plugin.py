@@ -102,7 +102,8 @@ def vendor(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest
     broken.mkdir()
     (broken / "METADATA").write_text("Metadata-Version: 2.1\nName: vendor-broken\nVersion: 0.1\n")
     (broken / "entry_points.txt").write_text("[twinbench.impls]\nbroken = vendor_broken\n")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), str(site), os.environ.get("PYTHONPATH")])))
+    path = [str(ROOT), str(site), os.environ.get("PYTHONPATH")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in path if p))
     return pytester
 
 
@@ -122,12 +123,14 @@ def test_vendor_repository(vendor: pytest.Pytester, monkeypatch: pytest.MonkeyPa
     plugin registers (none for twinbench's built-in impls), the run's verdicts and reasons, the crash costing only
     its own items; the fixture; the timing items' pytest-benchmark JSON, which `pytest-benchmark compare` reads;
     results.json for `twinbench report`."""
+    pytest.importorskip("pytest_benchmark", reason="the timing items need pytest-benchmark (extra `test`)")
     vendor.makepyfile(test_vendor=VENDOR_TEST)
     vendor.makeini("[pytest]\ntwinbench = true\n")  # the ini switch, as --twinbench
     result = vendor.runpytest_subprocess(
-        *plugin_args(), "-p", "no:cacheprovider", "-rA", "--twinbench-device", "cpu",
-        "--twinbench-case", CASE, "--twinbench-trials", "1", "--twinbench-out", "tb", "--twinbench-benchmark", "--benchmark-json", "bench.json",
-        "--benchmark-max-time", "0.01", "--benchmark-min-rounds", "2")
+        *plugin_args(), "-p", "no:cacheprovider", "-rA", "--twinbench-device", "cpu", "--twinbench-case", CASE,
+        "--twinbench-trials", "1", "--twinbench-out", "tb",
+        "--twinbench-benchmark", "--benchmark-json", "bench.json", "--benchmark-max-time", "0.01",
+        "--benchmark-min-rounds", "2")
     text = result.stdout.str()
     case = f"gating/{CASE},top_k=4,norm=true,dtype=fp32,tie_rows=2,nonfinite_rows=2"
     outcomes = outcomes_by_name(result)
