@@ -267,7 +267,7 @@ def cmd_history_add(args) -> int:
         check_outputs([Output("--db", Path(args.db))], inputs=args.results)
     for path in args.results:
         added = history.add(args.db, path)
-        print(f"{path}: {'added' if added else 'already in the history, skipped'} ({args.db})")
+        print(f"{path}: {'added' if added else 'already in the history, skipped'} ({history.display_name(args.db)})")
     return 0
 
 

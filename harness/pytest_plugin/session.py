@@ -1,9 +1,10 @@
 """What ``pytest --twinbench`` collects and where its verdicts come from: the run engine, never a copy of it.
 
 - **Parity items**, one per (suite, case, impl, device) of the selection, the case's reference included (the run
-  judges it too, and a failing reference skips the case's impls). Their records are made by ``harness.run`` exactly as ``twinbench run
-  --no-timing`` makes them: by default by one run worker per device (:class:`~twinbench.harness.run.supervisor.
-  DeviceRun`: a kernel that segfaults, aborts or hangs costs its own items and pytest goes on); with
+  judges it too, and a failing reference skips the case's impls). Their records are made by ``harness.run``
+  exactly as ``twinbench run --no-timing`` makes them, a case at a time: by default by the device's run worker
+  (:class:`~twinbench.harness.run.supervisor.DeviceRun`, its worker kept between cases: a kernel that segfaults,
+  aborts or hangs costs its own items, a fresh worker takes over and pytest goes on); with
   ``--twinbench-in-process`` by the same case code (:func:`~twinbench.harness.run.worker.run_case`) called in the
   pytest process: no worker start, no protection from a crash, no ``--twinbench-timeout``.
 - **Timing items** (``--twinbench-benchmark``), one per (suite, case, impl, device, fwd/fwdbwd), timed
@@ -145,8 +146,9 @@ def tasks_for(targets: Iterable[Target], reference_of: dict[str, str]) -> list[T
 
 
 class ParityRecords:
-    """The records behind the items, made the first time an item asks: for every target pytest will run in this
-    process, one engine run per device (isolated worker) or per case (in process). Every record also goes to
+    """The records behind the items, made case by case the first time an item of the case asks, for that case's
+    targets that pytest will run in this process: in the device's run worker (started at the first case and kept
+    for the next, as a cluster node keeps it) or in process. Every record also goes to
     ``journal.jsonl`` in ``folder``, from which :meth:`write_results` assembles ``results.json`` (the run's own
     document: ``twinbench report`` reads it)."""
 
@@ -156,21 +158,19 @@ class ParityRecords:
         self.provenance = dict(provenance(), command=command)
         self.journal.append({"type": "start", "provenance": self.provenance})
         self.records: dict[tuple[str, str, str, str], dict[str, Any]] = {}
-        self.ran: set[tuple[str, ...]] = set()  # devices (worker) or (suite, case, device) (in process) run already
+        self.ran: set[tuple[str, str, str]] = set()  # (suite, case, device) run already
         self.contexts: dict[str, Any] = {}  # in process: device -> CaseContext
+        self.device_runs: dict[str, Any] = {}  # in a worker: device -> its DeviceRun, worker kept between cases
 
     def record(self, target: Target, scheduled: Iterable[Target]) -> dict[str, Any] | None:
         """The record of ``target``; runs what it needs first, with the ``scheduled`` targets that share it."""
-        if self.selection.in_process:
-            unit = (target.suite, target.case_id, target.device)
-            if unit not in self.ran:
-                self.ran.add(unit)
-                same = [t for t in scheduled if (t.suite, t.case_id, t.device) == unit]
-                self._run_in_process(self.plan.devices[target.device], tasks_for([*same, target], self.plan.reference_of))
-        elif (target.device,) not in self.ran:
-            self.ran.add((target.device,))
-            same = [t for t in scheduled if t.device == target.device]
-            self._run_in_worker(self.plan.devices[target.device], tasks_for([*same, target], self.plan.reference_of))
+        unit = (target.suite, target.case_id, target.device)
+        if unit not in self.ran:
+            self.ran.add(unit)
+            same = [t for t in scheduled if (t.suite, t.case_id, t.device) == unit]
+            tasks = tasks_for([*same, target], self.plan.reference_of)
+            run = self._run_in_process if self.selection.in_process else self._run_in_worker
+            run(self.plan.devices[target.device], tasks)
         return self.records.get(target.key)
 
     def _keep(self, rec: dict[str, Any]) -> None:
@@ -179,16 +179,27 @@ class ParityRecords:
     def _run_in_worker(self, device: devices_mod.Device, tasks: list[Task]) -> None:
         from twinbench.harness.run.supervisor import DeviceRun, Progress
 
-        options = RunOptions(out=self.folder, plugins=list(self.selection.plugins), timeout=self.selection.timeout,
-                             trials=self.selection.trials, timing=False, triton_interpret=user_triton_interpret())
-        progress = Progress(len(tasks))
-        run = DeviceRun(device, tasks, options, self.journal, progress, None, self.plan.reference_of)
+        run = self.device_runs.get(device.name)
+        if run is None:
+            options = RunOptions(out=self.folder, plugins=list(self.selection.plugins), timeout=self.selection.timeout,
+                                 trials=self.selection.trials, timing=False, triton_interpret=user_triton_interpret())
+            run = self.device_runs[device.name] = DeviceRun(device, [], options, self.journal, None, None,
+                                                             self.plan.reference_of)
+        run.progress = Progress(len(tasks))
+        run.tasks.extend(tasks)
         try:
-            run.run()
+            run.run(keep_worker=True)
         finally:
-            progress.close()
+            run.progress.close()
         for rec in run.records:
             self._keep(rec)
+
+    def close(self) -> None:
+        """Stop the kept workers (and whatever they started)."""
+        for run in self.device_runs.values():
+            if run.worker is not None:
+                run.worker.stop()
+                run.worker = None
 
     def _context(self, device: devices_mod.Device):
         from twinbench.harness.run.worker import CaseContext, RunWorkerConfig
@@ -284,7 +295,8 @@ class TwinbenchSession:
         return self.records.write_results() if self.selection.out is not None and self.records.records else None
 
     def close(self) -> None:
-        """Release the output folder, or remove the temporary one (idempotent)."""
+        """Stop the workers; release the output folder, or remove the temporary one (idempotent)."""
+        self.records.close()
         self.stack.close()
 
     def collect(self, session: pytest.Session) -> list[pytest.Item]:
