@@ -296,7 +296,7 @@ def measure_ceilings(device: Device, dtypes: tuple[str, ...] = ("fp32", "bf16", 
             tflops = 2 * n**3 / (ms * 1e-3) / 1e12
             if tflops > out["matmul_tflops"].get(name, 0.0):
                 out["matmul_tflops"][name], out["matmul_n"][name] = tflops, n
-            if per_call > plan.block_ms:  # the next size would take 8x longer: past the budget
+            if 8 * per_call > plan.block_ms:  # the next size takes ~8x longer: one call past a block's budget
                 break
     size = buffer_bytes or bandwidth_bytes(device)
     out["bandwidth_bytes"] = size

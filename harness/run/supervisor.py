@@ -34,6 +34,7 @@ from twinbench.harness.run.process import (
     ProbeSuite,
     Ready,
     RecordDone,
+    RunWorkerConfig,
     WorkerDied,
     WorkerHung,
     WorkerKind,
@@ -41,7 +42,6 @@ from twinbench.harness.run.process import (
     user_triton_interpret,
     worker_environment,
 )
-from twinbench.harness.run.worker import RunWorkerConfig
 from twinbench.harness.store.record import FAILED, Record, Status
 
 # A probe must be cheap (registry.Impl); one silent this long is hung, whatever --timeout allows a kernel.
