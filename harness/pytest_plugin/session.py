@@ -202,7 +202,8 @@ class ParityRecords:
                 run.worker = None
 
     def _context(self, device: devices_mod.Device):
-        from twinbench.harness.run.worker import CaseContext, RunWorkerConfig
+        from twinbench.harness.run.process import RunWorkerConfig
+        from twinbench.harness.run.worker import CaseContext
 
         if device.name not in self.contexts:
             fp = devices_mod.fingerprint(device)
