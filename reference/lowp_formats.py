@@ -119,8 +119,9 @@ def max_value(fmt: Format | str) -> float:
 
 
 def decode(codes: torch.Tensor, fmt: Format | str) -> torch.Tensor:
-    """Codes (uint8, one code per element; E2M1 unpacked) -> float64 values."""
-    return decode_table(fmt, codes.device)[codes.long()]
+    """Codes (uint8, one code per element; E2M1 unpacked) -> float64 values (``index_select``: advanced
+    indexing of a small table costs 100x more CPU when torch's threads contend)."""
+    return decode_table(fmt, codes.device).index_select(0, codes.reshape(-1).long()).reshape(codes.shape)
 
 
 def encode(x: torch.Tensor, fmt: Format | str, *, saturate: bool) -> torch.Tensor:
@@ -134,17 +135,19 @@ def encode(x: torch.Tensor, fmt: Format | str, *, saturate: bool) -> torch.Tenso
     """
     fmt = Format(fmt)
     spec = SPECS[fmt]
-    table = decode_table(fmt, x.device)
-    step_past_max = 2.0 ** (_exponent_of_max(spec) - spec.man_bits)
-    # the non-negative magnitudes in code order, plus the value one step past the largest: rounding there is overflow
-    magnitudes = torch.cat([table[: spec.max_code + 1], table.new_tensor([max_value(fmt) + step_past_max])])
     a = x.detach().to(torch.float64).abs()
     finite_a = torch.nan_to_num(a, nan=0.0, posinf=0.0)
-    above = torch.searchsorted(magnitudes, finite_a).clamp_(max=magnitudes.numel() - 1)  # first magnitude >= a
-    below = (above - 1).clamp_(min=0)
-    d_below, d_above = finite_a - magnitudes[below], magnitudes[above] - finite_a
-    pick_above = (d_above < d_below) | ((d_above == d_below) & (above % 2 == 0))
-    magnitude = torch.where(pick_above, above, below)
+    # The magnitude's code, read off the value (the codes 0..max_code are the magnitudes in order): at exponent
+    # e (never below the subnormals' e_min = 1 - bias) neighbours are 2^(e - man_bits) apart, so n = a / that
+    # step rounded half to even (torch.round; exact in fp64) is the nearest multiple, and its code is
+    # (e - e_min) * 2^man_bits + n (a subnormal: e = e_min, code n; a normal: n = 2^man_bits + mantissa, and
+    # rounding up into the next binade gives the next binade's first code). Even n is an even code: ties to
+    # even. A code past max_code is an overflow. Elementwise ops only: a table lookup (searchsorted) costs
+    # 10x more CPU on small tensors when torch's threads contend (docs/low_precision.md, quick profile time).
+    min_exponent = 1 - spec.bias
+    exponent = floor_log2(finite_a.clamp(min=2.0 ** min_exponent))
+    n = torch.round(finite_a / torch.exp2((exponent - spec.man_bits).to(torch.float64)))
+    magnitude = (exponent - min_exponent) * (1 << spec.man_bits) + n.long()
     overflow = (magnitude > spec.max_code) | torch.isinf(a)
     magnitude = torch.where(overflow, torch.full_like(magnitude, spec.max_code), magnitude)  # saturated
     sign = torch.signbit(x.detach()).long() * spec.sign_bit
@@ -157,10 +160,6 @@ def encode(x: torch.Tensor, fmt: Format | str, *, saturate: bool) -> torch.Tenso
         code = torch.where(overflow, spec.overflow_nan | sign, code)
     code = torch.where(torch.isnan(a), torch.full_like(code, _nan_code(fmt)), code)
     return code.to(torch.uint8)
-
-
-def _exponent_of_max(spec: FloatFormat) -> int:
-    return ((spec.max_code >> spec.man_bits) & ((1 << spec.exp_bits) - 1)) - spec.bias
 
 
 def _nan_code(fmt: Format) -> int:
