@@ -124,6 +124,9 @@ def decode(codes: torch.Tensor, fmt: Format | str) -> torch.Tensor:
     return decode_table(fmt, codes.device).index_select(0, codes.reshape(-1).long()).reshape(codes.shape)
 
 
+_ROUND_TO_INTEGER = 2.0 ** 52  # fp64's ulp is 1 from here: v + 2^52 - 2^52 is v rounded half to even (0 <= v < 2^52)
+
+
 def encode(x: torch.Tensor, fmt: Format | str, *, saturate: bool) -> torch.Tensor:
     """x -> codes (uint8), rounded to nearest, ties to even.
 
@@ -139,14 +142,16 @@ def encode(x: torch.Tensor, fmt: Format | str, *, saturate: bool) -> torch.Tenso
     finite_a = torch.nan_to_num(a, nan=0.0, posinf=0.0)
     # The magnitude's code, read off the value (the codes 0..max_code are the magnitudes in order): at exponent
     # e (never below the subnormals' e_min = 1 - bias) neighbours are 2^(e - man_bits) apart, so n = a / that
-    # step rounded half to even (torch.round; exact in fp64) is the nearest multiple, and its code is
+    # step (exact in fp64) rounded half to even is the nearest multiple, and its code is
     # (e - e_min) * 2^man_bits + n (a subnormal: e = e_min, code n; a normal: n = 2^man_bits + mantissa, and
     # rounding up into the next binade gives the next binade's first code). Even n is an even code: ties to
-    # even. A code past max_code is an overflow. Elementwise ops only: a table lookup (searchsorted) costs
-    # 10x more CPU on small tensors when torch's threads contend (docs/low_precision.md, quick profile time).
+    # even. A code past max_code is an overflow. n <= 2^(man_bits + 1), so adding and subtracting 2^52 rounds
+    # it to an integer, ties to even, in fp64's own arithmetic: torch.round and a table lookup (searchsorted)
+    # give the same codes but cost 100x more CPU on small tensors when torch's threads contend
+    # (docs/low_precision.md, quick profile time).
     min_exponent = 1 - spec.bias
     exponent = floor_log2(finite_a.clamp(min=2.0 ** min_exponent))
-    n = torch.round(finite_a / torch.exp2((exponent - spec.man_bits).to(torch.float64)))
+    n = finite_a / torch.exp2((exponent - spec.man_bits).to(torch.float64)) + _ROUND_TO_INTEGER - _ROUND_TO_INTEGER
     magnitude = (exponent - min_exponent) * (1 << spec.man_bits) + n.long()
     overflow = (magnitude > spec.max_code) | torch.isinf(a)
     magnitude = torch.where(overflow, torch.full_like(magnitude, spec.max_code), magnitude)  # saturated
