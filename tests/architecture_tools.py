@@ -32,6 +32,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "harness.run": frozenset({"harness.core", "harness.store", "harness.run"}),
     "harness.gate": frozenset({"harness.core", "harness.store", "harness.run", "harness.gate"}),
     "harness.doctor": frozenset({"harness.core", "harness.store", "harness.run", "harness.doctor"}),
+    "harness.cluster": frozenset({"harness.core", "harness.store", "harness.run", "harness.cluster"}),
     "harness.cli": frozenset({"*"}),
     "reports": frozenset({"harness.store", "reports"}),
     "reference": frozenset({"reference"}),

@@ -242,16 +242,16 @@ def test_a_step_is_good_only_when_clearly_not_the_hunted_slowdown():
 
 
 def test_history_show_offers_the_bisect_command_for_a_change_point(tmp_path, capsys):
-    from test_history import _nightly
+    from history_db import nightly_files
 
     db = tmp_path / "h.sqlite"
-    for p in _nightly(tmp_path, n=24, step_at=12, factor=1.5):
+    for p in nightly_files(tmp_path, n=24, step_at=12, factor=1.5):
         assert main(["history", "add", str(p), "--db", str(db)]) == 0
     capsys.readouterr()
     assert main(["history", "show", "--db", str(db), "--suite", "matmul"]) == 0
     out = capsys.readouterr().out
     good, bad = f"{12:x}" * 8, f"{13:x}" * 8  # the commits of the last run before the step and the first after
-    expected = f"twinbench bisect {good[:12]} {bad[:12]} --suite matmul --impl fast --case n=64,dtype=fp32"
+    expected = f"twinbench bisect {good[:12]} {bad[:12]} --suite matmul --impl fast --case n=64,dtype=fp32 --device cpu"
     assert expected in out, out
     assert out.count("twinbench bisect") == 3  # the three stepped series, nothing for the flat ones
     assert main(["history", "show", "--db", str(db), "--suite", "matmul", "--json"]) == 0
@@ -268,3 +268,4 @@ def test_a_change_point_without_recorded_commits_offers_no_command():
     series["points"][1]["git_sha"] = "b" * 40
     assert bisect_command(series, {"index": 1}) == f"twinbench bisect {'a' * 12} {'b' * 12} --suite s --impl i --case n=1"
     assert bisect_command(dict(series, case="n=1,tag=a b"), {"index": 1}).endswith("--case 'n=1,tag=a b'")
+    assert bisect_command(dict(series, device="cuda:1"), {"index": 1}).endswith("--case n=1 --device cuda:1")

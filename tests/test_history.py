@@ -2,40 +2,18 @@
 
 from __future__ import annotations
 
-import copy
 import re
 
-import numpy as np
 import pytest
-from reports_fixtures import make_doc
+from history_db import nightly_files
 from twinbench.harness.cli.main import main
 from twinbench.harness.store import history
-from twinbench.harness.store.results import atomic_write_json
 from twinbench.reports.html import render_html
-
-
-def _nightly(tmp_path, n: int = 30, step_at: int | None = 20, factor: float = 1.3) -> list:
-    """n nightly results files; from ``step_at`` on, impl 'fast' takes ``factor`` x longer."""
-    rng = np.random.default_rng(0)
-    base = make_doc(planted=False)
-    paths = []
-    for night in range(n):
-        doc = copy.deepcopy(base)
-        doc["provenance"].update(started=f"2026-11-{night + 1:02d}T03:00:00+00:00", git_sha=f"{night + 1:x}" * 8)
-        for rec in doc["results"]:
-            t = rec.get("timing")
-            if t:
-                slow = factor if step_at is not None and night >= step_at and rec["impl"] == "fast" else 1.0
-                t["fwd"]["median_ms"] *= slow * float(rng.normal(1.0, 0.02))
-        path = tmp_path / f"night{night:02d}.json"
-        atomic_write_json(path, doc)
-        paths.append(path)
-    return paths
 
 
 def test_a_step_is_found_where_it_happened_and_nowhere_else(tmp_path):
     db = tmp_path / "h.sqlite"
-    for p in _nightly(tmp_path):
+    for p in nightly_files(tmp_path):
         assert history.add(db, p)
     found = history.series(db, metric="fwd_median_ms")
     assert len(found) == 7  # 3 cases x (reference, fast) + the n=512 reference
@@ -48,13 +26,13 @@ def test_a_step_is_found_where_it_happened_and_nowhere_else(tmp_path):
 
 def test_a_flat_history_has_no_change_point(tmp_path):
     db = tmp_path / "h.sqlite"
-    for p in _nightly(tmp_path, n=25, step_at=None):
+    for p in nightly_files(tmp_path, n=25, step_at=None):
         history.add(db, p)
     assert all(not s["change_points"] for s in history.series(db, metric="fwd_median_ms"))
 
 
 def test_the_same_run_is_added_once(tmp_path, capsys):
-    [p] = _nightly(tmp_path, n=1)
+    [p] = nightly_files(tmp_path, n=1)
     db = tmp_path / "h.sqlite"
     assert main(["history", "add", str(p), "--db", str(db)]) == 0
     assert main(["history", "add", str(p), "--db", str(db)]) == 0
@@ -65,9 +43,8 @@ def test_the_same_run_is_added_once(tmp_path, capsys):
 
 def test_a_database_url_goes_through_sqlalchemy(tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'via_url.sqlite'}"
-    for p in _nightly(tmp_path, n=24, step_at=12, factor=1.5):
+    for p in nightly_files(tmp_path, n=24, step_at=12, factor=1.5):
         history.add(url, p)
-    assert isinstance(history.open_store(url), history._SqlAlchemy)
     assert main(["history", "show", "--db", url, "--suite", "matmul"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"run 13 \(\w+\) \+(4\d|5\d)\.\d%", out), out
@@ -75,7 +52,7 @@ def test_a_database_url_goes_through_sqlalchemy(tmp_path, capsys):
 
 def test_the_report_shows_trends_and_change_points(tmp_path):
     db = tmp_path / "h.sqlite"
-    paths = _nightly(tmp_path)
+    paths = nightly_files(tmp_path)
     for p in paths:
         history.add(db, p)
     from twinbench.harness.store.results import load

@@ -18,5 +18,6 @@ def bisect_command(series: dict[str, Any], change_point: dict[str, Any]) -> str 
     good, bad = series["points"][index - 1]["git_sha"], series["points"][index]["git_sha"]
     if not good or not bad or good == bad:
         return None
+    device = ["--device", series["device"]] if series.get("device") else []  # else bisect's default, the CPU
     return shlex.join(["twinbench", "bisect", good[:12], bad[:12], "--suite", series["suite"],
-                      "--impl", series["impl"], "--case", series["case"]])
+                      "--impl", series["impl"], "--case", series["case"], *device])

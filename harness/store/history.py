@@ -1,7 +1,8 @@
 """Nightly history: results appended to a database, change points per (suite, case, impl, fingerprint).
 
-The store is SQLite through the standard library by default (a file path); a database URL
-(``postgresql://...``, ``sqlite:///...``) goes through SQLAlchemy Core instead. Change points come
+The store is SQLite by default (a file path, or a ``sqlite:///`` URL) and PostgreSQL for a history that
+a fleet shares (``postgresql+psycopg://...``), both through SQLAlchemy Core with one schema and its
+migrations (``history_schema``); several processes may add at once. Change points come
 from Apache Otava's E-divisive with the Hunter merge step (``otava.series.Series.analyze``, offline),
 docs/method.md §4: window 50, p < 0.001, a minimum relative magnitude.
 """
@@ -9,7 +10,6 @@ docs/method.md §4: window 50, p < 0.001, a minimum relative magnitude.
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -17,88 +17,51 @@ from typing import Any
 from twinbench.harness.core.errors import UsageError
 from twinbench.harness.store.results import dumps_strict, now_iso, to_long_rows
 
-POINT_COLUMNS = ("run_id", "suite", "case_id", "impl", "device", "fingerprint", "status", "metric", "value")
-RUN_COLUMNS = ("run_key", "started", "git_sha", "git_dirty", "command", "source", "added")
 TREND_METRICS = ("fwd_median_ms", "fwdbwd_median_ms")
+# How long a SQLite writer waits for another's write lock: many nightly jobs may add at the same minute.
+SQLITE_BUSY_TIMEOUT_S = 60.0
 
 
-class _Sqlite:
-    def __init__(self, path: str):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+class HistoryStore:
+    """A history database: SQLite (a file path, or a ``sqlite:///`` URL) or PostgreSQL (a SQLAlchemy URL).
+
+    One schema for both (``history_schema``), brought to the latest version when opened. Several writers
+    may add at once from separate processes: a run's row and its points go in one transaction, and the
+    database itself decides whether the run key is new (INSERT ... ON CONFLICT DO NOTHING), so the same
+    run added twice at the same moment is stored once.
+    """
+
+    def __init__(self, db: str | Path):
         try:
-            self.conn = sqlite3.connect(path)
-            self.conn.executescript(
-                "CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY AUTOINCREMENT, run_key TEXT UNIQUE, "
-                "started TEXT, git_sha TEXT, git_dirty INTEGER, command TEXT, source TEXT, added TEXT);"
-                "CREATE TABLE IF NOT EXISTS points (run_id INTEGER, suite TEXT, case_id TEXT, impl TEXT, "
-                "device TEXT, fingerprint TEXT, status TEXT, metric TEXT, value REAL);"
-                "CREATE INDEX IF NOT EXISTS points_series ON points (suite, case_id, impl, fingerprint, metric);")
-        except sqlite3.DatabaseError as exc:
-            raise UsageError(f"history database {path}: {exc}") from None
-
-    def has_run(self, key: str) -> bool:
-        return self.conn.execute("SELECT 1 FROM runs WHERE run_key = ?", (key,)).fetchone() is not None
-
-    def add(self, run: dict[str, Any], points: list[dict[str, Any]]) -> None:
-        with self.conn:  # one transaction: a run is stored whole or not at all
-            cur = self.conn.execute(f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})",
-                                    [run[c] for c in RUN_COLUMNS])
-            rows = [[cur.lastrowid, *[p[c] for c in POINT_COLUMNS[1:]]] for p in points]
-            self.conn.executemany(f"INSERT INTO points ({', '.join(POINT_COLUMNS)}) VALUES "
-                                  f"({', '.join('?' * len(POINT_COLUMNS))})", rows)
-
-    def points(self, metric: str | None, suite: str | None) -> list[dict[str, Any]]:
-        sql = ("SELECT p.suite, p.case_id, p.impl, p.device, p.fingerprint, p.status, p.metric, p.value, "
-               "r.started, r.git_sha, r.id FROM points p JOIN runs r ON p.run_id = r.id WHERE 1 = 1")
-        args: list[Any] = []
-        if metric:
-            sql += " AND p.metric = ?"
-            args.append(metric)
-        if suite:
-            sql += " AND p.suite = ?"
-            args.append(suite)
-        cols = ("suite", "case", "impl", "device", "fingerprint", "status", "metric", "value", "time", "git_sha", "run")
-        return [dict(zip(cols, row)) for row in self.conn.execute(sql + " ORDER BY r.started, r.id", args)]
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-class _SqlAlchemy:
-    """The same tables through SQLAlchemy Core, for PostgreSQL or any other URL."""
-
-    def __init__(self, url: str):
-        import sqlalchemy as sa
-
-        self.sa = sa
+            import sqlalchemy as sa
+            from twinbench.harness.store import history_schema
+        except ImportError as exc:
+            raise UsageError(f"the history needs the history extra: pip install 'twinbench[history]' ({exc})") from None
+        self.sa, self.schema = sa, history_schema
+        self.engine, self.name = _engine(db)
         try:
-            self.engine = sa.create_engine(url)
-        except Exception as exc:
-            raise UsageError(f"history database URL {url!r}: {exc}") from None
-        meta = sa.MetaData()
-        self.runs = sa.Table("runs", meta, sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-                             sa.Column("run_key", sa.String(64), unique=True), sa.Column("started", sa.String(40)),
-                             sa.Column("git_sha", sa.String(64)), sa.Column("git_dirty", sa.Integer),
-                             sa.Column("command", sa.Text), sa.Column("source", sa.Text), sa.Column("added", sa.String(40)))
-        self.pts = sa.Table("points", meta, sa.Column("run_id", sa.Integer, index=True),
-                            *[sa.Column(c, sa.Text) for c in POINT_COLUMNS[1:-1]], sa.Column("value", sa.Float))
-        try:
-            meta.create_all(self.engine)
-        except Exception as exc:
-            raise UsageError(f"history database {url!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+            history_schema.migrate(self.engine, self.name)
+        except BaseException as exc:
+            self.engine.dispose()
+            if isinstance(exc, sa.exc.SQLAlchemyError):  # unreachable server, wrong password, not a database
+                raise UsageError(f"history database {self.name}: {_one_line(exc)}") from None
+            raise
 
-    def has_run(self, key: str) -> bool:
-        with self.engine.connect() as conn:
-            return conn.execute(self.sa.select(self.runs.c.id).where(self.runs.c.run_key == key)).first() is not None
-
-    def add(self, run: dict[str, Any], points: list[dict[str, Any]]) -> None:
-        with self.engine.begin() as conn:
-            run_id = conn.execute(self.runs.insert().values(**run)).inserted_primary_key[0]
+    def add(self, run: dict[str, Any], points: list[dict[str, Any]]) -> bool:
+        """Store a run whole, or nothing when its run key is already there; True when stored."""
+        runs, pts = self.schema.runs, self.schema.points
+        insert = _dialect_insert(self.engine)(runs).values(**run)
+        insert = insert.on_conflict_do_nothing(index_elements=[runs.c.run_key]).returning(runs.c.id)
+        with self.schema.write_transaction(self.engine) as conn:
+            run_id = conn.execute(insert).scalar()
+            if run_id is None:
+                return False
             if points:
-                conn.execute(self.pts.insert(), [dict(p, run_id=run_id) for p in points])
+                conn.execute(pts.insert(), [dict(p, run_id=run_id) for p in points])
+        return True
 
     def points(self, metric: str | None, suite: str | None) -> list[dict[str, Any]]:
-        p, r = self.pts, self.runs
+        p, r = self.schema.points, self.schema.runs
         q = self.sa.select(p.c.suite, p.c.case_id, p.c.impl, p.c.device, p.c.fingerprint, p.c.status, p.c.metric,
                            p.c.value, r.c.started, r.c.git_sha, r.c.id).join(r, p.c.run_id == r.c.id)
         if metric:
@@ -113,9 +76,80 @@ class _SqlAlchemy:
         self.engine.dispose()
 
 
-def open_store(db: str | Path):
+def _one_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{type(getattr(exc, 'orig', None) or exc).__name__}: {text[0][:200] if text else ''}"
+
+
+def display_name(db: str | Path) -> str:
+    """The database as printed and put into reports: a URL without its password."""
     text = str(db)
-    return _SqlAlchemy(text) if "://" in text else _Sqlite(text)
+    if "://" not in text:
+        return text
+    try:
+        import sqlalchemy as sa
+
+        return sa.make_url(text).render_as_string(hide_password=True)
+    except Exception:  # no SQLAlchemy, or not a URL it can parse: never print what may be a password
+        return text.split("://", 1)[0] + "://..."
+
+
+def _engine(db: str | Path):
+    """The engine for a path or URL, and its display name; only SQLite and PostgreSQL (the tested backends)."""
+    import sqlalchemy as sa
+
+    text = str(db)
+    if "://" not in text:
+        path = Path(text).absolute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = f"sqlite:///{path}"
+    name = display_name(db)
+    try:
+        url = sa.make_url(text)
+    except sa.exc.ArgumentError as exc:
+        raise UsageError(f"history database URL {name}: {exc}") from None
+    if url.get_backend_name() == "postgresql":
+        if url.drivername == "postgresql":  # psycopg 3 is what the history extra installs
+            url = url.set(drivername="postgresql+psycopg")
+        try:
+            return sa.create_engine(url, pool_pre_ping=True), name
+        except ImportError as exc:
+            raise UsageError(f"history database {name}: {exc} (pip install 'twinbench[history]')") from None
+    if url.get_backend_name() == "sqlite":
+        return _sqlite_engine(url), name
+    raise UsageError(f"history database {name}: only SQLite (a path or sqlite:///...) and PostgreSQL "
+                     "(postgresql+psycopg://...) are supported")
+
+
+def _sqlite_engine(url):
+    """SQLite for several writers: WAL (readers do not block the writer), a busy timeout, and write
+    transactions that take the write lock at BEGIN (``history_schema.write_transaction``)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+
+    @sa.event.listens_for(engine, "connect")
+    def _connect(dbapi_conn, _record) -> None:
+        dbapi_conn.isolation_level = None  # the driver's own BEGIN handling off: the "begin" hook below decides
+        dbapi_conn.execute("PRAGMA journal_mode=WAL")
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("twinbench_write") else "BEGIN")
+
+    return engine
+
+
+def _dialect_insert(engine):
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
+
+
+def open_store(db: str | Path) -> HistoryStore:
+    return HistoryStore(db)
 
 
 def run_key(doc: dict[str, Any]) -> str:
@@ -128,6 +162,21 @@ def run_key(doc: dict[str, Any]) -> str:
     return hashlib.sha256("\n".join(canonical).encode()).hexdigest()[:32]
 
 
+def run_row(doc: dict[str, Any], source: str | Path) -> dict[str, Any]:
+    """The ``runs`` row of one results document."""
+    prov = doc.get("provenance") or {}
+    return {"run_key": run_key(doc), "started": prov.get("started", ""), "git_sha": prov.get("git_sha", ""),
+            "git_dirty": int(bool(prov.get("git_dirty"))), "command": prov.get("command", ""),
+            "source": str(source), "added": now_iso()}
+
+
+def point_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``points`` rows of one results document (numbers only), without their run id."""
+    return [{"suite": r["suite"], "case_id": r["case"], "impl": r["impl"], "device": r["device"],
+             "fingerprint": r["fingerprint"], "status": r["status"], "metric": r["metric"], "value": float(r["value"])}
+            for r in to_long_rows(doc) if isinstance(r["value"], (int, float)) and r["value"] is not None]
+
+
 def add(db: str | Path, results_path: str | Path) -> bool:
     """Append one results file; False when this run is already in the history."""
     from twinbench.harness.store.results import load
@@ -135,19 +184,7 @@ def add(db: str | Path, results_path: str | Path) -> bool:
     doc = load(results_path)
     store = open_store(db)
     try:
-        key = run_key(doc)
-        if store.has_run(key):
-            return False
-        prov = doc.get("provenance") or {}
-        run = {"run_key": key, "started": prov.get("started", ""), "git_sha": prov.get("git_sha", ""),
-               "git_dirty": int(bool(prov.get("git_dirty"))), "command": prov.get("command", ""),
-               "source": str(results_path), "added": now_iso()}
-        points = [{"suite": r["suite"], "case_id": r["case"], "impl": r["impl"], "device": r["device"],
-                   "fingerprint": r["fingerprint"], "status": r["status"], "metric": r["metric"],
-                   "value": float(r["value"])}
-                  for r in to_long_rows(doc) if isinstance(r["value"], (int, float)) and r["value"] is not None]
-        store.add(run, points)
-        return True
+        return store.add(run_row(doc, results_path), point_rows(doc))
     finally:
         store.close()
 
@@ -184,7 +221,9 @@ def series(db: str | Path, *, metric: str | None = None, suite: str | None = Non
     out = []
     for (s, case, impl, fp, m), pts in sorted(grouped.items()):
         points = [{"time": p["time"], "value": p["value"], "git_sha": p["git_sha"] or ""} for p in pts]
-        out.append({"suite": s, "case": case, "impl": impl, "fingerprint": fp, "metric": m, "points": points,
+        # one fingerprint is one device kind; the device name (cuda:0) is what a re-run on that host selects
+        out.append({"suite": s, "case": case, "impl": impl, "fingerprint": fp, "device": pts[-1]["device"] or "",
+                    "metric": m, "points": points,
                     "change_points": change_points([p["value"] for p in points], window=window,
                                                    max_pvalue=max_pvalue, min_magnitude=min_magnitude)})
     return out
@@ -199,7 +238,7 @@ def trends(db: str | Path, doc: dict[str, Any]) -> dict[str, Any]:
     for metric in TREND_METRICS:
         found += [s for s in series(db, metric=metric) if (s["suite"], s["case"], s["impl"], s["fingerprint"]) in wanted
                   and len(s["points"]) >= 2]
-    return {"db": str(db), "series": found}
+    return {"db": display_name(db), "series": found}
 
 
 def show(db: str | Path, *, suite: str | None = None, metric: str = "fwd_median_ms", window: int = 50,
@@ -216,7 +255,7 @@ def show(db: str | Path, *, suite: str | None = None, metric: str = "fwd_median_
     if as_json:
         return dumps_strict(found)
     if not found:
-        return f"no {metric} points in {db}" + (f" for suite {suite}" if suite else "")
+        return f"no {metric} points in {display_name(db)}" + (f" for suite {suite}" if suite else "")
     lines = [f"{'suite':<14} {'impl':<18} {'fp':<8} {'runs':>5} {'first':>10} {'latest':>10}  change points / case"]
     for s in found:
         vals = [p["value"] for p in s["points"]]

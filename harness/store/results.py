@@ -130,12 +130,22 @@ def validate_against(data: Any, schema_path: Path, source: str, what: str) -> No
     """jsonschema validation whose failure is one UsageError line naming where the file is wrong."""
     import jsonschema
 
-    schema = json.loads(schema_path.read_text())
-    try:
-        jsonschema.validate(data, schema)
-    except jsonschema.ValidationError as exc:
+    exc = jsonschema.exceptions.best_match(_validator(schema_path).iter_errors(data))
+    if exc is not None:  # the error jsonschema.validate would raise
         where = "/".join(str(p) for p in exc.absolute_path) or "top level"
         raise UsageError(f"{source}: not a twinbench {what} ({where}: {exc.message[:160]})") from None
+
+
+@functools.cache
+def _validator(schema_path: Path):
+    """One checked validator per schema file: jsonschema.validate re-checks the schema itself on every call,
+    three quarters of a results file's validation time (a history add of many files)."""
+    import jsonschema
+
+    schema = json.loads(schema_path.read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
 
 
 def read_json(path: str | Path, what: str) -> Any:
