@@ -34,6 +34,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "harness.doctor": frozenset({"harness.core", "harness.store", "harness.run", "harness.doctor"}),
     "harness.cluster": frozenset({"harness.core", "harness.store", "harness.run", "harness.cluster"}),
     "harness.cli": frozenset({"*"}),
+    "harness.pytest_plugin": frozenset({"harness.core", "harness.store", "harness.run", "harness.pytest_plugin"}),
     "reports": frozenset({"harness.store", "reports"}),
     "reference": frozenset({"reference"}),
     "suites": frozenset({"harness.core", "reference", "suites"}),
