@@ -76,7 +76,9 @@ def labelled_modules(model: torch.nn.Module):
             if stack:
                 stack.pop().__exit__(None, None, None)
 
-        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+        # always_call: non-reentrant checkpointing stops a recomputation by raising once it has what backward
+        # needs; a label left open would swallow every later op of the step
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
     try:
         yield
     finally:
