@@ -154,24 +154,43 @@ def test_a_hanging_or_crashing_probe_costs_only_its_impl(tmp_path):
     assert "SIGSEGV" in recs["probe_segfaults"]["reason"] and "(during probe)" in recs["probe_segfaults"]["reason"]
 
 
-PROBE_ALL = textwrap.dedent('''
-    import json, sys
-    from twinbench.harness.core import devices, registry
-    from twinbench.harness.run.supervisor import probe_impls
+# One `twinbench list` (its main(), in a child process) whose probe_impls call is recorded: the list's table and
+# the probes' own verdicts come from the same probe workers, so two tests read them without probing twice.
+PROBE_AND_LIST = textwrap.dedent('''
+    import contextlib, io, json, sys
+    from twinbench.harness.cli.main import main
+    from twinbench.harness.run import supervisor
 
-    registry.load_plugins([sys.argv[1]])
-    found = probe_impls(devices.find("cpu"), ["attention"], [sys.argv[1]], timeout=float(sys.argv[2]))
-    print(json.dumps({impl: [ok, why] for (suite, impl), (ok, why) in found.items()}))
+    found = {}
+    real_probe_impls = supervisor.probe_impls
+
+    def recorded_probe_impls(*args, **kwargs):
+        result = real_probe_impls(*args, **kwargs)
+        found.update(result)
+        return result
+
+    supervisor.probe_impls = recorded_probe_impls  # cmd_list imports it from the module when it runs
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        code = main(["list", "attention", "--device", "cpu", "--plugin", sys.argv[1], "--timeout", sys.argv[2]])
+    print(json.dumps({"code": code, "table": table.getvalue(),
+                      "found": {impl: [ok, why] for (suite, impl), (ok, why) in found.items()}}))
 ''')
 
 
-def test_list_probes_are_bounded_and_blamed_on_their_impl(tmp_path):
+@pytest.fixture(scope="module")
+def probed_list(tmp_path_factory):
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", PROBE_ALL, str(PLUGIN), "5"], capture_output=True, text=True,
-                          timeout=300, env=env_with(tmp_path), cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-c", PROBE_AND_LIST, str(PLUGIN), "5"], capture_output=True, text=True,
+                          timeout=400, env=env_with(tmp_path_factory.mktemp("notes")), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    assert time.monotonic() - t0 < 200
-    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    return time.monotonic() - t0, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_list_probes_are_bounded_and_blamed_on_their_impl(probed_list):
+    took, listed = probed_list
+    assert took < 200
+    found = listed["found"]
     assert found["probe_hangs"] == [False, "probe timed out (no answer in 5s)"]
     ok, why = found["probe_segfaults"]
     assert not ok and why.startswith("probe crashed: probe worker died with SIGSEGV")
@@ -180,11 +199,10 @@ def test_list_probes_are_bounded_and_blamed_on_their_impl(tmp_path):
 
 
 @pytest.mark.slow
-def test_twinbench_list_returns_with_a_hanging_probe(tmp_path):
-    proc = twinbench(tmp_path, "list", "attention", "--device", "cpu", "--plugin", str(PLUGIN), "--timeout", "8",
-                     timeout=400)
-    assert proc.returncode == 0, proc.stderr
-    lines = {line.split("│")[2].strip(): line for line in proc.stdout.splitlines() if line.count("│") >= 4}
+def test_twinbench_list_returns_with_a_hanging_probe(probed_list):
+    _, listed = probed_list
+    assert listed["code"] == 0, listed["table"][-2000:]
+    lines = {line.split("│")[2].strip(): line for line in listed["table"].splitlines() if line.count("│") >= 4}
     assert "probe timed out" in lines["probe_hangs"] and "probe crashed" in lines["probe_segfaults"]
     assert "yes" in lines["sdpa"]
 
