@@ -87,21 +87,17 @@ def test_global_state_an_impl_changes_stays_with_it_and_is_recorded(tmp_path):
     assert seen == {"2 torch.float32"}  # parity, timing and memory calls all saw the worker's own state
 
 
-# In-process run_case with the guard planted away: the same probe impl must then see the hostile state, which
-# proves the end-to-end check above can fail.
+# In-process run_case, first with the guard kept, then with it planted away: the same probe impl must then see
+# the hostile state, which proves the end-to-end check above can fail. Both in one child process (one torch
+# import); each writes its notes into its own folder and starts from the same torch state.
 UNGUARDED = textwrap.dedent('''
-    import contextlib, json, sys
+    import contextlib, json, os, sys
     import torch
     from twinbench.harness.core import devices, registry
     from twinbench.harness.run import worker
     from twinbench.harness.run.process import RunCase
 
-    if sys.argv[1] == "planted":  # no guard at all
-        worker.StateLedger.kept = lambda self, name: contextlib.nullcontext()
-        worker.StateLedger.guarded = lambda self, impl: impl
-        worker.RoundKeeper.switch = lambda self, name: None
-    torch.set_num_threads(2)
-    registry.load_plugins([sys.argv[2]])
+    registry.load_plugins([sys.argv[1]])
     device = next(d for d in devices.detect() if d.backend == "cpu")
     config = worker.RunWorkerConfig(device="cpu", backend="cpu", trials=1,
                                     plan={"rounds": 7, "block_ms": 1.0, "warmup_ms": 1.0, "budget_s": 0.1})
@@ -113,24 +109,41 @@ UNGUARDED = textwrap.dedent('''
         def send(self, message):
             self.sent.append(message)
 
-    events = Events()
     params = {"batch": 1, "heads": 2, "kv_heads": 2, "seq_q": 16, "seq_k": 16, "head_dim": 16, "causal": True,
               "dtype": "fp32"}
-    worker.run_case(RunCase(suite="attention", params=params, impls=["reference", "sets_global_state",
-                                                                     "sees_threads"]), ctx, events)
-    print(json.dumps({m.record["impl"]: m.record["state_changed"] for m in events.sent if m.TYPE == "record"}))
+    recorded = {}
+    for guard in ("kept", "planted"):
+        if guard == "planted":  # no guard at all
+            worker.StateLedger.kept = lambda self, name: contextlib.nullcontext()
+            worker.StateLedger.guarded = lambda self, impl: impl
+            worker.RoundKeeper.switch = lambda self, name: None
+        os.environ["TWINBENCH_TEST_NOTES"] = os.path.join(sys.argv[2], guard)
+        torch.set_num_threads(2)
+        torch.set_default_dtype(torch.float32)
+        events = Events()
+        worker.run_case(RunCase(suite="attention", params=params, impls=["reference", "sets_global_state",
+                                                                         "sees_threads"]), ctx, events)
+        recorded[guard] = {m.record["impl"]: m.record["state_changed"] for m in events.sent if m.TYPE == "record"}
+    print(json.dumps(recorded))
 ''')
 
 
-@pytest.mark.parametrize("guard", ["kept", "planted"])
-def test_without_the_guard_the_next_impl_sees_the_hostile_state(tmp_path, guard):
-    notes = tmp_path / "notes"
-    notes.mkdir()
-    proc = subprocess.run([sys.executable, "-c", UNGUARDED, guard, str(PLUGIN)], capture_output=True,
+@pytest.fixture(scope="module")
+def unguarded(tmp_path_factory):
+    notes = tmp_path_factory.mktemp("notes")
+    for guard in ("kept", "planted"):
+        (notes / guard).mkdir()
+    proc = subprocess.run([sys.executable, "-c", UNGUARDED, str(PLUGIN), str(notes)], capture_output=True,
                           text=True, timeout=300, env=env_with(notes), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    seen = set((notes / "sees_threads").read_text().splitlines())
-    recorded = json.loads(proc.stdout.strip().splitlines()[-1])
+    return notes, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("guard", ["kept", "planted"])
+def test_without_the_guard_the_next_impl_sees_the_hostile_state(unguarded, guard):
+    notes, recorded_by_guard = unguarded
+    seen = set((notes / guard / "sees_threads").read_text().splitlines())
+    recorded = recorded_by_guard[guard]
     if guard == "kept":
         assert seen == {"2 torch.float32"}
         assert recorded["sets_global_state"] == ["default_dtype", "threads"]
