@@ -119,8 +119,12 @@ def max_value(fmt: Format | str) -> float:
 
 
 def decode(codes: torch.Tensor, fmt: Format | str) -> torch.Tensor:
-    """Codes (uint8, one code per element; E2M1 unpacked) -> float64 values."""
-    return decode_table(fmt, codes.device)[codes.long()]
+    """Codes (uint8, one code per element; E2M1 unpacked) -> float64 values (``index_select``: advanced
+    indexing of a small table costs 100x more CPU when torch's threads contend)."""
+    return decode_table(fmt, codes.device).index_select(0, codes.reshape(-1).long()).reshape(codes.shape)
+
+
+_ROUND_TO_INTEGER = 2.0 ** 52  # fp64's ulp is 1 from here: v + 2^52 - 2^52 is v rounded half to even (0 <= v < 2^52)
 
 
 def encode(x: torch.Tensor, fmt: Format | str, *, saturate: bool) -> torch.Tensor:
@@ -134,17 +138,21 @@ def encode(x: torch.Tensor, fmt: Format | str, *, saturate: bool) -> torch.Tenso
     """
     fmt = Format(fmt)
     spec = SPECS[fmt]
-    table = decode_table(fmt, x.device)
-    step_past_max = 2.0 ** (_exponent_of_max(spec) - spec.man_bits)
-    # the non-negative magnitudes in code order, plus the value one step past the largest: rounding there is overflow
-    magnitudes = torch.cat([table[: spec.max_code + 1], table.new_tensor([max_value(fmt) + step_past_max])])
     a = x.detach().to(torch.float64).abs()
     finite_a = torch.nan_to_num(a, nan=0.0, posinf=0.0)
-    above = torch.searchsorted(magnitudes, finite_a).clamp_(max=magnitudes.numel() - 1)  # first magnitude >= a
-    below = (above - 1).clamp_(min=0)
-    d_below, d_above = finite_a - magnitudes[below], magnitudes[above] - finite_a
-    pick_above = (d_above < d_below) | ((d_above == d_below) & (above % 2 == 0))
-    magnitude = torch.where(pick_above, above, below)
+    # The magnitude's code, read off the value (the codes 0..max_code are the magnitudes in order): at exponent
+    # e (never below the subnormals' e_min = 1 - bias) neighbours are 2^(e - man_bits) apart, so n = a / that
+    # step (exact in fp64) rounded half to even is the nearest multiple, and its code is
+    # (e - e_min) * 2^man_bits + n (a subnormal: e = e_min, code n; a normal: n = 2^man_bits + mantissa, and
+    # rounding up into the next binade gives the next binade's first code). Even n is an even code: ties to
+    # even. A code past max_code is an overflow. n <= 2^(man_bits + 1), so adding and subtracting 2^52 rounds
+    # it to an integer, ties to even, in fp64's own arithmetic: torch.round and a table lookup (searchsorted)
+    # give the same codes but cost 100x more CPU on small tensors when torch's threads contend
+    # (docs/low_precision.md, quick profile time).
+    min_exponent = 1 - spec.bias
+    exponent = floor_log2(finite_a.clamp(min=2.0 ** min_exponent))
+    n = finite_a / torch.exp2((exponent - spec.man_bits).to(torch.float64)) + _ROUND_TO_INTEGER - _ROUND_TO_INTEGER
+    magnitude = (exponent - min_exponent) * (1 << spec.man_bits) + n.long()
     overflow = (magnitude > spec.max_code) | torch.isinf(a)
     magnitude = torch.where(overflow, torch.full_like(magnitude, spec.max_code), magnitude)  # saturated
     sign = torch.signbit(x.detach()).long() * spec.sign_bit
@@ -157,10 +165,6 @@ def encode(x: torch.Tensor, fmt: Format | str, *, saturate: bool) -> torch.Tenso
         code = torch.where(overflow, spec.overflow_nan | sign, code)
     code = torch.where(torch.isnan(a), torch.full_like(code, _nan_code(fmt)), code)
     return code.to(torch.uint8)
-
-
-def _exponent_of_max(spec: FloatFormat) -> int:
-    return ((spec.max_code >> spec.man_bits) & ((1 << spec.exp_bits) - 1)) - spec.bias
 
 
 def _nan_code(fmt: Format) -> int:
@@ -199,3 +203,78 @@ def unpack_nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
     """[..., ceil(K/2)] bytes -> [..., K] 4-bit codes (uint8), low nibble first."""
     low, high = packed & 0x0F, packed >> 4
     return torch.stack([low, high], dim=-1).flatten(-2)[..., :k]
+
+
+# --- the quantiser's expected error (docs/low_precision.md §Parity) -------------------------------------------
+
+# The references divide x by the scale in fp32 before rounding to the element format: one more rounding of at
+# most 2^-24 relative, which the bounds below allow for (2^-23: twice that, for the amax division too).
+FP32_DIVISION_SLACK = 2.0 ** -23
+
+
+def rel_error_bound(fmt: Format | str) -> float:
+    """Round-to-nearest's largest relative error for a value in the format's normal range: half an ulp at the
+    value's exponent, 2^-(mantissa_bits + 1), plus the fp32 division's rounding."""
+    return 2.0 ** -(SPECS[Format(fmt)].man_bits + 1) + FP32_DIVISION_SLACK
+
+
+def ulp_error_bound(fmt: Format | str) -> float:
+    """The largest error in ulps of the element format at x/scale (subnormals included): half an ulp, plus the
+    fp32 division's rounding counted in ulps (2^-24 * |q| / ulp(q) <= 2^(mantissa_bits - 23))."""
+    return 0.5 + 2.0 ** (SPECS[Format(fmt)].man_bits - 23)
+
+
+@dataclass(frozen=True)
+class RoundingError:
+    """How far a quantiser's values ``decode(code) * scale`` are from the exact inputs, per element class.
+
+    ``q = x / scale`` is the exact scaled input (fp64). Elements of a group whose scale is not finite and
+    positive (an inf/NaN in the group, an all-zero NVFP4 block) are left out (``judged`` counts the rest).
+    Non-saturated elements: ``ulp_error`` = max |code - q| in ulps of the element format at q, and over those
+    in the normal range ``rel_error`` = max |code - q| / |q| (``rel_mean`` its mean). Saturated elements
+    (|q| above the format's max, which the scale rule allows by its own rounding): ``saturated_error`` = max
+    |code - q| / |q|. ``nonfinite``: finite inputs in a finite group that decode to inf/NaN (a missing
+    saturation)."""
+
+    rel_error: float
+    rel_mean: float
+    ulp_error: float
+    saturated_error: float
+    saturated_fraction: float
+    nonfinite: int
+    judged: int
+
+
+def rounding_error(x: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, fmt: Format | str, *,
+                   saturation_judged: torch.Tensor | None = None) -> RoundingError:
+    """``x``: the exact inputs; ``values``: the decoded codes (per element, unscaled); ``scale``: each
+    element's dequantisation multiplier; all the same shape, any float dtype (computed in fp64).
+    ``saturation_judged``: where a saturated element's error is bounded (default everywhere; NVFP4 bounds it
+    only under a normal E4M3 block scale)."""
+    fmt = Format(fmt)
+    spec = SPECS[fmt]
+    x, values, scale = (t.detach().to(torch.float64) for t in (x, values, scale))
+    judged = torch.isfinite(x) & torch.isfinite(scale) & (scale > 0)
+    q = torch.where(judged, x / torch.where(judged, scale, torch.ones_like(scale)), torch.zeros_like(x))
+    nonfinite = judged & ~torch.isfinite(values)
+    diff = (torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0) - q).abs()
+    # above the max by more than the fp32 divisions' rounding (the amax element itself lands on the max)
+    saturated = judged & (q.abs() > max_value(fmt) * (1 + 2 * FP32_DIVISION_SLACK))
+    inside = judged & ~saturated & ~nonfinite
+    min_exponent = 1 - spec.bias
+    exponent = torch.where(q != 0, floor_log2(torch.where(q != 0, q, torch.ones_like(q))),
+                           torch.full_like(q, min_exponent, dtype=torch.long)).clamp(min=min_exponent)
+    ulps = diff / torch.exp2((exponent - spec.man_bits).to(torch.float64))
+    normal = inside & (q.abs() >= 2.0 ** min_exponent)
+    rel = diff / torch.where(q != 0, q.abs(), torch.ones_like(q))
+    sat_judged = saturated & (saturation_judged if saturation_judged is not None else torch.ones_like(saturated))
+
+    def largest(values_: torch.Tensor, where: torch.Tensor) -> float:
+        return float(values_[where].max()) if bool(where.any()) else 0.0
+
+    n_normal = int(normal.sum())
+    return RoundingError(
+        rel_error=largest(rel, normal), rel_mean=float(rel[normal].sum()) / n_normal if n_normal else 0.0,
+        ulp_error=largest(ulps, inside), saturated_error=largest(rel, sat_judged),
+        saturated_fraction=int(saturated.sum()) / max(int(judged.sum()), 1), nonfinite=int(nonfinite.sum()),
+        judged=int(judged.sum()))

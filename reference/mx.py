@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from twinbench.reference.lowp_formats import (
     E8M0_NAN,
+    FP32_DIVISION_SLACK,
     Format,
     decode,
     e8m0_code,
@@ -39,6 +40,7 @@ from twinbench.reference.lowp_formats import (
     floor_log2,
     max_value,
     pack_nibbles,
+    rel_error_bound,
     unpack_nibbles,
 )
 
@@ -139,3 +141,24 @@ def mx_gemm(x: MxTensor, w: MxTensor, dtype: torch.dtype = torch.float32) -> tor
 
 def scales_shape(fmt: MxFormat | str, rows: int, k: int) -> tuple[int, int]:
     return rows, math.ceil(k / SPECS[MxFormat(fmt)].block)
+
+
+def saturation_bound(fmt: MxFormat | str) -> float:
+    """How far past the element format's max a block's scale rule lets a scaled element go, as the relative
+    error of saturating it (docs/low_precision.md §Parity). MX: the E8M0 exponent is floor(log2 amax) - emax, so
+    the scaled amax stays below 2^(emax + 1): error below 1 - max / 2^(emax + 1) (E2M1 25%, E4M3 and E5M2
+    12.5%). NVFP4: the E4M3 block scale is rounded to nearest, at most 2^-4 below amax / 6 when it is a normal
+    E4M3 (a subnormal scale rounds coarser: those blocks are not bounded), so the error is below 2^-4. Plus
+    the fp32 divisions' rounding."""
+    spec = SPECS[MxFormat(fmt)]
+    if spec.scale is Format.E8M0:
+        return 1 - max_value(spec.element) / 2.0 ** (spec.emax_elem + 1) + 2 * FP32_DIVISION_SLACK
+    return rel_error_bound(spec.scale) + FP32_DIVISION_SLACK  # half an E4M3 ulp, relative
+
+
+def element_scales(scales: torch.Tensor, global_scale: torch.Tensor, fmt: MxFormat | str, k: int,
+                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Each element's dequantisation multiplier: block scale * global scale, [rows, K]."""
+    spec = SPECS[MxFormat(fmt)]
+    block_scale = decode(scales, spec.scale).to(dtype) * global_scale.to(dtype)
+    return block_scale.repeat_interleave(spec.block, dim=1)[:, :k]

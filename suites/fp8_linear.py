@@ -16,8 +16,9 @@ One suite, three operations (the ``op`` parameter), so every impl is judged on t
 Parity (docs/low_precision.md §Parity, docs/method.md §1): given the codes and scales the dequantised
 operands are exact in fp64, so the GEMM is judged by the three-way rule like NF4: ``ref_hi`` dequantises and
 multiplies in fp64, ``ref_lo`` in fp32 (what FP8 tensor cores accumulate in) and rounds to the output dtype.
-The quantiser is judged bit for bit (codes) and its scales by the rule; its error statistics against fp64 are
-tested per format (tests/test_lowp_formats.py) and measured in docs/low_precision.md.
+The quantiser is judged bit for bit (codes), its scales by the rule, and by its error statistics against
+fp64 (``quantizer_statistics``: ``stat:rel_error``, ``stat:ulp_error``, ``stat:saturated_error`` in the record,
+each within the bound its format implies, docs/low_precision.md §Parity).
 
 ``data`` picks the trap: ``normal``; ``outliers`` (1% of the values 1000x the rest: E4M3's range absorbs
 them, an MXFP4/NVFP4 block holding one flushes its small values); ``zero_block`` (an all-zero row and 128-tile: amax 0); ``nonfinite`` (inf and NaN in x: the
@@ -35,9 +36,27 @@ import torch
 from twinbench.harness.core.case import Case, Param, Rule, torch_dtype
 from twinbench.harness.core.devices import lowp_summary
 from twinbench.harness.core.inputs import elem_bytes, generator
-from twinbench.harness.core.registry import Inputs, Suite, Tolerance, register_impl, register_suite
-from twinbench.reference.fp8 import Fp8TrainingLinear, Operand, Scaling, dequantize, grad_format, quantize
-from twinbench.reference.lowp_formats import FP8_FORMATS, Format, decode
+from twinbench.harness.core.registry import Inputs, Statistic, Suite, Tolerance, register_impl, register_suite
+from twinbench.reference.fp8 import (
+    Fp8TrainingLinear,
+    Operand,
+    Scaling,
+    dequantize,
+    expand_scale,
+    grad_format,
+    quantize,
+    scale_shape,
+)
+from twinbench.reference.lowp_formats import (
+    FP8_FORMATS,
+    FP32_DIVISION_SLACK,
+    Format,
+    RoundingError,
+    decode,
+    rel_error_bound,
+    rounding_error,
+    ulp_error_bound,
+)
 
 OPS = ("gemm", "quantize", "qgemm")
 DATA = ("normal", "outliers", "zero_block", "nonfinite", "tiny", "huge")
@@ -51,7 +70,9 @@ def _case(op, m, n, k, x_format="e4m3", w_format="e4m3", scaling="tensor", dtype
 
 
 QUICK = [
-    _case("gemm", 64, 128, 256),                                          # forward, per tensor
+    # forward, per tensor; small: torch._scaled_mm's CPU per-tensor kernel costs ~1 ms of CPU per 2^20
+    # multiply-adds (20x its row-wise kernel), the largest single cost of the quick profile at 64x128x256
+    _case("gemm", 32, 64, 256),
     _case("gemm", 64, 128, 256, scaling="row", dtype="bf16"),
     _case("gemm", 48, 136, 200, scaling="block"),                         # odd K and N: partial tiles
     _case("gemm", 64, 128, 256, "e5m2", "e4m3", "row"),                   # backward GEMM: E5M2 gradient
@@ -144,7 +165,8 @@ def bytes_moved(case: Case) -> dict[str, float]:
 
 def tolerance(case: Case, output: str) -> Tolerance:
     return Tolerance(why="three-way rule on the GEMM of exactly dequantised FP8 operands (fp64 vs fp32 "
-                         "accumulation sets the budget); quantiser codes bit-exact; k=2 outputs, k=3 gradients")
+                         "accumulation sets the budget); quantiser codes bit-exact, its error against fp64 within "
+                         "the format's bound; k=2 outputs, k=3 gradients")
 
 
 def code_checker(format_of: Callable[[Case, str], str | None]):
@@ -174,6 +196,40 @@ def code_checker(format_of: Callable[[Case, str], str | None]):
 check_codes = code_checker(lambda case, name: case["x_format"] if name == "codes" else None)
 
 
+# Amax scaling puts the group's largest element on the format's max (up to the fp32 divisions' rounding), so
+# nothing saturates by more than that rounding.
+AMAX_SATURATION_BOUND = 2 * FP32_DIVISION_SLACK
+
+
+def rounding_statistics(err: RoundingError, fmt: Format | str, saturation_bound: float) -> list[Statistic]:
+    """The three error statistics of a quantiser's output (reference/lowp_formats.py ``rounding_error``), each
+    against the bound its format implies (docs/low_precision.md §Parity); non-finite codes from finite inputs
+    make the ulp error infinite (a missing saturation)."""
+    counted = f"{err.judged} elements judged; {err.saturated_fraction:.3%} saturated"
+    ulp_note = counted if not err.nonfinite else f"{err.nonfinite} finite inputs gave inf/NaN codes; {counted}"
+    return [Statistic("rel_error", err.rel_error, rel_error_bound(fmt), mean=err.rel_mean,
+                      note="normal range, not saturated"),
+            Statistic("ulp_error", math.inf if err.nonfinite else err.ulp_error, ulp_error_bound(fmt),
+                      note=ulp_note),
+            Statistic("saturated_error", err.saturated_error, saturation_bound, note=counted)]
+
+
+def quantizer_statistics(case: Case, outputs, inputs: Inputs) -> list[Statistic]:
+    """``Suite.statistics``: op=quantize only. Outputs of the wrong shape or dtype give none (their code and
+    scale checks fail them already)."""
+    codes, scale, x = outputs.get("codes"), outputs.get("scale"), inputs.tensors.get("x")
+    if case["op"] != "quantize" or codes is None or scale is None or x is None:
+        return []
+    rows, cols = x.shape
+    if (codes.shape != x.shape or codes.dtype != torch.uint8 or not scale.is_floating_point()
+            or tuple(scale.shape) != scale_shape(case["scaling"], Operand.X, rows, cols)):
+        return []
+    fmt = case["x_format"]
+    per_element = expand_scale(scale.detach().cpu().double(), case["scaling"], Operand.X, rows, cols)
+    err = rounding_error(x.detach().cpu(), decode(codes.cpu(), fmt), per_element, fmt)
+    return rounding_statistics(err, fmt, AMAX_SATURATION_BOUND)
+
+
 PARAMS = (Param("op", str, choices=OPS), Param("m", int, low=1), Param("n", int, low=1), Param("k", int, low=1),
           Param("x_format", str, choices=tuple(f.value for f in FP8_FORMATS)),
           Param("w_format", str, choices=tuple(f.value for f in FP8_FORMATS)),
@@ -199,6 +255,7 @@ SUITE = register_suite(Suite(
     bytes=bytes_moved,
     tolerance=tolerance,
     check_discrete=check_codes,
+    statistics=quantizer_statistics,
     hi_dtype=lambda case: torch.float64,
     trials=2,
 ))

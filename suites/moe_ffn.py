@@ -20,9 +20,9 @@ from twinbench.harness.core.registry import Inputs, Suite, register_impl, regist
 from twinbench.reference.moe import moe_experts
 
 
-def _case(batch, seq, hidden, experts, top_k, inter, dtype, routing="balanced") -> Case:
+def _case(batch, seq, hidden, experts, top_k, inter, dtype, routing="balanced", threads=0) -> Case:
     return Case.of(batch=batch, seq=seq, hidden=hidden, experts=experts, top_k=top_k, inter=inter,
-                   routing=routing, dtype=dtype)
+                   routing=routing, dtype=dtype, threads=threads)
 
 
 # Tiny: every impl is parity-checked on these in CI, the Triton one through the interpreter.
@@ -34,8 +34,13 @@ QUICK = [
 ]
 # Seed 004: batch {1,4} x seq {128,512}, hidden 2048, 64 experts (Qwen3-MoE-like: top-8, inter 768).
 SEED = [_case(b, s, 2048, 64, 8, 768, dt) for b, s, dt in itertools.product((1, 4), (128, 512), ("fp16", "bf16"))]
-# The CPU performance benchmark of issue 4: 512 tokens, hidden 1024, 64 experts, top-8, inter 384.
-BENCH = [_case(1, 512, 1024, 64, 8, 384, dt) for dt in ("fp32", "bf16")]
+# The CPU performance benchmark (issues 4 and 18): 512 tokens, hidden 1024, 64 experts, top-8, inter 384, and a
+# Qwen3-30B-A3B layer (hidden 2048, 128 experts, top-8, inter 768) at 2048 tokens; fp32 and bf16, each at one
+# thread and at all of the worker's (threads=0). The matmul ceilings are measured at the case's thread count;
+# the bare per-expert GEMM bound is benchmarks/moe_limits.py's (docs/moe.md, "Measured").
+BENCH = [_case(1, seq, hidden, experts, 8, inter, dt, threads=t)
+         for (seq, hidden, experts, inter), dt, t in itertools.product(
+             ((512, 1024, 64, 384), (2048, 2048, 128, 768)), ("fp32", "bf16"), (1, 0))]
 FULL = SEED + BENCH + [
     _case(1, 4096, 2048, 128, 8, 768, "bf16"),                 # Qwen3-30B-A3B-like
     _case(1, 4096, 4096, 8, 2, 14336, "bf16"),                 # Mixtral-like
@@ -93,7 +98,8 @@ def bytes_moved(case: Case) -> dict[str, float]:
 
 PARAMS = (Param("batch", int, low=1), Param("seq", int, low=1), Param("hidden", int, low=1),
           Param("experts", int, low=1), Param("top_k", int, low=1), Param("inter", int, low=1), DTYPE_PARAM(),
-          Param("routing", str, choices=("balanced", "skewed", "one_expert")))
+          Param("routing", str, choices=("balanced", "skewed", "one_expert")),
+          Param("threads", int, low=0))  # CPU threads the case runs under (0: the worker's); the worker sets it
 RULES = (Rule(lambda c: c["top_k"] <= c["experts"], "top_k must be <= experts"),)
 
 

@@ -7,7 +7,8 @@ Two operations (the ``op`` parameter):
   for NVFP4; (M, ceil(K/block))), ``x_global`` (fp32 ``()``: NVFP4's per-tensor scale, 1 for MX formats, which
   have none), the same three for ``w`` (N x K); static ``format``, ``k``, ``out_dtype``.
 - ``quantize``: ``x`` (case dtype) -> ``{"codes", "scales", "global_scale"}``; codes and scale codes are
-  compared bit for bit, the global scale by the rule.
+  compared bit for bit, the global scale by the rule, and the values' error against fp64 is judged against
+  the format's bound (``quantizer_statistics``, docs/low_precision.md §Parity).
 
 Parity as fp8_linear (docs/low_precision.md): the dequantised operands are exact in fp64, so the three-way
 rule judges the GEMM (``ref_hi`` fp64, ``ref_lo`` fp32 accumulation rounded to the output dtype).
@@ -23,9 +24,18 @@ import torch
 from twinbench.harness.core.case import Case, Param, torch_dtype
 from twinbench.harness.core.devices import lowp_summary
 from twinbench.harness.core.inputs import elem_bytes, generator
-from twinbench.harness.core.registry import Inputs, Suite, Tolerance, register_impl, register_suite
-from twinbench.reference.mx import SPECS, MxFormat, dequantize, quantize
-from twinbench.suites.fp8_linear import DATA, code_checker, draw
+from twinbench.harness.core.registry import Inputs, Statistic, Suite, Tolerance, register_impl, register_suite
+from twinbench.reference.lowp_formats import Format, decode, rounding_error, unpack_nibbles
+from twinbench.reference.mx import (
+    SPECS,
+    MxFormat,
+    dequantize,
+    element_scales,
+    quantize,
+    saturation_bound,
+    scales_shape,
+)
+from twinbench.suites.fp8_linear import DATA, code_checker, draw, rounding_statistics
 
 OPS = ("gemm", "quantize")
 
@@ -105,6 +115,34 @@ def _fp8_format_of(case: Case, output: str) -> str | None:
     return None
 
 
+def quantizer_statistics(case: Case, outputs, inputs: Inputs) -> list[Statistic]:
+    """``Suite.statistics``: the rounding error of an op=quantize output against fp64 x, each statistic within
+    its format's bound (suites/fp8_linear.py ``rounding_statistics``; the saturation bound is the block scale
+    rule's, reference/mx.py ``saturation_bound``). Outputs of the wrong shape or dtype give none (the code
+    checks fail them already)."""
+    x = inputs.tensors.get("x")
+    codes, scales, glob = (outputs.get(n) for n in ("codes", "scales", "global_scale"))
+    if case["op"] != "quantize" or x is None or codes is None or scales is None or glob is None:
+        return []
+    fmt = MxFormat(case["format"])
+    spec = SPECS[fmt]
+    rows, k = x.shape
+    code_shape = (rows, -(-k // 2)) if spec.packed else (rows, k)
+    if (tuple(codes.shape) != code_shape or codes.dtype != torch.uint8 or scales.dtype != torch.uint8
+            or tuple(scales.shape) != scales_shape(fmt, rows, k) or glob.numel() != 1
+            or not glob.is_floating_point()):
+        return []
+    codes, scales, glob = codes.cpu(), scales.cpu(), glob.detach().cpu().reshape(())
+    values = decode(unpack_nibbles(codes, k) if spec.packed else codes, spec.element)
+    judged = None
+    if spec.scale is Format.E4M3:  # NVFP4: the saturation bound holds under a normal E4M3 block scale
+        normal = decode(scales, Format.E4M3).abs() >= 2.0 ** -6
+        judged = normal.repeat_interleave(spec.block, dim=1)[:, :k]
+    err = rounding_error(x.detach().cpu(), values, element_scales(scales, glob, fmt, k), spec.element,
+                         saturation_judged=judged)
+    return rounding_statistics(err, spec.element, saturation_bound(fmt))
+
+
 PARAMS = (Param("op", str, choices=OPS), Param("m", int, low=1), Param("n", int, low=1), Param("k", int, low=1),
           Param("format", str, choices=tuple(f.value for f in MxFormat)),
           Param("dtype", str, choices=("fp32", "bf16", "fp16")), Param("data", str, choices=DATA))
@@ -121,6 +159,7 @@ SUITE = register_suite(Suite(
     bytes=bytes_moved,
     tolerance=tolerance,
     check_discrete=code_checker(_fp8_format_of),
+    statistics=quantizer_statistics,
     hi_dtype=lambda case: torch.float64,
     trials=2,
 ))

@@ -151,9 +151,73 @@ def nf4_variants() -> list[Variant]:
     return out
 
 
+def lowp_variants(target: Target) -> list[Variant]:
+    """Our FP8 and MXFP4 GEMMs (impls/kernels/fp8_gemm_triton.py, mxfp4_gemm_triton.py) as their launchers
+    build them: the decode paths on every target (FNUZ on NVIDIA too), the native fp8 ``tl.dot`` in the formats
+    ``target`` has (OCP on sm89+/gfx950/gfx12, FNUZ on gfx942), ``tl.dot_scaled`` where MX instructions exist
+    (sm100, gfx950).
+    Each kernel's first variant is its most demanding one (block scales, mixed formats), which the CI subset
+    keeps."""
+    from twinbench.harness.core.devices import Device, lowp_support
+    from twinbench.impls.kernels import fp8_gemm_triton as fp8
+    from twinbench.impls.kernels import mxfp4_gemm_triton as mx
+
+    if target.backend == "cuda":
+        device = Device(name="aot", backend="cuda", torch_device="cuda", model=target.name, arch=f"sm_{target.arch}",
+                        extra={"capability": f"{int(target.arch) // 10}.{int(target.arch) % 10}"})
+    else:
+        device = Device(name="aot", backend="rocm", torch_device="cuda", model=target.name, arch=str(target.arch))
+    native = {name for name in fp8.FP8_LAYOUTS if lowp_support(device, name).native}
+    codes = {name: layout.code for name, layout in fp8.FP8_LAYOUTS.items()}
+    bm, bn, bk = fp8.GPU_TILES
+    launch = fp8.GPU_LAUNCH
+    out = []
+    gemm = fp8.fp8_gemm_kernel
+    sig = signature(gemm, {"x_ptr": "u8", "w_ptr": "u8", "sx_ptr": "fp32", "sw_ptr": "fp32", "y_ptr": "bf16"})
+    pairs = [("e5m2", "e4m3"), ("e4m3", "e4m3"), ("e5m2fnuz", "e4m3fnuz"), ("e4m3fnuz", "e4m3fnuz")]
+    for (x_fmt, w_fmt), scaling in itertools.product(pairs, (fp8.Scaling.BLOCK, fp8.Scaling.ROW, fp8.Scaling.TENSOR)):
+        for is_native in (False, True):
+            if is_native and not {x_fmt, w_fmt} <= native:
+                continue
+            consts = {"X_FMT": codes[x_fmt], "W_FMT": codes[w_fmt], "SCALING": fp8.SCALING_CODES[scaling],
+                      "NATIVE": is_native, "BM": bm, "BN": bn, "BK": bk}
+            out.append(Variant("fp8_gemm_native" if is_native else "fp8_gemm_decode", gemm, sig, consts, **launch,
+                               note=f"{x_fmt} x {w_fmt} {scaling.value}"))
+    fused = fp8.fp8_rowwise_quant_gemm_kernel
+    # the target's native format first: the CI subset keeps each kernel's first variant
+    for dtype, fmt in itertools.product(("bf16", "fp32"), sorted(("e4m3", "e4m3fnuz"), key=lambda f: f not in native)):
+        sig = signature(fused, {"x_ptr": dtype, "w_ptr": "u8", "sw_ptr": "fp32", "y_ptr": dtype, "xq_ptr": "u8",
+                                "sx_ptr": "fp32"})
+        for is_native in (True, False):  # the CI subset keeps the first: native where the target has it
+            if is_native and fmt not in native:
+                continue
+            consts = {"X_FMT": codes[fmt], "W_FMT": codes[fmt], "FMT_MAX": fp8.FP8_LAYOUTS[fmt].max,
+                      "WRITE_Q": False, "NATIVE": is_native, "BM": bm, "BN": bn, "BK": bk}
+            out.append(Variant("fp8_rowwise_quant_gemm", fused, sig, consts, **launch,
+                               note=f"{dtype} {fmt} {'native' if is_native else 'decode'}"))
+    mxk = mx.mxfp4_gemm_kernel
+    dot_scaled = lowp_support(device, "mxfp4").native
+    # (x pointer dtype, X_KIND, DOT_BF16): fp32 first (the TF32 check of the decode path's fp32 dot), then
+    # MXFP4 activations (what triton_mxfp4_* on mx_linear launch: the CI subset's dot_scaled build), bf16, MXFP8
+    kinds = [("fp32", 0, False), ("u8", 5, True), ("bf16", 4, True), ("u8", 1, True)]
+    for x_dtype, kind, dot_bf16 in kinds:
+        mx_x = kind in (1, 5)
+        sig = signature(mxk, {"x_ptr": x_dtype, "xs_ptr": "u8" if mx_x else x_dtype, "w_ptr": "u8",
+                              "ws_ptr": "u8", "y_ptr": "fp32" if kind == 0 or mx_x else x_dtype})
+        for scaled in (False, True):
+            if scaled and (not dot_scaled or kind == 0):
+                continue
+            (bm, bn, bk), options = mx.gpu_config(mx.MxPath.DOT_SCALED if scaled else mx.MxPath.DECODE, dot_bf16)
+            consts = {"X_KIND": kind, "DOT_SCALED": scaled, "DOT_BF16": dot_bf16, "BM": bm, "BN": bn, "BK": bk}
+            out.append(Variant("mxfp4_gemm_dot_scaled" if scaled else "mxfp4_gemm_decode", mxk, sig, consts,
+                               **options, fp32=kind == 0, note=f"x {x_dtype} kind={kind}"))
+    return out
+
+
 def all_variants(target: Target) -> list[Variant]:
     """Every variant compiled for ``target`` (the FA configs depend on its limits; the others do not)."""
-    return attention_variants(target) + moe_variants() + gating_variants() + nf4_variants()
+    return (attention_variants(target) + moe_variants() + gating_variants() + nf4_variants()
+            + lowp_variants(target))
 
 
 def _tile_size(v: Variant) -> int:
@@ -161,14 +225,15 @@ def _tile_size(v: Variant) -> int:
 
 
 def ci_subset(variants: list[Variant]) -> list[Variant]:
-    """Per kernel, its fp32 build (the TF32/XF32 check) with the largest tiles the autotuner keeps (the most
-    shared memory and registers), at head_dim 64 where the kernel has one: every kernel on every CI target
-    in about two minutes. The full sweep (all dtypes, head dims and configs) is ``nox -s aot``."""
+    """Per kernel, its fp32 build (the TF32/XF32 check; a kernel without one, e.g. an fp8 dot: its first
+    build) with the largest tiles the autotuner keeps (the most shared memory and registers), at head_dim 64
+    where the kernel has one: every kernel on every CI target in about two minutes. The full sweep (all
+    dtypes, head dims and configs) is ``nox -s aot``."""
     chosen: dict[str, Variant] = {}
     for v in variants:
-        if not v.fp32 or ("head_dim" in v.note and "<=64" not in v.note) or "lora=False" in v.note:
+        if ("head_dim" in v.note and "<=64" not in v.note) or "lora=False" in v.note:
             continue
-        if v.kernel not in chosen or _tile_size(v) > _tile_size(chosen[v.kernel]):
+        if v.kernel not in chosen or (v.fp32, _tile_size(v)) > (chosen[v.kernel].fp32, _tile_size(chosen[v.kernel])):
             chosen[v.kernel] = v
     return list(chosen.values())
 
@@ -254,7 +319,7 @@ def table(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
-TARGET_ORDER = ("sm80", "sm89", "sm90", "sm100", "gfx942", "gfx1201")
+TARGET_ORDER = ("sm80", "sm89", "sm90", "sm100", "gfx942", "gfx950", "gfx1201")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,6 +362,15 @@ def kernel_names(targets) -> dict[str, tuple[set[str], set[str]]]:
         variants = all_variants(aot.TARGETS[target])
         out[target] = {v.kernel for v in variants}, {v.kernel for v in ci_subset(variants)}
     return out
+
+
+def lowp_ci_notes(targets) -> dict[str, dict[str, str]]:
+    """{target: {kernel: note}} of the low-precision kernels in the CI subset (interpreter off: run it in a
+    fresh process)."""
+    import os
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    return {target: {v.kernel: v.note for v in ci_subset(lowp_variants(aot.TARGETS[target]))} for target in targets}
 
 
 def in_fresh_process(fn, *args):

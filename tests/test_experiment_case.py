@@ -13,8 +13,8 @@ from twinbench.harness.core.case import Case
 from twinbench.harness.core.experiment import Experiment, register_experiment
 from twinbench.harness.core.registry import Tolerance
 from twinbench.harness.run.experiment_case import run_experiment_case
-from twinbench.harness.run.process import RunCase
-from twinbench.harness.run.worker import CaseContext, RunWorkerConfig
+from twinbench.harness.run.process import RunCase, RunWorkerConfig
+from twinbench.harness.run.worker import CaseContext
 from twinbench.reference.outcome import LoopOutcome
 
 CASE = Case.of(steps=4)

@@ -304,8 +304,8 @@ def test_against_catches_a_planted_slowdown_in_the_working_tree(toy_repo, tmp_pa
     result = json.loads((tmp_path / "g" / "gate.json").read_text())
     [case] = result["cases"]
     assert case["verdict"] == "regression (confirmed)" and case["ratio"] > 2, case
-    assert "re-run" in case["note"]
-    assert "pinned to CPU(s)" in result["note"] and "27 rounds" in result["note"]  # 3 x --rounds 9
+    assert "confirmed at look" in case["note"] and case["looks"][-1]["outcome"] == "confirmed"
+    assert "pinned to CPU(s)" in result["note"] and "5 looks of 9 rounds" in result["note"]
     listed = subprocess.run(["git", "worktree", "list"], cwd=toy_repo, capture_output=True, text=True).stdout
     assert len(listed.strip().splitlines()) == 1  # the base worktree was removed
 

@@ -99,7 +99,7 @@ UNGUARDED = textwrap.dedent('''
 
     registry.load_plugins([sys.argv[1]])
     device = next(d for d in devices.detect() if d.backend == "cpu")
-    config = worker.RunWorkerConfig(device="cpu", backend="cpu", trials=1,
+    config = process.RunWorkerConfig(device="cpu", backend="cpu", trials=1,
                                     plan={"rounds": 7, "block_ms": 1.0, "warmup_ms": 1.0, "budget_s": 0.1})
     ctx = worker.CaseContext(device=device, fingerprint="f", ceilings={}, config=config)
 

@@ -89,11 +89,72 @@ def _case(**kw) -> Case:
     ("cpu", _case(x_format="e4m3fnuz", w_format="e4m3fnuz"), False, "fnuz: ROCm gfx942 only"),
     ("cpu", _case(k=200), True, ""),
     ("sm_90", _case(k=200), False, "multiples of 16"),
-    ("sm_90", _case(scaling="block"), False, "block"),
+    ("sm_90", _case(scaling="block", k=512), True, ""),
+    ("sm_90", _case(scaling="block", k=512, x_format="e5m2"), True, ""),  # the backward GEMM
+    ("sm_100", _case(scaling="block", k=512), False, "sm90 only"),
+    ("sm_89", _case(scaling="block", k=512), False, "sm90 only"),
+    ("gfx942", _case(scaling="block", k=512, x_format="e4m3fnuz", w_format="e4m3fnuz"), False, "not on rocm"),
+    ("cpu", _case(scaling="block", k=512), False, "CUDA sm90 only"),
+    ("sm_90", _case(scaling="block", k=512, dtype="fp32"), False, "bf16 output"),
+    ("sm_90", _case(scaling="block", k=256), False, "16-byte aligned"),
+    ("sm_90", _case(scaling="block", k=512, m=30), False, "16-byte aligned"),
 ])
-def test_scaled_mm_runs_where_the_device_has_the_format(arch, case, ok, why):
+def test_scaled_mm_runs_where_the_device_has_the_format(arch, case, ok, why, monkeypatch):
+    monkeypatch.setattr("torch.version.cuda", "12.9")
     got, reason = IMPLS[("fp8_linear", "scaled_mm")].can_run(case, fake(arch))
     assert got == ok and why in reason
+
+
+def test_block_scaled_mm_needs_a_cuda_12_9_build(monkeypatch):
+    monkeypatch.setattr("torch.version.cuda", "12.8")
+    got, reason = IMPLS[("fp8_linear", "scaled_mm")].can_run(_case(scaling="block", k=512), fake("sm_90"))
+    assert not got and "CUDA 12.9+" in reason
+
+
+def _scale_layout_problems(a, b, scale_a, scale_b) -> list[str]:
+    """torch 2.13's ScaledBlas.cpp rules for (BlockWise1x128, BlockWise128x128), transcribed: scale_a (M,
+    ceil(K/128)) outer-dim major (strides (1, M)); scale_b.t() (ceil(N/128), ceil(K/128)) row-major."""
+    m, k = a.shape
+    n = b.shape[1]
+    kb, nb = -(-k // 128), -(-n // 128)
+    problems = []
+    if tuple(scale_a.shape) != (m, kb) or (m > 1 and scale_a.stride(0) != 1) or (kb > 1 and scale_a.stride(1) != m):
+        problems.append(f"scale_a {tuple(scale_a.shape)} strides {scale_a.stride()}")
+    sbt = scale_b.t()
+    if tuple(sbt.shape) != (nb, kb) or (nb > 1 and sbt.stride(0) != kb) or (kb > 1 and sbt.stride(1) != 1):
+        problems.append(f"scale_b.t() {tuple(sbt.shape)} strides {sbt.stride()}")
+    if a.stride(1) != 1 or b.stride(0) != 1:
+        problems.append("a must be row-major and b column-major")
+    return problems
+
+
+def test_block_scaled_mm_passes_scales_in_the_layout_torch_checks(monkeypatch):
+    """The impl's block-scale arguments on meta tensors: torch's meta kernel checks their shapes, the
+    transcription above their strides (torch's meta kernel does not). Unverified on sm90 hardware here."""
+    import torch
+    from twinbench.suites.fp8_linear import SUITE
+
+    seen = []
+    real = torch._scaled_mm
+
+    def spy(a, b, *, scale_a, scale_b, out_dtype):
+        seen.append(_scale_layout_problems(a, b, scale_a, scale_b))
+        return real(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    case = Case.of(op="gemm", m=8, n=256, k=512, x_format="e4m3", w_format="e4m3", scaling="block", saturate=True,
+                   dtype="bf16", data="normal")
+    inputs = SUITE.make_inputs(case, "cpu", 0)
+    meta = {n: t.to("meta") for n, t in inputs.tensors.items()}
+    out = IMPLS[("fp8_linear", "scaled_mm")].fn(**meta, **inputs.static)["out"]
+    assert tuple(out.shape) == (8, 256) and out.dtype == torch.bfloat16 and seen == [[]]
+    # the check can fail: w's scales passed untransposed are refused by torch's meta kernel
+    with pytest.raises(RuntimeError, match="Invalid scaling configuration"):
+        real(meta["x_codes"].view(torch.float8_e4m3fn), meta["w_codes"].view(torch.float8_e4m3fn).t(),
+             scale_a=meta["x_scale"], scale_b=meta["w_scale"], out_dtype=torch.bfloat16)
+    x_rowmajor = torch.empty(64, 4)
+    assert _scale_layout_problems(torch.empty(64, 512), torch.empty(256, 512).t(), x_rowmajor,
+                                  torch.empty(2, 4).t())  # row-major 1x128 scales: wrong strides
 
 
 @pytest.mark.parametrize("arch,ok", [("sm_100", True), ("sm_90", False), ("gfx950", False), ("cpu", False)])

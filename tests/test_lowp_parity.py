@@ -148,3 +148,80 @@ def test_torchao_divergences_are_caught_by_the_traps(suite, impl, case):
     assert not peer.can_run(chosen, CPU)[0]  # excluded, with its reason
     v = check_parity(s, peer, IMPLS[(suite, "reference")], chosen, "cpu", trials=1)
     assert not v.ok
+
+
+# --- the quantiser's error statistics against fp64, judged by the harness (stat:* checks) -----------------------
+
+def test_format_bounds_are_half_an_ulp_and_the_scale_rule():
+    from twinbench.reference.lowp_formats import FP32_DIVISION_SLACK, rel_error_bound, ulp_error_bound
+
+    assert rel_error_bound("e4m3") == 2.0 ** -4 + FP32_DIVISION_SLACK
+    assert rel_error_bound("e5m2fnuz") == 2.0 ** -3 + FP32_DIVISION_SLACK
+    assert rel_error_bound("e2m1") == 2.0 ** -2 + FP32_DIVISION_SLACK
+    assert abs(ulp_error_bound("e4m3") - 0.5) < 1e-5
+    assert abs(mx.saturation_bound("mxfp4") - 0.25) < 1e-6  # 1 - 6 / 2^3: E8M0 rounds the exponent down
+    assert abs(mx.saturation_bound("mxfp8_e4m3") - 0.125) < 1e-6  # 1 - 448 / 2^9
+    assert abs(mx.saturation_bound("nvfp4") - 2.0 ** -4) < 1e-6  # half an E4M3 ulp of the block scale
+
+
+def _stats(v) -> dict:
+    return {n: c for n, c in v.checks.items() if n.startswith("stat:")}
+
+
+@pytest.mark.parametrize("suite,match", [(FP8, dict(op="quantize", data="normal")),
+                                         (FP8, dict(op="quantize", data="tiny")),
+                                         (MX, dict(op="quantize", format="mxfp4", data="normal")),
+                                         (MX, dict(op="quantize", format="nvfp4", data="huge"))])
+def test_the_reference_quantiser_is_within_its_formats_bounds(suite, match):
+    v = _verdict(suite, IMPLS[(suite.name, "reference")].fn, _quick(suite, **match))
+    stats = _stats(v)
+    assert set(stats) == {"stat:rel_error", "stat:ulp_error", "stat:saturated_error"}
+    assert v.ok and all(c.ok and 0 < c.bound for c in stats.values())
+    assert stats["stat:ulp_error"].error > 0.4  # it is measured, not skipped: round-to-nearest comes close to 0.5
+
+
+def truncating_fp8(x, *, x_format, scaling, saturate):
+    """Rounds toward zero instead of to nearest (the reference's scales): up to a whole ulp off."""
+    from twinbench.reference.fp8 import expand_scale, quantize
+
+    q = quantize(x, x_format, scaling, "x", saturate=saturate)
+    scaled = x.double() / expand_scale(q.scale.double(), scaling, "x", *x.shape)
+    nearest = decode(q.codes, x_format)
+    table = decode(torch.arange(128, dtype=torch.uint8), x_format)
+    down = torch.searchsorted(table[~table.isnan()], scaled.abs(), right=True) - 1
+    codes = torch.where(nearest.abs() > scaled.abs(), down.clamp(min=0).to(torch.uint8) | (q.codes & 0x80), q.codes)
+    return {"codes": codes, "scale": q.scale}
+
+
+def test_a_quantiser_rounding_toward_zero_fails_its_ulp_bound():
+    v = _verdict(FP8, truncating_fp8, _quick(FP8, op="quantize", data="normal"))
+    stats = _stats(v)
+    assert not stats["stat:ulp_error"].ok and stats["stat:ulp_error"].error > 0.9
+    assert not stats["stat:rel_error"].ok and "stat:ulp_error" in v.reason()
+
+
+def e8m0_one_too_small(x, *, format):  # noqa: A002
+    """An MX quantiser whose shared exponent is one below the rule (floor(log2 amax) - emax - 1): its codes are
+    consistent with its own scales, but twice as many elements saturate, by up to 62% for E2M1."""
+    spec = mx.SPECS[mx.MxFormat(format)]
+    blocks = mx._blocks(x.float(), spec.block)
+    amax = blocks.abs().amax(dim=2)
+    exponent = mx.floor_log2(torch.where(amax > 0, amax, torch.ones_like(amax))) - spec.emax_elem - 1
+    codes = encode(blocks / torch.exp2(exponent.float()).unsqueeze(-1), spec.element, saturate=True)
+    codes = codes.reshape(x.shape[0], -1)[:, : x.shape[1]]
+    scales = torch.where(amax == 0, 0, exponent + 127).to(torch.uint8)
+    return {"codes": mx.pack_nibbles(codes) if spec.packed else codes, "scales": scales,
+            "global_scale": torch.ones(())}
+
+
+def test_a_scale_rounded_too_small_fails_the_saturation_bound():
+    v = _verdict(MX, e8m0_one_too_small, _quick(MX, op="quantize", format="mxfp4", data="normal"))
+    stats = _stats(v)
+    assert not stats["stat:saturated_error"].ok and stats["stat:saturated_error"].error > 0.5
+    assert stats["stat:ulp_error"].ok  # each element is rounded right for the scale it was given
+
+
+def test_missing_saturation_gives_an_infinite_ulp_error():
+    case = _quick(MX, op="quantize", format="mxfp8_e4m3").replace(data="normal")
+    stat = _stats(_verdict(MX, unsaturated_mxfp8, case))["stat:ulp_error"]
+    assert not stat.ok and stat.error == float("inf") and "inf/NaN codes" in stat.detail

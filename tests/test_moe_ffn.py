@@ -126,3 +126,33 @@ def test_triton_tiles_never_straddle_experts():
     for e, s, t in zip(experts.tolist(), starts.tolist(), ends.tolist()):
         assert offs[e] <= s < t <= offs[e + 1] and t - s <= BLOCK_M
     assert sorted(set(experts.tolist())) == [0, 2, 3]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_per_expert_chain_equals_the_phase_by_phase_path_bitwise(threads, dtype):
+    """The CPU path runs each expert's whole chain as one task; the GEMM-by-GEMM path (grouped_mm, Triton)
+    does the same per-row operations, so both must agree bit for bit, threaded or not."""
+    from twinbench.impls.moe_ffn import sorted_experts as ours
+
+    class PhaseByPhase(ours.TorchGemms):   # not TorchGemms itself: SortedExperts takes the phase path
+        pass
+
+    case = BASE.replace(batch=1, seq=128, hidden=128, inter=128, experts=8, routing="skewed", dtype=dtype)
+    assert 6.0 * 256 * 128 * 128 > ours._THREADED_MIN_FLOPS   # large enough to use the worker threads
+    inputs = SUITE.make_inputs(case, torch.device("cpu"), 0).tensors
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = []
+        for gemms in (ours.TorchGemms, PhaseByPhase):
+            leaves = {k: (v.detach().clone().requires_grad_(v.is_floating_point())) for k, v in inputs.items()}
+            out = ours.SortedExperts.apply(gemms, *leaves.values())
+            out.float().square().sum().backward()
+            results.append([out] + [leaves[k].grad for k in ("hidden_states", "top_k_weights", "gate_up_proj",
+                                                             "down_proj")])
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert torch.count_nonzero(results[0][3][4:]) == 0   # skewed: experts 4..7 are empty, gradients exact zeros

@@ -22,6 +22,24 @@ GEMV_FP32, GEMM_FP16 = SUITE.cases("quick")[0], SUITE.cases("quick")[1]
 native = pytest.mark.skipif(not nf4_native.status()[0], reason=f"native NF4 kernels: {nf4_native.status()[1]}")
 
 
+def _isa_params():
+    """Each vector layer this CPU can run: the AVX2 build is tested on AVX-512 machines too, forced by
+    TWINBENCH_NF4_ISA (no aarch64 here, so no NEON layer exists to test)."""
+    have = availability.cpu_flags()
+    return [pytest.param(isa, marks=pytest.mark.skipif(not all(f in have for f in needs),
+                                                       reason=f"this CPU cannot run the {isa} build"))
+            for isa, (_, needs) in nf4_native.ISA_FLAGS.items()]
+
+
+@pytest.fixture(params=_isa_params())
+def isa(request, monkeypatch):
+    monkeypatch.setenv("TWINBENCH_NF4_ISA", request.param)
+    if not nf4_native.status()[0]:
+        pytest.skip(f"native NF4 kernels: {nf4_native.status()[1]}")
+    assert nf4_native.isa() == request.param
+    return request.param
+
+
 def state(n: int, k: int, blocksize: int, double_quant: bool, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     st = quantize_nf4(torch.randn(n, k, generator=gen) / k**0.5, blocksize, double_quant)
@@ -29,10 +47,9 @@ def state(n: int, k: int, blocksize: int, double_quant: bool, seed: int = 0):
     return st, w, st.packed.reshape(n, k // 2), w.block_scales()
 
 
-@native
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
 @pytest.mark.parametrize("blocksize", [64, 128, 256])
-def test_dequantize_is_bit_exact(blocksize, double_quant):
+def test_dequantize_is_bit_exact(blocksize, double_quant, isa):
     """97 rows (odd), every output dtype: identical to the reference's code * absmax, rounded by torch."""
     st, w, packed2d, scales = state(97, 512, blocksize, double_quant)
     if double_quant:  # the native absmax decode is the reference's, bit for bit (no FMA contraction)
@@ -47,8 +64,7 @@ def test_dequantize_is_bit_exact(blocksize, double_quant):
         assert torch.equal(nf4_native.dequantize(packed2d, scales, dtype, out=into), ref.to(dtype))
 
 
-@native
-def test_dequantize_matches_bitsandbytes():
+def test_dequantize_matches_bitsandbytes(isa):
     bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes not installed")
     w = torch.randn(64, 256) / 16
     packed, qs = bnb_functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
@@ -60,18 +76,20 @@ def test_dequantize_matches_bitsandbytes():
         assert torch.equal(nf4_native.dequantize(packed.reshape(64, 128), ours, dtype), theirs), dtype
 
 
-@native
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 11])
-@pytest.mark.parametrize("blocksize,double_quant", [(64, True), (128, False), (256, True)])
-def test_gemv_forward_and_backward_match_fp64(rows, blocksize, double_quant):
-    """Errors of fp32 summation order only: well under 1e-5 at K=512 (fp32 eps * sqrt(K) * |terms|)."""
-    st, w, packed2d, scales = state(97, 512, blocksize, double_quant, seed=rows)
+@pytest.mark.parametrize("k,blocksize,double_quant", [(512, 64, True), (512, 128, False), (512, 256, True),
+                                                      (160, 32, False), (96, 32, True)])
+def test_gemv_forward_and_backward_match_fp64(rows, k, blocksize, double_quant, isa):
+    """Errors of fp32 summation order only: well under 1e-5 at K=512 (fp32 eps * sqrt(K) * |terms|). K=160 and
+    96 with 32-column blocks leave columns past the last whole vector group (the kernels' scalar tail); 97
+    rows leave rows past the last register block."""
+    st, w, packed2d, scales = state(97, k, blocksize, double_quant, seed=rows)
     wd = dequantize_state(st, torch.float64)
     gen = torch.Generator().manual_seed(rows + 7)
-    x, g = torch.randn(rows, 512, generator=gen), torch.randn(rows, 97, generator=gen)
+    x, g = torch.randn(rows, k, generator=gen), torch.randn(rows, 97, generator=gen)
     y, dx = nf4_native.gemv(x, packed2d, scales), nf4_native.gemv_t(g, packed2d, scales)
     want_y, want_dx = x.double() @ wd.t(), g.double() @ wd
-    assert y.shape == (rows, 97) and dx.shape == (rows, 512)
+    assert y.shape == (rows, 97) and dx.shape == (rows, k)
     assert (y - want_y).abs().max() < 2e-6 * want_y.abs().max()
     assert (dx - want_dx).abs().max() < 2e-6 * want_dx.abs().max()
     x16 = x.to(torch.bfloat16)  # half inputs are upcast to fp32 (fp32 accumulation)
@@ -114,11 +132,25 @@ def _swap_nibbles(p: torch.Tensor) -> torch.Tensor:
     return ((p << 4) | (p >> 4)).contiguous()
 
 
+def _fp32(s):
+    """fp32 scales, whichever form the kernels were handed (the GEMV path gets double-quantised ones as stored)."""
+    return s.decoded().reshape(-1) if isinstance(s, nf4_native.NestedScales) else s
+
+
+def _nested_code2_shifted(s):
+    """Double-quant decoded with the wrong second-level code (every q one entry off): only the kernels' own
+    per-block decode sees this."""
+    if not isinstance(s, nf4_native.NestedScales):
+        return s * 1.01  # the GEMM path's fp32 scales: the same size of error
+    return nf4_native.NestedScales(s.q, s.absmax2, s.code2.roll(1).contiguous(), s.offset)
+
+
 NATIVE_BUGS = {
     "wrong-code-value": ("code", lambda c: torch.where(torch.arange(16) == 11, torch.tensor(0.35), c)),
     "nibbles-swapped": ("weight", lambda p, s: (_swap_nibbles(p), s)),
-    "off-by-one-block": ("weight", lambda p, s: (p, s.roll(1).contiguous())),
-    "absmax-not-applied": ("weight", lambda p, s: (p, torch.ones_like(s))),
+    "off-by-one-block": ("weight", lambda p, s: (p, _fp32(s).roll(1).contiguous())),
+    "absmax-not-applied": ("weight", lambda p, s: (p, torch.ones_like(_fp32(s)))),
+    "double-quant-code-shifted": ("weight", lambda p, s: (p, _nested_code2_shifted(s))),
 }
 
 
@@ -133,7 +165,7 @@ def _native_path_calls(monkeypatch) -> list[str]:
 @native
 @pytest.mark.parametrize("case", [GEMV_FP32, GEMM_FP16], ids=["gemv-fp32-dq", "gemm-fp16-bias"])
 @pytest.mark.parametrize("bug", sorted(NATIVE_BUGS))
-def test_planted_native_bug_is_caught(bug, case, monkeypatch):
+def test_planted_native_bug_is_caught(bug, case, isa, monkeypatch):
     kind, corrupt = NATIVE_BUGS[bug]
     if kind == "code":
         wrong = corrupt(nf4_native.nf4_table("cpu").clone())
@@ -155,7 +187,7 @@ def test_native_path_passes_over_seeds(case, monkeypatch):
     for seed in (101, 202, 303):
         verdict = check_parity(SUITE, FUSED, REF, case, "cpu", trials=1, seed=seed)
         assert verdict.ok, (seed, verdict.problems, {n: (c.error, c.bound) for n, c in verdict.checks.items()})
-        assert verdict.metrics["nf4_kernels"] == "native-avx512"
+        assert verdict.metrics["nf4_kernels"] == f"native-{nf4_native.isa()}"
     assert set(calls) == ({"gemv", "gemv_t"} if case["batch"] <= nf4_kernels.GEMV_MAX_ROWS else {"dequantize"})
 
 
@@ -173,13 +205,27 @@ def test_fallback_without_native_kernels_is_correct(monkeypatch):
 def test_turned_off_by_environment(monkeypatch):
     before = nf4_native.status()
     monkeypatch.setenv("TWINBENCH_NF4_NATIVE", "0")
-    nf4_native._load.cache_clear()
-    try:
-        assert nf4_native.status() == (False, "turned off by TWINBENCH_NF4_NATIVE=0")
-    finally:
-        monkeypatch.delenv("TWINBENCH_NF4_NATIVE")
-        nf4_native._load.cache_clear()
+    assert nf4_native.status() == (False, "turned off by TWINBENCH_NF4_NATIVE=0")
+    monkeypatch.delenv("TWINBENCH_NF4_NATIVE")
     assert nf4_native.status() == before
+
+
+@pytest.mark.parametrize("flags,wanted,want", [
+    ({"avx512f", "avx512bw", "avx512vl", "avx2", "fma", "f16c"}, "", "avx512"),
+    ({"avx2", "fma", "f16c"}, "", "avx2"),  # most CI machines, many AMD/Intel server parts
+    ({"avx", "sse4_2"}, "", None),
+    ({"avx512f", "avx512bw", "avx512vl", "avx2", "fma", "f16c"}, "avx2", "avx2"),
+    ({"avx2", "fma", "f16c"}, "avx512", None),  # forced but impossible: refused, with the reason
+])
+def test_isa_is_chosen_by_cpu_flags(flags, wanted, want, monkeypatch):
+    monkeypatch.setattr(nf4_native, "cpu_flags", lambda: flags)
+    nf4_native._choose_isa.cache_clear()
+    monkeypatch.setenv("TWINBENCH_NF4_ISA", wanted)
+    try:
+        got, why = nf4_native.chosen_isa()
+        assert got == want and (why == "") == (want is not None), why
+    finally:
+        nf4_native._choose_isa.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -215,7 +261,7 @@ def test_compiled_fallback_is_correct(monkeypatch):
 
 @native
 @pytest.mark.parametrize("threads", [2, 3])
-def test_thread_split_gives_identical_results(threads, monkeypatch):
+def test_thread_split_gives_identical_results(threads, isa, monkeypatch):
     """Rows (forward) and whole blocks of columns (backward, dequantise) split across threads: every output
     element is summed in the same order, so the results are bitwise those of one thread (97 rows, 4 blocks
     of 128: uneven splits)."""
@@ -235,5 +281,21 @@ def test_thread_split_gives_identical_results(threads, monkeypatch):
         assert nf4_native._threads(packed2d) == threads
         for a, b in zip(one, run()):
             assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(before)
+
+
+@native
+def test_first_touch_copy_is_the_same_weight(monkeypatch):
+    """place(): each 16-row band written by the thread that reads it in the GEMV; same bytes, same results."""
+    _, _, packed2d, scales = state(97, 256, 64, False, seed=4)
+    monkeypatch.setattr(nf4_native, "BYTES_PER_THREAD", 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        placed = nf4_native.place(packed2d)
+        assert placed.data_ptr() != packed2d.data_ptr() and torch.equal(placed, packed2d)
+        x = torch.randn(2, 256)
+        assert torch.equal(nf4_native.gemv(x, placed, scales), nf4_native.gemv(x, packed2d, scales))
     finally:
         torch.set_num_threads(before)

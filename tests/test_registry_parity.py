@@ -1,39 +1,40 @@
 """Every registered (suite, quick case, impl, device) as a pytest item, so any CI that reads pytest
-output shows parity per kernel and device (on this project's CI: the CPU). Suites opt out of this by tagging themselves "no-pytest-items"
-(training loops, which have their own tests)."""
+output shows parity per kernel and device (on this project's CI: the CPU). Suites opt out of this by tagging
+themselves "no-pytest-items" (training loops, which have their own tests).
+
+The items, their records and their outcomes are the pytest plugin's (harness/pytest_plugin/session.py: what
+`pytest --twinbench --twinbench-suite S` collects in a vendor's repository), run in this process: the case code of
+`twinbench run` (harness.run.worker.run_case), without a worker start per test session. The references' own items
+are left out: each case's impls are judged against their reference, which is not judged itself (a broken
+reference fails every impl of its case), as this file did before it used the plugin (the references' checks
+would cost this file about 30% more CPU time)."""
+
+from pathlib import Path
 
 import pytest
-from twinbench.harness.core import devices
-from twinbench.harness.core.parity import check_parity
-from twinbench.harness.core.registry import IMPLS, SUITES, impls_for, load_plugins
+from twinbench.harness.core.registry import SUITES, load_plugins
+from twinbench.harness.pytest_plugin.session import ParityRecords, Selection, judge, plan
 
 load_plugins()
-DEVICES = devices.detect()
+SELECTION = Selection(suites=tuple(sorted(name for name, suite in SUITES.items()
+                                          if "no-pytest-items" not in suite.tags and "quick" in suite.profiles)),
+                      in_process=True)
+PLAN = plan(SELECTION)
 
 
-def _items():
-    for suite in sorted(SUITES.values(), key=lambda s: s.name):
-        if "no-pytest-items" in suite.tags or "quick" not in suite.profiles:
-            continue
-        for case in suite.cases("quick"):
-            for impl in impls_for(suite.name):
-                if impl.name == suite.reference:
-                    continue
-                for dev in DEVICES:
-                    yield pytest.param(suite.name, case, impl.name, dev,
-                                       id=f"{suite.name}/{case.id}/{impl.name}/{dev.name}",
-                                       marks=pytest.mark.registry)
+@pytest.fixture(scope="module")
+def records(tmp_path_factory: pytest.TempPathFactory) -> ParityRecords:
+    return ParityRecords(PLAN, SELECTION, tmp_path_factory.mktemp("registry-parity"), "pytest tests/test_registry_parity.py")
 
 
-@pytest.mark.parametrize("suite_name,case,impl_name,device", list(_items()))
-def test_parity(suite_name, case, impl_name, device):
-    suite = SUITES[suite_name]
-    impl = IMPLS[(suite_name, impl_name)]
-    ok, why = impl.can_run(case, device)
-    if ok and "dtype" in case and not device.supports_dtype(case["dtype"]):
-        ok, why = False, f"{device.name} cannot compute in {case['dtype']}"
-    if not ok:
-        pytest.skip(why)
-    verdict = check_parity(suite, impl, IMPLS[(suite_name, suite.reference)], case, device.torch_device)
-    failing = {n: f"{c.error:.3g} > {c.bound:.3g} {c.detail}" for n, c in verdict.checks.items() if not c.ok}
-    assert verdict.ok, f"problems={verdict.problems} failing={failing}"
+def scheduled(session: pytest.Session) -> list:
+    """The targets of this file's items that this session runs (a case runs once, for its selected impls)."""
+    here = Path(__file__)
+    return [item.callspec.params["target"] for item in session.items
+            if item.path == here and getattr(item, "originalname", "") == "test_parity"]
+
+
+@pytest.mark.registry
+@pytest.mark.parametrize("target", [t for t in PLAN.parity if t.impl != PLAN.reference_of[t.suite]], ids=lambda t: t.id)
+def test_parity(target, records: ParityRecords, request: pytest.FixtureRequest) -> None:
+    judge(records.record(target, scheduled(request.session)), target)

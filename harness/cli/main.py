@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +40,10 @@ def _add_run(sub) -> None:
     p.add_argument("--memory-limit-gb", type=arguments.positive_float, default=None,
                    help="CPU worker address-space cap")
     p.add_argument("--no-report", action="store_true", help="skip report.html/summary.md/junit.xml")
+    p.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="spread the run over a Ray cluster (default: $RAY_ADDRESS; 'local' starts one here)")
+    p.add_argument("--cluster-resource", action="append", default=[], metavar="NAME",
+                   help="only nodes offering this Ray resource (e.g. accelerator_type:H100; repeatable)")
     ci_output.add_options(p)
     # a run's journal keeps every finished record, so an interrupted run is finished, not restarted
     p.set_defaults(handler=cmd_run, interrupt_hint=" (finish with --resume)")
@@ -63,7 +68,15 @@ def cmd_run(args) -> int:
         timeout=args.timeout, trials=args.trials, seed=args.seed, reference_device=args.reference_device,
         timing=not args.no_timing, plan=plan, threads=args.threads, memory_limit_gb=args.memory_limit_gb,
         report=not args.no_report, triton_interpret=process.user_triton_interpret())
-    doc = runner.run(options)
+    address = args.cluster or os.environ.get("RAY_ADDRESS") or None  # `ray job submit` sets RAY_ADDRESS
+    if args.cluster_resource and not address:
+        raise UsageError("--cluster-resource needs --cluster ADDRESS (or RAY_ADDRESS)")
+    if address:
+        from twinbench.harness.cluster.driver import ClusterOptions, run_on_cluster
+
+        doc = run_on_cluster(options, ClusterOptions(address, tuple(args.cluster_resource)))
+    else:
+        doc = runner.run(options)
     print_table(doc)
     written = [out / "results.json"]
     if options.report:

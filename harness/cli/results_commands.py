@@ -236,9 +236,10 @@ def _measurement(args):
     from twinbench.harness.gate import against as gate_against
     from twinbench.harness.run import process
 
+    threads = gate_against.all_threads() if args.threads == "all" else args.threads
     return gate_against.Measurement(
         rounds=gate_against.check_rounds(args.rounds), block_ms=args.block_ms or gate_against.DEFAULT_BLOCK_MS,
-        threads=args.threads, clock=gate_against.clock_for(args.device, args.clock), pin=not args.no_pin,
+        threads=threads, clock=gate_against.clock_for(args.device, args.clock, threads), pin=not args.no_pin,
         timeout=args.timeout, triton_interpret=process.user_triton_interpret())
 
 
@@ -253,6 +254,7 @@ def cmd_calibrate(args) -> int:
     options = calibrate.CalibrateOptions(
         selection=_selection(args), measurement=_measurement(args), slowdowns=slowdowns, modes=modes,
         comparisons=args.comparisons, power_comparisons=args.power_comparisons, max_cases=args.max_cases,
+        timed=calibrate.parse_timed(args.timed),
         threshold=args.threshold, k=args.k, alpha=args.alpha, correction=args.correction,
         tests=[args.test] if args.test else ["mwu", "wilcoxon"], save_dir=Path(args.dir) if args.save else None,
         json=Path(args.json) if args.json else None)
@@ -332,7 +334,9 @@ def register(sub) -> None:
                    help="comparisons per injected slowdown")
     c.add_argument("--slowdowns", default="5,10,20", help="injected slowdowns in percent")
     c.add_argument("--modes", default="against,baseline", help="against, baseline or both")
-    c.add_argument("--max-cases", type=arguments.positive_int, default=4, help="workload cases (cycled through)")
+    c.add_argument("--max-cases", type=arguments.nonnegative_int, default=4,
+                   help="workload items, spread over the selection (0: every timed item, the whole profile)")
+    c.add_argument("--timed", default="fwd,fwdbwd", help="passes compared: fwd, fwdbwd or fwd,fwdbwd (as the gate)")
     c.add_argument("--save", action="store_true", help="write <dir>/<fingerprint>.calibration.json")
     c.add_argument("--dir", default=str(DEFAULT_BASELINES))
     c.add_argument("--json", default=None, help="write the measured numbers here")
@@ -356,6 +360,10 @@ def register(sub) -> None:
     hs.set_defaults(handler=cmd_history_show)
 
 
+def _threads(text: str) -> int | str:
+    return "all" if text == "all" else arguments.positive_int(text)
+
+
 def _add_selection(p) -> None:
     p.add_argument("--suite", dest="suites", action="append", default=[], help="suites (default: all timed)")
     p.add_argument("--impl", action="append", default=[], help="only these impls")
@@ -364,10 +372,12 @@ def _add_selection(p) -> None:
     p.add_argument("--device", default="cpu", help="one device (default cpu)")
     p.add_argument("--rounds", type=arguments.rounds, default=None, help="interleaved rounds per comparison (>= 7)")
     p.add_argument("--block-ms", type=arguments.positive_float, default=None, help="milliseconds of calls per sample")
-    p.add_argument("--threads", type=arguments.positive_int, default=None,
-                   help="CPU threads per worker (default 1 on the CPU: shared-box timings are far steadier)")
+    p.add_argument("--threads", type=_threads, default=None,
+                   help="CPU threads per worker, or 'all' (default 1 on the CPU: shared-box timings are far "
+                        "steadier); with more than one the wall clock is used, for kernels that split work")
     p.add_argument("--clock", default=None,
-                   help="CPU only: process (CPU time, default) or wall (what `twinbench run` measures)")
+                   help="CPU only: process (CPU time, default with one thread) or wall (what `twinbench run` "
+                        "measures; the default and the only choice with --threads > 1)")
     p.add_argument("--no-pin", action="store_true",
                    help="CPU only: do not pin both workers to the same CPU(s) (pinning is far steadier on VMs)")
     p.add_argument("--plugin", action="append", default=[])

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from twinbench.harness.core.case import Case, torch_dtype
-from twinbench.harness.core.registry import Impl, Inputs, Suite, Tolerance
+from twinbench.harness.core.registry import Impl, Inputs, Statistic, Suite, Tolerance
 
 _aten = torch.ops.aten
 # Every ATen op that hands out uninitialised memory (overload packets: all their overloads).
@@ -530,7 +530,19 @@ def compare_outputs(suite: Suite, case: Case, refs: ReferenceRuns, run: ImplRun,
         if allowed and opt.dtype not in allowed:
             checks = found.exact if not hi.is_floating_point() else found.measured
             checks[-1] = _with_dtype_failure(checks[-1], opt.dtype, allowed)
+    if suite.statistics is not None:
+        found.measured += [statistic_check(s) for s in suite.statistics(case, run.outputs, inputs)]
     return found
+
+
+def statistic_check(stat: Statistic) -> TensorCheck:
+    """A suite's :class:`Statistic` as a check named ``stat:<name>``: ok when its value is within its bound
+    (a NaN value never is), merged over trials and recorded like any output's error."""
+    ok = not math.isnan(stat.value) and stat.value <= stat.bound
+    ratio = stat.value / stat.bound if stat.bound > 0 else (0.0 if stat.value == 0 else math.inf)
+    return TensorCheck(name=f"stat:{stat.name}", ok=ok, error=stat.value, bound=stat.bound,
+                       ratio=math.inf if math.isnan(ratio) else ratio, mean_error=stat.mean, ref_lo_error=None,
+                       scale=0.0, metric="max", detail=stat.note)
 
 
 def compare_gradients(suite: Suite, case: Case, refs: ReferenceRuns, run: ImplRun, inputs: Inputs,

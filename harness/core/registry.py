@@ -74,6 +74,20 @@ class Tolerance:
     why: str = "three-way rule (flash-attention): k=2 forward, k=3 gradients"
 
 
+@dataclass(frozen=True)
+class Statistic:
+    """A number measured on an impl's outputs against its exact inputs rather than against the reference's
+    outputs, with the bound the method derives for it (a quantiser's rounding error against fp64, bounded by
+    its format: docs/low_precision.md §Parity). The impl is wrong when ``value > bound``; ``mean`` is the
+    statistic's mean where it has one, ``note`` what else was counted (e.g. the fraction saturated)."""
+
+    name: str
+    value: float
+    bound: float
+    mean: float = 0.0
+    note: str = ""
+
+
 @dataclass(kw_only=True)
 class Operation:
     """What kernel suites and training-loop experiments share: a name, case grids per profile, the declared
@@ -114,6 +128,9 @@ class Suite(Operation):
     output_dtype: Callable[[Case, str], Any] | None = None
     # Dtype of the high-precision reference given the case dtype (None: fp32, or fp64 for fp32 cases).
     hi_dtype: Callable[[Case], Any] | None = None
+    # Statistics of the impl's outputs against its inputs, each judged against its own bound (a quantiser's
+    # error statistics against fp64): (case, impl outputs, inputs) -> [Statistic]; recorded as "stat:<name>".
+    statistics: Callable[[Case, Mapping[str, Any], Inputs], list[Statistic]] | None = None
     trials: int = 3
 
 

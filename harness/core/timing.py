@@ -8,9 +8,11 @@ with itself, §4); flush L2 outside the timed region on GPUs.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -231,20 +233,56 @@ def share_of_peak(achieved: float, ceiling: float | None) -> PeakShare:
 
 
 # Square matmul sizes tried for the FLOP/s ceiling: one size under-measures some devices (2048^3 is below the
-# achievable peak of H100/B200/MI300-class GPUs), so several are timed and the best counts.
+# achievable peak of H100/B200/MI300-class GPUs; 1024 below a 2-core CPU's), so several are timed and the best
+# counts.
 CEILING_SIZES_GPU = (2048, 4096, 8192)
-CEILING_SIZES_CPU = (512, 1024)
+CEILING_SIZES_CPU = (512, 1024, 2048)
+# Bandwidth buffers on the CPU: twice the last-level cache (so the data streams from memory), at least 64 MiB,
+# at most 1 GiB (the copy holds two).
+CPU_BANDWIDTH_BYTES = (64 * 2**20, 2**30)
+
+
+def cpu_cache_bytes() -> int:
+    """The largest CPU cache level Linux reports (sysfs), 0 where unknown."""
+    sizes = [0]
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = index.read_text().strip() if index.is_file() else ""
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        if text[:-1].isdigit() and text[-1:] in units:
+            sizes.append(int(text[:-1]) * units[text[-1]])
+        elif text.isdigit():
+            sizes.append(int(text))
+    return max(sizes)
+
+
+def bandwidth_bytes(device: Device) -> int:
+    """Bytes of each bandwidth buffer: larger than every cache level (docs/method.md §2)."""
+    if device.is_gpu:
+        return max(256 * 2**20, flush_bytes(device))
+    largest = int(device.extra.get("last_level_cache_bytes") or 0) or cpu_cache_bytes()
+    low, high = CPU_BANDWIDTH_BYTES
+    return min(max(low, 2 * largest), high)
+
+
+def _best_ms(timer: Timer, fn: Callable[[], Any], plan: TimingPlan) -> tuple[float, float]:
+    """(best of three blocks, one warm call) in ms per call."""
+    number, per_call = calibrate_number(timer, fn, plan)
+    return min(timer.block(fn, number) for _ in range(3)), per_call
 
 
 def measure_ceilings(device: Device, dtypes: tuple[str, ...] = ("fp32", "bf16", "fp16"),
-                     budget_ms: float = 400.0) -> dict[str, Any]:
-    """The device's achievable peaks, measured: the best of several matmul sizes per dtype, and a large copy."""
+                     budget_ms: float = 400.0, buffer_bytes: int | None = None) -> dict[str, Any]:
+    """The device's achievable peaks, measured under the calling thread's torch thread count (recorded as
+    ``threads``: the cases a ceiling divides must run under the same count, docs/method.md §2): the best of
+    several matmul sizes per dtype, a large copy (``copy_gbps``, read + write) and a read-dominated reduction
+    (``read_gbps``: the best of a sum and a dot over one buffer, the floor of kernels that stream a weight)."""
     from twinbench.harness.core.case import torch_dtype
 
     timer = timer_for(device)
     plan = TimingPlan(block_ms=budget_ms / 4, warmup_ms=budget_ms / 8)
     sizes = CEILING_SIZES_GPU if device.is_gpu else CEILING_SIZES_CPU
-    out: dict[str, Any] = {"matmul_tflops": {}, "copy_gbps": None, "matmul_n": {}}
+    out: dict[str, Any] = {"matmul_tflops": {}, "copy_gbps": None, "read_gbps": None, "matmul_n": {},
+                           "threads": torch.get_num_threads(), "bandwidth_bytes": None}
     for name in dtypes:
         if not device.supports_dtype(name):
             continue
@@ -252,21 +290,62 @@ def measure_ceilings(device: Device, dtypes: tuple[str, ...] = ("fp32", "bf16", 
             try:
                 a = torch.randn(n, n, device=device.torch_device).to(torch_dtype(name))
                 b = torch.randn(n, n, device=device.torch_device).to(torch_dtype(name))
-                number, per_call = calibrate_number(timer, lambda a=a, b=b: torch.mm(a, b), plan)
-                ms = min(timer.block(lambda a=a, b=b: torch.mm(a, b), number) for _ in range(3))
+                ms, per_call = _best_ms(timer, lambda a=a, b=b: torch.mm(a, b), plan)
             except Exception:  # a dtype the backend cannot multiply (or a size it cannot hold) has no ceiling
                 break
             tflops = 2 * n**3 / (ms * 1e-3) / 1e12
             if tflops > out["matmul_tflops"].get(name, 0.0):
                 out["matmul_tflops"][name], out["matmul_n"][name] = tflops, n
-            if per_call > plan.block_ms:  # the next size would take 8x longer: past the budget
+            if 8 * per_call > plan.block_ms:  # the next size takes ~8x longer: one call past a block's budget
                 break
-    # Each side at least as large as the flush (which is sized past the last-level cache), so the copy streams
-    # from memory, not from a cache.
-    size = max((256 if device.is_gpu else 64) * 2**20, flush_bytes(device) if device.is_gpu else 0)
+    size = buffer_bytes or bandwidth_bytes(device)
+    out["bandwidth_bytes"] = size
     src = torch.empty(size // 4, dtype=torch.float32, device=device.torch_device).fill_(1.0)
     dst = torch.empty_like(src)
-    number, _ = calibrate_number(timer, lambda: dst.copy_(src), plan)
-    ms = min(timer.block(lambda: dst.copy_(src), number) for _ in range(3))
+    ms, _ = _best_ms(timer, functools.partial(dst.copy_, src), plan)
     out["copy_gbps"] = 2 * size / (ms * 1e-3) / 1e9  # read + write
+    del dst  # freed before the reductions: they need one buffer
+    # Two reductions (a vectorised sum; BLAS's dot of the buffer with itself, one stream): the better is the
+    # read bandwidth, since either may fall short of it on some CPU or GPU.
+    ms = min(_best_ms(timer, fn, plan)[0] for fn in (lambda: src.sum(), lambda: torch.dot(src, src)))
+    out["read_gbps"] = size / (ms * 1e-3) / 1e9
     return out
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """What one impl's timed medians give against the ceilings: TFLOP/s, GB/s and their shares (never above
+    100: ``ceiling_too_low`` names a share the impl beat, docs/method.md §2)."""
+
+    derived: dict[str, float | None]
+    ceiling_too_low: tuple[str, ...]
+
+
+def throughput(medians_ms: Mapping[str, float], flops: Mapping[str, float], nbytes: Mapping[str, float],
+               dtype: str, ceilings: Mapping[str, Any]) -> Throughput:
+    """Derived throughput per timing mode ('fwd', 'fwdbwd') from its median ms. Bytes are divided by both the
+    copy ceiling (``_pct_peak_bw``) and the read ceiling (``_pct_read_bw``: the floor of a kernel that
+    streams its data once); the ceilings' thread count is recorded with them (``ceiling_threads``)."""
+    derived: dict[str, float | None] = {}
+    too_low: list[str] = []
+
+    def share(key: str, achieved: float, ceiling: float | None) -> None:
+        got = share_of_peak(achieved, ceiling)
+        derived[key] = got.pct
+        if got.ceiling_too_low:
+            too_low.append(key)
+
+    for mode, median_ms in medians_ms.items():
+        seconds = median_ms / 1e3
+        work = flops.get("fwd", 0) + (flops.get("bwd", 0) if mode == "fwdbwd" else 0)
+        moved = nbytes.get("fwd", 0) + (nbytes.get("bwd", 0) if mode == "fwdbwd" else 0)
+        if work:
+            derived[f"{mode}_tflops"] = work / seconds / 1e12
+            share(f"{mode}_pct_peak_flops", derived[f"{mode}_tflops"], flops_ceiling(ceilings, dtype))
+        if moved:
+            derived[f"{mode}_gbps"] = moved / seconds / 1e9
+            share(f"{mode}_pct_peak_bw", derived[f"{mode}_gbps"], ceilings.get("copy_gbps"))
+            share(f"{mode}_pct_read_bw", derived[f"{mode}_gbps"], ceilings.get("read_gbps"))
+    if derived and ceilings.get("threads") is not None:
+        derived["ceiling_threads"] = float(ceilings["threads"])
+    return Throughput(derived, tuple(too_low))

@@ -45,9 +45,6 @@ DEFAULT_TEST = "wilcoxon"
 DEFAULT_THRESHOLD = 0.02
 DEFAULT_ROUNDS = 41        # the median ratio's noise falls as 1/sqrt(rounds); see docs/reports-and-gate.md
 DEFAULT_BLOCK_MS = 5.0
-# Flagged cases are re-measured with this many times the rounds: the re-run decides, corrected across
-# every compared case, so it needs the power (docs/reports-and-gate.md, "two stages").
-CONFIRM_ROUNDS_FACTOR = 3
 CLOCKS = ("process", "wall")
 
 
@@ -94,11 +91,24 @@ def check_rounds(rounds: int | None) -> int:
     return rounds
 
 
-def clock_for(device: str, clock: str | None) -> str:
-    """CPU: process CPU time by default (a shared box's scheduling noise drops out); GPUs: device events."""
-    clock = clock or ("process" if device == "cpu" else "wall")
+def all_threads() -> int:
+    """`--threads all`: every CPU this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def clock_for(device: str, clock: str | None, threads: int | None = None) -> str:
+    """CPU, one thread: process CPU time by default (a shared box's scheduling noise drops out).
+    CPU, several threads, and GPUs: the wall clock (device events on GPUs).
+
+    Why the wall clock with threads: CPU time sums over threads, so a kernel that stops splitting its work
+    across threads costs the same CPU time and the process clock cannot see it; the wall clock can."""
+    several = device == "cpu" and (threads or DEFAULT_GATE_CPU_THREADS) > 1
+    clock = clock or ("process" if device == "cpu" and not several else "wall")
     if clock not in CLOCKS:
         raise UsageError("--clock must be process or wall")
+    if clock == "process" and several:
+        raise UsageError("--clock process sums CPU time over threads and cannot see lost parallelism: "
+                         "use the wall clock (the default) with --threads > 1")
     return clock
 
 
@@ -338,8 +348,8 @@ def compare_items(pair: Pair, items: list[Item], config, *, parity: bool) -> tup
 
 def gate_items(pair: Pair, items: list[Item], config, *,
                parity: bool) -> tuple[list[dict], list[dict], list[dict]]:
-    """The interleaved gate on one pair of workers: compare, screen, re-run the flagged cases with
-    CONFIRM_ROUNDS_FACTOR x the rounds, confirm across every compared case (docs/method.md §4).
+    """The interleaved gate on one pair of workers: compare, screen, then confirm the flagged cases
+    sequentially on fresh rounds (stats.confirm_sequentially; docs/method.md §4).
     Returns (gate cases with their final verdicts, parity failures, the cases the screen flagged)."""
     from twinbench.harness.gate import stats as gate
 
@@ -347,13 +357,11 @@ def gate_items(pair: Pair, items: list[Item], config, *,
     gate.screen(cases, config)
     flagged = [c for c in cases if c["verdict"] == "regression"]
     by_key = {i.key: i for i in items}
-    rerun = []
-    for c in flagged:
-        item = by_key[f"{c['suite']}|{c['case']}|{c['impl']}|{c['mode']}"]
-        base_ms, head_ms = pair.measure(item, rounds=CONFIRM_ROUNDS_FACTOR * pair.rounds)
-        rerun.append(dict(c, **gate.compare_samples(base_ms, head_ms, paired=True, test=config.test,
-                                                    n_boot=config.n_boot, seed=config.seed + 1, name=item.key)))
-    gate.confirm(cases, rerun, config, family=sum(c.get("p_value") is not None for c in cases))
+
+    def rerun(c: dict[str, Any], look: int) -> tuple[list[float], list[float]]:
+        return pair.measure(by_key[f"{c['suite']}|{c['case']}|{c['impl']}|{c['mode']}"])
+
+    gate.confirm_sequentially(cases, config, rerun)
     return cases, parity_failures, flagged
 
 
@@ -381,8 +389,8 @@ def run_gate(options: GateOptions, config) -> dict[str, Any]:
     note = (f"base {options.against} = {sha[:12]}, head = working tree; {m.rounds} interleaved rounds per case, "
             f"{pair.clock} clock, " + (f"both workers pinned to CPU(s) {cpus}" if cpus else "workers not pinned"))
     if flagged:
-        note += (f"; {len(flagged)} flagged case(s) re-run for confirmation with {CONFIRM_ROUNDS_FACTOR * m.rounds} "
-                 f"rounds, corrected across all compared cases")
+        note += (f"; {len(flagged)} flagged case(s) re-run for confirmation in up to {len(gate.SPENDING)} looks of "
+                 f"{m.rounds} rounds, alpha spent over looks and split over the flagged cases")
     if diff:
         note += f"; {diff}"
     return gate.summarize(cases, parity_failures, config, mode="against",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 from twinbench.harness.core.errors import UsageError
 from twinbench.harness.gate.against import Measurement, Selection
+from twinbench.harness.gate.stats import SPENDING as GATE_SPENDING
 
 GRANULARITY = 20  # calls per sample are a multiple of 20, so a 5% slowdown is a whole number of calls
 MODES = ("against", "baseline")
@@ -36,7 +38,8 @@ class CalibrateOptions:
     modes: list[str] = field(default_factory=lambda: list(MODES))
     comparisons: int = 200
     power_comparisons: int = 60
-    max_cases: int = 4
+    max_cases: int = 4               # 0: every timed item of the selection (the whole profile)
+    timed: tuple[str, ...] = ("fwd", "fwdbwd")  # the passes compared, as the gate compares them
     threshold: float | None = None  # None: each mode's gate default
     k: float = 2.0
     alpha: float = 0.05
@@ -63,6 +66,13 @@ def parse_modes(text: str) -> list[str]:
     return modes
 
 
+def parse_timed(text: str) -> tuple[str, ...]:
+    passes = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    if not passes or set(passes) - {"fwd", "fwdbwd"}:
+        raise UsageError("--timed takes fwd, fwdbwd or fwd,fwdbwd")
+    return passes
+
+
 def _spread(items: list, n: int) -> list:
     if len(items) <= n:
         return items
@@ -85,40 +95,50 @@ def _case(item, stats: dict[str, Any]) -> dict[str, Any]:
 
 
 def against_mode(pair, items, configs: dict[str, Any], n: int, slowdown: float) -> dict[str, Any]:
-    """Interleaved comparisons in gate-sized groups; per test: first-stage flags and confirmed alarms."""
-    from twinbench.harness.gate import against as gate_against
+    """Interleaved comparisons in gate-sized groups; per test: first-stage flags and confirmed alarms.
+
+    Each group is one gate run: screen, then the sequential confirmation of the flagged cases (the re-run
+    samples are shared by the tests). ``seconds`` is each group's wall time: for a group of the whole
+    selection, what one `gate --against` pass costs here (with the planted calls, and workers already up).
+    """
     from twinbench.harness.gate import stats as gate
 
-    counts = {t: {"flagged": 0, "confirmed": 0} for t in configs}
-    ratios = []
+    counts = {t: {"flagged": 0, "confirmed": 0, "missed": []} for t in configs}
+    ratios, passes = [], []
     done = 0
     while done < n:
-        group = items[: max(1, min(len(items), n - done))]
+        group = _spread(items, n - done)
+        started = time.monotonic()
         measured = {i.key: pair.measure(i, extra_fraction=slowdown) for i in group}
         for i in group:
             b, h = measured[i.key]
             ratios.append(float(np.median(np.asarray(h) / np.asarray(b))))
-        reruns: dict[str, tuple[list[float], list[float]]] = {}
+        by_key = {i.key: i for i in group}
+        reruns: dict[tuple[str, int], tuple[list[float], list[float]]] = {}
+
+        def rerun(c: dict[str, Any], look: int) -> tuple[list[float], list[float]]:
+            key = f"{c['suite']}|{c['case']}|{c['impl']}|{c['mode']}"
+            if (key, look) not in reruns:
+                reruns[key, look] = pair.measure(by_key[key], extra_fraction=slowdown)
+            return reruns[key, look]
+
         for test, config in configs.items():
             cases = [_case(i, gate.compare_samples(*measured[i.key], paired=True, test=test, n_boot=config.n_boot))
                      for i in group]
             gate.screen(cases, config)
-            flagged = [c for c, i in zip(cases, group) if c["verdict"] == "regression"]
-            counts[test]["flagged"] += len(flagged)
-            rerun = []
-            for c, i in zip(cases, group):
-                if c["verdict"] != "regression":
-                    continue
-                if i.key not in reruns:
-                    reruns[i.key] = pair.measure(i, extra_fraction=slowdown,
-                                                 rounds=gate_against.CONFIRM_ROUNDS_FACTOR * pair.rounds)
-                rerun.append(_case(i, gate.compare_samples(*reruns[i.key], paired=True, test=test,
-                                                           n_boot=config.n_boot, seed=1)))
-            gate.confirm(cases, rerun, config, family=len(group))
-            counts[test]["confirmed"] += sum(c["verdict"] == "regression (confirmed)" for c in cases)
+            counts[test]["flagged"] += sum(c["verdict"] == "regression" for c in cases)
+            gate.confirm_sequentially(cases, config, rerun)
+            confirmed = [c for c in cases if c["verdict"] == "regression (confirmed)"]
+            counts[test]["confirmed"] += len(confirmed)
+            if slowdown > 0:
+                counts[test]["missed"] += [i.key for i, c in zip(group, cases)
+                                           if c["verdict"] != "regression (confirmed)"]
+        passes.append({"items": len(group), "seconds": time.monotonic() - started,
+                       "rerun_looks": len(reruns)})
         done += len(group)
     print(f"   interleaved, slowdown {slowdown:.0%}: {done} comparisons done", flush=True)
-    return {"comparisons": done, "slowdown": slowdown, "median_ratio_cv": _cv(ratios), "tests": counts}
+    return {"comparisons": done, "slowdown": slowdown, "median_ratio_cv": _cv(ratios), "tests": counts,
+            "passes": passes}
 
 
 def baseline_sessions(pair, items, n: int, slowdown: float, rounds: int) -> list[dict[str, Any]]:
@@ -210,7 +230,7 @@ def _main(o: CalibrateOptions) -> int:
 
     logs = o.json.parent if o.json else Path("/tmp")
     report: dict[str, Any] = {"kind": "twinbench-calibration", "created": now_iso(), "rounds": rounds,
-                              "confirm_rounds": gate_against.CONFIRM_ROUNDS_FACTOR * rounds, "block_ms": block_ms,
+                              "confirm_looks": len(GATE_SPENDING), "confirm_rounds_per_look": rounds, "block_ms": block_ms,
                               "k": o.k, "alpha": o.alpha, "correction": o.correction}
     if "against" in o.modes:
         # As `gate --against` runs: both workers pinned to the same CPU(s), the process clock on the CPU.
@@ -265,15 +285,18 @@ def _started_pair(o: CalibrateOptions, m: Measurement, logs: Path, cpus: list[in
                                     logs / f"calibrate-{side}.log", m, cpus) for side in "ab")
     pair = gate_against.Pair(a, b, m.rounds, m.block_ms, clock=m.clock)
     try:
-        items = _spread(gate_against.plan_items(o.selection, modes=("fwd",)), o.max_cases)  # while workers start
+        items = gate_against.plan_items(o.selection, modes=o.timed)  # while the workers start
+        items = _spread(items, o.max_cases) if o.max_cases else items
         a.ready()
         b.ready()
-        report.update(fingerprint=b.fingerprint, threads=a.threads, workload=[i.key for i in items])
+        report.update(fingerprint=b.fingerprint, threads=a.threads, clock=m.clock, workload=[i.key for i in items])
+        started = time.monotonic()
         for item in items:
             prep = pair.prepare(item, granularity=GRANULARITY)
             if not prep["ok"]:
                 raise UsageError(f"calibration workload {item.key} cannot run: {prep['why']}")
-        print(f"calibrating on {len(items)} case(s), {m.rounds} rounds of {m.block_ms:g} ms samples, {m.clock} clock, "
+        report["prepare_seconds"] = time.monotonic() - started
+        print(f"calibrating on {len(items)} case(s) (prepared in {report['prepare_seconds']:.0f} s), {m.rounds} rounds of {m.block_ms:g} ms samples, {m.clock} clock, "
               f"{a.threads or 'default'} thread(s), " + (f"pinned to CPU(s) {cpus}" if cpus else "not pinned") + ": "
               + ", ".join(f"{i.key} x{pair.numbers[i.key]}" for i in items), flush=True)
         yield pair, items
@@ -285,6 +308,10 @@ def _format(title: str, res: dict[str, Any], tests: list[str]) -> str:
     lines = [f"== {title}: threshold {res['threshold']}, A/A over {res['aa']['comparisons']} comparisons"]
     if res["aa"].get("median_ratio_cv") is not None:
         lines.append(f"   A/A median-ratio CV across comparisons: {res['aa']['median_ratio_cv']:.4f}")
+    for run in [res["aa"], *res["power"]]:
+        for p in run.get("passes", []):
+            lines.append(f"   gate pass at slowdown {run['slowdown']:.0%}: {p['items']} items in {p['seconds']:.0f} s "
+                         f"(screen + {p['rerun_looks']} confirmation look(s); workers already started)")
     for test in tests:
         aa = res["aa"]["tests"][test]
         n = res["aa"]["comparisons"]
@@ -295,6 +322,11 @@ def _format(title: str, res: dict[str, Any], tests: list[str]) -> str:
             parts.append(f"{p['slowdown']:.0%}: caught {t['confirmed']}/{p['comparisons']} = "
                          f"{t['confirmed'] / p['comparisons']:.0%}")
         lines.append("; ".join(parts))
+        for p in res["power"]:
+            missed = p["tests"][test].get("missed", [])
+            if missed:
+                lines.append(f"   {test:<8} missed at {p['slowdown']:.0%}: " + ", ".join(missed[:8])
+                             + (f" and {len(missed) - 8} more" if len(missed) > 8 else ""))
         s = res["smallest_caught"][test]
         lines.append(f"   {test:<8} smallest slowdown caught >= 95% with <= 1% false alarms: "
                      + (f"{s:.0%}" if s is not None else "none of those tested"))

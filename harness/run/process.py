@@ -544,3 +544,29 @@ class WorkerProcess:
         for fh in (self.events, self.proc.stdin, self.log):
             with contextlib.suppress(Exception):
                 fh.close()
+
+
+@dataclass(frozen=True)
+class RunWorkerConfig:
+    """What the supervisor tells a run worker (argv[1], JSON); the environment is already set (process.py)."""
+
+    device: str
+    backend: str
+    plugins: list[str] = field(default_factory=list)
+    threads: int | None = None
+    memory_limit_bytes: int = 0
+    ceilings: dict[str, Any] | None = None  # cached from a --resume'd journal; None: measure them
+    measure_ceilings: bool = True
+    trials: int | None = None
+    seed: int = 0
+    reference_device: str | None = None
+    timing: bool = True
+    plan: dict[str, Any] = field(default_factory=dict)  # TimingPlan fields
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunWorkerConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})

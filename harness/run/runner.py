@@ -40,6 +40,14 @@ def run(options: RunOptions, on_device_done: Callable[[str], None] | None = None
         for dev in devices:  # as each device's worker will see it (GPU workers see only their own device)
             devices_mod.reference_device_in_worker(options.reference_device, dev.name)
     check_dtypes(planned, devices)
+    with run_folder(options) as journal:
+        return _run_locked(options, planned, devices, journal)
+
+
+@contextlib.contextmanager
+def run_folder(options: RunOptions) -> Iterator[Journal]:
+    """The run's journal in ``options.out``, locked for this run and with SIGTERM unwinding like Ctrl-C;
+    a folder that holds another run's journal is a usage error unless ``--resume``."""
     out = options.out
     journal = Journal(out / "journal.jsonl")
     if journal.path.exists() and not options.resume:
@@ -50,7 +58,7 @@ def run(options: RunOptions, on_device_done: Callable[[str], None] | None = None
         if journal.path.exists() and not options.resume:  # another run finished there while we waited to lock
             raise UsageError(f"{out} already holds a run (journal.jsonl); pass --resume to finish it or choose "
                              f"another --out")
-        return _run_locked(options, planned, devices, journal)
+        yield journal
 
 
 def _run_locked(options: RunOptions, planned, devices, journal: Journal) -> dict[str, Any]:
@@ -67,13 +75,7 @@ def _run_locked(options: RunOptions, planned, devices, journal: Journal) -> dict
     total = 0
     reference = {suite.name: suite.reference for suite, _ in planned}
     for dev in devices:
-        tasks = []
-        for suite, suite_tasks in planned:
-            for t in suite_tasks:
-                missing = [n for n in t.impls if (t.suite, t.case_id, n, dev.name) not in done]
-                if missing:
-                    keep = missing if suite.reference in missing else [suite.reference, *missing]
-                    tasks.append(Task(t.suite, t.params, t.case_id, [n for n in t.impls if n in keep]))
+        tasks = pending_tasks(planned, dev.name, done)
         total += len(tasks)
         runs.append(DeviceRun(dev, tasks, options, journal, None, cached_ceilings.get(dev.name), reference))
     progress = Progress(total)
@@ -96,6 +98,19 @@ def _run_locked(options: RunOptions, planned, devices, journal: Journal) -> dict
     finally:
         progress.close()
     return assemble(out, journal, prov)
+
+
+def pending_tasks(planned, device: str, done: set[tuple]) -> list[Task]:
+    """The tasks still to run on ``device``: impls without a record in ``done`` (record keys), with the
+    reference kept whenever another impl of the case runs (it is what they are judged against)."""
+    tasks = []
+    for suite, suite_tasks in planned:
+        for t in suite_tasks:
+            missing = [n for n in t.impls if (t.suite, t.case_id, n, device) not in done]
+            if missing:
+                keep = missing if suite.reference in missing else [suite.reference, *missing]
+                tasks.append(Task(t.suite, t.params, t.case_id, [n for n in t.impls if n in keep]))
+    return tasks
 
 
 @contextlib.contextmanager

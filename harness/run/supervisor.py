@@ -34,6 +34,7 @@ from twinbench.harness.run.process import (
     ProbeSuite,
     Ready,
     RecordDone,
+    RunWorkerConfig,
     WorkerDied,
     WorkerHung,
     WorkerKind,
@@ -41,7 +42,6 @@ from twinbench.harness.run.process import (
     user_triton_interpret,
     worker_environment,
 )
-from twinbench.harness.run.worker import RunWorkerConfig
 from twinbench.harness.store.record import FAILED, Record, Status
 
 # A probe must be cheap (registry.Impl); one silent this long is hung, whatever --timeout allows a kernel.
@@ -52,7 +52,10 @@ START_TIMEOUT_S = 120.0
 
 
 def phase_timeout(phase: str, timeout: float) -> float:
-    """The no-progress limit while the worker is in ``phase``."""
+    """The no-progress limit while the worker is in ``phase`` (measuring ceilings, which a case may ask for
+    mid-run, is no impl's step: it gets the start's allowance, not a --timeout meant for kernels)."""
+    if phase == "ceilings":
+        return max(timeout, START_TIMEOUT_S)
     return min(timeout, PROBE_TIMEOUT_S) if phase == "probe" else timeout
 
 
@@ -137,12 +140,17 @@ class DeviceRun:
                 self.journal.append({"type": "fingerprint", "fingerprint": event.fingerprint,
                                      "import_failures": event.import_failures})
             elif isinstance(event, Ceilings):
-                self.ceilings = event.ceilings
-                self.journal.append({"type": "ceilings", "device": dev.name, "fingerprint": event.fingerprint,
-                                     "ceilings": event.ceilings})
+                self._journal_ceilings(event)
 
         return start_run_worker(config, setup.env, self.log_path, max(o.timeout, START_TIMEOUT_S),
                                 on_event=journal_start_event, started=self._started)
+
+    def _journal_ceilings(self, event: Ceilings) -> None:
+        """Ceilings come at the worker's start and again mid-case (another thread count, or a re-measurement
+        after a share above 100%): each is journaled; the last is what a restarted worker reuses."""
+        self.ceilings = event.ceilings
+        self.journal.append({"type": "ceilings", "device": self.device.name, "fingerprint": event.fingerprint,
+                             "ceilings": event.ceilings})
 
     def _started(self, worker: WorkerProcess) -> None:
         self.worker = worker  # visible to cancel() while the worker is still starting
@@ -178,17 +186,20 @@ class DeviceRun:
                                                          and r["case"] == task.case_id])
         self.tasks.popleft()
 
-    def run(self) -> None:
+    def run(self, *, keep_worker: bool = False) -> None:
+        """Run the queued tasks; ``keep_worker`` leaves the worker running for the next call's tasks (a
+        cluster node's actor is handed one case at a time and must not restart torch for each)."""
         try:
             self._run()
         except BaseException:
             self.cancel()
             raise
-        if self.worker is not None:
+        if self.worker is not None and not keep_worker:
             self.worker.stop()
+            self.worker = None
 
     def _run(self) -> None:
-        worker: WorkerProcess | None = None
+        worker: WorkerProcess | None = self.worker  # kept from an earlier run(keep_worker=True), or None
         timeout = self.options.timeout
         while self.tasks and not self.cancelled:
             task = self.tasks[0]
@@ -217,6 +228,8 @@ class DeviceRun:
                         current = (event.impl, event.phase)
                         self.progress.status(f"{self.device.name} {task.suite} {task.case_id} {event.impl} "
                                              f"{event.phase}")
+                    elif isinstance(event, Ceilings):
+                        self._journal_ceilings(event)
                     elif isinstance(event, RecordDone):
                         if event.record["impl"] not in got:
                             got.add(event.record["impl"])

@@ -23,7 +23,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from twinbench.harness.run.process import (
     Ready,
     RecordDone,
     RunCase,
+    RunWorkerConfig,
     descendants,
     kill_pids,
     pin_worker_device,
@@ -48,30 +49,74 @@ from twinbench.harness.run.process import (
 )
 
 
-@dataclass(frozen=True)
-class RunWorkerConfig:
-    """What the supervisor tells a run worker (argv[1], JSON); the environment is already set (process.py)."""
+class CeilingBook:
+    """The device's ceilings per CPU thread count, measured in this worker under the thread count the cases
+    they divide run with (a case's ``threads`` parameter, else the worker's), when first needed and again on
+    request (a share above 100%: :func:`measure_timing`); each measurement goes to the journal
+    (docs/method.md §2)."""
 
-    device: str
-    backend: str
-    plugins: list[str] = field(default_factory=list)
-    threads: int | None = None
-    memory_limit_bytes: int = 0
-    ceilings: dict[str, Any] | None = None  # cached from a --resume'd journal; None: measure them
-    measure_ceilings: bool = True
-    trials: int | None = None
-    seed: int = 0
-    reference_device: str | None = None
-    timing: bool = True
-    plan: dict[str, Any] = field(default_factory=dict)  # TimingPlan fields
+    def __init__(self, device: Any, fingerprint: str, events: EventWriter | None, enabled: bool,
+                 cached: dict[str, Any] | None = None, measure: Any = None):
+        from twinbench.harness.core.timing import measure_ceilings
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        self.device, self.fingerprint, self.events, self.enabled = device, fingerprint, events, enabled
+        self.measure = measure or measure_ceilings
+        self.fixed: dict[str, Any] | None = None  # given ceilings, used whatever the thread count (fixed_ceilings)
+        self.by_threads: dict[int, dict[str, Any]] = {}
+        if cached:  # from a --resume'd journal: valid for the thread count it was measured under
+            self.by_threads[int(cached.get("threads") or 0)] = cached
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RunWorkerConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+    def fixed_ceilings(cls, device: Any, fingerprint: str, ceilings: dict[str, Any]) -> CeilingBook:
+        """Ceilings given by the caller (a test, an embedding tool), never measured."""
+        book = cls(device, fingerprint, None, False)
+        book.fixed = ceilings
+        return book
+
+    def current(self) -> dict[str, Any]:
+        """The ceilings for torch's current thread count (measured now if not yet)."""
+        import torch
+
+        if self.fixed is not None:
+            return self.fixed
+        threads = torch.get_num_threads()
+        if threads not in self.by_threads:
+            if not self.enabled:
+                return {}
+            return self.remeasure()
+        return self.by_threads[threads]
+
+    def remeasure(self) -> dict[str, Any]:
+        import torch
+
+        if self.fixed is not None:
+            return self.fixed
+        if not self.enabled:
+            return {}
+        if self.events is not None:
+            self.events.send(Begin(impl="", phase="ceilings"))
+        found = self.measure(self.device)
+        self.by_threads[torch.get_num_threads()] = found
+        if self.events is not None:
+            self.events.send(Ceilings(fingerprint=self.fingerprint, ceilings=found))
+        return found
+
+
+@contextlib.contextmanager
+def case_threads(case: Any) -> Iterator[None]:
+    """Run a case under its ``threads`` parameter (torch's CPU thread count; 0 or absent: the worker's)."""
+    import torch
+
+    wanted = int(case.get("threads") or 0) if hasattr(case, "get") else 0
+    before = torch.get_num_threads()
+    if not wanted or wanted == before:
+        yield
+        return
+    torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -80,8 +125,13 @@ class CaseContext:
 
     device: Any
     fingerprint: str
-    ceilings: dict[str, Any]
+    ceilings: CeilingBook  # a plain dict given here is used as fixed ceilings
     config: RunWorkerConfig
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ceilings, CeilingBook):
+            object.__setattr__(self, "ceilings",
+                               CeilingBook.fixed_ceilings(self.device, self.fingerprint, dict(self.ceilings)))
 
 
 def _limit_memory(limit_bytes: int) -> None:
@@ -225,9 +275,10 @@ def run_case(task: RunCase, ctx: CaseContext, events: EventWriter) -> None:
         return run_experiment_case(task, ctx, events)
     started = time.perf_counter()
     kernel_case = KernelCase(task, ctx, events)
-    runnable = kernel_case.runnable_impls()
-    passed = kernel_case.check_parity_of(runnable)
-    kernel_case.time(passed)
+    with case_threads(kernel_case.case):
+        runnable = kernel_case.runnable_impls()
+        passed = kernel_case.check_parity_of(runnable)
+        kernel_case.time(passed)
     kernel_case.send_records()
     events.send(CaseDone(seconds=time.perf_counter() - started))
 
@@ -345,7 +396,7 @@ class KernelCase:
             return
         job = TimingJob(suite=self.suite, case=self.case, device=self.device, reference=self.ref,
                         passed=tuple(passed), seed=config.seed, plan=TimingPlan(**config.plan),
-                        ceilings=self.ctx.ceilings)
+                        ceilings=self.ctx.ceilings.current(), remeasure=self.ctx.ceilings.remeasure)
         for name, measured in measure_timing(job, self.events, self.ledger).items():
             self.records[name] = replace(self.records[name], **measured.fields())
 
@@ -391,7 +442,8 @@ class TimingJob:
     passed: tuple[Any, ...]
     seed: int
     plan: Any  # TimingPlan
-    ceilings: dict[str, Any]
+    ceilings: dict[str, Any]  # measured under the thread count the case runs with
+    remeasure: Any = None  # () -> fresh ceilings: called once when a share would read above 100%
 
 
 @dataclass(frozen=True)
@@ -412,13 +464,7 @@ def measure_timing(job: TimingJob, events: EventWriter, ledger: StateLedger | No
     """Interleaved fwd (and fwd+bwd) timing, derived throughput and peak memory per impl (docs/method.md §2-3)."""
     import torch
     from twinbench.harness.core.memory import peak_memory
-    from twinbench.harness.core.timing import (
-        flops_ceiling,
-        interleaved,
-        round_ratios,
-        share_of_peak,
-        timer_for,
-    )
+    from twinbench.harness.core.timing import flops_ceiling, interleaved, round_ratios, throughput, timer_for
 
     suite, case, device, ref = job.suite, job.case, job.device, job.reference
     timer = timer_for(device)
@@ -444,31 +490,32 @@ def measure_timing(job: TimingJob, events: EventWriter, ledger: StateLedger | No
         keeper = RoundKeeper(ledger, events, mode)
         per_mode[mode] = interleaved(timer, fns, job.plan, on_round=keeper.switch)
         keeper.switch(None)
+    ceilings = job.ceilings
+
+    def shares(impl_name: str):
+        medians = {mode: stats[impl_name]["median_ms"] for mode, stats in per_mode.items() if impl_name in stats}
+        return throughput(medians, flops, nbytes, dtype, ceilings)
+
+    # A share above 100% means the ceiling under-measured (docs/method.md §2): measure again, next to this
+    # case, once; what still exceeds the new ceilings is clipped and named in ``ceiling_too_low``.
+    if job.remeasure is not None and any(shares(impl.name).ceiling_too_low for impl in timed):
+        ceilings = job.remeasure() or ceilings
     for impl in timed:
         timing: dict[str, Any] = {"mode": timer.mode, "excluded": "", "ratio_vs_reference": {}}
-        derived: dict[str, float | None] = {}
-        too_low: list[str] = []  # shares clipped at 100%: the measured ceiling under-measures the device
         for mode, stats in per_mode.items():
             if impl.name not in stats:
                 continue
             timing[mode] = stats[impl.name]
             timing["ratio_vs_reference"][mode] = _ratio(round_ratios(stats[ref.name]["samples_ms"],
                                                                      stats[impl.name]["samples_ms"]))
-            seconds = stats[impl.name]["median_ms"] / 1e3
-            work = flops.get("fwd", 0) + (flops.get("bwd", 0) if mode == "fwdbwd" else 0)
-            moved = nbytes.get("fwd", 0) + (nbytes.get("bwd", 0) if mode == "fwdbwd" else 0)
-            if work:
-                derived[f"{mode}_tflops"] = work / seconds / 1e12
-                share = share_of_peak(derived[f"{mode}_tflops"], flops_ceiling(job.ceilings, dtype))
-                derived[f"{mode}_pct_peak_flops"] = share.pct
-                too_low += [f"{mode}_pct_peak_flops"] if share.ceiling_too_low else []
-            if moved:
-                derived[f"{mode}_gbps"] = moved / seconds / 1e9
-                share = share_of_peak(derived[f"{mode}_gbps"], job.ceilings.get("copy_gbps"))
-                derived[f"{mode}_pct_peak_bw"] = share.pct
-                too_low += [f"{mode}_pct_peak_bw"] if share.ceiling_too_low else []
-        if too_low:
-            timing["ceiling_too_low"] = too_low
+        got = shares(impl.name)
+        derived = dict(got.derived)
+        if derived:  # the ceilings this record was divided by, next to it
+            derived.update({"ceiling_copy_gbps": ceilings.get("copy_gbps"),
+                            "ceiling_read_gbps": ceilings.get("read_gbps"),
+                            "ceiling_tflops": flops_ceiling(ceilings, dtype)})
+        if got.ceiling_too_low:
+            timing["ceiling_too_low"] = list(got.ceiling_too_low)
         if "fwd" in timing and "fwdbwd" in timing:
             timing["bwd_median_ms"] = max(0.0, timing["fwdbwd"]["median_ms"] - timing["fwd"]["median_ms"])
         events.send(Begin(impl=impl.name, phase="memory"))
@@ -501,7 +548,6 @@ def main() -> int:
     if config.threads:
         torch.set_num_threads(int(config.threads))
     from twinbench.harness.core import devices, progress, registry
-    from twinbench.harness.core.timing import measure_ceilings
     from twinbench.harness.store.results import json_default
 
     events = EventWriter(int(raw["event_fd"]), default=json_default)
@@ -511,12 +557,10 @@ def main() -> int:
     pin_worker_device(device.torch_device)
     fp = devices.fingerprint(device)
     events.send(Fingerprint(fingerprint=fp, import_failures=dict(registry.import_failures)))
-    ceilings = config.ceilings
-    if ceilings is None and config.measure_ceilings:
-        events.send(Begin(impl="", phase="ceilings"))
-        ceilings = measure_ceilings(device)
-        events.send(Ceilings(fingerprint=fp["id"], ceilings=ceilings))
-    ctx = CaseContext(device=device, fingerprint=fp["id"], ceilings=ceilings or {}, config=config)
+    ceilings = CeilingBook(device, fp["id"], events, config.measure_ceilings, config.ceilings)
+    if config.measure_ceilings:
+        ceilings.current()  # the worker's own thread count, before the first case (cases may ask for others)
+    ctx = CaseContext(device=device, fingerprint=fp["id"], ceilings=ceilings, config=config)
     events.send(Ready())
     for task in requests(sys.stdin):
         try:

@@ -5,14 +5,17 @@
   saturates (inf too), so the non-saturating e4m3 rule (overflow -> NaN) is applied on top.
 - ``dequant_matmul`` (ours, the baseline the ratios are read against): ``codes.view(float8).float() * scale``
   for both operands, an fp32 matmul, rounded to the output dtype; also the training recipe (qgemm).
-- ``scaled_mm`` (library): ``torch._scaled_mm``; on the CPU it runs e4m3/e5m2 (fnuz refused there).
+- ``scaled_mm`` (library): ``torch._scaled_mm``; on the CPU it runs e4m3/e5m2 per tensor and per row (fnuz
+  refused there); block scales (DeepSeek-V3: 1 x 128 activations, 128 x 128 weights) only on CUDA sm90 with
+  CUDA 12.9+ cuBLASLt (torch 2.13's ``_scaled_mm`` picks (BlockWise1x128, BlockWise128x128) from the scale
+  shapes and strides). The blockwise path is unverified on hardware in this repository (docs/low_precision.md).
 """
 
 from __future__ import annotations
 
 import torch
 from twinbench.harness.core.case import torch_dtype
-from twinbench.harness.core.devices import lowp_support
+from twinbench.harness.core.devices import _cuda_capability, lowp_support
 from twinbench.harness.core.registry import register_impl
 from twinbench.reference.fp8 import Operand, expand_scale, group_amax, scale_from_amax
 from twinbench.reference.lowp_formats import Format, max_value, torch_dtype_of
@@ -116,8 +119,8 @@ def scaled_mm_supports(case, device) -> tuple[bool, str]:
             return False, "fnuz: ROCm gfx942 only (torch._scaled_mm refuses fnuz on the CPU)"
         if device.backend != "cpu" and not lowp_support(device, fmt).native:
             return False, lowp_support(device, fmt).why_not
-    if case["scaling"] == "block":
-        return False, "block scales: torch._scaled_mm's blockwise 1x128/128x128 is CUDA sm90+ only (not wired here)"
+    if case["scaling"] == "block" and (why := blockwise_refusal(case, device)):
+        return False, why
     if device.backend != "cpu":
         if case["k"] % 16 or case["n"] % 16:
             return False, "cuBLASLt/hipBLASLt FP8 needs K and N multiples of 16"
@@ -128,6 +131,35 @@ def scaled_mm_supports(case, device) -> tuple[bool, str]:
     return True, ""
 
 
+# cuBLASLt's VEC128 / BLK128x128 fp32 scale modes arrived in CUDA 12.9 (torch's ScaledBlas checks the same)
+BLOCKWISE_MIN_CUDA = (12, 9)
+
+
+def _cuda_version() -> tuple[int, ...]:
+    """The CUDA version torch was built with ((): none, a CPU or ROCm build)."""
+    return tuple(int(p) for p in (torch.version.cuda or "").split(".")[:2] if p.isdigit())
+
+
+def blockwise_refusal(case, device) -> str:
+    """Why torch._scaled_mm cannot run this block-scaled case on the device ('' when it can): torch 2.13 runs
+    (BlockWise1x128, BlockWise128x128) on Hopper only (sm90; other archs raise NotImplementedError), through
+    cuBLASLt 12.9+, with a bf16 output; the 128 x 128 scales' rows and the 1 x 128 scales' columns (outer-dim
+    major) must be 16-byte aligned."""
+    if device.backend != "cuda":
+        return (f"block scales: torch._scaled_mm runs 1x128/128x128 on CUDA sm90 only (CUDA 12.9+), not on "
+                f"{device.backend}")
+    major, minor = _cuda_capability(device)
+    if major != 9:
+        return f"block scales: torch._scaled_mm runs 1x128/128x128 on sm90 only (this is sm_{major}{minor})"
+    if _cuda_version() < BLOCKWISE_MIN_CUDA:
+        return f"block scales: torch._scaled_mm needs a CUDA 12.9+ build (this torch: {torch.version.cuda})"
+    if case["dtype"] != "bf16":
+        return "block scales: torch._scaled_mm's 1x128/128x128 GEMM gives a bf16 output only"
+    if -(-case["k"] // 128) % 4 or case["m"] % 4:
+        return "block scales: cuBLASLt needs 16-byte aligned scale strides (ceil(K/128) and M multiples of 4)"
+    return ""
+
+
 @register_impl("fp8_linear", "scaled_mm", tags=("library",), available=scaled_mm_available,
                supports=scaled_mm_supports)
 def scaled_mm(x_codes, x_scale, w_codes, w_scale, *, x_format, w_format, scaling, out_dtype):
@@ -135,6 +167,10 @@ def scaled_mm(x_codes, x_scale, w_codes, w_scale, *, x_format, w_format, scaling
     b = w_codes.view(torch_dtype_of(w_format)).t()  # column-major K x N, as cuBLASLt wants it
     if scaling == "row":
         sa, sb = x_scale.reshape(-1, 1), w_scale.reshape(1, -1)
+    elif scaling == "block":
+        # x's (M, K/128) scales outer-dim major (column-major); w's (N/128, K/128) row-major, passed transposed
+        # like b itself: torch reads (BlockWise1x128, BlockWise128x128) off these shapes and strides
+        sa, sb = x_scale.t().contiguous().t(), w_scale.t()
     else:
         sa, sb = x_scale, w_scale
     y = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch_dtype(out_dtype))

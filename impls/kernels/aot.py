@@ -43,6 +43,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("sm90", "cuda", 90, 32, 232448),    # H100/H200: 227 KiB
     Target("sm100", "cuda", 100, 32, 232448),  # B200: 227 KiB
     Target("gfx942", "hip", "gfx942", 64, 65536),   # MI300X
+    Target("gfx950", "hip", "gfx950", 64, 163840),  # MI350X/MI355X: 160 KiB LDS; OCP fp8 and MX dot_scaled
     Target("gfx1201", "hip", "gfx1201", 32, 65536),  # RDNA4
 )}
 CI_TARGETS = ("sm80", "sm90", "sm100", "gfx942", "gfx1201")

@@ -101,10 +101,10 @@ def from_even_odd(t: torch.Tensor) -> torch.Tensor:
 
 
 def cpu_path(packed2d: torch.Tensor, scales: torch.Tensor) -> str:
-    """Which CPU kernels serve this weight: 'native-avx512', or 'fallback (why not native)' (the inductor
-    GEMV kernels; bnb's dequantiser on the GEMM path when bnb is installed)."""
+    """Which CPU kernels serve this weight: 'native-avx512' / 'native-avx2', or 'fallback (why not native)'
+    (the inductor GEMV kernels; bnb's dequantiser on the GEMM path when bnb is installed)."""
     if nf4_native.supports(packed2d, scales):
-        return "native-avx512"
+        return f"native-{nf4_native.isa()}"
     ok, why = nf4_native.status()
     return f"fallback ({why if not ok else 'not a contiguous CPU weight with blocks a multiple of 32 columns'})"
 

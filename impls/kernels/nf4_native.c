@@ -1,18 +1,28 @@
-/* NF4 (bitsandbytes storage) CPU kernels: AVX-512F + OpenMP, no torch headers (compiles in about a second).
+/* NF4 (bitsandbytes storage) CPU kernels: AVX-512 or AVX2 (+FMA, F16C) and OpenMP, no torch headers (compiles in
+ * about a second). One source, two builds: impls/kernels/nf4_native.py compiles it with the AVX-512 flags or the
+ * AVX2 ones (the `#if` below picks the vector layer) and loads the one the CPU's flags allow.
  *
  * Built at first use by impls/nf4_native.py (cached by source hash) and called through ctypes on tensors'
  * data pointers; Python checks shapes, dtypes and contiguity. Weight layout, as bnb stores it: packed uint8
  * [N, K/2] row-major, the high nibble of a byte is the even column; fp32 scales [N * K / bs] (one per block of
- * bs consecutive elements; bs a multiple of 32 dividing K). A "chunk" is 16 bytes = 32 columns: its high
- * nibbles are the 16 even columns, its low nibbles the 16 odd ones.
+ * bs consecutive elements; bs a power of two >= 32 dividing K).
  *
- * The trick: vpermps (_mm512_permutexvar_ps) looks 16 nibbles up in the 16-entry NF4 code held in one
- * register, so a chunk decodes to 32 fp32 weights in five instructions and W is never written out.
+ * The lookup: the 16-entry NF4 code lives in registers and a vector of 4-bit indices is looked up in one
+ * instruction (AVX-512 vpermps; AVX2 two vpermps over the two 8-entry halves + a blend on index bit 3), so W is
+ * never written out by the GEMV kernels.
+ *
+ * GEMV layout (docs/quant_linear.md, "GEMV kernel"): a *group* is one vector load of packed bytes, 4L bytes =
+ * 8L columns (L = floats per vector: 16 or 8). Its dword i holds the 8 nibbles of columns 8i..8i+7; shifting
+ * the whole vector right by 4s puts nibble s of every dword in the index bits, so 8 shifts + 8 lookups decode
+ * the group with no byte-to-dword widening; nibble s is column 8i + (s ^ 1) (high nibble = even column). x is
+ * put in that order once per call (and dx put back), so the weight is read once, in memory order.
+ *
  * Compile with -ffp-contract=off: the dequantised values must be the plain fp32 product code * absmax
  * (bit-identical to bnb and the reference), not a fused multiply-add.
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #ifdef _OPENMP
@@ -23,13 +33,465 @@ static inline int omp_get_num_threads(void) { return 1; }
 #endif
 
 typedef int64_t i64;
+#define AI static inline __attribute__((always_inline))
 
-#define MAX_ROWS 8 /* rows of x handled by one GEMV call (Python splits larger batches) */
+#define MAX_ROWS 4 /* rows of x handled by one GEMV call (Python splits larger batches; the dispatch sends
+                        * at most 4 rows to the GEMV: each count is a specialisation, i.e. compile time) */
 
-static inline void decode_chunk(const uint8_t *p, __m512 code, __m512 *even, __m512 *odd) {
+/* ---- the vector layer: L floats per vector ------------------------------------------------------------- */
+#if defined(__AVX512F__)
+#define NF4_ISA 512
+#define L 16
+typedef __m512 vf;
+typedef __m512i vi;
+typedef struct { __m512 t; } lut_t;
+AI lut_t lut_load(const float *c) { lut_t l = {_mm512_loadu_ps(c)}; return l; }
+AI vf vload(const float *p) { return _mm512_loadu_ps(p); }
+AI void vstore(float *p, vf v) { _mm512_storeu_ps(p, v); }
+AI vf vzero(void) { return _mm512_setzero_ps(); }
+AI vf vset1(float f) { return _mm512_set1_ps(f); }
+AI vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+AI vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+AI vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+AI float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+AI vi group_load(const uint8_t *p) { return _mm512_loadu_si512((const void *)p); }
+/* code[index] for the 4-bit index in bits 0..3 of every dword (vpermps ignores the bits above) */
+AI vf lookup(vi idx, lut_t lut) { return _mm512_permutexvar_ps(idx, lut.t); }
+AI vi shift_right(vi v, const int bits) { return bits ? _mm512_srli_epi32(v, bits) : v; }
+/* scales of lanes that span several blocks: lane i takes s[idx[i]], the first n entries of s loaded */
+AI vf lane_scales(const float *s, int n, vi idx) {
+    return _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), s));
+}
+AI vi lane_index(int lanes_per_block) {
+    int32_t t[16];
+    for (int i = 0; i < 16; i++) t[i] = i / lanes_per_block;
+    return _mm512_loadu_si512((const void *)t);
+}
+
+#elif defined(__AVX2__)
+#define NF4_ISA 2
+#define L 8
+typedef __m256 vf;
+typedef __m256i vi;
+typedef struct { __m256 lo, hi; } lut_t;
+AI lut_t lut_load(const float *c) { lut_t l = {_mm256_loadu_ps(c), _mm256_loadu_ps(c + 8)}; return l; }
+AI vf vload(const float *p) { return _mm256_loadu_ps(p); }
+AI void vstore(float *p, vf v) { _mm256_storeu_ps(p, v); }
+AI vf vzero(void) { return _mm256_setzero_ps(); }
+AI vf vset1(float f) { return _mm256_set1_ps(f); }
+AI vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+AI vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+AI vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+AI float vsum(vf v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+AI vi group_load(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+/* code[index] for bits 0..3 of every dword: vpermps on each 8-entry half (it reads bits 0..2), index bit 3
+ * (moved to the sign bit) picks the half */
+AI vf lookup(vi idx, lut_t lut) {
+    const vf lo = _mm256_permutevar8x32_ps(lut.lo, idx), hi = _mm256_permutevar8x32_ps(lut.hi, idx);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+AI vi shift_right(vi v, const int bits) { return bits ? _mm256_srli_epi32(v, bits) : v; }
+AI vf lane_scales(const float *s, int n, vi idx) {
+    const vi live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_permutevar8x32_ps(_mm256_maskload_ps(s, live), idx);
+}
+AI vi lane_index(int lanes_per_block) {
+    int32_t t[8];
+    for (int i = 0; i < 8; i++) t[i] = i / lanes_per_block;
+    return _mm256_loadu_si256((const __m256i *)t);
+}
+#else
+#error "nf4_native.c needs AVX-512F or AVX2 (+FMA, F16C)"
+#endif
+
+#define GROUP_COLS (8 * L)
+#define GROUP_BYTES (4 * L)
+
+/* What every GEMV kernel needs about the weight. Blocks narrower than a group (bs < 8L) give the lanes of a
+ * group different scales (lane_scales); wider ones one scale per group (a broadcast). */
+typedef struct {
+    i64 N, K, bs, nb, half, groups, tail_cols;
+    int lanes_vary, scales_per_group;
+    vi lane_idx;
+    lut_t lut;
+    const float *code;
+    /* the block scales: fp32 (`scales`), or bnb's double-quantised state (q != NULL), decoded per row as the
+     * kernels reach it (block_scale), never in a pass of its own */
+    const float *scales;
+    const uint8_t *q;
+    const float *absmax2, *code2;
+    float offset;
+} plan_t;
+
+#define MAX_ROW_BLOCKS 2048 /* blocks per row the per-row scale buffers hold (K / bs) */
+
+static int make_plan(plan_t *p, const float *code16, i64 N, i64 K, i64 bs) {
+    if (N < 1 || bs < 32 || (bs & (bs - 1)) || K % bs || K / bs > MAX_ROW_BLOCKS) return -1;
+    p->N = N, p->K = K, p->bs = bs, p->nb = K / bs, p->half = K / 2;
+    p->groups = K / GROUP_COLS;
+    p->tail_cols = K - p->groups * GROUP_COLS; /* only when bs < 8L: whole blocks, done in scalar code */
+    p->lanes_vary = bs < GROUP_COLS;
+    p->scales_per_group = p->lanes_vary ? (int)(GROUP_COLS / bs) : 1;
+    p->lane_idx = lane_index(p->lanes_vary ? (int)(bs / 8) : L);
+    p->lut = lut_load(code16);
+    p->code = code16;
+    return 0;
+}
+
+/* Double-quantised: code2[q[i]] * absmax2[i / 256] + offset, two fp32 roundings (no FMA: -ffp-contract=off), as
+ * bnb and nf4_decode_absmax compute it. */
+AI float block_scale(const plan_t *p, i64 i) {
+    return p->q ? p->code2[p->q[i]] * p->absmax2[i / 256] + p->offset : p->scales[i];
+}
+
+/* The scales of row n's blocks [b0, b1): the fp32 array itself, or decoded into buf (indexed from block 0). */
+AI const float *row_scales(const plan_t *p, i64 n, i64 b0, i64 b1, float *buf) {
+    if (!p->q) return p->scales + n * p->nb;
+    for (i64 b = b0; b < b1; b++) buf[b] = block_scale(p, n * p->nb + b);
+    return buf;
+}
+
+static int set_scales(plan_t *p, const float *scales, const uint8_t *q, const float *absmax2, const float *code2,
+                      float offset) {
+    p->scales = scales, p->q = q, p->absmax2 = absmax2, p->code2 = code2, p->offset = offset;
+    const int fp32 = scales != NULL, nested = q != NULL && absmax2 != NULL && code2 != NULL;
+    return fp32 != nested ? 0 : -1; /* exactly one form */
+}
+
+AI vf group_scale(const plan_t *p, const float *srow, i64 g) {
+    const i64 first = g * GROUP_COLS / p->bs;
+    return p->lanes_vary ? lane_scales(srow + first, p->scales_per_group, p->lane_idx) : vset1(srow[first]);
+}
+
+#ifndef NF4_OFFSET_LOADS
+#define NF4_OFFSET_LOADS 1
+#endif
+/* The indices of nibble s (0..7) of every dword of the group at gp (v0: the group, loaded). Shifting by 8k is
+ * a load at gp + k instead (the load ports are idle; the shift, lookup and FMA ports are the bottleneck: 4
+ * shifts instead of 7 per group; ~7% faster forward, measured in one process against the shifting build;
+ * slower in the backward, which shifts). Such a load reads up to 3 bytes past the group: `safe` (the array's
+ * last row) shifts instead. */
+AI vi nibbles(const uint8_t *gp, vi v0, const int s, const int safe) {
+    if (safe || !NF4_OFFSET_LOADS) return shift_right(v0, 4 * s);
+    const vi vk = s / 2 ? group_load(gp + s / 2) : v0;
+    return shift_right(vk, 4 * (s & 1));
+}
+
+/* natural column of position j (0 <= j < 8L) of a group laid out as 8 vectors (nibble s) of L lanes (dword i) */
+AI i64 natural_col(i64 j) { return 8 * (j % L) + ((j / L) ^ 1); }
+
+static inline void thread_range(i64 total, i64 align, i64 *lo, i64 *hi) {
+    int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const i64 units = (total + align - 1) / align;
+    *lo = units * t / nt * align;
+    *hi = units * (t + 1) / nt * align;
+    if (*lo > total) *lo = total;
+    if (*hi > total) *hi = total;
+}
+
+/* x [M, K] (fp32, or bf16 when x_bf16) -> xs [M, K] fp32 in group order (the scalar tail stays natural) */
+static void to_group_order(const void *x, int x_bf16, float *xs, const plan_t *p, i64 M, i64 g0, i64 g1) {
+    for (i64 m = 0; m < M; m++)
+        for (i64 g = g0; g < g1; g++)
+            for (i64 j = 0; j < GROUP_COLS; j++) {
+                const i64 src = m * p->K + g * GROUP_COLS + natural_col(j);
+                float v;
+                if (x_bf16) {
+                    uint32_t bits = (uint32_t)((const uint16_t *)x)[src] << 16;
+                    memcpy(&v, &bits, 4);
+                } else {
+                    v = ((const float *)x)[src];
+                }
+                xs[m * p->K + g * GROUP_COLS + j] = v;
+            }
+}
+
+static void tail_to_fp32(const void *x, int x_bf16, float *xs, const plan_t *p, i64 M) {
+    for (i64 m = 0; m < M; m++)
+        for (i64 k = p->groups * GROUP_COLS; k < p->K; k++) {
+            float v;
+            if (x_bf16) {
+                uint32_t bits = (uint32_t)((const uint16_t *)x)[m * p->K + k] << 16;
+                memcpy(&v, &bits, 4);
+            } else {
+                v = ((const float *)x)[m * p->K + k];
+            }
+            xs[m * p->K + k] = v;
+        }
+}
+
+AI float code_of(const plan_t *p, const uint8_t *row, i64 k) {
+    const uint8_t b = row[k / 2];
+    return p->code[(k & 1) ? (b & 15) : (b >> 4)];
+}
+
+/* Per-call scratch of the calling thread, grown as needed and kept (ctypes releases the GIL: two Python
+ * threads may call at once, so it is thread-local, never shared). */
+static _Thread_local float *scratch_buf;
+static _Thread_local i64 scratch_len;
+
+static float *scratch(i64 floats) {
+    if (floats > scratch_len) {
+        free(scratch_buf);
+        scratch_buf = aligned_alloc(64, (size_t)((floats + 15) / 16 * 16) * sizeof(float));
+        scratch_len = scratch_buf ? floats : 0;
+    }
+    return scratch_buf;
+}
+
+/* ---- forward: y[m, n] = sum_k x[m, k] W[n, k] ------------------------------------------------------------- */
+
+/* RB rows of W from n, R rows of x: each group is loaded once per W row and each decoded vector used for R
+ * rows of x; each x vector for RB rows of W. Two partial sums per pair (even/odd nibbles) for latency; each
+ * group's partial sum is scaled once. */
+AI void fwd_block(const plan_t *p, const uint8_t *packed, const float *xs, float *y, i64 n, const int R,
+                  const int RB, const int safe) {
+    vf acc[4][MAX_ROWS];
+    for (int rb = 0; rb < RB; rb++)
+        for (int m = 0; m < R; m++) acc[rb][m] = vzero();
+    const uint8_t *rows[4];
+    const float *srows[4];
+    float decoded[4][MAX_ROW_BLOCKS];
+    for (int rb = 0; rb < RB; rb++)
+        rows[rb] = packed + (n + rb) * p->half, srows[rb] = row_scales(p, n + rb, 0, p->nb, decoded[rb]);
+    for (i64 g = 0; g < p->groups; g++) {
+        vi v[4];
+        for (int rb = 0; rb < RB; rb++) v[rb] = group_load(rows[rb] + g * GROUP_BYTES);
+        vf part[4][MAX_ROWS][2];
+        for (int rb = 0; rb < RB; rb++)
+            for (int m = 0; m < R; m++) part[rb][m][0] = part[rb][m][1] = vzero();
+        const float *xg = xs + g * GROUP_COLS;
+#pragma GCC unroll 8
+        for (int s = 0; s < 8; s++) {
+            vf w[4];
+            for (int rb = 0; rb < RB; rb++)
+                w[rb] = lookup(nibbles(rows[rb] + g * GROUP_BYTES, v[rb], s, safe), p->lut);
+            for (int m = 0; m < R; m++) {
+                const vf xv = vload(xg + m * p->K + s * L);
+                for (int rb = 0; rb < RB; rb++) part[rb][m][s & 1] = vfma(w[rb], xv, part[rb][m][s & 1]);
+            }
+        }
+        for (int rb = 0; rb < RB; rb++) {
+            const vf sc = group_scale(p, srows[rb], g);
+            for (int m = 0; m < R; m++) acc[rb][m] = vfma(vadd(part[rb][m][0], part[rb][m][1]), sc, acc[rb][m]);
+        }
+    }
+    for (int rb = 0; rb < RB; rb++)
+        for (int m = 0; m < R; m++) {
+            float total = vsum(acc[rb][m]);
+            for (i64 b = p->groups * GROUP_COLS / p->bs; b < p->nb; b++) { /* tail blocks (bs < 8L only) */
+                float part = 0.0f;
+                for (i64 k = b * p->bs; k < (b + 1) * p->bs; k++) part += xs[m * p->K + k] * code_of(p, rows[rb], k);
+                total += part * srows[rb][b];
+            }
+            y[m * p->N + n + rb] = total;
+        }
+}
+
+AI void fwd_rows(const plan_t *p, const uint8_t *packed, const float *xs, float *y, i64 n0, i64 n1, const int R,
+                 const int RB) {
+    const i64 last = n1 == p->N ? n1 - 1 : n1; /* the array's last row: no reads past its end */
+    i64 n = n0;
+    for (; n + RB <= last; n += RB) fwd_block(p, packed, xs, y, n, R, RB, 0);
+    for (; n < last; n++) fwd_block(p, packed, xs, y, n, R, 1, 0);
+    if (last < n1) fwd_block(p, packed, xs, y, last, R, 1, 1);
+}
+
+/* Forward: x [M, K] fp32 (x_bf16 = 0) or bf16 (1), y fp32 [M, N], M <= MAX_ROWS. Threads split the rows of W
+ * (16 at a time, so no two threads write one cache line of y). Returns 0, or -1 on bad arguments. */
+int nf4_gemv(const uint8_t *packed, const float *scales, const float *code16, const void *x, int x_bf16, float *y,
+             i64 M, i64 N, i64 K, i64 bs, int threads, const uint8_t *q, const float *absmax2, const float *code2,
+             float offset) {
+    plan_t p;
+    if (M < 1 || M > MAX_ROWS || make_plan(&p, code16, N, K, bs) || set_scales(&p, scales, q, absmax2, code2, offset))
+        return -1;
+    float *xs = scratch(M * K);
+    if (!xs) return -2;
+    tail_to_fp32(x, x_bf16, xs, &p, M);
+#pragma omp parallel num_threads(threads)
+    {
+        i64 g0, g1, n0, n1;
+        thread_range(p.groups, 1, &g0, &g1);
+        to_group_order(x, x_bf16, xs, &p, M, g0, g1);
+#pragma omp barrier
+        thread_range(N, 16, &n0, &n1);
+        switch (M) { /* constant row counts: the accumulators stay in registers */
+#if L == 16
+        case 1: fwd_rows(&p, packed, xs, y, n0, n1, 1, 4); break;
+        case 2: fwd_rows(&p, packed, xs, y, n0, n1, 2, 2); break;
+#else
+        case 1: fwd_rows(&p, packed, xs, y, n0, n1, 1, 2); break;
+        case 2: fwd_rows(&p, packed, xs, y, n0, n1, 2, 1); break;
+#endif
+        case 3: fwd_rows(&p, packed, xs, y, n0, n1, 3, 1); break;
+        default: fwd_rows(&p, packed, xs, y, n0, n1, 4, 1); break;
+        }
+    }
+    return 0;
+}
+
+/* ---- backward (input gradient): dx[m, k] = sum_n g[m, n] W[n, k] ------------------------------------------ */
+
+/* Groups [g0, g1) of dxs (group order), all rows of W, RB rows at a time: each dx vector is loaded and stored
+ * once per RB rows; the coefficient g[m, n] * scale is formed once per row and group. */
+AI void bwd_cols(const plan_t *p, const uint8_t *packed, const float *g, float *dxs, i64 g0, i64 g1, const int R,
+                 const int RB) {
+    const i64 N = p->N, K = p->K;
+    for (int m = 0; m < R; m++) memset(dxs + m * K + g0 * GROUP_COLS, 0, (size_t)((g1 - g0) * GROUP_COLS) * 4);
+    const i64 b0 = g0 * GROUP_COLS / p->bs, b1 = (g1 * GROUP_COLS + p->bs - 1) / p->bs; /* this thread's blocks */
+    float decoded[4][MAX_ROW_BLOCKS];
+    for (i64 n = 0; n < N; n += RB) {
+        const int rows = N - n < RB ? (int)(N - n) : RB;
+        const float *srows[4];
+        for (int rb = 0; rb < RB; rb++) srows[rb] = row_scales(p, rb < rows ? n + rb : n, b0, b1, decoded[rb]);
+        for (i64 gi = g0; gi < g1; gi++) {
+            vi v[4];
+            vf cf[4][MAX_ROWS];
+            for (int rb = 0; rb < RB; rb++) {
+                const i64 r = rb < rows ? n + rb : n; /* a missing row repeats row n with coefficient 0 */
+                v[rb] = group_load(packed + r * p->half + gi * GROUP_BYTES);
+                const vf sc = group_scale(p, srows[rb], gi);
+                for (int m = 0; m < R; m++) cf[rb][m] = rb < rows ? vmul(vset1(g[m * N + r]), sc) : vzero();
+            }
+            float *dg = dxs + gi * GROUP_COLS;
+#pragma GCC unroll 8
+            for (int s = 0; s < 8; s++) {
+                vf d[MAX_ROWS];
+                for (int m = 0; m < R; m++) d[m] = vload(dg + m * K + s * L);
+                for (int rb = 0; rb < RB; rb++) {
+                    /* shifts, not offset loads: measured slower here (docs/quant_linear.md) */
+                    const vf w = lookup(shift_right(v[rb], 4 * s), p->lut);
+                    for (int m = 0; m < R; m++) d[m] = vfma(w, cf[rb][m], d[m]);
+                }
+                for (int m = 0; m < R; m++) vstore(dg + m * K + s * L, d[m]);
+            }
+        }
+    }
+}
+
+/* Backward: g fp32 [M, N] -> dx fp32 [M, K] in natural order. Threads split the columns (whole groups), so
+ * every element is summed in the same order whatever the thread count and no reduction is needed; each
+ * thread's slice of dx stays in cache. */
+int nf4_gemv_t(const uint8_t *packed, const float *scales, const float *code16, const float *g, float *dx, i64 M,
+               i64 N, i64 K, i64 bs, int threads, const uint8_t *q, const float *absmax2, const float *code2,
+               float offset) {
+    plan_t p;
+    if (M < 1 || M > MAX_ROWS || make_plan(&p, code16, N, K, bs) || set_scales(&p, scales, q, absmax2, code2, offset))
+        return -1;
+    float *dxs = scratch(M * K);
+    if (!dxs) return -2;
+#pragma omp parallel num_threads(threads)
+    {
+        i64 g0, g1;
+        thread_range(p.groups, 1, &g0, &g1);
+        if (g1 > g0) switch (M) {
+#if L == 16
+            case 1: bwd_cols(&p, packed, g, dxs, g0, g1, 1, 4); break;
+            case 2: bwd_cols(&p, packed, g, dxs, g0, g1, 2, 4); break;
+            case 3: bwd_cols(&p, packed, g, dxs, g0, g1, 3, 2); break;
+            case 4: bwd_cols(&p, packed, g, dxs, g0, g1, 4, 2); break;
+#else
+            case 1: bwd_cols(&p, packed, g, dxs, g0, g1, 1, 4); break;
+            case 2: bwd_cols(&p, packed, g, dxs, g0, g1, 2, 2); break;
+            case 3: bwd_cols(&p, packed, g, dxs, g0, g1, 3, 1); break;
+            case 4: bwd_cols(&p, packed, g, dxs, g0, g1, 4, 1); break;
+#endif
+            default: break; /* M <= MAX_ROWS: cases 1-4 above */
+            }
+        for (i64 m = 0; m < M; m++) /* back to natural order: this thread's groups only */
+            for (i64 gi = g0; gi < g1; gi++)
+                for (i64 j = 0; j < GROUP_COLS; j++)
+                    dx[m * K + gi * GROUP_COLS + natural_col(j)] = dxs[m * K + gi * GROUP_COLS + j];
+        if (omp_get_thread_num() == 0) /* tail blocks (bs < 8L only), scalar, one thread */
+            for (i64 m = 0; m < M; m++)
+                for (i64 k = p.groups * GROUP_COLS; k < K; k++) {
+                    float acc = 0.0f;
+                    for (i64 n = 0; n < N; n++)
+                        acc += g[m * N + n] * block_scale(&p, n * p.nb + k / bs) * code_of(&p, packed + n * p.half, k);
+                    dx[m * K + k] = acc;
+                }
+    }
+    return 0;
+}
+
+/* ---- dequantise (natural order, for the GEMM path) ------------------------------------------------------- */
+
+/* fp32 -> bf16, round to nearest even (what torch's .to(torch.bfloat16) does) */
+#if L == 16
+AI __m256i to_bf16(__m512 v) {
+    __m512i b = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    b = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16));
+}
+
+AI void store_natural(void *out, i64 at, int kind, vf lo, vf hi) {
+    if (kind == 0) {
+        _mm512_storeu_ps((float *)out + at, lo);
+        _mm512_storeu_ps((float *)out + at + 16, hi);
+    } else {
+        uint16_t *o = (uint16_t *)out + at;
+        const int r = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        _mm256_storeu_si256((__m256i *)o, kind == 1 ? to_bf16(lo) : _mm512_cvtps_ph(lo, r));
+        _mm256_storeu_si256((__m256i *)(o + 16), kind == 1 ? to_bf16(hi) : _mm512_cvtps_ph(hi, r));
+    }
+}
+
+/* 32 weights (16 bytes) -> natural order, times the block scale */
+AI void dequant_chunk(const uint8_t *p, vf s, lut_t lut, void *out, i64 at, int kind) {
+    /* natural column 2j is even[j], 2j+1 is odd[j]: interleave the two halves */
+    const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
     __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-    *even = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), code);
-    *odd = _mm512_permutexvar_ps(v, code); /* vpermps reads only the index's low 4 bits: the low nibble */
+    const vf we = vmul(lookup(_mm512_srli_epi32(v, 4), lut), s), wo = vmul(lookup(v, lut), s);
+    store_natural(out, at, kind, _mm512_permutex2var_ps(we, lo_idx, wo), _mm512_permutex2var_ps(we, hi_idx, wo));
+}
+#else
+AI __m128i to_bf16(__m256 v) {
+    __m256i b = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)); /* values <= 0xffff */
+}
+
+AI void store_natural8x2(void *out, i64 at, int kind, vf lo, vf hi) {
+    if (kind == 0) {
+        _mm256_storeu_ps((float *)out + at, lo);
+        _mm256_storeu_ps((float *)out + at + 8, hi);
+    } else {
+        uint16_t *o = (uint16_t *)out + at;
+        const int r = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        _mm_storeu_si128((__m128i *)o, kind == 1 ? to_bf16(lo) : _mm256_cvtps_ph(lo, r));
+        _mm_storeu_si128((__m128i *)(o + 8), kind == 1 ? to_bf16(hi) : _mm256_cvtps_ph(hi, r));
+    }
+}
+
+/* 32 weights (16 bytes) -> natural order, times the block scale; 8 bytes (16 weights) at a time */
+AI void dequant_chunk(const uint8_t *p, vf s, lut_t lut, void *out, i64 at, int kind) {
+    for (int h = 0; h < 2; h++) {
+        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * h)));
+        const vf we = vmul(lookup(_mm256_srli_epi32(v, 4), lut), s), wo = vmul(lookup(v, lut), s);
+        const vf a = _mm256_unpacklo_ps(we, wo), b = _mm256_unpackhi_ps(we, wo); /* e0 o0 e1 o1 | e4 o4 e5 o5 */
+        store_natural8x2(out, at + 16 * h, kind, _mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+    }
+}
+#endif
+
+/* W in natural order, out [numel] as fp32 (kind 0), bf16 (1) or fp16 (2): code * absmax in fp32, then
+ * rounded to nearest even, bit-identical to bnb's dequantize_4bit and to the reference. numel % 32 == 0. */
+int nf4_dequantize(const uint8_t *packed, const float *scales, const float *code16, void *out, i64 numel, i64 bs,
+                   int kind, int threads) {
+    if (numel % 32 || bs < 32 || bs % 32 || kind < 0 || kind > 2) return -1;
+    const lut_t lut = lut_load(code16);
+    const i64 chunks = numel / 32;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (i64 c = 0; c < chunks; c++) dequant_chunk(packed + c * 16, vset1(scales[c * 32 / bs]), lut, out, c * 32, kind);
+    return 0;
 }
 
 /* Double-quantised absmax: scale[i] = code2[q[i]] * absmax2[i / 256] + offset, rounded as bnb does (two
@@ -39,174 +501,21 @@ void nf4_decode_absmax(const uint8_t *q, const float *absmax2, const float *code
     for (i64 i = 0; i < nblocks; i++) out[i] = code2[q[i]] * absmax2[i / 256] + offset;
 }
 
-/* y[m, n] = sum_k x[m, k] W[n, k] for rows [n0, n1); xp is x in chunk order [M, K/32, 2, 16] (even columns,
- * then odd, per chunk), fp32. Accumulates in fp32; each block's partial sum is scaled once. */
-static inline __attribute__((always_inline)) void gemv_rows(const uint8_t *packed, const float *scales,
-                                                            const float *xp, float *y, i64 N, i64 K, i64 bs,
-                                                            i64 n0, i64 n1, const int R, __m512 code) {
-    const i64 half = K / 2, nb = K / bs, cpb = bs / 32;
-    for (i64 n = n0; n < n1; n++) {
-        const uint8_t *row = packed + n * half;
-        const float *srow = scales + n * nb;
-        __m512 acc[MAX_ROWS];
-        for (int m = 0; m < R; m++) acc[m] = _mm512_setzero_ps();
-        for (i64 b = 0; b < nb; b++) {
-            __m512 be[MAX_ROWS], bo[MAX_ROWS];
-            for (int m = 0; m < R; m++) be[m] = bo[m] = _mm512_setzero_ps();
-            for (i64 c = b * cpb; c < (b + 1) * cpb; c++) {
-                __m512 we, wo;
-                decode_chunk(row + c * 16, code, &we, &wo);
-                for (int m = 0; m < R; m++) {
-                    const float *xc = xp + m * K + c * 32;
-                    be[m] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xc), be[m]);
-                    bo[m] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xc + 16), bo[m]);
-                }
-            }
-            __m512 s = _mm512_set1_ps(srow[b]);
-            for (int m = 0; m < R; m++) acc[m] = _mm512_fmadd_ps(_mm512_add_ps(be[m], bo[m]), s, acc[m]);
-        }
-        for (int m = 0; m < R; m++) y[m * N + n] = _mm512_reduce_add_ps(acc[m]);
-    }
-}
-
-static inline void thread_range(i64 total, i64 *lo, i64 *hi) {
-    int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    *lo = total * t / nt;
-    *hi = total * (t + 1) / nt;
-}
-
-/* Forward: y fp32 [M, N], M <= MAX_ROWS. Threads split the rows of W. Returns 0, or -1 on bad arguments. */
-int nf4_gemv(const uint8_t *packed, const float *scales, const float *code16, const float *xp, float *y, i64 M,
-             i64 N, i64 K, i64 bs, int threads) {
-    if (M < 1 || M > MAX_ROWS || bs < 32 || bs % 32 || K % bs) return -1;
-    const __m512 code = _mm512_loadu_ps(code16);
+/* dst = src ([rows, row_bytes]), each row written by the thread whose forward GEMV reads it (the same 16-row
+ * split): on a multi-socket machine the pages then sit on that thread's node (first touch). */
+int nf4_first_touch_copy(const uint8_t *src, uint8_t *dst, i64 rows, i64 row_bytes, int threads) {
+    if (rows < 0 || row_bytes < 0) return -1;
 #pragma omp parallel num_threads(threads)
     {
         i64 n0, n1;
-        thread_range(N, &n0, &n1);
-        switch (M) { /* constant row counts: the accumulators stay in registers */
-        case 1: gemv_rows(packed, scales, xp, y, N, K, bs, n0, n1, 1, code); break;
-        case 2: gemv_rows(packed, scales, xp, y, N, K, bs, n0, n1, 2, code); break;
-        case 3: gemv_rows(packed, scales, xp, y, N, K, bs, n0, n1, 3, code); break;
-        case 4: gemv_rows(packed, scales, xp, y, N, K, bs, n0, n1, 4, code); break;
-        case 5: gemv_rows(packed, scales, xp, y, N, K, bs, n0, n1, 5, code); break;
-        case 6: gemv_rows(packed, scales, xp, y, N, K, bs, n0, n1, 6, code); break;
-        case 7: gemv_rows(packed, scales, xp, y, N, K, bs, n0, n1, 7, code); break;
-        default: gemv_rows(packed, scales, xp, y, N, K, bs, n0, n1, 8, code); break;
-        }
+        thread_range(rows, 16, &n0, &n1);
+        if (n1 > n0) memcpy(dst + n0 * row_bytes, src + n0 * row_bytes, (size_t)((n1 - n0) * row_bytes));
     }
     return 0;
 }
 
-/* dx[m, k] = sum_n g[m, n] W[n, k] over the blocks [b0, b1) of every row; dx in chunk order [M, K/32, 2, 16]
- * (its slice zeroed here). G rows of W are folded into each load/store of dx (register blocking). */
-static inline __attribute__((always_inline)) void gemv_t_cols(const uint8_t *packed, const float *scales,
-                                                              const float *g, float *dx, i64 N, i64 K, i64 bs,
-                                                              i64 b0, i64 b1, const int R, const int G,
-                                                              __m512 code) {
-    const i64 half = K / 2, nb = K / bs, cpb = bs / 32;
-    for (int m = 0; m < R; m++) memset(dx + m * K + b0 * bs, 0, (size_t)((b1 - b0) * bs) * sizeof(float));
-    for (i64 n = 0; n < N; n += G) {
-        const int rows = N - n < G ? (int)(N - n) : G;
-        for (i64 b = b0; b < b1; b++) {
-            __m512 coef[8][MAX_ROWS];
-            for (int j = 0; j < G; j++)
-                for (int m = 0; m < R; m++)
-                    coef[j][m] = _mm512_set1_ps(j < rows ? g[m * N + n + j] * scales[(n + j) * nb + b] : 0.0f);
-            for (i64 c = b * cpb; c < (b + 1) * cpb; c++) {
-                __m512 e[MAX_ROWS], o[MAX_ROWS];
-                for (int m = 0; m < R; m++) {
-                    e[m] = _mm512_loadu_ps(dx + m * K + c * 32);
-                    o[m] = _mm512_loadu_ps(dx + m * K + c * 32 + 16);
-                }
-                for (int j = 0; j < G; j++) {
-                    if (j >= rows) break;
-                    __m512 we, wo;
-                    decode_chunk(packed + (n + j) * half + c * 16, code, &we, &wo);
-                    for (int m = 0; m < R; m++) {
-                        e[m] = _mm512_fmadd_ps(coef[j][m], we, e[m]);
-                        o[m] = _mm512_fmadd_ps(coef[j][m], wo, o[m]);
-                    }
-                }
-                for (int m = 0; m < R; m++) {
-                    _mm512_storeu_ps(dx + m * K + c * 32, e[m]);
-                    _mm512_storeu_ps(dx + m * K + c * 32 + 16, o[m]);
-                }
-            }
-        }
-    }
-}
-
-/* Backward (input gradient): g fp32 [M, N] -> dx fp32 [M, K] in chunk order. Threads split the columns
- * (whole blocks), so each thread's slice of dx stays in cache and no reduction is needed. */
-int nf4_gemv_t(const uint8_t *packed, const float *scales, const float *code16, const float *g, float *dx, i64 M,
-               i64 N, i64 K, i64 bs, int threads) {
-    if (M < 1 || M > MAX_ROWS || bs < 32 || bs % 32 || K % bs) return -1;
-    const __m512 code = _mm512_loadu_ps(code16);
-#pragma omp parallel num_threads(threads)
-    {
-        i64 b0, b1;
-        thread_range(K / bs, &b0, &b1);
-        switch (M) {
-        case 1: gemv_t_cols(packed, scales, g, dx, N, K, bs, b0, b1, 1, 4, code); break;
-        case 2: gemv_t_cols(packed, scales, g, dx, N, K, bs, b0, b1, 2, 4, code); break;
-        case 3: gemv_t_cols(packed, scales, g, dx, N, K, bs, b0, b1, 3, 4, code); break;
-        case 4: gemv_t_cols(packed, scales, g, dx, N, K, bs, b0, b1, 4, 4, code); break;
-        case 5: gemv_t_cols(packed, scales, g, dx, N, K, bs, b0, b1, 5, 2, code); break;
-        case 6: gemv_t_cols(packed, scales, g, dx, N, K, bs, b0, b1, 6, 2, code); break;
-        case 7: gemv_t_cols(packed, scales, g, dx, N, K, bs, b0, b1, 7, 2, code); break;
-        default: gemv_t_cols(packed, scales, g, dx, N, K, bs, b0, b1, 8, 2, code); break;
-        }
-    }
-    return 0;
-}
-
-/* fp32 -> bf16, round to nearest even (what torch's .to(torch.bfloat16) does); AVX-512F only. */
-static inline __m256i to_bf16(__m512 v) {
-    __m512i b = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-    b = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16));
-}
-
-/* W in natural order, out [numel] as fp32 (kind 0), bf16 (1) or fp16 (2): code * absmax in fp32, then
- * rounded to nearest even, bit-identical to bnb's dequantize_4bit and to the reference. numel % 32 == 0. */
-int nf4_dequantize(const uint8_t *packed, const float *scales, const float *code16, void *out, i64 numel, i64 bs,
-                   int kind, int threads) {
-    if (numel % 32 || bs < 32 || bs % 32 || kind < 0 || kind > 2) return -1;
-    const __m512 code = _mm512_loadu_ps(code16);
-    /* natural column 2j is even[j], 2j+1 is odd[j]: interleave the two halves */
-    const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-    const i64 chunks = numel / 32;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (i64 c = 0; c < chunks; c++) {
-        __m512 we, wo;
-        decode_chunk(packed + c * 16, code, &we, &wo);
-        const __m512 s = _mm512_set1_ps(scales[c * 32 / bs]);
-        we = _mm512_mul_ps(we, s);
-        wo = _mm512_mul_ps(wo, s);
-        const __m512 lo = _mm512_permutex2var_ps(we, lo_idx, wo), hi = _mm512_permutex2var_ps(we, hi_idx, wo);
-        if (kind == 0) {
-            float *o = (float *)out + c * 32;
-            _mm512_storeu_ps(o, lo);
-            _mm512_storeu_ps(o + 16, hi);
-        } else {
-            uint16_t *o = (uint16_t *)out + c * 32;
-            __m256i l16, h16;
-            if (kind == 1) {
-                l16 = to_bf16(lo);
-                h16 = to_bf16(hi);
-            } else {
-                l16 = _mm512_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                h16 = _mm512_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            }
-            _mm256_storeu_si256((__m256i *)o, l16);
-            _mm256_storeu_si256((__m256i *)(o + 16), h16);
-        }
-    }
-    return 0;
-}
+/* Which vector layer this build has (512: AVX-512, 2: AVX2). */
+int nf4_native_isa(void) { return NF4_ISA; }
 
 /* Lets Python confirm it loaded this source's build. */
-int nf4_native_abi(void) { return 1; }
+int nf4_native_abi(void) { return 2; }

@@ -1,10 +1,13 @@
 """The native NF4 CPU kernels (impls/kernels/nf4_native.c): built with the system C compiler at first use, cached.
 
-Plain C with AVX-512F intrinsics and OpenMP, no torch headers, so a build takes about a second. The shared
-object lives under ``$TWINBENCH_CACHE_DIR`` (default ``$XDG_CACHE_HOME/twinbench`` or ``~/.cache/twinbench``)
-in ``nf4_native/<hash>.so``, the hash covering the source, the flags and the compiler's version; it is built
-into a temporary file and renamed into place, so concurrent first uses are safe. ``TWINBENCH_NF4_NATIVE=0``
-turns it off (the inductor kernels in impls/kernels/nf4.py are then used).
+Plain C with AVX-512 or AVX2 intrinsics and OpenMP, no torch headers, so a build takes about a second. One
+source, one build per vector layer (:data:`ISA_FLAGS`); the widest one the CPU's flags allow is loaded, or the
+one ``TWINBENCH_NF4_ISA`` (``avx512``/``avx2``) names (tests run the AVX2 build on an AVX-512 machine that
+way). NEON is not written: no aarch64 machine to verify it on. The shared object lives under
+``$TWINBENCH_CACHE_DIR`` (default ``$XDG_CACHE_HOME/twinbench`` or ``~/.cache/twinbench``) in
+``nf4_native/<hash>.so``, the hash covering the source, the flags and the compiler's version; it is built into
+a temporary file and renamed into place, so concurrent first uses are safe. ``TWINBENCH_NF4_NATIVE=0`` turns
+it off (the inductor kernels in impls/kernels/nf4.py are then used).
 
 :func:`status` says whether the kernels can run here and why not; the wrappers below check dtypes, shapes
 and contiguity, then call the C functions on the tensors' data pointers.
@@ -19,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,9 +30,14 @@ from twinbench.impls.kernels.availability import c_compiler, cpu_flags
 from twinbench.impls.kernels.nf4_code import nf4_table
 
 SOURCE = Path(__file__).with_name("nf4_native.c")
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared",
-         "-fPIC", "-std=c11"]
-MAX_ROWS = 8  # rows of x one GEMV call takes (nf4_native.c: MAX_ROWS)
+FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# Vector layer -> (compiler flags, CPU flags it needs), widest first.
+ISA_FLAGS = {
+    "avx512": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"], ("avx512f", "avx512bw", "avx512vl", "fma")),
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], ("avx2", "fma", "f16c")),
+}
+_ISA_ID = {"avx512": 512, "avx2": 2}  # what the build's nf4_native_isa() returns
+MAX_ROWS = 4  # rows of x one GEMV call takes (nf4_native.c: MAX_ROWS)
 _OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -38,10 +47,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "twinbench"
 
 
-def _build(cc: str) -> Path:
-    """The cached shared object for this source, flags and compiler (built now if absent)."""
+def _build(cc: str, isa: str = "avx512") -> Path:
+    """The cached shared object for this source, vector layer and compiler (built now if absent)."""
+    flags = FLAGS + ISA_FLAGS[isa][0]
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
     target = cache_dir() / "nf4_native" / f"{key}.so"
     if target.exists():
         return target
@@ -49,7 +59,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{Path(cc).name} failed: {done.stderr.strip().splitlines()[-1:]}")
         os.replace(tmp, target)
@@ -59,30 +69,65 @@ def _build(cc: str) -> Path:
     return target
 
 
+def chosen_isa() -> tuple[str | None, str]:
+    """(vector layer to load, why none): ``TWINBENCH_NF4_ISA`` if set, else the widest the CPU's flags allow."""
+    return _choose_isa(os.environ.get("TWINBENCH_NF4_ISA", ""))
+
+
 @functools.cache
+def _choose_isa(wanted: str) -> tuple[str | None, str]:
+    have = cpu_flags()
+    if wanted:
+        if wanted not in ISA_FLAGS:
+            return None, f"TWINBENCH_NF4_ISA={wanted!r} is not one of {sorted(ISA_FLAGS)}"
+        missing = [f for f in ISA_FLAGS[wanted][1] if f not in have]
+        return (None, f"TWINBENCH_NF4_ISA={wanted} but this CPU lacks {', '.join(missing)}") if missing \
+            else (wanted, "")
+    for isa, (_, needs) in ISA_FLAGS.items():
+        if all(f in have for f in needs):
+            return isa, ""
+    return None, "this CPU has neither AVX-512 nor AVX2+FMA+F16C (the native NF4 kernels need one)"
+
+
 def _load() -> tuple[ctypes.CDLL | None, str]:
-    if os.environ.get("TWINBENCH_NF4_NATIVE") == "0":
+    return _load_for(os.environ.get("TWINBENCH_NF4_NATIVE", ""), os.environ.get("TWINBENCH_NF4_ISA", ""))
+
+
+@functools.cache
+def _load_for(native: str, wanted_isa: str) -> tuple[ctypes.CDLL | None, str]:
+    """The build for these environment settings (cached: status() runs on every kernel call)."""
+    if native == "0":
         return None, "turned off by TWINBENCH_NF4_NATIVE=0"
     if not sys.platform.startswith("linux"):
         return None, f"native NF4 kernels are built for Linux only (this is {sys.platform})"
-    if "avx512f" not in cpu_flags():
-        return None, "this CPU lacks AVX-512F (the native NF4 kernels need it)"
+    isa, why = _choose_isa(wanted_isa)
+    return _load_isa(isa) if isa else (None, why)
+
+
+@functools.cache
+def _load_isa(isa: str) -> tuple[ctypes.CDLL | None, str]:
     cc = c_compiler()
     if cc is None:
         return None, "no C compiler found (set CC, or install gcc)"
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
+        lib = ctypes.CDLL(str(_build(cc, isa)))
     except Exception as exc:  # a failed build or load is a reason, not a crash
         return None, f"native NF4 build failed: {type(exc).__name__}: {exc}"
-    if lib.nf4_native_abi() != 1:
+    if lib.nf4_native_abi() != 2 or lib.nf4_native_isa() != _ISA_ID[isa]:
         return None, "stale native NF4 build (ABI mismatch)"
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    for name in ("nf4_gemv", "nf4_gemv_t"):
-        getattr(lib, name).argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
-    lib.nf4_dequantize.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int, ctypes.c_int]
+    i64, ptr, cint, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.nf4_gemv.argtypes = [ptr, ptr, ptr, ptr, cint, ptr, i64, i64, i64, i64, cint, ptr, ptr, ptr, f32]
+    lib.nf4_gemv_t.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, ptr, ptr, ptr, f32]
+    lib.nf4_dequantize.argtypes = [ptr, ptr, ptr, ptr, i64, i64, cint, cint]
     lib.nf4_decode_absmax.argtypes = [ptr, ptr, ptr, ctypes.c_float, ptr, i64]
     lib.nf4_decode_absmax.restype = None
+    lib.nf4_first_touch_copy.argtypes = [ptr, ptr, i64, i64, cint]
     return lib, ""
+
+
+def isa() -> str | None:
+    """The vector layer of the loaded build ('avx512'/'avx2'), or None when the native kernels are off."""
+    return chosen_isa()[0] if status()[0] else None
 
 
 def status() -> tuple[bool, str]:
@@ -91,13 +136,58 @@ def status() -> tuple[bool, str]:
     return lib is not None, why
 
 
-def supports(packed2d: torch.Tensor, scales: torch.Tensor) -> bool:
-    """The native kernels take contiguous CPU weights whose blocks are whole multiples of 32 columns."""
+# Blocks per row the GEMV kernels' per-row scale buffers hold (nf4_native.c: MAX_ROW_BLOCKS).
+MAX_ROW_BLOCKS = 2048
+
+
+def supports(packed2d: torch.Tensor, scales: Scales) -> bool:
+    """The native kernels take contiguous CPU weights whose blocks are a power of two >= 32 columns, at most
+    MAX_ROW_BLOCKS of them per row."""
     half = packed2d.shape[1]
     k = 2 * half
     nb = scales.shape[-1]
-    return (packed2d.device.type == "cpu" and packed2d.is_contiguous() and k % nb == 0 and (k // nb) % 32 == 0
-            and status()[0])
+    bs = k // nb if nb and k % nb == 0 else 0
+    # blocks a power of two >= 32 columns (bnb's are: 64..4096; the GEMV lanes rely on it)
+    return (packed2d.device.type == "cpu" and packed2d.is_contiguous() and bs >= 32 and bs & (bs - 1) == 0
+            and nb <= MAX_ROW_BLOCKS and status()[0])
+
+
+@dataclass(frozen=True)
+class NestedScales:
+    """bnb's double-quantised absmax as stored (uint8 ``q`` [N, K/bs], fp32 ``absmax2`` per 256 blocks, the
+    256-entry ``code2``, ``offset``), for the GEMV kernels, which decode each block's scale as they reach it
+    (no fp32 scale array written and read again per call)."""
+
+    q: torch.Tensor
+    absmax2: torch.Tensor
+    code2: torch.Tensor
+    offset: float
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def checked(self) -> NestedScales:
+        q = _checked(self.q, torch.uint8, "absmax")
+        a2 = _checked(self.absmax2.float().contiguous(), torch.float32, "absmax2")
+        c2 = _checked(self.code2.float().contiguous(), torch.float32, "code2")
+        if a2.numel() * 256 < q.numel() or c2.numel() != 256:
+            raise ValueError("absmax2 must cover every 256 blocks and code2 must have 256 values")
+        return NestedScales(q, a2, c2, float(self.offset))
+
+    def decoded(self) -> torch.Tensor:
+        """The fp32 scales [N, K/bs] (what the kernels compute per block)."""
+        return decode_absmax(self.q, self.absmax2, self.code2, self.offset).reshape(self.q.shape)
+
+
+Scales = torch.Tensor | NestedScales
+
+
+def _scale_args(scales: Scales) -> tuple:
+    """(fp32 scales, q, absmax2, code2, offset) pointers for the C kernels: one form set, the other NULL."""
+    if isinstance(scales, NestedScales):
+        return (None, scales.q.data_ptr(), scales.absmax2.data_ptr(), scales.code2.data_ptr(), scales.offset)
+    return (scales.data_ptr(), None, None, None, 0.0)
 
 
 def _checked(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -114,7 +204,10 @@ def _lib() -> ctypes.CDLL:
 
 
 def _call(fn, *args) -> None:
-    if fn(*args) != 0:
+    rc = fn(*args)
+    if rc == -2:
+        raise MemoryError(f"{fn.__name__}: no memory for its scratch buffer")
+    if rc != 0:
         raise ValueError(f"{fn.__name__} refused its arguments {args[5:]}")
 
 
@@ -130,17 +223,6 @@ def decode_absmax(q: torch.Tensor, absmax2: torch.Tensor, code2: torch.Tensor, o
     return out
 
 
-def to_chunk_order(t: torch.Tensor) -> torch.Tensor:
-    """[M, K] -> [M, K/32, 2, 16] flattened: per 32 columns, the 16 even ones then the 16 odd ones."""
-    m, k = t.shape
-    return t.reshape(m, k // 32, 16, 2).transpose(2, 3).contiguous().reshape(m, k)
-
-
-def from_chunk_order(t: torch.Tensor) -> torch.Tensor:
-    m, k = t.shape
-    return t.reshape(m, k // 32, 2, 16).transpose(2, 3).contiguous().reshape(m, k)
-
-
 # Packed weight bytes per thread below which extra threads cost more than they save (~20 us of work each):
 # a team of threads waits for its slowest member, and on a shared machine that can be a descheduled one.
 BYTES_PER_THREAD = 1 << 18
@@ -151,53 +233,68 @@ def _threads(packed2d: torch.Tensor) -> int:
     return max(1, min(torch.get_num_threads(), packed2d.numel() // BYTES_PER_THREAD))
 
 
-def _weight(packed2d: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+def _weight(packed2d: torch.Tensor, scales: Scales) -> tuple[torch.Tensor, Scales, int, int, int]:
     packed2d = _checked(packed2d, torch.uint8, "packed")
-    scales = _checked(scales.reshape(-1), torch.float32, "scales")
+    scales = scales.checked() if isinstance(scales, NestedScales) else _checked(scales.reshape(-1), torch.float32,
+                                                                                 "scales")
+    count = scales.q.numel() if isinstance(scales, NestedScales) else scales.numel()
     n, half = packed2d.shape
     k = 2 * half
-    if scales.numel() == 0 or (n * k) % scales.numel():
-        raise ValueError(f"{scales.numel()} scales do not split a {n}x{k} weight into blocks")
-    return packed2d, scales, n, k, n * k // scales.numel()
+    if count == 0 or (n * k) % count:
+        raise ValueError(f"{count} scales do not split a {n}x{k} weight into blocks")
+    return packed2d, scales, n, k, n * k // count
 
 
-def gemv(x: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``x @ W^T`` in fp32 for x [M, K] (any float dtype; up to MAX_ROWS rows per kernel call)."""
+def gemv(x: torch.Tensor, packed2d: torch.Tensor, scales: Scales) -> torch.Tensor:
+    """``x @ W^T`` in fp32 for x [M, K] (bf16 read as is, other dtypes as fp32; up to MAX_ROWS rows per call)."""
     packed2d, scales, n, k, bs = _weight(packed2d, scales)
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x must be [M, {k}], got {tuple(x.shape)}")
+    x = x.contiguous() if x.dtype == torch.bfloat16 else x.float().contiguous()
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    _in_row_groups(_lib().nf4_gemv, packed2d, scales, to_chunk_order(x.float()), y, n, k, bs)
+    lib, code, threads, sargs = _lib(), nf4_table("cpu"), _threads(packed2d), _scale_args(scales)
+    for r in range(0, x.shape[0], MAX_ROWS):
+        rows = min(MAX_ROWS, x.shape[0] - r)
+        _call(lib.nf4_gemv, packed2d.data_ptr(), sargs[0], code.data_ptr(), x[r].data_ptr(),
+              int(x.dtype == torch.bfloat16), y[r].data_ptr(), rows, n, k, bs, threads, *sargs[1:])
     return y
 
 
-def gemv_t(g: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def gemv_t(g: torch.Tensor, packed2d: torch.Tensor, scales: Scales) -> torch.Tensor:
     """``g @ W`` in fp32 for g [M, N] (the input gradient of ``x @ W^T``)."""
     packed2d, scales, n, k, bs = _weight(packed2d, scales)
     if g.dim() != 2 or g.shape[1] != n:
         raise ValueError(f"g must be [M, {n}], got {tuple(g.shape)}")
+    g = g.float().contiguous()
     dx = torch.empty(g.shape[0], k, dtype=torch.float32)
-    _in_row_groups(_lib().nf4_gemv_t, packed2d, scales, g.float().contiguous(), dx, n, k, bs)
-    return from_chunk_order(dx)
+    lib, code, threads, sargs = _lib(), nf4_table("cpu"), _threads(packed2d), _scale_args(scales)
+    for r in range(0, g.shape[0], MAX_ROWS):
+        rows = min(MAX_ROWS, g.shape[0] - r)
+        _call(lib.nf4_gemv_t, packed2d.data_ptr(), sargs[0], code.data_ptr(), g[r].data_ptr(),
+              dx[r].data_ptr(), rows, n, k, bs, threads, *sargs[1:])
+    return dx
 
 
-def _in_row_groups(kernel, packed2d: torch.Tensor, scales: torch.Tensor, inp: torch.Tensor, out: torch.Tensor,
-                   n: int, k: int, bs: int) -> None:
-    """Call a GEMV kernel on up to MAX_ROWS rows of ``inp``/``out`` at a time (its register blocking)."""
-    threads = _threads(packed2d)
-    for r in range(0, inp.shape[0], MAX_ROWS):
-        rows = min(MAX_ROWS, inp.shape[0] - r)
-        _call(kernel, packed2d.data_ptr(), scales.data_ptr(), nf4_table("cpu").data_ptr(), inp[r].data_ptr(),
-              out[r].data_ptr(), rows, n, k, bs, threads)
+def place(packed2d: torch.Tensor) -> torch.Tensor:
+    """A copy of the packed weight whose rows are first written by the threads that will read them in the GEMV
+    (the kernels' 16-row split at torch's thread count): on a multi-socket machine each thread's rows then sit
+    on its own node's memory. One socket gains nothing; the kernels take either tensor."""
+    packed2d = _checked(packed2d, torch.uint8, "packed")
+    out = torch.empty_like(packed2d)
+    _call(_lib().nf4_first_touch_copy, packed2d.data_ptr(), out.data_ptr(), packed2d.shape[0],
+          packed2d.shape[1], _threads(packed2d))
+    return out
 
 
-def dequantize(packed2d: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+def dequantize(packed2d: torch.Tensor, scales: Scales, dtype: torch.dtype,
                out: torch.Tensor | None = None) -> torch.Tensor:
     """The [N, K] weight in ``dtype`` (fp32/bf16/fp16): ``code * absmax`` in fp32, rounded to nearest even
     (written into ``out`` when given: a contiguous [N, K] tensor of that dtype)."""
     if dtype not in _OUT_KIND:
         raise ValueError(f"native dequantise writes fp32/bf16/fp16, not {dtype}")
     packed2d, scales, n, k, bs = _weight(packed2d, scales)
+    if isinstance(scales, NestedScales):
+        scales = scales.decoded().reshape(-1)
     if out is None:
         out = torch.empty(n, k, dtype=dtype)
     elif out.shape != (n, k):

@@ -61,6 +61,15 @@ def _balanced_shares(blocks: list[tuple[int, int, int]], workers: int) -> list[l
     return [s for s in shares if s]
 
 
+_POOLS: dict[int, ThreadPoolExecutor] = {}   # one per thread count, kept: starting threads per call costs ~0.1 ms each
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moe-experts")
+    return _POOLS[threads]
+
+
 def _for_each_block(work, blocks: list[tuple[int, int, int]], device: torch.device, work_flops: float) -> None:
     """Run ``work(e, s, t)`` for every expert block.
 
@@ -81,8 +90,7 @@ def _for_each_block(work, blocks: list[tuple[int, int, int]], device: torch.devi
                 work(*block)
 
     try:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            list(pool.map(run, _balanced_shares(blocks, threads)))
+        list(_pool(threads).map(run, _balanced_shares(blocks, threads)))
     finally:
         torch.set_num_threads(threads)
 
@@ -118,16 +126,26 @@ class TorchGemms:
 
 
 class SortedExperts(torch.autograd.Function):
-    """Forward and backward of the sparse SwiGLU experts over expert-sorted rows; ``gemms`` does the GEMMs."""
+    """Forward and backward of the sparse SwiGLU experts over expert-sorted rows; ``gemms`` does the GEMMs.
+
+    With :class:`TorchGemms` off the grouped_mm path (the CPU), each expert's whole chain runs as one task
+    (:func:`_expert_forward`, :func:`_expert_backward`): one hand-off to the worker threads per direction
+    instead of one per GEMM, and the expert's [rows, 2I] intermediates stay in its thread's cache between
+    the GEMMs and the SwiGLU work. The elementwise operations per row are the same as the phase-by-phase
+    path's, so the two give bitwise the same results.
+    """
 
     @staticmethod
     def forward(ctx, gemms, hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj):
         route = Routing(top_k_index, gate_up_proj.shape[0])
         xs = hidden_states.index_select(0, route.token)
         w = top_k_weights.reshape(-1).index_select(0, route.order).unsqueeze(1)
-        h = gemms.rows_times_weight(xs, gate_up_proj, route, True)            # [S, 2I]
-        gate, up = h.chunk(2, dim=-1)
-        y = gemms.rows_times_weight(F.silu(gate) * up, down_proj, route, True)   # [S, H], unweighted
+        if _per_expert_chain(gemms, xs):
+            h, y = _expert_forward(xs, gate_up_proj, down_proj, route)
+        else:
+            h = gemms.rows_times_weight(xs, gate_up_proj, route, True)            # [S, 2I]
+            gate, up = h.chunk(2, dim=-1)
+            y = gemms.rows_times_weight(F.silu(gate) * up, down_proj, route, True)   # [S, H], unweighted
         out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
         out.index_add_(0, route.token, (y * w).float())                       # fp32 sum over the k slots
         ctx.route, ctx.gemms = route, gemms
@@ -139,22 +157,68 @@ class SortedExperts(torch.autograd.Function):
         hidden_states, top_k_weights, gate_up_proj, down_proj, h, y, w = ctx.saved_tensors
         route, gemms = ctx.route, ctx.gemms
         xs = hidden_states.index_select(0, route.token)                       # re-gathered, not stored
-        gate, up = h.chunk(2, dim=-1)
-        act = F.silu(gate)
         g_out = grad_out.index_select(0, route.token)                         # [S, H]
         grad_w_sorted = (g_out.float() * y.float()).sum(-1)                   # d(router weight)
-        g_y = g_out * w
-        grad_down = gemms.weight_grad(g_y, act * up, down_proj, route)        # [E, H, I]
-        g_a = gemms.rows_times_weight(g_y, down_proj, route, False)           # [S, I]
-        g_h = torch.cat([torch.ops.aten.silu_backward(g_a * up, gate), g_a * act], dim=-1)   # d gate, d up
-        grad_gate_up = gemms.weight_grad(g_h, xs, gate_up_proj, route)        # [E, 2I, H]
-        g_xs = gemms.rows_times_weight(g_h, gate_up_proj, route, False)       # [S, H]
+        if _per_expert_chain(gemms, xs):
+            g_xs, grad_gate_up, grad_down = _expert_backward(g_out, w, h, xs, gate_up_proj, down_proj, route)
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            act = F.silu(gate)
+            g_y = g_out * w
+            grad_down = gemms.weight_grad(g_y, act * up, down_proj, route)        # [E, H, I]
+            g_a = gemms.rows_times_weight(g_y, down_proj, route, False)           # [S, I]
+            g_h = torch.cat([torch.ops.aten.silu_backward(g_a * up, gate), g_a * act], dim=-1)   # d gate, d up
+            grad_gate_up = gemms.weight_grad(g_h, xs, gate_up_proj, route)        # [E, 2I, H]
+            g_xs = gemms.rows_times_weight(g_h, gate_up_proj, route, False)       # [S, H]
         grad_x = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
         grad_x.index_add_(0, route.token, g_xs.float())
         grad_w = torch.empty(route.order.shape, dtype=torch.float32, device=h.device)
         grad_w[route.order] = grad_w_sorted
         return (None, grad_x.to(hidden_states.dtype), None,
                 grad_w.view_as(top_k_weights).to(top_k_weights.dtype), grad_gate_up, grad_down)
+
+
+def _per_expert_chain(gemms, x: torch.Tensor) -> bool:
+    return gemms is TorchGemms and not _fast_grouped_mm(x)
+
+
+def _expert_forward(xs, gate_up_proj, down_proj, route: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = xs W_gu[e]^T, a = silu(gate) * up, y = a W_down[e]^T, expert by expert: returns (h, y)."""
+    inter = down_proj.shape[2]
+    h = xs.new_empty((xs.shape[0], 2 * inter))
+    y = xs.new_empty((xs.shape[0], down_proj.shape[1]))
+
+    def work(e, s, t):
+        he = torch.mm(xs[s:t], gate_up_proj[e].t(), out=h[s:t])
+        act = F.silu(he[:, :inter]) * he[:, inter:]
+        torch.mm(act, down_proj[e].t(), out=y[s:t])
+
+    _for_each_block(work, route.blocks, xs.device, 6.0 * xs.shape[0] * xs.shape[1] * inter)
+    return h, y
+
+
+def _expert_backward(g_out, w, h, xs, gate_up_proj, down_proj, route: Routing):
+    """Per expert: dW_down, d(act), dh through SwiGLU, dW_gate_up and d(xs); returns (g_xs, dW_gu, dW_down)."""
+    inter = down_proj.shape[2]
+    empty = len(route.blocks) < gate_up_proj.shape[0]   # experts without rows get exact zeros
+    grad_gate_up = torch.zeros_like(gate_up_proj) if empty else torch.empty_like(gate_up_proj)
+    grad_down = torch.zeros_like(down_proj) if empty else torch.empty_like(down_proj)
+    g_xs = xs.new_empty(xs.shape)
+    g_h = h.new_empty(h.shape)
+
+    def work(e, s, t):
+        gate, up = h[s:t, :inter], h[s:t, inter:]
+        act = F.silu(gate)
+        g_y = g_out[s:t] * w[s:t]
+        torch.mm(g_y.t(), act * up, out=grad_down[e])
+        g_a = torch.mm(g_y, down_proj[e])
+        torch.ops.aten.silu_backward.grad_input(g_a * up, gate, grad_input=g_h[s:t, :inter])
+        torch.mul(g_a, act, out=g_h[s:t, inter:])
+        torch.mm(g_h[s:t].t(), xs[s:t], out=grad_gate_up[e])
+        torch.mm(g_h[s:t], gate_up_proj[e], out=g_xs[s:t])
+
+    _for_each_block(work, route.blocks, xs.device, 12.0 * xs.shape[0] * xs.shape[1] * inter)
+    return g_xs, grad_gate_up, grad_down
 
 
 @register_impl("moe_ffn", "sorted", tags=("ours",))

@@ -8,7 +8,7 @@ import torch
 from twinbench.harness.core.case import torch_dtype
 from twinbench.harness.core.devices import lowp_support
 from twinbench.harness.core.registry import register_impl
-from twinbench.reference.lowp_formats import decode_table, unpack_nibbles
+from twinbench.reference.lowp_formats import decode, unpack_nibbles
 from twinbench.reference.mx import SPECS, MxFormat
 
 _LOWP_NAME = {MxFormat.MXFP8_E4M3: "mxfp8", MxFormat.MXFP8_E5M2: "mxfp8", MxFormat.MXFP4: "mxfp4",
@@ -19,7 +19,7 @@ def dequantize_fp32(codes, scales, global_scale, fmt: str, k: int) -> torch.Tens
     """Elements by table lookup (FP4) or torch's dtype view (FP8), block scales, global scale; fp32."""
     spec = SPECS[MxFormat(fmt)]
     if spec.packed:
-        values = decode_table(spec.element, codes.device).float()[unpack_nibbles(codes, k).long()]
+        values = decode(unpack_nibbles(codes, k), spec.element).float()
     else:
         values = codes.view(getattr(torch, {"e4m3": "float8_e4m3fn", "e5m2": "float8_e5m2"}[spec.element.value]))
         values = values.float()

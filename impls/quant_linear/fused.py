@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from twinbench.harness.core.registry import register_impl
 from twinbench.impls.kernels import nf4 as nf4_kernels
+from twinbench.impls.kernels import nf4_native
 from twinbench.impls.kernels.availability import torch_backend, triton_status
 from twinbench.impls.kernels.nf4_weight import NF4Weight, as_nf4_weight
 from twinbench.impls.quant_linear.triton_nf4 import triton_nf4_lora_linear
@@ -65,12 +66,15 @@ class _NF4LoRALinear(torch.autograd.Function):
                 out = out + bias
         ctx.scaling = scaling
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, packed2d, scales, lora_A, lora_B, xa, w)
+        # double-quantised scales for the GEMV kernels are a NestedScales of tensors, held here as they are
+        ctx.nested = None if isinstance(scales, torch.Tensor) else scales
+        ctx.save_for_backward(x, packed2d, scales if ctx.nested is None else None, lora_A, lora_B, xa, w)
         return out
 
     @staticmethod
     def backward(ctx, g):
         x, packed2d, scales, lora_A, lora_B, xa, w = ctx.saved_tensors
+        scales = scales if ctx.nested is None else ctx.nested
         need_x, _, _, need_a, need_b, need_bias, _, _ = ctx.needs_input_grad
         few_rows = x.shape[0] <= nf4_kernels.GEMV_MAX_ROWS
         g = g.contiguous()
@@ -90,6 +94,18 @@ class _NF4LoRALinear(torch.autograd.Function):
             if need_bias and ctx.has_bias:
                 dbias = g.sum(0)
         return dx, None, None, da, db, dbias, None, None
+
+
+def _kernel_scales(w: NF4Weight, packed2d: torch.Tensor, rows: int):
+    """The block scales as the CPU kernels take them: on the native GEMV path a double-quantised absmax as
+    stored (decoded per block inside the kernel: the weight and its scales read once, no fp32 copy written
+    and read per call); otherwise fp32 [N, K/bs]."""
+    n, k = w.shape
+    if w.nested and rows <= nf4_kernels.GEMV_MAX_ROWS and w.absmax.dtype == torch.uint8:
+        nested = nf4_native.NestedScales(w.absmax.reshape(n, k // w.blocksize), w.absmax2, w.code2, float(w.offset))
+        if nf4_native.supports(packed2d, nested):
+            return nested
+    return w.block_scales().reshape(n, k // w.blocksize)
 
 
 def nf4_lora_linear(x: torch.Tensor, qweight_state: Any, lora_A: torch.Tensor | None = None,
@@ -123,8 +139,8 @@ def nf4_lora_linear(x: torch.Tensor, qweight_state: Any, lora_A: torch.Tensor | 
         out = triton_nf4_lora_linear(x2, w, lora_A, lora_B, scaling, bias)
     else:
         packed2d = w.packed.reshape(n, k // 2)
-        scales = w.block_scales().reshape(n, k // w.blocksize)
-        out = _NF4LoRALinear.apply(x2, packed2d, scales, lora_A, lora_B, bias, float(scaling), keep_dequantized)
+        out = _NF4LoRALinear.apply(x2, packed2d, _kernel_scales(w, packed2d, x2.shape[0]), lora_A, lora_B, bias,
+                                   float(scaling), keep_dequantized)
     return out.reshape(*lead, n)
 
 
