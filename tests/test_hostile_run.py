@@ -95,12 +95,12 @@ UNGUARDED = textwrap.dedent('''
     import torch
     from twinbench.harness.core import devices, registry
     from twinbench.harness.run import worker
-    from twinbench.harness.run.process import RunCase
+    from twinbench.harness.run.process import RunCase, RunWorkerConfig
 
     registry.load_plugins([sys.argv[1]])
     device = next(d for d in devices.detect() if d.backend == "cpu")
-    config = process.RunWorkerConfig(device="cpu", backend="cpu", trials=1,
-                                    plan={"rounds": 7, "block_ms": 1.0, "warmup_ms": 1.0, "budget_s": 0.1})
+    config = RunWorkerConfig(device="cpu", backend="cpu", trials=1,
+                             plan={"rounds": 7, "block_ms": 1.0, "warmup_ms": 1.0, "budget_s": 0.1})
     ctx = worker.CaseContext(device=device, fingerprint="f", ceilings={}, config=config)
 
     class Events:
