@@ -24,6 +24,7 @@ from twinbench.harness.run.process import (
     Fingerprint,
     Ready,
     RecordDone,
+    exit_worker,
     requests,
 )
 
@@ -84,4 +85,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_worker(main())

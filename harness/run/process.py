@@ -21,12 +21,13 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import IO, Any, ClassVar
+from typing import IO, Any, ClassVar, NoReturn
 
 # --- messages -----------------------------------------------------------------------------------------
 
@@ -570,3 +571,16 @@ class RunWorkerConfig:
     def from_json(cls, data: dict[str, Any]) -> RunWorkerConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def exit_worker(code: int) -> NoReturn:
+    """End a worker process at once, skipping the interpreter's teardown.
+
+    Everything a worker owes its supervisor is already written (events go out synchronously, records with
+    them); what teardown would still do is unload torch, dynamo and the compile pools, which took ~2.5 s of
+    wall time per worker here (2026-12-05), paid by every run, gate and doctor worker at its stop.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)

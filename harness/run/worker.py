@@ -43,6 +43,7 @@ from twinbench.harness.run.process import (
     RunCase,
     RunWorkerConfig,
     descendants,
+    exit_worker,
     kill_pids,
     pin_worker_device,
     requests,
@@ -575,4 +576,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_worker(main())
