@@ -24,6 +24,7 @@ from twinbench.harness.run.process import (
     Fingerprint,
     Ready,
     RecordDone,
+    die_with_parent,
     exit_worker,
     requests,
 )
@@ -57,6 +58,7 @@ def main() -> int:
     raw = json.loads(sys.argv[1])
     config = DoctorWorkerConfig.from_json(raw)
     faulthandler.enable(file=sys.stderr, all_threads=True)
+    die_with_parent()
     import torch
 
     if config.threads:

@@ -153,6 +153,7 @@ def main() -> int:
     global LAYOUT
     LAYOUT = tree_layout(os.getcwd())
     proto = _protocol()
+    proto.die_with_parent()
     raw = json.loads(sys.argv[1])
     config = GateWorkerConfig.from_json(raw)
     events = proto.EventWriter(int(raw["event_fd"]))
