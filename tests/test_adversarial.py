@@ -35,7 +35,9 @@ from twinbench.harness.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTILE = ROOT / "tests" / "hostile"
-HANG_TIMEOUT = 15  # --timeout where impls hang: it also bounds a worker's start on a loaded 2-core box
+# --timeout where impls hang. A worker's start has its own bound (supervisor.START_TIMEOUT_S), so this only has to
+# outlast one step of a good impl at load; busy_loop burns a core for all of it, so it is kept short.
+HANG_TIMEOUT = 6
 NO_HANG_TIMEOUT = 25
 KERNEL_PLUGINS = ("k02_state_leak", "k05_spawns_sleep", "k06_crash_with_child", "k12_wrong_shape", "k13_exit3",
                   "k16_stale_memory", "k17_stale_cache", "k18_nan_row_grad", "k19_wrong_dtype", "k22_nan_output",
@@ -797,3 +799,33 @@ def test_fuzz_property_can_fail():
     assert not math.isnan(strict_json("1.5"))
     with pytest.raises(ValueError):
         strict_json('{"x": NaN}')
+
+
+@pytest.mark.item(5)
+def test_a_supervisor_killed_outright_takes_its_hung_worker_with_it(tmp_path):
+    """SIGKILL to `twinbench run` (a CI timeout, the OOM killer) while its worker hangs inside an impl: the
+    supervisor cleans nothing up, so the worker must notice its parent is gone and end itself and its family."""
+    args = [sys.executable, "-m", "twinbench", "run", "hostile", "--device", "cpu", "--no-timing", "--out",
+            str(tmp_path / "out"), "--no-report", "--impl", "spawns_sleep", *plugins("k05_spawns_sleep")]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not survivors(ITEM5_MARKER) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert survivors(ITEM5_MARKER), "the impl never started its helper"
+        family = psutil.Process(proc.pid).children(recursive=True)
+        assert family, "no worker under the supervisor"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 15  # the worker polls its parent every second
+        while time.monotonic() < deadline and (
+                [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+                or survivors(ITEM5_MARKER)):
+            time.sleep(0.2)
+        alive = [p.pid for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert alive == [] and survivors(ITEM5_MARKER) == [], f"orphans left running: {alive}"
+    finally:
+        for p in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
+            p.kill()
+        reap(ITEM5_MARKER)

@@ -87,24 +87,20 @@ def test_global_state_an_impl_changes_stays_with_it_and_is_recorded(tmp_path):
     assert seen == {"2 torch.float32"}  # parity, timing and memory calls all saw the worker's own state
 
 
-# In-process run_case with the guard planted away: the same probe impl must then see the hostile state, which
-# proves the end-to-end check above can fail.
+# In-process run_case, first with the guard kept, then with it planted away: the same probe impl must then see
+# the hostile state, which proves the end-to-end check above can fail. Both in one child process (one torch
+# import); each writes its notes into its own folder and starts from the same torch state.
 UNGUARDED = textwrap.dedent('''
-    import contextlib, json, sys
+    import contextlib, json, os, sys
     import torch
     from twinbench.harness.core import devices, registry
     from twinbench.harness.run import worker
-    from twinbench.harness.run.process import RunCase
+    from twinbench.harness.run.process import RunCase, RunWorkerConfig
 
-    if sys.argv[1] == "planted":  # no guard at all
-        worker.StateLedger.kept = lambda self, name: contextlib.nullcontext()
-        worker.StateLedger.guarded = lambda self, impl: impl
-        worker.RoundKeeper.switch = lambda self, name: None
-    torch.set_num_threads(2)
-    registry.load_plugins([sys.argv[2]])
+    registry.load_plugins([sys.argv[1]])
     device = next(d for d in devices.detect() if d.backend == "cpu")
-    config = process.RunWorkerConfig(device="cpu", backend="cpu", trials=1,
-                                    plan={"rounds": 7, "block_ms": 1.0, "warmup_ms": 1.0, "budget_s": 0.1})
+    config = RunWorkerConfig(device="cpu", backend="cpu", trials=1,
+                             plan={"rounds": 7, "block_ms": 1.0, "warmup_ms": 1.0, "budget_s": 0.1})
     ctx = worker.CaseContext(device=device, fingerprint="f", ceilings={}, config=config)
 
     class Events:
@@ -113,24 +109,41 @@ UNGUARDED = textwrap.dedent('''
         def send(self, message):
             self.sent.append(message)
 
-    events = Events()
     params = {"batch": 1, "heads": 2, "kv_heads": 2, "seq_q": 16, "seq_k": 16, "head_dim": 16, "causal": True,
               "dtype": "fp32"}
-    worker.run_case(RunCase(suite="attention", params=params, impls=["reference", "sets_global_state",
-                                                                     "sees_threads"]), ctx, events)
-    print(json.dumps({m.record["impl"]: m.record["state_changed"] for m in events.sent if m.TYPE == "record"}))
+    recorded = {}
+    for guard in ("kept", "planted"):
+        if guard == "planted":  # no guard at all
+            worker.StateLedger.kept = lambda self, name: contextlib.nullcontext()
+            worker.StateLedger.guarded = lambda self, impl: impl
+            worker.RoundKeeper.switch = lambda self, name: None
+        os.environ["TWINBENCH_TEST_NOTES"] = os.path.join(sys.argv[2], guard)
+        torch.set_num_threads(2)
+        torch.set_default_dtype(torch.float32)
+        events = Events()
+        worker.run_case(RunCase(suite="attention", params=params, impls=["reference", "sets_global_state",
+                                                                         "sees_threads"]), ctx, events)
+        recorded[guard] = {m.record["impl"]: m.record["state_changed"] for m in events.sent if m.TYPE == "record"}
+    print(json.dumps(recorded))
 ''')
 
 
-@pytest.mark.parametrize("guard", ["kept", "planted"])
-def test_without_the_guard_the_next_impl_sees_the_hostile_state(tmp_path, guard):
-    notes = tmp_path / "notes"
-    notes.mkdir()
-    proc = subprocess.run([sys.executable, "-c", UNGUARDED, guard, str(PLUGIN)], capture_output=True,
+@pytest.fixture(scope="module")
+def unguarded(tmp_path_factory):
+    notes = tmp_path_factory.mktemp("notes")
+    for guard in ("kept", "planted"):
+        (notes / guard).mkdir()
+    proc = subprocess.run([sys.executable, "-c", UNGUARDED, str(PLUGIN), str(notes)], capture_output=True,
                           text=True, timeout=300, env=env_with(notes), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    seen = set((notes / "sees_threads").read_text().splitlines())
-    recorded = json.loads(proc.stdout.strip().splitlines()[-1])
+    return notes, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("guard", ["kept", "planted"])
+def test_without_the_guard_the_next_impl_sees_the_hostile_state(unguarded, guard):
+    notes, recorded_by_guard = unguarded
+    seen = set((notes / guard / "sees_threads").read_text().splitlines())
+    recorded = recorded_by_guard[guard]
     if guard == "kept":
         assert seen == {"2 torch.float32"}
         assert recorded["sets_global_state"] == ["default_dtype", "threads"]
@@ -154,24 +167,43 @@ def test_a_hanging_or_crashing_probe_costs_only_its_impl(tmp_path):
     assert "SIGSEGV" in recs["probe_segfaults"]["reason"] and "(during probe)" in recs["probe_segfaults"]["reason"]
 
 
-PROBE_ALL = textwrap.dedent('''
-    import json, sys
-    from twinbench.harness.core import devices, registry
-    from twinbench.harness.run.supervisor import probe_impls
+# One `twinbench list` (its main(), in a child process) whose probe_impls call is recorded: the list's table and
+# the probes' own verdicts come from the same probe workers, so two tests read them without probing twice.
+PROBE_AND_LIST = textwrap.dedent('''
+    import contextlib, io, json, sys
+    from twinbench.harness.cli.main import main
+    from twinbench.harness.run import supervisor
 
-    registry.load_plugins([sys.argv[1]])
-    found = probe_impls(devices.find("cpu"), ["attention"], [sys.argv[1]], timeout=float(sys.argv[2]))
-    print(json.dumps({impl: [ok, why] for (suite, impl), (ok, why) in found.items()}))
+    found = {}
+    real_probe_impls = supervisor.probe_impls
+
+    def recorded_probe_impls(*args, **kwargs):
+        result = real_probe_impls(*args, **kwargs)
+        found.update(result)
+        return result
+
+    supervisor.probe_impls = recorded_probe_impls  # cmd_list imports it from the module when it runs
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        code = main(["list", "attention", "--device", "cpu", "--plugin", sys.argv[1], "--timeout", sys.argv[2]])
+    print(json.dumps({"code": code, "table": table.getvalue(),
+                      "found": {impl: [ok, why] for (suite, impl), (ok, why) in found.items()}}))
 ''')
 
 
-def test_list_probes_are_bounded_and_blamed_on_their_impl(tmp_path):
+@pytest.fixture(scope="module")
+def probed_list(tmp_path_factory):
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", PROBE_ALL, str(PLUGIN), "5"], capture_output=True, text=True,
-                          timeout=300, env=env_with(tmp_path), cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-c", PROBE_AND_LIST, str(PLUGIN), "5"], capture_output=True, text=True,
+                          timeout=400, env=env_with(tmp_path_factory.mktemp("notes")), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    assert time.monotonic() - t0 < 200
-    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    return time.monotonic() - t0, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_list_probes_are_bounded_and_blamed_on_their_impl(probed_list):
+    took, listed = probed_list
+    assert took < 200
+    found = listed["found"]
     assert found["probe_hangs"] == [False, "probe timed out (no answer in 5s)"]
     ok, why = found["probe_segfaults"]
     assert not ok and why.startswith("probe crashed: probe worker died with SIGSEGV")
@@ -180,11 +212,10 @@ def test_list_probes_are_bounded_and_blamed_on_their_impl(tmp_path):
 
 
 @pytest.mark.slow
-def test_twinbench_list_returns_with_a_hanging_probe(tmp_path):
-    proc = twinbench(tmp_path, "list", "attention", "--device", "cpu", "--plugin", str(PLUGIN), "--timeout", "8",
-                     timeout=400)
-    assert proc.returncode == 0, proc.stderr
-    lines = {line.split("│")[2].strip(): line for line in proc.stdout.splitlines() if line.count("│") >= 4}
+def test_twinbench_list_returns_with_a_hanging_probe(probed_list):
+    _, listed = probed_list
+    assert listed["code"] == 0, listed["table"][-2000:]
+    lines = {line.split("│")[2].strip(): line for line in listed["table"].splitlines() if line.count("│") >= 4}
     assert "probe timed out" in lines["probe_hangs"] and "probe crashed" in lines["probe_segfaults"]
     assert "yes" in lines["sdpa"]
 

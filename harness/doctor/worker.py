@@ -24,6 +24,8 @@ from twinbench.harness.run.process import (
     Fingerprint,
     Ready,
     RecordDone,
+    die_with_parent,
+    exit_worker,
     requests,
 )
 
@@ -56,6 +58,7 @@ def main() -> int:
     raw = json.loads(sys.argv[1])
     config = DoctorWorkerConfig.from_json(raw)
     faulthandler.enable(file=sys.stderr, all_threads=True)
+    die_with_parent()
     import torch
 
     if config.threads:
@@ -84,4 +87,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_worker(main())

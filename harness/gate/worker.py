@@ -14,6 +14,7 @@ the protocol is the head's whatever the tree: ``Ready`` (harness folder, fingerp
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -69,6 +70,7 @@ def _module(role: str):
     return importlib.import_module(LAYOUT[role])
 
 
+@functools.lru_cache(maxsize=1)
 def _protocol():
     """The head's harness/run/process.py beside this file, loaded by path: never the measured tree's copy."""
     name = "_twinbench_worker_process"
@@ -151,6 +153,7 @@ def main() -> int:
     global LAYOUT
     LAYOUT = tree_layout(os.getcwd())
     proto = _protocol()
+    proto.die_with_parent()
     raw = json.loads(sys.argv[1])
     config = GateWorkerConfig.from_json(raw)
     events = proto.EventWriter(int(raw["event_fd"]))
@@ -186,4 +189,4 @@ if __name__ == "__main__":
     # `harness` and its modules resolve to the tree under measurement (PYTHONPATH), never to bare names.
     if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
         sys.path.pop(0)
-    sys.exit(main())
+    _protocol().exit_worker(main())

@@ -43,6 +43,8 @@ from twinbench.harness.run.process import (
     RunCase,
     RunWorkerConfig,
     descendants,
+    die_with_parent,
+    exit_worker,
     kill_pids,
     pin_worker_device,
     requests,
@@ -541,6 +543,7 @@ def main() -> int:
     raw = json.loads(sys.argv[1])
     config = RunWorkerConfig.from_json(raw)
     faulthandler.enable(file=sys.stderr, all_threads=True)
+    die_with_parent()
     if config.backend == "cpu":
         _limit_memory(config.memory_limit_bytes)
     import torch
@@ -575,4 +578,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_worker(main())
