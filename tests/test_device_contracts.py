@@ -420,13 +420,13 @@ def test_share_of_peak_is_clipped_and_flagged():
 
 
 class SizeAwareTimer(timing.Timer):
-    """Fake device whose matmul runs at 0.003 TFLOP/s at 512 and 0.05 at 1024: one size would under-measure it."""
+    """Fake device whose matmul runs at 0.03 TFLOP/s at 512 and 0.05 at 1024: one size would under-measure it."""
 
     def block(self, fn, number):
         out = fn()
         if out.dim() == 2:
             n = out.shape[0]
-            return 2 * n**3 / ({512: 0.003, 1024: 0.05}[n] * 1e12) * 1e3
+            return 2 * n**3 / ({512: 0.03, 1024: 0.05}[n] * 1e12) * 1e3
         return 30.0
 
 

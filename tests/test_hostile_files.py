@@ -251,7 +251,7 @@ NUMERIC = [
     (["gate", "--against", "HEAD"], "--timeout", ["-3"]),
     (["calibrate"], "--comparisons", ["0"]),
     (["calibrate"], "--power-comparisons", ["-2"]),
-    (["calibrate"], "--max-cases", ["0"]),
+    (["calibrate"], "--max-cases", ["-1", "x"]),  # 0 is valid: the whole profile
     (["history", "show"], "--window", ["0"]),
     (["history", "show"], "--max-pvalue", ["0", "2"]),
     (["history", "show"], "--min-magnitude", ["-0.5"]),

@@ -291,10 +291,21 @@ def _started_pair(o: CalibrateOptions, m: Measurement, logs: Path, cpus: list[in
         b.ready()
         report.update(fingerprint=b.fingerprint, threads=a.threads, clock=m.clock, workload=[i.key for i in items])
         started = time.monotonic()
+        # A whole profile holds impls this device cannot run (flash-attn on a CPU): they are left out and
+        # named, as `gate --against` leaves them uncompared; a workload with nothing left is a usage error.
+        cannot_run = {}
         for item in items:
             prep = pair.prepare(item, granularity=GRANULARITY)
             if not prep["ok"]:
-                raise UsageError(f"calibration workload {item.key} cannot run: {prep['why']}")
+                cannot_run[item.key] = prep["why"]
+        if len(cannot_run) == len(items):
+            key, why = next(iter(cannot_run.items()), ("(none)", "the selection has no timed item"))
+            raise UsageError(f"calibration workload {key} cannot run: {why}")
+        items = [i for i in items if i.key not in cannot_run]
+        report.update(workload=[i.key for i in items], cannot_run=cannot_run)
+        if cannot_run:
+            print(f"left out {len(cannot_run)} item(s) that cannot run here, e.g. {next(iter(cannot_run))}: "
+                  f"{next(iter(cannot_run.values()))}", flush=True)
         report["prepare_seconds"] = time.monotonic() - started
         print(f"calibrating on {len(items)} case(s) (prepared in {report['prepare_seconds']:.0f} s), {m.rounds} rounds of {m.block_ms:g} ms samples, {m.clock} clock, "
               f"{a.threads or 'default'} thread(s), " + (f"pinned to CPU(s) {cpus}" if cpus else "not pinned") + ": "
