@@ -7,18 +7,10 @@ dequantisation multiplier, so the record gets ``1 / torchao's scale``. torchao a
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from twinbench.harness.core.registry import register_impl
+from twinbench.impls.kernels.availability import torchao_available
 from twinbench.reference.lowp_formats import torch_dtype_of
-
-
-def torchao_available(device) -> tuple[bool, str]:
-    # cheap (no import: torchao takes seconds to import); a broken install fails at run time, with its reason
-    if importlib.util.find_spec("torchao") is None:
-        return False, "torchao not installed (pip install twinbench[lowp])"
-    return True, "" if device.backend != "cpu" else "CPU: emulated"
 
 
 def torchao_supports(case, device) -> tuple[bool, str]:

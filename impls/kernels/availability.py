@@ -30,6 +30,14 @@ def installed(module: str) -> bool:
         return False
 
 
+def torchao_available(device) -> tuple[bool, str]:
+    """torchao's low-precision peers (fp8_linear, mx_linear). Cheap: found, not imported (torchao takes
+    seconds to import); a broken install fails at run time, with its reason."""
+    if not installed("torchao"):
+        return False, "torchao not installed (pip install twinbench[lowp])"
+    return True, "" if device.backend != "cpu" else "CPU: emulated"
+
+
 def interpreting() -> bool:
     """Triton kernels defined from now on run through the interpreter (``@triton.jit`` reads it when a kernel
     is defined, so it must be settled before the kernel modules are imported)."""

@@ -4,19 +4,11 @@ codes per block); its NVFP4 per-tensor scale is passed in (``per_tensor_scale``)
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from twinbench.harness.core.registry import register_impl
+from twinbench.impls.kernels.availability import torchao_available
 from twinbench.reference.lowp_formats import Format, max_value
 from twinbench.reference.mx import SPECS, MxFormat
-
-
-def torchao_available(device) -> tuple[bool, str]:
-    # cheap (no import: torchao takes seconds to import); a broken install fails at run time, with its reason
-    if importlib.util.find_spec("torchao") is None:
-        return False, "torchao not installed (pip install twinbench[lowp])"
-    return True, "" if device.backend != "cpu" else "CPU: emulated"
 
 
 def torchao_supports(case, device) -> tuple[bool, str]:
