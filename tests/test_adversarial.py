@@ -265,16 +265,22 @@ def test_kernel_helper_processes_of_a_hung_impl_die_with_it(hangs):
     assert reap(ITEM5_MARKER) == []
 
 
-@pytest.mark.item(5)
-def test_kernel_ctrl_c_leaves_no_process_behind(tmp_path):
+def start_run_hung_in_an_impl(tmp_path) -> subprocess.Popen:
+    """`twinbench run` in its own session, returned once its worker hangs inside an impl that started a helper."""
     args = [sys.executable, "-m", "twinbench", "run", "hostile", "--device", "cpu", "--no-timing", "--out",
             str(tmp_path / "out"), "--no-report", "--impl", "spawns_sleep", *plugins("k05_spawns_sleep")]
     proc = subprocess.Popen(args, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while not survivors(ITEM5_MARKER) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    return proc
+
+
+@pytest.mark.item(5)
+def test_kernel_ctrl_c_leaves_no_process_behind(tmp_path):
+    proc = start_run_hung_in_an_impl(tmp_path)
     try:
-        deadline = time.monotonic() + 90
-        while not survivors(ITEM5_MARKER) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
         assert survivors(ITEM5_MARKER), "the impl never started its helper"
         family = psutil.Process(proc.pid).children(recursive=True)
         os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the command the user started
@@ -805,14 +811,8 @@ def test_fuzz_property_can_fail():
 def test_a_supervisor_killed_outright_takes_its_hung_worker_with_it(tmp_path):
     """SIGKILL to `twinbench run` (a CI timeout, the OOM killer) while its worker hangs inside an impl: the
     supervisor cleans nothing up, so the worker must notice its parent is gone and end itself and its family."""
-    args = [sys.executable, "-m", "twinbench", "run", "hostile", "--device", "cpu", "--no-timing", "--out",
-            str(tmp_path / "out"), "--no-report", "--impl", "spawns_sleep", *plugins("k05_spawns_sleep")]
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = start_run_hung_in_an_impl(tmp_path)
     try:
-        deadline = time.monotonic() + 90
-        while not survivors(ITEM5_MARKER) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
         assert survivors(ITEM5_MARKER), "the impl never started its helper"
         family = psutil.Process(proc.pid).children(recursive=True)
         assert family, "no worker under the supervisor"
