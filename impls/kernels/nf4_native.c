@@ -519,3 +519,27 @@ int nf4_native_isa(void) { return NF4_ISA; }
 
 /* Lets Python confirm it loaded this source's build. */
 int nf4_native_abi(void) { return 2; }
+
+/* ---- dequantise a panel (for the GEMM path's panel tiling: docs/quant_linear.md, "Batch 512") -------------- */
+
+/* Rows [r0, r1) and columns [c0, c1) of W (c0, c1 multiples of 32) in natural order into out, row r - r0 at
+ * out + (r - r0) * ld elements: the same chunks and arithmetic as nf4_dequantize, so the panel is bit-identical
+ * to that slice of the whole dequantisation. A 32-column chunk never straddles a block (bs is a power of two
+ * >= 32), so its scale is the one of the chunk's first element. Threads split the rows. */
+int nf4_dequantize_panel(const uint8_t *packed, const float *scales, const float *code16, void *out, i64 N, i64 K,
+                         i64 bs, i64 r0, i64 r1, i64 c0, i64 c1, i64 ld, int kind, int threads) {
+    if (K % 32 || bs < 32 || bs % 32 || K % bs || kind < 0 || kind > 2 || r0 < 0 || r1 > N || r0 > r1 || c0 < 0 ||
+        c1 > K || c0 > c1 || c0 % 32 || c1 % 32 || ld < c1 - c0)
+        return -1;
+    const lut_t lut = lut_load(code16);
+    const i64 half = K / 2, nb = K / bs, cols = c1 - c0;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (i64 r = r0; r < r1; r++) {
+        const uint8_t *row = packed + r * half;
+        const float *srow = scales + r * nb;
+        const i64 at = (r - r0) * ld;
+        for (i64 c = 0; c < cols; c += 32)
+            dequant_chunk(row + (c0 + c) / 2, vset1(srow[(c0 + c) / bs]), lut, out, at + c, kind);
+    }
+    return 0;
+}
