@@ -1,0 +1,133 @@
+"""NF4 at batch 512 against the bare GEMMs (issue 18 item 2), in one process, interleaved round by round:
+
+    taskset -c 0 python3 benchmarks/nf4_gemm_panels.py --threads 1 [--dtype fp32 bf16] [--rounds 11]
+    python3 benchmarks/nf4_gemm_panels.py --threads 2
+
+The suite's bench shape (4096x4096, batch 512, LoRA r16, blocksize 64; the GEMM path takes fp32 block
+scales, decoded from the double quant once per weight by the impl). Per round each variant runs once, in
+rotating order: ``bare`` (the GEMMs and LoRA products on a weight dequantised beforehand, the calls bare_gemm
+makes), ``today`` (impls/kernels/nf4.py's GEMM path as it is) and ``panels-P`` (W dequantised P rows / P
+columns at a time into a cache-sized buffer, one GEMM per panel). Printed: the median time per variant and
+the median over rounds of variant / bare, forward and forward + backward (dx = g W and the LoRA gradients),
+then the dequantisation alone and the bare base GEMM alone; ``os.getloadavg()`` before and after. Numbers
+taken at a load above the cores' count are not results (docs/quant_linear.md, "Batch 512").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+from twinbench.impls.kernels import nf4, nf4_native
+
+N = K = 4096
+BATCH, RANK, BLOCKSIZE, SCALING = 512, 16, 64, 2.0
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def _lora_fwd(out, x, a, b):
+    xa = x @ a.t()
+    return out.addmm_(xa, b.t(), alpha=SCALING), xa
+
+
+def _lora_bwd(dx, g, x, xa, a, b):
+    gb = g @ b
+    dx.addmm_(gb, a, alpha=SCALING)
+    return dx, (gb.t() @ x) * SCALING, (g.t() @ xa) * SCALING
+
+
+def variants(packed, scales, weight, panel_sizes):
+    """name -> (forward, backward) callables; forward(x) returns (out, saved), backward(g, x, saved) -> grads."""
+    def make(base_fwd, base_bwd):
+        def fwd(x, a, b):
+            return _lora_fwd(base_fwd(x), x, a, b)
+
+        def bwd(g, x, xa, a, b):
+            return _lora_bwd(base_bwd(g), g, x, xa, a, b)
+        return fwd, bwd
+
+    out = {"bare": make(lambda x: x @ weight.t(), lambda g: g @ weight),
+           "today": make(lambda x: nf4.gemm_nt(x, nf4.dequantize(packed, scales, x.dtype, transient=True)),
+                         lambda g: nf4.gemm_nn(g, nf4.dequantize(packed, scales, g.dtype, transient=True)))}
+    for p in panel_sizes:
+        out[f"panels-{p}"] = make(lambda x, p=p: nf4.mm_panels(x, packed, scales, p),
+                                  lambda g, p=p: nf4.mm_t_panels(g, packed, scales, p))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--panels", nargs="*", type=int, default=[64, 128, 256, 512],
+                        help="panel sizes (rows forward, columns backward; multiples of 32)")
+    parser.add_argument("--rounds", type=int, default=11)
+    args = parser.parse_args()
+    if any(p <= 0 or p % 32 for p in args.panels):
+        print("nf4_gemm_panels: --panels must be positive multiples of 32", file=sys.stderr)
+        return 2
+    if not nf4_native.status()[0]:
+        print(f"nf4_gemm_panels: native kernels unavailable: {nf4_native.status()[1]}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    print(f"threads {args.threads}, affinity {sorted(os.sched_getaffinity(0))}, load before: {_load()}")
+    gen = torch.Generator().manual_seed(0)
+    packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=gen)
+    scales = torch.rand(N, K // BLOCKSIZE, generator=gen) * 0.1
+    for dname in args.dtype:
+        dtype = DTYPES[dname]
+        x = torch.randn(BATCH, K, generator=gen).to(dtype)
+        g = torch.randn(BATCH, N, generator=gen).to(dtype)
+        a = (torch.randn(RANK, K, generator=gen) / 64).to(dtype)
+        b = (torch.randn(N, RANK, generator=gen) / 4).to(dtype)
+        weight = nf4_native.dequantize(packed, scales, dtype)
+        vs = variants(packed, scales, weight, args.panels)
+        times: dict[tuple[str, str], list[float]] = {}
+        extra: dict[str, list[float]] = {"dequantise alone": [], "base GEMM alone (fwd)": [],
+                                         "base GEMM alone (bwd)": []}
+        names = list(vs)
+        for rnd in range(args.rounds + 1):  # round 0: warm-up, not kept
+            order = names[rnd % len(names):] + names[: rnd % len(names)]
+            for name in order:
+                fwd, bwd = vs[name]
+                t0 = time.perf_counter()
+                out, xa = fwd(x, a, b)
+                t1 = time.perf_counter()
+                bwd(g, x, xa, a, b)
+                t2 = time.perf_counter()
+                if rnd:
+                    times.setdefault((name, "fwd"), []).append(t1 - t0)
+                    times.setdefault((name, "fwdbwd"), []).append(t2 - t0)
+            for label, fn in (("dequantise alone", lambda: nf4.dequantize(packed, scales, dtype, transient=True)),
+                              ("base GEMM alone (fwd)", lambda: x @ weight.t()),
+                              ("base GEMM alone (bwd)", lambda: g @ weight)):
+                t0 = time.perf_counter()
+                fn()
+                if rnd:
+                    extra[label].append(time.perf_counter() - t0)
+        print(f"\n{dname}, {args.threads} thread(s), {args.rounds} rounds, load now: {_load()}")
+        print(f"{'variant':<14} {'fwd ms':>9} {'fwd/bare':>9} {'fwdbwd ms':>10} {'fwdbwd/bare':>12}")
+        for name in names:
+            cells = []
+            for mode in ("fwd", "fwdbwd"):
+                ours, bare = times[(name, mode)], times[("bare", mode)]
+                ratio = statistics.median(o / r for o, r in zip(ours, bare))
+                cells.append(f"{statistics.median(ours) * 1e3:9.2f} {ratio:9.3f}" if mode == "fwd"
+                             else f"{statistics.median(ours) * 1e3:10.2f} {ratio:12.3f}")
+            print(f"{name:<14} {' '.join(cells)}")
+        for label, ts in extra.items():
+            print(f"{label:<24} {statistics.median(ts) * 1e3:8.2f} ms")
+    print(f"\nload after: {_load()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
