@@ -10,7 +10,9 @@ makes), ``today`` (impls/kernels/nf4.py's GEMM path as it is) and ``panels-P`` (
 columns at a time into a cache-sized buffer, one GEMM per panel). Printed: the median time per variant and
 the median over rounds of variant / bare, forward and forward + backward (dx = g W and the LoRA gradients),
 then the dequantisation alone and the bare base GEMM alone; ``os.getloadavg()`` before and after. Numbers
-taken at a load above the cores' count are not results (docs/quant_linear.md, "Batch 512").
+taken at a load above the cores' count are not results (docs/quant_linear.md, "Batch 512"); at one thread the
+clock is the thread's CPU time (``--clock wall`` for wall time), which a shared core disturbs far less.
+A panel size of 4096 (the whole weight) times the panel kernels without the tiling.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ def main() -> int:
     parser.add_argument("--panels", nargs="*", type=int, default=[64, 128, 256, 512],
                         help="panel sizes (rows forward, columns backward; multiples of 32)")
     parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--clock", choices=("auto", "wall"), default="auto",
+                        help="auto: this thread's CPU time at one thread, wall time otherwise")
     args = parser.parse_args()
     if any(p <= 0 or p % 32 for p in args.panels):
         print("nf4_gemm_panels: --panels must be positive multiples of 32", file=sys.stderr)
@@ -78,7 +82,11 @@ def main() -> int:
         print(f"nf4_gemm_panels: native kernels unavailable: {nf4_native.status()[1]}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    print(f"threads {args.threads}, affinity {sorted(os.sched_getaffinity(0))}, load before: {_load()}")
+    # One thread: the CPU time of this thread (torch's GEMM and the native kernels run in it at one thread), so
+    # time another process takes on the same core is not counted (its cache and memory traffic still are).
+    clock = time.thread_time if args.threads == 1 and args.clock == "auto" else time.perf_counter
+    print(f"threads {args.threads}, affinity {sorted(os.sched_getaffinity(0))}, clock {clock.__name__}, "
+          f"load before: {_load()}")
     gen = torch.Generator().manual_seed(0)
     packed = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=gen)
     scales = torch.rand(N, K // BLOCKSIZE, generator=gen) * 0.1
@@ -98,21 +106,21 @@ def main() -> int:
             order = names[rnd % len(names):] + names[: rnd % len(names)]
             for name in order:
                 fwd, bwd = vs[name]
-                t0 = time.perf_counter()
+                t0 = clock()
                 out, xa = fwd(x, a, b)
-                t1 = time.perf_counter()
+                t1 = clock()
                 bwd(g, x, xa, a, b)
-                t2 = time.perf_counter()
+                t2 = clock()
                 if rnd:
                     times.setdefault((name, "fwd"), []).append(t1 - t0)
                     times.setdefault((name, "fwdbwd"), []).append(t2 - t0)
             for label, fn in (("dequantise alone", lambda: nf4.dequantize(packed, scales, dtype, transient=True)),
                               ("base GEMM alone (fwd)", lambda: x @ weight.t()),
                               ("base GEMM alone (bwd)", lambda: g @ weight)):
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn()
                 if rnd:
-                    extra[label].append(time.perf_counter() - t0)
+                    extra[label].append(clock() - t0)
         print(f"\n{dname}, {args.threads} thread(s), {args.rounds} rounds, load now: {_load()}")
         print(f"{'variant':<14} {'fwd ms':>9} {'fwd/bare':>9} {'fwdbwd ms':>10} {'fwdbwd/bare':>12}")
         for name in names:

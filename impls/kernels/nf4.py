@@ -29,6 +29,11 @@ from twinbench.impls.kernels.nf4_code import nf4_table
 
 # Rows of x up to which the fused dequantise-GEMV (weight never materialised) beats dequantise + GEMM.
 GEMV_MAX_ROWS = 4
+# The GEMM path's panel size per compute dtype (rows of W forward, columns backward; a multiple of 32): W is
+# dequantised one panel at a time into a buffer that stays in the core's cache and each panel runs its own GEMM,
+# so the dequantised weight never goes to memory. Dtypes not listed dequantise the whole W into the workspace
+# (fp32: the panel GEMMs lost what the tiling saved, measured). docs/quant_linear.md, "Batch 512", has the table.
+GEMM_PANEL = {torch.bfloat16: 256}
 
 
 def dequant_even_odd(packed2d: torch.Tensor, scales: torch.Tensor, code: torch.Tensor,
@@ -150,6 +155,9 @@ def dequantize(packed2d: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
     n, half = packed2d.shape
     if nf4_native.supports(packed2d, scales) and dtype in (torch.float32, torch.bfloat16, torch.float16):
         out = _workspace(n, 2 * half, dtype) if transient else None
+        if dtype == torch.bfloat16:  # the panel kernel narrows bf16 faster (AVX512-BF16), to the same bits
+            out = torch.empty(n, 2 * half, dtype=dtype) if out is None else out
+            return nf4_native.dequantize_panel(packed2d, scales, dtype, (0, n), (0, 2 * half), out)
         return nf4_native.dequantize(packed2d, scales, dtype, out=out)
     if packed2d.device.type == "cpu" and _bnb_dequant() is not None:
         blocksize = 2 * half // scales.shape[1]
@@ -210,7 +218,20 @@ def nf4_mm(x: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor) -> tor
         out = _kernel("gemv", packed2d)(xf[:, 0::2].contiguous(), xf[:, 1::2].contiguous(), packed2d, scales,
                                         nf4_table(str(x.device)))
         return out.to(x.dtype)
+    panel = _gemm_panel(packed2d, scales, x.dtype)
+    if panel:
+        return mm_panels(x, packed2d, scales, panel)
     return gemm_nt(x, dequantize(packed2d, scales, x.dtype, transient=True))
+
+
+def _gemm_panel(packed2d: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> int | None:
+    """The panel size the GEMM path tiles this weight with (:data:`GEMM_PANEL`), or None for the whole W:
+    native weights with fp32 scales, and ``TWINBENCH_NF4_PANELS=0`` not set."""
+    panel = GEMM_PANEL.get(dtype)
+    if not panel or os.environ.get("TWINBENCH_NF4_PANELS") == "0" or not isinstance(scales, torch.Tensor) \
+            or scales.dtype != torch.float32 or not nf4_native.supports(packed2d, scales):
+        return None
+    return panel
 
 
 def nf4_mm_t(g: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor,
@@ -224,12 +245,17 @@ def nf4_mm_t(g: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor,
             return nf4_native.gemv_t(g, packed2d, scales).to(g.dtype)
         out = _kernel("gemv_t", packed2d)(g.float(), packed2d, scales, nf4_table(str(g.device)))
         return from_even_odd(out).to(g.dtype)
+    panel = _gemm_panel(packed2d, scales, g.dtype)
+    if panel:
+        return mm_t_panels(g, packed2d, scales, panel)
     return gemm_nn(g, dequantize(packed2d, scales, g.dtype, transient=True))
 
 
 def mm_panels(x: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor, rows: int) -> torch.Tensor:
-    """``x @ W^T`` by panels of ``rows`` rows of W: each panel dequantised (native) into a cache-sized buffer,
-    then one GEMM writes its column slice of y in place. Native weights with fp32 scales only."""
+    """``x @ W^T`` by panels of ``rows`` rows of W: each panel dequantised (native, bit-identical to the whole
+    dequantisation's rows) into a cache-sized buffer, then one GEMM writes its column slice of y in place
+    (``mm(out=)`` on a strided view: BLAS takes the row stride, no copy, checked). Native weights with fp32
+    scales only."""
     n, half = packed2d.shape
     y = torch.empty(x.shape[0], n, dtype=x.dtype)
     buf = panel_workspace(rows, 2 * half, x.dtype)

@@ -534,6 +534,7 @@ static void panel_bf16(const uint8_t *packed, const float *scales, const float *
                        i64 bs, i64 r0, i64 r1, i64 c0, i64 c1, i64 ld, float s_min, int threads) {
     const lut_t lut = lut_load(code16);
     const i64 half = K / 2, nb = K / bs, cols = c1 - c0;
+    const int bs_log2 = __builtin_ctzll((unsigned long long)bs); /* a shift, not a division per chunk */
     int16_t order[32]; /* natural column p <- even[p / 2] (low half) or odd[p / 2] (high half) */
     for (int q = 0; q < 32; q++) order[q] = (int16_t)((q & 1) * 16 + q / 2);
     const __m512i idx = _mm512_loadu_si512((const void *)order);
@@ -543,7 +544,7 @@ static void panel_bf16(const uint8_t *packed, const float *scales, const float *
         const float *srow = scales + r * nb;
         const i64 at = (r - r0) * ld;
         for (i64 c = 0; c < cols; c += 32) {
-            const float sf = srow[(c0 + c) / bs], mag = sf < 0 ? -sf : sf;
+            const float sf = srow[(c0 + c) >> bs_log2], mag = sf < 0 ? -sf : sf;
             if (!(mag >= s_min && mag <= 3.4028234663852886e38f)) { /* denormal products possible, or inf/NaN */
                 dequant_chunk(row + (c0 + c) / 2, vset1(sf), lut, out, at + c, 1);
                 continue;
@@ -565,7 +566,7 @@ static void panel_bf16(const uint8_t *packed, const float *scales, const float *
  * AVX512-BF16 narrowing where the CPU has it (0 forces the portable one; the tests compare both). */
 int nf4_dequantize_panel(const uint8_t *packed, const float *scales, const float *code16, void *out, i64 N, i64 K,
                          i64 bs, i64 r0, i64 r1, i64 c0, i64 c1, i64 ld, int kind, int threads, int fast_bf16) {
-    if (K % 32 || bs < 32 || bs % 32 || K % bs || kind < 0 || kind > 2 || r0 < 0 || r1 > N || r0 > r1 || c0 < 0 ||
+    if (K % 32 || bs < 32 || (bs & (bs - 1)) || K % bs || kind < 0 || kind > 2 || r0 < 0 || r1 > N || r0 > r1 || c0 < 0 ||
         c1 > K || c0 > c1 || c0 % 32 || c1 % 32 || ld < c1 - c0)
         return -1;
 #ifdef NF4_PANEL_BF16
@@ -584,13 +585,14 @@ int nf4_dequantize_panel(const uint8_t *packed, const float *scales, const float
 #endif
     const lut_t lut = lut_load(code16);
     const i64 half = K / 2, nb = K / bs, cols = c1 - c0;
+    const int bs_log2 = __builtin_ctzll((unsigned long long)bs); /* bs is a power of two (Python checks) */
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (i64 r = r0; r < r1; r++) {
         const uint8_t *row = packed + r * half;
         const float *srow = scales + r * nb;
         const i64 at = (r - r0) * ld;
         for (i64 c = 0; c < cols; c += 32)
-            dequant_chunk(row + (c0 + c) / 2, vset1(srow[(c0 + c) / bs]), lut, out, at + c, kind);
+            dequant_chunk(row + (c0 + c) / 2, vset1(srow[(c0 + c) >> bs_log2]), lut, out, at + c, kind);
     }
     return 0;
 }
