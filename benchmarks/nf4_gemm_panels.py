@@ -6,13 +6,16 @@
 The suite's bench shape (4096x4096, batch 512, LoRA r16, blocksize 64; the GEMM path takes fp32 block
 scales, decoded from the double quant once per weight by the impl). Per round each variant runs once, in
 rotating order: ``bare`` (the GEMMs and LoRA products on a weight dequantised beforehand, the calls bare_gemm
-makes), ``today`` (impls/kernels/nf4.py's GEMM path as it is) and ``panels-P`` (W dequantised P rows / P
-columns at a time into a cache-sized buffer, one GEMM per panel). Printed: the median time per variant and
+makes), ``before`` (the GEMM path before panels: the whole W dequantised by nf4_dequantize into the workspace),
+``whole`` (the whole W by nf4.dequantize as it is now: for bf16 the faster panel kernel's narrowing) and
+``panels-P`` (W dequantised P rows / P columns at a time into a cache-sized buffer, one GEMM per panel; what
+nf4_mm / nf4_mm_t run at GEMM_PANEL_BYTES' size); at several threads also ``splitT-P`` (each of T Python
+threads dequantises and multiplies its own panels at one thread, so dequantising overlaps another's GEMM). Printed: the median time per variant and
 the median over rounds of variant / bare, forward and forward + backward (dx = g W and the LoRA gradients),
 then the dequantisation alone and the bare base GEMM alone; ``os.getloadavg()`` before and after. Numbers
 taken at a load above the cores' count are not results (docs/quant_linear.md, "Batch 512"); at one thread the
 clock is the thread's CPU time (``--clock wall`` for wall time), which a shared core disturbs far less.
-A panel size of 4096 (the whole weight) times the panel kernels without the tiling.
+A panel size of 4096 (the whole weight) is one panel.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from twinbench.impls.kernels import nf4, nf4_native
@@ -46,7 +50,7 @@ def _lora_bwd(dx, g, x, xa, a, b):
     return dx, (gb.t() @ x) * SCALING, (g.t() @ xa) * SCALING
 
 
-def variants(packed, scales, weight, panel_sizes):
+def variants(packed, scales, weight, panel_sizes, threads):
     """name -> (forward, backward) callables; forward(x) returns (out, saved), backward(g, x, saved) -> grads."""
     def make(base_fwd, base_bwd):
         def fwd(x, a, b):
@@ -56,12 +60,56 @@ def variants(packed, scales, weight, panel_sizes):
             return _lora_bwd(base_bwd(g), g, x, xa, a, b)
         return fwd, bwd
 
+    def before(dtype):  # main's GEMM path before the panels (2026-12-05): whole W, nf4_dequantize's narrowing
+        return nf4_native.dequantize(packed, scales, dtype, out=nf4._workspace(N, K, dtype))
+
     out = {"bare": make(lambda x: x @ weight.t(), lambda g: g @ weight),
-           "today": make(lambda x: nf4.gemm_nt(x, nf4.dequantize(packed, scales, x.dtype, transient=True)),
+           "before": make(lambda x: nf4.gemm_nt(x, before(x.dtype)), lambda g: nf4.gemm_nn(g, before(g.dtype))),
+           "whole": make(lambda x: nf4.gemm_nt(x, nf4.dequantize(packed, scales, x.dtype, transient=True)),
                          lambda g: nf4.gemm_nn(g, nf4.dequantize(packed, scales, g.dtype, transient=True)))}
     for p in panel_sizes:
         out[f"panels-{p}"] = make(lambda x, p=p: nf4.mm_panels(x, packed, scales, p),
                                   lambda g, p=p: nf4.mm_t_panels(g, packed, scales, p))
+    if threads > 1 and panel_sizes:
+        p = panel_sizes[0]
+        out[f"split{threads}-{p}"] = make(lambda x: _split(x, packed, scales, p, threads, forward=True),
+                                         lambda g: _split(g, packed, scales, p, threads, forward=False))
+    return out
+
+
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def _split(a, packed, scales, panel, threads, forward):
+    """Each of ``threads`` Python threads dequantises and multiplies its own share of the panels, torch and the
+    native kernels at one thread each (torch's ops release the GIL), so one thread's dequantisation can run
+    while another's GEMM does: the overlap one Python thread cannot have."""
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(threads))
+    n, k = packed.shape[0], 2 * packed.shape[1]
+    span = n if forward else k
+    out = torch.empty(a.shape[0], span, dtype=a.dtype)
+    share = -(-span // threads // 32) * 32
+
+    def work(lo, hi):
+        buf = nf4.panel_workspace(panel, k, a.dtype) if forward else nf4.panel_workspace(n, panel, a.dtype)
+        for c0 in range(lo, hi, panel):
+            c1 = min(hi, c0 + panel)
+            if forward:
+                w = nf4_native.dequantize_panel(packed, scales, a.dtype, (c0, c1), (0, k), buf[: c1 - c0], threads=1)
+                torch.mm(a, w.t(), out=out[:, c0:c1])
+            else:
+                w = nf4_native.dequantize_panel(packed, scales, a.dtype, (0, n), (c0, c1), buf[:, : c1 - c0],
+                                                threads=1)
+                torch.mm(a, w, out=out[:, c0:c1])
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for f in [_POOL[0].submit(work, lo, min(span, lo + share)) for lo in range(0, span, share)]:
+            f.result()
+    finally:
+        torch.set_num_threads(before)
     return out
 
 
@@ -69,7 +117,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--panels", nargs="*", type=int, default=[64, 128, 256, 512],
+    parser.add_argument("--panels", nargs="*", type=int, default=[256, 512, 1024],
                         help="panel sizes (rows forward, columns backward; multiples of 32)")
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--clock", choices=("auto", "wall"), default="auto",
@@ -97,7 +145,7 @@ def main() -> int:
         a = (torch.randn(RANK, K, generator=gen) / 64).to(dtype)
         b = (torch.randn(N, RANK, generator=gen) / 4).to(dtype)
         weight = nf4_native.dequantize(packed, scales, dtype)
-        vs = variants(packed, scales, weight, args.panels)
+        vs = variants(packed, scales, weight, args.panels, args.threads)
         times: dict[tuple[str, str], list[float]] = {}
         extra: dict[str, list[float]] = {"dequantise alone": [], "base GEMM alone (fwd)": [],
                                          "base GEMM alone (bwd)": []}

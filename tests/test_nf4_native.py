@@ -368,7 +368,7 @@ def test_fast_bf16_narrowing_is_bit_identical_at_the_edges():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemm_panels_equal_the_whole_weights_gemm(dtype, monkeypatch):
     """The GEMM path's panel tiling (rows forward, columns backward, a last panel cut short) computes x W^T
-    and g W like one GEMM on the whole dequantised W, and nf4_mm / nf4_mm_t take it where GEMM_PANEL asks
+    and g W like one GEMM on the whole dequantised W, and nf4_mm / nf4_mm_t take it where GEMM_PANEL_BYTES asks
     (and not with TWINBENCH_NF4_PANELS=0)."""
     gen = torch.Generator().manual_seed(7)
     n, k, bs = 160, 320, 64
@@ -381,7 +381,8 @@ def test_gemm_panels_equal_the_whole_weights_gemm(dtype, monkeypatch):
         torch.testing.assert_close(nf4_kernels.mm_panels(x, packed2d, scales, panel), x @ w.t(), **tol)
         torch.testing.assert_close(nf4_kernels.mm_t_panels(g, packed2d, scales, panel), g @ w, **tol)
     calls = []
-    monkeypatch.setattr(nf4_kernels, "GEMM_PANEL", {dtype: 64})
+    monkeypatch.setattr(nf4_kernels, "GEMM_PANEL_BYTES", {dtype: 64 * k * dtype.itemsize})
+    assert nf4_kernels._gemm_panel(packed2d, scales, dtype, k) == 64
     monkeypatch.setattr(nf4_kernels, "mm_panels", lambda *a: calls.append("fwd") or x @ w.t())
     monkeypatch.setattr(nf4_kernels, "mm_t_panels", lambda *a: calls.append("bwd") or g @ w)
     nf4_kernels.nf4_mm(x, packed2d, scales), nf4_kernels.nf4_mm_t(g, packed2d, scales)

@@ -29,11 +29,12 @@ from twinbench.impls.kernels.nf4_code import nf4_table
 
 # Rows of x up to which the fused dequantise-GEMV (weight never materialised) beats dequantise + GEMM.
 GEMV_MAX_ROWS = 4
-# The GEMM path's panel size per compute dtype (rows of W forward, columns backward; a multiple of 32): W is
-# dequantised one panel at a time into a buffer that stays in the core's cache and each panel runs its own GEMM,
-# so the dequantised weight never goes to memory. Dtypes not listed dequantise the whole W into the workspace
-# (fp32: the panel GEMMs lost what the tiling saved, measured). docs/quant_linear.md, "Batch 512", has the table.
-GEMM_PANEL = {torch.bfloat16: 256}
+# The GEMM path's panel per compute dtype, in bytes of dequantised weight: W is dequantised one panel at a time
+# (rows of W forward, a column range of every row backward) into a reused buffer and each panel runs its own
+# GEMM, so the GEMM reads a panel the dequantisation has just left in cache instead of a whole W written out
+# to memory. Larger panels mean fewer, more efficient GEMMs (each call re-packs x); the best sizes measured
+# here outgrow the 2 MB L2 and live in the last-level cache. docs/quant_linear.md, "Batch 512", has the table.
+GEMM_PANEL_BYTES = {torch.float32: 32 << 20, torch.bfloat16: 8 << 20}
 
 
 def dequant_even_odd(packed2d: torch.Tensor, scales: torch.Tensor, code: torch.Tensor,
@@ -218,20 +219,22 @@ def nf4_mm(x: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor) -> tor
         out = _kernel("gemv", packed2d)(xf[:, 0::2].contiguous(), xf[:, 1::2].contiguous(), packed2d, scales,
                                         nf4_table(str(x.device)))
         return out.to(x.dtype)
-    panel = _gemm_panel(packed2d, scales, x.dtype)
+    panel = _gemm_panel(packed2d, scales, x.dtype, 2 * packed2d.shape[1])
     if panel:
         return mm_panels(x, packed2d, scales, panel)
     return gemm_nt(x, dequantize(packed2d, scales, x.dtype, transient=True))
 
 
-def _gemm_panel(packed2d: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> int | None:
-    """The panel size the GEMM path tiles this weight with (:data:`GEMM_PANEL`), or None for the whole W:
-    native weights with fp32 scales, and ``TWINBENCH_NF4_PANELS=0`` not set."""
-    panel = GEMM_PANEL.get(dtype)
-    if not panel or os.environ.get("TWINBENCH_NF4_PANELS") == "0" or not isinstance(scales, torch.Tensor) \
+def _gemm_panel(packed2d: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, span: int) -> int | None:
+    """Rows (forward: ``span`` = K, the row length) or columns (backward: ``span`` = N, the column length) per
+    panel for this weight (:data:`GEMM_PANEL_BYTES`, a multiple of 32, at least 32), or None for the
+    whole-weight path: dtypes not listed, weights the native kernels do not take or whose scales are not fp32,
+    and ``TWINBENCH_NF4_PANELS=0``."""
+    budget = GEMM_PANEL_BYTES.get(dtype)
+    if not budget or os.environ.get("TWINBENCH_NF4_PANELS") == "0" or not isinstance(scales, torch.Tensor) \
             or scales.dtype != torch.float32 or not nf4_native.supports(packed2d, scales):
         return None
-    return panel
+    return max(32, budget // (span * dtype.itemsize) // 32 * 32)
 
 
 def nf4_mm_t(g: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor,
@@ -245,7 +248,7 @@ def nf4_mm_t(g: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor,
             return nf4_native.gemv_t(g, packed2d, scales).to(g.dtype)
         out = _kernel("gemv_t", packed2d)(g.float(), packed2d, scales, nf4_table(str(g.device)))
         return from_even_odd(out).to(g.dtype)
-    panel = _gemm_panel(packed2d, scales, g.dtype)
+    panel = _gemm_panel(packed2d, scales, g.dtype, packed2d.shape[0])
     if panel:
         return mm_t_panels(g, packed2d, scales, panel)
     return gemm_nn(g, dequantize(packed2d, scales, g.dtype, transient=True))
