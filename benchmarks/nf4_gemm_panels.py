@@ -4,15 +4,15 @@
     python3 benchmarks/nf4_gemm_panels.py --threads 2
 
 The suite's bench shape (4096x4096, batch 512, LoRA r16, blocksize 64; the GEMM path takes fp32 block
-scales, decoded from the double quant once per weight by the impl). Per round each variant runs once, in
+scales: the impl decodes the double quant before calling it). Per round each variant runs once, in
 rotating order: ``bare`` (the GEMMs and LoRA products on a weight dequantised beforehand, the calls bare_gemm
 makes), ``before`` (the GEMM path before panels: the whole W dequantised by nf4_dequantize into the workspace),
 ``whole`` (the whole W by nf4.dequantize as it is now: for bf16 the faster panel kernel's narrowing) and
 ``panels-P`` (W dequantised P rows / P columns at a time into a cache-sized buffer, one GEMM per panel; what
 nf4_mm / nf4_mm_t run at GEMM_PANEL_BYTES' size); at several threads also ``splitT-P`` (each of T Python
-threads dequantises and multiplies its own panels at one thread, so dequantising overlaps another's GEMM). Printed: the median time per variant and
-the median over rounds of variant / bare, forward and forward + backward (dx = g W and the LoRA gradients),
-then the dequantisation alone and the bare base GEMM alone; ``os.getloadavg()`` before and after. Numbers
+threads dequantises and multiplies its own panels at one thread, so dequantising overlaps another's GEMM).
+Printed: the median time per variant and the median over rounds of variant / bare, forward and forward +
+backward (dx = g W and the LoRA gradients), then the dequantisation alone and the bare base GEMM alone; ``os.getloadavg()`` before and after. Numbers
 taken at a load above the cores' count are not results (docs/quant_linear.md, "Batch 512"); at one thread the
 clock is the thread's CPU time (``--clock wall`` for wall time), which a shared core disturbs far less.
 A panel size of 4096 (the whole weight) is one panel.
