@@ -147,8 +147,20 @@ def main() -> int:
         weight = nf4_native.dequantize(packed, scales, dtype)
         vs = variants(packed, scales, weight, args.panels, args.threads)
         times: dict[tuple[str, str], list[float]] = {}
-        extra: dict[str, list[float]] = {"dequantise alone": [], "base GEMM alone (fwd)": [],
-                                         "base GEMM alone (bwd)": []}
+        alone = [("dequantise alone", lambda: nf4.dequantize(packed, scales, dtype, transient=True)),
+                 ("base GEMM alone (fwd)", lambda: x @ weight.t()),
+                 ("base GEMM alone (bwd)", lambda: g @ weight)]
+        if args.panels:  # one panel of the first size: its dequantisation (into a cached buffer) and its GEMM
+            p = args.panels[0]
+            rows, cols = nf4.panel_workspace(p, K, dtype), nf4.panel_workspace(N, p, dtype).clone()
+            y, dx = torch.empty(BATCH, N, dtype=dtype), torch.empty(BATCH, K, dtype=dtype)
+            alone += [(f"panel {p} rows: dequantise",
+                       lambda: nf4_native.dequantize_panel(packed, scales, dtype, (0, p), (0, K), rows)),
+                      (f"panel {p} rows: GEMM", lambda: torch.mm(x, rows.t(), out=y[:, :p])),
+                      (f"panel {p} cols: dequantise",
+                       lambda: nf4_native.dequantize_panel(packed, scales, dtype, (0, N), (0, p), cols)),
+                      (f"panel {p} cols: GEMM", lambda: torch.mm(g, cols, out=dx[:, :p]))]
+        extra: dict[str, list[float]] = {label: [] for label, _ in alone}
         names = list(vs)
         for rnd in range(args.rounds + 1):  # round 0: warm-up, not kept
             order = names[rnd % len(names):] + names[: rnd % len(names)]
@@ -162,9 +174,7 @@ def main() -> int:
                 if rnd:
                     times.setdefault((name, "fwd"), []).append(t1 - t0)
                     times.setdefault((name, "fwdbwd"), []).append(t2 - t0)
-            for label, fn in (("dequantise alone", lambda: nf4.dequantize(packed, scales, dtype, transient=True)),
-                              ("base GEMM alone (fwd)", lambda: x @ weight.t()),
-                              ("base GEMM alone (bwd)", lambda: g @ weight)):
+            for label, fn in alone:
                 t0 = clock()
                 fn()
                 if rnd:
@@ -180,7 +190,7 @@ def main() -> int:
                              else f"{statistics.median(ours) * 1e3:10.2f} {ratio:12.3f}")
             print(f"{name:<14} {' '.join(cells)}")
         for label, ts in extra.items():
-            print(f"{label:<24} {statistics.median(ts) * 1e3:8.2f} ms")
+            print(f"{label:<28} {statistics.median(ts) * 1e3:8.2f} ms")
     print(f"\nload after: {_load()}")
     return 0
 
