@@ -382,6 +382,9 @@ def test_gemm_panels_equal_the_whole_weights_gemm(dtype, monkeypatch):
         torch.testing.assert_close(nf4_kernels.mm_t_panels(g, packed2d, scales, panel), g @ w, **tol)
     calls = []
     monkeypatch.setattr(nf4_kernels, "GEMM_PANEL_BYTES", {dtype: 64 * k * dtype.itemsize})
+    monkeypatch.setattr(nf4_kernels, "cpu_vendor", lambda: "AuthenticAMD")  # sizes measured on Intel only
+    assert nf4_kernels._gemm_panel(packed2d, scales, dtype, k) is None
+    monkeypatch.setattr(nf4_kernels, "cpu_vendor", lambda: "GenuineIntel")
     assert nf4_kernels._gemm_panel(packed2d, scales, dtype, k) == 64
     monkeypatch.setattr(nf4_kernels, "mm_panels", lambda *a: calls.append("fwd") or x @ w.t())
     monkeypatch.setattr(nf4_kernels, "mm_t_panels", lambda *a: calls.append("bwd") or g @ w)

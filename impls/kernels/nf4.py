@@ -229,10 +229,12 @@ def _gemm_panel(packed2d: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
     """Rows (forward: ``span`` = K, the row length) or columns (backward: ``span`` = N, the column length) per
     panel for this weight (:data:`GEMM_PANEL_BYTES`, a multiple of 32, at least 32), or None for the
     whole-weight path: dtypes not listed, weights the native kernels do not take or whose scales are not fp32,
-    and ``TWINBENCH_NF4_PANELS=0``."""
+    CPUs other than Intel's (the sizes were measured on one; on the AMD box tiling lost 1.5-2x, and there the
+    fp32 GEMM is oneDNN's, which takes no ``out=``), and ``TWINBENCH_NF4_PANELS=0``."""
     budget = GEMM_PANEL_BYTES.get(dtype)
     if not budget or os.environ.get("TWINBENCH_NF4_PANELS") == "0" or not isinstance(scales, torch.Tensor) \
-            or scales.dtype != torch.float32 or not nf4_native.supports(packed2d, scales):
+            or scales.dtype != torch.float32 or cpu_vendor() != "GenuineIntel" \
+            or not nf4_native.supports(packed2d, scales):
         return None
     return max(32, budget // (span * dtype.itemsize) // 32 * 32)
 
