@@ -131,8 +131,8 @@ def _workspace(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def panel_workspace(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """A reusable [rows, cols] buffer (per thread and dtype) for one dequantised panel of W: sized to stay in
-    the core's L2, so the GEMM reads the panel from cache and the dequantised weight never goes to memory."""
+    """A reusable [rows, cols] buffer (per thread and dtype, grown to the largest panel seen) for one
+    dequantised panel of W (:data:`GEMM_PANEL_BYTES`), which the panel's GEMM then reads from cache."""
     bufs = _scratch.__dict__.setdefault("panels", {})
     buf = bufs.get(dtype)
     if buf is None or buf.numel() < rows * cols:
@@ -262,6 +262,7 @@ def mm_panels(x: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor, row
     (``mm(out=)`` on a strided view: BLAS takes the row stride, no copy, checked). Native weights with fp32
     scales only."""
     n, half = packed2d.shape
+    rows = min(rows, n)  # a weight smaller than one panel takes a buffer of its own size
     y = torch.empty(x.shape[0], n, dtype=x.dtype)
     buf = panel_workspace(rows, 2 * half, x.dtype)
     for r0 in range(0, n, rows):
@@ -276,6 +277,7 @@ def mm_t_panels(g: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor, c
     into a cache-sized buffer, then ``dx[:, c0:c1] = g @ panel`` in place."""
     n, half = packed2d.shape
     k = 2 * half
+    cols = min(cols, k)
     dx = torch.empty(g.shape[0], k, dtype=g.dtype)
     buf = panel_workspace(n, cols, g.dtype)
     for c0 in range(0, k, cols):
