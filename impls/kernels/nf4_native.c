@@ -522,7 +522,8 @@ int nf4_native_abi(void) { return 2; }
 
 /* ---- dequantise a panel (for the GEMM path's panel tiling: docs/quant_linear.md, "Batch 512") -------------- */
 
-#if L == 16 && (defined(__GNUC__) || defined(__clang__))
+/* compilers with AVX512-BF16 intrinsics and __builtin_cpu_supports("avx512bf16"); older ones build without it */
+#if L == 16 && ((defined(__clang__) && __clang_major__ >= 11) || (!defined(__clang__) && __GNUC__ >= 11))
 #define NF4_PANEL_BF16 1
 /* bf16 panels with AVX512-BF16 (built for that target, called only where the CPU has it): vcvtne2ps2bf16
  * narrows 32 floats in one instruction and a word permute interleaves even/odd columns, ~9 vector uops per
