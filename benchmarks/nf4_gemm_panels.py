@@ -9,7 +9,7 @@ rotating order: ``bare`` (the GEMMs and LoRA products on a weight dequantised be
 makes), ``before`` (the GEMM path before panels: the whole W dequantised by nf4_dequantize into the workspace),
 ``whole`` (the whole W by nf4.dequantize as it is now: for bf16 the faster panel kernel's narrowing) and
 ``panels-P`` (W dequantised P rows / P columns at a time into a cache-sized buffer, one GEMM per panel; what
-nf4_mm / nf4_mm_t run at GEMM_PANEL_BYTES' size); at several threads also ``splitT-P`` (each of T Python
+nf4_mm / nf4_mm_t run at GEMM_PANELS' size); at several threads also ``splitT-P`` (each of T Python
 threads dequantises and multiplies its own panels at one thread, so dequantising overlaps another's GEMM).
 Printed: the median time per variant and the median over rounds of variant / bare, forward and forward +
 backward (dx = g W and the LoRA gradients), then the dequantisation alone and the bare base GEMM alone; ``os.getloadavg()`` before and after. Numbers

@@ -368,8 +368,8 @@ def test_fast_bf16_narrowing_is_bit_identical_at_the_edges():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gemm_panels_equal_the_whole_weights_gemm(dtype, monkeypatch):
     """The GEMM path's panel tiling (rows forward, columns backward, a last panel cut short) computes x W^T
-    and g W like one GEMM on the whole dequantised W, and nf4_mm / nf4_mm_t take it where GEMM_PANEL_BYTES asks
-    (and not with TWINBENCH_NF4_PANELS=0)."""
+    and g W like one GEMM on the whole dequantised W, and nf4_mm / nf4_mm_t take it where GEMM_PANELS asks (Intel
+    CPUs, up to the rule's thread count; not with TWINBENCH_NF4_PANELS=0)."""
     gen = torch.Generator().manual_seed(7)
     n, k, bs = 160, 320, 64
     packed2d = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
@@ -384,15 +384,25 @@ def test_gemm_panels_equal_the_whole_weights_gemm(dtype, monkeypatch):
     # a panel larger than the weight: the buffer is the weight's size, not the panel's
     assert nf4_kernels.panel_workspace(1, 1, dtype).numel() <= n * k
     calls = []
-    monkeypatch.setattr(nf4_kernels, "GEMM_PANEL_BYTES", {dtype: 64 * k * dtype.itemsize})
+    monkeypatch.setattr(nf4_kernels, "mm_panels", lambda *a: calls.append("fwd") or x @ w.t())
+    monkeypatch.setattr(nf4_kernels, "mm_t_panels", lambda *a: calls.append("bwd") or g @ w)
+    monkeypatch.setattr(nf4_kernels, "GEMM_PANELS", {dtype: nf4_kernels.PanelRule(64 * k * dtype.itemsize, 1)})
     monkeypatch.setattr(nf4_kernels, "cpu_vendor", lambda: "AuthenticAMD")  # sizes measured on Intel only
     assert nf4_kernels._gemm_panel(packed2d, scales, dtype, k) is None
     monkeypatch.setattr(nf4_kernels, "cpu_vendor", lambda: "GenuineIntel")
-    assert nf4_kernels._gemm_panel(packed2d, scales, dtype, k) == 64
-    monkeypatch.setattr(nf4_kernels, "mm_panels", lambda *a: calls.append("fwd") or x @ w.t())
-    monkeypatch.setattr(nf4_kernels, "mm_t_panels", lambda *a: calls.append("bwd") or g @ w)
-    nf4_kernels.nf4_mm(x, packed2d, scales), nf4_kernels.nf4_mm_t(g, packed2d, scales)
-    assert calls == ["fwd", "bwd"]
-    monkeypatch.setenv("TWINBENCH_NF4_PANELS", "0")
-    nf4_kernels.nf4_mm(x, packed2d, scales), nf4_kernels.nf4_mm_t(g, packed2d, scales)
-    assert calls == ["fwd", "bwd"]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # more threads than the rule allows: the whole-W path
+        assert nf4_kernels._gemm_panel(packed2d, scales, dtype, k) is None
+    finally:
+        torch.set_num_threads(before)
+    torch.set_num_threads(1)
+    try:
+        assert nf4_kernels._gemm_panel(packed2d, scales, dtype, k) == 64
+        nf4_kernels.nf4_mm(x, packed2d, scales), nf4_kernels.nf4_mm_t(g, packed2d, scales)
+        assert calls == ["fwd", "bwd"]
+        monkeypatch.setenv("TWINBENCH_NF4_PANELS", "0")
+        nf4_kernels.nf4_mm(x, packed2d, scales), nf4_kernels.nf4_mm_t(g, packed2d, scales)
+        assert calls == ["fwd", "bwd"]
+    finally:
+        torch.set_num_threads(before)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+from dataclasses import dataclass
 
 import torch
 from twinbench.impls.kernels import nf4_native
@@ -33,8 +34,17 @@ GEMV_MAX_ROWS = 4
 # (rows of W forward, a column range of every row backward) into a reused buffer and each panel runs its own
 # GEMM, so the GEMM reads a panel the dequantisation has just left in cache instead of a whole W written out
 # to memory. Larger panels mean fewer, more efficient GEMMs (each call re-packs x); the best sizes measured
-# here outgrow the 2 MB L2 and live in the last-level cache. docs/quant_linear.md, "Batch 512", has the table.
-GEMM_PANEL_BYTES = {torch.float32: 32 << 20, torch.bfloat16: 8 << 20}
+# here outgrow the 2 MB L2 and live in the last-level cache. fp32 gained at one thread only (at two the
+# whole-W path measured as fast or faster). docs/quant_linear.md, "Batch 512", has the table.
+@dataclass(frozen=True)
+class PanelRule:
+    """Panel size in bytes of dequantised weight, used at up to ``max_threads`` torch threads (None: any)."""
+
+    bytes: int
+    max_threads: int | None = None
+
+
+GEMM_PANELS = {torch.float32: PanelRule(32 << 20, max_threads=1), torch.bfloat16: PanelRule(8 << 20)}
 
 
 def dequant_even_odd(packed2d: torch.Tensor, scales: torch.Tensor, code: torch.Tensor,
@@ -132,7 +142,7 @@ def _workspace(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
 
 def panel_workspace(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
     """A reusable [rows, cols] buffer (per thread and dtype, grown to the largest panel seen) for one
-    dequantised panel of W (:data:`GEMM_PANEL_BYTES`), which the panel's GEMM then reads from cache."""
+    dequantised panel of W (:data:`GEMM_PANELS`), which the panel's GEMM then reads from cache."""
     bufs = _scratch.__dict__.setdefault("panels", {})
     buf = bufs.get(dtype)
     if buf is None or buf.numel() < rows * cols:
@@ -227,16 +237,18 @@ def nf4_mm(x: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor) -> tor
 
 def _gemm_panel(packed2d: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, span: int) -> int | None:
     """Rows (forward: ``span`` = K, the row length) or columns (backward: ``span`` = N, the column length) per
-    panel for this weight (:data:`GEMM_PANEL_BYTES`, a multiple of 32, at least 32), or None for the
-    whole-weight path: dtypes not listed, weights the native kernels do not take or whose scales are not fp32,
+    panel for this weight (:data:`GEMM_PANELS`, a multiple of 32, at least 32), or None for the whole-weight
+    path: dtypes not listed or more threads than their rule allows, weights the native kernels do not take or
+    whose scales are not fp32,
     CPUs other than Intel's (the sizes were measured on one; on the AMD box tiling lost 1.5-2x, and there the
     fp32 GEMM is oneDNN's, which takes no ``out=``), and ``TWINBENCH_NF4_PANELS=0``."""
-    budget = GEMM_PANEL_BYTES.get(dtype)
-    if not budget or os.environ.get("TWINBENCH_NF4_PANELS") == "0" or not isinstance(scales, torch.Tensor) \
+    rule = GEMM_PANELS.get(dtype)
+    if rule is None or (rule.max_threads is not None and torch.get_num_threads() > rule.max_threads) \
+            or os.environ.get("TWINBENCH_NF4_PANELS") == "0" or not isinstance(scales, torch.Tensor) \
             or scales.dtype != torch.float32 or cpu_vendor() != "GenuineIntel" \
             or not nf4_native.supports(packed2d, scales):
         return None
-    return max(32, budget // (span * dtype.itemsize) // 32 * 32)
+    return max(32, rule.bytes // (span * dtype.itemsize) // 32 * 32)
 
 
 def nf4_mm_t(g: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor,
