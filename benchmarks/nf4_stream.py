@@ -11,8 +11,9 @@ suite's ``fused_cpu`` call (forward, and forward + backward), interleaved with t
 thread count (the better of ``torch.dot`` and ``sum`` over two ``--bw-mb`` buffers, as the harness's ceiling).
 Prints the median ms per call and its share of the read floor: the bytes of ``suites/quant_linear.bytes_moved``
 (4-bit weight + double-quantised scales + LoRA + activations; gemv counts the forward's, gemv_t the backward's)
-at the median read bandwidth. The load average is printed with every line: numbers taken on a loaded machine
-are not results (docs/quant_linear.md, "GEMV kernel").
+at the median read bandwidth. ``--no-prefetch`` builds the kernels without their software prefetch. The load
+average is printed with every line: numbers taken on a loaded machine are not results (docs/quant_linear.md,
+"GEMV kernel").
 """
 
 from __future__ import annotations
@@ -103,14 +104,18 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="rounds over the whole pool (median reported)")
     parser.add_argument("--pool-mb", type=int, default=700, help="distinct weights per shape, in MB")
     parser.add_argument("--bw-mb", type=int, default=300, help="each of the two read-bandwidth buffers, in MB")
+    parser.add_argument("--no-prefetch", action="store_true",
+                        help="build the kernels without their software prefetch (NF4_PREFETCH=0), to compare")
     args = parser.parse_args()
+    if args.no_prefetch:
+        nf4_native.FLAGS.append("-DNF4_PREFETCH=0")  # before the first build: its own cached .so
     ok, why = nf4_native.status()
     if not ok:
         print(f"nf4_stream: native NF4 kernels unavailable: {why}", file=sys.stderr)
         return 2
     bw_a = torch.rand(args.bw_mb * 2**20 // 4)
     bw_b = torch.rand(bw_a.numel())
-    print(f"native build: {nf4_native.isa()}; load average at start: {_load()}")
+    print(f"native build: {nf4_native.isa()}{' without prefetch' if args.no_prefetch else ''}; load average at start: {_load()}")
     print("wall: elapsed time; cpu: CPU time per thread (descheduled time left out), for the call and for the read"
           " bandwidth alike")
     print(f"{'shape':<11} {'dt':<5} thr {'call':<13} {'wall ms':>8} {'[min-max]':>16} {'read GB/s':>9} "

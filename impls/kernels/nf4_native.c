@@ -182,31 +182,28 @@ AI vi nibbles(const uint8_t *gp, vi v0, const int s, const int safe) {
     return shift_right(vk, 4 * (s & 1));
 }
 
-/* Software prefetch of the weight (docs/quant_linear.md, "GEMV kernel"): without it the kernel's compute and its
- * DRAM reads do not overlap (cache-hot it decodes at ~80% of the DRAM rate, streaming it reached ~50%: too few
- * misses in flight). NF4_PF_MODE 1: NF4_PF_DIST bytes ahead in each row stream; 2: the same offset one pass
- * ahead (the rows the next pass reads: rows of 2-7 KB are short streams, and the threads' column split in the
- * backward makes them shorter, so the hardware prefetcher restarts at every row); 0: off. */
-#ifndef NF4_PF_MODE
-#define NF4_PF_MODE 2
+/* Software prefetch (docs/quant_linear.md, "GEMV kernel"). Without it the kernel's decoding and its DRAM reads
+ * did not overlap: cache-hot it decodes at ~10 GB/s of stored weight, streaming from DRAM it reached ~7
+ * (too few misses in flight). Each group load fetches the same offset of the rows the *next pass* reads
+ * (pass_bytes ahead): rows of 2-7 KB are short streams (in the backward each thread reads only its columns,
+ * shorter still), so the hardware prefetcher, which stops at 4 KB pages and restarts per stream, falls behind;
+ * one pass ahead is 8-28 KB per stream, which sits in L2. Measured against prefetching 256 B-2 KB ahead in
+ * the same row (10-25% slower), two passes ahead (same) and the T0/T2/NTA hints (T0 same, T2 and NTA slower).
+ * NF4_PREFETCH=0 builds without it (benchmarks/nf4_stream.py compares). */
+#ifndef NF4_PREFETCH
+#define NF4_PREFETCH 1
 #endif
-#ifndef NF4_PF_HINT
-#define NF4_PF_HINT _MM_HINT_T0
-#endif
-#ifndef NF4_PF_DIST
-#define NF4_PF_DIST 1024
-#endif
+#define NF4_PF_HINT _MM_HINT_T1
 /* at: the group about to be read; pass_bytes: how far ahead the next pass reads it. Once per cache line. */
 AI void prefetch_ahead(const uint8_t *at, i64 g, i64 pass_bytes) {
-    if (GROUP_BYTES < 64 && (g & 1)) return;
-    if (NF4_PF_MODE == 1) _mm_prefetch((const char *)at + NF4_PF_DIST, NF4_PF_HINT);
-    if (NF4_PF_MODE == 2) _mm_prefetch((const char *)at + pass_bytes, NF4_PF_HINT);
+    if (!NF4_PREFETCH || (GROUP_BYTES < 64 && (g & 1))) return;
+    _mm_prefetch((const char *)at + pass_bytes, NF4_PF_HINT);
 }
 
 /* The double-quantised scale bytes of rows [row, row + rows), blocks [b0, b1): a line or a few per row, read at
  * the start of each pass, so fetched one pass ahead like the weight. */
 AI void prefetch_scales(const plan_t *p, i64 row, int rows, i64 b0, i64 b1) {
-    if (!NF4_PF_MODE || !p->q) return;
+    if (!NF4_PREFETCH || !p->q) return;
     for (int r = 0; r < rows && row + r < p->N; r++) {
         const char *at = (const char *)(p->q + (row + r) * p->nb);
         for (i64 b = b0; b < b1; b += 64) _mm_prefetch(at + b, NF4_PF_HINT);
