@@ -299,3 +299,29 @@ def test_first_touch_copy_is_the_same_weight(monkeypatch):
         assert torch.equal(nf4_native.gemv(x, placed, scales), nf4_native.gemv(x, packed2d, scales))
     finally:
         torch.set_num_threads(before)
+
+
+@native
+def test_few_rows_compute_in_fp32_and_round_once(monkeypatch):
+    """The few-row path computes in fp32 (GEMV, LoRA products, bias, gradients) and rounds once to x's dtype:
+    its bf16 output and gradients are bitwise the fp32 computation's on the same inputs, rounded. Planted: the
+    old behaviour (LoRA products in bf16) is told apart."""
+    from twinbench.impls.quant_linear import fused
+
+    _, w, _, _ = state(256, 512, 64, True, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(*s, generator=gen).to(torch.bfloat16) for s in ((2, 512), (16, 512), (256, 16), (256,))]
+    g = torch.randn(2, 256, generator=gen).to(torch.bfloat16)
+
+    def run(dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in inputs]
+        out = fused.nf4_lora_linear(leaves[0], w, leaves[1], leaves[2], 2.0, leaves[3])
+        return [t.to(torch.bfloat16) for t in (out, *torch.autograd.grad(out, leaves, g.to(dtype)))]
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a, b))
+
+    want = run(torch.float32)
+    assert same(run(torch.bfloat16), want)
+    monkeypatch.setattr(fused, "_compute_dtype", lambda x, few_rows: x.dtype)
+    assert not same(run(torch.bfloat16), want)
