@@ -119,9 +119,9 @@ def from_even_odd(t: torch.Tensor) -> torch.Tensor:
 def cpu_path(packed2d: torch.Tensor, scales: torch.Tensor) -> str:
     """Which CPU kernels serve this weight: 'native-avx512' / 'native-avx2', or 'fallback (why not native)'
     (the inductor GEMV kernels; bnb's dequantiser on the GEMM path when bnb is installed)."""
-    if nf4_native.supports(packed2d, scales):
-        return f"native-{nf4_native.isa()}"
     ok, why = nf4_native.status()
+    if ok and nf4_native.fits(packed2d, scales):
+        return f"native-{nf4_native.isa()}"
     return f"fallback ({why if not ok else 'not a contiguous CPU weight with blocks a multiple of 32 columns'})"
 
 
@@ -224,7 +224,8 @@ def nf4_mm(x: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor) -> tor
     accumulation, W never materialised); more: W dequantised to x's dtype (as bnb does), then x's GEMM."""
     if x.shape[0] <= GEMV_MAX_ROWS:
         if nf4_native.supports(packed2d, scales):
-            return nf4_native.gemv(x, packed2d, scales).to(x.dtype)
+            y = nf4_native.gemv(x, packed2d, scales)
+            return y if x.dtype == torch.float32 else y.to(x.dtype)  # .to() parses its arguments: ~1 us
         xf = x.float()
         out = _kernel("gemv", packed2d)(xf[:, 0::2].contiguous(), xf[:, 1::2].contiguous(), packed2d, scales,
                                         nf4_table(str(x.device)))
@@ -259,7 +260,8 @@ def nf4_mm_t(g: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor,
         return gemm_nn(g, weight)
     if g.shape[0] <= GEMV_MAX_ROWS:
         if nf4_native.supports(packed2d, scales):
-            return nf4_native.gemv_t(g, packed2d, scales).to(g.dtype)
+            dx = nf4_native.gemv_t(g, packed2d, scales)
+            return dx if g.dtype == torch.float32 else dx.to(g.dtype)
         out = _kernel("gemv_t", packed2d)(g.float(), packed2d, scales, nf4_table(str(g.device)))
         return from_even_odd(out).to(g.dtype)
     panel = _gemm_panel(packed2d, scales, g.dtype, packed2d.shape[0])

@@ -89,19 +89,35 @@ def _choose_isa(wanted: str) -> tuple[str | None, str]:
     return None, "this CPU has neither AVX-512 nor AVX2+FMA+F16C (the native NF4 kernels need one)"
 
 
-def _load() -> tuple[ctypes.CDLL | None, str]:
-    return _load_for(os.environ.get("TWINBENCH_NF4_NATIVE", ""), os.environ.get("TWINBENCH_NF4_ISA", ""))
+@dataclass(frozen=True)
+class _Native:
+    """The loaded build for one setting of the environment: ``lib`` None when off, with ``why``."""
+
+    lib: ctypes.CDLL | None
+    isa: str | None
+    why: str
+
+
+def _load() -> _Native:
+    """The build the environment asks for. Two environment reads (~2 us each) per call: the few-rows path makes
+    one such call per kernel call (docs/quant_linear.md, "GEMV kernel": the per-call cost), and the variables
+    stay live (tests switch them with monkeypatch)."""
+    get = os.environ.get
+    return _load_for(get("TWINBENCH_NF4_NATIVE", ""), get("TWINBENCH_NF4_ISA", ""))
 
 
 @functools.cache
-def _load_for(native: str, wanted_isa: str) -> tuple[ctypes.CDLL | None, str]:
-    """The build for these environment settings (cached: status() runs on every kernel call)."""
+def _load_for(native: str, wanted_isa: str) -> _Native:
+    """The build for these environment settings (cached)."""
     if native == "0":
-        return None, "turned off by TWINBENCH_NF4_NATIVE=0"
+        return _Native(None, None, "turned off by TWINBENCH_NF4_NATIVE=0")
     if not sys.platform.startswith("linux"):
-        return None, f"native NF4 kernels are built for Linux only (this is {sys.platform})"
+        return _Native(None, None, f"native NF4 kernels are built for Linux only (this is {sys.platform})")
     isa, why = _choose_isa(wanted_isa)
-    return _load_isa(isa) if isa else (None, why)
+    if not isa:
+        return _Native(None, None, why)
+    lib, why = _load_isa(isa)
+    return _Native(lib, isa if lib is not None else None, why)
 
 
 @functools.cache
@@ -128,13 +144,13 @@ def _load_isa(isa: str) -> tuple[ctypes.CDLL | None, str]:
 
 def isa() -> str | None:
     """The vector layer of the loaded build ('avx512'/'avx2'), or None when the native kernels are off."""
-    return chosen_isa()[0] if status()[0] else None
+    return _load().isa
 
 
 def status() -> tuple[bool, str]:
     """(usable, why not): CPU flags, a working compiler and a successful build (built once, then cached)."""
-    lib, why = _load()
-    return lib is not None, why
+    native = _load()
+    return native.lib is not None, native.why
 
 
 # Blocks per row the GEMV kernels' per-row scale buffers hold (nf4_native.c: MAX_ROW_BLOCKS).
@@ -144,13 +160,16 @@ MAX_ROW_BLOCKS = 2048
 def supports(packed2d: torch.Tensor, scales: Scales) -> bool:
     """The native kernels take contiguous CPU weights whose blocks are a power of two >= 32 columns, at most
     MAX_ROW_BLOCKS of them per row."""
-    half = packed2d.shape[1]
-    k = 2 * half
+    return fits(packed2d, scales) and _load().lib is not None
+
+
+def fits(packed2d: torch.Tensor, scales: Scales) -> bool:
+    """:func:`supports` without asking whether the build is loaded (the caller has :func:`status`)."""
+    k = 2 * packed2d.shape[1]
     nb = scales.shape[-1]
     bs = k // nb if nb and k % nb == 0 else 0
     # blocks a power of two >= 32 columns (bnb's are: 64..4096; the GEMV lanes rely on it)
-    return (packed2d.device.type == "cpu" and packed2d.is_contiguous() and bs >= 32 and bs & (bs - 1) == 0
-            and nb <= MAX_ROW_BLOCKS and status()[0])
+    return packed2d.is_cpu and packed2d.is_contiguous() and bs >= 32 and bs & (bs - 1) == 0 and nb <= MAX_ROW_BLOCKS
 
 
 @dataclass(frozen=True)
@@ -169,11 +188,14 @@ class NestedScales:
         return self.q.shape
 
     def checked(self) -> NestedScales:
+        """These scales with absmax2/code2 as contiguous fp32 (self when they already are), checked for C."""
         q = _checked(self.q, torch.uint8, "absmax")
         a2 = _checked(self.absmax2.float().contiguous(), torch.float32, "absmax2")
         c2 = _checked(self.code2.float().contiguous(), torch.float32, "code2")
         if a2.numel() * 256 < q.numel() or c2.numel() != 256:
             raise ValueError("absmax2 must cover every 256 blocks and code2 must have 256 values")
+        if a2 is self.absmax2 and c2 is self.code2 and type(self.offset) is float:
+            return self
         return NestedScales(q, a2, c2, float(self.offset))
 
     def decoded(self) -> torch.Tensor:
@@ -192,16 +214,16 @@ def _scale_args(scales: Scales) -> tuple:
 
 
 def _checked(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
-    if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+    if t.dtype != dtype or not t.is_cpu or not t.is_contiguous():
         raise ValueError(f"{name}: need a contiguous CPU {dtype} tensor, got {t.dtype} on {t.device}")
     return t
 
 
 def _lib() -> ctypes.CDLL:
-    lib, why = _load()
-    if lib is None:
-        raise RuntimeError(why)
-    return lib
+    native = _load()
+    if native.lib is None:
+        raise RuntimeError(native.why)
+    return native.lib
 
 
 def _call(fn, *args) -> None:
@@ -235,10 +257,18 @@ def _threads(packed2d: torch.Tensor) -> int:
 
 
 def _weight(packed2d: torch.Tensor, scales: Scales) -> tuple[torch.Tensor, Scales, int, int, int]:
+    """The weight checked for the C kernels (contiguous CPU uint8 bytes; contiguous fp32 or nested scales that
+    split it into whole blocks): (packed2d, scales, n, k, blocksize). Cheap checks, run on every call: a cached
+    verdict would need a key as costly as the checks (pointer, shape, strides, dtype of four tensors)."""
     packed2d = _checked(packed2d, torch.uint8, "packed")
-    scales = scales.checked() if isinstance(scales, NestedScales) else _checked(scales.reshape(-1), torch.float32,
-                                                                                 "scales")
-    count = scales.q.numel() if isinstance(scales, NestedScales) else scales.numel()
+    if isinstance(scales, NestedScales):
+        scales = scales.checked()
+        count = scales.q.numel()
+    else:
+        scales = _checked(scales.contiguous(), torch.float32, "scales")  # C reads its flat view
+        count = scales.numel()
+    if packed2d.dim() != 2:
+        raise ValueError(f"packed must be [N, K/2], got {tuple(packed2d.shape)}")
     n, half = packed2d.shape
     k = 2 * half
     if count == 0 or (n * k) % count:
@@ -251,13 +281,17 @@ def gemv(x: torch.Tensor, packed2d: torch.Tensor, scales: Scales) -> torch.Tenso
     packed2d, scales, n, k, bs = _weight(packed2d, scales)
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x must be [M, {k}], got {tuple(x.shape)}")
-    x = x.contiguous() if x.dtype == torch.bfloat16 else x.float().contiguous()
-    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    bf16 = x.dtype == torch.bfloat16
+    x = (x if bf16 else x.float()).contiguous()
+    if not x.is_cpu:
+        raise ValueError(f"x must be on the CPU, got {x.device}")
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
     lib, code, threads, sargs = _lib(), nf4_table("cpu"), _threads(packed2d), _scale_args(scales)
-    for r in range(0, x.shape[0], MAX_ROWS):
-        rows = min(MAX_ROWS, x.shape[0] - r)
-        _call(lib.nf4_gemv, packed2d.data_ptr(), sargs[0], code.data_ptr(), x[r].data_ptr(),
-              int(x.dtype == torch.bfloat16), y[r].data_ptr(), rows, n, k, bs, threads, *sargs[1:])
+    xp, yp, xrow = x.data_ptr(), y.data_ptr(), k * x.element_size()  # row r at base + r * row bytes (contiguous)
+    for r in range(0, m, MAX_ROWS):
+        _call(lib.nf4_gemv, packed2d.data_ptr(), sargs[0], code.data_ptr(), xp + r * xrow, int(bf16),
+              yp + r * n * 4, min(MAX_ROWS, m - r), n, k, bs, threads, *sargs[1:])
     return y
 
 
@@ -267,12 +301,15 @@ def gemv_t(g: torch.Tensor, packed2d: torch.Tensor, scales: Scales) -> torch.Ten
     if g.dim() != 2 or g.shape[1] != n:
         raise ValueError(f"g must be [M, {n}], got {tuple(g.shape)}")
     g = g.float().contiguous()
-    dx = torch.empty(g.shape[0], k, dtype=torch.float32)
+    if not g.is_cpu:
+        raise ValueError(f"g must be on the CPU, got {g.device}")
+    m = g.shape[0]
+    dx = torch.empty(m, k, dtype=torch.float32)
     lib, code, threads, sargs = _lib(), nf4_table("cpu"), _threads(packed2d), _scale_args(scales)
-    for r in range(0, g.shape[0], MAX_ROWS):
-        rows = min(MAX_ROWS, g.shape[0] - r)
-        _call(lib.nf4_gemv_t, packed2d.data_ptr(), sargs[0], code.data_ptr(), g[r].data_ptr(),
-              dx[r].data_ptr(), rows, n, k, bs, threads, *sargs[1:])
+    gp, dxp = g.data_ptr(), dx.data_ptr()  # fp32, contiguous: row r at base + r * row bytes
+    for r in range(0, m, MAX_ROWS):
+        _call(lib.nf4_gemv_t, packed2d.data_ptr(), sargs[0], code.data_ptr(), gp + r * n * 4, dxp + r * k * 4,
+              min(MAX_ROWS, m - r), n, k, bs, threads, *sargs[1:])
     return dx
 
 

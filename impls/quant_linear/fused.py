@@ -17,7 +17,6 @@ Triton kernels (impls/quant_linear/triton_nf4.py). :class:`NF4Weight` is defined
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -29,20 +28,33 @@ from twinbench.impls.kernels.nf4_weight import NF4Weight, as_nf4_weight
 from twinbench.impls.quant_linear.triton_nf4 import triton_nf4_lora_linear
 
 
-@contextlib.contextmanager
-def _one_thread(active: bool):
+class _one_thread:  # noqa: N801 (used as a context manager, like contextlib's)
     """Run the tiny LoRA products of a few-row call (O(r (N + K)) work) on one thread: forking an OpenMP team
     costs more than the work, and on a shared machine a team waits for any descheduled member (the
-    measured cost: docs/quant_linear.md). The NF4 kernels themselves keep all threads."""
-    threads = torch.get_num_threads()
-    if not active or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    measured cost: docs/quant_linear.md). The NF4 kernels themselves keep all threads. A plain class, not a
+    contextlib generator: entered three times per few-rows forward + backward, where each generator costs
+    ~2 us (docs/quant_linear.md, "GEMV kernel", per-call cost)."""
+
+    __slots__ = ("active", "threads")
+
+    def __init__(self, active: bool):
+        self.active = active
+        self.threads = 1
+
+    def __enter__(self) -> None:
+        if self.active:
+            self.threads = torch.get_num_threads()
+            if self.threads != 1:
+                torch.set_num_threads(1)
+
+    def __exit__(self, *exc) -> None:
+        if self.active and self.threads != 1:
+            torch.set_num_threads(self.threads)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the ~1 us argument parsing when t already has it (the same tensor either way)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class _NF4LoRALinear(torch.autograd.Function):
@@ -52,7 +64,7 @@ class _NF4LoRALinear(torch.autograd.Function):
     def forward(ctx, x, packed2d, scales, lora_A, lora_B, bias, scaling, keep_w):
         w = None
         few_rows = x.shape[0] <= nf4_kernels.GEMV_MAX_ROWS
-        xc = x.to(_compute_dtype(x, few_rows))
+        xc = _as(x, _compute_dtype(x, few_rows))
         if keep_w and not few_rows:  # GEMM path: keep W for the backward
             w = nf4_kernels.dequantize(packed2d, scales, x.dtype)
             out = nf4_kernels.gemm_nt(x, w)
@@ -61,16 +73,16 @@ class _NF4LoRALinear(torch.autograd.Function):
         xa = None
         with _one_thread(few_rows):
             if lora_A is not None:
-                xa = xc @ lora_A.t().to(xc.dtype)
-                out = out.addmm_(xa, lora_B.t().to(xc.dtype), alpha=scaling)  # in place: out is ours, fresh
+                xa = xc @ _as(lora_A, xc.dtype).t()
+                out = out.addmm_(xa, _as(lora_B, xc.dtype).t(), alpha=scaling)  # in place: out is ours, fresh
             if bias is not None:
-                out = out.add_(bias.to(xc.dtype))
+                out = out.add_(_as(bias, xc.dtype))
         ctx.scaling = scaling
         ctx.has_bias = bias is not None
         # double-quantised scales for the GEMV kernels are a NestedScales of tensors, held here as they are
         ctx.nested = None if isinstance(scales, torch.Tensor) else scales
         ctx.save_for_backward(x, packed2d, scales if ctx.nested is None else None, lora_A, lora_B, xa, w)
-        return out.to(x.dtype)
+        return _as(out, x.dtype)
 
     @staticmethod
     def backward(ctx, g):
@@ -79,23 +91,23 @@ class _NF4LoRALinear(torch.autograd.Function):
         need_x, _, _, need_a, need_b, need_bias, _, _ = ctx.needs_input_grad
         few_rows = x.shape[0] <= nf4_kernels.GEMV_MAX_ROWS
         cd = _compute_dtype(x, few_rows)
-        gc = g.to(cd).contiguous()
+        gc = _as(g, cd).contiguous()
         dx = da = db = dbias = None
         with _one_thread(few_rows):
-            gb = gc @ lora_B.to(cd) if lora_A is not None and (need_x or need_a) else None
+            gb = gc @ _as(lora_B, cd) if lora_A is not None and (need_x or need_a) else None
         if need_x:
             dx = nf4_kernels.nf4_mm_t(gc, packed2d, scales, weight=w)
         with _one_thread(few_rows):
             if need_x and gb is not None:
-                dx = dx.addmm_(gb, lora_A.to(cd), alpha=ctx.scaling)
+                dx = dx.addmm_(gb, _as(lora_A, cd), alpha=ctx.scaling)
             # the scaling goes on the small [M, r] factor, not on the [r, K] / [N, r] product
             if need_a:
-                da = ((gb * ctx.scaling).t() @ x.to(cd)).to(lora_A.dtype)
+                da = _as((gb * ctx.scaling).t() @ _as(x, cd), lora_A.dtype)
             if need_b:
-                db = (gc.t() @ (xa * ctx.scaling)).to(lora_B.dtype)
+                db = _as(gc.t() @ (xa * ctx.scaling), lora_B.dtype)
             if need_bias and ctx.has_bias:
-                dbias = gc.sum(0).to(g.dtype)
-        return (None if dx is None else dx.to(x.dtype)), None, None, da, db, dbias, None, None
+                dbias = _as(gc.sum(0), g.dtype)
+        return (None if dx is None else _as(dx, x.dtype)), None, None, da, db, dbias, None, None
 
 
 def _compute_dtype(x: torch.Tensor, few_rows: bool) -> torch.dtype:
@@ -137,9 +149,9 @@ def nf4_lora_linear(x: torch.Tensor, qweight_state: Any, lora_A: torch.Tensor | 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if lora_A is not None:
-        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        lora_A, lora_B = _as(lora_A, x.dtype), _as(lora_B, x.dtype)
     if bias is not None:
-        bias = bias.to(x.dtype)
+        bias = _as(bias, x.dtype)
     if not w.row_aligned():  # blocks straddle rows: plain dequantise + matmul (autograd does the rest)
         out = x2 @ w.dequantize(x.dtype).t()
         if lora_A is not None:
@@ -220,11 +232,31 @@ def _cpu_only(device) -> tuple[bool, str]:
     return True, ""
 
 
+# nf4_kernels.cpu_path per (vector layer, everything of the weight it reads): the same weight on every call of
+# a timed case, and ~10 us to recompute (docs/quant_linear.md, "GEMV kernel", per-call cost).
+_NATIVE_PATHS: dict[tuple, str] = {}
+_NATIVE_PATHS_MAX = 256  # distinct shapes seen in one process: a model has a handful
+
+
+def _kernel_path(w: NF4Weight) -> str:
+    """Which CPU kernels serve ``w`` (nf4_kernels.cpu_path), cached per loaded build and weight layout."""
+    if not w.row_aligned():
+        return "dequantise + matmul (blocks straddle rows)"
+    isa = nf4_native.isa()  # None: native off or not built (not cached: the reason is in the path)
+    key = (isa, w.shape, w.blocksize, w.packed.is_cpu, w.packed.is_contiguous(), w.absmax.numel())
+    path = _NATIVE_PATHS.get(key) if isa else None
+    if path is None:
+        path = nf4_kernels.cpu_path(w.packed.reshape(w.shape[0], -1), w.absmax.reshape(w.shape[0], -1))
+        if isa:
+            if len(_NATIVE_PATHS) >= _NATIVE_PATHS_MAX:
+                _NATIVE_PATHS.clear()
+            _NATIVE_PATHS[key] = path
+    return path
+
+
 def _with_path(out: torch.Tensor, w: NF4Weight) -> dict:
     """The output plus, for the record, which CPU kernels ran and the GEMM-path workspace held."""
-    path = nf4_kernels.cpu_path(w.packed.reshape(w.shape[0], -1), w.absmax.reshape(w.shape[0], -1)) \
-        if w.row_aligned() else "dequantise + matmul (blocks straddle rows)"
-    return {"out": out, "metrics": {"nf4_kernels": path, "workspace_bytes": nf4_kernels.workspace_bytes()}}
+    return {"out": out, "metrics": {"nf4_kernels": _kernel_path(w), "workspace_bytes": nf4_kernels.workspace_bytes()}}
 
 
 @register_impl("quant_linear", "fused_cpu", tags=("ours",), available=_cpu_only)
