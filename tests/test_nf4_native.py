@@ -452,3 +452,74 @@ def test_kernels_decode_double_quant_scales_bit_exactly(isa):
     off = flat.clone()
     off[20, 70] *= 1.001
     assert not torch.equal(nf4_native.gemv(x, packed2d, off)[:, 20], nf4_native.gemv(x, packed2d, flat)[:, 20])
+
+
+@native
+def test_every_call_rechecks_its_tensors():
+    """The few-rows wrappers cache no verdict about their arguments (docs/quant_linear.md, "GEMV kernel": the
+    per-call cost): after a good call, a tensor planted in the same place with the same shape but a layout or
+    device C cannot read is refused before any pointer reaches C."""
+    _, w, packed2d, _ = state(32, 128, 64, True)
+    nested = nf4_native.NestedScales(w.absmax.reshape(32, 2), w.absmax2, w.code2, float(w.offset))
+    assert nested.checked() is nested  # already in the kernels' form: no new object per call
+    x = torch.randn(2, 128)
+    want = nf4_native.gemv(x, packed2d, nested)
+    strided = torch.empty(64, 32, dtype=torch.uint8).t()  # [32, 64] like packed2d, rows 1 byte apart
+    strided.copy_(packed2d)
+    with pytest.raises(ValueError, match="packed: need a contiguous"):
+        nf4_native.gemv(x, strided, nested)
+    q_strided = torch.empty(2, 32, dtype=torch.uint8).t()
+    q_strided.copy_(nested.q)
+    with pytest.raises(ValueError, match="absmax: need a contiguous"):
+        nf4_native.gemv_t(torch.randn(1, 32), packed2d, nf4_native.NestedScales(q_strided, *astuple(nested)[1:]))
+    with pytest.raises(ValueError, match="x must be on the CPU"):
+        nf4_native.gemv(x.to("meta"), packed2d, nested)
+    with pytest.raises(ValueError, match="g must be on the CPU"):
+        nf4_native.gemv_t(torch.randn(1, 32, device="meta"), packed2d, nested)
+    with pytest.raises(ValueError, match="packed must be"):
+        nf4_native.gemv(x, packed2d.reshape(32, 2, 32), nested)
+    fp64 = nf4_native.NestedScales(nested.q, nested.absmax2.double(), nested.code2.double(), nested.offset)
+    assert torch.equal(nf4_native.gemv(x, packed2d, fp64), want)  # converted per call, as before
+
+
+def astuple(scales: nf4_native.NestedScales) -> tuple:
+    return scales.q, scales.absmax2, scales.code2, scales.offset
+
+
+@native
+def test_kernel_path_cache_follows_the_build_and_the_layout(monkeypatch):
+    """The suite impl's record says which kernels ran, cached per (build, weight layout): switching the build
+    through the environment or giving a layout the kernels refuse is seen at once (planted: a cache keyed on
+    the shape alone would repeat the first answer)."""
+    from twinbench.impls.quant_linear import fused
+
+    _, w, _, _ = state(32, 128, 64, True)
+    first = fused._kernel_path(w)
+    assert first == f"native-{nf4_native.isa()}" and fused._kernel_path(w) == first
+    monkeypatch.setenv("TWINBENCH_NF4_NATIVE", "0")
+    assert fused._kernel_path(w) == "fallback (turned off by TWINBENCH_NF4_NATIVE=0)"
+    monkeypatch.delenv("TWINBENCH_NF4_NATIVE")
+    flat_blocks16 = NF4Weight(w.packed, w.block_scales().repeat_interleave(4), (32, 128), 16)
+    assert fused._kernel_path(flat_blocks16).startswith("fallback (not a contiguous CPU weight")
+    if all(f in availability.cpu_flags() for f in nf4_native.ISA_FLAGS["avx2"][1]):
+        monkeypatch.setenv("TWINBENCH_NF4_ISA", "avx2")
+        assert fused._kernel_path(w) == "native-avx2"
+
+
+def test_one_thread_restores_the_thread_count():
+    """The few-rows LoRA products run on one thread and torch's count comes back afterwards, also on an error."""
+    from twinbench.impls.quant_linear import fused
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with fused._one_thread(True):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), fused._one_thread(True):
+            raise RuntimeError
+        assert torch.get_num_threads() == 2
+        with fused._one_thread(False):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
