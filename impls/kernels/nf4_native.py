@@ -37,6 +37,7 @@ ISA_FLAGS = {
     "avx2": (["-mavx2", "-mfma", "-mf16c"], ("avx2", "fma", "f16c")),
 }
 _ISA_ID = {"avx512": 512, "avx2": 2}  # what the build's nf4_native_isa() returns
+_ISA_NAME = {v: k for k, v in _ISA_ID.items()}
 MAX_ROWS = 4  # rows of x one GEMV call takes (nf4_native.c: MAX_ROWS)
 _OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -89,16 +90,7 @@ def _choose_isa(wanted: str) -> tuple[str | None, str]:
     return None, "this CPU has neither AVX-512 nor AVX2+FMA+F16C (the native NF4 kernels need one)"
 
 
-@dataclass(frozen=True)
-class _Native:
-    """The loaded build for one setting of the environment: ``lib`` None when off, with ``why``."""
-
-    lib: ctypes.CDLL | None
-    isa: str | None
-    why: str
-
-
-def _load() -> _Native:
+def _load() -> tuple[ctypes.CDLL | None, str]:
     """The build the environment asks for. Two environment reads (~2 us each) per call: the few-rows path makes
     one such call per kernel call (docs/quant_linear.md, "GEMV kernel": the per-call cost), and the variables
     stay live (tests switch them with monkeypatch)."""
@@ -107,17 +99,14 @@ def _load() -> _Native:
 
 
 @functools.cache
-def _load_for(native: str, wanted_isa: str) -> _Native:
+def _load_for(native: str, wanted_isa: str) -> tuple[ctypes.CDLL | None, str]:
     """The build for these environment settings (cached)."""
     if native == "0":
-        return _Native(None, None, "turned off by TWINBENCH_NF4_NATIVE=0")
+        return None, "turned off by TWINBENCH_NF4_NATIVE=0"
     if not sys.platform.startswith("linux"):
-        return _Native(None, None, f"native NF4 kernels are built for Linux only (this is {sys.platform})")
+        return None, f"native NF4 kernels are built for Linux only (this is {sys.platform})"
     isa, why = _choose_isa(wanted_isa)
-    if not isa:
-        return _Native(None, None, why)
-    lib, why = _load_isa(isa)
-    return _Native(lib, isa if lib is not None else None, why)
+    return _load_isa(isa) if isa else (None, why)
 
 
 @functools.cache
@@ -144,13 +133,14 @@ def _load_isa(isa: str) -> tuple[ctypes.CDLL | None, str]:
 
 def isa() -> str | None:
     """The vector layer of the loaded build ('avx512'/'avx2'), or None when the native kernels are off."""
-    return _load().isa
+    lib = _load()[0]  # one environment read; the build says which layer it is
+    return None if lib is None else _ISA_NAME[lib.nf4_native_isa()]
 
 
 def status() -> tuple[bool, str]:
     """(usable, why not): CPU flags, a working compiler and a successful build (built once, then cached)."""
-    native = _load()
-    return native.lib is not None, native.why
+    lib, why = _load()
+    return lib is not None, why
 
 
 # Blocks per row the GEMV kernels' per-row scale buffers hold (nf4_native.c: MAX_ROW_BLOCKS).
@@ -160,7 +150,7 @@ MAX_ROW_BLOCKS = 2048
 def supports(packed2d: torch.Tensor, scales: Scales) -> bool:
     """The native kernels take contiguous CPU weights whose blocks are a power of two >= 32 columns, at most
     MAX_ROW_BLOCKS of them per row."""
-    return fits(packed2d, scales) and _load().lib is not None
+    return fits(packed2d, scales) and _load()[0] is not None
 
 
 def fits(packed2d: torch.Tensor, scales: Scales) -> bool:
@@ -220,10 +210,10 @@ def _checked(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
 
 
 def _lib() -> ctypes.CDLL:
-    native = _load()
-    if native.lib is None:
-        raise RuntimeError(native.why)
-    return native.lib
+    lib, why = _load()
+    if lib is None:
+        raise RuntimeError(why)
+    return lib
 
 
 def _call(fn, *args) -> None:
