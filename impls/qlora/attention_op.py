@@ -57,13 +57,26 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' ``apply_rotary_pos_emb`` on [B, S, heads, D] with cos/sin [B, S, 1, D]."""
-    return x * cos + _rotate_half(x) * sin
+    """transformers' ``apply_rotary_pos_emb`` on [B, S, heads, D] with cos/sin [B, S, 1, D]:
+    ``x * cos + rotate_half(x) * sin`` with half-width temporaries instead of three full ones (the same
+    products and sums: ``a + (-b) * s`` is ``a - b * s`` exactly)."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half] -= x[..., half:] * sin[..., :half]
+    out[..., half:] += x[..., :half] * sin[..., half:]
+    return out
 
 
 def _rope_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """rotate_half is linear with transpose -rotate_half."""
-    return grad * cos - _rotate_half(grad * sin)
+    """rotate_half is linear with transpose -rotate_half: ``grad * cos - rotate_half(grad * sin)``, written
+    over ``grad`` (returned) with one temporary instead of four (the attention backward's peak at 100M:
+    docs/qlora.md); the same products and sums, so the same numbers."""
+    half = grad.shape[-1] // 2
+    scaled = grad * sin
+    grad.mul_(cos)
+    grad[..., :half] += scaled[..., half:]  # - (-t2)
+    grad[..., half:] -= scaled[..., :half]
+    return grad
 
 
 class _Layout:
@@ -167,9 +180,11 @@ class RecomputedAttention(torch.autograd.Function):
         else:
             g_out = grad_y.to(h.dtype)
         # rebuild q/k/v, then the kernel's backward from its saved output and log-sum-exp
-        x, rstd = rms_norm_with_rstd(h2, norm_weight, ctx.eps, dtype)
-        w_qkv = dequantized(ctx.nf4[:3], dtype)
-        qkv = _qkv(x, w_qkv, xa, lora, scalings, lay).to(h.dtype)
+        # x and the dequantised weight are rebuilt again for dx rather than held across the kernel's
+        # backward (the op's peak at 100M, docs/qlora.md): one norm and one dequantisation more
+        x, _ = rms_norm_with_rstd(h2, norm_weight, ctx.eps, dtype)
+        qkv = _qkv(x, dequantized(ctx.nf4[:3], dtype), xa, lora, scalings, lay).to(h.dtype)
+        del x
         qk, normed = _rotated_qk(qkv, ctx.qk_norms, cos, sin, lay)
         q, k = lay.split_qk(qk)
         v = lay.heads(qkv[:, lay.qk_cols:]).transpose(1, 2)
@@ -177,7 +192,9 @@ class RecomputedAttention(torch.autograd.Function):
             g_out, q, k, v, out, lse, 0.0, True, scale=ctx.scale)
         del q, k, v, qk, g_out
         # [dq | dk] through RoPE and the per-head norms at once, then [dq | dk | dv] as the projection's gradient
-        g_qkv = torch.empty_like(qkv)
+        # without q/k norms nothing reads the rebuilt q/k/v any more: their gradient takes the buffer (Qwen3's
+        # norm backward still reads its input, a view of qkv)
+        g_qkv = qkv if normed is None else torch.empty_like(qkv)
         del qkv
         g_qk = lay.heads(g_qkv[:, :lay.qk_cols])
         g_qk[:, :, :lay.n_heads] = dq.transpose(1, 2)
@@ -187,7 +204,8 @@ class RecomputedAttention(torch.autograd.Function):
         grad = _rope_backward(g_qk, cos, sin)
         if normed is not None:
             grad = rms_norm_backward(grad, *normed)
-        g_qk.copy_(grad)
+        if grad is not g_qk:
+            g_qk.copy_(grad)
         del grad, normed, g_qk
         g_qkv = g_qkv.to(dtype)
         # q/k/v: [q | k | v] = x W^T + s_i (x A_i^T) B_i^T
@@ -198,9 +216,12 @@ class RecomputedAttention(torch.autograd.Function):
             g_xa[:, i * r:(i + 1) * r].addmm_(g_i, lora[2 * i + 1], beta=0, alpha=scalings[i])
             grads.append(torch.mm(g_i.t(), xa_i).mul_(scalings[i]))
             col += width
+        del g_i  # a view: it would keep g_qkv alive
+        grad_x = (g_qkv @ dequantized(ctx.nf4[:3], dtype)).addmm_(g_xa, torch.cat(lora[0:6:2]))
+        del g_qkv
+        x, rstd = rms_norm_with_rstd(h2, norm_weight, ctx.eps, dtype)
         grad_a = g_xa.t() @ x
-        grad_x = (g_qkv @ w_qkv).addmm_(g_xa, torch.cat(lora[0:6:2]))
-        del g_qkv, w_qkv, x
+        del x
         grad_h = rms_norm_backward(grad_x, h2, norm_weight, rstd).view(h.shape)
         lora_grads = [grad_a[:r], grads[0], grad_a[r:2 * r], grads[1], grad_a[2 * r:], grads[2], *o_grads]
         return (grad_h, None, None, None, None, None, None, None, None, None, None, *lora_grads)

@@ -102,7 +102,10 @@ def rms_norm_with_rstd(h: torch.Tensor, weight: torch.Tensor, eps: float, dtype:
 def rms_norm_backward(grad_x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
     """d h of ``weight * h * rstd(h)`` (weight frozen): rstd * g - rstd^3 * h * mean(g * h), g = grad * weight."""
     g, hf = grad_x.float() * weight.float(), h.float()
-    return (rstd * g - rstd.pow(3) * hf * (g * hf).mean(-1, keepdim=True)).to(h.dtype)
+    dot = (g * hf).mean(-1, keepdim=True)
+    # the same products in the same order as rstd * g - rstd^3 * h * dot, two [tokens, hidden] temporaries
+    # fewer (written in place)
+    return g.mul_(rstd).sub_((hf * rstd.pow(3)).mul_(dot)).to(h.dtype)
 
 
 class NF4LoRAProjections(torch.autograd.Function):
