@@ -208,3 +208,27 @@ def test_panelled_mlp_with_o_projection_keeps_loss_and_gradients_and_saves_less(
     _loss, grads2, _ = _loss_grads_saved(base, "llama", ("attn", "mlp", "attn_out"))
     with pytest.raises(AssertionError):
         torch.testing.assert_close(grads2, grads0, rtol=0, atol=1e-6 * float(grads0.abs().max()))
+
+
+def test_probe_thread_takes_its_per_thread_buffers_along():
+    """The bench runs the probe in its own thread so that a per-thread scratch buffer the generation path
+    allocates (the NF4 GEMM workspace) is not left behind and charged to the training loop; a value
+    comes back, an error is re-raised."""
+    import threading
+
+    from twinbench.impls.qlora.bench import in_own_thread
+
+    local = threading.local()
+
+    def probe_like():
+        local.buffer = torch.empty(16)
+        return 7
+
+    assert in_own_thread(probe_like) == 7
+    assert not hasattr(local, "buffer")  # run in this thread (planted), the buffer would stay
+
+    def fails():
+        raise ValueError("probe failed")
+
+    with pytest.raises(ValueError, match="probe failed"):
+        in_own_thread(fails)
