@@ -114,6 +114,10 @@ def table_row(rec: dict[str, Any]) -> dict[str, Any]:
         row[f"{mode}_tflops"] = derived.get(f"{mode}_tflops")
         row[f"{mode}_pct_peak"] = derived.get(f"{mode}_pct_peak_flops")
         row[f"{mode}_gbps"] = derived.get(f"{mode}_gbps")
+        # both bandwidth floors, side by side: the read ceiling is the floor of a kernel that streams its
+        # data once (a GEMV's weight), the copy ceiling that of one that reads and writes (docs/method.md §2)
+        row[f"{mode}_pct_read_bw"] = derived.get(f"{mode}_pct_read_bw")
+        row[f"{mode}_pct_copy_bw"] = derived.get(f"{mode}_pct_peak_bw")
     peak = (rec.get("memory") or {}).get("peak_bytes")
     row["peak_mib"] = peak / 2**20 if peak is not None else None
     row["metrics"] = scalar_metrics(rec)

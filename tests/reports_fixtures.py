@@ -60,7 +60,8 @@ def record(suite: str, case: dict, impl: str, status: str = "ok", *, reason: str
                          "bwd_median_ms": 2 * float(np.median(mine))}
         flops = 2e6 * case.get("n", 64)
         rec["derived"] = {"fwd_tflops": flops / (np.median(mine) / 1e3) / 1e12, "fwd_pct_peak_flops": 10.0,
-                          "fwd_gbps": 1e6 / (np.median(mine) / 1e3) / 1e9, "fwd_pct_peak_bw": 5.0}
+                          "fwd_gbps": 1e6 / (np.median(mine) / 1e3) / 1e9, "fwd_pct_peak_bw": 5.0,
+                          "fwd_pct_read_bw": 7.25}
         rec["memory"] = {"peak_bytes": int(1e6 * case.get("n", 64)), "method": "test"}
     return rec
 

@@ -23,28 +23,39 @@ class Machine:
     """Paired samples of ``n`` cases: case i has per-sample log noise ``noise[i]`` (t-distributed, 3 df,
     so a few samples are far off), a per-round drift common to both sides, and a planted slowdown."""
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, biased: float = 0.0, bias_sd: float = 0.03):
         self.rng = np.random.default_rng(seed)
         # Noise spread like the quick profile's: most cases 1-3% per sample, some up to 8%.
         self.noise = self.rng.choice([0.01, 0.02, 0.03, 0.05, 0.08], size=n, p=[0.3, 0.3, 0.2, 0.15, 0.05])
+        # A share ``biased`` of the cases is layout-sensitive: each worker process is slower or faster on them
+        # by a log-normal factor of sd ``bias_sd`` for its whole life (drawn per process, per side).
+        self.bias_sd = np.where(self.rng.random(n) < biased, bias_sd, 0.0)
+        self.biases: dict[tuple[int, int], tuple[float, float]] = {}
 
-    def measure(self, i: int, slowdown: float, rounds: int = ROUNDS) -> tuple[list[float], list[float]]:
+    def measure(self, i: int, slowdown: float, processes: int = -1,
+                rounds: int = ROUNDS) -> tuple[list[float], list[float]]:
+        """Samples from worker pair ``processes`` (-1: the first run's; the gate restarts both per look)."""
+        if (i, processes) not in self.biases:
+            self.biases[i, processes] = tuple(self.rng.normal(0.0, self.bias_sd[i], 2))
+        bias_base, bias_head = self.biases[i, processes]
         drift = self.rng.normal(0.0, 0.05, rounds)
-        base = np.exp(drift + self.noise[i] * self.rng.standard_t(3, rounds))
-        head = np.exp(drift + self.noise[i] * self.rng.standard_t(3, rounds)) * (1 + slowdown)
+        base = np.exp(bias_base + drift + self.noise[i] * self.rng.standard_t(3, rounds))
+        head = np.exp(bias_head + drift + self.noise[i] * self.rng.standard_t(3, rounds)) * (1 + slowdown)
         return list(base), list(head)
 
 
 def gate_run(machine: Machine, slowdowns: list[float], config: gate.GateConfig = CONFIG,
-             confirm=gate.confirm_sequentially) -> list[dict]:
-    """One `gate --against` over len(slowdowns) cases: screen, then confirm, as harness/gate/against.py."""
+             confirm=gate.confirm_sequentially, restart: bool = True) -> list[dict]:
+    """One `gate --against` over len(slowdowns) cases: screen, then confirm, as harness/gate/against.py
+    (each look on a fresh worker pair; ``restart=False``: every look on the first run's processes)."""
     cases = []
     for i, s in enumerate(slowdowns):
         c = {"suite": "s", "case": f"c{i}", "impl": "i", "device": "cpu", "mode": "fwd", "index": i}
         cases.append(dict(c, **gate.compare_samples(*machine.measure(i, s), paired=True, test=config.test,
                                                     n_boot=config.n_boot)))
     gate.screen(cases, config)
-    confirm(cases, config, lambda c, look: machine.measure(c["index"], slowdowns[c["index"]]))
+    confirm(cases, config, lambda c, look: machine.measure(c["index"], slowdowns[c["index"]],
+                                                           processes=look if restart else -1))
     return cases
 
 
@@ -98,8 +109,40 @@ def test_looks_stop_early_and_record_why():
     machine.noise[:] = 0.01
     cases = gate_run(machine, [0.30, 0.0])
     slow = cases[0]
-    assert slow["verdict"] == "regression (confirmed)" and len(slow["looks"]) == 1   # obvious: one look
-    assert slow["looks"][0]["level"] == pytest.approx(CONFIG.alpha * gate.SPENDING[0] / 1)
+    # obvious: confirmed at the first look allowed to confirm (two fresh worker pairs)
+    assert slow["verdict"] == "regression (confirmed)" and len(slow["looks"]) == gate.MIN_LOOKS == 2
+    assert slow["looks"][-1]["level"] == pytest.approx(CONFIG.alpha * gate.SPENDING[1] / 1)
+    assert all(look["look_ratio"] > 1.2 for look in slow["looks"])
+
+
+def test_a_per_process_bias_is_not_confirmed_when_each_look_runs_on_fresh_processes():
+    """A/A, with a quarter of the cases layout-sensitive (each process 3% faster or slower on them for its
+    whole life, the size measured on this box): confirmed only if fresh processes reproduce it."""
+    alarms = comparisons = 0
+    for run in range(2):
+        cases = gate_run(Machine(FAMILY, seed=200 + run, biased=0.25), [0.0] * FAMILY)
+        alarms += sum(confirmed(cases))
+        comparisons += len(cases)
+    assert alarms / comparisons <= 0.01, (alarms, comparisons)
+
+
+def test_looks_on_the_first_runs_processes_would_confirm_a_per_process_bias():
+    """Planted wrong design: every look re-measures the processes the screen flagged (no restart)."""
+    cases = gate_run(Machine(FAMILY, seed=200, biased=0.25), [0.0] * FAMILY, restart=False)
+    assert sum(confirmed(cases)) / len(cases) > 0.01
+
+
+def test_planted_slowdowns_are_still_caught_among_layout_sensitive_cases():
+    caught = planted = 0
+    for run in range(6):
+        slowdowns = [0.0] * FAMILY
+        for i in np.random.default_rng(300 + run).choice(FAMILY, 10, replace=False):
+            slowdowns[i] = 0.05
+        cases = gate_run(Machine(FAMILY, seed=300 + run, biased=0.25, bias_sd=0.01), slowdowns)
+        for s, ok in zip(slowdowns, confirmed(cases)):
+            planted += s > 0
+            caught += s > 0 and ok
+    assert caught / planted >= 0.90, (caught, planted)
 
 
 def test_a_case_flagged_by_chance_is_refuted_or_left_unconfirmed():

@@ -299,3 +299,49 @@ def test_first_touch_copy_is_the_same_weight(monkeypatch):
         assert torch.equal(nf4_native.gemv(x, placed, scales), nf4_native.gemv(x, packed2d, scales))
     finally:
         torch.set_num_threads(before)
+
+
+@native
+def test_few_rows_compute_in_fp32_and_round_once(monkeypatch):
+    """The few-row path computes in fp32 (GEMV, LoRA products, bias, gradients) and rounds once to x's dtype:
+    its bf16 output and gradients are bitwise the fp32 computation's on the same inputs, rounded. Planted: the
+    old behaviour (LoRA products in bf16) is told apart."""
+    from twinbench.impls.quant_linear import fused
+
+    _, w, _, _ = state(256, 512, 64, True, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(*s, generator=gen).to(torch.bfloat16) for s in ((2, 512), (16, 512), (256, 16), (256,))]
+    g = torch.randn(2, 256, generator=gen).to(torch.bfloat16)
+
+    def run(dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in inputs]
+        out = fused.nf4_lora_linear(leaves[0], w, leaves[1], leaves[2], 2.0, leaves[3])
+        return [t.to(torch.bfloat16) for t in (out, *torch.autograd.grad(out, leaves, g.to(dtype)))]
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a, b))
+
+    want = run(torch.float32)
+    assert same(run(torch.bfloat16), want)
+    monkeypatch.setattr(fused, "_compute_dtype", lambda x, few_rows: x.dtype)
+    assert not same(run(torch.bfloat16), want)
+
+
+@native
+def test_kernels_decode_double_quant_scales_bit_exactly(isa):
+    """The GEMV kernels decode the double-quantised absmax L blocks at a time (scalar across a 256-block boundary
+    and at a row's end): the results are bitwise those on the fp32 scales decoded one by one. 74 blocks per
+    row, so rows start at many offsets within a 256-block group. Planted: one scale 0.1% off is seen."""
+    n, k = 33, 64 * 74
+    gen = torch.Generator().manual_seed(11)
+    packed2d = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+    q = torch.randint(0, 256, (n, k // 64), dtype=torch.uint8, generator=gen)
+    nested = nf4_native.NestedScales(q, torch.rand(-(-q.numel() // 256), generator=gen) + 0.5,
+                                     torch.linspace(-1, 1, 256) ** 3, 0.0123)
+    flat = nested.decoded()
+    x, g = torch.randn(3, k, generator=gen), torch.randn(3, n, generator=gen)
+    assert torch.equal(nf4_native.gemv(x, packed2d, nested), nf4_native.gemv(x, packed2d, flat))
+    assert torch.equal(nf4_native.gemv_t(g, packed2d, nested), nf4_native.gemv_t(g, packed2d, flat))
+    off = flat.clone()
+    off[20, 70] *= 1.001
+    assert not torch.equal(nf4_native.gemv(x, packed2d, off)[:, 20], nf4_native.gemv(x, packed2d, flat)[:, 20])

@@ -74,6 +74,14 @@ def test_html_has_the_charts_failures_fingerprint_and_gate():
     assert '<td class="regression">regression</td>' in text and "<b>FAIL</b>" in text
 
 
+def test_suite_tables_show_both_bandwidth_floors():
+    """The read-bandwidth share (the floor of a kernel that streams its data once) and the copy share side
+    by side, as stored in the record's derived numbers."""
+    text = render_html(make_doc(), gate=None)
+    assert "% read / copy BW (fwd)" in text
+    assert re.search(r'data-v="7.25">7.25 / 5</td>', text), "read / copy shares missing from the suite table"
+
+
 def test_loss_curves_come_from_loop_metrics():
     from twinbench.reports import model
 

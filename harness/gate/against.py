@@ -130,12 +130,22 @@ class GateWorker:
         self.timeout = measurement.timeout
         setup = worker_environment(WorkerKind.GATE, device_backend(device), device, root=self.root, head_root=ROOT,
                                    threads=measurement.threads, triton_interpret=measurement.triton_interpret)
-        self.threads, self.cpus = setup.threads, cpus
-        config = GateWorkerConfig(device=device, plugins=plugins, threads=setup.threads, cpus=cpus)
-        self.process = WorkerProcess([sys.executable, str(ROOT / "harness" / "gate" / "worker.py")],
-                                     config.to_json(), cwd=self.root, env=setup.env, log_path=log_path,
-                                     label=f"worker for {self.root}")
+        self.threads, self.cpus, self.env, self.log_path = setup.threads, cpus, setup.env, log_path
+        self.config = GateWorkerConfig(device=device, plugins=plugins, threads=setup.threads, cpus=cpus)
         self.fingerprint: dict[str, Any] = {}
+        self.process = self._spawn(hash_seed=0)
+
+    def _spawn(self, hash_seed: int) -> WorkerProcess:
+        # Both workers of a pair get the same hash seed: string hashing, and with it the layout of every dict
+        # and set, is then the same in both processes instead of a random per-process difference.
+        return WorkerProcess([sys.executable, str(ROOT / "harness" / "gate" / "worker.py")],
+                             self.config.to_json(), cwd=self.root, env=dict(self.env, PYTHONHASHSEED=str(hash_seed)),
+                             log_path=self.log_path, label=f"worker for {self.root}")
+
+    def restart(self, hash_seed: int) -> None:
+        """Stop this worker and start a fresh process on the same tree (call :meth:`ready` next)."""
+        self.stop()
+        self.process = self._spawn(hash_seed)
 
     def ready(self) -> GateWorker:
         """Wait for the worker's hello (started separately so both sides import torch in parallel)."""
@@ -189,6 +199,8 @@ class Pair:
         self.base, self.head = base, head
         self.rounds, self.block_ms, self.seed, self.clock = rounds, block_ms, seed, clock
         self.numbers: dict[str, int] = {}
+        self.look: int | None = None  # the confirmation look the workers were started for (None: the first run)
+        self.fresh: set[str] = set()  # items prepared on this look's workers
 
     def prepare(self, item: Item, *, parity: bool = False, granularity: int = 1) -> dict[str, Any]:
         """Prepare both sides; returns {"ok", "why", "missing", "parity"} (parity judged on the head)."""
@@ -206,6 +218,28 @@ class Pair:
             n = max(1, math.ceil(self.block_ms / per_call))
             self.numbers[item.key] = granularity * math.ceil(n / granularity)
         return out
+
+    def refresh(self, item: Item, look: int) -> None:
+        """Before confirmation look ``look`` at ``item``: a fresh pair of worker processes for the look (the
+        first call of a look restarts both, with the hash seed ``look + 1`` on both sides) and ``item``
+        prepared on them (same inputs; calls per sample unchanged). A process can be a few percent slower
+        than its twin on a case for its whole life (stats.MIN_LOOKS): on fresh processes such a bias is
+        drawn anew, so a look that does not reproduce a flag refutes it."""
+        if look != self.look:
+            for worker in (self.base, self.head):
+                worker.restart(hash_seed=look + 1)
+            for worker in (self.base, self.head):  # both import torch at once
+                worker.ready()
+            self.look, self.fresh = look, set()
+        if item.key in self.fresh:
+            return
+        msg = Prepare(key=item.key, suite=item.suite, params=item.params, impl=item.impl, mode=item.mode,
+                      seed=self.seed)
+        for worker in (self.head, self.base):
+            reply = worker.prepare(msg)
+            if not reply.ok:
+                raise WorkerFailed(f"{item.key}: {reply.why}")
+        self.fresh.add(item.key)
 
     def sample(self, worker: GateWorker, item: Item, extra: int = 0) -> float:
         """One sample of ``item`` on one side: ms per call (``extra`` calls on top: a planted slowdown)."""
@@ -359,7 +393,9 @@ def gate_items(pair: Pair, items: list[Item], config, *,
     by_key = {i.key: i for i in items}
 
     def rerun(c: dict[str, Any], look: int) -> tuple[list[float], list[float]]:
-        return pair.measure(by_key[f"{c['suite']}|{c['case']}|{c['impl']}|{c['mode']}"])
+        item = by_key[f"{c['suite']}|{c['case']}|{c['impl']}|{c['mode']}"]
+        pair.refresh(item, look)
+        return pair.measure(item)
 
     gate.confirm_sequentially(cases, config, rerun)
     return cases, parity_failures, flagged

@@ -119,6 +119,7 @@ def against_mode(pair, items, configs: dict[str, Any], n: int, slowdown: float) 
         def rerun(c: dict[str, Any], look: int) -> tuple[list[float], list[float]]:
             key = f"{c['suite']}|{c['case']}|{c['impl']}|{c['mode']}"
             if (key, look) not in reruns:
+                pair.refresh(by_key[key], look)
                 reruns[key, look] = pair.measure(by_key[key], extra_fraction=slowdown)
             return reruns[key, look]
 

@@ -206,6 +206,13 @@ def confirm(first: list[dict[str, Any]], rerun: list[dict[str, Any]], config: Ga
 # <= alpha whatever the looks' dependence (docs/reports-and-gate.md, "Sequential confirmation"). Most of the
 # alpha is kept for the last look, where the accumulated rounds give the most power.
 SPENDING = (0.1, 0.15, 0.2, 0.25, 0.3)
+# Each look runs on a fresh pair of worker processes (harness/gate/against.py, Pair.refresh). A process can be a
+# few percent slower than its twin on a case for its whole life (hash seed, address layout: measured 3.5-4% on
+# one case in an A/A gate of the quick profile, 2026-12-05, on every look). Pooled rounds treat that as a real
+# difference; so a case is confirmed only once MIN_LOOKS fresh pairs have each shown it slower than the
+# threshold on their own, and the first look that does not reproduce it ends the confirmation. The first
+# look's share of alpha is then never spent (conservative).
+MIN_LOOKS = 2
 
 Rerun = Callable[[dict[str, Any], int], tuple[Sequence[float], Sequence[float]]]
 
@@ -220,7 +227,8 @@ class Look:
     p_value: float
     level: float
     min_effect: float
-    outcome: str  # "confirmed", "futile" (stopped: cannot reach the minimum effect) or "open"
+    outcome: str  # "confirmed", "futile" (stopped: cannot reach the minimum effect, or not reproduced) or "open"
+    look_ratio: float = float("nan")  # this look's own median new/base, on its fresh pair of processes
 
 
 def confirm_sequentially(cases: list[dict[str, Any]], config: GateConfig, rerun: Rerun, *,
@@ -228,11 +236,13 @@ def confirm_sequentially(cases: list[dict[str, Any]], config: GateConfig, rerun:
     """Second stage of the interleaved gate: confirm :func:`screen`'s flagged cases on fresh paired samples.
 
     ``rerun(case, look)`` returns fresh (base, head) samples for one look at a flagged case. Samples
-    accumulate over looks. A case is confirmed at the first look where its accumulated samples are
-    significant at ``alpha * spending[look] / flagged`` and slower than their minimum effect
-    (``max(threshold, k x noise)``, the noise of the accumulated samples). It stops early as futile when
-    the ratio's 95% upper bound is below 1 + its minimum effect (stopping for futility can only lower the
-    false-alarm rate). Why the family is only the flagged cases: the re-run's samples are independent of
+    accumulate over looks. A case is confirmed at the first look (from the ``MIN_LOOKS``-th on) where its
+    accumulated samples are significant at ``alpha * spending[look] / flagged`` and slower than their
+    minimum effect (``max(threshold, k x noise)``, the noise of the accumulated samples), and every look so
+    far was, on its own samples, slower than 1 + threshold (each look is a fresh pair of processes: a
+    per-process bias does not repeat). It stops early as futile when a look does not reproduce the
+    slowdown, or when the ratio's 95% upper bound is below 1 + its minimum effect (stopping for futility
+    can only lower the false-alarm rate). Why the family is only the flagged cases: the re-run's samples are independent of
     the screen that chose them, so under no change their p-values are uniform whatever was chosen, and
     Bonferroni within the chosen set bounds the family-wise error by alpha (a selective two-stage design).
     """
@@ -247,23 +257,29 @@ def confirm_sequentially(cases: list[dict[str, Any]], config: GateConfig, rerun:
         for c in still_open:
             base, head = samples[case_key(c)]
             b, h = rerun(c, look)
+            look_ratio = float(np.median(_positive("look (new)", h) / _positive("look (base)", b)))
             base += list(b)
             head += list(h)
             r = compare_samples(base, head, paired=True, test=config.test, n_boot=config.n_boot,
                                 seed=config.seed + 1 + look, name=c.get("impl", "case"))
             min_effect = max(config.threshold, config.k * r["noise"])
-            if r["p_value"] < level and r["ratio"] > 1 + min_effect:
+            reproduced = look_ratio > 1 + config.threshold
+            if reproduced and look + 1 >= MIN_LOOKS and r["p_value"] < level and r["ratio"] > 1 + min_effect:
                 outcome = "confirmed"
-            elif r["ci_high"] < 1 + min_effect:
+            elif not reproduced or r["ci_high"] < 1 + min_effect:
                 outcome = "futile"
             else:
                 outcome = "open"
             c.setdefault("looks", []).append(asdict(Look(len(base), r["ratio"], r["ci_high"], r["p_value"], level,
-                                                         min_effect, outcome)))
+                                                         min_effect, outcome, look_ratio)))
             if outcome == "confirmed":
                 c["verdict"] = "regression (confirmed)"
                 c["note"] = (f"confirmed at look {look + 1}: new/base {r['ratio']:.4f} [{r['ci_low']:.4f}, "
                              f"{r['ci_high']:.4f}] over {len(base)} fresh rounds, p {r['p_value']:.2g} < {level:.2g}")
+            elif outcome == "futile" and not reproduced:
+                c["verdict"] = "no change"
+                c["note"] = (f"flagged once, not reproduced at look {look + 1} on fresh processes: new/base "
+                             f"{look_ratio:.4f} <= 1 + threshold {config.threshold:.3f}")
             elif outcome == "futile":
                 c["verdict"] = "no change"
                 c["note"] = (f"flagged once, refuted at look {look + 1}: new/base {r['ratio']:.4f}, upper bound "

@@ -62,6 +62,10 @@ AI vi shift_right(vi v, const int bits) { return bits ? _mm512_srli_epi32(v, bit
 AI vf lane_scales(const float *s, int n, vi idx) {
     return _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), s));
 }
+/* code2[q[0..15]]: 16 double-quantised scale bytes looked up in bnb's 256-entry map */
+AI vf gather_code2(const uint8_t *q, const float *code2) {
+    return _mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)q)), code2, 4);
+}
 AI vi lane_index(int lanes_per_block) {
     int32_t t[16];
     for (int i = 0; i < 16; i++) t[i] = i / lanes_per_block;
@@ -100,6 +104,10 @@ AI vf lane_scales(const float *s, int n, vi idx) {
     const vi live = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     return _mm256_permutevar8x32_ps(_mm256_maskload_ps(s, live), idx);
 }
+/* code2[q[0..7]] */
+AI vf gather_code2(const uint8_t *q, const float *code2) {
+    return _mm256_i32gather_ps(code2, _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q)), 4);
+}
 AI vi lane_index(int lanes_per_block) {
     int32_t t[8];
     for (int i = 0; i < 8; i++) t[i] = i / lanes_per_block;
@@ -128,6 +136,9 @@ typedef struct {
     float offset;
 } plan_t;
 
+#ifndef NF4_VECTOR_SCALES
+#define NF4_VECTOR_SCALES 1
+#endif
 #define MAX_ROW_BLOCKS 2048 /* blocks per row the per-row scale buffers hold (K / bs) */
 
 static int make_plan(plan_t *p, const float *code16, i64 N, i64 K, i64 bs) {
@@ -152,7 +163,21 @@ AI float block_scale(const plan_t *p, i64 i) {
 /* The scales of row n's blocks [b0, b1): the fp32 array itself, or decoded into buf (indexed from block 0). */
 AI const float *row_scales(const plan_t *p, i64 n, i64 b0, i64 b1, float *buf) {
     if (!p->q) return p->scales + n * p->nb;
-    for (i64 b = b0; b < b1; b++) buf[b] = block_scale(p, n * p->nb + b);
+    i64 b = b0;
+#if NF4_VECTOR_SCALES
+    /* L blocks at a time while they share one absmax2 entry: a gather from code2, then the same multiply and
+     * add as block_scale (bit-identical, tested). One scalar decode per block cost 10-20% of the GEMV's time
+     * (docs/quant_linear.md, "GEMV kernel"). Scalar across a 256-block boundary and at the end. */
+    for (; b + L <= b1; b += L) {
+        const i64 i = n * p->nb + b;
+        if ((i & 255) + L > 256) {
+            for (int j = 0; j < L; j++) buf[b + j] = block_scale(p, i + j);
+            continue;
+        }
+        vstore(buf + b, vadd(vmul(gather_code2(p->q + i, p->code2), vset1(p->absmax2[i / 256])), vset1(p->offset)));
+    }
+#endif
+    for (; b < b1; b++) buf[b] = block_scale(p, n * p->nb + b);
     return buf;
 }
 
@@ -180,6 +205,35 @@ AI vi nibbles(const uint8_t *gp, vi v0, const int s, const int safe) {
     if (safe || !NF4_OFFSET_LOADS) return shift_right(v0, 4 * s);
     const vi vk = s / 2 ? group_load(gp + s / 2) : v0;
     return shift_right(vk, 4 * (s & 1));
+}
+
+/* Software prefetch (docs/quant_linear.md, "GEMV kernel"). Without it the kernel's decoding and its DRAM reads
+ * did not overlap: cache-hot it decodes at ~10 GB/s of stored weight, streaming from DRAM it reached ~7
+ * (too few misses in flight). Each group load fetches the same offset of the rows the *next pass* reads
+ * (pass_bytes ahead): rows of 2-7 KB are short streams (in the backward each thread reads only its columns,
+ * shorter still), so the hardware prefetcher, which stops at 4 KB pages and restarts per stream, falls behind;
+ * one pass ahead is 8-28 KB per stream, which sits in L2. Measured against prefetching 256 B-2 KB ahead in
+ * the same row (10-25% slower), two passes ahead (same) and the T0/T2/NTA hints (T0 same, T2 and NTA slower).
+ * NF4_PREFETCH=0 builds without it (benchmarks/nf4_stream.py compares). */
+#ifndef NF4_PREFETCH
+#define NF4_PREFETCH 1
+#endif
+#define NF4_PF_HINT _MM_HINT_T1
+/* at: the group about to be read; pass_bytes: how far ahead the next pass reads it. Once per cache line. */
+AI void prefetch_ahead(const uint8_t *at, i64 g, i64 pass_bytes) {
+    if (!NF4_PREFETCH || (GROUP_BYTES < 64 && (g & 1))) return;
+    _mm_prefetch((const char *)at + pass_bytes, NF4_PF_HINT);
+}
+
+/* The double-quantised scale bytes of rows [row, row + rows), blocks [b0, b1): a line or a few per row, read at
+ * the start of each pass, so fetched one pass ahead like the weight. */
+AI void prefetch_scales(const plan_t *p, i64 row, int rows, i64 b0, i64 b1) {
+    if (!NF4_PREFETCH || !p->q) return;
+    for (int r = 0; r < rows && row + r < p->N; r++) {
+        const char *at = (const char *)(p->q + (row + r) * p->nb);
+        for (i64 b = b0; b < b1; b += 64) _mm_prefetch(at + b, NF4_PF_HINT);
+        _mm_prefetch(at + b1 - 1, NF4_PF_HINT);
+    }
 }
 
 /* natural column of position j (0 <= j < 8L) of a group laid out as 8 vectors (nibble s) of L lanes (dword i) */
@@ -257,10 +311,12 @@ AI void fwd_block(const plan_t *p, const uint8_t *packed, const float *xs, float
     const uint8_t *rows[4];
     const float *srows[4];
     float decoded[4][MAX_ROW_BLOCKS];
+    prefetch_scales(p, n + RB, RB, 0, p->nb);
     for (int rb = 0; rb < RB; rb++)
         rows[rb] = packed + (n + rb) * p->half, srows[rb] = row_scales(p, n + rb, 0, p->nb, decoded[rb]);
     for (i64 g = 0; g < p->groups; g++) {
         vi v[4];
+        for (int rb = 0; rb < RB; rb++) prefetch_ahead(rows[rb] + g * GROUP_BYTES, g, RB * p->half);
         for (int rb = 0; rb < RB; rb++) v[rb] = group_load(rows[rb] + g * GROUP_BYTES);
         vf part[4][MAX_ROWS][2];
         for (int rb = 0; rb < RB; rb++)
@@ -348,12 +404,14 @@ AI void bwd_cols(const plan_t *p, const uint8_t *packed, const float *g, float *
     for (i64 n = 0; n < N; n += RB) {
         const int rows = N - n < RB ? (int)(N - n) : RB;
         const float *srows[4];
+        prefetch_scales(p, n + RB, RB, b0, b1);
         for (int rb = 0; rb < RB; rb++) srows[rb] = row_scales(p, rb < rows ? n + rb : n, b0, b1, decoded[rb]);
         for (i64 gi = g0; gi < g1; gi++) {
             vi v[4];
             vf cf[4][MAX_ROWS];
             for (int rb = 0; rb < RB; rb++) {
                 const i64 r = rb < rows ? n + rb : n; /* a missing row repeats row n with coefficient 0 */
+                prefetch_ahead(packed + r * p->half + gi * GROUP_BYTES, gi, RB * p->half);
                 v[rb] = group_load(packed + r * p->half + gi * GROUP_BYTES);
                 const vf sc = group_scale(p, srows[rb], gi);
                 for (int m = 0; m < R; m++) cf[rb][m] = rb < rows ? vmul(vset1(g[m * N + r]), sc) : vzero();

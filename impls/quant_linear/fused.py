@@ -52,24 +52,25 @@ class _NF4LoRALinear(torch.autograd.Function):
     def forward(ctx, x, packed2d, scales, lora_A, lora_B, bias, scaling, keep_w):
         w = None
         few_rows = x.shape[0] <= nf4_kernels.GEMV_MAX_ROWS
+        xc = x.to(_compute_dtype(x, few_rows))
         if keep_w and not few_rows:  # GEMM path: keep W for the backward
             w = nf4_kernels.dequantize(packed2d, scales, x.dtype)
             out = nf4_kernels.gemm_nt(x, w)
         else:
-            out = nf4_kernels.nf4_mm(x, packed2d, scales)
+            out = nf4_kernels.nf4_mm(xc, packed2d, scales)
         xa = None
         with _one_thread(few_rows):
             if lora_A is not None:
-                xa = x @ lora_A.t()
-                out = out.addmm_(xa, lora_B.t(), alpha=scaling)  # in place: out is ours, fresh
+                xa = xc @ lora_A.t().to(xc.dtype)
+                out = out.addmm_(xa, lora_B.t().to(xc.dtype), alpha=scaling)  # in place: out is ours, fresh
             if bias is not None:
-                out = out + bias
+                out = out.add_(bias.to(xc.dtype))
         ctx.scaling = scaling
         ctx.has_bias = bias is not None
         # double-quantised scales for the GEMV kernels are a NestedScales of tensors, held here as they are
         ctx.nested = None if isinstance(scales, torch.Tensor) else scales
         ctx.save_for_backward(x, packed2d, scales if ctx.nested is None else None, lora_A, lora_B, xa, w)
-        return out
+        return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
@@ -77,23 +78,32 @@ class _NF4LoRALinear(torch.autograd.Function):
         scales = scales if ctx.nested is None else ctx.nested
         need_x, _, _, need_a, need_b, need_bias, _, _ = ctx.needs_input_grad
         few_rows = x.shape[0] <= nf4_kernels.GEMV_MAX_ROWS
-        g = g.contiguous()
+        cd = _compute_dtype(x, few_rows)
+        gc = g.to(cd).contiguous()
         dx = da = db = dbias = None
         with _one_thread(few_rows):
-            gb = g @ lora_B if lora_A is not None and (need_x or need_a) else None
+            gb = gc @ lora_B.to(cd) if lora_A is not None and (need_x or need_a) else None
         if need_x:
-            dx = nf4_kernels.nf4_mm_t(g, packed2d, scales, weight=w)
+            dx = nf4_kernels.nf4_mm_t(gc, packed2d, scales, weight=w)
         with _one_thread(few_rows):
             if need_x and gb is not None:
-                dx = dx.addmm_(gb, lora_A, alpha=ctx.scaling)
+                dx = dx.addmm_(gb, lora_A.to(cd), alpha=ctx.scaling)
             # the scaling goes on the small [M, r] factor, not on the [r, K] / [N, r] product
             if need_a:
-                da = (gb * ctx.scaling).t() @ x
+                da = ((gb * ctx.scaling).t() @ x.to(cd)).to(lora_A.dtype)
             if need_b:
-                db = g.t() @ (xa * ctx.scaling)
+                db = (gc.t() @ (xa * ctx.scaling)).to(lora_B.dtype)
             if need_bias and ctx.has_bias:
-                dbias = g.sum(0)
-        return dx, None, None, da, db, dbias, None, None
+                dbias = gc.sum(0).to(g.dtype)
+        return (None if dx is None else dx.to(x.dtype)), None, None, da, db, dbias, None, None
+
+
+def _compute_dtype(x: torch.Tensor, few_rows: bool) -> torch.dtype:
+    """The dtype the op computes in: x's, except on the few-rows path, which computes in fp32 and rounds once
+    at the end. The GEMV accumulates in fp32 anyway, and the LoRA products there are tiny ([M <= 4, r]): in
+    bf16 each costs 35-60 us through oneDNN against 6-17 us in fp32, next to a ~1 ms GEMV (docs/quant_linear.md,
+    "GEMV kernel")."""
+    return torch.float32 if few_rows else x.dtype
 
 
 def _kernel_scales(w: NF4Weight, packed2d: torch.Tensor, rows: int):

@@ -1,0 +1,160 @@
+"""The NF4 GEMV against the DRAM read floor, with the weight streaming from memory (issue 18, item 1):
+
+    taskset -c 0 python3 benchmarks/nf4_stream.py --threads 1
+    python3 benchmarks/nf4_stream.py --threads 2
+
+The harness bench re-reads one weight per case; between its calls other impls run, so how much of the weight
+is still cached varies. Here every call reads a *different* copy of the weight (enough copies to fill
+``--pool-mb``, default 700 MB: more than twice this VM's reported 300 MB L3), so every byte comes from DRAM.
+Per shape, dtype and thread count it times, round by round: ``nf4_native.gemv`` / ``gemv_t`` alone and the
+suite's ``fused_cpu`` call (forward, and forward + backward), interleaved with the read bandwidth at the same
+thread count (the better of ``torch.dot`` and ``sum`` over two ``--bw-mb`` buffers, as the harness's ceiling).
+Prints the median ms per call and its share of the read floor: the bytes of ``suites/quant_linear.bytes_moved``
+(4-bit weight + double-quantised scales + LoRA + activations; gemv counts the forward's, gemv_t the backward's)
+at the median read bandwidth. ``--no-prefetch`` builds the kernels without their software prefetch. The load
+average is printed with every line: numbers taken on a loaded machine are not results (docs/quant_linear.md,
+"GEMV kernel").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+from twinbench.impls.kernels import nf4_native
+from twinbench.impls.kernels.nf4_weight import NF4Weight
+from twinbench.impls.quant_linear.fused import nf4_lora_linear
+from twinbench.suites.quant_linear import _case, bytes_moved
+
+BLOCKSIZE, RANK, SCALING = 64, 16, 2.0
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CALLS = ("gemv", "gemv_t", "fused_fwd", "fused_fwdbwd")
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _pool(n: int, k: int, pool_bytes: int) -> list[NF4Weight]:
+    """Distinct double-quantised NF4 weights [n, k] filling pool_bytes (random codes: timing only)."""
+    gen = torch.Generator().manual_seed(n * 7 + k)
+    packed = torch.randint(0, 256, (n * k // 2, 1), dtype=torch.uint8, generator=gen)
+    absmax = torch.randint(0, 256, (n * k // BLOCKSIZE,), dtype=torch.uint8, generator=gen)
+    absmax2 = torch.rand(-(-absmax.numel() // 256), generator=gen) + 0.5
+    code2 = torch.linspace(-1, 1, 256)
+    copies = max(2, -(-pool_bytes // (packed.numel() + absmax.numel())))
+    return [NF4Weight(packed.clone(), absmax.clone(), (n, k), BLOCKSIZE, absmax2.clone(), code2, torch.tensor(0.01))
+            for _ in range(copies)]
+
+
+def _calls(w: NF4Weight, dtype: torch.dtype, lora: tuple) -> dict:
+    """name -> zero-argument callable for one weight of the pool."""
+    n, k = w.shape
+    packed2d = w.packed.reshape(n, k // 2)
+    nested = nf4_native.NestedScales(w.absmax.reshape(n, k // BLOCKSIZE), w.absmax2, w.code2, float(w.offset))
+    x = lora[0]
+    a, b = lora[1], lora[2]
+    g = torch.ones(1, n, dtype=dtype)
+
+    def fused_fwdbwd():
+        out = nf4_lora_linear(x, w, a, b, SCALING)
+        torch.autograd.grad(out, (x, a, b), grad_outputs=g)
+
+    return {"gemv": lambda: nf4_native.gemv(x.detach(), packed2d, nested),
+            "gemv_t": lambda: nf4_native.gemv_t(g, packed2d, nested),
+            "fused_fwd": lambda: nf4_lora_linear(x, w, a, b, SCALING),
+            "fused_fwdbwd": fused_fwdbwd}
+
+
+def _timed(fn, threads: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds per thread) of fn(): on a shared machine the CPU time leaves out the time the
+    process was descheduled (memory stalls still count), so it is the fairer of the two under load."""
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w, (time.process_time() - c) / threads
+
+
+def _read_gbps(a: torch.Tensor, b: torch.Tensor, threads: int) -> tuple[float, float]:
+    """The better of a dot (reads a and b) and a sum (reads a), best of 3 each: the harness's read ceiling;
+    (by wall time, by CPU time)."""
+    best = [0.0, 0.0]
+    for _ in range(3):
+        for fn, nbytes in ((lambda: torch.dot(a, b), 2 * a.numel() * 4), (a.sum, a.numel() * 4)):
+            for i, sec in enumerate(_timed(fn, threads)):
+                best[i] = max(best[i], nbytes / sec / 1e9)
+    return best[0], best[1]
+
+
+def _floor_bytes(n: int, k: int, dtype: str, call: str) -> float:
+    moved = bytes_moved(_case(n, k, 1, RANK, BLOCKSIZE, True, dtype))
+    return {"gemv": moved["fwd"], "gemv_t": moved["bwd"], "fused_fwd": moved["fwd"],
+            "fused_fwdbwd": moved["fwd"] + moved["bwd"]}[call]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--shapes", nargs="+", default=["4096x4096", "4096x14336"], help="OUTxIN")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--calls", nargs="+", default=list(CALLS), choices=CALLS)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds over the whole pool (median reported)")
+    parser.add_argument("--pool-mb", type=int, default=700, help="distinct weights per shape, in MB")
+    parser.add_argument("--bw-mb", type=int, default=300, help="each of the two read-bandwidth buffers, in MB")
+    parser.add_argument("--no-prefetch", action="store_true",
+                        help="build the kernels without their software prefetch (NF4_PREFETCH=0), to compare")
+    args = parser.parse_args()
+    if args.no_prefetch:
+        nf4_native.FLAGS.append("-DNF4_PREFETCH=0")  # before the first build: its own cached .so
+    ok, why = nf4_native.status()
+    if not ok:
+        print(f"nf4_stream: native NF4 kernels unavailable: {why}", file=sys.stderr)
+        return 2
+    bw_a = torch.rand(args.bw_mb * 2**20 // 4)
+    bw_b = torch.rand(bw_a.numel())
+    print(f"native build: {nf4_native.isa()}{' without prefetch' if args.no_prefetch else ''}; load average at start: {_load()}")
+    print("wall: elapsed time; cpu: CPU time per thread (descheduled time left out), for the call and for the read"
+          " bandwidth alike")
+    print(f"{'shape':<11} {'dt':<5} thr {'call':<13} {'wall ms':>8} {'[min-max]':>16} {'read GB/s':>9} "
+          f"{'% floor':>8} {'cpu ms':>8} {'read GB/s':>9} {'% floor':>8}  load")
+    for shape in args.shapes:
+        n, k = (int(v) for v in shape.split("x"))
+        pool = _pool(n, k, args.pool_mb * 2**20)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for dt in args.dtypes:
+                dtype = DTYPES[dt]
+                gen = torch.Generator().manual_seed(1)
+                x = torch.randn(1, k, generator=gen).to(dtype).requires_grad_()
+                a = (torch.randn(RANK, k, generator=gen) / k**0.5).to(dtype).requires_grad_()
+                b = (torch.randn(n, RANK, generator=gen) / RANK**0.5).to(dtype).requires_grad_()
+                calls = [_calls(w, dtype, (x, a, b)) for w in pool]
+                for name in args.calls:
+                    for c in calls[:2]:  # warm-up: builds, allocator, OpenMP team
+                        c[name]()
+                    wall, cpu, bw_wall, bw_cpu = [], [], [], []
+                    for _ in range(args.rounds):
+                        bw = _read_gbps(bw_a, bw_b, threads)
+                        bw_wall.append(bw[0])
+                        bw_cpu.append(bw[1])
+                        sec = _timed(lambda: [c[name]() for c in calls], threads)  # noqa: B023 (called here)
+                        wall.append(sec[0] / len(calls))
+                        cpu.append(sec[1] / len(calls))
+                    nbytes = _floor_bytes(n, k, dt, name)
+
+                    def share(times: list[float], bws: list[float]) -> tuple[float, float, float]:
+                        sec, gbps = statistics.median(times), statistics.median(bws)
+                        return sec * 1e3, gbps, 100 * nbytes / sec / 1e9 / gbps
+
+                    (ms, bw, pct), (cms, cbw, cpct) = share(wall, bw_wall), share(cpu, bw_cpu)
+                    print(f"{shape:<11} {dt:<5} {threads:>3} {name:<13} {ms:8.3f} "
+                          f"[{min(wall) * 1e3:.3f}-{max(wall) * 1e3:.3f}] {bw:9.1f} {pct:7.1f}% "
+                          f"{cms:8.3f} {cbw:9.1f} {cpct:7.1f}%  {_load()}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
