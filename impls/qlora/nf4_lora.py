@@ -69,13 +69,25 @@ class NF4Panels:
             return torch.ops.bitsandbytes.dequantize_4bit.default(
                 packed, absmax, self.block, self.quant_type, shape, self.quant_dtype).to(self.dtype)
 
+    @property
+    def panelable(self) -> bool:
+        """Every row holds whole quantisation blocks, so any row or block-aligned column panel can be cut."""
+        return self.in_features % self.block == 0
+
+    def whole(self) -> torch.Tensor:
+        return self._dequantize(self.packed, self.absmax, (self.out_features, self.in_features))
+
     def rows(self, r0: int, r1: int) -> torch.Tensor:
         k, b = self.in_features, self.block
+        if (r0, r1) == (0, self.out_features):
+            return self.whole()
         return self._dequantize(self.packed.reshape(-1)[r0 * k // 2:r1 * k // 2].view(-1, 1),
                                 self.absmax[r0 * k // b:r1 * k // b], (r1 - r0, k))
 
     def cols(self, c0: int, c1: int) -> torch.Tensor:
         n, k, b = self.out_features, self.in_features, self.block
+        if (c0, c1) == (0, k):
+            return self.whole()
         # contiguous copies: bnb's kernel reads raw pointers and ignores strides
         packed = self.packed.reshape(n, k // 2)[:, c0 // 2:c1 // 2].contiguous().view(-1, 1)
         absmax = self.absmax.view(n, k // b)[:, c0 // b:c1 // b].contiguous().view(-1)

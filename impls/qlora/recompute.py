@@ -113,6 +113,13 @@ def _panel(x, w_gate, w_up, xa, lora, scalings, c0: int, c1: int, rank: int):
     return gate, up
 
 
+def _panels(inter: int, tokens: int, weights: list[NF4Panels]) -> list[tuple[int, int]]:
+    """The intermediate dimension's panels; one (the whole weights) unless every weight can be cut."""
+    if not all(w.panelable for w in weights):
+        return [(0, inter)]
+    return panel_bounds(inter, tokens, weights[0].block, PANEL_ELEMENTS)
+
+
 def _out_projection(attn2, nf4_o, oa, b_o, s_o, dtype):
     """o(attn) = attn W_o^T + s_o (attn A_o^T) B_o^T, the weight dequantised for this call only."""
     return (attn2 @ dequantized(nf4_o, dtype).t()).addmm_(oa, b_o.t(), alpha=s_o)
@@ -145,7 +152,7 @@ class RecomputedMLP(torch.autograd.Function):
         w_gate, w_up, w_down = (NF4Panels(w, dtype) for w in nf4[:3])
         act_a = x.new_zeros((x.shape[0], lora[4].shape[0]))
         y = None
-        for c0, c1 in panel_bounds(inter, x.shape[0], w_gate.block, PANEL_ELEMENTS):
+        for c0, c1 in _panels(inter, x.shape[0], [w_gate, w_up, w_down]):
             gate, up = _panel(x, w_gate.rows(c0, c1), w_up.rows(c0, c1), xa, lora, scalings, c0, c1, rank)
             act = torch.nn.functional.silu(gate, inplace=True).mul_(up)
             del gate, up
@@ -182,7 +189,7 @@ class RecomputedMLP(torch.autograd.Function):
         grad_b_g, grad_b_u = b_g.new_empty(b_g.shape), b_u.new_empty(b_u.shape)
         g_xa = xa.new_zeros(xa.shape)  # the gradient reaching [x A_g^T | x A_u^T]
         grad_x = None
-        for c0, c1 in panel_bounds(inter, x.shape[0], w_gate.block, PANEL_ELEMENTS):
+        for c0, c1 in _panels(inter, x.shape[0], [w_gate, w_up, w_down]):
             wg, wu = w_gate.rows(c0, c1), w_up.rows(c0, c1)
             gate, up = _panel(x, wg, wu, xa, (a_g, b_g, a_u, b_u), scalings, c0, c1, rank)
             silu_gate = torch.nn.functional.silu(gate)
