@@ -114,8 +114,10 @@ def _panel(x, w_gate, w_up, xa, lora, scalings, c0: int, c1: int, rank: int):
 
 
 def _panels(inter: int, tokens: int, weights: list[NF4Panels]) -> list[tuple[int, int]]:
-    """The intermediate dimension's panels; one (the whole weights) unless every weight can be cut."""
-    if not all(w.panelable for w in weights):
+    """The intermediate dimension's panels; one (the whole weights) unless every weight can be cut and the
+    GEMMs run in fp32: in bf16/fp16 the down projection and dx, summed panel by panel in place, would be
+    rounded to the short mantissa once per panel, where one GEMM accumulates in fp32 and rounds once."""
+    if weights[0].dtype != torch.float32 or not all(w.panelable for w in weights):
         return [(0, inter)]
     return panel_bounds(inter, tokens, weights[0].block, PANEL_ELEMENTS)
 
