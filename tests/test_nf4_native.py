@@ -301,6 +301,113 @@ def test_first_touch_copy_is_the_same_weight(monkeypatch):
         torch.set_num_threads(before)
 
 
+# Panels the GEMM path's tiling asks for: row bands (forward), column ranges of every row (backward), both
+# cut mid-block and at the weight's edges, and one 2-D tile.
+PANELS = [((0, 97), (0, 512)), ((5, 40), (0, 512)), ((0, 97), (32, 96)), ((0, 97), (448, 512)),
+          ((96, 97), (0, 32)), ((13, 71), (192, 416)), ((50, 50), (0, 512))]
+
+
+def _panels_match(panel_fn, packed2d, scales, dtype) -> bool:
+    """Every panel in PANELS, written by panel_fn into a strided view of a NaN-filled wider buffer, equals
+    the whole dequantisation's slice, and nothing outside the view is written."""
+    whole = nf4_native.dequantize(packed2d, scales, dtype)
+    for (r0, r1), (c0, c1) in PANELS:
+        buf = torch.full((r1 - r0, 600), float("nan"), dtype=dtype)
+        view = buf[:, 40:40 + c1 - c0]
+        panel_fn(packed2d, scales, dtype, (r0, r1), (c0, c1), view)
+        if not torch.equal(view, whole[r0:r1, c0:c1]) or not buf[:, :40].isnan().all() \
+                or not buf[:, 40 + c1 - c0:].isnan().all():
+            return False
+    return True
+
+
+@pytest.mark.parametrize("blocksize,double_quant", [(32, False), (64, True), (256, False)])
+def test_dequantize_panel_is_the_whole_dequantisations_slice(blocksize, double_quant, isa):
+    """dequantize_panel (rows x 32-aligned columns, strided out) is bit-identical to slicing dequantize, for
+    every output dtype and both bf16 narrowings; a test-local panel off by one block (the column range read
+    one block late: what an off-by-one in the scale or byte offset gives) is caught by the same check."""
+    _, _, packed2d, scales = state(97, 512, blocksize, double_quant, seed=5)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for fast in (True, False):
+            def panel(p, s, d, rows, cols, out, fast=fast):
+                return nf4_native.dequantize_panel(p, s, d, rows, cols, out, fast_bf16=fast)
+            assert _panels_match(panel, packed2d, scales, dtype), (dtype, fast)
+
+    def one_block_late(p, s, d, rows, cols, out):
+        (r0, r1), (c0, c1) = rows, cols  # columns c + bs (wrapping at the row's end)
+        out.copy_(nf4_native.dequantize(p, s, d).roll(-blocksize, dims=1)[r0:r1, c0:c1])
+
+    assert not _panels_match(one_block_late, packed2d, scales, torch.float32)
+    with pytest.raises(ValueError):
+        nf4_native.dequantize_panel(packed2d, scales, torch.float32, (0, 4), (16, 48), torch.empty(4, 32))
+    with pytest.raises(ValueError):
+        nf4_native.dequantize_panel(packed2d, scales, torch.float32, (0, 98), (0, 32), torch.empty(98, 32))
+
+
+@native
+def test_fast_bf16_narrowing_is_bit_identical_at_the_edges():
+    """The AVX512-BF16 narrowing treats denormal inputs as zero: chunks whose scale could make a denormal
+    product (tiny, zero, negative, huge, inf) must take the portable narrowing, so both give the same bits."""
+    gen = torch.Generator().manual_seed(6)
+    n, k, bs = 64, 256, 64
+    packed2d = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+    scales = torch.randn(n * k // bs, generator=gen)
+    edge = torch.tensor([1e-38, -1e-38, 1e-40, 1.4e-37, 1.5e-37, 2e-37, -3e-37, 0.0, -0.0, 3e38, float("inf")])
+    scales[: edge.numel()] = edge
+    scales[edge.numel()::5] *= 1e-36
+    scales = scales.reshape(n, k // bs)
+    fast = nf4_native.dequantize_panel(packed2d, scales, torch.bfloat16, (0, n), (0, k),
+                                       torch.empty(n, k, dtype=torch.bfloat16), fast_bf16=True)
+    slow = nf4_native.dequantize_panel(packed2d, scales, torch.bfloat16, (0, n), (0, k),
+                                       torch.empty(n, k, dtype=torch.bfloat16), fast_bf16=False)
+    assert torch.equal(fast.view(torch.int16), slow.view(torch.int16))
+    assert torch.equal(slow.view(torch.int16), nf4_native.dequantize(packed2d, scales, torch.bfloat16).view(torch.int16))
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemm_panels_equal_the_whole_weights_gemm(dtype, monkeypatch):
+    """The GEMM path's panel tiling (rows forward, columns backward, a last panel cut short) computes x W^T
+    and g W like one GEMM on the whole dequantised W, and nf4_mm / nf4_mm_t take it where GEMM_PANELS asks (Intel
+    CPUs, up to the rule's thread count; not with TWINBENCH_NF4_PANELS=0)."""
+    gen = torch.Generator().manual_seed(7)
+    n, k, bs = 160, 320, 64
+    packed2d = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+    scales = torch.rand(n, k // bs, generator=gen)
+    x, g = torch.randn(9, k, generator=gen).to(dtype), torch.randn(9, n, generator=gen).to(dtype)
+    w = nf4_native.dequantize(packed2d, scales, dtype)
+    monkeypatch.setattr(nf4_kernels._scratch, "panels", {}, raising=False)  # this test's buffers only
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
+    for panel in (32, 64, 96, 4096):
+        torch.testing.assert_close(nf4_kernels.mm_panels(x, packed2d, scales, panel), x @ w.t(), **tol)
+        torch.testing.assert_close(nf4_kernels.mm_t_panels(g, packed2d, scales, panel), g @ w, **tol)
+    # a panel larger than the weight: the buffer is the weight's size, not the panel's
+    assert nf4_kernels.panel_workspace(1, 1, dtype).numel() <= n * k
+    calls = []
+    monkeypatch.setattr(nf4_kernels, "mm_panels", lambda *a: calls.append("fwd") or x @ w.t())
+    monkeypatch.setattr(nf4_kernels, "mm_t_panels", lambda *a: calls.append("bwd") or g @ w)
+    monkeypatch.setattr(nf4_kernels, "GEMM_PANELS", {dtype: nf4_kernels.PanelRule(64 * k * dtype.itemsize, 1)})
+    monkeypatch.setattr(nf4_kernels, "cpu_vendor", lambda: "AuthenticAMD")  # sizes measured on Intel only
+    assert nf4_kernels._gemm_panel(packed2d, scales, dtype, k) is None
+    monkeypatch.setattr(nf4_kernels, "cpu_vendor", lambda: "GenuineIntel")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # more threads than the rule allows: the whole-W path
+        assert nf4_kernels._gemm_panel(packed2d, scales, dtype, k) is None
+    finally:
+        torch.set_num_threads(before)
+    torch.set_num_threads(1)
+    try:
+        assert nf4_kernels._gemm_panel(packed2d, scales, dtype, k) == 64
+        nf4_kernels.nf4_mm(x, packed2d, scales), nf4_kernels.nf4_mm_t(g, packed2d, scales)
+        assert calls == ["fwd", "bwd"]
+        monkeypatch.setenv("TWINBENCH_NF4_PANELS", "0")
+        nf4_kernels.nf4_mm(x, packed2d, scales), nf4_kernels.nf4_mm_t(g, packed2d, scales)
+        assert calls == ["fwd", "bwd"]
+    finally:
+        torch.set_num_threads(before)
+
+
 @native
 def test_few_rows_compute_in_fp32_and_round_once(monkeypatch):
     """The few-row path computes in fp32 (GEMV, LoRA products, bias, gradients) and rounds once to x's dtype:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+from dataclasses import dataclass
 
 import torch
 from twinbench.impls.kernels import nf4_native
@@ -29,6 +30,21 @@ from twinbench.impls.kernels.nf4_code import nf4_table
 
 # Rows of x up to which the fused dequantise-GEMV (weight never materialised) beats dequantise + GEMM.
 GEMV_MAX_ROWS = 4
+# The GEMM path's panel per compute dtype, in bytes of dequantised weight: W is dequantised one panel at a time
+# (rows of W forward, a column range of every row backward) into a reused buffer and each panel runs its own
+# GEMM, so the GEMM reads a panel the dequantisation has just left in cache instead of a whole W written out
+# to memory. Larger panels mean fewer, more efficient GEMMs (each call re-packs x); the best sizes measured
+# here outgrow the 2 MB L2 and live in the last-level cache. fp32 gained at one thread only (at two the
+# whole-W path measured as fast or faster). docs/quant_linear.md, "Batch 512", has the table.
+@dataclass(frozen=True)
+class PanelRule:
+    """Panel size in bytes of dequantised weight, used at up to ``max_threads`` torch threads (None: any)."""
+
+    bytes: int
+    max_threads: int | None = None
+
+
+GEMM_PANELS = {torch.float32: PanelRule(32 << 20, max_threads=1), torch.bfloat16: PanelRule(8 << 20)}
 
 
 def dequant_even_odd(packed2d: torch.Tensor, scales: torch.Tensor, code: torch.Tensor,
@@ -124,10 +140,21 @@ def _workspace(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[: n * k].view(n, k)
 
 
+def panel_workspace(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reusable [rows, cols] buffer (per thread and dtype, grown to the largest panel seen) for one
+    dequantised panel of W (:data:`GEMM_PANELS`), which the panel's GEMM then reads from cache."""
+    bufs = _scratch.__dict__.setdefault("panels", {})
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < rows * cols:
+        buf = bufs[dtype] = torch.empty(rows * cols, dtype=dtype)
+    return buf[: rows * cols].view(rows, cols)
+
+
 def workspace_bytes() -> int:
     """Bytes this thread's GEMM-path workspaces hold (reported by the suite's impl, since a per-call peak
     memory measurement does not see a buffer allocated by an earlier call)."""
-    return sum(b.numel() * b.element_size() for b in getattr(_scratch, "bufs", {}).values())
+    bufs = [*getattr(_scratch, "bufs", {}).values(), *getattr(_scratch, "panels", {}).values()]
+    return sum(b.numel() * b.element_size() for b in bufs)
 
 
 def dequantize(packed2d: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
@@ -139,6 +166,9 @@ def dequantize(packed2d: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
     n, half = packed2d.shape
     if nf4_native.supports(packed2d, scales) and dtype in (torch.float32, torch.bfloat16, torch.float16):
         out = _workspace(n, 2 * half, dtype) if transient else None
+        if dtype == torch.bfloat16:  # the panel kernel narrows bf16 faster (AVX512-BF16), to the same bits
+            out = torch.empty(n, 2 * half, dtype=dtype) if out is None else out
+            return nf4_native.dequantize_panel(packed2d, scales, dtype, (0, n), (0, 2 * half), out)
         return nf4_native.dequantize(packed2d, scales, dtype, out=out)
     if packed2d.device.type == "cpu" and _bnb_dequant() is not None:
         blocksize = 2 * half // scales.shape[1]
@@ -199,7 +229,26 @@ def nf4_mm(x: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor) -> tor
         out = _kernel("gemv", packed2d)(xf[:, 0::2].contiguous(), xf[:, 1::2].contiguous(), packed2d, scales,
                                         nf4_table(str(x.device)))
         return out.to(x.dtype)
+    panel = _gemm_panel(packed2d, scales, x.dtype, 2 * packed2d.shape[1])
+    if panel:
+        return mm_panels(x, packed2d, scales, panel)
     return gemm_nt(x, dequantize(packed2d, scales, x.dtype, transient=True))
+
+
+def _gemm_panel(packed2d: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, span: int) -> int | None:
+    """Rows (forward: ``span`` = K, the row length) or columns (backward: ``span`` = N, the column length) per
+    panel for this weight (:data:`GEMM_PANELS`, a multiple of 32, at least 32), or None for the whole-weight
+    path: dtypes not listed or more threads than their rule allows, weights the native kernels do not take or
+    whose scales are not fp32,
+    CPUs other than Intel's (the sizes were measured on one; on the AMD box tiling lost 1.5-2x, and there the
+    fp32 GEMM is oneDNN's, which takes no ``out=``), and ``TWINBENCH_NF4_PANELS=0``."""
+    rule = GEMM_PANELS.get(dtype)
+    if rule is None or (rule.max_threads is not None and torch.get_num_threads() > rule.max_threads) \
+            or os.environ.get("TWINBENCH_NF4_PANELS") == "0" or not isinstance(scales, torch.Tensor) \
+            or scales.dtype != torch.float32 or cpu_vendor() != "GenuineIntel" \
+            or not nf4_native.supports(packed2d, scales):
+        return None
+    return max(32, rule.bytes // (span * dtype.itemsize) // 32 * 32)
 
 
 def nf4_mm_t(g: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor,
@@ -213,4 +262,38 @@ def nf4_mm_t(g: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor,
             return nf4_native.gemv_t(g, packed2d, scales).to(g.dtype)
         out = _kernel("gemv_t", packed2d)(g.float(), packed2d, scales, nf4_table(str(g.device)))
         return from_even_odd(out).to(g.dtype)
+    panel = _gemm_panel(packed2d, scales, g.dtype, packed2d.shape[0])
+    if panel:
+        return mm_t_panels(g, packed2d, scales, panel)
     return gemm_nn(g, dequantize(packed2d, scales, g.dtype, transient=True))
+
+
+def mm_panels(x: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x @ W^T`` by panels of ``rows`` rows of W: each panel dequantised (native, bit-identical to the whole
+    dequantisation's rows) into a cache-sized buffer, then one GEMM writes its column slice of y in place
+    (``mm(out=)`` on a strided view: BLAS takes the row stride, no copy, checked). Native weights with fp32
+    scales only."""
+    n, half = packed2d.shape
+    rows = min(rows, n)  # a weight smaller than one panel takes a buffer of its own size
+    y = torch.empty(x.shape[0], n, dtype=x.dtype)
+    buf = panel_workspace(rows, 2 * half, x.dtype)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        w = nf4_native.dequantize_panel(packed2d, scales, x.dtype, (r0, r1), (0, 2 * half), buf[: r1 - r0])
+        torch.mm(x, w.t(), out=y[:, r0:r1])
+    return y
+
+
+def mm_t_panels(g: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor, cols: int) -> torch.Tensor:
+    """``g @ W`` by panels of ``cols`` columns of W (a column range of every row, 32-aligned): each dequantised
+    into a cache-sized buffer, then ``dx[:, c0:c1] = g @ panel`` in place."""
+    n, half = packed2d.shape
+    k = 2 * half
+    cols = min(cols, k)
+    dx = torch.empty(g.shape[0], k, dtype=g.dtype)
+    buf = panel_workspace(n, cols, g.dtype)
+    for c0 in range(0, k, cols):
+        c1 = min(k, c0 + cols)
+        w = nf4_native.dequantize_panel(packed2d, scales, g.dtype, (0, n), (c0, c1), buf[:, : c1 - c0])
+        torch.mm(g, w, out=dx[:, c0:c1])
+    return dx

@@ -577,3 +577,90 @@ int nf4_native_isa(void) { return NF4_ISA; }
 
 /* Lets Python confirm it loaded this source's build. */
 int nf4_native_abi(void) { return 2; }
+
+/* ---- dequantise a panel (for the GEMM path's panel tiling: docs/quant_linear.md, "Batch 512") -------------- */
+
+/* compilers with AVX512-BF16 intrinsics and __builtin_cpu_supports("avx512bf16"); older ones build without it */
+#if L == 16 && ((defined(__clang__) && __clang_major__ >= 11) || (!defined(__clang__) && __GNUC__ >= 11))
+#define NF4_PANEL_BF16 1
+/* bf16 panels with AVX512-BF16 (built for that target, called only where the CPU has it): vcvtne2ps2bf16
+ * narrows 32 floats in one instruction and a word permute interleaves even/odd columns, ~9 vector uops per
+ * 32 weights instead of ~22 (the manual rounding + dword narrowing of to_bf16). It rounds to nearest even
+ * like to_bf16 but treats denormal inputs as zero, so a chunk takes it only when its scale makes every
+ * product zero or normal (|s| >= s_min, finite); other chunks take dequant_chunk: bit-identical either way. */
+__attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,fma")))
+static void panel_bf16(const uint8_t *packed, const float *scales, const float *code16, uint16_t *out, i64 K,
+                       i64 bs, i64 r0, i64 r1, i64 c0, i64 c1, i64 ld, float s_min, int threads) {
+    const lut_t lut = lut_load(code16);
+    const i64 half = K / 2, nb = K / bs, cols = c1 - c0;
+    const int bs_log2 = __builtin_ctzll((unsigned long long)bs); /* a shift, not a division per chunk */
+    int16_t order[32]; /* natural column p <- even[p / 2] (low half) or odd[p / 2] (high half) */
+    for (int q = 0; q < 32; q++) order[q] = (int16_t)((q & 1) * 16 + q / 2);
+    const __m512i idx = _mm512_loadu_si512((const void *)order);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (i64 r = r0; r < r1; r++) {
+        const uint8_t *row = packed + r * half;
+        const float *srow = scales + r * nb;
+        const i64 at = (r - r0) * ld;
+        for (i64 c = 0; c < cols; c += 32) {
+            const float sf = srow[(c0 + c) >> bs_log2], mag = sf < 0 ? -sf : sf;
+            if (!(mag >= s_min && mag <= 3.4028234663852886e38f)) { /* denormal products possible, or inf/NaN */
+                dequant_chunk(row + (c0 + c) / 2, vset1(sf), lut, out, at + c, 1);
+                continue;
+            }
+            const vf s = vset1(sf);
+            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + (c0 + c) / 2)));
+            const vf we = vmul(lookup(_mm512_srli_epi32(v, 4), lut), s), wo = vmul(lookup(v, lut), s);
+            const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(wo, we); /* low 16 words: even, high: odd */
+            _mm512_storeu_si512((void *)(out + at + c), _mm512_permutexvar_epi16(idx, both));
+        }
+    }
+}
+#endif
+
+/* Rows [r0, r1) and columns [c0, c1) of W (c0, c1 multiples of 32) in natural order into out, row r - r0 at
+ * out + (r - r0) * ld elements: the same chunks and arithmetic as nf4_dequantize, so the panel is bit-identical
+ * to that slice of the whole dequantisation. A 32-column chunk never straddles a block (bs is a power of two
+ * >= 32), so its scale is the one of the chunk's first element. Threads split the rows. fast_bf16: allow the
+ * AVX512-BF16 narrowing where the CPU has it (0 forces the portable one; the tests compare both). */
+int nf4_dequantize_panel(const uint8_t *packed, const float *scales, const float *code16, void *out, i64 N, i64 K,
+                         i64 bs, i64 r0, i64 r1, i64 c0, i64 c1, i64 ld, int kind, int threads, int fast_bf16) {
+    if (K % 32 || bs < 32 || (bs & (bs - 1)) || K % bs || kind < 0 || kind > 2 || r0 < 0 || r1 > N || r0 > r1 || c0 < 0 ||
+        c1 > K || c0 > c1 || c0 % 32 || c1 % 32 || ld < c1 - c0)
+        return -1;
+#ifdef NF4_PANEL_BF16
+    if (kind == 1 && fast_bf16 && __builtin_cpu_supports("avx512bf16")) {
+        float cmin = 0.0f; /* smallest nonzero |code|: |s| * cmin >= 2 * FLT_MIN keeps every product normal */
+        for (int i = 0; i < 16; i++) {
+            const float a = code16[i] < 0 ? -code16[i] : code16[i];
+            if (a > 0 && (cmin == 0.0f || a < cmin)) cmin = a;
+        }
+        const float s_min = cmin > 0 ? 2.3509887016445750e-38f / cmin : 0.0f;
+        panel_bf16(packed, scales, code16, (uint16_t *)out, K, bs, r0, r1, c0, c1, ld, s_min, threads);
+        return 0;
+    }
+#else
+    (void)fast_bf16;
+#endif
+    const lut_t lut = lut_load(code16);
+    const i64 half = K / 2, nb = K / bs, cols = c1 - c0;
+    const int bs_log2 = __builtin_ctzll((unsigned long long)bs); /* bs is a power of two (Python checks) */
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (i64 r = r0; r < r1; r++) {
+        const uint8_t *row = packed + r * half;
+        const float *srow = scales + r * nb;
+        const i64 at = (r - r0) * ld;
+        for (i64 c = 0; c < cols; c += 32)
+            dequant_chunk(row + (c0 + c) / 2, vset1(srow[(c0 + c) >> bs_log2]), lut, out, at + c, kind);
+    }
+    return 0;
+}
+
+/* 1 when nf4_dequantize_panel's AVX512-BF16 path can run here. */
+int nf4_panel_fast_bf16(void) {
+#ifdef NF4_PANEL_BF16
+    return __builtin_cpu_supports("avx512bf16") ? 1 : 0;
+#else
+    return 0;
+#endif
+}

@@ -122,6 +122,7 @@ def _load_isa(isa: str) -> tuple[ctypes.CDLL | None, str]:
     lib.nf4_decode_absmax.argtypes = [ptr, ptr, ptr, ctypes.c_float, ptr, i64]
     lib.nf4_decode_absmax.restype = None
     lib.nf4_first_touch_copy.argtypes = [ptr, ptr, i64, i64, cint]
+    lib.nf4_dequantize_panel.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, cint, cint, cint]
     return lib, ""
 
 
@@ -302,4 +303,36 @@ def dequantize(packed2d: torch.Tensor, scales: Scales, dtype: torch.dtype,
     _checked(out, dtype, "out")
     _call(_lib().nf4_dequantize, packed2d.data_ptr(), scales.data_ptr(), nf4_table("cpu").data_ptr(), out.data_ptr(),
           n * k, bs, _OUT_KIND[dtype], _threads(packed2d))
+    return out
+
+
+def panel_fast_bf16() -> bool:
+    """Whether :func:`dequantize_panel` narrows bf16 with AVX512-BF16 here (the CPU has it; AVX-512 build)."""
+    return bool(_lib().nf4_panel_fast_bf16())
+
+
+def dequantize_panel(packed2d: torch.Tensor, scales: Scales, dtype: torch.dtype, rows: tuple[int, int],
+                     cols: tuple[int, int], out: torch.Tensor, threads: int | None = None,
+                     fast_bf16: bool = True) -> torch.Tensor:
+    """``W[r0:r1, c0:c1]`` (columns multiples of 32) written into ``out``, a [r1 - r0, c1 - c0] tensor of
+    ``dtype`` whose rows may be strided (a column slice of a wider buffer): bit-identical to that slice of
+    :func:`dequantize`. ``scales``: the fp32 block scales (decode nested ones once per call with
+    :meth:`NestedScales.decoded`, not once per panel). ``threads``: default torch's, capped by the panel's size.
+    ``fast_bf16``: bf16 narrowed by AVX512-BF16 where the CPU has it (the same bits; False forces the portable
+    narrowing, for the tests that compare the two)."""
+    if dtype not in _OUT_KIND:
+        raise ValueError(f"native dequantise writes fp32/bf16/fp16, not {dtype}")
+    packed2d, scales, n, k, bs = _weight(packed2d, scales)
+    if isinstance(scales, NestedScales):
+        scales = scales.decoded().reshape(-1)
+    (r0, r1), (c0, c1) = rows, cols
+    if not (0 <= r0 <= r1 <= n and 0 <= c0 <= c1 <= k and c0 % 32 == 0 and c1 % 32 == 0):
+        raise ValueError(f"panel rows {rows} / cols {cols} outside the {n}x{k} weight or not 32-column aligned")
+    if out.dtype != dtype or out.device.type != "cpu" or out.shape != (r1 - r0, c1 - c0) or out.stride(1) != 1 \
+            or (r1 - r0 > 1 and out.stride(0) < c1 - c0):
+        raise ValueError(f"out must be a CPU {dtype} [{r1 - r0}, {c1 - c0}] tensor with unit column stride")
+    if threads is None:
+        threads = max(1, min(torch.get_num_threads(), (r1 - r0) * (c1 - c0) // (2 * BYTES_PER_THREAD)))
+    _call(_lib().nf4_dequantize_panel, packed2d.data_ptr(), scales.data_ptr(), nf4_table("cpu").data_ptr(),
+          out.data_ptr(), n, k, bs, r0, r1, c0, c1, max(out.stride(0), c1 - c0), _OUT_KIND[dtype], threads, int(fast_bf16))
     return out
