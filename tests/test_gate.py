@@ -332,4 +332,6 @@ def test_calibrate_catches_a_large_planted_slowdown_and_reports_it(toy_repo, tmp
         [power] = result[mode]["power"]
         assert power["slowdown"] == 2.0 and power["tests"]["mwu"]["confirmed"] == 2, (mode, result[mode])
         assert result[mode]["aa"]["comparisons"] == 2
+    aa = result["against"]["aa"]["tests"]["mwu"]
+    assert len(aa["false_alarms"]) == aa["confirmed"]  # each A/A alarm named, with its looks
     assert "smallest slowdown caught" in done.stdout

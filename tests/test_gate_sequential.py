@@ -175,3 +175,52 @@ def test_process_clock_with_threads_is_a_usage_error(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "lost parallelism" in err[0]
     assert not (tmp_path / "g").exists()
+
+
+class FakeGateWorker:
+    """Stands in for a gate worker process: ``restart`` starts a new process that has prepared nothing, and a
+    case timed before it was prepared on the current process fails (the real worker's KeyError)."""
+
+    def __init__(self):
+        self.prepared: set[str] = set()
+        self.hash_seeds = [0]
+
+    def restart(self, hash_seed: int) -> None:
+        self.prepared = set()
+        self.hash_seeds.append(hash_seed)
+
+    def ready(self):
+        return self
+
+    def prepare(self, msg):
+        from twinbench.harness.run.process import Prepared
+
+        self.prepared.add(msg.key)
+        return Prepared(ok=True, per_call_ms=1.0)
+
+    def time(self, msg):
+        from twinbench.harness.run.process import Timed
+
+        if msg.key not in self.prepared:
+            return Timed(ok=False, why=f"KeyError: {msg.key!r}")
+        return Timed(ok=True, ms=1.0)
+
+    def stop(self) -> None:
+        pass
+
+
+def test_each_look_restarts_both_workers_once_and_later_cases_are_prepared_again():
+    """The calibration's next group measures cases prepared before a look restarted the workers."""
+    from twinbench.harness.gate.against import Item, Pair
+
+    base, head = FakeGateWorker(), FakeGateWorker()
+    pair = Pair(base, head, rounds=7, block_ms=1.0)
+    first, second = (Item("s", f"c{i}", {}, "impl", "fwd") for i in range(2))
+    for item in (first, second):
+        assert pair.prepare(item)["ok"]
+    pair.refresh(first, look=0)
+    pair.refresh(second, look=0)          # same look: no second restart
+    pair.refresh(first, look=1)
+    assert base.hash_seeds == head.hash_seeds == [0, 1, 2]   # one fresh process per look, equal seeds
+    b, h = pair.measure(second)           # prepared before the restarts: prepared again, not a KeyError
+    assert len(b) == len(h) == 7

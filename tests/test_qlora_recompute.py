@@ -172,3 +172,63 @@ def test_layers_with_a_bias_or_attention_dropout_are_not_fused(base):
     assert not fusable_attention(layer.input_layernorm, attn)
     assert not qlora_recompute._fusable_mlp(layer.post_attention_layernorm, mlp)
     assert not qlora_patched._is_lora_nf4(attn.v_proj) and qlora_patched._is_lora_nf4(attn.q_proj)
+
+
+def test_nf4_panels_are_the_same_slices_of_the_dequantised_weight(base):
+    """Row and column panels of an NF4 weight (double-quantised scales) dequantise bit-identically to the
+    same slices of the whole weight: the panelled MLP multiplies by exactly the reference's numbers."""
+    from twinbench.impls.qlora.nf4_lora import NF4Panels, dequantized
+
+    cfg, path, _batch = base
+    mlp = load_qlora_model(path, cfg).get_base_model().model.layers[0].mlp
+    for name in ("gate_proj", "down_proj"):
+        packed, quant, *_ = qlora_recompute.lora_parts(getattr(mlp, name))
+        whole = dequantized([(packed, quant)], torch.float32)
+        panels = NF4Panels((packed, quant), torch.float32)
+        n, k = whole.shape
+        assert torch.equal(panels.rows(64, n), whole[64:]) and torch.equal(panels.rows(0, n), whole)
+        assert torch.equal(panels.cols(64, k), whole[:, 64:]) and torch.equal(panels.cols(0, 64), whole[:, :64])
+
+
+def test_panelled_mlp_with_o_projection_keeps_loss_and_gradients_and_saves_less(base, monkeypatch):
+    """The MLP op in several intermediate-dim panels, with the attention's o_proj moved into it
+    (``attn_out``): same loss and LoRA gradients as keeping every activation, fewer bytes saved than
+    without ``attn_out``; dropping a panel (planted) is caught."""
+    loss0, grads0, _ = _loss_grads_saved(base, "llama", ())
+    monkeypatch.setattr(qlora_recompute, "PANEL_ELEMENTS", 64 * 256)  # tiny llama: 256 tokens -> 4 panels
+    assert len(qlora_recompute.panel_bounds(256, 256, 64, qlora_recompute.PANEL_ELEMENTS)) == 4
+    _loss, _grads, saved_mid = _loss_grads_saved(base, "llama", ("attn", "mlp"))
+    loss1, grads1, saved1 = _loss_grads_saved(base, "llama", ("attn", "mlp", "attn_out"))
+    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grads1, grads0, rtol=0, atol=1e-6 * float(grads0.abs().max()))
+    # one [tokens, hidden] fp32 tensor (131 KB at tiny llama) less per layer: the residual between the blocks
+    assert saved_mid - saved1 >= 2 * 256 * 128 * 4 * 0.95, (saved_mid, saved1)
+    bounds = qlora_recompute.panel_bounds
+    monkeypatch.setattr(qlora_recompute, "panel_bounds", lambda *a: bounds(*a)[:-1])
+    _loss, grads2, _ = _loss_grads_saved(base, "llama", ("attn", "mlp", "attn_out"))
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(grads2, grads0, rtol=0, atol=1e-6 * float(grads0.abs().max()))
+
+
+def test_probe_thread_takes_its_per_thread_buffers_along():
+    """The bench runs the probe in its own thread so that a per-thread scratch buffer the generation path
+    allocates (the NF4 GEMM workspace) is not left behind and charged to the training loop; a value
+    comes back, an error is re-raised."""
+    import threading
+
+    from twinbench.impls.qlora.bench import in_own_thread
+
+    local = threading.local()
+
+    def probe_like():
+        local.buffer = torch.empty(16)
+        return 7
+
+    assert in_own_thread(probe_like) == 7
+    assert not hasattr(local, "buffer")  # run in this thread (planted), the buffer would stay
+
+    def fails():
+        raise ValueError("probe failed")
+
+    with pytest.raises(ValueError, match="probe failed"):
+        in_own_thread(fails)

@@ -44,8 +44,8 @@ def register(sub) -> None:
     q.add_argument("--mmap-threshold", type=arguments.positive_int, default=None, metavar="BYTES",
                    help="fix glibc's mmap threshold (e.g. 65536): per-step RSS then closer to live memory")
     q.add_argument("--recompute", default=None, metavar="BLOCKS",
-                   help="sub-blocks the patched loop rebuilds in backward, comma-separated: attn, dense_mlp, mlp "
-                        "('' none; default: patch_model's, attn,dense_mlp)")
+                   help="sub-blocks the patched loop rebuilds in backward, comma-separated: attn, dense_mlp, mlp, "
+                        "attn_out ('' none; default: the profile case's, else patch_model's attn,dense_mlp)")
     q.set_defaults(handler=cmd_bench_qlora)
 
 
@@ -82,7 +82,7 @@ def cmd_bench_qlora(args) -> int:
         cfg = dataclasses.replace(cfg, cpu_threads=threads)
         result = bench(cfg, loop_meters(args.device), args.device, checkpointing=args.checkpointing,
                        recompute_experts=not args.keep_expert_activations, mmap_threshold=args.mmap_threshold,
-                       recompute=recompute)
+                       recompute=case.recompute if recompute is None else recompute)
         checks = bench_checks(case, result)
         runs.append({"bench_case": dataclasses.asdict(case), "cpu_threads": threads,
                      "load_average": list(os.getloadavg()), **result,

@@ -200,7 +200,7 @@ class Pair:
         self.rounds, self.block_ms, self.seed, self.clock = rounds, block_ms, seed, clock
         self.numbers: dict[str, int] = {}
         self.look: int | None = None  # the confirmation look the workers were started for (None: the first run)
-        self.fresh: set[str] = set()  # items prepared on this look's workers
+        self.ready_keys: set[str] = set()  # items prepared on the workers' current processes
 
     def prepare(self, item: Item, *, parity: bool = False, granularity: int = 1) -> dict[str, Any]:
         """Prepare both sides; returns {"ok", "why", "missing", "parity"} (parity judged on the head)."""
@@ -214,6 +214,7 @@ class Pair:
         elif not base.ok:
             out["why"] = f"base: {base.why}"
         if out["ok"]:
+            self.ready_keys.add(item.key)
             per_call = max(head.per_call_ms, base.per_call_ms, 1e-6)
             n = max(1, math.ceil(self.block_ms / per_call))
             self.numbers[item.key] = granularity * math.ceil(n / granularity)
@@ -221,17 +222,22 @@ class Pair:
 
     def refresh(self, item: Item, look: int) -> None:
         """Before confirmation look ``look`` at ``item``: a fresh pair of worker processes for the look (the
-        first call of a look restarts both, with the hash seed ``look + 1`` on both sides) and ``item``
-        prepared on them (same inputs; calls per sample unchanged). A process can be a few percent slower
-        than its twin on a case for its whole life (stats.MIN_LOOKS): on fresh processes such a bias is
-        drawn anew, so a look that does not reproduce a flag refutes it."""
+        first call of a look restarts both, with the hash seed ``look + 1`` on both sides), ``item`` prepared
+        on them. A process can be a few percent slower than its twin on a case for its whole life
+        (stats.MIN_LOOKS): on fresh processes such a bias is drawn anew, so a look that does not reproduce a
+        flag refutes it."""
         if look != self.look:
             for worker in (self.base, self.head):
                 worker.restart(hash_seed=look + 1)
             for worker in (self.base, self.head):  # both import torch at once
                 worker.ready()
-            self.look, self.fresh = look, set()
-        if item.key in self.fresh:
+            self.look, self.ready_keys = look, set()
+        self._ensure_prepared(item)
+
+    def _ensure_prepared(self, item: Item) -> None:
+        """Prepare ``item`` again on processes started since it was prepared (same inputs, calls per sample
+        unchanged): after a look's restart, any later measurement (calibrate's next group) finds it ready."""
+        if item.key in self.ready_keys:
             return
         msg = Prepare(key=item.key, suite=item.suite, params=item.params, impl=item.impl, mode=item.mode,
                       seed=self.seed)
@@ -239,7 +245,7 @@ class Pair:
             reply = worker.prepare(msg)
             if not reply.ok:
                 raise WorkerFailed(f"{item.key}: {reply.why}")
-        self.fresh.add(item.key)
+        self.ready_keys.add(item.key)
 
     def sample(self, worker: GateWorker, item: Item, extra: int = 0) -> float:
         """One sample of ``item`` on one side: ms per call (``extra`` calls on top: a planted slowdown)."""
@@ -251,6 +257,7 @@ class Pair:
     def measure(self, item: Item, *, extra_fraction: float = 0.0,
                 rounds: int | None = None) -> tuple[list[float], list[float]]:
         """Interleaved samples (base, head); ``extra_fraction`` of extra calls on the head = a planted slowdown."""
+        self._ensure_prepared(item)
         extra = round(extra_fraction * self.numbers[item.key])
         base_ms: list[float] = []
         head_ms: list[float] = []

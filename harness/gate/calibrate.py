@@ -103,7 +103,7 @@ def against_mode(pair, items, configs: dict[str, Any], n: int, slowdown: float) 
     """
     from twinbench.harness.gate import stats as gate
 
-    counts = {t: {"flagged": 0, "confirmed": 0, "missed": []} for t in configs}
+    counts = {t: {"flagged": 0, "confirmed": 0, "missed": [], "false_alarms": []} for t in configs}
     ratios, passes = [], []
     done = 0
     while done < n:
@@ -134,6 +134,9 @@ def against_mode(pair, items, configs: dict[str, Any], n: int, slowdown: float) 
             if slowdown > 0:
                 counts[test]["missed"] += [i.key for i, c in zip(group, cases)
                                            if c["verdict"] != "regression (confirmed)"]
+            else:  # which items, and what each look saw: the evidence to tell noise from a real bias
+                counts[test]["false_alarms"] += [{"item": i.key, "looks": c.get("looks", [])}
+                                                 for i, c in zip(group, cases) if c["verdict"] == "regression (confirmed)"]
         passes.append({"items": len(group), "seconds": time.monotonic() - started,
                        "rerun_looks": len(reruns)})
         done += len(group)
@@ -334,6 +337,10 @@ def _format(title: str, res: dict[str, Any], tests: list[str]) -> str:
             parts.append(f"{p['slowdown']:.0%}: caught {t['confirmed']}/{p['comparisons']} = "
                          f"{t['confirmed'] / p['comparisons']:.0%}")
         lines.append("; ".join(parts))
+        alarms = [a["item"] for a in aa.get("false_alarms", [])]
+        if alarms:
+            lines.append(f"   {test:<8} A/A false alarms: " + ", ".join(alarms[:8])
+                         + (f" and {len(alarms) - 8} more" if len(alarms) > 8 else ""))
         for p in res["power"]:
             missed = p["tests"][test].get("missed", [])
             if missed:

@@ -57,13 +57,26 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' ``apply_rotary_pos_emb`` on [B, S, heads, D] with cos/sin [B, S, 1, D]."""
-    return x * cos + _rotate_half(x) * sin
+    """transformers' ``apply_rotary_pos_emb`` on [B, S, heads, D] with cos/sin [B, S, 1, D]:
+    ``x * cos + rotate_half(x) * sin`` with half-width temporaries instead of three full ones (the same
+    products and sums: ``a + (-b) * s`` is ``a - b * s`` exactly)."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half] -= x[..., half:] * sin[..., :half]
+    out[..., half:] += x[..., :half] * sin[..., half:]
+    return out
 
 
 def _rope_backward(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """rotate_half is linear with transpose -rotate_half."""
-    return grad * cos - _rotate_half(grad * sin)
+    """rotate_half is linear with transpose -rotate_half: ``grad * cos - rotate_half(grad * sin)``, written
+    over ``grad`` (returned) with one temporary instead of four (the attention backward's peak at 100M:
+    docs/qlora.md); the same products and sums, so the same numbers."""
+    half = grad.shape[-1] // 2
+    scaled = grad * sin
+    grad.mul_(cos)
+    grad[..., :half] += scaled[..., half:]  # - (-t2)
+    grad[..., half:] -= scaled[..., :half]
+    return grad
 
 
 class _Layout:
@@ -118,8 +131,9 @@ class RecomputedAttention(torch.autograd.Function):
     """y = o(flash(rope(q(x)), rope(k(x)), v(x))), x = RMSNorm(h); LoRA on q/k/v/o over NF4 weights."""
 
     @staticmethod
-    def forward(ctx, h, cos, sin, norm_weight, eps, qk_norms, nf4, scalings, shape, scale, *lora):
-        # lora = A_q, B_q, A_k, B_k, A_v, B_v, A_o, B_o; shape = (heads, kv heads, head dim)
+    def forward(ctx, h, cos, sin, norm_weight, eps, qk_norms, nf4, scalings, shape, scale, project, *lora):
+        # lora = A_q, B_q, A_k, B_k, A_v, B_v[, A_o, B_o]; shape = (heads, kv heads, head dim); ``project``
+        # False: no o_proj (nor its adapters), the attention output [B, H, S, D] is returned (and kept)
         # GEMMs in the adapters' (bnb compute) dtype; norms, RoPE and attention in the residual stream's, as
         # the reference runs them (bnb and peft return their projections in their input's dtype; the CPU flash
         # kernel's bf16 backward is several times slower than its fp32 one: docs/qlora.md)
@@ -136,10 +150,14 @@ class RecomputedAttention(torch.autograd.Function):
         v = lay.heads(qkv[:, lay.qk_cols:]).transpose(1, 2)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
         del q, k, v, qk, qkv
+        ctx.nf4, ctx.scalings, ctx.eps, ctx.qk_norms, ctx.lay, ctx.scale = nf4, scalings, eps, qk_norms, lay, scale
+        ctx.project = project
+        if not project:
+            ctx.save_for_backward(h, cos, sin, norm_weight, xa, out, lse, None, *lora)
+            return out
         attn = out.transpose(1, 2).reshape(h2.shape[0], -1).to(dtype)  # [B, S, H, D] in memory: a view in fp32
         oa = attn @ lora[6].t()
         y = (attn @ dequantized(nf4[3:], dtype).t()).addmm_(oa, lora[7].t(), alpha=scalings[3])
-        ctx.nf4, ctx.scalings, ctx.eps, ctx.qk_norms, ctx.lay, ctx.scale = nf4, scalings, eps, qk_norms, lay, scale
         ctx.save_for_backward(h, cos, sin, norm_weight, xa, out, lse, oa, *lora)
         return y.view(*h.shape[:-1], y.shape[-1]).to(h.dtype)
 
@@ -147,29 +165,36 @@ class RecomputedAttention(torch.autograd.Function):
     def backward(ctx, grad_y):
         h, cos, sin, norm_weight, xa, out, lse, oa, *lora = ctx.saved_tensors
         lay, scalings, dtype, r = ctx.lay, ctx.scalings, lora[0].dtype, ctx.lay.rank
-        a_o, b_o, s_o = lora[6], lora[7], scalings[3]
         h2 = h.reshape(-1, h.shape[-1])
-        gy = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
-        attn = out.transpose(1, 2).reshape(h2.shape[0], -1).to(dtype)
-        # o: y = attn W_o^T + s_o (attn A_o^T) B_o^T
-        g_oa = torch.mm(gy, b_o).mul_(s_o)
-        grad_b_o = torch.mm(gy.t(), oa).mul_(s_o)
-        grad_a_o = g_oa.t() @ attn
-        g_attn = (gy @ dequantized(ctx.nf4[3:], dtype)).addmm_(g_oa, a_o).to(h.dtype)
-        del gy, g_oa, attn
+        o_grads = []
+        if ctx.project:
+            a_o, b_o, s_o = lora[6], lora[7], scalings[3]
+            gy = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
+            attn = out.transpose(1, 2).reshape(h2.shape[0], -1).to(dtype)
+            # o: y = attn W_o^T + s_o (attn A_o^T) B_o^T
+            g_oa = torch.mm(gy, b_o).mul_(s_o)
+            o_grads = [g_oa.t() @ attn, torch.mm(gy.t(), oa).mul_(s_o)]
+            g_attn = (gy @ dequantized(ctx.nf4[3:], dtype)).addmm_(g_oa, a_o).to(h.dtype)
+            g_out = lay.heads(g_attn).transpose(1, 2)
+            del gy, g_oa, attn
+        else:
+            g_out = grad_y.to(h.dtype)
         # rebuild q/k/v, then the kernel's backward from its saved output and log-sum-exp
-        x, rstd = rms_norm_with_rstd(h2, norm_weight, ctx.eps, dtype)
-        w_qkv = dequantized(ctx.nf4[:3], dtype)
-        qkv = _qkv(x, w_qkv, xa, lora, scalings, lay).to(h.dtype)
+        # x and the dequantised weight are rebuilt again for dx rather than held across the kernel's
+        # backward (the op's peak at 100M, docs/qlora.md): one norm and one dequantisation more
+        x, _ = rms_norm_with_rstd(h2, norm_weight, ctx.eps, dtype)
+        qkv = _qkv(x, dequantized(ctx.nf4[:3], dtype), xa, lora, scalings, lay).to(h.dtype)
+        del x
         qk, normed = _rotated_qk(qkv, ctx.qk_norms, cos, sin, lay)
         q, k = lay.split_qk(qk)
         v = lay.heads(qkv[:, lay.qk_cols:]).transpose(1, 2)
-        g_out = lay.heads(g_attn).transpose(1, 2)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             g_out, q, k, v, out, lse, 0.0, True, scale=ctx.scale)
-        del q, k, v, qk, g_out, g_attn
+        del q, k, v, qk, g_out
         # [dq | dk] through RoPE and the per-head norms at once, then [dq | dk | dv] as the projection's gradient
-        g_qkv = torch.empty_like(qkv)
+        # without q/k norms nothing reads the rebuilt q/k/v any more: their gradient takes the buffer (Qwen3's
+        # norm backward still reads its input, a view of qkv)
+        g_qkv = qkv if normed is None else torch.empty_like(qkv)
         del qkv
         g_qk = lay.heads(g_qkv[:, :lay.qk_cols])
         g_qk[:, :, :lay.n_heads] = dq.transpose(1, 2)
@@ -179,7 +204,8 @@ class RecomputedAttention(torch.autograd.Function):
         grad = _rope_backward(g_qk, cos, sin)
         if normed is not None:
             grad = rms_norm_backward(grad, *normed)
-        g_qk.copy_(grad)
+        if grad is not g_qk:
+            g_qk.copy_(grad)
         del grad, normed, g_qk
         g_qkv = g_qkv.to(dtype)
         # q/k/v: [q | k | v] = x W^T + s_i (x A_i^T) B_i^T
@@ -190,19 +216,22 @@ class RecomputedAttention(torch.autograd.Function):
             g_xa[:, i * r:(i + 1) * r].addmm_(g_i, lora[2 * i + 1], beta=0, alpha=scalings[i])
             grads.append(torch.mm(g_i.t(), xa_i).mul_(scalings[i]))
             col += width
+        del g_i  # a view: it would keep g_qkv alive
+        grad_x = (g_qkv @ dequantized(ctx.nf4[:3], dtype)).addmm_(g_xa, torch.cat(lora[0:6:2]))
+        del g_qkv
+        x, rstd = rms_norm_with_rstd(h2, norm_weight, ctx.eps, dtype)
         grad_a = g_xa.t() @ x
-        grad_x = (g_qkv @ w_qkv).addmm_(g_xa, torch.cat(lora[0:6:2]))
-        del g_qkv, w_qkv, x
+        del x
         grad_h = rms_norm_backward(grad_x, h2, norm_weight, rstd).view(h.shape)
-        lora_grads = [grad_a[:r], grads[0], grad_a[r:2 * r], grads[1], grad_a[2 * r:], grads[2],
-                      grad_a_o, grad_b_o]
-        return (grad_h, None, None, None, None, None, None, None, None, None, *lora_grads)
+        lora_grads = [grad_a[:r], grads[0], grad_a[r:2 * r], grads[1], grad_a[2 * r:], grads[2], *o_grads]
+        return (grad_h, None, None, None, None, None, None, None, None, None, None, *lora_grads)
 
 
-def recomputed_attention(h: torch.Tensor, norm, attn, position_embeddings) -> torch.Tensor:
+def recomputed_attention(h: torch.Tensor, norm, attn, position_embeddings, project: bool = True) -> torch.Tensor:
     """``attn(norm(h))`` (causal, unmasked) through ``RecomputedAttention``, for a layer ``fusable_attention``
-    accepted."""
-    parts = [lora_parts(getattr(attn, p)) for p in PROJECTIONS]
+    accepted; ``project=False``: without o_proj, the attention output [B, H, S, D] (``RecomputedMLP`` then
+    applies o_proj)."""
+    parts = [lora_parts(getattr(attn, p)) for p in (PROJECTIONS if project else PROJECTIONS[:3])]
     lora = [t for p in parts for t in (p[2], p[3])]
     qk_norms = ([(n.weight, n.variance_epsilon) for n in (attn.q_norm, attn.k_norm)]
                 if hasattr(attn, "q_norm") else None)
@@ -212,4 +241,4 @@ def recomputed_attention(h: torch.Tensor, norm, attn, position_embeddings) -> to
     with scope("attention"):
         return RecomputedAttention.apply(h, cos, sin, norm.weight, norm.variance_epsilon, qk_norms,
                                          [(p[0], p[1]) for p in parts], [p[4] for p in parts], shape, attn.scaling,
-                                         *lora)
+                                         project, *lora)

@@ -44,6 +44,66 @@ def dequantized(weights: list[tuple[Any, Any]], dtype: torch.dtype) -> torch.Ten
         return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(dtype)
 
 
+class NF4Panels:
+    """One NF4 weight [out, in] dequantised a panel at a time: ``rows(r0, r1)`` is ``W[r0:r1]``, ``cols(c0, c1)``
+    is ``W[:, c0:c1]``, each bit-identical to the same slice of ``dequantized`` (the same bnb kernel on the
+    slice of the packed bytes and of the block scales; the double-quantised scales are decoded once, as bnb
+    does). So an op can run its GEMM panel by panel and never hold the whole fp32 weight (docs/qlora.md, the
+    100M section). Panel edges must fall on quantisation blocks (multiples of ``block`` along ``in``)."""
+
+    def __init__(self, weight: tuple[Any, Any], dtype: torch.dtype):
+        import bitsandbytes.functional as bnbf
+
+        packed, q = weight
+        self.packed, self.dtype, self.block, self.quant_type = packed, dtype, q.blocksize, q.quant_type
+        self.out_features, self.in_features = q.shape
+        self.quant_dtype = q.dtype
+        with scope("nf4"):
+            absmax = q.absmax
+            if q.nested:
+                absmax = bnbf.dequantize_blockwise(q.absmax, q.state2) + q.offset
+            self.absmax = absmax.float()
+
+    def _dequantize(self, packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        with scope("nf4"):
+            return torch.ops.bitsandbytes.dequantize_4bit.default(
+                packed, absmax, self.block, self.quant_type, shape, self.quant_dtype).to(self.dtype)
+
+    @property
+    def panelable(self) -> bool:
+        """Every row holds whole quantisation blocks, so any row or block-aligned column panel can be cut."""
+        return self.in_features % self.block == 0
+
+    def whole(self) -> torch.Tensor:
+        return self._dequantize(self.packed, self.absmax, (self.out_features, self.in_features))
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        k, b = self.in_features, self.block
+        if (r0, r1) == (0, self.out_features):
+            return self.whole()
+        return self._dequantize(self.packed.reshape(-1)[r0 * k // 2:r1 * k // 2].view(-1, 1),
+                                self.absmax[r0 * k // b:r1 * k // b], (r1 - r0, k))
+
+    def cols(self, c0: int, c1: int) -> torch.Tensor:
+        n, k, b = self.out_features, self.in_features, self.block
+        if (c0, c1) == (0, k):
+            return self.whole()
+        # contiguous copies: bnb's kernel reads raw pointers and ignores strides
+        packed = self.packed.reshape(n, k // 2)[:, c0 // 2:c1 // 2].contiguous().view(-1, 1)
+        absmax = self.absmax.view(n, k // b)[:, c0 // b:c1 // b].contiguous().view(-1)
+        return self._dequantize(packed, absmax, (n, c1 - c0))
+
+
+def panel_bounds(width: int, rows: int, block: int, elements: int) -> list[tuple[int, int]]:
+    """[start, end) panels of ``width`` columns, each a multiple of ``block`` wide (the last may be shorter)
+    and each [rows, panel] activation at most ``elements`` (at least one block): the panel size the fused
+    MLP runs its row/column GEMMs at."""
+    step = max(block, elements // max(rows, 1) // block * block)
+    if step >= width or width % block:
+        return [(0, width)]
+    return [(c, min(c + step, width)) for c in range(0, width, step)]
+
+
 def rms_norm_with_rstd(h: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype):
     """transformers' RMSNorm (fp32 statistics, weight applied in h's dtype), cast to the GEMM dtype; and 1/rms."""
     hf = h.float()
@@ -54,7 +114,10 @@ def rms_norm_with_rstd(h: torch.Tensor, weight: torch.Tensor, eps: float, dtype:
 def rms_norm_backward(grad_x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor):
     """d h of ``weight * h * rstd(h)`` (weight frozen): rstd * g - rstd^3 * h * mean(g * h), g = grad * weight."""
     g, hf = grad_x.float() * weight.float(), h.float()
-    return (rstd * g - rstd.pow(3) * hf * (g * hf).mean(-1, keepdim=True)).to(h.dtype)
+    dot = (g * hf).mean(-1, keepdim=True)
+    # the same products in the same order as rstd * g - rstd^3 * h * dot, two [tokens, hidden] temporaries
+    # fewer (written in place)
+    return g.mul_(rstd).sub_((hf * rstd.pow(3)).mul_(dot)).to(h.dtype)
 
 
 class NF4LoRAProjections(torch.autograd.Function):
