@@ -213,6 +213,7 @@ SPENDING = (0.1, 0.15, 0.2, 0.25, 0.3)
 # threshold on their own, and the first look that does not reproduce it ends the confirmation. The first
 # look's share of alpha is then never spent (conservative).
 MIN_LOOKS = 2
+REPRODUCE = 1.0  # a look reproduces a flag when its own ratio is above 1 + REPRODUCE x threshold
 
 Rerun = Callable[[dict[str, Any], int], tuple[Sequence[float], Sequence[float]]]
 
@@ -263,7 +264,7 @@ def confirm_sequentially(cases: list[dict[str, Any]], config: GateConfig, rerun:
             r = compare_samples(base, head, paired=True, test=config.test, n_boot=config.n_boot,
                                 seed=config.seed + 1 + look, name=c.get("impl", "case"))
             min_effect = max(config.threshold, config.k * r["noise"])
-            reproduced = look_ratio > 1 + config.threshold
+            reproduced = look_ratio > 1 + REPRODUCE * config.threshold
             if reproduced and look + 1 >= MIN_LOOKS and r["p_value"] < level and r["ratio"] > 1 + min_effect:
                 outcome = "confirmed"
             elif not reproduced or r["ci_high"] < 1 + min_effect:
