@@ -269,8 +269,11 @@ def start_run_hung_in_an_impl(tmp_path) -> subprocess.Popen:
     """`twinbench run` in its own session, returned once its worker hangs inside an impl that started a helper."""
     args = [sys.executable, "-m", "twinbench", "run", "hostile", "--device", "cpu", "--no-timing", "--out",
             str(tmp_path / "out"), "--no-report", "--impl", "spawns_sleep", *plugins("k05_spawns_sleep")]
+    # SIGINT at its default, as under a terminal: a shell that runs the tests as a background job hands its
+    # children SIGINT ignored, and Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen(args, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 90
     while not survivors(ITEM5_MARKER) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)

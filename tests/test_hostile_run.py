@@ -252,7 +252,8 @@ def test_an_interrupted_run_leaves_no_worker_or_child_behind(tmp_path, sig):
     proc = subprocess.Popen([sys.executable, "-m", "twinbench",
                              *run_args(tmp_path / "run", "hangs_with_a_child", extra=("--no-timing",))],
                             cwd=ROOT, env=env_with(notes), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as under a terminal
     try:
         worker, child = (int(p) for p in wait_for(notes / "hangs_with_a_child").split())
         assert alive(worker) and alive(child)
