@@ -204,8 +204,7 @@ class Pair:
 
     def prepare(self, item: Item, *, parity: bool = False, granularity: int = 1) -> dict[str, Any]:
         """Prepare both sides; returns {"ok", "why", "missing", "parity"} (parity judged on the head)."""
-        msg = Prepare(key=item.key, suite=item.suite, params=item.params, impl=item.impl, mode=item.mode,
-                      seed=self.seed)
+        msg = self._prepare_message(item)
         head = self.head.prepare(replace(msg, parity=parity))
         base = self.base.prepare(msg)
         out = {"ok": head.ok and base.ok, "parity": head.parity, "missing": base.missing, "why": ""}
@@ -219,6 +218,10 @@ class Pair:
             n = max(1, math.ceil(self.block_ms / per_call))
             self.numbers[item.key] = granularity * math.ceil(n / granularity)
         return out
+
+    def _prepare_message(self, item: Item) -> Prepare:
+        return Prepare(key=item.key, suite=item.suite, params=item.params, impl=item.impl, mode=item.mode,
+                       seed=self.seed)
 
     def refresh(self, item: Item, look: int) -> None:
         """Before confirmation look ``look`` at ``item``: a fresh pair of worker processes for the look (the
@@ -239,8 +242,7 @@ class Pair:
         unchanged): after a look's restart, any later measurement (calibrate's next group) finds it ready."""
         if item.key in self.ready_keys:
             return
-        msg = Prepare(key=item.key, suite=item.suite, params=item.params, impl=item.impl, mode=item.mode,
-                      seed=self.seed)
+        msg = self._prepare_message(item)
         for worker in (self.head, self.base):
             reply = worker.prepare(msg)
             if not reply.ok:
