@@ -159,6 +159,12 @@ def cmd_baseline_show(args) -> int:
     return 0
 
 
+def _pair_looks(n: int) -> int:
+    if n == 1:
+        raise UsageError("--pair-looks must be 0 or >= 2 (a spread needs two fresh pairs)")
+    return n
+
+
 def cmd_gate(args) -> int:
     from twinbench.harness.gate.stats import format_table
 
@@ -193,7 +199,9 @@ def cmd_gate(args) -> int:
             raise UsageError("--confirm is for --baseline (--against re-runs flagged cases itself)")
         options = gate_against.GateOptions(against=args.against, selection=_selection(args),
                                            measurement=_measurement(args), out=Path(args.out) if args.out else None,
-                                           parity=not args.no_parity)
+                                           parity=not args.no_parity,
+                                           calibration=Path(args.calibration) if args.calibration else None,
+                                           calibration_dir=DEFAULT_BASELINES)
         config = _gate_config(args, threshold=gate_against.DEFAULT_THRESHOLD, test=gate_against.DEFAULT_TEST)
         result = gate_against.run_gate(options, config)
         doc = None
@@ -254,6 +262,7 @@ def cmd_calibrate(args) -> int:
     options = calibrate.CalibrateOptions(
         selection=_selection(args), measurement=_measurement(args), slowdowns=slowdowns, modes=modes,
         comparisons=args.comparisons, power_comparisons=args.power_comparisons, max_cases=args.max_cases,
+        pair_looks=_pair_looks(args.pair_looks),
         timed=calibrate.parse_timed(args.timed),
         threshold=args.threshold, k=args.k, alpha=args.alpha, correction=args.correction,
         tests=[args.test] if args.test else ["mwu", "wilcoxon"], save_dir=Path(args.dir) if args.save else None,
@@ -316,7 +325,8 @@ def register(sub) -> None:
     g.add_argument("--against", default=None, help="git ref: time base and working tree interleaved")
     g.add_argument("--confirm", default=None, help="a fresh results file re-running the flagged cases")
     g.add_argument("--allow-fingerprint-mismatch", action="store_true")
-    g.add_argument("--calibration", default=None, help="calibration JSON (default: beside the baseline)")
+    g.add_argument("--calibration", default=None, help="calibration JSON (default: beside the baseline; "
+                   "--against: baselines/<fingerprint>.calibration.json)")
     g.add_argument("--out", default=None, help="folder for gate.json, summary.md, junit.xml (and report)")
     g.add_argument("--no-parity", action="store_true", help="--against: skip the head's parity check")
     ci_output.add_options(g)
@@ -337,6 +347,9 @@ def register(sub) -> None:
     c.add_argument("--max-cases", type=arguments.nonnegative_int, default=4,
                    help="workload items, spread over the selection (0: every timed item, the whole profile)")
     c.add_argument("--timed", default="fwd,fwdbwd", help="passes compared: fwd, fwdbwd or fwd,fwdbwd (as the gate)")
+    c.add_argument("--pair-looks", type=arguments.nonnegative_int, default=6,
+                   help="A/A looks on fresh worker pairs per item, for the gate's between-pair noise priors "
+                        "(0: none)")
     c.add_argument("--save", action="store_true", help="write <dir>/<fingerprint>.calibration.json")
     c.add_argument("--dir", default=str(DEFAULT_BASELINES))
     c.add_argument("--json", default=None, help="write the measured numbers here")

@@ -4,7 +4,8 @@ The base is checked out in a temporary ``git worktree`` (removed afterwards). Tw
 one tree each (cwd and PYTHONPATH at that tree); the supervisor alternates them round by round
 (A B, B A, ...) with the same number of calls per sample, so machine drift hits both sides alike and
 the per-round ratio new/base of the *same* implementation is what the gate tests (docs/method.md §2, §4).
-Flagged cases are re-run on the same workers and must regress again.
+Flagged cases are re-measured in looks, each on a fresh pair of worker processes, and must regress on the
+look means (harness/gate/stats.py, confirm_sequentially).
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ class GateOptions:
     measurement: Measurement
     out: Path | None = None
     parity: bool = True
+    calibration: Path | None = None  # default: <calibration_dir>/<head fingerprint>.calibration.json, if any
+    calibration_dir: Path = Path("baselines")
 
 
 def check_rounds(rounds: int | None) -> int:
@@ -227,8 +230,8 @@ class Pair:
         """Before confirmation look ``look`` at ``item``: a fresh pair of worker processes for the look (the
         first call of a look restarts both, with the hash seed ``look + 1`` on both sides), ``item`` prepared
         on them. A process can be a few percent slower than its twin on a case for its whole life
-        (stats.MIN_LOOKS): on fresh processes such a bias is drawn anew, so a look that does not reproduce a
-        flag refutes it."""
+        (stats.MIN_LOOKS): on fresh processes such a bias is drawn anew, so each look is one independent
+        observation of the difference."""
         if look != self.look:
             for worker in (self.base, self.head):
                 worker.restart(hash_seed=look + 1)
@@ -389,15 +392,16 @@ def compare_items(pair: Pair, items: list[Item], config, *, parity: bool) -> tup
     return cases, parity_failures
 
 
-def gate_items(pair: Pair, items: list[Item], config, *,
-               parity: bool) -> tuple[list[dict], list[dict], list[dict]]:
+def gate_items(pair: Pair, items: list[Item], config, *, parity: bool,
+               pair_noise: dict[str, float] | None = None) -> tuple[list[dict], list[dict], list[dict]]:
     """The interleaved gate on one pair of workers: compare, screen, then confirm the flagged cases
-    sequentially on fresh rounds (stats.confirm_sequentially; docs/method.md §4).
+    sequentially, each look on a fresh pair of processes (stats.confirm_sequentially; docs/method.md §4).
+    ``pair_noise``: per-item between-pair sd priors from a calibration (stats.DEFAULT_PAIR_SD otherwise).
     Returns (gate cases with their final verdicts, parity failures, the cases the screen flagged)."""
     from twinbench.harness.gate import stats as gate
 
     cases, parity_failures = compare_items(pair, items, config, parity=parity)
-    gate.screen(cases, config)
+    gate.screen(cases, config, pair_noise)
     flagged = [c for c in cases if c["verdict"] == "regression"]
     by_key = {i.key: i for i in items}
 
@@ -406,8 +410,34 @@ def gate_items(pair: Pair, items: list[Item], config, *,
         pair.refresh(item, look)
         return pair.measure(item)
 
-    gate.confirm_sequentially(cases, config, rerun)
+    gate.confirm_sequentially(cases, config, rerun, pair_noise=pair_noise)
     return cases, parity_failures, flagged
+
+
+def calibrated_pair_noise(path: Path | None, fingerprint: dict[str, Any],
+                          folder: Path = Path("baselines")) -> tuple[dict[str, float] | None, str]:
+    """Per-item between-pair sd priors for the gate from a `calibrate --save` file, and a note saying where
+    they came from. ``path`` None: ``<folder>/<fingerprint id>.calibration.json`` when it exists. A file of
+    another fingerprint (another machine, thread count or clock) is not used: its priors describe other
+    processes. The gate works without one (stats.DEFAULT_PAIR_SD for every item)."""
+    from twinbench.harness.gate import stats as gate
+    from twinbench.harness.gate.stored import load_calibration
+
+    fp_id = str(fingerprint.get("id", ""))
+    given = path is not None
+    if path is None:
+        path = folder / f"{fp_id or 'unknown'}.calibration.json"
+    cal = load_calibration(path)
+    if cal is None:
+        if given:
+            raise UsageError(f"--calibration {path}: no such file")
+        return None, f"no calibration: between-pair sd assumed {gate.DEFAULT_PAIR_SD:.0%} for every item"
+    if str((cal.get("fingerprint") or {}).get("id", "")) != fp_id:
+        return None, (f"calibration {path} is for another fingerprint: between-pair sd assumed "
+                      f"{gate.DEFAULT_PAIR_SD:.0%} for every item")
+    priors = ((cal.get("against") or {}).get("pair_noise") or {}).get("items") or {}
+    return ({str(k): float(v) for k, v in priors.items()},
+            f"between-pair sd priors for {len(priors)} item(s) from {path} (others {gate.DEFAULT_PAIR_SD:.0%})")
 
 
 def run_gate(options: GateOptions, config) -> dict[str, Any]:
@@ -415,6 +445,8 @@ def run_gate(options: GateOptions, config) -> dict[str, Any]:
 
     sel, m = options.selection, options.measurement
     resolve_ref(options.against)  # a bad ref fails before anything is loaded
+    if options.calibration is not None and not options.calibration.is_file():
+        raise UsageError(f"--calibration {options.calibration}: no such file")
     out_dir = options.out or Path(tempfile.mkdtemp(prefix="twinbench-gate-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     with terminate_as_interrupt(), base_worktree(options.against) as (base_root, sha):
@@ -428,14 +460,20 @@ def run_gate(options: GateOptions, config) -> dict[str, Any]:
             base.ready()
             head.ready()
             diff = _fingerprint_note(base.fingerprint, head.fingerprint)
-            cases, parity_failures, flagged = gate_items(pair, items, config, parity=options.parity)
+            pair_noise, prior_note = calibrated_pair_noise(options.calibration, head.fingerprint,
+                                                             options.calibration_dir)
+            cases, parity_failures, flagged = gate_items(pair, items, config, parity=options.parity,
+                                                         pair_noise=pair_noise)
         finally:
             pair.stop()
     note = (f"base {options.against} = {sha[:12]}, head = working tree; {m.rounds} interleaved rounds per case, "
             f"{pair.clock} clock, " + (f"both workers pinned to CPU(s) {cpus}" if cpus else "workers not pinned"))
     if flagged:
-        note += (f"; {len(flagged)} flagged case(s) re-run for confirmation in up to {len(gate.SPENDING)} looks of "
-                 f"{m.rounds} rounds, alpha spent over looks and split over the flagged cases")
+        looks = sum(len(c.get("looks", [])) for c in cases)
+        note += (f"; {len(flagged)} flagged case(s) re-run for confirmation in {looks} look(s) of {m.rounds} "
+                 f"rounds (at most {len(gate.SPENDING)} per case, each on a fresh pair of processes; one-sided "
+                 f"test on the look means, alpha spent over looks and split over the flagged cases)")
+    note += f"; {prior_note}"
     if diff:
         note += f"; {diff}"
     return gate.summarize(cases, parity_failures, config, mode="against",

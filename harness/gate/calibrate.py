@@ -45,6 +45,7 @@ class CalibrateOptions:
     alpha: float = 0.05
     correction: str = "holm"
     tests: list[str] = field(default_factory=lambda: ["mwu", "wilcoxon"])
+    pair_looks: int = 6  # A/A looks on fresh pairs per item for its between-pair sd prior (0: none; the gate then assumes stats.DEFAULT_PAIR_SD)
     save_dir: Path | None = None  # write <dir>/<fingerprint>.calibration.json
     json: Path | None = None
 
@@ -94,7 +95,32 @@ def _case(item, stats: dict[str, Any]) -> dict[str, Any]:
     return dict(item.as_case(), device="", **stats)
 
 
-def against_mode(pair, items, configs: dict[str, Any], n: int, slowdown: float) -> dict[str, Any]:
+PRIOR_LOOK_BASE = 100  # prior looks restart the pair with hash seeds 101, 102, ... (the gate's looks use 1..)
+
+
+def learn_pair_noise(pair, items, looks: int) -> dict[str, Any]:
+    """Each item's between-pair sd: ``looks`` A/A looks, each on a fresh pair of worker processes
+    (stats.pair_sd_from_looks). Measured before, and apart from, the comparisons that count false alarms,
+    so the priors those comparisons use were not fitted to them."""
+    from twinbench.harness.gate import stats as gate
+
+    started = time.monotonic()
+    seen: dict[str, tuple[list[float], list[float]]] = {i.key: ([], []) for i in items}
+    for look in range(looks):
+        for item in items:
+            pair.refresh(item, PRIOR_LOOK_BASE + look)
+            r = gate.compare_samples(*pair.measure(item), paired=True, test="mwu", n_boot=500, name=item.key)
+            seen[item.key][0].append(r["ratio"])
+            seen[item.key][1].append(r["noise"])
+    sds = {key: gate.pair_sd_from_looks(ratios, within) for key, (ratios, within) in seen.items()}
+    print(f"   between-pair sd from {looks} fresh pairs per item: {sum(v > 0.01 for v in sds.values())} of "
+          f"{len(sds)} above 1%, {sum(v > 0.05 for v in sds.values())} above 5%; largest "
+          + ", ".join(f"{k} {v:.3f}" for k, v in sorted(sds.items(), key=lambda kv: -kv[1])[:5]), flush=True)
+    return {"looks": looks, "seconds": time.monotonic() - started, "items": sds}
+
+
+def against_mode(pair, items, configs: dict[str, Any], n: int, slowdown: float,
+                 pair_noise: dict[str, float] | None = None) -> dict[str, Any]:
     """Interleaved comparisons in gate-sized groups; per test: first-stage flags and confirmed alarms.
 
     Each group is one gate run: screen, then the sequential confirmation of the flagged cases (the re-run
@@ -126,9 +152,9 @@ def against_mode(pair, items, configs: dict[str, Any], n: int, slowdown: float) 
         for test, config in configs.items():
             cases = [_case(i, gate.compare_samples(*measured[i.key], paired=True, test=test, n_boot=config.n_boot))
                      for i in group]
-            gate.screen(cases, config)
+            gate.screen(cases, config, pair_noise)
             counts[test]["flagged"] += sum(c["verdict"] == "regression" for c in cases)
-            gate.confirm_sequentially(cases, config, rerun)
+            gate.confirm_sequentially(cases, config, rerun, pair_noise=pair_noise)
             confirmed = [c for c in cases if c["verdict"] == "regression (confirmed)"]
             counts[test]["confirmed"] += len(confirmed)
             if slowdown > 0:
@@ -241,9 +267,13 @@ def _main(o: CalibrateOptions) -> int:
         cpus = gate_against.shared_cpus(o.selection.device, m.pin, m.threads)
         with _started_pair(o, m, logs, cpus, report) as (pair, items):
             configs = {t: config("against", t) for t in o.tests}
+            priors = learn_pair_noise(pair, items, o.pair_looks) if o.pair_looks else None
+            noise = priors["items"] if priors else None
             res = {"threshold": threshold["against"], "clock": pair.clock, "pinned_cpus": cpus,
-                   "aa": against_mode(pair, items, configs, o.comparisons, 0.0),
-                   "power": [against_mode(pair, items, configs, o.power_comparisons, s) for s in o.slowdowns]}
+                   "pair_noise": priors,
+                   "aa": against_mode(pair, items, configs, o.comparisons, 0.0, noise),
+                   "power": [against_mode(pair, items, configs, o.power_comparisons, s, noise)
+                             for s in o.slowdowns]}
             res["smallest_caught"] = {t: smallest_caught(res, t) for t in o.tests}
             report["against"] = res
             print(_format("against (interleaved)", res, o.tests), flush=True)
@@ -323,6 +353,9 @@ def _format(title: str, res: dict[str, Any], tests: list[str]) -> str:
     lines = [f"== {title}: threshold {res['threshold']}, A/A over {res['aa']['comparisons']} comparisons"]
     if res["aa"].get("median_ratio_cv") is not None:
         lines.append(f"   A/A median-ratio CV across comparisons: {res['aa']['median_ratio_cv']:.4f}")
+    if res.get("pair_noise"):
+        lines.append(f"   between-pair sd priors: {len(res['pair_noise']['items'])} items, "
+                     f"{res['pair_noise']['looks']} fresh pairs each, {res['pair_noise']['seconds']:.0f} s")
     for run in [res["aa"], *res["power"]]:
         for p in run.get("passes", []):
             lines.append(f"   gate pass at slowdown {run['slowdown']:.0%}: {p['items']} items in {p['seconds']:.0f} s "

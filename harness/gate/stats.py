@@ -10,7 +10,7 @@ Pure statistics over samples: the modes that gather them are harness.gate.agains
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -147,24 +147,6 @@ def decide(cases: list[dict[str, Any]], config: GateConfig, *, family: int | Non
     return cases
 
 
-def screen(cases: list[dict[str, Any]], config: GateConfig) -> list[dict[str, Any]]:
-    """First stage of the interleaved gate: flag every case that *looks* slower than the threshold.
-
-    Its verdict comes from :func:`confirm_sequentially` on fresh samples, so the screen may be lenient: it
-    costs re-run time, never false alarms. Measured (docs/reports-and-gate.md):
-    for a 5% slowdown the first run's p < alpha missed 1 in 8, its ratio > 1 + threshold 1 in 23.
-    Improvements are final at this stage, so they must be significant after correction."""
-    compared = [c for c in cases if c.get("p_value") is not None]
-    for c, p_adj in zip(compared, adjust([c["p_value"] for c in compared], config.correction)):
-        c["p_adjusted"] = p_adj
-        c["min_effect"] = max(config.threshold, config.k * c["noise"])
-        _verdict(c, significant=p_adj < config.alpha)
-        if c["verdict"] != "improvement" and c["ratio"] > 1 + config.threshold:
-            c["verdict"] = "regression"
-            c["note"] = ""
-    return cases
-
-
 def _verdict(c: dict[str, Any], *, significant: bool) -> None:
     if significant and c["ratio"] > 1 + c["min_effect"]:
         c["verdict"] = "regression"
@@ -200,91 +182,181 @@ def confirm(first: list[dict[str, Any]], rerun: list[dict[str, Any]], config: Ga
     return first
 
 
-# Sequential confirmation (`gate --against`): the flagged cases are re-measured in up to len(SPENDING) looks of
-# the first run's rounds each; look j may confirm at level alpha * SPENDING[j] / (number flagged). The shares sum
-# to 1, so by the union bound over looks and flagged cases the family-wise error of the confirmation stays
-# <= alpha whatever the looks' dependence (docs/reports-and-gate.md, "Sequential confirmation"). Most of the
-# alpha is kept for the last look, where the accumulated rounds give the most power.
-SPENDING = (0.1, 0.15, 0.2, 0.25, 0.3)
-# Each look runs on a fresh pair of worker processes (harness/gate/against.py, Pair.refresh). A process can be a
-# few percent slower than its twin on a case for its whole life (hash seed, address layout: measured 3.5-4% on
-# one case in an A/A gate of the quick profile, 2026-12-05, on every look). Pooled rounds treat that as a real
-# difference; so a case is confirmed only once MIN_LOOKS fresh pairs have each shown it slower than the
-# threshold on their own, and the first look that does not reproduce it ends the confirmation. The first
-# look's share of alpha is then never spent (conservative).
-MIN_LOOKS = 2
-REPRODUCE = 1.0  # a look reproduces a flag when its own ratio is above 1 + REPRODUCE x threshold
+# Sequential confirmation (`gate --against`), two levels (docs/reports-and-gate.md, "Sequential confirmation").
+# The unit of independent replication is a LOOK: one fresh pair of worker processes (harness/gate/against.py,
+# Pair.refresh). A process can be a few percent slower than its twin on a case for its whole life (hash seed,
+# address layout: 3.5-4% on one case in an A/A gate of the quick profile, 2026-12-05; up to ~30% on a few
+# bimodal cases), so rounds from one pair are not independent evidence: pooling them treats a per-process bias
+# as a real difference. Each look contributes one number, its own median log ratio y_j (with its bootstrap
+# error s_j), and the test is on the look means: y_j = effect + pair_j + within_j, with var(pair_j) = the
+# case's between-pair variance (a prior from `twinbench calibrate`, or DEFAULT_PAIR_SD) and var(within_j) =
+# s_j^2. The variance used is the larger of the prior's and the looks' own sample variance (a guard when the
+# prior is too small; then the reference is Student's t with looks - 1 degrees of freedom).
+MIN_LOOKS = 2   # a case is confirmed only on >= 2 fresh pairs (one pair cannot tell a bias from an effect)
+MAX_LOOKS = 12  # at most 12 fresh pairs per flagged case (each look costs one worker restart per side)
+# Between-pair sd of a look's log ratio when the calibration has no prior for the case. A quarter of the quick
+# profile's tiny cases carry a per-process bias of ~3% on this box (2026-12-05); the simulation
+# (tests/test_gate_sequential.py) keeps <= 1% A/A false alarms with 3% and no priors, and loses power on
+# quiet cases above it (docs/reports-and-gate.md, "Sequential confirmation"). `twinbench calibrate` measures
+# each case's own (most are ~0), which saves looks.
+DEFAULT_PAIR_SD = 0.03
+SCREEN_Z = 0.5  # the screen flags a case unless its ratio is below 1 + threshold by SCREEN_Z look sds
+# A case stops as futile when its one-sided 90% upper bound is below 1 + threshold (any futility rule only
+# removes rejections, so this one is chosen for cost: a case that cannot reach the threshold stops early).
+FUTILITY_Z = 1.28
+
+
+def spending(min_looks: int = MIN_LOOKS, max_looks: int = MAX_LOOKS) -> tuple[float, ...]:
+    """Shares of alpha per look (index 0 = look 1): nothing before ``min_looks`` (those looks cannot confirm),
+    then growing with the look number (later looks have more power), summing to 1."""
+    weights = [0.0 if j + 1 < min_looks else float(j + 1) for j in range(max_looks)]
+    total = sum(weights)
+    return tuple(w / total for w in weights)
+
+
+SPENDING = spending()
 
 Rerun = Callable[[dict[str, Any], int], tuple[Sequence[float], Sequence[float]]]
+PairNoise = Mapping[str, float]  # item key "suite|case|impl|mode" -> between-pair sd of a look's log ratio
 
 
 @dataclass(frozen=True)
 class Look:
     """One look of the sequential confirmation at one flagged case (kept in the case's ``looks``)."""
 
-    rounds: int
-    ratio: float
-    ci_high: float
-    p_value: float
-    level: float
+    rounds: int            # rounds over all looks so far
+    ratio: float           # exp(mean of the looks' median log ratios)
+    ci_high: float         # its one-sided 90% upper bound (FUTILITY_Z)
+    p_value: float         # one-sided (slower), on the look means
+    level: float           # alpha x this look's share / flagged cases
     min_effect: float
-    outcome: str  # "confirmed", "futile" (stopped: cannot reach the minimum effect, or not reproduced) or "open"
+    outcome: str           # "confirmed", "futile" (cannot reach the minimum effect) or "open"
     look_ratio: float = float("nan")  # this look's own median new/base, on its fresh pair of processes
+    look_noise: float = float("nan")  # sd of one look's log ratio used (between-pair and within-look)
+    reference: str = "normal"         # "normal" (the prior's variance) or "t" (the looks' own, larger, variance)
+
+
+@dataclass(frozen=True)
+class LookStats:
+    """The two-level statistics over a case's looks so far."""
+
+    mean: float        # mean of the looks' median log ratios
+    se: float          # its standard error
+    look_sd: float     # sd of one look used
+    p_value: float     # one-sided, slower
+    reference: str
+
+
+def look_statistics(ratios: Sequence[float], within: Sequence[float], pair_sd: float) -> LookStats:
+    """Test on look means: each look (one fresh pair) is one observation of log(new/base).
+
+    Variance of one look: max(pair_sd^2 + mean within^2, sample variance of the looks). With the prior's
+    variance (when it is the larger) the look mean is normal with a known variance; with the looks' own it is
+    Student's t with n - 1 degrees of freedom. Honest when the prior is not below the case's true between-pair
+    variance, and (the t branch) also when it is, for normal look means."""
+    from scipy.stats import norm, t
+
+    y = np.log(np.asarray(ratios, dtype=float))
+    n = y.size
+    prior_var = pair_sd ** 2 + float(np.mean(np.square(within)))
+    sample_var = float(np.var(y, ddof=1)) if n >= 2 else 0.0
+    mean = float(np.mean(y))
+    if sample_var > prior_var:
+        se = float(np.sqrt(sample_var / n))
+        return LookStats(mean, se, float(np.sqrt(sample_var)), float(t.sf(mean / se, n - 1)), "t")
+    se = float(np.sqrt(prior_var / n))
+    return LookStats(mean, se, float(np.sqrt(prior_var)), float(norm.sf(mean / se)), "normal")
+
+
+def pair_sd_from_looks(ratios: Sequence[float], within: Sequence[float]) -> float:
+    """A case's between-pair sd from A/A looks on fresh pairs (`twinbench calibrate`): the looks' spread beyond
+    their own within-look error, sqrt(max(0, var(log ratio) - mean(within^2)))."""
+    y = np.log(np.asarray(ratios, dtype=float))
+    if y.size < 2:
+        raise ValueError("a between-pair sd needs at least 2 looks")
+    return float(np.sqrt(max(0.0, float(np.var(y, ddof=1)) - float(np.mean(np.square(within))))))
+
+
+def item_key(c: dict[str, Any]) -> str:
+    """The key calibration priors are stored under (harness/gate/against.py Item.key)."""
+    return f"{c['suite']}|{c['case']}|{c['impl']}|{c['mode']}"
+
+
+def pair_sd_for(c: dict[str, Any], pair_noise: PairNoise | None) -> float:
+    value = (pair_noise or {}).get(item_key(c))
+    return DEFAULT_PAIR_SD if value is None else float(value)
+
+
+def screen(cases: list[dict[str, Any]], config: GateConfig, pair_noise: PairNoise | None = None) -> list[dict[str, Any]]:
+    """First stage of the interleaved gate: flag every case that *could* be slower than the threshold.
+
+    A case is flagged unless its log ratio is below log(1 + threshold) by SCREEN_Z x its look sd (the first
+    pair's own noise and the case's between-pair sd): on a case whose processes differ by a few percent, a
+    real 5% slowdown often reads below 1 + threshold on one pair. Its verdict comes from
+    :func:`confirm_sequentially` on fresh pairs, so the screen may be lenient: it costs looks, never false
+    alarms. Improvements are final at this stage, so they must be significant after correction."""
+    compared = [c for c in cases if c.get("p_value") is not None]
+    for c, p_adj in zip(compared, adjust([c["p_value"] for c in compared], config.correction)):
+        c["p_adjusted"] = p_adj
+        c["min_effect"] = max(config.threshold, config.k * c["noise"])
+        _verdict(c, significant=p_adj < config.alpha)
+        look_sd = float(np.hypot(c["noise"], pair_sd_for(c, pair_noise)))
+        if c["verdict"] != "improvement" and np.log(c["ratio"]) > np.log1p(config.threshold) - SCREEN_Z * look_sd:
+            c["verdict"] = "regression"
+            c["note"] = ""
+    return cases
 
 
 def confirm_sequentially(cases: list[dict[str, Any]], config: GateConfig, rerun: Rerun, *,
-                         spending: Sequence[float] = SPENDING) -> list[dict[str, Any]]:
-    """Second stage of the interleaved gate: confirm :func:`screen`'s flagged cases on fresh paired samples.
+                         pair_noise: PairNoise | None = None,
+                         shares: Sequence[float] = SPENDING) -> list[dict[str, Any]]:
+    """Second stage of the interleaved gate: confirm :func:`screen`'s flagged cases on fresh pairs.
 
-    ``rerun(case, look)`` returns fresh (base, head) samples for one look at a flagged case. Samples
-    accumulate over looks. A case is confirmed at the first look (from the ``MIN_LOOKS``-th on) where its
-    accumulated samples are significant at ``alpha * spending[look] / flagged`` and slower than their
-    minimum effect (``max(threshold, k x noise)``, the noise of the accumulated samples), and every look so
-    far was, on its own samples, slower than 1 + threshold (each look is a fresh pair of processes: a
-    per-process bias does not repeat). It stops early as futile when a look does not reproduce the
-    slowdown, or when the ratio's 95% upper bound is below 1 + its minimum effect (stopping for futility
-    can only lower the false-alarm rate). Why the family is only the flagged cases: the re-run's samples are independent of
-    the screen that chose them, so under no change their p-values are uniform whatever was chosen, and
-    Bonferroni within the chosen set bounds the family-wise error by alpha (a selective two-stage design).
+    ``rerun(case, look)`` returns the samples (base, head) of one look at a flagged case, each look on a fresh
+    pair of processes. A case is confirmed at the first look n >= ``MIN_LOOKS`` where the one-sided p-value of
+    the look means (:func:`look_statistics`) is below ``alpha x shares[n] / flagged`` and their ratio is above
+    1 + its minimum effect, max(threshold, k x the look mean's standard error). It stops as futile when the
+    ratio's upper bound is below 1 + threshold (stopping for futility only removes rejections), and is "no
+    change" when still open after len(shares) looks. Why the family is only the flagged cases: the looks are
+    independent of the screen that chose them, so under no change their p-values are uniform whatever was
+    chosen, and Bonferroni within the chosen set and over looks (shares sum to 1) bounds the family-wise error
+    by alpha, whatever the looks' dependence (a selective two-stage design).
     """
-    if abs(sum(spending) - 1.0) > 1e-9 or any(w <= 0 for w in spending):
-        raise ValueError("alpha spending shares must be positive and sum to 1")
+    if abs(sum(shares) - 1.0) > 1e-9 or any(w < 0 for w in shares) or sum(w > 0 for w in shares) == 0:
+        raise ValueError("alpha spending shares must be non-negative and sum to 1")
     flagged = [c for c in cases if c["verdict"] == "regression"]
-    samples: dict[tuple, tuple[list[float], list[float]]] = {case_key(c): ([], []) for c in flagged}
+    looks: dict[tuple, tuple[list[float], list[float], list[int]]] = {case_key(c): ([], [], []) for c in flagged}
     still_open = list(flagged)
-    for look, share in enumerate(spending):
-        level = config.alpha * share / max(1, len(flagged))
+    for look, share in enumerate(shares):
         next_open = []
         for c in still_open:
-            base, head = samples[case_key(c)]
+            level = config.alpha * share / len(flagged)
+            ratios, within, rounds = looks[case_key(c)]
             b, h = rerun(c, look)
-            look_ratio = float(np.median(_positive("look (new)", h) / _positive("look (base)", b)))
-            base += list(b)
-            head += list(h)
-            r = compare_samples(base, head, paired=True, test=config.test, n_boot=config.n_boot,
+            r = compare_samples(b, h, paired=True, test=config.test, n_boot=config.n_boot,
                                 seed=config.seed + 1 + look, name=c.get("impl", "case"))
-            min_effect = max(config.threshold, config.k * r["noise"])
-            reproduced = look_ratio > 1 + REPRODUCE * config.threshold
-            if reproduced and look + 1 >= MIN_LOOKS and r["p_value"] < level and r["ratio"] > 1 + min_effect:
+            ratios.append(r["ratio"])
+            within.append(r["noise"])
+            rounds.append(r["n_base"])
+            s = look_statistics(ratios, within, pair_sd_for(c, pair_noise))
+            min_effect = max(config.threshold, config.k * s.se)
+            ratio, upper = float(np.exp(s.mean)), float(np.exp(s.mean + FUTILITY_Z * s.se))
+            if look + 1 >= MIN_LOOKS and share > 0 and s.p_value < level and ratio > 1 + min_effect:
                 outcome = "confirmed"
-            elif not reproduced or r["ci_high"] < 1 + min_effect:
+            elif look + 1 >= MIN_LOOKS and upper < 1 + config.threshold:
                 outcome = "futile"
             else:
                 outcome = "open"
-            c.setdefault("looks", []).append(asdict(Look(len(base), r["ratio"], r["ci_high"], r["p_value"], level,
-                                                         min_effect, outcome, look_ratio)))
+            c.setdefault("looks", []).append(asdict(Look(sum(rounds), ratio, upper, s.p_value, level, min_effect,
+                                                         outcome, r["ratio"], s.look_sd, s.reference)))
             if outcome == "confirmed":
                 c["verdict"] = "regression (confirmed)"
-                c["note"] = (f"confirmed at look {look + 1}: new/base {r['ratio']:.4f} [{r['ci_low']:.4f}, "
-                             f"{r['ci_high']:.4f}] over {len(base)} fresh rounds, p {r['p_value']:.2g} < {level:.2g}")
-            elif outcome == "futile" and not reproduced:
-                c["verdict"] = "no change"
-                c["note"] = (f"flagged once, not reproduced at look {look + 1} on fresh processes: new/base "
-                             f"{look_ratio:.4f} <= 1 + threshold {config.threshold:.3f}")
+                c["note"] = (f"confirmed at look {look + 1} (fresh process pairs): new/base {ratio:.4f}, upper "
+                             f"bound {upper:.4f}, one-sided p {s.p_value:.2g} < {level:.2g}")
             elif outcome == "futile":
                 c["verdict"] = "no change"
-                c["note"] = (f"flagged once, refuted at look {look + 1}: new/base {r['ratio']:.4f}, upper bound "
-                             f"{r['ci_high']:.4f} < 1 + minimum effect {min_effect:.3f}")
+                c["note"] = (f"flagged once, refuted at look {look + 1} on fresh process pairs: new/base "
+                             f"{ratio:.4f}, upper bound {upper:.4f} < 1 + threshold {config.threshold:.3f}")
             else:
                 next_open.append(c)
         still_open = next_open
@@ -293,8 +365,8 @@ def confirm_sequentially(cases: list[dict[str, Any]], config: GateConfig, rerun:
     for c in still_open:
         last = c["looks"][-1]
         c["verdict"] = "no change"
-        c["note"] = (f"flagged once, not confirmed in {len(spending)} looks ({last['rounds']} fresh rounds: "
-                     f"new/base {last['ratio']:.4f}, p {last['p_value']:.2g})")
+        c["note"] = (f"flagged once, not confirmed in {len(shares)} looks on fresh process pairs (new/base "
+                     f"{last['ratio']:.4f}, p {last['p_value']:.2g}, one look's sd {last['look_noise']:.3f})")
     return cases
 
 
