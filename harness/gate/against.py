@@ -414,28 +414,28 @@ def gate_items(pair: Pair, items: list[Item], config, *, parity: bool,
     return cases, parity_failures, flagged
 
 
-def calibrated_pair_noise(path: Path | None, fingerprint: dict[str, Any],
+def calibrated_pair_noise(given: dict[str, Any] | None, fingerprint: dict[str, Any], *, path: Path | None = None,
                           folder: Path = Path("baselines")) -> tuple[dict[str, float] | None, str]:
     """Per-item between-pair sd priors for the gate from a `calibrate --save` file, and a note saying where
-    they came from. ``path`` None: ``<folder>/<fingerprint id>.calibration.json`` when it exists. A file of
-    another fingerprint (another machine, thread count or clock) is not used: its priors describe other
-    processes. The gate works without one (stats.DEFAULT_PAIR_SD for every item)."""
+    they came from. ``given``: the file the user named (loaded and validated before anything started, at
+    ``path``); else ``<folder>/<fingerprint id>.calibration.json`` when it exists. A file of another
+    fingerprint (another machine, thread count or clock) is not used: its priors describe other processes.
+    The gate works without one (stats.DEFAULT_PAIR_SD for every item)."""
     from twinbench.harness.gate import stats as gate
     from twinbench.harness.gate.stored import load_calibration
 
     fp_id = str(fingerprint.get("id", ""))
-    given = path is not None
-    if path is None:
+    assumed = f"between-pair sd assumed {gate.DEFAULT_PAIR_SD:.0%} for every item"
+    if given is None:
         path = folder / f"{fp_id or 'unknown'}.calibration.json"
-    cal = load_calibration(path)
-    if cal is None:
-        if given:
-            raise UsageError(f"--calibration {path}: no such file")
-        return None, f"no calibration: between-pair sd assumed {gate.DEFAULT_PAIR_SD:.0%} for every item"
-    if str((cal.get("fingerprint") or {}).get("id", "")) != fp_id:
-        return None, (f"calibration {path} is for another fingerprint: between-pair sd assumed "
-                      f"{gate.DEFAULT_PAIR_SD:.0%} for every item")
-    priors = ((cal.get("against") or {}).get("pair_noise") or {}).get("items") or {}
+        given = load_calibration(path)
+        if given is None:
+            return None, f"no calibration: {assumed}"
+    if str((given.get("fingerprint") or {}).get("id", "")) != fp_id:
+        return None, f"calibration {path} is for another fingerprint: {assumed}"
+    priors = ((given.get("against") or {}).get("pair_noise") or {}).get("items") or {}
+    if not priors:
+        return None, f"calibration {path} has no between-pair sd priors: {assumed}"
     return ({str(k): float(v) for k, v in priors.items()},
             f"between-pair sd priors for {len(priors)} item(s) from {path} (others {gate.DEFAULT_PAIR_SD:.0%})")
 
@@ -445,8 +445,13 @@ def run_gate(options: GateOptions, config) -> dict[str, Any]:
 
     sel, m = options.selection, options.measurement
     resolve_ref(options.against)  # a bad ref fails before anything is loaded
-    if options.calibration is not None and not options.calibration.is_file():
-        raise UsageError(f"--calibration {options.calibration}: no such file")
+    given = None
+    if options.calibration is not None:  # a named calibration must be readable before anything starts
+        from twinbench.harness.gate.stored import load_calibration
+
+        given = load_calibration(options.calibration)
+        if given is None:
+            raise UsageError(f"--calibration {options.calibration}: no such file")
     out_dir = options.out or Path(tempfile.mkdtemp(prefix="twinbench-gate-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     with terminate_as_interrupt(), base_worktree(options.against) as (base_root, sha):
@@ -460,8 +465,8 @@ def run_gate(options: GateOptions, config) -> dict[str, Any]:
             base.ready()
             head.ready()
             diff = _fingerprint_note(base.fingerprint, head.fingerprint)
-            pair_noise, prior_note = calibrated_pair_noise(options.calibration, head.fingerprint,
-                                                             options.calibration_dir)
+            pair_noise, prior_note = calibrated_pair_noise(given, head.fingerprint, path=options.calibration,
+                                                             folder=options.calibration_dir)
             cases, parity_failures, flagged = gate_items(pair, items, config, parity=options.parity,
                                                          pair_noise=pair_noise)
         finally:

@@ -109,9 +109,9 @@ def learn_pair_noise(pair, items, looks: int) -> dict[str, Any]:
     for look in range(looks):
         for item in items:
             pair.refresh(item, PRIOR_LOOK_BASE + look)
-            r = gate.compare_samples(*pair.measure(item), paired=True, test="mwu", n_boot=500, name=item.key)
-            seen[item.key][0].append(r["ratio"])
-            seen[item.key][1].append(r["noise"])
+            ratio, noise = gate.look_ratio(*pair.measure(item), n_boot=500, name=item.key)
+            seen[item.key][0].append(ratio)
+            seen[item.key][1].append(noise)
     sds = {key: gate.pair_sd_from_looks(ratios, within) for key, (ratios, within) in seen.items()}
     print(f"   between-pair sd from {looks} fresh pairs per item: {sum(v > 0.01 for v in sds.values())} of "
           f"{len(sds)} above 1%, {sum(v > 0.05 for v in sds.values())} above 5%; largest "

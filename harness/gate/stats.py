@@ -70,6 +70,19 @@ def wilcoxon_p(log_ratios: np.ndarray) -> float:
     return float(wilcoxon(log_ratios, alternative="two-sided").pvalue)
 
 
+def look_ratio(base: Sequence[float], head: Sequence[float], *, n_boot: int = 2000, seed: int = 0,
+               name: str = "case") -> tuple[float, float]:
+    """One confirmation look's own median per-round ratio new/base and the bootstrap sd of its log (no test:
+    the looks are tested together, :func:`look_statistics`)."""
+    b = _positive(f"{name} (base)", base)
+    h = _positive(f"{name} (new)", head)
+    if b.size != h.size:
+        raise UsageError(f"{name}: interleaved samples must pair up ({b.size} base vs {h.size} new)")
+    logr = np.log(h / b)
+    idx = np.random.default_rng(seed).integers(0, logr.size, size=(n_boot, logr.size))
+    return float(np.exp(np.median(logr))), float(np.std(np.median(logr[idx], axis=1)))
+
+
 def compare_samples(base: Sequence[float], head: Sequence[float], *, paired: bool, test: str = "mwu",
                     extra_noise: float = 0.0, n_boot: int = 2000, seed: int = 0,
                     name: str = "case") -> dict[str, Any]:
@@ -333,11 +346,11 @@ def confirm_sequentially(cases: list[dict[str, Any]], config: GateConfig, rerun:
             level = config.alpha * share / len(flagged)
             ratios, within, rounds = looks[case_key(c)]
             b, h = rerun(c, look)
-            r = compare_samples(b, h, paired=True, test=config.test, n_boot=config.n_boot,
-                                seed=config.seed + 1 + look, name=c.get("impl", "case"))
-            ratios.append(r["ratio"])
-            within.append(r["noise"])
-            rounds.append(r["n_base"])
+            this_ratio, this_noise = look_ratio(b, h, n_boot=config.n_boot, seed=config.seed + 1 + look,
+                                                name=c.get("impl", "case"))
+            ratios.append(this_ratio)
+            within.append(this_noise)
+            rounds.append(len(b))
             s = look_statistics(ratios, within, pair_sd_for(c, pair_noise))
             min_effect = max(config.threshold, config.k * s.se)
             ratio, upper = float(np.exp(s.mean)), float(np.exp(s.mean + FUTILITY_Z * s.se))
@@ -348,7 +361,7 @@ def confirm_sequentially(cases: list[dict[str, Any]], config: GateConfig, rerun:
             else:
                 outcome = "open"
             c.setdefault("looks", []).append(asdict(Look(sum(rounds), ratio, upper, s.p_value, level, min_effect,
-                                                         outcome, r["ratio"], s.look_sd, s.reference)))
+                                                         outcome, this_ratio, s.look_sd, s.reference)))
             if outcome == "confirmed":
                 c["verdict"] = "regression (confirmed)"
                 c["note"] = (f"confirmed at look {look + 1} (fresh process pairs): new/base {ratio:.4f}, upper "

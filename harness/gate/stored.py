@@ -15,12 +15,13 @@ from typing import Any
 from twinbench.harness.core.errors import UsageError
 from twinbench.harness.gate import stats
 from twinbench.harness.store.baseline import MODES, check_fingerprint, entry_key, pick
-from twinbench.harness.store.results import confined, read_json
+from twinbench.harness.store.results import confined, read_json, validate_against
 
 # Without a calibration file the run-to-run noise of the median between sessions is assumed to be this
 # share; `twinbench calibrate --save` measures the real one (docs/method.md §4, numbers in §7).
 DEFAULT_RUN_TO_RUN_NOISE = 0.10
 CALIBRATION_KIND = "twinbench-calibration"
+CALIBRATION_SCHEMA = Path(__file__).parents[1] / "store" / "calibration.schema.json"
 
 
 def load_calibration(path: str | Path | None) -> dict[str, Any] | None:
@@ -33,6 +34,7 @@ def load_calibration(path: str | Path | None) -> dict[str, Any] | None:
     data = read_json(p, "calibration")
     if not isinstance(data, dict) or data.get("kind") != CALIBRATION_KIND:
         raise UsageError(f"{p}: not a twinbench calibration file")
+    validate_against(data, CALIBRATION_SCHEMA, str(p), "calibration file")
     return data
 
 
