@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -136,13 +137,22 @@ class GateWorker:
         self.threads, self.cpus, self.env, self.log_path = setup.threads, cpus, setup.env, log_path
         self.config = GateWorkerConfig(device=device, plugins=plugins, threads=setup.threads, cpus=cpus)
         self.fingerprint: dict[str, Any] = {}
+        self.layout = random.Random()  # the environment pad of each process (see _spawn), seeded by the OS
         self.process = self._spawn(hash_seed=0)
 
     def _spawn(self, hash_seed: int) -> WorkerProcess:
         # Both workers of a pair get the same hash seed: string hashing, and with it the layout of every dict
         # and set, is then the same in both processes instead of a random per-process difference.
+        # Each process gets an environment padded by a random 0-4095 bytes: the environment's size moves the
+        # initial stack, and the stack's alignment can make one process steadily faster on a kernel than its
+        # twin (Mytkowicz et al., "Producing wrong data without doing anything obviously wrong", 2009). The
+        # base and head trees differ in paths, so without the pad such an offset would be the same on every
+        # fresh pair (no number of looks averages it out); with it, it is a per-process bias drawn anew for
+        # each process, which the looks of the confirmation are built to average (stats.MIN_LOOKS).
+        pad = "x" * self.layout.randrange(4096)
         return WorkerProcess([sys.executable, str(ROOT / "harness" / "gate" / "worker.py")],
-                             self.config.to_json(), cwd=self.root, env=dict(self.env, PYTHONHASHSEED=str(hash_seed)),
+                             self.config.to_json(), cwd=self.root,
+                             env=dict(self.env, PYTHONHASHSEED=str(hash_seed), TWINBENCH_LAYOUT_PAD=pad),
                              log_path=self.log_path, label=f"worker for {self.root}")
 
     def restart(self, hash_seed: int) -> None:

@@ -206,7 +206,12 @@ def confirm(first: list[dict[str, Any]], rerun: list[dict[str, Any]], config: Ga
 # s_j^2. The variance used is the larger of the prior's and the looks' own sample variance (a guard when the
 # prior is too small; then the reference is Student's t with looks - 1 degrees of freedom).
 MIN_LOOKS = 2   # a case is confirmed only on >= 2 fresh pairs (one pair cannot tell a bias from an effect)
-MAX_LOOKS = 12  # at most 12 fresh pairs per flagged case (each look costs one worker restart per side)
+# At most 30 fresh pairs per flagged case (each look number costs one restart of both workers, each case's
+# look its rounds and a prepare). An unchanged case stops for futility after a few looks, so more looks cost
+# little A/A time and buy power where a per-process bias hides a slowdown: simulated, 5% on cases with a 3%
+# per-process bias is caught 26% / 60% / 75% with 12 / 20 / 30 looks, for ~200 / 280 / 300 looks per A/A
+# gate of 176 items (docs/reports-and-gate.md, "Sequential confirmation").
+MAX_LOOKS = 30
 # Between-pair sd of a look's log ratio when the calibration has no prior for the case. A quarter of the quick
 # profile's tiny cases carry a per-process bias of ~3% on this box (2026-12-05); the simulation
 # (tests/test_gate_sequential.py) keeps <= 1% A/A false alarms with 3% and no priors, and loses power on
