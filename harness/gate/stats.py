@@ -222,6 +222,11 @@ SCREEN_Z = 0.5  # the screen flags a case unless its ratio is below 1 + threshol
 # A case stops as futile when its one-sided 90% upper bound is below 1 + threshold (any futility rule only
 # removes rejections, so this one is chosen for cost: a case that cannot reach the threshold stops early).
 FUTILITY_Z = 1.28
+# ... or, from the first look, when its looks favour "no change" over a TARGET_EFFECT slowdown by a likelihood
+# ratio of e^3 (~20; a sequential probability ratio test's lower boundary: a real TARGET_EFFECT slowdown
+# crosses it with probability ~e^-3 = 5%). This is what stops unchanged cases after one or two looks.
+TARGET_EFFECT = 0.05
+FUTILITY_LOG_LR = -3.0
 
 
 def spending(min_looks: int = MIN_LOOKS, max_looks: int = MAX_LOOKS) -> tuple[float, ...]:
@@ -248,7 +253,7 @@ class Look:
     p_value: float         # one-sided (slower), on the look means
     level: float           # alpha x this look's share / flagged cases
     min_effect: float
-    outcome: str           # "confirmed", "futile" (cannot reach the minimum effect) or "open"
+    outcome: str           # "confirmed", "futile" (no change far likelier than a slowdown) or "open"
     look_ratio: float = float("nan")  # this look's own median new/base, on its fresh pair of processes
     look_noise: float = float("nan")  # sd of one look's log ratio used (between-pair and within-look)
     reference: str = "normal"         # "normal" (the prior's variance) or "t" (the looks' own, larger, variance)
@@ -359,9 +364,11 @@ def confirm_sequentially(cases: list[dict[str, Any]], config: GateConfig, rerun:
             s = look_statistics(ratios, within, pair_sd_for(c, pair_noise))
             min_effect = max(config.threshold, config.k * s.se)
             ratio, upper = float(np.exp(s.mean)), float(np.exp(s.mean + FUTILITY_Z * s.se))
+            delta = float(np.log1p(TARGET_EFFECT))
+            log_lr = len(ratios) * (s.mean * delta - delta ** 2 / 2) / s.look_sd ** 2
             if look + 1 >= MIN_LOOKS and share > 0 and s.p_value < level and ratio > 1 + min_effect:
                 outcome = "confirmed"
-            elif look + 1 >= MIN_LOOKS and upper < 1 + config.threshold:
+            elif log_lr < FUTILITY_LOG_LR or (look + 1 >= MIN_LOOKS and upper < 1 + config.threshold):
                 outcome = "futile"
             else:
                 outcome = "open"
@@ -374,7 +381,8 @@ def confirm_sequentially(cases: list[dict[str, Any]], config: GateConfig, rerun:
             elif outcome == "futile":
                 c["verdict"] = "no change"
                 c["note"] = (f"flagged once, refuted at look {look + 1} on fresh process pairs: new/base "
-                             f"{ratio:.4f}, upper bound {upper:.4f} < 1 + threshold {config.threshold:.3f}")
+                             f"{ratio:.4f}, upper bound {upper:.4f}; no change is e^{-log_lr:.1f} times as likely "
+                             f"as a {TARGET_EFFECT:.0%} slowdown")
             else:
                 next_open.append(c)
         still_open = next_open
