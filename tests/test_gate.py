@@ -333,8 +333,8 @@ def test_calibrate_catches_a_large_planted_slowdown_and_reports_it(toy_repo, tmp
     out = tmp_path / "cal.json"
     done = subprocess.run([sys.executable, "-m", "twinbench", "calibrate", "--suite", "toy", "--impl", "mm",
                            "--comparisons", "2", "--power-comparisons", "2", "--slowdowns", "200", "--rounds", "7",
-                           "--block-ms", "2", "--test", "mwu", "--json", str(out)], cwd=toy_repo, env=env, capture_output=True,
-                          text=True, timeout=300)
+                           "--block-ms", "2", "--test", "mwu", "--pair-looks", "2", "--json", str(out)], cwd=toy_repo,
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(out.read_text())
     for mode in ("against", "baseline"):
@@ -343,4 +343,11 @@ def test_calibrate_catches_a_large_planted_slowdown_and_reports_it(toy_repo, tmp
         assert result[mode]["aa"]["comparisons"] == 2
     aa = result["against"]["aa"]["tests"]["mwu"]
     assert len(aa["false_alarms"]) == aa["confirmed"]  # each A/A alarm named, with its looks
+    # the between-pair noise prior of every workload item, from 2 fresh pairs, as `gate --against` reads it
+    priors = result["against"]["pair_noise"]
+    assert priors["looks"] == 2 and set(priors["items"]) == set(result["workload"])
+    assert all(v >= 0 for v in priors["items"].values())
+    from twinbench.harness.gate.stored import load_calibration
+
+    assert load_calibration(out)["against"]["pair_noise"] == priors   # valid against the calibration schema
     assert "smallest slowdown caught" in done.stdout
