@@ -21,6 +21,8 @@ anyway, and on the CPU its fp32 path with transposed weights is slower than the 
 from __future__ import annotations
 
 import functools
+import mmap
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -59,12 +61,37 @@ class Routing:
     def expert_grad(self, like: torch.Tensor) -> torch.Tensor:
         """An uninitialised [E, ...] weight gradient whose experts without rows are zeros (the others are written
         whole by their GEMM: zeroing all of it would write the [E, ...] tensor twice)."""
-        grad = torch.empty_like(like)
+        grad = _empty_in_huge_pages(like)
         filled = torch.zeros(like.shape[0], dtype=torch.bool)
         filled[[e for e, _, _ in self.blocks]] = True
         for e in (~filled).nonzero().flatten().tolist():
             grad[e].zero_()
         return grad
+
+
+_HUGE_PAGE_MIN_BYTES = 8 << 20
+
+
+def _empty_in_huge_pages(like: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like(like)``, in 2 MB pages for a large contiguous CPU tensor on Linux.
+
+    The expert-weight gradients are the only large buffers each call allocates afresh (150 MB in bf16 at the bench
+    shape, 1.2 GB at a Qwen3-30B-A3B layer); in 4 KB pages every first write to them is a page fault, which on this
+    machine cost as much as the bf16 GEMMs writing them (docs/moe.md, "bf16: the work around the GEMMs"). The
+    mapping asks for transparent huge pages (MADV_HUGEPAGE; honoured where THP is ``always`` or ``madvise``) and is
+    unmapped when the tensor is freed. torch allocates every tensor this way under ``THP_MEM_ALLOC_ENABLE=1``,
+    which the harness does not set; ``TWINBENCH_MOE_HUGE_PAGES=0`` turns it off here.
+    """
+    nbytes = like.numel() * like.element_size()
+    if (not like.is_cpu or nbytes < _HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE")
+            or os.environ.get("TWINBENCH_MOE_HUGE_PAGES") == "0"):
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        pages.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:   # a kernel without THP: 4 KB pages, as torch's
+        pass
+    return torch.frombuffer(pages, dtype=like.dtype, count=like.numel()).view(like.shape)   # keeps ``pages`` alive
 
 
 _THREADED_MIN_FLOPS = 2e7   # below this, starting worker threads costs more than it saves
