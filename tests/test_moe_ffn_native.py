@@ -139,3 +139,22 @@ def test_expert_gradients_in_huge_pages_outlive_their_mapping_and_zero_empty_exp
     gc.collect()
     torch.empty(64 << 20, dtype=torch.uint8).fill_(7)         # reuse of freed memory would show here
     assert (grad[0] == 1.5).all() and (grad[1] == 0).all()
+
+
+@needs_native
+def test_the_passes_split_over_threads_give_the_one_thread_result():
+    tokens, k, cols = 1024, 2, 96                            # 2048 rows x 96 > 2 x the per-thread minimum
+    assert tokens * k * cols >= 2 * ours._NATIVE_MIN_ELEMENTS_PER_THREAD
+    ids = torch.stack([torch.randperm(8, generator=torch.Generator().manual_seed(t))[:k] for t in range(tokens)])
+    route = ours.Routing(ids, 8)
+    y, w, g = _bf16(tokens * k, cols), torch.rand(tokens * k, 1).bfloat16(), _bf16(tokens, cols, seed=3)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append((ours._combine(y, w, route, tokens), *ours._route_gradient(g, w, y, route)))
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
