@@ -158,3 +158,14 @@ def test_the_passes_split_over_threads_give_the_one_thread_result():
         torch.set_num_threads(before)
     for one, two in zip(*results):
         assert torch.equal(one, two)
+
+
+def test_an_expanded_output_gradient_is_taken():
+    """out.sum() hands the backward a stride-0 gradient; the native routed-gradient pass needs unit column stride."""
+    t = {n: v.clone().requires_grad_(v.is_floating_point()) for n, v in SUITE.make_inputs(BF16, "cpu", 0).tensors.items()}
+    OURS.fn(**t).sum().backward()
+    r = {n: v.clone().requires_grad_(v.is_floating_point()) for n, v in SUITE.make_inputs(BF16, "cpu", 0).tensors.items()}
+    out = OURS.fn(**r)
+    out.backward(torch.ones_like(out))
+    for name in ("hidden_states", "top_k_weights", "gate_up_proj", "down_proj"):
+        assert torch.equal(t[name].grad, r[name].grad), name

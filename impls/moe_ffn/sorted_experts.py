@@ -284,6 +284,7 @@ def _route_gradient(grad_out: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
     (token, slot) order: the row's output gradient . y)."""
     grad_w = torch.empty(route.order.shape, dtype=torch.float32, device=y.device)
     if moe_native.usable(grad_out, y):
+        grad_out = grad_out.contiguous()           # e.g. the expanded gradient of out.sum(): stride 0
         g_y, w32 = torch.empty_like(y), w.reshape(-1).float()
         _for_each_range(lambda lo, hi: moe_native.route_gradient(grad_out, route.token, route.order, w32, y, g_y,
                                                                  grad_w, lo, hi), y.shape[0], y.numel())
