@@ -123,7 +123,7 @@ def test_sorted_passes_in_bf16_with_and_without_the_native_kernels(monkeypatch, 
     # (not a single bf16 token: the parity bound of d(router weights) can collapse to 0 there, and main's torch path
     # and the native one each fail on some seeds by one ulp: docs/moe.md)
     for case in (BF16, BF16.replace(routing="skewed", top_k=1)):
-        v = check_parity(SUITE, OURS, REF, case, "cpu", trials=3, seed=11)
+        v = check_parity(SUITE, OURS, REF, case, "cpu", trials=2, seed=11)
         assert v.ok and v.stable, (case.id, v.problems, {n: c for n, c in v.checks.items() if not c.ok})
 
 
