@@ -11,7 +11,11 @@ nothing: docs/moe.md, "Measured"):
   gradient, past the three-way bound: docs/moe.md);
 - weight gradients are written by ``torch.mm(..., out=grad[e])`` straight into the [E, ...] gradient
   (nothing dense per expert is materialised besides the gradients themselves; empty experts get zeros);
-- the GEMM operands are passed with BLAS-friendly strides (transposed views, no copies of the weights).
+- the GEMM operands are passed with BLAS-friendly strides (transposed views, no copies of the weights);
+- in bf16 on the CPU the work around the GEMMs (SwiGLU forward/backward, the weighted combine, the routed output
+  gradient with the router weight's gradient) is one native pass each with fp32 math and one rounding per output
+  (impls/kernels/moe_native.c); on the CPU in every dtype the expert-weight gradients are allocated in 2 MB pages
+  (docs/moe.md, "bf16: the work around the GEMMs").
 GEMM backend: on CUDA capability 9.x/10.x in bf16 the row GEMMs use ``torch.nn.functional.grouped_mm`` (a
 real grouped kernel, called as transformers calls it); weight gradients, and every GEMM elsewhere, are a
 per-expert ``torch.mm`` loop (docs/method.md §5: grouped_mm elsewhere is a loop fallback with a host sync
@@ -157,11 +161,11 @@ def _for_each_range(work, count: int, elements: int) -> None:
 
 
 def _rows_transposed(g: torch.Tensor) -> torch.Tensor:
-    """g^T as the left operand of a weight-gradient GEMM: a contiguous copy for a bf16/fp16 CPU GEMM (oneDNN), else
-    the transposed view. g is a few dozen rows, so the copy is cheap; on 64 experts x 64 rows at the bench shape
+    """g^T as the left operand of a weight-gradient GEMM: a contiguous copy for a bf16 CPU GEMM (oneDNN), else the
+    transposed view (fp16 was not measured). g is a few dozen rows, so the copy is cheap; on 64 experts x 64 rows at the bench shape
     oneDNN's bf16 dW_gate_up GEMMs took 62-70 ms with the view and 46-52 ms with the copy included (dW_down: 25-27
     vs 27-34 ms), while fp32's BLAS takes the view as it is (the copy cost 6-10 ms there)."""
-    return g.t().contiguous() if g.is_cpu and g.dtype != torch.float32 else g.t()
+    return g.t().contiguous() if g.is_cpu and g.dtype == torch.bfloat16 else g.t()
 
 
 class TorchGemms:
