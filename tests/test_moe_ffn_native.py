@@ -51,12 +51,21 @@ def test_swiglu_forward_and_backward_are_the_fp32_math_rounded_once():
 
 
 @needs_native
-def test_swiglu_passes_nan_through():
-    h = torch.zeros(1, 32, dtype=torch.bfloat16)
+def test_swiglu_at_the_ends_of_exps_range_and_nan():
+    """Gates past exp's clamp on both sides (silu(89) once came out -0: 2^128 overflowed to a negative scale)."""
+    gate = torch.tensor([-200, -100, -88, -87.5, -20, 0, 20, 87.5, 88, 89, 100, 200, 3e38, float("inf")])
+    h = torch.cat([gate, torch.ones_like(gate)]).to(torch.bfloat16)[None]
+    out = moe_native.swiglu_forward(h, torch.empty(1, gate.numel(), dtype=torch.bfloat16))
+    assert torch.equal(out, F.silu(h[:, :gate.numel()].float()).to(torch.bfloat16))
+    ga = torch.ones(1, gate.numel(), dtype=torch.bfloat16)
+    gh = moe_native.swiglu_backward(h, ga, torch.empty_like(h))
+    g = h[:, :gate.numel()].float()
+    want = torch.ops.aten.silu_backward(torch.ones_like(g), g).to(torch.bfloat16)
+    torch.testing.assert_close(gh[:, :gate.numel()], want, rtol=0, atol=0, equal_nan=True)   # d silu(inf): NaN
+    assert torch.equal(gh[:, gate.numel():], out)
     h[0, 3] = float("nan")
-    h[0, 4] = -200.0                                          # exp's clamp: silu(-200) is -0.0, not NaN
-    out = moe_native.swiglu_forward(h, torch.empty(1, 16, dtype=torch.bfloat16))
-    assert out[0, 3].isnan() and out[0, 4] == 0 and not out[0, 5:].isnan().any()
+    out = moe_native.swiglu_forward(h, out)
+    assert out[0, 3].isnan() and out[0, :3].isfinite().all() and out[0, 4:].isfinite().sum() == gate.numel() - 5
 
 
 @needs_native

@@ -9,7 +9,8 @@
  *
  * bf16 <-> fp32 as torch does it: widening is a shift; narrowing rounds to nearest even and maps NaN to 0x7FC0.
  * exp is a Cephes-style polynomial (max relative error ~2 ulp of fp32, far below bf16's 2^-8), branch-free so
- * it vectorises; its input is clamped to the finite range (exp(-88.7) .. exp(88.7)); a NaN passes through.
+ * it vectorises; past [-87.3, 88.3] it returns 0 and inf, so sigmoid is exactly 1 and 0 there and silu(+-inf) is
+ * +inf and NaN as in torch; a NaN passes through.
  */
 #include <stdint.h>
 
@@ -32,9 +33,9 @@ AI bf16 to_bf16(float f) {
     return (bf16)(f != f ? 0x7FC0u : rounded);
 }
 
-AI float exp_approx(float x) {
-    x = x > 88.7f ? 88.7f : x;
-    x = x < -88.7f ? -88.7f : x;
+AI float exp_approx(float x0) {
+    float x = x0 > 88.3f ? 88.3f : x0;   /* 2^n stays a normal float: n in [-126, 127] */
+    x = x < -87.3f ? -87.3f : x;
     float n = __builtin_rintf(x * 1.44269504088896341f);
     float r = x - n * 0.693359375f;          /* ln 2 in two parts (Cody-Waite) */
     r = r + n * 2.12194440e-4f;
@@ -46,8 +47,10 @@ AI float exp_approx(float x) {
     p = p * r + 5.0000001201e-1f;
     float y = p * r * r + r + 1.0f;
     union { uint32_t u; float f; } s;
-    s.u = (uint32_t)((int32_t)n + 127) << 23;  /* 2^n: n in [-128, 128] after the clamp */
-    return y * s.f;
+    s.u = (uint32_t)((int32_t)n + 127) << 23;
+    y = y * s.f;
+    y = x0 > 88.3f ? __builtin_inff() : y;   /* past the ends: inf and 0, so sigmoid is exactly 0 and 1 there */
+    return x0 < -87.3f ? 0.0f : y;
 }
 
 AI float sigmoid(float g) { return 1.0f / (1.0f + exp_approx(-g)); }
