@@ -134,7 +134,26 @@ typedef struct {
     const uint8_t *q;
     const float *absmax2, *code2;
     float offset;
+    const uint8_t *packed;   /* [N, K/2] */
+    const struct lora *lora; /* the few-rows call's LoRA/bias epilogue (nf4_lora_gemv), or NULL */
 } plan_t;
+
+/* The LoRA factors and bias of a whole few-rows call, all fp32 and contiguous (docs/quant_linear.md, "GEMV
+ * kernel", the whole call): out = x W^T + scaling (x A^T) B^T + bias, and its gradients, inside the kernels'
+ * one OpenMP region instead of torch ops around them. Each element is summed by one thread in a fixed order,
+ * so the results are bitwise the same at any thread count (tested). */
+typedef struct lora {
+    i64 rank;
+    const float *a, *b; /* A [rank, K], B [N, rank] */
+    const float *bias;  /* [N], or NULL */
+    float scaling;
+    float *xa;          /* x A^T [M, rank]: written by the forward, read by the backward */
+    /* backward only: x [M, K] (natural order), and the LoRA gradients written (NULL: not wanted) */
+    const float *x;
+    float *da, *db;     /* dA [rank, K], dB [N, rank] */
+} lora_t;
+
+#define MAX_RANK 256 /* LoRA rank the whole-call kernels take (Python routes larger ones to torch) */
 
 #ifndef NF4_VECTOR_SCALES
 #define NF4_VECTOR_SCALES 1
@@ -151,6 +170,7 @@ static int make_plan(plan_t *p, const float *code16, i64 N, i64 K, i64 bs) {
     p->lane_idx = lane_index(p->lanes_vary ? (int)(bs / 8) : L);
     p->lut = lut_load(code16);
     p->code = code16;
+    p->lora = NULL;
     return 0;
 }
 
@@ -298,6 +318,32 @@ static float *scratch(i64 floats) {
     return scratch_buf;
 }
 
+/* sum_i a[i] b[i], four vector partial sums (L lanes each) then a scalar tail: a fixed order for a given n */
+static float dot(const float *a, const float *b, i64 n) {
+    vf s0 = vzero(), s1 = vzero(), s2 = vzero(), s3 = vzero();
+    i64 i = 0;
+    for (; i + 4 * L <= n; i += 4 * L) {
+        s0 = vfma(vload(a + i), vload(b + i), s0);
+        s1 = vfma(vload(a + i + L), vload(b + i + L), s1);
+        s2 = vfma(vload(a + i + 2 * L), vload(b + i + 2 * L), s2);
+        s3 = vfma(vload(a + i + 3 * L), vload(b + i + 3 * L), s3);
+    }
+    for (; i + L <= n; i += L) s0 = vfma(vload(a + i), vload(b + i), s0);
+    float total = vsum(vadd(vadd(s0, s1), vadd(s2, s3)));
+    for (; i < n; i++) total += a[i] * b[i];
+    return total;
+}
+
+/* The forward's output element [m, n] from the GEMV's sum: + scaling (x A^T)[m] . B[n] (as torch's
+ * out.addmm_(xa, B^T, alpha=scaling): the product, scaled, then added), then + bias[n]. */
+AI float lora_out(const plan_t *p, int m, i64 n, float total) {
+    const lora_t *lo = p->lora;
+    if (!lo) return total;
+    float out = total;
+    if (lo->rank) out = total + lo->scaling * dot(lo->xa + m * lo->rank, lo->b + n * lo->rank, lo->rank);
+    return lo->bias ? out + lo->bias[n] : out;
+}
+
 /* ---- forward: y[m, n] = sum_k x[m, k] W[n, k] ------------------------------------------------------------- */
 
 /* RB rows of W from n, R rows of x: each group is loaded once per W row and each decoded vector used for R
@@ -345,7 +391,7 @@ AI void fwd_block(const plan_t *p, const uint8_t *packed, const float *xs, float
                 for (i64 k = b * p->bs; k < (b + 1) * p->bs; k++) part += xs[m * p->K + k] * code_of(p, rows[rb], k);
                 total += part * srows[rb][b];
             }
-            y[m * p->N + n + rb] = total;
+            y[m * p->N + n + rb] = lora_out(p, m, n + rb, total);
         }
 }
 
@@ -358,37 +404,69 @@ AI void fwd_rows(const plan_t *p, const uint8_t *packed, const float *xs, float 
     if (last < n1) fwd_block(p, packed, xs, y, last, R, 1, 1);
 }
 
-/* Forward: x [M, K] fp32 (x_bf16 = 0) or bf16 (1), y fp32 [M, N], M <= MAX_ROWS. Threads split the rows of W
- * (16 at a time, so no two threads write one cache line of y). Returns 0, or -1 on bad arguments. */
+/* The forward's one OpenMP region: x into group order (threads split the groups) and, with LoRA, x A^T (threads
+ * split A's rows; each dot product whole on one thread), one barrier, then the rows of W (16 at a time, so no
+ * two threads write one cache line of y), each finished by the LoRA/bias epilogue. */
+static int gemv_call(const plan_t *p, const void *x, int x_bf16, float *y, i64 M, int threads) {
+    float *xs = scratch(M * p->K);
+    if (!xs) return -2;
+    tail_to_fp32(x, x_bf16, xs, p, M);
+    const lora_t *lo = p->lora;
+#pragma omp parallel num_threads(threads)
+    {
+        i64 g0, g1, n0, n1;
+        thread_range(p->groups, 1, &g0, &g1);
+        to_group_order(x, x_bf16, xs, p, M, g0, g1);
+        if (lo && lo->rank) { /* x is fp32 here (nf4_lora_gemv) */
+            i64 j0, j1;
+            thread_range(lo->rank, 1, &j0, &j1);
+            for (i64 m = 0; m < M; m++)
+                for (i64 j = j0; j < j1; j++)
+                    lo->xa[m * lo->rank + j] = dot((const float *)x + m * p->K, lo->a + j * p->K, p->K);
+        }
+#pragma omp barrier
+        thread_range(p->N, 16, &n0, &n1);
+        switch (M) { /* constant row counts: the accumulators stay in registers */
+#if L == 16
+        case 1: fwd_rows(p, p->packed, xs, y, n0, n1, 1, 4); break;
+        case 2: fwd_rows(p, p->packed, xs, y, n0, n1, 2, 2); break;
+#else
+        case 1: fwd_rows(p, p->packed, xs, y, n0, n1, 1, 2); break;
+        case 2: fwd_rows(p, p->packed, xs, y, n0, n1, 2, 1); break;
+#endif
+        case 3: fwd_rows(p, p->packed, xs, y, n0, n1, 3, 1); break;
+        default: fwd_rows(p, p->packed, xs, y, n0, n1, 4, 1); break;
+        }
+    }
+    return 0;
+}
+
+/* Forward: x [M, K] fp32 (x_bf16 = 0) or bf16 (1), y fp32 [M, N], M <= MAX_ROWS. Returns 0, -1 on bad
+ * arguments, -2 without memory for the scratch. */
 int nf4_gemv(const uint8_t *packed, const float *scales, const float *code16, const void *x, int x_bf16, float *y,
              i64 M, i64 N, i64 K, i64 bs, int threads, const uint8_t *q, const float *absmax2, const float *code2,
              float offset) {
     plan_t p;
     if (M < 1 || M > MAX_ROWS || make_plan(&p, code16, N, K, bs) || set_scales(&p, scales, q, absmax2, code2, offset))
         return -1;
-    float *xs = scratch(M * K);
-    if (!xs) return -2;
-    tail_to_fp32(x, x_bf16, xs, &p, M);
-#pragma omp parallel num_threads(threads)
-    {
-        i64 g0, g1, n0, n1;
-        thread_range(p.groups, 1, &g0, &g1);
-        to_group_order(x, x_bf16, xs, &p, M, g0, g1);
-#pragma omp barrier
-        thread_range(N, 16, &n0, &n1);
-        switch (M) { /* constant row counts: the accumulators stay in registers */
-#if L == 16
-        case 1: fwd_rows(&p, packed, xs, y, n0, n1, 1, 4); break;
-        case 2: fwd_rows(&p, packed, xs, y, n0, n1, 2, 2); break;
-#else
-        case 1: fwd_rows(&p, packed, xs, y, n0, n1, 1, 2); break;
-        case 2: fwd_rows(&p, packed, xs, y, n0, n1, 2, 1); break;
-#endif
-        case 3: fwd_rows(&p, packed, xs, y, n0, n1, 3, 1); break;
-        default: fwd_rows(&p, packed, xs, y, n0, n1, 4, 1); break;
-        }
-    }
-    return 0;
+    p.packed = packed;
+    return gemv_call(&p, x, x_bf16, y, M, threads);
+}
+
+/* The whole few-rows forward: y = x W^T + scaling (x A^T) B^T (+ bias), x fp32 [M, K]; writes xa = x A^T
+ * [M, rank] for the backward. rank 0: no LoRA (a, b, xa unused); bias NULL: none. */
+int nf4_lora_gemv(const uint8_t *packed, const float *scales, const float *code16, const float *x, float *y, i64 M,
+                  i64 N, i64 K, i64 bs, int threads, const uint8_t *q, const float *absmax2, const float *code2,
+                  float offset, i64 rank, const float *a, const float *b, const float *bias, float scaling,
+                  float *xa) {
+    plan_t p;
+    if (M < 1 || M > MAX_ROWS || rank < 0 || rank > MAX_RANK || (rank && (!a || !b || !xa)) ||
+        make_plan(&p, code16, N, K, bs) || set_scales(&p, scales, q, absmax2, code2, offset))
+        return -1;
+    const lora_t lo = {.rank = rank, .a = a, .b = b, .bias = bias, .scaling = scaling, .xa = xa};
+    p.packed = packed;
+    p.lora = &lo;
+    return gemv_call(&p, x, 0, y, M, threads);
 }
 
 /* ---- backward (input gradient): dx[m, k] = sum_n g[m, n] W[n, k] ------------------------------------------ */
@@ -432,49 +510,153 @@ AI void bwd_cols(const plan_t *p, const uint8_t *packed, const float *g, float *
     }
 }
 
-/* Backward: g fp32 [M, N] -> dx fp32 [M, K] in natural order. Threads split the columns (whole groups), so
- * every element is summed in the same order whatever the thread count and no reduction is needed; each
- * thread's slice of dx stays in cache. */
+/* LoRA's share of the backward for natural columns [k0, k1), all rows m (gb = g B [M, rank], complete):
+ * dx[m, k] += scaling (gb[m] . A[:, k]) (torch's dx.addmm_(gb, A, alpha=scaling): the product, scaled, then
+ * added) when dx is wanted, and dA[j, k] = sum_m (gb[m, j] scaling) x[m, k] (torch's (gb * scaling)^T x). A
+ * vector of L columns at a time, a scalar tail; which columns take which is fixed by k0 and k1 (group bounds
+ * or the tail), so the result does not depend on the thread count. */
+static void lora_bwd_cols(const plan_t *p, const lora_t *lo, const float *gb, float *dx, i64 M, i64 k0, i64 k1) {
+    const i64 K = p->K, r = lo->rank;
+    i64 k = k0;
+    for (; k + L <= k1; k += L) {
+        for (i64 m = 0; m < M && dx; m++) {
+            vf l = vmul(vset1(gb[m * r]), vload(lo->a + k));
+            for (i64 j = 1; j < r; j++) l = vfma(vset1(gb[m * r + j]), vload(lo->a + j * K + k), l);
+            vstore(dx + m * K + k, vadd(vload(dx + m * K + k), vmul(vset1(lo->scaling), l)));
+        }
+        for (i64 j = 0; j < r && lo->da; j++) {
+            vf d = vmul(vset1(gb[j] * lo->scaling), vload(lo->x + k));
+            for (i64 m = 1; m < M; m++) d = vfma(vset1(gb[m * r + j] * lo->scaling), vload(lo->x + m * K + k), d);
+            vstore(lo->da + j * K + k, d);
+        }
+    }
+    for (; k < k1; k++) {
+        for (i64 m = 0; m < M && dx; m++) {
+            float l = gb[m * r] * lo->a[k];
+            for (i64 j = 1; j < r; j++) l = __builtin_fmaf(gb[m * r + j], lo->a[j * K + k], l);
+            dx[m * K + k] = dx[m * K + k] + lo->scaling * l;
+        }
+        for (i64 j = 0; j < r && lo->da; j++) {
+            float d = (gb[j] * lo->scaling) * lo->x[k];
+            for (i64 m = 1; m < M; m++) d = __builtin_fmaf(gb[m * r + j] * lo->scaling, lo->x[m * K + k], d);
+            lo->da[j * K + k] = d;
+        }
+    }
+}
+
+/* gb[m, j] = sum_n g[m, n] B[n, j] for j in [j0, j1): four partial sums over n mod 4, added in a fixed order */
+static void lora_gb(const lora_t *lo, const float *g, i64 M, i64 N, i64 j0, i64 j1, float *gb) {
+    const i64 r = lo->rank;
+    for (i64 m = 0; m < M; m++) {
+        float acc[4][MAX_RANK];
+        for (int u = 0; u < 4; u++)
+            for (i64 j = j0; j < j1; j++) acc[u][j] = 0.0f;
+        i64 n = 0;
+        for (; n + 4 <= N; n += 4)
+            for (int u = 0; u < 4; u++) {
+                const float gn = g[m * N + n + u];
+                const float *brow = lo->b + (n + u) * r;
+                for (i64 j = j0; j < j1; j++) acc[u][j] += gn * brow[j];
+            }
+        for (; n < N; n++)
+            for (i64 j = j0; j < j1; j++) acc[0][j] += g[m * N + n] * lo->b[n * r + j];
+        for (i64 j = j0; j < j1; j++) gb[m * r + j] = (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);
+    }
+}
+
+/* The backward's one OpenMP region. Threads split the columns (whole groups) for dx, so every element is summed
+ * in the same order whatever the thread count and no reduction is needed; each thread's slice of dx stays in
+ * its cache. With LoRA, before one barrier: dB for the thread's rows (16 at a time), gb = g B for its share of
+ * B's columns; after it: the LoRA terms of its dx columns and dA's same columns. dx NULL: only the LoRA
+ * gradients (the weight is not read). */
+static int gemv_t_call(const plan_t *p, const float *g, float *dx, i64 M, int threads) {
+    const i64 N = p->N, K = p->K;
+    const lora_t *lo = p->lora;
+    float *dxs = dx ? scratch(M * K) : NULL;
+    if (dx && !dxs) return -2;
+    float gb[MAX_ROWS * MAX_RANK]; /* shared by the team */
+#pragma omp parallel num_threads(threads)
+    {
+        i64 g0, g1;
+        thread_range(p->groups, 1, &g0, &g1);
+        if (dx && g1 > g0) switch (M) {
+#if L == 16
+            case 1: bwd_cols(p, p->packed, g, dxs, g0, g1, 1, 4); break;
+            case 2: bwd_cols(p, p->packed, g, dxs, g0, g1, 2, 4); break;
+            case 3: bwd_cols(p, p->packed, g, dxs, g0, g1, 3, 2); break;
+            case 4: bwd_cols(p, p->packed, g, dxs, g0, g1, 4, 2); break;
+#else
+            case 1: bwd_cols(p, p->packed, g, dxs, g0, g1, 1, 4); break;
+            case 2: bwd_cols(p, p->packed, g, dxs, g0, g1, 2, 2); break;
+            case 3: bwd_cols(p, p->packed, g, dxs, g0, g1, 3, 1); break;
+            case 4: bwd_cols(p, p->packed, g, dxs, g0, g1, 4, 1); break;
+#endif
+            default: break; /* M <= MAX_ROWS: cases 1-4 above */
+            }
+        if (dx) {
+            for (i64 m = 0; m < M; m++) /* back to natural order: this thread's groups only */
+                for (i64 gi = g0; gi < g1; gi++)
+                    for (i64 j = 0; j < GROUP_COLS; j++)
+                        dx[m * K + gi * GROUP_COLS + natural_col(j)] = dxs[m * K + gi * GROUP_COLS + j];
+            if (omp_get_thread_num() == 0) /* tail blocks (bs < 8L only), scalar, one thread */
+                for (i64 m = 0; m < M; m++)
+                    for (i64 k = p->groups * GROUP_COLS; k < K; k++) {
+                        float acc = 0.0f;
+                        for (i64 n = 0; n < N; n++)
+                            acc += g[m * N + n] * block_scale(p, n * p->nb + k / p->bs) *
+                                   code_of(p, p->packed + n * p->half, k);
+                        dx[m * K + k] = acc;
+                    }
+        }
+        if (lo && lo->rank) {
+            const i64 r = lo->rank;
+            i64 n0, n1, j0, j1;
+            if (lo->db) {
+                thread_range(N, 16, &n0, &n1);
+                for (i64 n = n0; n < n1; n++)
+                    for (i64 j = 0; j < r; j++) {
+                        float d = g[n] * (lo->xa[j] * lo->scaling);
+                        for (i64 m = 1; m < M; m++) d = __builtin_fmaf(g[m * N + n], lo->xa[m * r + j] * lo->scaling, d);
+                        lo->db[n * r + j] = d;
+                    }
+            }
+            thread_range(r, 1, &j0, &j1);
+            lora_gb(lo, g, M, N, j0, j1, gb);
+#pragma omp barrier
+            lora_bwd_cols(p, lo, gb, dx, M, g0 * GROUP_COLS, g1 * GROUP_COLS);
+            if (omp_get_thread_num() == 0) lora_bwd_cols(p, lo, gb, dx, M, p->groups * GROUP_COLS, K);
+        }
+    }
+    return 0;
+}
+
+/* Backward: g fp32 [M, N] -> dx fp32 [M, K] in natural order, M <= MAX_ROWS. */
 int nf4_gemv_t(const uint8_t *packed, const float *scales, const float *code16, const float *g, float *dx, i64 M,
                i64 N, i64 K, i64 bs, int threads, const uint8_t *q, const float *absmax2, const float *code2,
                float offset) {
     plan_t p;
-    if (M < 1 || M > MAX_ROWS || make_plan(&p, code16, N, K, bs) || set_scales(&p, scales, q, absmax2, code2, offset))
+    if (M < 1 || M > MAX_ROWS || !dx || make_plan(&p, code16, N, K, bs) ||
+        set_scales(&p, scales, q, absmax2, code2, offset))
         return -1;
-    float *dxs = scratch(M * K);
-    if (!dxs) return -2;
-#pragma omp parallel num_threads(threads)
-    {
-        i64 g0, g1;
-        thread_range(p.groups, 1, &g0, &g1);
-        if (g1 > g0) switch (M) {
-#if L == 16
-            case 1: bwd_cols(&p, packed, g, dxs, g0, g1, 1, 4); break;
-            case 2: bwd_cols(&p, packed, g, dxs, g0, g1, 2, 4); break;
-            case 3: bwd_cols(&p, packed, g, dxs, g0, g1, 3, 2); break;
-            case 4: bwd_cols(&p, packed, g, dxs, g0, g1, 4, 2); break;
-#else
-            case 1: bwd_cols(&p, packed, g, dxs, g0, g1, 1, 4); break;
-            case 2: bwd_cols(&p, packed, g, dxs, g0, g1, 2, 2); break;
-            case 3: bwd_cols(&p, packed, g, dxs, g0, g1, 3, 1); break;
-            case 4: bwd_cols(&p, packed, g, dxs, g0, g1, 4, 1); break;
-#endif
-            default: break; /* M <= MAX_ROWS: cases 1-4 above */
-            }
-        for (i64 m = 0; m < M; m++) /* back to natural order: this thread's groups only */
-            for (i64 gi = g0; gi < g1; gi++)
-                for (i64 j = 0; j < GROUP_COLS; j++)
-                    dx[m * K + gi * GROUP_COLS + natural_col(j)] = dxs[m * K + gi * GROUP_COLS + j];
-        if (omp_get_thread_num() == 0) /* tail blocks (bs < 8L only), scalar, one thread */
-            for (i64 m = 0; m < M; m++)
-                for (i64 k = p.groups * GROUP_COLS; k < K; k++) {
-                    float acc = 0.0f;
-                    for (i64 n = 0; n < N; n++)
-                        acc += g[m * N + n] * block_scale(&p, n * p.nb + k / bs) * code_of(&p, packed + n * p.half, k);
-                    dx[m * K + k] = acc;
-                }
-    }
-    return 0;
+    p.packed = packed;
+    return gemv_t_call(&p, g, dx, M, threads);
+}
+
+/* The whole few-rows backward of nf4_lora_gemv: dx = g W + scaling (g B) A (NULL: not wanted, W not read),
+ * dA = scaling (g B)^T x and dB = g^T (scaling xa) (each NULL: not wanted); x fp32 [M, K], xa [M, rank] from
+ * the forward. */
+int nf4_lora_gemv_t(const uint8_t *packed, const float *scales, const float *code16, const float *g, float *dx,
+                    i64 M, i64 N, i64 K, i64 bs, int threads, const uint8_t *q, const float *absmax2,
+                    const float *code2, float offset, i64 rank, const float *a, const float *b, const float *xa,
+                    float scaling, const float *x, float *da, float *db) {
+    plan_t p;
+    if (M < 1 || M > MAX_ROWS || rank < 1 || rank > MAX_RANK || !a || !b || !xa || (da && !x) ||
+        make_plan(&p, code16, N, K, bs) || set_scales(&p, scales, q, absmax2, code2, offset))
+        return -1;
+    const lora_t lo = {.rank = rank, .a = a, .b = b, .scaling = scaling, .xa = (float *)xa, .x = x, .da = da, .db = db};
+    p.packed = packed;
+    p.lora = &lo;
+    return gemv_t_call(&p, g, dx, M, threads);
 }
 
 /* ---- dequantise (natural order, for the GEMM path) ------------------------------------------------------- */
@@ -576,7 +758,7 @@ int nf4_first_touch_copy(const uint8_t *src, uint8_t *dst, i64 rows, i64 row_byt
 int nf4_native_isa(void) { return NF4_ISA; }
 
 /* Lets Python confirm it loaded this source's build. */
-int nf4_native_abi(void) { return 2; }
+int nf4_native_abi(void) { return 3; }
 
 /* ---- dequantise a panel (for the GEMM path's panel tiling: docs/quant_linear.md, "Batch 512") -------------- */
 

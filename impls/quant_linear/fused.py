@@ -65,19 +65,28 @@ class _NF4LoRALinear(torch.autograd.Function):
         w = None
         few_rows = x.shape[0] <= nf4_kernels.GEMV_MAX_ROWS
         xc = _as(x, _compute_dtype(x, few_rows))
-        if keep_w and not few_rows:  # GEMM path: keep W for the backward
-            w = nf4_kernels.dequantize(packed2d, scales, x.dtype)
-            out = nf4_kernels.gemm_nt(x, w)
-        else:
-            out = nf4_kernels.nf4_mm(xc, packed2d, scales)
         xa = a_c = b_c = None
-        with _one_thread(few_rows):
-            if lora_A is not None:
-                a_c, b_c = _as(lora_A, xc.dtype), _as(lora_B, xc.dtype)
-                xa = xc @ a_c.t()
-                out = out.addmm_(xa, b_c.t(), alpha=scaling)  # in place: out is ours, fresh
-            if bias is not None:
-                out = out.add_(_as(bias, xc.dtype))
+        if lora_A is not None:
+            a_c, b_c = _as(lora_A, xc.dtype), _as(lora_B, xc.dtype)
+        # the whole few-rows call (GEMV, LoRA products, bias) in one native call: docs/quant_linear.md,
+        # "GEMV kernel", the whole call
+        ctx.whole = few_rows and (lora_A is None or lora_A.shape[0] <= nf4_native.MAX_RANK) \
+            and nf4_native.supports(packed2d, scales)
+        if ctx.whole:
+            out, xa = nf4_native.lora_gemv(xc, packed2d, scales, a_c, b_c, scaling,
+                                           None if bias is None else _as(bias, xc.dtype))
+        else:
+            if keep_w and not few_rows:  # GEMM path: keep W for the backward
+                w = nf4_kernels.dequantize(packed2d, scales, x.dtype)
+                out = nf4_kernels.gemm_nt(x, w)
+            else:
+                out = nf4_kernels.nf4_mm(xc, packed2d, scales)
+            with _one_thread(few_rows):
+                if lora_A is not None:
+                    xa = xc @ a_c.t()
+                    out = out.addmm_(xa, b_c.t(), alpha=scaling)  # in place: out is ours, fresh
+                if bias is not None:
+                    out = out.add_(_as(bias, xc.dtype))
         ctx.scaling = scaling
         ctx.has_bias = bias is not None
         # double-quantised scales for the GEMV kernels are a NestedScales of tensors, held here as they are
@@ -99,6 +108,15 @@ class _NF4LoRALinear(torch.autograd.Function):
         cd = xc.dtype
         gc = _as(g, cd).contiguous()
         dx = da = db = dbias = None
+        if ctx.whole and a_c is not None:
+            if need_x or need_a or need_b:
+                dx, da, db = nf4_native.lora_gemv_t(gc, packed2d, scales, a_c, b_c, xa, ctx.scaling, xc,
+                                                    (need_x, need_a, need_b))
+            if need_bias and ctx.has_bias:
+                dbias = _as(gc.sum(0), g.dtype)
+            return (None if dx is None else _as(dx, x_dtype)), None, None, \
+                (None if da is None else _as(da, a_dtype)), (None if db is None else _as(db, b_dtype)), dbias, \
+                None, None
         with _one_thread(few_rows):
             gb = gc @ b_c if a_c is not None and (need_x or need_a) else None
         if need_x:
