@@ -11,7 +11,11 @@ suite's ``fused_cpu`` call (forward, and forward + backward), interleaved with t
 thread count (the better of ``torch.dot`` and ``sum`` over two ``--bw-mb`` buffers, as the harness's ceiling).
 Prints the median ms per call and its share of the read floor: the bytes of ``suites/quant_linear.bytes_moved``
 (4-bit weight + double-quantised scales + LoRA + activations; gemv counts the forward's, gemv_t the backward's)
-at the median read bandwidth. ``--no-prefetch`` builds the kernels without their software prefetch. The load
+at the median read bandwidth. ``--no-prefetch`` builds the kernels without their software prefetch.
+``--trace`` builds them with ``-DNF4_TRACE=1`` and, instead of the table, says where the time of the whole
+``fused_cpu`` call goes (forward, and backward): Python before the native call, the fork (until the last thread
+starts), each thread's first phase, the wait at the barrier, its main phase (rows of W, or columns), the
+spread of the threads' finishing times, the join and Python after (medians over the pool, per round). The load
 average is printed with every line: numbers taken on a loaded machine are not results (docs/quant_linear.md,
 "GEMV kernel").
 """
@@ -95,6 +99,49 @@ def _floor_bytes(n: int, k: int, dtype: str, call: str) -> float:
             "fused_fwdbwd": moved["fwd"] + moved["bwd"]}[call]
 
 
+def _trace_call(fn) -> tuple[int, int, torch.Tensor | None]:
+    """(start ns, end ns, the kernel's trace) of one call of fn."""
+    t0 = time.monotonic_ns()
+    fn()
+    t1 = time.monotonic_ns()
+    return t0, t1, nf4_native.last_trace()
+
+
+def _trace_parts(t0: int, t1: int, tr: torch.Tensor, threads: int) -> dict[str, float]:
+    """One whole call's time by part, in us, from its trace (nf4_native.TRACE_POINTS)."""
+    tr = tr[:threads].double()
+    entry, forked, phase1, barrier, done, joined = (tr[:, i] for i in range(6))
+    has_barrier = bool((barrier > 0).all())
+    return {"python before": (entry[0] - t0) / 1e3, "fork": (forked.max() - entry[0]) / 1e3,
+            "phase 1": ((phase1 - forked).max() / 1e3) if has_barrier else 0.0,
+            "barrier wait": ((barrier - phase1).max() / 1e3) if has_barrier else 0.0,
+            "main": ((done - (barrier if has_barrier else forked)).median() / 1e3),
+            "finish spread": (done.max() - done.min()) / 1e3, "join": (joined[0] - done.max()) / 1e3,
+            "python after": (t1 - joined[0]) / 1e3, "total": (t1 - t0) / 1e3}
+
+
+def _trace(pool: list[NF4Weight], dtype: torch.dtype, lora: tuple, threads: int, rounds: int, label: str) -> None:
+    """Where the whole fused_cpu call's time goes at this thread count (the --trace report)."""
+    x, a, b = lora
+    g = torch.ones(1, pool[0].shape[0], dtype=dtype)
+    parts: dict[str, dict[str, list[float]]] = {"fwd": {}, "bwd": {}}
+    for _ in range(rounds):
+        for w in pool:
+            out = None
+
+            def forward(w=w):
+                nonlocal out
+                out = nf4_lora_linear(x, w, a, b, SCALING)
+
+            for name, fn in (("fwd", forward), ("bwd", lambda: torch.autograd.grad(out, (x, a, b), grad_outputs=g))):
+                t0, t1, tr = _trace_call(fn)
+                for part, us in _trace_parts(t0, t1, tr, threads).items():
+                    parts[name].setdefault(part, []).append(us)
+    for name, by_part in parts.items():
+        cells = "  ".join(f"{part} {statistics.median(v):.0f}" for part, v in by_part.items())
+        print(f"{label} {name}: {cells}  (us, medians)  load {_load()}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -106,9 +153,13 @@ def main() -> int:
     parser.add_argument("--bw-mb", type=int, default=300, help="each of the two read-bandwidth buffers, in MB")
     parser.add_argument("--no-prefetch", action="store_true",
                         help="build the kernels without their software prefetch (NF4_PREFETCH=0), to compare")
+    parser.add_argument("--trace", action="store_true",
+                        help="build with -DNF4_TRACE=1 and report where the whole fused call's time goes")
     args = parser.parse_args()
     if args.no_prefetch:
         nf4_native.FLAGS.append("-DNF4_PREFETCH=0")  # before the first build: its own cached .so
+    if args.trace:
+        nf4_native.FLAGS.append("-DNF4_TRACE=1")
     ok, why = nf4_native.status()
     if not ok:
         print(f"nf4_stream: native NF4 kernels unavailable: {why}", file=sys.stderr)
@@ -131,6 +182,9 @@ def main() -> int:
                 x = torch.randn(1, k, generator=gen).to(dtype).requires_grad_()
                 a = (torch.randn(RANK, k, generator=gen) / k**0.5).to(dtype).requires_grad_()
                 b = (torch.randn(n, RANK, generator=gen) / RANK**0.5).to(dtype).requires_grad_()
+                if args.trace:
+                    _trace(pool, dtype, (x, a, b), threads, args.rounds, f"{shape} {dt} {threads} thr")
+                    continue
                 calls = [_calls(w, dtype, (x, a, b)) for w in pool]
                 for name in args.calls:
                     for c in calls[:2]:  # warm-up: builds, allocator, OpenMP team

@@ -20,6 +20,7 @@
  * Compile with -ffp-contract=off: the dequantised values must be the plain fp32 product code * absmax
  * (bit-identical to bnb and the reference), not a fused multiply-add.
  */
+#define _POSIX_C_SOURCE 199309L /* clock_gettime, for the NF4_TRACE build */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -34,6 +35,27 @@ static inline int omp_get_num_threads(void) { return 1; }
 
 typedef int64_t i64;
 #define AI static inline __attribute__((always_inline))
+
+/* NF4_TRACE=1 builds record when each thread of the last whole-call kernel reached each phase (CLOCK_MONOTONIC
+ * ns; benchmarks/nf4_stream.py --trace reads them through nf4_trace): where the time of a call goes between
+ * the fork, the phases, the barrier and the join. Off (no code) in the normal build. */
+#ifndef NF4_TRACE
+#define NF4_TRACE 0
+#endif
+#define TRACE_THREADS 8
+enum { TRACE_ENTRY, TRACE_FORKED, TRACE_PHASE1, TRACE_BARRIER, TRACE_DONE, TRACE_JOINED, TRACE_POINTS };
+#if NF4_TRACE
+#include <time.h>
+static i64 trace_ns[TRACE_THREADS][TRACE_POINTS];
+static void trace(int point) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    const int thread = omp_get_thread_num();
+    if (thread < TRACE_THREADS) trace_ns[thread][point] = (i64)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+#else
+static inline void trace(int point) { (void)point; }
+#endif
 
 #define MAX_ROWS 4 /* rows of x handled by one GEMV call (Python splits larger batches; the dispatch sends
                         * at most 4 rows to the GEMV: each count is a specialisation, i.e. compile time) */
@@ -404,17 +426,81 @@ AI void fwd_rows(const plan_t *p, const uint8_t *packed, const float *xs, float 
     if (last < n1) fwd_block(p, packed, xs, y, last, R, 1, 1);
 }
 
+/* Rows of W handed out in chunks of STEAL_ROWS (a multiple of 16: no two threads write one cache line of y).
+ * Each thread starts with an even, contiguous share of the chunks and takes them from its front, so a balanced
+ * run reads each thread's rows in one stream as a static split would; a thread that runs out takes chunks from
+ * the back of the others' shares. A thread that is descheduled, or slowed by a neighbour, then holds up the
+ * call by at most one chunk instead of the rest of its share (docs/quant_linear.md, "GEMV kernel", threads). */
+#define STEAL_ROWS 32
+#define MAX_TEAM 64
+#ifndef NF4_STEAL
+#define NF4_STEAL 1 /* 0: each thread its own share only, a static split (benchmarks/nf4_stream.py --no-steal) */
+#endif
+
+/* one thread's chunks [front, back): front in the low 32 bits; a cache line each */
+typedef struct { uint64_t span; char pad[56]; } share_t;
+
+AI int take_front(share_t *s, i64 *chunk) {
+    uint64_t cur = __atomic_load_n(&s->span, __ATOMIC_RELAXED);
+    for (;;) {
+        const uint64_t front = cur & 0xffffffffu, back = cur >> 32;
+        if (front >= back) return 0;
+        if (__atomic_compare_exchange_n(&s->span, &cur, cur + 1, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+            *chunk = (i64)front;
+            return 1;
+        }
+    }
+}
+
+AI int take_back(share_t *s, i64 *chunk) {
+    uint64_t cur = __atomic_load_n(&s->span, __ATOMIC_RELAXED);
+    for (;;) {
+        const uint64_t front = cur & 0xffffffffu, back = cur >> 32;
+        if (front >= back) return 0;
+        if (__atomic_compare_exchange_n(&s->span, &cur, cur - ((uint64_t)1 << 32), 1, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED)) {
+            *chunk = (i64)back - 1;
+            return 1;
+        }
+    }
+}
+
+/* rows [c * STEAL_ROWS, ...) of the forward */
+AI void fwd_chunk(const plan_t *p, const float *xs, float *y, i64 M, i64 c) {
+    const i64 n0 = c * STEAL_ROWS, n1 = n0 + STEAL_ROWS < p->N ? n0 + STEAL_ROWS : p->N;
+    switch (M) { /* constant row counts: the accumulators stay in registers */
+#if L == 16
+    case 1: fwd_rows(p, p->packed, xs, y, n0, n1, 1, 4); break;
+    case 2: fwd_rows(p, p->packed, xs, y, n0, n1, 2, 2); break;
+#else
+    case 1: fwd_rows(p, p->packed, xs, y, n0, n1, 1, 2); break;
+    case 2: fwd_rows(p, p->packed, xs, y, n0, n1, 2, 1); break;
+#endif
+    case 3: fwd_rows(p, p->packed, xs, y, n0, n1, 3, 1); break;
+    default: fwd_rows(p, p->packed, xs, y, n0, n1, 4, 1); break;
+    }
+}
+
 /* The forward's one OpenMP region: x into group order (threads split the groups) and, with LoRA, x A^T (threads
- * split A's rows; each dot product whole on one thread), one barrier, then the rows of W (16 at a time, so no
- * two threads write one cache line of y), each finished by the LoRA/bias epilogue. */
+ * split A's rows; each dot product whole on one thread), one barrier, then the rows of W in chunks (above),
+ * each row finished by the LoRA/bias epilogue. Every row is computed by one thread in the same order
+ * whichever thread takes it, so the results do not depend on the thread count or the stealing. */
 static int gemv_call(const plan_t *p, const void *x, int x_bf16, float *y, i64 M, int threads) {
     float *xs = scratch(M * p->K);
     if (!xs) return -2;
     tail_to_fp32(x, x_bf16, xs, p, M);
     const lora_t *lo = p->lora;
+    if (threads > MAX_TEAM) threads = MAX_TEAM;
+    if (threads < 1) threads = 1;
+    const i64 chunks = (p->N + STEAL_ROWS - 1) / STEAL_ROWS;
+    share_t shares[MAX_TEAM] __attribute__((aligned(64)));
+    for (int t = 0; t < threads; t++) /* set before the fork: a thief may look at any share at once */
+        shares[t].span = ((uint64_t)(chunks * (t + 1) / threads) << 32) | (uint64_t)(chunks * t / threads);
+    trace(TRACE_ENTRY);
 #pragma omp parallel num_threads(threads)
     {
-        i64 g0, g1, n0, n1;
+        trace(TRACE_FORKED);
+        i64 g0, g1;
         thread_range(p->groups, 1, &g0, &g1);
         to_group_order(x, x_bf16, xs, p, M, g0, g1);
         if (lo && lo->rank) { /* x is fp32 here (nf4_lora_gemv) */
@@ -424,20 +510,18 @@ static int gemv_call(const plan_t *p, const void *x, int x_bf16, float *y, i64 M
                 for (i64 j = j0; j < j1; j++)
                     lo->xa[m * lo->rank + j] = dot((const float *)x + m * p->K, lo->a + j * p->K, p->K);
         }
+        trace(TRACE_PHASE1);
 #pragma omp barrier
-        thread_range(p->N, 16, &n0, &n1);
-        switch (M) { /* constant row counts: the accumulators stay in registers */
-#if L == 16
-        case 1: fwd_rows(p, p->packed, xs, y, n0, n1, 1, 4); break;
-        case 2: fwd_rows(p, p->packed, xs, y, n0, n1, 2, 2); break;
-#else
-        case 1: fwd_rows(p, p->packed, xs, y, n0, n1, 1, 2); break;
-        case 2: fwd_rows(p, p->packed, xs, y, n0, n1, 2, 1); break;
-#endif
-        case 3: fwd_rows(p, p->packed, xs, y, n0, n1, 3, 1); break;
-        default: fwd_rows(p, p->packed, xs, y, n0, n1, 4, 1); break;
-        }
+        trace(TRACE_BARRIER);
+        /* a team smaller than asked for (nested parallelism) leaves shares nobody owns: the others steal them */
+        const int me = omp_get_thread_num();
+        i64 c;
+        while (take_front(&shares[me], &c)) fwd_chunk(p, xs, y, M, c);
+        for (int v = 1; v < threads && NF4_STEAL; v++)
+            while (take_back(&shares[(me + v) % threads], &c)) fwd_chunk(p, xs, y, M, c);
+        trace(TRACE_DONE);
     }
+    trace(TRACE_JOINED);
     return 0;
 }
 
@@ -575,8 +659,10 @@ static int gemv_t_call(const plan_t *p, const float *g, float *dx, i64 M, int th
     float *dxs = dx ? scratch(M * K) : NULL;
     if (dx && !dxs) return -2;
     float gb[MAX_ROWS * MAX_RANK]; /* shared by the team */
+    trace(TRACE_ENTRY);
 #pragma omp parallel num_threads(threads)
     {
+        trace(TRACE_FORKED);
         i64 g0, g1;
         thread_range(p->groups, 1, &g0, &g1);
         if (dx && g1 > g0) switch (M) {
@@ -622,11 +708,15 @@ static int gemv_t_call(const plan_t *p, const float *g, float *dx, i64 M, int th
             }
             thread_range(r, 1, &j0, &j1);
             lora_gb(lo, g, M, N, j0, j1, gb);
+            trace(TRACE_PHASE1);
 #pragma omp barrier
+            trace(TRACE_BARRIER);
             lora_bwd_cols(p, lo, gb, dx, M, g0 * GROUP_COLS, g1 * GROUP_COLS);
             if (omp_get_thread_num() == 0) lora_bwd_cols(p, lo, gb, dx, M, p->groups * GROUP_COLS, K);
         }
+        trace(TRACE_DONE);
     }
+    trace(TRACE_JOINED);
     return 0;
 }
 
@@ -741,17 +831,35 @@ void nf4_decode_absmax(const uint8_t *q, const float *absmax2, const float *code
     for (i64 i = 0; i < nblocks; i++) out[i] = code2[q[i]] * absmax2[i / 256] + offset;
 }
 
-/* dst = src ([rows, row_bytes]), each row written by the thread whose forward GEMV reads it (the same 16-row
- * split): on a multi-socket machine the pages then sit on that thread's node (first touch). */
+/* dst = src ([rows, row_bytes]), each row written by the thread whose forward GEMV reads it when no thread
+ * steals (its initial share of chunks, gemv_call): on a multi-socket machine the pages then sit on that
+ * thread's node (first touch). */
 int nf4_first_touch_copy(const uint8_t *src, uint8_t *dst, i64 rows, i64 row_bytes, int threads) {
     if (rows < 0 || row_bytes < 0) return -1;
+    if (threads > MAX_TEAM) threads = MAX_TEAM;
+    if (threads < 1) threads = 1;
+    const i64 chunks = (rows + STEAL_ROWS - 1) / STEAL_ROWS;
 #pragma omp parallel num_threads(threads)
     {
-        i64 n0, n1;
-        thread_range(rows, 16, &n0, &n1);
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads(); /* the team it got: every row copied */
+        const i64 n0 = chunks * t / nt * STEAL_ROWS, end = chunks * (t + 1) / nt * STEAL_ROWS;
+        const i64 n1 = end < rows ? end : rows;
         if (n1 > n0) memcpy(dst + n0 * row_bytes, src + n0 * row_bytes, (size_t)((n1 - n0) * row_bytes));
     }
     return 0;
+}
+
+/* The NF4_TRACE build's timestamps of the last whole-call kernel into out [TRACE_THREADS][TRACE_POINTS] (0: not
+ * reached); returns TRACE_POINTS, or 0 in a build without tracing. */
+int nf4_trace(i64 *out) {
+#if NF4_TRACE
+    memcpy(out, trace_ns, sizeof trace_ns);
+    memset(trace_ns, 0, sizeof trace_ns);
+    return TRACE_POINTS;
+#else
+    (void)out;
+    return 0;
+#endif
 }
 
 /* Which vector layer this build has (512: AVX-512, 2: AVX2). */

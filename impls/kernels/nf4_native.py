@@ -131,6 +131,7 @@ def _load_isa(isa: str) -> tuple[ctypes.CDLL | None, str]:
     lib.nf4_dequantize.argtypes = [ptr, ptr, ptr, ptr, i64, i64, cint, cint]
     lib.nf4_decode_absmax.argtypes = [ptr, ptr, ptr, ctypes.c_float, ptr, i64]
     lib.nf4_decode_absmax.restype = None
+    lib.nf4_trace.argtypes = [ptr]
     lib.nf4_first_touch_copy.argtypes = [ptr, ptr, i64, i64, cint]
     lib.nf4_dequantize_panel.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, cint, cint, cint]
     return lib, ""
@@ -371,10 +372,22 @@ def lora_gemv_t(g: torch.Tensor, packed2d: torch.Tensor, scales: Scales, lora_a:
     return dx, da, db
 
 
+TRACE_POINTS = ("entry", "forked", "phase1", "barrier", "done", "joined")  # nf4_native.c: TRACE_*
+
+
+def last_trace() -> torch.Tensor | None:
+    """In a build with ``-DNF4_TRACE=1`` (append it to :data:`FLAGS` before the first call), the CLOCK_MONOTONIC
+    ns at which each thread (rows; up to 8) of the last :func:`lora_gemv` / :func:`lora_gemv_t` call reached each
+    of :data:`TRACE_POINTS` (0: not reached; entry and joined: the calling thread only), then cleared; None in
+    a normal build."""
+    out = torch.zeros(8, len(TRACE_POINTS), dtype=torch.int64)
+    return out if _lib().nf4_trace(out.data_ptr()) else None
+
+
 def place(packed2d: torch.Tensor) -> torch.Tensor:
     """A copy of the packed weight whose rows are first written by the threads that will read them in the GEMV
-    (the kernels' 16-row split at torch's thread count): on a multi-socket machine each thread's rows then sit
-    on its own node's memory. One socket gains nothing; the kernels take either tensor."""
+    (each thread's initial share of the forward's 32-row chunks at torch's thread count): on a multi-socket
+    machine each thread's rows then sit on its own node's memory. One socket gains nothing; the kernels take either tensor."""
     packed2d = _checked(packed2d, torch.uint8, "packed")
     out = torch.empty_like(packed2d)
     _call(_lib().nf4_first_touch_copy, packed2d.data_ptr(), out.data_ptr(), packed2d.shape[0],
