@@ -465,8 +465,9 @@ AI int take_back(share_t *s, i64 *chunk) {
     }
 }
 
-/* rows [c * STEAL_ROWS, ...) of the forward */
-AI void fwd_chunk(const plan_t *p, const float *xs, float *y, i64 M, i64 c) {
+/* rows [c * STEAL_ROWS, ...) of the forward (not inlined: it has two callers, and each copy of the kernels
+ * costs compile time) */
+static __attribute__((noinline)) void fwd_chunk(const plan_t *p, const float *xs, float *y, i64 M, i64 c) {
     const i64 n0 = c * STEAL_ROWS, n1 = n0 + STEAL_ROWS < p->N ? n0 + STEAL_ROWS : p->N;
     switch (M) { /* constant row counts: the accumulators stay in registers */
 #if L == 16
