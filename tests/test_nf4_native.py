@@ -140,6 +140,27 @@ def test_whole_call_kernels_match_fp64(rows, rank, k, blocksize, double_quant, i
     assert not _close(nf4_native.lora_gemv_t(g, packed2d, scales, a, b, xa, 1.0, x)[0], want[0])
 
 
+def test_whole_call_reads_and_writes_bf16_factors(isa):
+    """bf16 A and B are read as they are and dA, dB written in bf16: bitwise the fp32 computation on the same
+    values, rounded once to nearest even (ties, overflow to inf and NaN included; rank 24: a vector and a
+    scalar tail on AVX-512). Planted: rounding by truncation is told apart."""
+    packed2d, scales, _, x, a, b, _, g = _whole_call_case(97, 512, 64, True, 2, 24, 13)
+    a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    y16, xa16 = nf4_native.lora_gemv(x, packed2d, scales, a16, b16, 2.0)
+    y32, xa32 = nf4_native.lora_gemv(x, packed2d, scales, a16.float(), b16.float(), 2.0)
+    assert torch.equal(y16, y32) and torch.equal(xa16, xa32)
+    xa32[0, :2] = torch.tensor([float("nan"), 3e38])  # dB columns 0 and 1: NaN, and +-inf after the scaling
+    got = nf4_native.lora_gemv_t(g, packed2d, scales, a16, b16, xa32, 2.0, x)
+    want = nf4_native.lora_gemv_t(g, packed2d, scales, a16.float(), b16.float(), xa32, 2.0, x)
+    assert got[1].dtype == got[2].dtype == torch.bfloat16 and got[0].dtype == torch.float32
+    assert torch.equal(got[0], want[0])
+    for t, w in zip(got[1:], want[1:]):
+        torch.testing.assert_close(t, w.to(torch.bfloat16), rtol=0, atol=0, equal_nan=True)
+    assert got[2][:, 0].isnan().all() and got[2][:, 1].isinf().any()
+    truncated = (want[2].view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
+    assert not torch.equal(got[2][:, 2:], truncated[:, 2:])
+
+
 @native
 @pytest.mark.parametrize("threads", [2, 3])
 def test_whole_call_is_bitwise_the_same_at_any_thread_count(threads, isa, monkeypatch):

@@ -77,6 +77,18 @@ AI vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 AI vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 AI float vsum(vf v) { return _mm512_reduce_add_ps(v); }
 AI vi group_load(const uint8_t *p) { return _mm512_loadu_si512((const void *)p); }
+/* L bf16 values -> fp32 (exact) */
+AI vf vload_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+/* L floats -> bf16, rounded to nearest even, NaN kept a (quiet) NaN: what torch's .to(torch.bfloat16) gives */
+AI void vstore_bf16(uint16_t *p, vf v) {
+    const __m512i b = _mm512_castps_si512(v), hi = _mm512_srli_epi32(b, 16);
+    const __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), hi, _mm512_set1_epi32(0x40));
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(r));
+}
 /* code[index] for the 4-bit index in bits 0..3 of every dword (vpermps ignores the bits above) */
 AI vf lookup(vi idx, lut_t lut) { return _mm512_permutexvar_ps(idx, lut.t); }
 AI vi shift_right(vi v, const int bits) { return bits ? _mm512_srli_epi32(v, bits) : v; }
@@ -115,6 +127,17 @@ AI float vsum(vf v) {
     return _mm_cvtss_f32(s);
 }
 AI vi group_load(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+AI vf vload_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+AI void vstore_bf16(uint16_t *p, vf v) {
+    const __m256i b = _mm256_castps_si256(v), hi = _mm256_srli_epi32(b, 16);
+    const __m256i lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
 /* code[index] for bits 0..3 of every dword: vpermps on each 8-entry half (it reads bits 0..2), index bit 3
  * (moved to the sign bit) picks the half */
 AI vf lookup(vi idx, lut_t lut) {
@@ -166,14 +189,50 @@ typedef struct {
  * so the results are bitwise the same at any thread count (tested). */
 typedef struct lora {
     i64 rank;
-    const float *a, *b; /* A [rank, K], B [N, rank] */
+    const void *a, *b; /* A [rank, K], B [N, rank]: fp32, or bf16 when ab_bf16 (read as is, no fp32 copies) */
+    int ab_bf16;
     const float *bias;  /* [N], or NULL */
     float scaling;
     float *xa;          /* x A^T [M, rank]: written by the forward, read by the backward */
     /* backward only: x [M, K] (natural order), and the LoRA gradients written (NULL: not wanted) */
     const float *x;
-    float *da, *db;     /* dA [rank, K], dB [N, rank] */
+    void *da, *db;      /* dA [rank, K], dB [N, rank], in A's and B's dtype (computed in fp32, rounded once) */
 } lora_t;
+
+/* bf16 <-> fp32 for the LoRA factors: widening is exact; narrowing rounds to nearest even, NaN stays NaN (as
+ * torch's .to(torch.bfloat16)). */
+AI float bf16_f32(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+AI uint16_t f32_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if (f != f) return (uint16_t)((bits >> 16) | 0x40); /* quiet NaN */
+    return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+/* &t[i] of a LoRA tensor */
+AI const void *lora_row(const void *t, int bf16, i64 i) {
+    return bf16 ? (const void *)((const uint16_t *)t + i) : (const void *)((const float *)t + i);
+}
+/* element i / the L elements from i of a LoRA tensor (fp32, or bf16 when bf16) */
+AI float at_any(const void *t, int bf16, i64 i) { return bf16 ? bf16_f32(((const uint16_t *)t)[i]) : ((const float *)t)[i]; }
+AI vf load_any(const void *t, int bf16, i64 i) {
+    return bf16 ? vload_bf16((const uint16_t *)t + i) : vload((const float *)t + i);
+}
+AI void put_any(void *t, int bf16, i64 i, float f) {
+    if (bf16) ((uint16_t *)t)[i] = f32_bf16(f);
+    else ((float *)t)[i] = f;
+}
+AI void store_any(void *t, int bf16, i64 i, vf v) {
+    if (!bf16) {
+        vstore((float *)t + i, v);
+        return;
+    }
+    vstore_bf16((uint16_t *)t + i, v);
+}
 
 #define MAX_RANK 256 /* LoRA rank the whole-call kernels take (Python routes larger ones to torch) */
 
@@ -340,19 +399,19 @@ static float *scratch(i64 floats) {
     return scratch_buf;
 }
 
-/* sum_i a[i] b[i], four vector partial sums (L lanes each) then a scalar tail: a fixed order for a given n */
-static float dot(const float *a, const float *b, i64 n) {
+/* sum_i a[i] b[i] (b fp32, or bf16 when b_bf16), four vector partial sums (L lanes each) then a scalar tail: a fixed order for a given n */
+static float dot(const float *a, const void *b, int b_bf16, i64 n) {
     vf s0 = vzero(), s1 = vzero(), s2 = vzero(), s3 = vzero();
     i64 i = 0;
     for (; i + 4 * L <= n; i += 4 * L) {
-        s0 = vfma(vload(a + i), vload(b + i), s0);
-        s1 = vfma(vload(a + i + L), vload(b + i + L), s1);
-        s2 = vfma(vload(a + i + 2 * L), vload(b + i + 2 * L), s2);
-        s3 = vfma(vload(a + i + 3 * L), vload(b + i + 3 * L), s3);
+        s0 = vfma(vload(a + i), load_any(b, b_bf16, i), s0);
+        s1 = vfma(vload(a + i + L), load_any(b, b_bf16, i + L), s1);
+        s2 = vfma(vload(a + i + 2 * L), load_any(b, b_bf16, i + 2 * L), s2);
+        s3 = vfma(vload(a + i + 3 * L), load_any(b, b_bf16, i + 3 * L), s3);
     }
-    for (; i + L <= n; i += L) s0 = vfma(vload(a + i), vload(b + i), s0);
+    for (; i + L <= n; i += L) s0 = vfma(vload(a + i), load_any(b, b_bf16, i), s0);
     float total = vsum(vadd(vadd(s0, s1), vadd(s2, s3)));
-    for (; i < n; i++) total += a[i] * b[i];
+    for (; i < n; i++) total += a[i] * at_any(b, b_bf16, i);
     return total;
 }
 
@@ -362,7 +421,7 @@ AI float lora_out(const plan_t *p, int m, i64 n, float total) {
     const lora_t *lo = p->lora;
     if (!lo) return total;
     float out = total;
-    if (lo->rank) out = total + lo->scaling * dot(lo->xa + m * lo->rank, lo->b + n * lo->rank, lo->rank);
+    if (lo->rank) out = total + lo->scaling * dot(lo->xa + m * lo->rank, lora_row(lo->b, lo->ab_bf16, n * lo->rank), lo->ab_bf16, lo->rank);
     return lo->bias ? out + lo->bias[n] : out;
 }
 
@@ -509,7 +568,7 @@ static int gemv_call(const plan_t *p, const void *x, int x_bf16, float *y, i64 M
             thread_range(lo->rank, 1, &j0, &j1);
             for (i64 m = 0; m < M; m++)
                 for (i64 j = j0; j < j1; j++)
-                    lo->xa[m * lo->rank + j] = dot((const float *)x + m * p->K, lo->a + j * p->K, p->K);
+                    lo->xa[m * lo->rank + j] = dot((const float *)x + m * p->K, lora_row(lo->a, lo->ab_bf16, j * p->K), lo->ab_bf16, p->K);
         }
         trace(TRACE_PHASE1);
 #pragma omp barrier
@@ -538,17 +597,18 @@ int nf4_gemv(const uint8_t *packed, const float *scales, const float *code16, co
     return gemv_call(&p, x, x_bf16, y, M, threads);
 }
 
-/* The whole few-rows forward: y = x W^T + scaling (x A^T) B^T (+ bias), x fp32 [M, K]; writes xa = x A^T
- * [M, rank] for the backward. rank 0: no LoRA (a, b, xa unused); bias NULL: none. */
+/* The whole few-rows forward: y = x W^T + scaling (x A^T) B^T (+ bias), x fp32 [M, K], A and B fp32 or both bf16
+ * (ab_bf16); writes xa = x A^T [M, rank] (fp32) for the backward. rank 0: no LoRA (a, b, xa unused); bias
+ * NULL: none. */
 int nf4_lora_gemv(const uint8_t *packed, const float *scales, const float *code16, const float *x, float *y, i64 M,
                   i64 N, i64 K, i64 bs, int threads, const uint8_t *q, const float *absmax2, const float *code2,
-                  float offset, i64 rank, const float *a, const float *b, const float *bias, float scaling,
-                  float *xa) {
+                  float offset, i64 rank, const void *a, const void *b, int ab_bf16, const float *bias,
+                  float scaling, float *xa) {
     plan_t p;
     if (M < 1 || M > MAX_ROWS || rank < 0 || rank > MAX_RANK || (rank && (!a || !b || !xa)) ||
         make_plan(&p, code16, N, K, bs) || set_scales(&p, scales, q, absmax2, code2, offset))
         return -1;
-    const lora_t lo = {.rank = rank, .a = a, .b = b, .bias = bias, .scaling = scaling, .xa = xa};
+    const lora_t lo = {.rank = rank, .a = a, .b = b, .ab_bf16 = ab_bf16, .bias = bias, .scaling = scaling, .xa = xa};
     p.packed = packed;
     p.lora = &lo;
     return gemv_call(&p, x, 0, y, M, threads);
@@ -602,29 +662,30 @@ AI void bwd_cols(const plan_t *p, const uint8_t *packed, const float *g, float *
  * or the tail), so the result does not depend on the thread count. */
 static void lora_bwd_cols(const plan_t *p, const lora_t *lo, const float *gb, float *dx, i64 M, i64 k0, i64 k1) {
     const i64 K = p->K, r = lo->rank;
+    const int bf = lo->ab_bf16;
     i64 k = k0;
     for (; k + L <= k1; k += L) {
         for (i64 m = 0; m < M && dx; m++) {
-            vf l = vmul(vset1(gb[m * r]), vload(lo->a + k));
-            for (i64 j = 1; j < r; j++) l = vfma(vset1(gb[m * r + j]), vload(lo->a + j * K + k), l);
+            vf l = vmul(vset1(gb[m * r]), load_any(lo->a, bf, k));
+            for (i64 j = 1; j < r; j++) l = vfma(vset1(gb[m * r + j]), load_any(lo->a, bf, j * K + k), l);
             vstore(dx + m * K + k, vadd(vload(dx + m * K + k), vmul(vset1(lo->scaling), l)));
         }
         for (i64 j = 0; j < r && lo->da; j++) {
             vf d = vmul(vset1(gb[j] * lo->scaling), vload(lo->x + k));
             for (i64 m = 1; m < M; m++) d = vfma(vset1(gb[m * r + j] * lo->scaling), vload(lo->x + m * K + k), d);
-            vstore(lo->da + j * K + k, d);
+            store_any(lo->da, bf, j * K + k, d);
         }
     }
     for (; k < k1; k++) {
         for (i64 m = 0; m < M && dx; m++) {
-            float l = gb[m * r] * lo->a[k];
-            for (i64 j = 1; j < r; j++) l = __builtin_fmaf(gb[m * r + j], lo->a[j * K + k], l);
+            float l = gb[m * r] * at_any(lo->a, bf, k);
+            for (i64 j = 1; j < r; j++) l = __builtin_fmaf(gb[m * r + j], at_any(lo->a, bf, j * K + k), l);
             dx[m * K + k] = dx[m * K + k] + lo->scaling * l;
         }
         for (i64 j = 0; j < r && lo->da; j++) {
             float d = (gb[j] * lo->scaling) * lo->x[k];
             for (i64 m = 1; m < M; m++) d = __builtin_fmaf(gb[m * r + j] * lo->scaling, lo->x[m * K + k], d);
-            lo->da[j * K + k] = d;
+            put_any(lo->da, bf, j * K + k, d);
         }
     }
 }
@@ -640,11 +701,16 @@ static void lora_gb(const lora_t *lo, const float *g, i64 M, i64 N, i64 j0, i64 
         for (; n + 4 <= N; n += 4)
             for (int u = 0; u < 4; u++) {
                 const float gn = g[m * N + n + u];
-                const float *brow = lo->b + (n + u) * r;
-                for (i64 j = j0; j < j1; j++) acc[u][j] += gn * brow[j];
+                if (lo->ab_bf16) {
+                    const uint16_t *brow = (const uint16_t *)lo->b + (n + u) * r;
+                    for (i64 j = j0; j < j1; j++) acc[u][j] += gn * bf16_f32(brow[j]);
+                } else {
+                    const float *brow = (const float *)lo->b + (n + u) * r;
+                    for (i64 j = j0; j < j1; j++) acc[u][j] += gn * brow[j];
+                }
             }
         for (; n < N; n++)
-            for (i64 j = j0; j < j1; j++) acc[0][j] += g[m * N + n] * lo->b[n * r + j];
+            for (i64 j = j0; j < j1; j++) acc[0][j] += g[m * N + n] * at_any(lo->b, lo->ab_bf16, n * r + j);
         for (i64 j = j0; j < j1; j++) gb[m * r + j] = (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);
     }
 }
@@ -698,14 +764,23 @@ static int gemv_t_call(const plan_t *p, const float *g, float *dx, i64 M, int th
         if (lo && lo->rank) {
             const i64 r = lo->rank;
             i64 n0, n1, j0, j1;
-            if (lo->db) {
+            if (lo->db) { /* dB[n, j] = sum_m g[m, n] (xa[m, j] scaling): L values of j at a time, a scalar tail */
+                float xas[MAX_ROWS * MAX_RANK];
+                for (i64 i = 0; i < M * r; i++) xas[i] = lo->xa[i] * lo->scaling;
                 thread_range(N, 16, &n0, &n1);
-                for (i64 n = n0; n < n1; n++)
-                    for (i64 j = 0; j < r; j++) {
-                        float d = g[n] * (lo->xa[j] * lo->scaling);
-                        for (i64 m = 1; m < M; m++) d = __builtin_fmaf(g[m * N + n], lo->xa[m * r + j] * lo->scaling, d);
-                        lo->db[n * r + j] = d;
+                for (i64 n = n0; n < n1; n++) {
+                    i64 j = 0;
+                    for (; j + L <= r; j += L) {
+                        vf d = vmul(vset1(g[n]), vload(xas + j));
+                        for (i64 m = 1; m < M; m++) d = vfma(vset1(g[m * N + n]), vload(xas + m * r + j), d);
+                        store_any(lo->db, lo->ab_bf16, n * r + j, d);
                     }
+                    for (; j < r; j++) {
+                        float d = g[n] * xas[j];
+                        for (i64 m = 1; m < M; m++) d = __builtin_fmaf(g[m * N + n], xas[m * r + j], d);
+                        put_any(lo->db, lo->ab_bf16, n * r + j, d);
+                    }
+                }
             }
             thread_range(r, 1, &j0, &j1);
             lora_gb(lo, g, M, N, j0, j1, gb);
@@ -734,17 +809,18 @@ int nf4_gemv_t(const uint8_t *packed, const float *scales, const float *code16, 
 }
 
 /* The whole few-rows backward of nf4_lora_gemv: dx = g W + scaling (g B) A (NULL: not wanted, W not read),
- * dA = scaling (g B)^T x and dB = g^T (scaling xa) (each NULL: not wanted); x fp32 [M, K], xa [M, rank] from
- * the forward. */
+ * dA = scaling (g B)^T x and dB = g^T (scaling xa) (each NULL: not wanted; written in A's and B's dtype);
+ * x fp32 [M, K], xa [M, rank] from the forward. */
 int nf4_lora_gemv_t(const uint8_t *packed, const float *scales, const float *code16, const float *g, float *dx,
                     i64 M, i64 N, i64 K, i64 bs, int threads, const uint8_t *q, const float *absmax2,
-                    const float *code2, float offset, i64 rank, const float *a, const float *b, const float *xa,
-                    float scaling, const float *x, float *da, float *db) {
+                    const float *code2, float offset, i64 rank, const void *a, const void *b, int ab_bf16,
+                    const float *xa, float scaling, const float *x, void *da, void *db) {
     plan_t p;
     if (M < 1 || M > MAX_ROWS || rank < 1 || rank > MAX_RANK || !a || !b || !xa || (da && !x) ||
         make_plan(&p, code16, N, K, bs) || set_scales(&p, scales, q, absmax2, code2, offset))
         return -1;
-    const lora_t lo = {.rank = rank, .a = a, .b = b, .scaling = scaling, .xa = (float *)xa, .x = x, .da = da, .db = db};
+    const lora_t lo = {.rank = rank, .a = a, .b = b, .ab_bf16 = ab_bf16, .scaling = scaling, .xa = (float *)xa, .x = x,
+                       .da = da, .db = db};
     p.packed = packed;
     p.lora = &lo;
     return gemv_t_call(&p, g, dx, M, threads);

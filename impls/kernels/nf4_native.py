@@ -125,9 +125,9 @@ def _load_isa(isa: str) -> tuple[ctypes.CDLL | None, str]:
     lib.nf4_gemv.argtypes = [ptr, ptr, ptr, ptr, cint, ptr, i64, i64, i64, i64, cint, ptr, ptr, ptr, f32]
     lib.nf4_gemv_t.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, ptr, ptr, ptr, f32]
     lib.nf4_lora_gemv.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, ptr, ptr, ptr, f32,
-                                  i64, ptr, ptr, ptr, f32, ptr]
+                                  i64, ptr, ptr, cint, ptr, f32, ptr]
     lib.nf4_lora_gemv_t.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, ptr, ptr, ptr, f32,
-                                    i64, ptr, ptr, ptr, f32, ptr, ptr, ptr]
+                                    i64, ptr, ptr, cint, ptr, f32, ptr, ptr, ptr]
     lib.nf4_dequantize.argtypes = [ptr, ptr, ptr, ptr, i64, i64, cint, cint]
     lib.nf4_decode_absmax.argtypes = [ptr, ptr, ptr, ctypes.c_float, ptr, i64]
     lib.nf4_decode_absmax.restype = None
@@ -315,11 +315,21 @@ def _fp32(t: torch.Tensor, name: str) -> torch.Tensor:
                     name)
 
 
+def _lora_factors(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(A, B, both bf16): bf16 factors as they are (the kernels widen them as they read: no fp32 copies, 2 r (N + K)
+    bytes written and read again per call), any other dtype as fp32."""
+    if lora_a.dtype == lora_b.dtype == torch.bfloat16:
+        return _checked(lora_a.contiguous(), torch.bfloat16, "lora_A"), \
+            _checked(lora_b.contiguous(), torch.bfloat16, "lora_B"), True
+    return _fp32(lora_a, "lora_A"), _fp32(lora_b, "lora_B"), False
+
+
 def lora_gemv(x: torch.Tensor, packed2d: torch.Tensor, scales: Scales, lora_a: torch.Tensor | None,
               lora_b: torch.Tensor | None, scaling: float,
               bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The whole few-rows forward in one native call: ``(x W^T + scaling (x A^T) B^T + bias, x A^T)``, all fp32,
-    for x [M <= MAX_ROWS, K], A [r, K], B [N, r] (both or neither), bias [N] or None. x A^T is what
+    """The whole few-rows forward in one native call: ``(x W^T + scaling (x A^T) B^T + bias, x A^T)``, computed
+    and returned in fp32, for x [M <= MAX_ROWS, K], A [r, K], B [N, r] (both or neither; both bf16 are read as
+    bf16), bias [N] or None. x A^T is what
     :func:`lora_gemv_t` takes back (None without LoRA). The LoRA products and the bias run inside the GEMV's
     OpenMP region (docs/quant_linear.md, "GEMV kernel", the whole call)."""
     packed2d, scales, n, k, bs = _weight(packed2d, scales)
@@ -327,9 +337,9 @@ def lora_gemv(x: torch.Tensor, packed2d: torch.Tensor, scales: Scales, lora_a: t
     m = x.shape[0]
     if x.dim() != 2 or x.shape[1] != k or not 1 <= m <= MAX_ROWS:
         raise ValueError(f"x must be [M <= {MAX_ROWS}, {k}], got {tuple(x.shape)}")
-    rank, ap, bp, xa = 0, None, None, None
+    rank, ap, bp, xa, ab_bf16 = 0, None, None, None, False
     if lora_a is not None:
-        lora_a, lora_b = _fp32(lora_a, "lora_A"), _fp32(lora_b, "lora_B")
+        lora_a, lora_b, ab_bf16 = _lora_factors(lora_a, lora_b)
         rank = lora_a.shape[0]
         if lora_a.shape != (rank, k) or lora_b.shape != (n, rank) or not 1 <= rank <= MAX_RANK:
             raise ValueError(f"LoRA factors must be [r <= {MAX_RANK}, {k}] and [{n}, r], got "
@@ -343,7 +353,7 @@ def lora_gemv(x: torch.Tensor, packed2d: torch.Tensor, scales: Scales, lora_a: t
     y = torch.empty(m, n, dtype=torch.float32)
     sargs = _scale_args(scales)
     _call(_lib().nf4_lora_gemv, packed2d.data_ptr(), sargs[0], nf4_table("cpu").data_ptr(), x.data_ptr(),
-          y.data_ptr(), m, n, k, bs, _threads(packed2d), *sargs[1:], rank, ap, bp,
+          y.data_ptr(), m, n, k, bs, _threads(packed2d), *sargs[1:], rank, ap, bp, int(ab_bf16),
           None if bias is None else bias.data_ptr(), float(scaling), None if xa is None else xa.data_ptr())
     return y, xa
 
@@ -352,22 +362,23 @@ def lora_gemv_t(g: torch.Tensor, packed2d: torch.Tensor, scales: Scales, lora_a:
                 lora_b: torch.Tensor, xa: torch.Tensor, scaling: float, x: torch.Tensor,
                 need: tuple[bool, bool, bool] = (True, True, True)) -> tuple[torch.Tensor | None, ...]:
     """The whole few-rows backward of :func:`lora_gemv` in one native call: ``(dx, dA, dB)`` = (g W + scaling
-    (g B) A, scaling (g B)^T x, g^T (scaling xa)), fp32, each computed only where ``need`` says (else None;
-    without dx the weight is not read)."""
+    (g B) A, scaling (g B)^T x, g^T (scaling xa)), computed in fp32 (dA and dB returned in bf16, rounded once,
+    when A and B are bf16), each only where ``need`` says (else None; without dx the weight is not read)."""
     packed2d, scales, n, k, bs = _weight(packed2d, scales)
     g, x, xa = _fp32(g, "g"), _fp32(x, "x"), _fp32(xa, "xa")
-    lora_a, lora_b = _fp32(lora_a, "lora_A"), _fp32(lora_b, "lora_B")
+    lora_a, lora_b, ab_bf16 = _lora_factors(lora_a, lora_b)
     m, rank = g.shape[0], lora_a.shape[0]
     if g.dim() != 2 or g.shape[1] != n or not 1 <= m <= MAX_ROWS or x.shape != (m, k) or xa.shape != (m, rank) \
             or lora_a.shape != (rank, k) or lora_b.shape != (n, rank) or not 1 <= rank <= MAX_RANK:
         raise ValueError(f"need g [M <= {MAX_ROWS}, {n}], x [M, {k}], xa [M, r], A [r, {k}], B [{n}, r]; got "
                          f"{[tuple(t.shape) for t in (g, x, xa, lora_a, lora_b)]}")
-    dx, da, db = (torch.empty(*shape, dtype=torch.float32) if want else None
-                  for want, shape in zip(need, ((m, k), (rank, k), (n, rank))))
+    dx, da, db = (torch.empty(*shape, dtype=dtype) if want else None
+                  for want, shape, dtype in zip(need, ((m, k), (rank, k), (n, rank)),
+                                                (torch.float32, lora_a.dtype, lora_b.dtype)))
     sargs = _scale_args(scales)
     _call(_lib().nf4_lora_gemv_t, packed2d.data_ptr(), sargs[0], nf4_table("cpu").data_ptr(), g.data_ptr(),
           None if dx is None else dx.data_ptr(), m, n, k, bs, _threads(packed2d), *sargs[1:], rank,
-          lora_a.data_ptr(), lora_b.data_ptr(), xa.data_ptr(), float(scaling), x.data_ptr(),
+          lora_a.data_ptr(), lora_b.data_ptr(), int(ab_bf16), xa.data_ptr(), float(scaling), x.data_ptr(),
           None if da is None else da.data_ptr(), None if db is None else db.data_ptr())
     return dx, da, db
 

@@ -67,11 +67,12 @@ class _NF4LoRALinear(torch.autograd.Function):
         few_rows = x.shape[0] <= nf4_kernels.GEMV_MAX_ROWS
         xc = _as(x, _compute_dtype(x, few_rows))
         xa = a_c = b_c = None
-        if lora_A is not None:
-            a_c, b_c = _as(lora_A, xc.dtype), _as(lora_B, xc.dtype)
         # the whole few-rows call (GEMV, LoRA products, bias) in one native call: docs/quant_linear.md,
         # "GEMV kernel", the whole call
         ctx.whole = native_gemv and (lora_A is None or lora_A.shape[0] <= nf4_native.MAX_RANK)
+        if lora_A is not None:  # the native kernels read bf16 factors as they are (computing in fp32)
+            bf16_ab = ctx.whole and lora_A.dtype == lora_B.dtype == torch.bfloat16
+            a_c, b_c = (lora_A, lora_B) if bf16_ab else (_as(lora_A, xc.dtype), _as(lora_B, xc.dtype))
         if ctx.whole:
             out, xa = nf4_native.lora_gemv(xc, packed2d, scales, a_c, b_c, scaling,
                                            None if bias is None else _as(bias, xc.dtype))
@@ -92,8 +93,9 @@ class _NF4LoRALinear(torch.autograd.Function):
         # double-quantised scales for the GEMV kernels are a NestedScales of tensors, held here as they are
         ctx.nested = None if isinstance(scales, torch.Tensor) else scales
         # The backward computes with x, A and B in the compute dtype: keep them so (bitwise the same values as
-        # converting again; on the few-rows path with bf16 LoRA weights that saves three conversions and their
-        # 2 r (N + K) bytes of fresh allocations per backward, for r (N + K) more bytes held until it).
+        # converting again; on the torch-products route with bf16 LoRA weights that saves conversions and their
+        # fresh allocations per backward, for r (N + K) more bytes held until it). The whole-call kernels keep
+        # bf16 A and B as given (they widen them as they read).
         ctx.dtypes = (x.dtype, None if lora_A is None else lora_A.dtype, None if lora_B is None else lora_B.dtype)
         ctx.save_for_backward(xc, packed2d, scales if ctx.nested is None else None, a_c, b_c, xa, w)
         return _as(out, x.dtype)
