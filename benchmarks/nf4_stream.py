@@ -108,14 +108,19 @@ def _trace_call(fn) -> tuple[int, int, torch.Tensor | None]:
 
 
 def _trace_parts(t0: int, t1: int, tr: torch.Tensor, threads: int) -> dict[str, float]:
-    """One whole call's time by part, in us, from its trace (nf4_native.TRACE_POINTS)."""
-    tr = tr[:threads].double()
+    """One whole call's time by part, in us, from its trace (nf4_native.TRACE_POINTS; clock times, and the
+    main phase's CPU time per thread: its work with descheduled time left out)."""
+    cpu = tr[:threads, :, 1].double()
+    tr = tr[:threads, :, 0].double()
     entry, forked, phase1, barrier, done, joined = (tr[:, i] for i in range(6))
     has_barrier = bool((barrier > 0).all())
     return {"python before": (entry[0] - t0) / 1e3, "fork": (forked.max() - entry[0]) / 1e3,
             "phase 1": ((phase1 - forked).max() / 1e3) if has_barrier else 0.0,
             "barrier wait": ((barrier - phase1).max() / 1e3) if has_barrier else 0.0,
             "main": ((done - (barrier if has_barrier else forked)).median() / 1e3),
+            "main cpu min": (cpu[:, 4] - cpu[:, 3 if has_barrier else 1]).min() / 1e3,
+            "main cpu max": (cpu[:, 4] - cpu[:, 3 if has_barrier else 1]).max() / 1e3,
+            "phase 1 cpu max": ((cpu[:, 2] - cpu[:, 1]).max() / 1e3) if has_barrier else 0.0,
             "finish spread": (done.max() - done.min()) / 1e3, "join": (joined[0] - done.max()) / 1e3,
             "python after": (t1 - joined[0]) / 1e3, "total": (t1 - t0) / 1e3}
 
@@ -167,10 +172,14 @@ def main() -> int:
     bw_a = torch.rand(args.bw_mb * 2**20 // 4)
     bw_b = torch.rand(bw_a.numel())
     print(f"native build: {nf4_native.isa()}{' without prefetch' if args.no_prefetch else ''}; load average at start: {_load()}")
-    print("wall: elapsed time; cpu: CPU time per thread (descheduled time left out), for the call and for the read"
-          " bandwidth alike")
-    print(f"{'shape':<11} {'dt':<5} thr {'call':<13} {'wall ms':>8} {'[min-max]':>16} {'read GB/s':>9} "
-          f"{'% floor':>8} {'cpu ms':>8} {'read GB/s':>9} {'% floor':>8}  load")
+    if args.trace:
+        print("where the whole fused call's time goes, per direction (us, medians over the pool and rounds; 'main cpu':"
+              " CPU time of the main phase, fewest and most of the threads)")
+    else:
+        print("wall: elapsed time; cpu: CPU time per thread (descheduled time left out), for the call and for the"
+              " read bandwidth alike")
+        print(f"{'shape':<11} {'dt':<5} thr {'call':<13} {'wall ms':>8} {'[min-max]':>16} {'read GB/s':>9} "
+              f"{'% floor':>8} {'cpu ms':>8} {'read GB/s':>9} {'% floor':>8}  load")
     for shape in args.shapes:
         n, k = (int(v) for v in shape.split("x"))
         pool = _pool(n, k, args.pool_mb * 2**20)

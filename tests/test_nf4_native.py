@@ -223,11 +223,11 @@ def test_trace_build_reports_every_phase(tmp_path, monkeypatch):
                      lambda: nf4_native.lora_gemv_t(g, packed2d, scales, a, b, torch.zeros(1, 16), 2.0, x)):
             call()
             trace = nf4_native.last_trace()
-            assert trace is not None and trace.shape == (8, len(nf4_native.TRACE_POINTS))
-            entry, joined = trace[0, 0], trace[0, -1]
-            for thread in trace[:2]:  # forked, phase1, barrier, done: in order, within the call
-                assert bool((thread[1:5] > 0).all()) and bool((thread[1:5].diff() >= 0).all())
-                assert entry <= thread[1] and thread[4] <= joined
+            assert trace is not None and trace.shape == (8, len(nf4_native.TRACE_POINTS), 2)
+            entry, joined = trace[0, 0, 0], trace[0, -1, 0]
+            for thread in trace[:2]:  # forked, phase1, barrier, done: in order (both clocks), within the call
+                assert bool((thread[1:5] > 0).all()) and bool((thread[1:5].diff(dim=0) >= 0).all())
+                assert entry <= thread[1, 0] and thread[4, 0] <= joined
             assert not trace[2:].any() and not nf4_native.last_trace().any()  # cleared once read
     finally:
         torch.set_num_threads(before)

@@ -36,9 +36,11 @@ static inline int omp_get_num_threads(void) { return 1; }
 typedef int64_t i64;
 #define AI static inline __attribute__((always_inline))
 
-/* NF4_TRACE=1 builds record when each thread of the last whole-call kernel reached each phase (CLOCK_MONOTONIC
- * ns; benchmarks/nf4_stream.py --trace reads them through nf4_trace): where the time of a call goes between
- * the fork, the phases, the barrier and the join. Off (no code) in the normal build. */
+/* NF4_TRACE=1 builds record when each thread of the last whole-call kernel reached each phase, by the clock
+ * (CLOCK_MONOTONIC ns) and by the thread's CPU time (CLOCK_THREAD_CPUTIME_ID ns: on a shared machine the time
+ * a thread was descheduled is left out, its memory stalls are not); benchmarks/nf4_stream.py --trace reads them
+ * through nf4_trace: where the time of a call goes between the fork, the phases, the barrier and the join.
+ * Off (no code) in the normal build. */
 #ifndef NF4_TRACE
 #define NF4_TRACE 0
 #endif
@@ -46,12 +48,16 @@ typedef int64_t i64;
 enum { TRACE_ENTRY, TRACE_FORKED, TRACE_PHASE1, TRACE_BARRIER, TRACE_DONE, TRACE_JOINED, TRACE_POINTS };
 #if NF4_TRACE
 #include <time.h>
-static i64 trace_ns[TRACE_THREADS][TRACE_POINTS];
+static i64 trace_ns[TRACE_THREADS][TRACE_POINTS][2]; /* [thread][point][clock, thread CPU time] */
 static void trace(int point) {
-    struct timespec t;
+    struct timespec t, c;
     clock_gettime(CLOCK_MONOTONIC, &t);
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c);
     const int thread = omp_get_thread_num();
-    if (thread < TRACE_THREADS) trace_ns[thread][point] = (i64)t.tv_sec * 1000000000 + t.tv_nsec;
+    if (thread < TRACE_THREADS) {
+        trace_ns[thread][point][0] = (i64)t.tv_sec * 1000000000 + t.tv_nsec;
+        trace_ns[thread][point][1] = (i64)c.tv_sec * 1000000000 + c.tv_nsec;
+    }
 }
 #else
 static inline void trace(int point) { (void)point; }
@@ -926,8 +932,8 @@ int nf4_first_touch_copy(const uint8_t *src, uint8_t *dst, i64 rows, i64 row_byt
     return 0;
 }
 
-/* The NF4_TRACE build's timestamps of the last whole-call kernel into out [TRACE_THREADS][TRACE_POINTS] (0: not
- * reached); returns TRACE_POINTS, or 0 in a build without tracing. */
+/* The NF4_TRACE build's timestamps of the last whole-call kernel into out [TRACE_THREADS][TRACE_POINTS][2] (clock,
+ * thread CPU time; 0: not reached); returns TRACE_POINTS, or 0 in a build without tracing. */
 int nf4_trace(i64 *out) {
 #if NF4_TRACE
     memcpy(out, trace_ns, sizeof trace_ns);

@@ -387,11 +387,11 @@ TRACE_POINTS = ("entry", "forked", "phase1", "barrier", "done", "joined")  # nf4
 
 
 def last_trace() -> torch.Tensor | None:
-    """In a build with ``-DNF4_TRACE=1`` (append it to :data:`FLAGS` before the first call), the CLOCK_MONOTONIC
-    ns at which each thread (rows; up to 8) of the last :func:`lora_gemv` / :func:`lora_gemv_t` call reached each
-    of :data:`TRACE_POINTS` (0: not reached; entry and joined: the calling thread only), then cleared; None in
-    a normal build."""
-    out = torch.zeros(8, len(TRACE_POINTS), dtype=torch.int64)
+    """In a build with ``-DNF4_TRACE=1`` (append it to :data:`FLAGS` before the first call): when each thread
+    (up to 8) of the last :func:`lora_gemv` / :func:`lora_gemv_t` call reached each of :data:`TRACE_POINTS`, as
+    [thread, point, (CLOCK_MONOTONIC ns, the thread's CPU time in ns)] (0: not reached; entry and joined: the
+    calling thread only), then cleared; None in a normal build."""
+    out = torch.zeros(8, len(TRACE_POINTS), 2, dtype=torch.int64)
     return out if _lib().nf4_trace(out.data_ptr()) else None
 
 
