@@ -113,16 +113,20 @@ def _trace_parts(t0: int, t1: int, tr: torch.Tensor, threads: int) -> dict[str, 
     cpu = tr[:threads, :, 1].double()
     tr = tr[:threads, :, 0].double()
     entry, forked, phase1, barrier, done, joined = (tr[:, i] for i in range(6))
-    has_barrier = bool((barrier > 0).all())
-    return {"python before": (entry[0] - t0) / 1e3, "fork": (forked.max() - entry[0]) / 1e3,
-            "phase 1": ((phase1 - forked).max() / 1e3) if has_barrier else 0.0,
-            "barrier wait": ((barrier - phase1).max() / 1e3) if has_barrier else 0.0,
-            "main": ((done - (barrier if has_barrier else forked)).median() / 1e3),
-            "main cpu min": (cpu[:, 4] - cpu[:, 3 if has_barrier else 1]).min() / 1e3,
-            "main cpu max": (cpu[:, 4] - cpu[:, 3 if has_barrier else 1]).max() / 1e3,
-            "phase 1 cpu max": ((cpu[:, 2] - cpu[:, 1]).max() / 1e3) if has_barrier else 0.0,
-            "finish spread": (done.max() - done.min()) / 1e3, "join": (joined[0] - done.max()) / 1e3,
-            "python after": (t1 - joined[0]) / 1e3, "total": (t1 - t0) / 1e3}
+    # forward: phase 1 on the calling thread before the fork; backward: in the region, then a barrier
+    serial = not bool((barrier > 0).all())
+    start = forked if serial else barrier  # of the main phase
+    parts = {"python before": (entry[0] - t0) / 1e3}
+    if serial:
+        parts |= {"phase 1": (phase1[0] - entry[0]) / 1e3, "fork": (forked.max() - phase1[0]) / 1e3}
+    else:
+        parts |= {"fork": (forked.max() - entry[0]) / 1e3, "phase 1": (phase1 - forked).max() / 1e3,
+                  "phase 1 cpu max": (cpu[:, 2] - cpu[:, 1]).max() / 1e3, "barrier wait": (barrier - phase1).max() / 1e3}
+    main_cpu = cpu[:, 4] - cpu[:, 1 if serial else 3]
+    return parts | {"main": (done - start).median() / 1e3, "main cpu min": main_cpu.min() / 1e3,
+                    "main cpu max": main_cpu.max() / 1e3, "finish spread": (done.max() - done.min()) / 1e3,
+                    "join": (joined[0] - done.max()) / 1e3, "python after": (t1 - joined[0]) / 1e3,
+                    "total": (t1 - t0) / 1e3}
 
 
 def _trace(pool: list[NF4Weight], dtype: torch.dtype, lora: tuple, threads: int, rounds: int, label: str) -> None:

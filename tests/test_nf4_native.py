@@ -219,15 +219,21 @@ def test_trace_build_reports_every_phase(tmp_path, monkeypatch):
         cache.cache_clear()
     try:
         torch.set_num_threads(2)
-        for call in (lambda: nf4_native.lora_gemv(x, packed2d, scales, a, b, 2.0),
-                     lambda: nf4_native.lora_gemv_t(g, packed2d, scales, a, b, torch.zeros(1, 16), 2.0, x)):
+        def forward():
+            return nf4_native.lora_gemv(x, packed2d, scales, a, b, 2.0)
+
+        for call in (forward, lambda: nf4_native.lora_gemv_t(g, packed2d, scales, a, b, torch.zeros(1, 16), 2.0, x)):
             call()
             trace = nf4_native.last_trace()
             assert trace is not None and trace.shape == (8, len(nf4_native.TRACE_POINTS), 2)
             entry, joined = trace[0, 0, 0], trace[0, -1, 0]
-            for thread in trace[:2]:  # forked, phase1, barrier, done: in order (both clocks), within the call
-                assert bool((thread[1:5] > 0).all()) and bool((thread[1:5].diff(dim=0) >= 0).all())
+            # forward: phase 1 on the calling thread before the fork; backward: phase 1, barrier in the region
+            points = [1, 4] if call is forward else [1, 2, 3, 4]
+            for thread in trace[:2]:  # in order (both clocks), within the call
+                assert bool((thread[points] > 0).all()) and bool((thread[points].diff(dim=0) >= 0).all())
                 assert entry <= thread[1, 0] and thread[4, 0] <= joined
+            if call is forward:
+                assert entry <= trace[0, 2, 0] <= trace[:2, 1, 0].min()
             assert not trace[2:].any() and not nf4_native.last_trace().any()  # cleared once read
     finally:
         torch.set_num_threads(before)

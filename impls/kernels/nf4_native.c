@@ -547,38 +547,34 @@ static __attribute__((noinline)) void fwd_chunk(const plan_t *p, const float *xs
     }
 }
 
-/* The forward's one OpenMP region: x into group order (threads split the groups) and, with LoRA, x A^T (threads
- * split A's rows; each dot product whole on one thread), one barrier, then the rows of W in chunks (above),
- * each row finished by the LoRA/bias epilogue. Every row is computed by one thread in the same order
- * whichever thread takes it, so the results do not depend on the thread count or the stealing. */
+/* The forward: x into group order and, with LoRA, x A^T (each dot product whole, in a fixed order), on the
+ * calling thread before the fork (~10 us at K = 4096: less than what a barrier after them cost when a thread of
+ * the team started late, docs/quant_linear.md "GEMV kernel"); then one OpenMP region with no barrier inside:
+ * the rows of W in chunks (above), each row finished by the LoRA/bias epilogue. Every row is computed by one
+ * thread in the same order whichever thread takes it, so the results do not depend on the thread count or
+ * the stealing. */
 static int gemv_call(const plan_t *p, const void *x, int x_bf16, float *y, i64 M, int threads) {
     float *xs = scratch(M * p->K);
     if (!xs) return -2;
+    trace(TRACE_ENTRY);
     tail_to_fp32(x, x_bf16, xs, p, M);
+    to_group_order(x, x_bf16, xs, p, M, 0, p->groups);
     const lora_t *lo = p->lora;
+    if (lo && lo->rank) /* x is fp32 here (nf4_lora_gemv) */
+        for (i64 m = 0; m < M; m++)
+            for (i64 j = 0; j < lo->rank; j++)
+                lo->xa[m * lo->rank + j] =
+                    dot((const float *)x + m * p->K, lora_row(lo->a, lo->ab_bf16, j * p->K), lo->ab_bf16, p->K);
+    trace(TRACE_PHASE1);
     if (threads > MAX_TEAM) threads = MAX_TEAM;
     if (threads < 1) threads = 1;
     const i64 chunks = (p->N + STEAL_ROWS - 1) / STEAL_ROWS;
     share_t shares[MAX_TEAM] __attribute__((aligned(64)));
     for (int t = 0; t < threads; t++) /* set before the fork: a thief may look at any share at once */
         shares[t].span = ((uint64_t)(chunks * (t + 1) / threads) << 32) | (uint64_t)(chunks * t / threads);
-    trace(TRACE_ENTRY);
 #pragma omp parallel num_threads(threads)
     {
         trace(TRACE_FORKED);
-        i64 g0, g1;
-        thread_range(p->groups, 1, &g0, &g1);
-        to_group_order(x, x_bf16, xs, p, M, g0, g1);
-        if (lo && lo->rank) { /* x is fp32 here (nf4_lora_gemv) */
-            i64 j0, j1;
-            thread_range(lo->rank, 1, &j0, &j1);
-            for (i64 m = 0; m < M; m++)
-                for (i64 j = j0; j < j1; j++)
-                    lo->xa[m * lo->rank + j] = dot((const float *)x + m * p->K, lora_row(lo->a, lo->ab_bf16, j * p->K), lo->ab_bf16, p->K);
-        }
-        trace(TRACE_PHASE1);
-#pragma omp barrier
-        trace(TRACE_BARRIER);
         /* a team smaller than asked for (nested parallelism) leaves shares nobody owns: the others steal them */
         const int me = omp_get_thread_num();
         i64 c;
