@@ -13,9 +13,12 @@ Prints the median ms per call and its share of the read floor: the bytes of ``su
 (4-bit weight + double-quantised scales + LoRA + activations; gemv counts the forward's, gemv_t the backward's)
 at the median read bandwidth. ``--no-prefetch`` builds the kernels without their software prefetch.
 ``--trace`` builds them with ``-DNF4_TRACE=1`` and, instead of the table, says where the time of the whole
-``fused_cpu`` call goes (forward, and backward): Python before the native call, the fork (until the last thread
-starts), each thread's first phase, the wait at the barrier, its main phase (rows of W, or columns), the
-spread of the threads' finishing times, the join and Python after (medians over the pool, per round). The load
+``fused_cpu`` call goes (forward, and backward): Python before the native call; phase 1 (forward: x put in
+group order on the calling thread, before the fork; backward: each thread's dx columns, dB rows and share of
+g B, then the wait at the barrier); the fork (until the last thread starts); the main phase (forward: x A^T
+and the rows of W with their epilogue; backward: the LoRA terms of dx and dA), by the clock and by each
+thread's CPU time; the spread of the threads' finishing times, the join and Python after (medians over the
+pool and rounds). The load
 average is printed with every line: numbers taken on a loaded machine are not results (docs/quant_linear.md,
 "GEMV kernel").
 """

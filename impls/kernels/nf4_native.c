@@ -478,7 +478,7 @@ AI void fwd_block(const plan_t *p, const uint8_t *packed, const float *xs, float
                 for (i64 k = b * p->bs; k < (b + 1) * p->bs; k++) part += xs[m * p->K + k] * code_of(p, rows[rb], k);
                 total += part * srows[rb][b];
             }
-            y[m * p->N + n + rb] = lora_out(p, m, n + rb, total);
+            y[m * p->N + n + rb] = total; /* the LoRA/bias epilogue follows per chunk (gemv_call) */
         }
 }
 
@@ -547,40 +547,82 @@ static __attribute__((noinline)) void fwd_chunk(const plan_t *p, const float *xs
     }
 }
 
-/* The forward: x into group order and, with LoRA, x A^T (each dot product whole, in a fixed order), on the
- * calling thread before the fork (~10 us at K = 4096: less than what a barrier after them cost when a thread of
- * the team started late, docs/quant_linear.md "GEMV kernel"); then one OpenMP region with no barrier inside:
- * the rows of W in chunks (above), each row finished by the LoRA/bias epilogue. Every row is computed by one
- * thread in the same order whichever thread takes it, so the results do not depend on the thread count or
- * the stealing. */
+/* the LoRA/bias epilogue of chunk c's rows (y holds their GEMV sums) */
+static void epilogue_chunk(const plan_t *p, float *y, i64 M, i64 c) {
+    const i64 n0 = c * STEAL_ROWS, n1 = n0 + STEAL_ROWS < p->N ? n0 + STEAL_ROWS : p->N;
+    for (i64 m = 0; m < M; m++)
+        for (i64 n = n0; n < n1; n++) y[m * p->N + n] = lora_out(p, (int)m, n, y[m * p->N + n]);
+}
+
+/* Chunks whose epilogue waits for x A^T (see gemv_call); past this many, the thread waits for it. */
+#define MAX_PENDING 64
+
+typedef struct {
+    i64 next_j, done_j; /* LoRA rows of x A^T claimed / finished (atomics) */
+} xa_progress_t;
+
+AI int xa_ready(const plan_t *p, const xa_progress_t *xp) {
+    return !p->lora || !p->lora->rank || __atomic_load_n(&xp->done_j, __ATOMIC_ACQUIRE) == p->lora->rank;
+}
+
+/* The forward: x into group order on the calling thread before the fork (a few us), then one OpenMP region with
+ * no barrier: x A^T by LoRA rows claimed one at a time (each dot product whole, in a fixed order), then the rows
+ * of W in chunks (above). A chunk's LoRA/bias epilogue needs the whole x A^T: it runs right after the chunk
+ * once every row of x A^T is done, else after the thread's last chunk (then waiting for the thread still
+ * computing one). No thread waits for another to start: a late thread finds the x A^T rows and the chunks
+ * taken (docs/quant_linear.md, "GEMV kernel", threads). Every row of y is computed by one thread in the same
+ * order whichever thread takes it, so the results do not depend on the thread count or the stealing. */
 static int gemv_call(const plan_t *p, const void *x, int x_bf16, float *y, i64 M, int threads) {
     float *xs = scratch(M * p->K);
     if (!xs) return -2;
     trace(TRACE_ENTRY);
     tail_to_fp32(x, x_bf16, xs, p, M);
     to_group_order(x, x_bf16, xs, p, M, 0, p->groups);
-    const lora_t *lo = p->lora;
-    if (lo && lo->rank) /* x is fp32 here (nf4_lora_gemv) */
-        for (i64 m = 0; m < M; m++)
-            for (i64 j = 0; j < lo->rank; j++)
-                lo->xa[m * lo->rank + j] =
-                    dot((const float *)x + m * p->K, lora_row(lo->a, lo->ab_bf16, j * p->K), lo->ab_bf16, p->K);
     trace(TRACE_PHASE1);
+    const lora_t *lo = p->lora;
     if (threads > MAX_TEAM) threads = MAX_TEAM;
     if (threads < 1) threads = 1;
     const i64 chunks = (p->N + STEAL_ROWS - 1) / STEAL_ROWS;
     share_t shares[MAX_TEAM] __attribute__((aligned(64)));
     for (int t = 0; t < threads; t++) /* set before the fork: a thief may look at any share at once */
         shares[t].span = ((uint64_t)(chunks * (t + 1) / threads) << 32) | (uint64_t)(chunks * t / threads);
+    xa_progress_t xp = {0, 0};
 #pragma omp parallel num_threads(threads)
     {
         trace(TRACE_FORKED);
+        if (lo && lo->rank) { /* x is fp32 here (nf4_lora_gemv) */
+            i64 j;
+            while ((j = __atomic_fetch_add(&xp.next_j, 1, __ATOMIC_RELAXED)) < lo->rank) {
+                for (i64 m = 0; m < M; m++)
+                    lo->xa[m * lo->rank + j] = dot((const float *)x + m * p->K, lora_row(lo->a, lo->ab_bf16, j * p->K),
+                                                   lo->ab_bf16, p->K);
+                __atomic_fetch_add(&xp.done_j, 1, __ATOMIC_RELEASE);
+            }
+        }
         /* a team smaller than asked for (nested parallelism) leaves shares nobody owns: the others steal them */
         const int me = omp_get_thread_num();
-        i64 c;
-        while (take_front(&shares[me], &c)) fwd_chunk(p, xs, y, M, c);
-        for (int v = 1; v < threads && NF4_STEAL; v++)
-            while (take_back(&shares[(me + v) % threads], &c)) fwd_chunk(p, xs, y, M, c);
+        i64 c, pending[MAX_PENDING];
+        int npending = 0;
+        for (int v = 0; v < threads; v++) {
+            if (v && !NF4_STEAL) break;
+            share_t *share = &shares[(me + v) % threads];
+            while (v ? take_back(share, &c) : take_front(share, &c)) {
+                fwd_chunk(p, xs, y, M, c);
+                if (!lo) continue;
+                if (npending == MAX_PENDING) /* rare: wait for x A^T */
+                    while (!xa_ready(p, &xp)) _mm_pause();
+                if (xa_ready(p, &xp)) {
+                    for (; npending; npending--) epilogue_chunk(p, y, M, pending[npending - 1]);
+                    epilogue_chunk(p, y, M, c);
+                } else {
+                    pending[npending++] = c;
+                }
+            }
+        }
+        if (npending) {
+            while (!xa_ready(p, &xp)) _mm_pause();
+            for (; npending; npending--) epilogue_chunk(p, y, M, pending[npending - 1]);
+        }
         trace(TRACE_DONE);
     }
     trace(TRACE_JOINED);
