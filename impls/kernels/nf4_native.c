@@ -87,6 +87,10 @@ AI vi group_load(const uint8_t *p) { return _mm512_loadu_si512((const void *)p);
 AI vf vload_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
+/* p[0], p[8], ..., p[8 (L - 1)] */
+AI vf gather_stride8(const float *p) {
+    return _mm512_i32gather_ps(_mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120), p, 4);
+}
 /* L floats -> bf16, rounded to nearest even, NaN kept a (quiet) NaN: what torch's .to(torch.bfloat16) gives */
 AI void vstore_bf16(uint16_t *p, vf v) {
     const __m512i b = _mm512_castps_si512(v), hi = _mm512_srli_epi32(b, 16);
@@ -136,6 +140,7 @@ AI vi group_load(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)
 AI vf vload_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
+AI vf gather_stride8(const float *p) { return _mm256_i32gather_ps(p, _mm256_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56), 4); }
 AI void vstore_bf16(uint16_t *p, vf v) {
     const __m256i b = _mm256_castps_si256(v), hi = _mm256_srli_epi32(b, 16);
     const __m256i lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
@@ -357,6 +362,14 @@ static inline void thread_range(i64 total, i64 align, i64 *lo, i64 *hi) {
 
 /* x [M, K] (fp32, or bf16 when x_bf16) -> xs [M, K] fp32 in group order (the scalar tail stays natural) */
 static void to_group_order(const void *x, int x_bf16, float *xs, const plan_t *p, i64 M, i64 g0, i64 g1) {
+    if (!x_bf16) { /* vector s of a group holds natural columns 8i + (s ^ 1): a stride-8 gather each */
+        for (i64 m = 0; m < M; m++)
+            for (i64 g = g0; g < g1; g++) {
+                const float *src = (const float *)x + m * p->K + g * GROUP_COLS;
+                for (int s = 0; s < 8; s++) vstore(xs + m * p->K + g * GROUP_COLS + s * L, gather_stride8(src + (s ^ 1)));
+            }
+        return;
+    }
     for (i64 m = 0; m < M; m++)
         for (i64 g = g0; g < g1; g++)
             for (i64 j = 0; j < GROUP_COLS; j++) {
