@@ -12,6 +12,7 @@ thread count (the better of ``torch.dot`` and ``sum`` over two ``--bw-mb`` buffe
 Prints the median ms per call and its share of the read floor: the bytes of ``suites/quant_linear.bytes_moved``
 (4-bit weight + double-quantised scales + LoRA + activations; gemv counts the forward's, gemv_t the backward's)
 at the median read bandwidth. ``--no-prefetch`` builds the kernels without their software prefetch.
+``--no-steal`` builds the forward with a static split of the row chunks (no stealing), to compare.
 ``--trace`` builds them with ``-DNF4_TRACE=1`` and, instead of the table, says where the time of the whole
 ``fused_cpu`` call goes (forward, and backward): Python before the native call; phase 1 (forward: x put in
 group order on the calling thread, before the fork; backward: each thread's dx columns, dB rows and share of
@@ -113,8 +114,9 @@ def _trace_call(fn) -> tuple[int, int, torch.Tensor | None]:
 def _trace_parts(t0: int, t1: int, tr: torch.Tensor, threads: int) -> dict[str, float]:
     """One whole call's time by part, in us, from its trace (nf4_native.TRACE_POINTS; clock times, and the
     main phase's CPU time per thread: its work with descheduled time left out)."""
-    cpu = tr[:threads, :, 1].double()
-    tr = tr[:threads, :, 0].double()
+    ran = tr[:threads, 1, 0] > 0  # the team the kernel used (small weights get fewer threads: nf4_native._threads)
+    cpu = tr[:threads][ran][:, :, 1].double()
+    tr = tr[:threads][ran][:, :, 0].double()
     entry, forked, phase1, barrier, done, joined = (tr[:, i] for i in range(6))
     # forward: phase 1 on the calling thread before the fork; backward: in the region, then a barrier
     serial = not bool((barrier > 0).all())
@@ -165,11 +167,15 @@ def main() -> int:
     parser.add_argument("--bw-mb", type=int, default=300, help="each of the two read-bandwidth buffers, in MB")
     parser.add_argument("--no-prefetch", action="store_true",
                         help="build the kernels without their software prefetch (NF4_PREFETCH=0), to compare")
+    parser.add_argument("--no-steal", action="store_true",
+                        help="build the forward with a static split of its row chunks (NF4_STEAL=0), to compare")
     parser.add_argument("--trace", action="store_true",
                         help="build with -DNF4_TRACE=1 and report where the whole fused call's time goes")
     args = parser.parse_args()
     if args.no_prefetch:
         nf4_native.FLAGS.append("-DNF4_PREFETCH=0")  # before the first build: its own cached .so
+    if args.no_steal:
+        nf4_native.FLAGS.append("-DNF4_STEAL=0")
     if args.trace:
         nf4_native.FLAGS.append("-DNF4_TRACE=1")
     ok, why = nf4_native.status()
@@ -178,7 +184,10 @@ def main() -> int:
         return 2
     bw_a = torch.rand(args.bw_mb * 2**20 // 4)
     bw_b = torch.rand(bw_a.numel())
-    print(f"native build: {nf4_native.isa()}{' without prefetch' if args.no_prefetch else ''}; load average at start: {_load()}")
+    variant = "".join(f" {name}" for flag, name in ((args.no_prefetch, "without prefetch"),
+                                                      (args.no_steal, "without stealing"),
+                                                      (args.trace, "with tracing")) if flag)
+    print(f"native build: {nf4_native.isa()}{variant}; load average at start: {_load()}")
     if args.trace:
         print("where the whole fused call's time goes, per direction (us, medians over the pool and rounds; 'main cpu':"
               " CPU time of the main phase, fewest and most of the threads)")

@@ -613,11 +613,11 @@ static int gemv_call(const plan_t *p, const void *x, int x_bf16, float *y, i64 M
             }
         }
         /* a team smaller than asked for (nested parallelism) leaves shares nobody owns: the others steal them */
-        const int me = omp_get_thread_num();
+        const int me = omp_get_thread_num(), team = omp_get_num_threads();
         i64 c, pending[MAX_PENDING];
         int npending = 0;
         for (int v = 0; v < threads; v++) {
-            if (v && !NF4_STEAL) break;
+            if (v && !NF4_STEAL && (me + v) % threads < team) continue; /* static split: unowned shares only */
             share_t *share = &shares[(me + v) % threads];
             while (v ? take_back(share, &c) : take_front(share, &c)) {
                 fwd_chunk(p, xs, y, M, c);
