@@ -188,7 +188,7 @@ def test_whole_call_is_bitwise_the_same_at_any_thread_count(threads, isa, monkey
 @native
 def test_nf4_lora_linear_without_lora_or_with_bias_only(monkeypatch):
     """The few-rows API takes the whole-call kernel with rank 0 (bias only, or nothing) and its gradients stay
-    right (x through the GEMV backward, bias summed in torch)."""
+    right (x through the GEMV backward, bias summed in torch); an empty batch still works (composed route)."""
     from twinbench.impls.quant_linear import fused
 
     packed2d, _, wd, x, _, _, bias, g = _whole_call_case(97, 512, 64, True, 2, 1, 5)
@@ -203,6 +203,9 @@ def test_nf4_lora_linear_without_lora_or_with_bias_only(monkeypatch):
         assert _close(dx, g.double() @ wd)
         assert not with_bias or torch.equal(db[0], g.sum(0))
     assert calls == ["lora_gemv", "gemv_t", "lora_gemv", "gemv_t"]
+    empty = torch.zeros(0, 512, requires_grad=True)  # an empty batch: the composed route, empty results
+    out = fused.nf4_lora_linear(empty, w, torch.randn(4, 512), torch.randn(97, 4))
+    assert out.shape == (0, 97) and torch.autograd.grad(out.sum(), empty)[0].shape == (0, 512)
 
 
 @native

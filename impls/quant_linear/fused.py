@@ -150,7 +150,7 @@ def _kernel_scales(w: NF4Weight, packed2d: torch.Tensor, rows: int) -> tuple[Any
     its scales read once, no fp32 copy written and read per call); otherwise fp32 [N, K/bs]. One
     ``supports`` check per call (each reads the environment)."""
     n, k = w.shape
-    few_rows = rows <= nf4_kernels.GEMV_MAX_ROWS
+    few_rows = 1 <= rows <= nf4_kernels.GEMV_MAX_ROWS  # an empty batch takes the composed route (empty results)
     if w.nested and few_rows and w.absmax.dtype == torch.uint8:
         nested = nf4_native.NestedScales(w.absmax.reshape(n, k // w.blocksize), w.absmax2, w.code2, float(w.offset))
         if nf4_native.supports(packed2d, nested):
