@@ -213,7 +213,7 @@ def test_trace_build_reports_every_phase(tmp_path, monkeypatch):
     """An NF4_TRACE build (benchmarks/nf4_stream.py --trace) records, per thread, the phases of the last
     whole-call kernel in order; the normal build records nothing."""
     assert nf4_native.last_trace() is None
-    monkeypatch.setenv("TWINBENCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TWINBENCH_CACHE_DIR", str(tmp_path))  # read by impls/kernels/native_build.py
     monkeypatch.setattr(nf4_native, "FLAGS", [*nf4_native.FLAGS, "-DNF4_TRACE=1"])
     packed2d, scales, _, x, a, b, _, g = _whole_call_case(64, 256, 64, True, 1, 16, 8)
     monkeypatch.setattr(nf4_native, "BYTES_PER_THREAD", 1)
@@ -265,7 +265,7 @@ def test_wrappers_refuse_bad_arguments():
 
 @native
 def test_build_is_cached_by_source_hash(tmp_path, monkeypatch):
-    monkeypatch.setenv("TWINBENCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TWINBENCH_CACHE_DIR", str(tmp_path))  # read by impls/kernels/native_build.py
     cc = availability.c_compiler()
     first = nf4_native._build(cc)
     assert first.parent == tmp_path / "nf4_native" and first.exists()

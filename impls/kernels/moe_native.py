@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from twinbench.impls.kernels.availability import c_compiler, cpu_flags
-from twinbench.impls.kernels.nf4_native import cache_dir
+from twinbench.impls.kernels.native_build import build_shared_library
 
 SOURCE = Path(__file__).with_name("moe_native.c")
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=c11"]
@@ -37,24 +34,8 @@ ABI = 1
 
 
 def _build(cc: str, isa: str) -> Path:
-    flags = FLAGS + ISA_FLAGS[isa][0]
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
-    target = cache_dir() / "moe_native" / f"{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"{Path(cc).name} failed: {done.stderr.strip().splitlines()[-1:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    """The cached shared object for this source, vector layer and compiler (built now if absent)."""
+    return build_shared_library(cc, SOURCE, FLAGS + ISA_FLAGS[isa][0], "moe_native")
 
 
 def _load() -> tuple[ctypes.CDLL | None, str]:

@@ -3,11 +3,9 @@
 Plain C with AVX-512 or AVX2 intrinsics and OpenMP, no torch headers, so a build takes about a second. One
 source, one build per vector layer (:data:`ISA_FLAGS`); the widest one the CPU's flags allow is loaded, or the
 one ``TWINBENCH_NF4_ISA`` (``avx512``/``avx2``) names (tests run the AVX2 build on an AVX-512 machine that
-way). NEON is not written: no aarch64 machine to verify it on. The shared object lives under
-``$TWINBENCH_CACHE_DIR`` (default ``$XDG_CACHE_HOME/twinbench`` or ``~/.cache/twinbench``) in
-``nf4_native/<hash>.so``, the hash covering the source, the flags and the compiler's version; it is built into
-a temporary file and renamed into place, so concurrent first uses are safe. ``TWINBENCH_NF4_NATIVE=0`` turns
-it off (the inductor kernels in impls/kernels/nf4.py are then used).
+way). NEON is not written: no aarch64 machine to verify it on. The build is cached by
+impls/kernels/native_build.py (``nf4_native/<hash>.so`` under the twinbench cache folder, safe under concurrent
+first uses). ``TWINBENCH_NF4_NATIVE=0`` turns it off (the inductor kernels in impls/kernels/nf4.py are then used).
 
 :func:`status` says whether the kernels can run here and why not; the wrappers below check dtypes, shapes
 and contiguity, then call the C functions on the tensors' data pointers.
@@ -17,16 +15,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from twinbench.impls.kernels.availability import c_compiler, cpu_flags
+from twinbench.impls.kernels.native_build import build_shared_library
 from twinbench.impls.kernels.nf4_code import nf4_table
 
 SOURCE = Path(__file__).with_name("nf4_native.c")
@@ -43,32 +39,9 @@ MAX_RANK = 256  # LoRA rank the whole-call kernels take (nf4_native.c: MAX_RANK)
 _OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def cache_dir() -> Path:
-    if os.environ.get("TWINBENCH_CACHE_DIR"):
-        return Path(os.environ["TWINBENCH_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "twinbench"
-
-
 def _build(cc: str, isa: str = "avx512") -> Path:
     """The cached shared object for this source, vector layer and compiler (built now if absent)."""
-    flags = FLAGS + ISA_FLAGS[isa][0]
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
-    target = cache_dir() / "nf4_native" / f"{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"{Path(cc).name} failed: {done.stderr.strip().splitlines()[-1:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return build_shared_library(cc, SOURCE, FLAGS + ISA_FLAGS[isa][0], "nf4_native")
 
 
 def chosen_isa() -> tuple[str | None, str]:
