@@ -209,13 +209,13 @@ MIN_LOOKS = 2   # a case is confirmed only on >= 2 fresh pairs (one pair cannot 
 # At most 30 fresh pairs per flagged case (each look number costs one restart of both workers, each case's
 # look its rounds and a prepare). An unchanged case stops for futility after a few looks, so more looks cost
 # little A/A time and buy power where a per-process bias hides a slowdown: simulated, 5% on cases with a 3%
-# per-process bias is caught 26% / 60% / 75% with 12 / 20 / 30 looks, for ~200 / 280 / 300 looks per A/A
-# gate of 176 items (docs/reports-and-gate.md, "Sequential confirmation").
+# per-process bias is caught 26% with 12 looks and 61% with 30, at ~100-200 looks per A/A gate of 176 items
+# (docs/reports-and-gate.md, "Sequential confirmation").
 MAX_LOOKS = 30
 # Between-pair sd of a look's log ratio when the calibration has no prior for the case. A quarter of the quick
 # profile's tiny cases carry a per-process bias of ~3% on this box (2026-12-05); the simulation
-# (tests/test_gate_sequential.py) keeps <= 1% A/A false alarms with 3% and no priors, and loses power on
-# quiet cases above it (docs/reports-and-gate.md, "Sequential confirmation"). `twinbench calibrate` measures
+# (tests/test_gate_sequential.py) keeps A/A false alarms at 0.3% with 3% and no priors; a larger default costs
+# quiet cases looks and power (docs/reports-and-gate.md, "Sequential confirmation"). `twinbench calibrate` measures
 # each case's own (most are ~0), which saves looks.
 DEFAULT_PAIR_SD = 0.03
 SCREEN_Z = 0.5  # the screen flags a case unless its ratio is below 1 + threshold by SCREEN_Z look sds
