@@ -100,7 +100,7 @@ def test_head_check_at_the_100m_learning_rate_passes_right_and_fails_planted_loo
         monkeypatch.setattr(qlora_bench, "patch_model", _patch_with_scaling_error)
     # the per-op breakdown and the sampled probe responses (tested above) do not touch the loss curves
     monkeypatch.setattr(qlora_bench, "profile_step", lambda step, model: {})
-    # the planted error shows from the first step that uses the adapters (measured: |dloss| 0.02 at step 2)
+    # the planted error shows from the first step that uses the adapters (measured: |dloss| 0.02 at the second step)
     case = dataclasses.replace(TINY_LLAMA, steps=4 if planted else HEAD_STEPS, lr=BENCH_LR_100M)
     cfg = dataclasses.replace(bench_config(case), probe_samples=0)
     assert cfg.learning_rate == BENCH_LR_100M
