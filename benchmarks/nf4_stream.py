@@ -11,7 +11,15 @@ suite's ``fused_cpu`` call (forward, and forward + backward), interleaved with t
 thread count (the better of ``torch.dot`` and ``sum`` over two ``--bw-mb`` buffers, as the harness's ceiling).
 Prints the median ms per call and its share of the read floor: the bytes of ``suites/quant_linear.bytes_moved``
 (4-bit weight + double-quantised scales + LoRA + activations; gemv counts the forward's, gemv_t the backward's)
-at the median read bandwidth. ``--no-prefetch`` builds the kernels without their software prefetch. The load
+at the median read bandwidth. ``--no-prefetch`` builds the kernels without their software prefetch.
+``--no-steal`` builds the forward with a static split of the row chunks (no stealing), to compare.
+``--trace`` builds them with ``-DNF4_TRACE=1`` and, instead of the table, says where the time of the whole
+``fused_cpu`` call goes (forward, and backward): Python before the native call; phase 1 (forward: x put in
+group order on the calling thread, before the fork; backward: each thread's dx columns, dB rows and share of
+g B, then the wait at the barrier); the fork (until the last thread starts); the main phase (forward: x A^T
+and the rows of W with their epilogue; backward: the LoRA terms of dx and dA), by the clock and by each
+thread's CPU time; the spread of the threads' finishing times, the join and Python after (medians over the
+pool and rounds). The load
 average is printed with every line: numbers taken on a loaded machine are not results (docs/quant_linear.md,
 "GEMV kernel").
 """
@@ -95,6 +103,59 @@ def _floor_bytes(n: int, k: int, dtype: str, call: str) -> float:
             "fused_fwdbwd": moved["fwd"] + moved["bwd"]}[call]
 
 
+def _trace_call(fn) -> tuple[int, int, torch.Tensor | None]:
+    """(start ns, end ns, the kernel's trace) of one call of fn."""
+    t0 = time.monotonic_ns()
+    fn()
+    t1 = time.monotonic_ns()
+    return t0, t1, nf4_native.last_trace()
+
+
+def _trace_parts(t0: int, t1: int, tr: torch.Tensor, threads: int) -> dict[str, float]:
+    """One whole call's time by part, in us, from its trace (nf4_native.TRACE_POINTS; clock times, and the
+    main phase's CPU time per thread: its work with descheduled time left out)."""
+    ran = tr[:threads, 1, 0] > 0  # the team the kernel used (small weights get fewer threads: nf4_native._threads)
+    cpu = tr[:threads][ran][:, :, 1].double()
+    tr = tr[:threads][ran][:, :, 0].double()
+    entry, forked, phase1, barrier, done, joined = (tr[:, i] for i in range(6))
+    # forward: phase 1 on the calling thread before the fork; backward: in the region, then a barrier
+    serial = not bool((barrier > 0).all())
+    start = forked if serial else barrier  # of the main phase
+    parts = {"python before": (entry[0] - t0) / 1e3}
+    if serial:
+        parts |= {"phase 1": (phase1[0] - entry[0]) / 1e3, "fork": (forked.max() - phase1[0]) / 1e3}
+    else:
+        parts |= {"fork": (forked.max() - entry[0]) / 1e3, "phase 1": (phase1 - forked).max() / 1e3,
+                  "phase 1 cpu max": (cpu[:, 2] - cpu[:, 1]).max() / 1e3, "barrier wait": (barrier - phase1).max() / 1e3}
+    main_cpu = cpu[:, 4] - cpu[:, 1 if serial else 3]
+    return parts | {"main": (done - start).median() / 1e3, "main cpu min": main_cpu.min() / 1e3,
+                    "main cpu max": main_cpu.max() / 1e3, "finish spread": (done.max() - done.min()) / 1e3,
+                    "join": (joined[0] - done.max()) / 1e3, "python after": (t1 - joined[0]) / 1e3,
+                    "total": (t1 - t0) / 1e3}
+
+
+def _trace(pool: list[NF4Weight], dtype: torch.dtype, lora: tuple, threads: int, rounds: int, label: str) -> None:
+    """Where the whole fused_cpu call's time goes at this thread count (the --trace report)."""
+    x, a, b = lora
+    g = torch.ones(1, pool[0].shape[0], dtype=dtype)
+    parts: dict[str, dict[str, list[float]]] = {"fwd": {}, "bwd": {}}
+    for _ in range(rounds):
+        for w in pool:
+            out = None
+
+            def forward(w=w):
+                nonlocal out
+                out = nf4_lora_linear(x, w, a, b, SCALING)
+
+            for name, fn in (("fwd", forward), ("bwd", lambda: torch.autograd.grad(out, (x, a, b), grad_outputs=g))):
+                t0, t1, tr = _trace_call(fn)
+                for part, us in _trace_parts(t0, t1, tr, threads).items():
+                    parts[name].setdefault(part, []).append(us)
+    for name, by_part in parts.items():
+        cells = "  ".join(f"{part} {statistics.median(v):.0f}" for part, v in by_part.items())
+        print(f"{label} {name}: {cells}  (us, medians)  load {_load()}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -106,20 +167,35 @@ def main() -> int:
     parser.add_argument("--bw-mb", type=int, default=300, help="each of the two read-bandwidth buffers, in MB")
     parser.add_argument("--no-prefetch", action="store_true",
                         help="build the kernels without their software prefetch (NF4_PREFETCH=0), to compare")
+    parser.add_argument("--no-steal", action="store_true",
+                        help="build the forward with a static split of its row chunks (NF4_STEAL=0), to compare")
+    parser.add_argument("--trace", action="store_true",
+                        help="build with -DNF4_TRACE=1 and report where the whole fused call's time goes")
     args = parser.parse_args()
     if args.no_prefetch:
         nf4_native.FLAGS.append("-DNF4_PREFETCH=0")  # before the first build: its own cached .so
+    if args.no_steal:
+        nf4_native.FLAGS.append("-DNF4_STEAL=0")
+    if args.trace:
+        nf4_native.FLAGS.append("-DNF4_TRACE=1")
     ok, why = nf4_native.status()
     if not ok:
         print(f"nf4_stream: native NF4 kernels unavailable: {why}", file=sys.stderr)
         return 2
     bw_a = torch.rand(args.bw_mb * 2**20 // 4)
     bw_b = torch.rand(bw_a.numel())
-    print(f"native build: {nf4_native.isa()}{' without prefetch' if args.no_prefetch else ''}; load average at start: {_load()}")
-    print("wall: elapsed time; cpu: CPU time per thread (descheduled time left out), for the call and for the read"
-          " bandwidth alike")
-    print(f"{'shape':<11} {'dt':<5} thr {'call':<13} {'wall ms':>8} {'[min-max]':>16} {'read GB/s':>9} "
-          f"{'% floor':>8} {'cpu ms':>8} {'read GB/s':>9} {'% floor':>8}  load")
+    variant = "".join(f" {name}" for flag, name in ((args.no_prefetch, "without prefetch"),
+                                                      (args.no_steal, "without stealing"),
+                                                      (args.trace, "with tracing")) if flag)
+    print(f"native build: {nf4_native.isa()}{variant}; load average at start: {_load()}")
+    if args.trace:
+        print("where the whole fused call's time goes, per direction (us, medians over the pool and rounds; 'main cpu':"
+              " CPU time of the main phase, fewest and most of the threads)")
+    else:
+        print("wall: elapsed time; cpu: CPU time per thread (descheduled time left out), for the call and for the"
+              " read bandwidth alike")
+        print(f"{'shape':<11} {'dt':<5} thr {'call':<13} {'wall ms':>8} {'[min-max]':>16} {'read GB/s':>9} "
+              f"{'% floor':>8} {'cpu ms':>8} {'read GB/s':>9} {'% floor':>8}  load")
     for shape in args.shapes:
         n, k = (int(v) for v in shape.split("x"))
         pool = _pool(n, k, args.pool_mb * 2**20)
@@ -131,6 +207,9 @@ def main() -> int:
                 x = torch.randn(1, k, generator=gen).to(dtype).requires_grad_()
                 a = (torch.randn(RANK, k, generator=gen) / k**0.5).to(dtype).requires_grad_()
                 b = (torch.randn(n, RANK, generator=gen) / RANK**0.5).to(dtype).requires_grad_()
+                if args.trace:
+                    _trace(pool, dtype, (x, a, b), threads, args.rounds, f"{shape} {dt} {threads} thr")
+                    continue
                 calls = [_calls(w, dtype, (x, a, b)) for w in pool]
                 for name in args.calls:
                     for c in calls[:2]:  # warm-up: builds, allocator, OpenMP team

@@ -318,3 +318,11 @@ def test_the_last_node_of_a_kind_lost_records_its_cases_with_the_reason(cluster,
     lost = [r for r in result["doc"]["results"] if r["reason"].startswith("node lost")]
     assert len(lost) == (CASES - 2) * IMPLS
     assert all(r["status"] == "crashed" and "no other node of kind cpu left" in r["reason"] for r in lost)
+    # Those records measured nothing: a --resume with a node of that kind back runs exactly those cases again.
+    before = len(journal_records(out))
+    c.add_node(num_cpus=1, object_store_memory=80 * 2**20, resources={NODE_RESOURCE: 1, SOLO: 1})
+    c.wait_for_nodes()
+    doc = run_on_cluster(options(out, plugin, resume=True), ClusterOptions(c.address, (NODE_RESOURCE, SOLO)))
+    rerun = journal_records(out)[before:]
+    assert Counter((r["case"], r["impl"]) for r in rerun) == Counter((r["case"], r["impl"]) for r in lost)
+    assert Counter(verdicts(doc).values()) == Counter(ok=CASES * 3, wrong=CASES)  # last record per key wins

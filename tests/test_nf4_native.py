@@ -96,6 +96,156 @@ def test_gemv_forward_and_backward_match_fp64(rows, k, blocksize, double_quant, 
     assert torch.allclose(nf4_native.gemv(x16, packed2d, scales).double(), x16.double() @ wd.t(), atol=1e-5)
 
 
+def _whole_call_case(n: int, k: int, blocksize: int, double_quant: bool, rows: int, rank: int, seed: int):
+    """(packed2d, scales, fp64 W, x, A, B, bias, g) for the whole-call kernels."""
+    st, _, packed2d, scales = state(n, k, blocksize, double_quant, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x, a, b = (torch.randn(*s, generator=gen) for s in ((rows, k), (rank, k), (n, rank)))
+    bias, g = torch.randn(n, generator=gen), torch.randn(rows, n, generator=gen)
+    return packed2d, scales, dequantize_state(st, torch.float64), x, a / k**0.5, b, bias, g
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """fp32 summation-order error only (the bound of test_gemv_forward_and_backward_match_fp64)."""
+    return bool((got.double() - want).abs().max() <= 2e-6 * want.abs().max())
+
+
+@pytest.mark.parametrize("rows,rank", [(1, 16), (3, 5), (4, 16)])
+@pytest.mark.parametrize("k,blocksize,double_quant", [(512, 64, True), (160, 32, False), (96, 32, True)])
+def test_whole_call_kernels_match_fp64(rows, rank, k, blocksize, double_quant, isa):
+    """nf4_native.lora_gemv / lora_gemv_t (GEMV, LoRA products and bias in one native call each) against the
+    fp64 composition: y = x W^T + s (x A^T) B^T + bias, dx = g W + s (g B) A, dA = s (g B)^T x, dB = g^T (s x A^T).
+    97 rows (chunk and register-block tails), column tails at K = 160 / 96, rank 5 (not a whole vector), and
+    gradients left out on request (dx left out: the weight is not read). Planted: the LoRA scaling or the bias
+    dropped, or the stored x A^T of another input, are seen."""
+    packed2d, scales, wd, x, a, b, bias, g = _whole_call_case(97, k, blocksize, double_quant, rows, rank, rows)
+    s = 2.0
+    xd, ad, bd, gd = x.double(), a.double(), b.double(), g.double()
+    want_y = xd @ wd.t() + s * (xd @ ad.t()) @ bd.t() + bias.double()
+    y, xa = nf4_native.lora_gemv(x, packed2d, scales, a, b, s, bias)
+    assert _close(y, want_y) and _close(xa, xd @ ad.t())
+    gb = gd @ bd
+    want = (gd @ wd + s * gb @ ad, s * gb.t() @ xd, gd.t() @ (s * xd @ ad.t()))
+    got = nf4_native.lora_gemv_t(g, packed2d, scales, a, b, xa, s, x)
+    assert all(_close(t, w) for t, w in zip(got, want))
+    for need in ((False, True, True), (True, False, False), (False, False, True)):
+        part = nf4_native.lora_gemv_t(g, packed2d, scales, a, b, xa, s, x, need)
+        assert all((t is None) == (not wanted) for t, wanted in zip(part, need))
+        assert all(torch.equal(t, full) for t, full in zip(part, got) if t is not None)
+    # planted: each of these wrong calls is told apart by the same bound
+    assert not _close(nf4_native.lora_gemv(x, packed2d, scales, a, b, 1.0, bias)[0], want_y)
+    assert not _close(nf4_native.lora_gemv(x, packed2d, scales, a, b, s)[0], want_y)
+    wrong = nf4_native.lora_gemv_t(g, packed2d, scales, a, b, xa.flip(-1).contiguous(), s, x)
+    assert _close(wrong[0], want[0]) and not _close(wrong[2], want[2])  # dB uses x A^T, dx does not
+    assert not _close(nf4_native.lora_gemv_t(g, packed2d, scales, a, b, xa, 1.0, x)[0], want[0])
+
+
+def test_whole_call_reads_and_writes_bf16_factors(isa):
+    """bf16 A and B are read as they are and dA, dB written in bf16: bitwise the fp32 computation on the same
+    values, rounded once to nearest even (ties, overflow to inf and NaN included; rank 24: a vector and a
+    scalar tail on AVX-512). Planted: rounding by truncation is told apart."""
+    packed2d, scales, _, x, a, b, _, g = _whole_call_case(97, 512, 64, True, 2, 24, 13)
+    a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    y16, xa16 = nf4_native.lora_gemv(x, packed2d, scales, a16, b16, 2.0)
+    y32, xa32 = nf4_native.lora_gemv(x, packed2d, scales, a16.float(), b16.float(), 2.0)
+    assert torch.equal(y16, y32) and torch.equal(xa16, xa32)
+    xa32[0, :2] = torch.tensor([float("nan"), 3e38])  # dB columns 0 and 1: NaN, and +-inf after the scaling
+    got = nf4_native.lora_gemv_t(g, packed2d, scales, a16, b16, xa32, 2.0, x)
+    want = nf4_native.lora_gemv_t(g, packed2d, scales, a16.float(), b16.float(), xa32, 2.0, x)
+    assert got[1].dtype == got[2].dtype == torch.bfloat16 and got[0].dtype == torch.float32
+    assert torch.equal(got[0], want[0])
+    for t, w in zip(got[1:], want[1:]):
+        torch.testing.assert_close(t, w.to(torch.bfloat16), rtol=0, atol=0, equal_nan=True)
+    assert got[2][:, 0].isnan().all() and got[2][:, 1].isinf().any()
+    truncated = (want[2].view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
+    assert not torch.equal(got[2][:, 2:], truncated[:, 2:])
+
+
+@native
+@pytest.mark.parametrize("threads", [2, 3])
+def test_whole_call_is_bitwise_the_same_at_any_thread_count(threads, isa, monkeypatch):
+    """Forward rows go out in 32-row chunks that idle threads steal, x A^T and g B split by LoRA rank, dx and dA
+    by column groups, dB by rows: each element is computed by one thread in a fixed order, so the results are
+    bitwise those of one thread (97 rows: a partial chunk; rank 5: uneven split)."""
+    packed2d, scales, _, x, a, b, bias, g = _whole_call_case(97, 512, 128, True, 3, 5, 21)
+
+    def run():
+        y, xa = nf4_native.lora_gemv(x, packed2d, scales, a, b, 2.0, bias)
+        return (y, xa, *nf4_native.lora_gemv_t(g, packed2d, scales, a, b, xa, 2.0, x))
+
+    before = torch.get_num_threads()
+    one = run()  # 24 KB of weight: one thread by default
+    monkeypatch.setattr(nf4_native, "BYTES_PER_THREAD", 1)
+    torch.set_num_threads(threads)
+    try:
+        assert nf4_native._threads(packed2d) == threads
+        for _ in range(3):  # which thread steals which chunk varies from call to call
+            assert all(torch.equal(p, q) for p, q in zip(one, run()))
+    finally:
+        torch.set_num_threads(before)
+
+
+@native
+def test_nf4_lora_linear_without_lora_or_with_bias_only(monkeypatch):
+    """The few-rows API takes the whole-call kernel with rank 0 (bias only, or nothing) and its gradients stay
+    right (x through the GEMV backward, bias summed in torch); an empty batch still works (composed route)."""
+    from twinbench.impls.quant_linear import fused
+
+    packed2d, _, wd, x, _, _, bias, g = _whole_call_case(97, 512, 64, True, 2, 1, 5)
+    _, w, _, _ = state(97, 512, 64, True, seed=5)
+    calls = _native_path_calls(monkeypatch)
+    for with_bias in (False, True):
+        xl, bl = x.clone().requires_grad_(), bias.clone().requires_grad_()
+        out = fused.nf4_lora_linear(xl, w, bias=bl if with_bias else None)
+        want = x.double() @ wd.t() + (bias.double() if with_bias else 0)
+        assert _close(out, want)
+        dx, *db = torch.autograd.grad(out, [xl, bl] if with_bias else [xl], g)
+        assert _close(dx, g.double() @ wd)
+        assert not with_bias or torch.equal(db[0], g.sum(0))
+    assert calls == ["lora_gemv", "gemv_t", "lora_gemv", "gemv_t"]
+    empty = torch.zeros(0, 512, requires_grad=True)  # an empty batch: the composed route, empty results
+    out = fused.nf4_lora_linear(empty, w, torch.randn(4, 512), torch.randn(97, 4))
+    assert out.shape == (0, 97) and torch.autograd.grad(out.sum(), empty)[0].shape == (0, 512)
+
+
+@native
+def test_trace_build_reports_every_phase(tmp_path, monkeypatch):
+    """An NF4_TRACE build (benchmarks/nf4_stream.py --trace) records, per thread, the phases of the last
+    whole-call kernel in order; the normal build records nothing."""
+    assert nf4_native.last_trace() is None
+    monkeypatch.setenv("TWINBENCH_CACHE_DIR", str(tmp_path))  # read by impls/kernels/native_build.py
+    monkeypatch.setattr(nf4_native, "FLAGS", [*nf4_native.FLAGS, "-DNF4_TRACE=1"])
+    packed2d, scales, _, x, a, b, _, g = _whole_call_case(64, 256, 64, True, 1, 16, 8)
+    monkeypatch.setattr(nf4_native, "BYTES_PER_THREAD", 1)
+    before = torch.get_num_threads()
+    for cache in (nf4_native._load_for, nf4_native._load_isa):
+        cache.cache_clear()
+    try:
+        torch.set_num_threads(2)
+        def forward():
+            return nf4_native.lora_gemv(x, packed2d, scales, a, b, 2.0)
+
+        for call in (forward, lambda: nf4_native.lora_gemv_t(g, packed2d, scales, a, b, torch.zeros(1, 16), 2.0, x)):
+            call()
+            trace = nf4_native.last_trace()
+            assert trace is not None and trace.shape == (8, len(nf4_native.TRACE_POINTS), 2)
+            entry, joined = trace[0, 0, 0], trace[0, -1, 0]
+            # forward: phase 1 on the calling thread before the fork; backward: phase 1, barrier in the region
+            points = [1, 4] if call is forward else [1, 2, 3, 4]
+            for thread in trace[:2]:  # in order (both clocks), within the call
+                assert bool((thread[points] > 0).all()) and bool((thread[points].diff(dim=0) >= 0).all())
+                assert entry <= thread[1, 0] and thread[4, 0] <= joined
+            if call is forward:
+                assert entry <= trace[0, 2, 0] <= trace[:2, 1, 0].min()
+            assert not trace[2:].any() and not nf4_native.last_trace().any()  # cleared once read
+    finally:
+        torch.set_num_threads(before)
+        monkeypatch.undo()
+        for cache in (nf4_native._load_for, nf4_native._load_isa):
+            cache.cache_clear()
+    assert nf4_native.last_trace() is None
+
+
 @native
 def test_wrappers_refuse_bad_arguments():
     _, _, packed2d, scales = state(32, 128, 64, False)
@@ -115,7 +265,7 @@ def test_wrappers_refuse_bad_arguments():
 
 @native
 def test_build_is_cached_by_source_hash(tmp_path, monkeypatch):
-    monkeypatch.setenv("TWINBENCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TWINBENCH_CACHE_DIR", str(tmp_path))  # read by impls/kernels/native_build.py
     cc = availability.c_compiler()
     first = nf4_native._build(cc)
     assert first.parent == tmp_path / "nf4_native" and first.exists()
@@ -156,7 +306,7 @@ NATIVE_BUGS = {
 
 def _native_path_calls(monkeypatch) -> list[str]:
     calls: list[str] = []
-    for name in ("gemv", "gemv_t", "dequantize"):
+    for name in ("gemv", "gemv_t", "lora_gemv", "lora_gemv_t", "dequantize"):
         real = getattr(nf4_native, name)
         monkeypatch.setattr(nf4_native, name, lambda *a, _real=real, _n=name, **kw: calls.append(_n) or _real(*a, **kw))
     return calls
@@ -188,7 +338,9 @@ def test_native_path_passes_over_seeds(case, monkeypatch):
         verdict = check_parity(SUITE, FUSED, REF, case, "cpu", trials=1, seed=seed)
         assert verdict.ok, (seed, verdict.problems, {n: (c.error, c.bound) for n, c in verdict.checks.items()})
         assert verdict.metrics["nf4_kernels"] == f"native-{nf4_native.isa()}"
-    assert set(calls) == ({"gemv", "gemv_t"} if case["batch"] <= nf4_kernels.GEMV_MAX_ROWS else {"dequantize"})
+    # the few-rows path with LoRA: one whole-call kernel per direction (nf4_native.lora_gemv / lora_gemv_t)
+    assert set(calls) == ({"lora_gemv", "lora_gemv_t"} if case["batch"] <= nf4_kernels.GEMV_MAX_ROWS
+                          else {"dequantize"})
 
 
 def test_fallback_without_native_kernels_is_correct(monkeypatch):
@@ -287,7 +439,8 @@ def test_thread_split_gives_identical_results(threads, isa, monkeypatch):
 
 @native
 def test_first_touch_copy_is_the_same_weight(monkeypatch):
-    """place(): each 16-row band written by the thread that reads it in the GEMV; same bytes, same results."""
+    """place(): each thread's share of 32-row chunks written by the thread that reads it in the GEMV (when none
+    steals); same bytes, same results."""
     _, _, packed2d, scales = state(97, 256, 64, False, seed=4)
     monkeypatch.setattr(nf4_native, "BYTES_PER_THREAD", 1)
     before = torch.get_num_threads()
@@ -411,8 +564,9 @@ def test_gemm_panels_equal_the_whole_weights_gemm(dtype, monkeypatch):
 @native
 def test_few_rows_compute_in_fp32_and_round_once(monkeypatch):
     """The few-row path computes in fp32 (GEMV, LoRA products, bias, gradients) and rounds once to x's dtype:
-    its bf16 output and gradients are bitwise the fp32 computation's on the same inputs, rounded. Planted: the
-    old behaviour (LoRA products in bf16) is told apart."""
+    its bf16 output and gradients are bitwise the fp32 computation's on the same inputs, rounded, on both routes
+    (the whole-call kernels, and torch's products around the GEMV kernels where those do not apply: rank over
+    nf4_native.MAX_RANK). Planted: the old behaviour (LoRA products in bf16) is told apart."""
     from twinbench.impls.quant_linear import fused
 
     _, w, _, _ = state(256, 512, 64, True, seed=3)
@@ -428,8 +582,14 @@ def test_few_rows_compute_in_fp32_and_round_once(monkeypatch):
     def same(a, b):
         return all(torch.equal(x, y) for x, y in zip(a, b))
 
+    calls = _native_path_calls(monkeypatch)
+    assert same(run(torch.bfloat16), run(torch.float32))
+    assert set(calls) == {"lora_gemv", "lora_gemv_t"}
+    monkeypatch.setattr(nf4_native, "MAX_RANK", 8)  # rank 16: torch's LoRA products around the GEMV kernels
+    calls.clear()
     want = run(torch.float32)
     assert same(run(torch.bfloat16), want)
+    assert set(calls) == {"gemv", "gemv_t"}
     monkeypatch.setattr(fused, "_compute_dtype", lambda x, few_rows: x.dtype)
     assert not same(run(torch.bfloat16), want)
 

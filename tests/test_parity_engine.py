@@ -269,3 +269,16 @@ def test_the_verdict_keeps_each_tensors_worst_trial():
     assert not verdict.checks["out"].ok and verdict.problems == ["output 'x' missing"]  # a failure does
     merge_trial(verdict, TrialChecks(measured=[_check("out", True, 9.0)]))
     assert not verdict.checks["out"].ok
+
+
+def test_a_few_low_precision_values_still_get_a_rounding_floor():
+    """One token's router weights in bf16: for 0.6484375 the add-0.3 probe loses nothing, so before the half-ulp
+    floor the bound was 0 and an impl one ulp off failed with ratio inf (seen on the MoE suite's 1-token case)."""
+
+    ulp = 2.0 ** -8  # bf16 at magnitude [0.5, 1)
+    hi = torch.tensor([0.6484375], dtype=torch.float64)
+    lo = hi.to(torch.bfloat16)
+    one_ulp_off = compare_tensor("g", (hi + ulp).to(torch.bfloat16), hi, lo, Tolerance(), is_grad=True)
+    assert one_ulp_off.bound > 0 and one_ulp_off.ok, one_ulp_off
+    planted = compare_tensor("g", (hi + 16 * ulp).to(torch.bfloat16), hi, lo, Tolerance(), is_grad=True)
+    assert not planted.ok, planted  # the floor is rounding-sized, not a free pass

@@ -168,9 +168,53 @@ def test_the_environment_policy_per_backend_and_worker_kind(tmp_path):
     assert asked.env["TRITON_INTERPRET"] == "1" and asked.env["HIP_VISIBLE_DEVICES"] == "0"
     gate = worker_environment(WorkerKind.GATE, "cpu", "cpu", root=tmp_path, head_root=ROOT, base=base)
     assert gate.threads == 1 and gate.env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert all(gate.env[var] == value for var, value in process.GATE_MALLOC_ENVIRONMENT.items())
+    assert not set(process.GATE_MALLOC_ENVIRONMENT) & set(cpu.env)  # run workers: what a user's process gets
+    mine = worker_environment(WorkerKind.GATE, "cpu", "cpu", root=ROOT, head_root=ROOT,
+                              base={"MALLOC_TRIM_THRESHOLD_": "0"})
+    assert mine.env["MALLOC_TRIM_THRESHOLD_"] == "0"  # the user's own setting is kept
     assert gate.env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path.resolve()), "/elsewhere"]  # never the head
     gate_gpu = worker_environment(WorkerKind.GATE, "cuda", "cuda:1", root=ROOT, head_root=ROOT, base=base, threads=4)
     assert gate_gpu.env["CUDA_VISIBLE_DEVICES"] == "4,6" and gate_gpu.threads == 4
+
+
+# Two 10 MiB blocks allocated, written and freed per iteration: under glibc's dynamic thresholds the heap can be
+# trimmed and re-faulted every iteration, which is what made one gate worker twice as slow as its twin.
+ALLOCATION_LOOP = textwrap.dedent("""
+    import ctypes, resource
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    n = 10 << 20
+    def iteration():
+        blocks = [libc.malloc(n) for _ in range(2)]
+        for b in blocks:
+            ctypes.memset(b, 1, n)
+        for b in blocks:
+            libc.free(b)
+    for _ in range(5):
+        iteration()
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        iteration()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 10)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.environ.get("LD_PRELOAD"),
+                    reason="glibc's malloc variables: Linux without a preloaded allocator")
+def test_gate_workers_reuse_freed_heap_instead_of_faulting_it_in_again():
+    import subprocess
+
+    def faults_per_iteration(extra: dict[str, str]) -> float:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | extra
+        out = subprocess.run([sys.executable, "-c", ALLOCATION_LOOP], env=env, capture_output=True, text=True,
+                             check=True)
+        return float(out.stdout)
+
+    assert faults_per_iteration(process.GATE_MALLOC_ENVIRONMENT) < 50
+    # planted: thresholds fixed low, every block mmapped and faulted in anew (2 x 2,560 pages): the count sees it
+    assert faults_per_iteration({"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}) > 4000
 
 
 def test_a_record_serialises_to_the_schema_fields():

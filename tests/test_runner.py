@@ -136,3 +136,14 @@ def test_a_torn_journal_tail_is_cut_before_the_next_entry(tmp_path):
     assert journal.read() == [{"type": "start", "provenance": {}}, fingerprint,
                               {"type": "record", "record": {"impl": "x"}}]
     assert path.read_text().startswith(whole + json.dumps(fingerprint))
+
+
+def test_resume_runs_again_only_the_records_that_measured_nothing():
+    from twinbench.harness.run.journal import RUN_AGAIN_ON_RESUME, finished_keys
+
+    def entry(impl: str, **meta) -> dict:
+        return {"type": "record", "record": {"suite": "s", "case": "c", "impl": impl, "device": "cpu", "meta": meta}}
+
+    entries = [{"type": "start"}, entry("crashed_on_its_own"), entry("node_lost", **{RUN_AGAIN_ON_RESUME: True})]
+    keys = finished_keys(entries)
+    assert {key[2] for key in keys} == {"crashed_on_its_own"}

@@ -28,12 +28,12 @@ from typing import Any
 from twinbench.harness.cluster.node import NodeDeviceRunner, NodeIdentity
 from twinbench.harness.core import registry
 from twinbench.harness.core.errors import UsageError
-from twinbench.harness.run.journal import Journal, assemble
+from twinbench.harness.run.journal import RUN_AGAIN_ON_RESUME, Journal, assemble, finished_keys
 from twinbench.harness.run.plan import RunOptions, Task, plan_tasks
 from twinbench.harness.run.runner import pending_tasks, run_folder
 from twinbench.harness.run.supervisor import START_TIMEOUT_S, Progress
 from twinbench.harness.store.record import Record, Status
-from twinbench.harness.store.results import atomic_write_json, provenance, record_key
+from twinbench.harness.store.results import atomic_write_json, provenance
 
 CPU = "cpu"
 GPU = "cuda:0"  # a Ray GPU actor's worker sees only its own GPU (CUDA or ROCm), as index 0
@@ -168,7 +168,7 @@ class ClusterRun:
 
     def run(self, journal: Journal, planned, kinds: list[str]) -> None:
         previous = journal.read()
-        done = {record_key(e["record"]) for e in previous if e.get("type") == "record"}
+        done = finished_keys(previous)
         kinds = [k for k in kinds if any(ident.device == k for ident in self.slots.values())]
         self.queues = {k: deque(Pending(t) for t in pending_tasks(planned, k, done)) for k in kinds}
         progress = Progress(sum(len(q) for q in self.queues.values()))
@@ -259,7 +259,8 @@ class ClusterRun:
                     rec = Record.new(suite=item.task.suite, case=item.task.case_id, params=item.task.params,
                                      device=kind, fingerprint="", impl=impl, tags=found.tags if found else [],
                                      status=Status.CRASHED, reason=why,
-                                     meta={"cluster": {"requeued_from": list(item.lost_on)}}).to_json()
+                                     meta={"cluster": {"requeued_from": list(item.lost_on)},
+                                           RUN_AGAIN_ON_RESUME: True}).to_json()
                     journal.append({"type": "record", "record": rec})
                     records.append(rec)
                 progress.case_done(f"(no node)/{kind}", item.task, records)

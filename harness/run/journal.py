@@ -59,6 +59,18 @@ class Journal:
         return entries
 
 
+# A record's ``meta`` key for "this case never ran": the machine that was to run it was lost (a cluster with no
+# node of its kind left). The record says nothing about the impl, so ``--resume`` runs the case again.
+RUN_AGAIN_ON_RESUME = "run_again_on_resume"
+
+
+def finished_keys(entries: list[dict[str, Any]]) -> set[tuple]:
+    """Record keys of the journal's entries that ``--resume`` does not run again: every record except those
+    marked :data:`RUN_AGAIN_ON_RESUME` (a later record of the same key replaces them in the results)."""
+    return {record_key(e["record"]) for e in entries
+            if e.get("type") == "record" and not (e["record"].get("meta") or {}).get(RUN_AGAIN_ON_RESUME)}
+
+
 def assemble(out: Path, journal: Journal, prov: dict[str, Any]) -> dict[str, Any]:
     """Results document from the journal (last record per key wins); written atomically."""
     doc = new_document(dict(prov, finished=now_iso()))

@@ -236,6 +236,14 @@ class WorkerKind(enum.Enum):
 # One thread per CPU gate/calibrate worker unless asked: on a shared box the A/A median ratio is far steadier
 # with one (docs/method.md §6, numbers in §7).
 DEFAULT_GATE_CPU_THREADS = 1
+# glibc's malloc raises its mmap threshold (and the heap's trim threshold with it) as large blocks are freed, so
+# two processes running the same code settle in different allocator states for their whole life: measured on
+# `quant_linear reference fwdbwd` 1024x1024 batch 1, one thread, eight fresh processes: 280-1,230 page faults
+# per call and 6-8 ms, or ~3,500 and 13-14 ms (docs/method.md §7). A gate reads that as a 2x difference
+# between base and head. Gate workers fix both thresholds at the ceiling glibc's own adjustment stops at (32 MiB
+# on 64-bit; trim at twice that): every gate worker starts in the same state, that of a process that has freed
+# large blocks. Other allocators ignore the variables; a value the user set is kept.
+GATE_MALLOC_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
 VISIBILITY_VARIABLES = {"cuda": "CUDA_VISIBLE_DEVICES", "rocm": "HIP_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}
 
 
@@ -317,6 +325,9 @@ def worker_environment(kind: WorkerKind, backend: str, device_name: str, *, root
     - Threads: gate/calibrate CPU workers default to one thread and ``OMP_WAIT_POLICY=PASSIVE`` (the idle
       side's OpenMP threads must not spin while the other side is timed); run workers keep torch's default
       unless ``threads`` is given.
+    - Allocator: gate/calibrate workers (any backend: the host side's allocations too) get glibc's malloc
+      thresholds fixed (``GATE_MALLOC_ENVIRONMENT``), so base and head start in the same allocator state.
+      Run workers keep glibc's defaults: what a user's process gets.
     """
     env = dict(os.environ if base is None else base)
     root, head_root = Path(root).resolve(), Path(head_root).resolve()
@@ -334,6 +345,9 @@ def worker_environment(kind: WorkerKind, backend: str, device_name: str, *, root
                 env.pop(var, None)
             else:
                 env[var] = value
+    if kind is WorkerKind.GATE:
+        for var, value in GATE_MALLOC_ENVIRONMENT.items():
+            env.setdefault(var, value)
     if kind is WorkerKind.GATE and backend == "cpu":
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         threads = threads or DEFAULT_GATE_CPU_THREADS

@@ -23,11 +23,11 @@ from typing import Any
 from twinbench.harness.core import devices as devices_mod
 from twinbench.harness.core import registry
 from twinbench.harness.core.errors import UsageError
-from twinbench.harness.run.journal import Journal, assemble
+from twinbench.harness.run.journal import Journal, assemble, finished_keys
 from twinbench.harness.run.plan import RunOptions, Task, check_dtypes, plan_tasks
 from twinbench.harness.run.supervisor import DeviceRun, Progress
 from twinbench.harness.store.record import FAILED
-from twinbench.harness.store.results import provenance, record_key
+from twinbench.harness.store.results import provenance
 
 
 def run(options: RunOptions, on_device_done: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -68,7 +68,7 @@ def _run_locked(options: RunOptions, planned, devices, journal: Journal) -> dict
     if prov is None:
         prov = provenance()
         journal.append({"type": "start", "provenance": prov})
-    done = {record_key(e["record"]) for e in previous if e.get("type") == "record"}
+    done = finished_keys(previous)
     cached_ceilings = {e["device"]: e["ceilings"] for e in previous if e.get("type") == "ceilings"}
 
     runs = []

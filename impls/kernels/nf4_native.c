@@ -20,6 +20,7 @@
  * Compile with -ffp-contract=off: the dequantised values must be the plain fp32 product code * absmax
  * (bit-identical to bnb and the reference), not a fused multiply-add.
  */
+#define _POSIX_C_SOURCE 199309L /* clock_gettime, for the NF4_TRACE build */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -34,6 +35,33 @@ static inline int omp_get_num_threads(void) { return 1; }
 
 typedef int64_t i64;
 #define AI static inline __attribute__((always_inline))
+
+/* NF4_TRACE=1 builds record when each thread of the last whole-call kernel reached each phase, by the clock
+ * (CLOCK_MONOTONIC ns) and by the thread's CPU time (CLOCK_THREAD_CPUTIME_ID ns: on a shared machine the time
+ * a thread was descheduled is left out, its memory stalls are not); benchmarks/nf4_stream.py --trace reads them
+ * through nf4_trace: where the time of a call goes between the fork, the phases, the barrier and the join.
+ * Off (no code) in the normal build. */
+#ifndef NF4_TRACE
+#define NF4_TRACE 0
+#endif
+#define TRACE_THREADS 8
+enum { TRACE_ENTRY, TRACE_FORKED, TRACE_PHASE1, TRACE_BARRIER, TRACE_DONE, TRACE_JOINED, TRACE_POINTS };
+#if NF4_TRACE
+#include <time.h>
+static i64 trace_ns[TRACE_THREADS][TRACE_POINTS][2]; /* [thread][point][clock, thread CPU time] */
+static void trace(int point) {
+    struct timespec t, c;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c);
+    const int thread = omp_get_thread_num();
+    if (thread < TRACE_THREADS) {
+        trace_ns[thread][point][0] = (i64)t.tv_sec * 1000000000 + t.tv_nsec;
+        trace_ns[thread][point][1] = (i64)c.tv_sec * 1000000000 + c.tv_nsec;
+    }
+}
+#else
+static inline void trace(int point) { (void)point; }
+#endif
 
 #define MAX_ROWS 4 /* rows of x handled by one GEMV call (Python splits larger batches; the dispatch sends
                         * at most 4 rows to the GEMV: each count is a specialisation, i.e. compile time) */
@@ -55,6 +83,22 @@ AI vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 AI vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 AI float vsum(vf v) { return _mm512_reduce_add_ps(v); }
 AI vi group_load(const uint8_t *p) { return _mm512_loadu_si512((const void *)p); }
+/* L bf16 values -> fp32 (exact) */
+AI vf vload_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+/* p[0], p[8], ..., p[8 (L - 1)] */
+AI vf gather_stride8(const float *p) {
+    return _mm512_i32gather_ps(_mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120), p, 4);
+}
+/* L floats -> bf16, rounded to nearest even, NaN kept a (quiet) NaN: what torch's .to(torch.bfloat16) gives */
+AI void vstore_bf16(uint16_t *p, vf v) {
+    const __m512i b = _mm512_castps_si512(v), hi = _mm512_srli_epi32(b, 16);
+    const __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), hi, _mm512_set1_epi32(0x40));
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(r));
+}
 /* code[index] for the 4-bit index in bits 0..3 of every dword (vpermps ignores the bits above) */
 AI vf lookup(vi idx, lut_t lut) { return _mm512_permutexvar_ps(idx, lut.t); }
 AI vi shift_right(vi v, const int bits) { return bits ? _mm512_srli_epi32(v, bits) : v; }
@@ -93,6 +137,18 @@ AI float vsum(vf v) {
     return _mm_cvtss_f32(s);
 }
 AI vi group_load(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+AI vf vload_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+AI vf gather_stride8(const float *p) { return _mm256_i32gather_ps(p, _mm256_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56), 4); }
+AI void vstore_bf16(uint16_t *p, vf v) {
+    const __m256i b = _mm256_castps_si256(v), hi = _mm256_srli_epi32(b, 16);
+    const __m256i lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
 /* code[index] for bits 0..3 of every dword: vpermps on each 8-entry half (it reads bits 0..2), index bit 3
  * (moved to the sign bit) picks the half */
 AI vf lookup(vi idx, lut_t lut) {
@@ -134,7 +190,62 @@ typedef struct {
     const uint8_t *q;
     const float *absmax2, *code2;
     float offset;
+    const uint8_t *packed;   /* [N, K/2] */
+    const struct lora *lora; /* the few-rows call's LoRA/bias epilogue (nf4_lora_gemv), or NULL */
 } plan_t;
+
+/* The LoRA factors and bias of a whole few-rows call, all fp32 and contiguous (docs/quant_linear.md, "GEMV
+ * kernel", the whole call): out = x W^T + scaling (x A^T) B^T + bias, and its gradients, inside the kernels'
+ * one OpenMP region instead of torch ops around them. Each element is summed by one thread in a fixed order,
+ * so the results are bitwise the same at any thread count (tested). */
+typedef struct lora {
+    i64 rank;
+    const void *a, *b; /* A [rank, K], B [N, rank]: fp32, or bf16 when ab_bf16 (read as is, no fp32 copies) */
+    int ab_bf16;
+    const float *bias;  /* [N], or NULL */
+    float scaling;
+    float *xa;          /* x A^T [M, rank]: written by the forward, read by the backward */
+    /* backward only: x [M, K] (natural order), and the LoRA gradients written (NULL: not wanted) */
+    const float *x;
+    void *da, *db;      /* dA [rank, K], dB [N, rank], in A's and B's dtype (computed in fp32, rounded once) */
+} lora_t;
+
+/* bf16 <-> fp32 for the LoRA factors: widening is exact; narrowing rounds to nearest even, NaN stays NaN (as
+ * torch's .to(torch.bfloat16)). */
+AI float bf16_f32(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+AI uint16_t f32_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if (f != f) return (uint16_t)((bits >> 16) | 0x40); /* quiet NaN */
+    return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+/* &t[i] of a LoRA tensor */
+AI const void *lora_row(const void *t, int bf16, i64 i) {
+    return bf16 ? (const void *)((const uint16_t *)t + i) : (const void *)((const float *)t + i);
+}
+/* element i / the L elements from i of a LoRA tensor (fp32, or bf16 when bf16) */
+AI float at_any(const void *t, int bf16, i64 i) { return bf16 ? bf16_f32(((const uint16_t *)t)[i]) : ((const float *)t)[i]; }
+AI vf load_any(const void *t, int bf16, i64 i) {
+    return bf16 ? vload_bf16((const uint16_t *)t + i) : vload((const float *)t + i);
+}
+AI void put_any(void *t, int bf16, i64 i, float f) {
+    if (bf16) ((uint16_t *)t)[i] = f32_bf16(f);
+    else ((float *)t)[i] = f;
+}
+AI void store_any(void *t, int bf16, i64 i, vf v) {
+    if (!bf16) {
+        vstore((float *)t + i, v);
+        return;
+    }
+    vstore_bf16((uint16_t *)t + i, v);
+}
+
+#define MAX_RANK 256 /* LoRA rank the whole-call kernels take (Python routes larger ones to torch) */
 
 #ifndef NF4_VECTOR_SCALES
 #define NF4_VECTOR_SCALES 1
@@ -151,6 +262,7 @@ static int make_plan(plan_t *p, const float *code16, i64 N, i64 K, i64 bs) {
     p->lane_idx = lane_index(p->lanes_vary ? (int)(bs / 8) : L);
     p->lut = lut_load(code16);
     p->code = code16;
+    p->lora = NULL;
     return 0;
 }
 
@@ -250,6 +362,14 @@ static inline void thread_range(i64 total, i64 align, i64 *lo, i64 *hi) {
 
 /* x [M, K] (fp32, or bf16 when x_bf16) -> xs [M, K] fp32 in group order (the scalar tail stays natural) */
 static void to_group_order(const void *x, int x_bf16, float *xs, const plan_t *p, i64 M, i64 g0, i64 g1) {
+    if (!x_bf16) { /* vector s of a group holds natural columns 8i + (s ^ 1): a stride-8 gather each */
+        for (i64 m = 0; m < M; m++)
+            for (i64 g = g0; g < g1; g++) {
+                const float *src = (const float *)x + m * p->K + g * GROUP_COLS;
+                for (int s = 0; s < 8; s++) vstore(xs + m * p->K + g * GROUP_COLS + s * L, gather_stride8(src + (s ^ 1)));
+            }
+        return;
+    }
     for (i64 m = 0; m < M; m++)
         for (i64 g = g0; g < g1; g++)
             for (i64 j = 0; j < GROUP_COLS; j++) {
@@ -296,6 +416,32 @@ static float *scratch(i64 floats) {
         scratch_len = scratch_buf ? floats : 0;
     }
     return scratch_buf;
+}
+
+/* sum_i a[i] b[i] (b fp32, or bf16 when b_bf16), four vector partial sums (L lanes each) then a scalar tail: a fixed order for a given n */
+static float dot(const float *a, const void *b, int b_bf16, i64 n) {
+    vf s0 = vzero(), s1 = vzero(), s2 = vzero(), s3 = vzero();
+    i64 i = 0;
+    for (; i + 4 * L <= n; i += 4 * L) {
+        s0 = vfma(vload(a + i), load_any(b, b_bf16, i), s0);
+        s1 = vfma(vload(a + i + L), load_any(b, b_bf16, i + L), s1);
+        s2 = vfma(vload(a + i + 2 * L), load_any(b, b_bf16, i + 2 * L), s2);
+        s3 = vfma(vload(a + i + 3 * L), load_any(b, b_bf16, i + 3 * L), s3);
+    }
+    for (; i + L <= n; i += L) s0 = vfma(vload(a + i), load_any(b, b_bf16, i), s0);
+    float total = vsum(vadd(vadd(s0, s1), vadd(s2, s3)));
+    for (; i < n; i++) total += a[i] * at_any(b, b_bf16, i);
+    return total;
+}
+
+/* The forward's output element [m, n] from the GEMV's sum: + scaling (x A^T)[m] . B[n] (as torch's
+ * out.addmm_(xa, B^T, alpha=scaling): the product, scaled, then added), then + bias[n]. */
+AI float lora_out(const plan_t *p, int m, i64 n, float total) {
+    const lora_t *lo = p->lora;
+    if (!lo) return total;
+    float out = total;
+    if (lo->rank) out = total + lo->scaling * dot(lo->xa + m * lo->rank, lora_row(lo->b, lo->ab_bf16, n * lo->rank), lo->ab_bf16, lo->rank);
+    return lo->bias ? out + lo->bias[n] : out;
 }
 
 /* ---- forward: y[m, n] = sum_k x[m, k] W[n, k] ------------------------------------------------------------- */
@@ -345,7 +491,7 @@ AI void fwd_block(const plan_t *p, const uint8_t *packed, const float *xs, float
                 for (i64 k = b * p->bs; k < (b + 1) * p->bs; k++) part += xs[m * p->K + k] * code_of(p, rows[rb], k);
                 total += part * srows[rb][b];
             }
-            y[m * p->N + n + rb] = total;
+            y[m * p->N + n + rb] = total; /* the LoRA/bias epilogue follows per chunk (gemv_call) */
         }
 }
 
@@ -358,37 +504,171 @@ AI void fwd_rows(const plan_t *p, const uint8_t *packed, const float *xs, float 
     if (last < n1) fwd_block(p, packed, xs, y, last, R, 1, 1);
 }
 
-/* Forward: x [M, K] fp32 (x_bf16 = 0) or bf16 (1), y fp32 [M, N], M <= MAX_ROWS. Threads split the rows of W
- * (16 at a time, so no two threads write one cache line of y). Returns 0, or -1 on bad arguments. */
+/* Rows of W handed out in chunks of STEAL_ROWS (a multiple of 16: no two threads write one cache line of y).
+ * Each thread starts with an even, contiguous share of the chunks and takes them from its front, so a balanced
+ * run reads each thread's rows in one stream as a static split would; a thread that runs out takes chunks from
+ * the back of the others' shares. A thread that is descheduled, or slowed by a neighbour, then holds up the
+ * call by at most one chunk instead of the rest of its share (docs/quant_linear.md, "GEMV kernel", threads). */
+#define STEAL_ROWS 32
+#define MAX_TEAM 64
+#ifndef NF4_STEAL
+#define NF4_STEAL 1 /* 0: each thread its own share only, a static split (benchmarks/nf4_stream.py --no-steal) */
+#endif
+
+/* one thread's chunks [front, back): front in the low 32 bits; a cache line each */
+typedef struct { uint64_t span; char pad[56]; } share_t;
+
+AI int take_front(share_t *s, i64 *chunk) {
+    uint64_t cur = __atomic_load_n(&s->span, __ATOMIC_RELAXED);
+    for (;;) {
+        const uint64_t front = cur & 0xffffffffu, back = cur >> 32;
+        if (front >= back) return 0;
+        if (__atomic_compare_exchange_n(&s->span, &cur, cur + 1, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+            *chunk = (i64)front;
+            return 1;
+        }
+    }
+}
+
+AI int take_back(share_t *s, i64 *chunk) {
+    uint64_t cur = __atomic_load_n(&s->span, __ATOMIC_RELAXED);
+    for (;;) {
+        const uint64_t front = cur & 0xffffffffu, back = cur >> 32;
+        if (front >= back) return 0;
+        if (__atomic_compare_exchange_n(&s->span, &cur, cur - ((uint64_t)1 << 32), 1, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED)) {
+            *chunk = (i64)back - 1;
+            return 1;
+        }
+    }
+}
+
+/* rows [c * STEAL_ROWS, ...) of the forward (not inlined: it has two callers, and each copy of the kernels
+ * costs compile time) */
+static __attribute__((noinline)) void fwd_chunk(const plan_t *p, const float *xs, float *y, i64 M, i64 c) {
+    const i64 n0 = c * STEAL_ROWS, n1 = n0 + STEAL_ROWS < p->N ? n0 + STEAL_ROWS : p->N;
+    switch (M) { /* constant row counts: the accumulators stay in registers */
+#if L == 16
+    case 1: fwd_rows(p, p->packed, xs, y, n0, n1, 1, 4); break;
+    case 2: fwd_rows(p, p->packed, xs, y, n0, n1, 2, 2); break;
+#else
+    case 1: fwd_rows(p, p->packed, xs, y, n0, n1, 1, 2); break;
+    case 2: fwd_rows(p, p->packed, xs, y, n0, n1, 2, 1); break;
+#endif
+    case 3: fwd_rows(p, p->packed, xs, y, n0, n1, 3, 1); break;
+    default: fwd_rows(p, p->packed, xs, y, n0, n1, 4, 1); break;
+    }
+}
+
+/* the LoRA/bias epilogue of chunk c's rows (y holds their GEMV sums) */
+static void epilogue_chunk(const plan_t *p, float *y, i64 M, i64 c) {
+    const i64 n0 = c * STEAL_ROWS, n1 = n0 + STEAL_ROWS < p->N ? n0 + STEAL_ROWS : p->N;
+    for (i64 m = 0; m < M; m++)
+        for (i64 n = n0; n < n1; n++) y[m * p->N + n] = lora_out(p, (int)m, n, y[m * p->N + n]);
+}
+
+/* Chunks whose epilogue waits for x A^T (see gemv_call); past this many, the thread waits for it. */
+#define MAX_PENDING 64
+
+typedef struct {
+    i64 next_j, done_j; /* LoRA rows of x A^T claimed / finished (atomics) */
+} xa_progress_t;
+
+AI int xa_ready(const plan_t *p, const xa_progress_t *xp) {
+    return !p->lora || !p->lora->rank || __atomic_load_n(&xp->done_j, __ATOMIC_ACQUIRE) == p->lora->rank;
+}
+
+/* The forward: x into group order on the calling thread before the fork (a few us), then one OpenMP region with
+ * no barrier: x A^T by LoRA rows claimed one at a time (each dot product whole, in a fixed order), then the rows
+ * of W in chunks (above). A chunk's LoRA/bias epilogue needs the whole x A^T: it runs right after the chunk
+ * once every row of x A^T is done, else after the thread's last chunk (then waiting for the thread still
+ * computing one). No thread waits for another to start: a late thread finds the x A^T rows and the chunks
+ * taken (docs/quant_linear.md, "GEMV kernel", threads). Every row of y is computed by one thread in the same
+ * order whichever thread takes it, so the results do not depend on the thread count or the stealing. */
+static int gemv_call(const plan_t *p, const void *x, int x_bf16, float *y, i64 M, int threads) {
+    float *xs = scratch(M * p->K);
+    if (!xs) return -2;
+    trace(TRACE_ENTRY);
+    tail_to_fp32(x, x_bf16, xs, p, M);
+    to_group_order(x, x_bf16, xs, p, M, 0, p->groups);
+    trace(TRACE_PHASE1);
+    const lora_t *lo = p->lora;
+    if (threads > MAX_TEAM) threads = MAX_TEAM;
+    if (threads < 1) threads = 1;
+    const i64 chunks = (p->N + STEAL_ROWS - 1) / STEAL_ROWS;
+    share_t shares[MAX_TEAM] __attribute__((aligned(64)));
+    for (int t = 0; t < threads; t++) /* set before the fork: a thief may look at any share at once */
+        shares[t].span = ((uint64_t)(chunks * (t + 1) / threads) << 32) | (uint64_t)(chunks * t / threads);
+    xa_progress_t xp = {0, 0};
+#pragma omp parallel num_threads(threads)
+    {
+        trace(TRACE_FORKED);
+        if (lo && lo->rank) { /* x is fp32 here (nf4_lora_gemv) */
+            i64 j;
+            while ((j = __atomic_fetch_add(&xp.next_j, 1, __ATOMIC_RELAXED)) < lo->rank) {
+                for (i64 m = 0; m < M; m++)
+                    lo->xa[m * lo->rank + j] = dot((const float *)x + m * p->K, lora_row(lo->a, lo->ab_bf16, j * p->K),
+                                                   lo->ab_bf16, p->K);
+                __atomic_fetch_add(&xp.done_j, 1, __ATOMIC_RELEASE);
+            }
+        }
+        /* a team smaller than asked for (nested parallelism) leaves shares nobody owns: the others steal them */
+        const int me = omp_get_thread_num(), team = omp_get_num_threads();
+        i64 c, pending[MAX_PENDING];
+        int npending = 0;
+        for (int v = 0; v < threads; v++) {
+            if (v && !NF4_STEAL && (me + v) % threads < team) continue; /* static split: unowned shares only */
+            share_t *share = &shares[(me + v) % threads];
+            while (v ? take_back(share, &c) : take_front(share, &c)) {
+                fwd_chunk(p, xs, y, M, c);
+                if (!lo) continue;
+                if (npending == MAX_PENDING) /* rare: wait for x A^T */
+                    while (!xa_ready(p, &xp)) _mm_pause();
+                if (xa_ready(p, &xp)) {
+                    for (; npending; npending--) epilogue_chunk(p, y, M, pending[npending - 1]);
+                    epilogue_chunk(p, y, M, c);
+                } else {
+                    pending[npending++] = c;
+                }
+            }
+        }
+        if (npending) {
+            while (!xa_ready(p, &xp)) _mm_pause();
+            for (; npending; npending--) epilogue_chunk(p, y, M, pending[npending - 1]);
+        }
+        trace(TRACE_DONE);
+    }
+    trace(TRACE_JOINED);
+    return 0;
+}
+
+/* Forward: x [M, K] fp32 (x_bf16 = 0) or bf16 (1), y fp32 [M, N], M <= MAX_ROWS. Returns 0, -1 on bad
+ * arguments, -2 without memory for the scratch. */
 int nf4_gemv(const uint8_t *packed, const float *scales, const float *code16, const void *x, int x_bf16, float *y,
              i64 M, i64 N, i64 K, i64 bs, int threads, const uint8_t *q, const float *absmax2, const float *code2,
              float offset) {
     plan_t p;
     if (M < 1 || M > MAX_ROWS || make_plan(&p, code16, N, K, bs) || set_scales(&p, scales, q, absmax2, code2, offset))
         return -1;
-    float *xs = scratch(M * K);
-    if (!xs) return -2;
-    tail_to_fp32(x, x_bf16, xs, &p, M);
-#pragma omp parallel num_threads(threads)
-    {
-        i64 g0, g1, n0, n1;
-        thread_range(p.groups, 1, &g0, &g1);
-        to_group_order(x, x_bf16, xs, &p, M, g0, g1);
-#pragma omp barrier
-        thread_range(N, 16, &n0, &n1);
-        switch (M) { /* constant row counts: the accumulators stay in registers */
-#if L == 16
-        case 1: fwd_rows(&p, packed, xs, y, n0, n1, 1, 4); break;
-        case 2: fwd_rows(&p, packed, xs, y, n0, n1, 2, 2); break;
-#else
-        case 1: fwd_rows(&p, packed, xs, y, n0, n1, 1, 2); break;
-        case 2: fwd_rows(&p, packed, xs, y, n0, n1, 2, 1); break;
-#endif
-        case 3: fwd_rows(&p, packed, xs, y, n0, n1, 3, 1); break;
-        default: fwd_rows(&p, packed, xs, y, n0, n1, 4, 1); break;
-        }
-    }
-    return 0;
+    p.packed = packed;
+    return gemv_call(&p, x, x_bf16, y, M, threads);
+}
+
+/* The whole few-rows forward: y = x W^T + scaling (x A^T) B^T (+ bias), x fp32 [M, K], A and B fp32 or both bf16
+ * (ab_bf16); writes xa = x A^T [M, rank] (fp32) for the backward. rank 0: no LoRA (a, b, xa unused); bias
+ * NULL: none. */
+int nf4_lora_gemv(const uint8_t *packed, const float *scales, const float *code16, const float *x, float *y, i64 M,
+                  i64 N, i64 K, i64 bs, int threads, const uint8_t *q, const float *absmax2, const float *code2,
+                  float offset, i64 rank, const void *a, const void *b, int ab_bf16, const float *bias,
+                  float scaling, float *xa) {
+    plan_t p;
+    if (M < 1 || M > MAX_ROWS || rank < 0 || rank > MAX_RANK || (rank && (!a || !b || !xa)) ||
+        make_plan(&p, code16, N, K, bs) || set_scales(&p, scales, q, absmax2, code2, offset))
+        return -1;
+    const lora_t lo = {.rank = rank, .a = a, .b = b, .ab_bf16 = ab_bf16, .bias = bias, .scaling = scaling, .xa = xa};
+    p.packed = packed;
+    p.lora = &lo;
+    return gemv_call(&p, x, 0, y, M, threads);
 }
 
 /* ---- backward (input gradient): dx[m, k] = sum_n g[m, n] W[n, k] ------------------------------------------ */
@@ -432,49 +712,175 @@ AI void bwd_cols(const plan_t *p, const uint8_t *packed, const float *g, float *
     }
 }
 
-/* Backward: g fp32 [M, N] -> dx fp32 [M, K] in natural order. Threads split the columns (whole groups), so
- * every element is summed in the same order whatever the thread count and no reduction is needed; each
- * thread's slice of dx stays in cache. */
+/* LoRA's share of the backward for natural columns [k0, k1), all rows m (gb = g B [M, rank], complete):
+ * dx[m, k] += scaling (gb[m] . A[:, k]) (torch's dx.addmm_(gb, A, alpha=scaling): the product, scaled, then
+ * added) when dx is wanted, and dA[j, k] = sum_m (gb[m, j] scaling) x[m, k] (torch's (gb * scaling)^T x). A
+ * vector of L columns at a time, a scalar tail; which columns take which is fixed by k0 and k1 (group bounds
+ * or the tail), so the result does not depend on the thread count. */
+static void lora_bwd_cols(const plan_t *p, const lora_t *lo, const float *gb, float *dx, i64 M, i64 k0, i64 k1) {
+    const i64 K = p->K, r = lo->rank;
+    const int bf = lo->ab_bf16;
+    i64 k = k0;
+    for (; k + L <= k1; k += L) {
+        for (i64 m = 0; m < M && dx; m++) {
+            vf l = vmul(vset1(gb[m * r]), load_any(lo->a, bf, k));
+            for (i64 j = 1; j < r; j++) l = vfma(vset1(gb[m * r + j]), load_any(lo->a, bf, j * K + k), l);
+            vstore(dx + m * K + k, vadd(vload(dx + m * K + k), vmul(vset1(lo->scaling), l)));
+        }
+        for (i64 j = 0; j < r && lo->da; j++) {
+            vf d = vmul(vset1(gb[j] * lo->scaling), vload(lo->x + k));
+            for (i64 m = 1; m < M; m++) d = vfma(vset1(gb[m * r + j] * lo->scaling), vload(lo->x + m * K + k), d);
+            store_any(lo->da, bf, j * K + k, d);
+        }
+    }
+    for (; k < k1; k++) {
+        for (i64 m = 0; m < M && dx; m++) {
+            float l = gb[m * r] * at_any(lo->a, bf, k);
+            for (i64 j = 1; j < r; j++) l = __builtin_fmaf(gb[m * r + j], at_any(lo->a, bf, j * K + k), l);
+            dx[m * K + k] = dx[m * K + k] + lo->scaling * l;
+        }
+        for (i64 j = 0; j < r && lo->da; j++) {
+            float d = (gb[j] * lo->scaling) * lo->x[k];
+            for (i64 m = 1; m < M; m++) d = __builtin_fmaf(gb[m * r + j] * lo->scaling, lo->x[m * K + k], d);
+            put_any(lo->da, bf, j * K + k, d);
+        }
+    }
+}
+
+/* gb[m, j] = sum_n g[m, n] B[n, j] for j in [j0, j1): four partial sums over n mod 4, added in a fixed order */
+static void lora_gb(const lora_t *lo, const float *g, i64 M, i64 N, i64 j0, i64 j1, float *gb) {
+    const i64 r = lo->rank;
+    for (i64 m = 0; m < M; m++) {
+        float acc[4][MAX_RANK];
+        for (int u = 0; u < 4; u++)
+            for (i64 j = j0; j < j1; j++) acc[u][j] = 0.0f;
+        i64 n = 0;
+        for (; n + 4 <= N; n += 4)
+            for (int u = 0; u < 4; u++) {
+                const float gn = g[m * N + n + u];
+                if (lo->ab_bf16) {
+                    const uint16_t *brow = (const uint16_t *)lo->b + (n + u) * r;
+                    for (i64 j = j0; j < j1; j++) acc[u][j] += gn * bf16_f32(brow[j]);
+                } else {
+                    const float *brow = (const float *)lo->b + (n + u) * r;
+                    for (i64 j = j0; j < j1; j++) acc[u][j] += gn * brow[j];
+                }
+            }
+        for (; n < N; n++)
+            for (i64 j = j0; j < j1; j++) acc[0][j] += g[m * N + n] * at_any(lo->b, lo->ab_bf16, n * r + j);
+        for (i64 j = j0; j < j1; j++) gb[m * r + j] = (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);
+    }
+}
+
+/* The backward's one OpenMP region. Threads split the columns (whole groups) for dx, so every element is summed
+ * in the same order whatever the thread count and no reduction is needed; each thread's slice of dx stays in
+ * its cache. With LoRA, before one barrier: dB for the thread's rows (16 at a time), gb = g B for its share of
+ * B's columns; after it: the LoRA terms of its dx columns and dA's same columns. dx NULL: only the LoRA
+ * gradients (the weight is not read). */
+static int gemv_t_call(const plan_t *p, const float *g, float *dx, i64 M, int threads) {
+    const i64 N = p->N, K = p->K;
+    const lora_t *lo = p->lora;
+    float *dxs = dx ? scratch(M * K) : NULL;
+    if (dx && !dxs) return -2;
+    float gb[MAX_ROWS * MAX_RANK]; /* shared by the team */
+    trace(TRACE_ENTRY);
+#pragma omp parallel num_threads(threads)
+    {
+        trace(TRACE_FORKED);
+        i64 g0, g1;
+        thread_range(p->groups, 1, &g0, &g1);
+        if (dx && g1 > g0) switch (M) {
+#if L == 16
+            case 1: bwd_cols(p, p->packed, g, dxs, g0, g1, 1, 4); break;
+            case 2: bwd_cols(p, p->packed, g, dxs, g0, g1, 2, 4); break;
+            case 3: bwd_cols(p, p->packed, g, dxs, g0, g1, 3, 2); break;
+            case 4: bwd_cols(p, p->packed, g, dxs, g0, g1, 4, 2); break;
+#else
+            case 1: bwd_cols(p, p->packed, g, dxs, g0, g1, 1, 4); break;
+            case 2: bwd_cols(p, p->packed, g, dxs, g0, g1, 2, 2); break;
+            case 3: bwd_cols(p, p->packed, g, dxs, g0, g1, 3, 1); break;
+            case 4: bwd_cols(p, p->packed, g, dxs, g0, g1, 4, 1); break;
+#endif
+            default: break; /* M <= MAX_ROWS: cases 1-4 above */
+            }
+        if (dx) {
+            for (i64 m = 0; m < M; m++) /* back to natural order: this thread's groups only */
+                for (i64 gi = g0; gi < g1; gi++)
+                    for (i64 j = 0; j < GROUP_COLS; j++)
+                        dx[m * K + gi * GROUP_COLS + natural_col(j)] = dxs[m * K + gi * GROUP_COLS + j];
+            if (omp_get_thread_num() == 0) /* tail blocks (bs < 8L only), scalar, one thread */
+                for (i64 m = 0; m < M; m++)
+                    for (i64 k = p->groups * GROUP_COLS; k < K; k++) {
+                        float acc = 0.0f;
+                        for (i64 n = 0; n < N; n++)
+                            acc += g[m * N + n] * block_scale(p, n * p->nb + k / p->bs) *
+                                   code_of(p, p->packed + n * p->half, k);
+                        dx[m * K + k] = acc;
+                    }
+        }
+        if (lo && lo->rank) {
+            const i64 r = lo->rank;
+            i64 n0, n1, j0, j1;
+            if (lo->db) { /* dB[n, j] = sum_m g[m, n] (xa[m, j] scaling): L values of j at a time, a scalar tail */
+                float xas[MAX_ROWS * MAX_RANK];
+                for (i64 i = 0; i < M * r; i++) xas[i] = lo->xa[i] * lo->scaling;
+                thread_range(N, 16, &n0, &n1);
+                for (i64 n = n0; n < n1; n++) {
+                    i64 j = 0;
+                    for (; j + L <= r; j += L) {
+                        vf d = vmul(vset1(g[n]), vload(xas + j));
+                        for (i64 m = 1; m < M; m++) d = vfma(vset1(g[m * N + n]), vload(xas + m * r + j), d);
+                        store_any(lo->db, lo->ab_bf16, n * r + j, d);
+                    }
+                    for (; j < r; j++) {
+                        float d = g[n] * xas[j];
+                        for (i64 m = 1; m < M; m++) d = __builtin_fmaf(g[m * N + n], xas[m * r + j], d);
+                        put_any(lo->db, lo->ab_bf16, n * r + j, d);
+                    }
+                }
+            }
+            thread_range(r, 1, &j0, &j1);
+            lora_gb(lo, g, M, N, j0, j1, gb);
+            trace(TRACE_PHASE1);
+#pragma omp barrier
+            trace(TRACE_BARRIER);
+            lora_bwd_cols(p, lo, gb, dx, M, g0 * GROUP_COLS, g1 * GROUP_COLS);
+            if (omp_get_thread_num() == 0) lora_bwd_cols(p, lo, gb, dx, M, p->groups * GROUP_COLS, K);
+        }
+        trace(TRACE_DONE);
+    }
+    trace(TRACE_JOINED);
+    return 0;
+}
+
+/* Backward: g fp32 [M, N] -> dx fp32 [M, K] in natural order, M <= MAX_ROWS. */
 int nf4_gemv_t(const uint8_t *packed, const float *scales, const float *code16, const float *g, float *dx, i64 M,
                i64 N, i64 K, i64 bs, int threads, const uint8_t *q, const float *absmax2, const float *code2,
                float offset) {
     plan_t p;
-    if (M < 1 || M > MAX_ROWS || make_plan(&p, code16, N, K, bs) || set_scales(&p, scales, q, absmax2, code2, offset))
+    if (M < 1 || M > MAX_ROWS || !dx || make_plan(&p, code16, N, K, bs) ||
+        set_scales(&p, scales, q, absmax2, code2, offset))
         return -1;
-    float *dxs = scratch(M * K);
-    if (!dxs) return -2;
-#pragma omp parallel num_threads(threads)
-    {
-        i64 g0, g1;
-        thread_range(p.groups, 1, &g0, &g1);
-        if (g1 > g0) switch (M) {
-#if L == 16
-            case 1: bwd_cols(&p, packed, g, dxs, g0, g1, 1, 4); break;
-            case 2: bwd_cols(&p, packed, g, dxs, g0, g1, 2, 4); break;
-            case 3: bwd_cols(&p, packed, g, dxs, g0, g1, 3, 2); break;
-            case 4: bwd_cols(&p, packed, g, dxs, g0, g1, 4, 2); break;
-#else
-            case 1: bwd_cols(&p, packed, g, dxs, g0, g1, 1, 4); break;
-            case 2: bwd_cols(&p, packed, g, dxs, g0, g1, 2, 2); break;
-            case 3: bwd_cols(&p, packed, g, dxs, g0, g1, 3, 1); break;
-            case 4: bwd_cols(&p, packed, g, dxs, g0, g1, 4, 1); break;
-#endif
-            default: break; /* M <= MAX_ROWS: cases 1-4 above */
-            }
-        for (i64 m = 0; m < M; m++) /* back to natural order: this thread's groups only */
-            for (i64 gi = g0; gi < g1; gi++)
-                for (i64 j = 0; j < GROUP_COLS; j++)
-                    dx[m * K + gi * GROUP_COLS + natural_col(j)] = dxs[m * K + gi * GROUP_COLS + j];
-        if (omp_get_thread_num() == 0) /* tail blocks (bs < 8L only), scalar, one thread */
-            for (i64 m = 0; m < M; m++)
-                for (i64 k = p.groups * GROUP_COLS; k < K; k++) {
-                    float acc = 0.0f;
-                    for (i64 n = 0; n < N; n++)
-                        acc += g[m * N + n] * block_scale(&p, n * p.nb + k / bs) * code_of(&p, packed + n * p.half, k);
-                    dx[m * K + k] = acc;
-                }
-    }
-    return 0;
+    p.packed = packed;
+    return gemv_t_call(&p, g, dx, M, threads);
+}
+
+/* The whole few-rows backward of nf4_lora_gemv: dx = g W + scaling (g B) A (NULL: not wanted, W not read),
+ * dA = scaling (g B)^T x and dB = g^T (scaling xa) (each NULL: not wanted; written in A's and B's dtype);
+ * x fp32 [M, K], xa [M, rank] from the forward. */
+int nf4_lora_gemv_t(const uint8_t *packed, const float *scales, const float *code16, const float *g, float *dx,
+                    i64 M, i64 N, i64 K, i64 bs, int threads, const uint8_t *q, const float *absmax2,
+                    const float *code2, float offset, i64 rank, const void *a, const void *b, int ab_bf16,
+                    const float *xa, float scaling, const float *x, void *da, void *db) {
+    plan_t p;
+    if (M < 1 || M > MAX_ROWS || rank < 1 || rank > MAX_RANK || !a || !b || !xa || (da && !x) ||
+        make_plan(&p, code16, N, K, bs) || set_scales(&p, scales, q, absmax2, code2, offset))
+        return -1;
+    const lora_t lo = {.rank = rank, .a = a, .b = b, .ab_bf16 = ab_bf16, .scaling = scaling, .xa = (float *)xa, .x = x,
+                       .da = da, .db = db};
+    p.packed = packed;
+    p.lora = &lo;
+    return gemv_t_call(&p, g, dx, M, threads);
 }
 
 /* ---- dequantise (natural order, for the GEMM path) ------------------------------------------------------- */
@@ -559,24 +965,42 @@ void nf4_decode_absmax(const uint8_t *q, const float *absmax2, const float *code
     for (i64 i = 0; i < nblocks; i++) out[i] = code2[q[i]] * absmax2[i / 256] + offset;
 }
 
-/* dst = src ([rows, row_bytes]), each row written by the thread whose forward GEMV reads it (the same 16-row
- * split): on a multi-socket machine the pages then sit on that thread's node (first touch). */
+/* dst = src ([rows, row_bytes]), each row written by the thread whose forward GEMV reads it when no thread
+ * steals (its initial share of chunks, gemv_call): on a multi-socket machine the pages then sit on that
+ * thread's node (first touch). */
 int nf4_first_touch_copy(const uint8_t *src, uint8_t *dst, i64 rows, i64 row_bytes, int threads) {
     if (rows < 0 || row_bytes < 0) return -1;
+    if (threads > MAX_TEAM) threads = MAX_TEAM;
+    if (threads < 1) threads = 1;
+    const i64 chunks = (rows + STEAL_ROWS - 1) / STEAL_ROWS;
 #pragma omp parallel num_threads(threads)
     {
-        i64 n0, n1;
-        thread_range(rows, 16, &n0, &n1);
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads(); /* the team it got: every row copied */
+        const i64 n0 = chunks * t / nt * STEAL_ROWS, end = chunks * (t + 1) / nt * STEAL_ROWS;
+        const i64 n1 = end < rows ? end : rows;
         if (n1 > n0) memcpy(dst + n0 * row_bytes, src + n0 * row_bytes, (size_t)((n1 - n0) * row_bytes));
     }
     return 0;
+}
+
+/* The NF4_TRACE build's timestamps of the last whole-call kernel into out [TRACE_THREADS][TRACE_POINTS][2] (clock,
+ * thread CPU time; 0: not reached); returns TRACE_POINTS, or 0 in a build without tracing. */
+int nf4_trace(i64 *out) {
+#if NF4_TRACE
+    memcpy(out, trace_ns, sizeof trace_ns);
+    memset(trace_ns, 0, sizeof trace_ns);
+    return TRACE_POINTS;
+#else
+    (void)out;
+    return 0;
+#endif
 }
 
 /* Which vector layer this build has (512: AVX-512, 2: AVX2). */
 int nf4_native_isa(void) { return NF4_ISA; }
 
 /* Lets Python confirm it loaded this source's build. */
-int nf4_native_abi(void) { return 2; }
+int nf4_native_abi(void) { return 3; }
 
 /* ---- dequantise a panel (for the GEMM path's panel tiling: docs/quant_linear.md, "Batch 512") -------------- */
 

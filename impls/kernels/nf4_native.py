@@ -3,11 +3,9 @@
 Plain C with AVX-512 or AVX2 intrinsics and OpenMP, no torch headers, so a build takes about a second. One
 source, one build per vector layer (:data:`ISA_FLAGS`); the widest one the CPU's flags allow is loaded, or the
 one ``TWINBENCH_NF4_ISA`` (``avx512``/``avx2``) names (tests run the AVX2 build on an AVX-512 machine that
-way). NEON is not written: no aarch64 machine to verify it on. The shared object lives under
-``$TWINBENCH_CACHE_DIR`` (default ``$XDG_CACHE_HOME/twinbench`` or ``~/.cache/twinbench``) in
-``nf4_native/<hash>.so``, the hash covering the source, the flags and the compiler's version; it is built into
-a temporary file and renamed into place, so concurrent first uses are safe. ``TWINBENCH_NF4_NATIVE=0`` turns
-it off (the inductor kernels in impls/kernels/nf4.py are then used).
+way). NEON is not written: no aarch64 machine to verify it on. The build is cached by
+impls/kernels/native_build.py (``nf4_native/<hash>.so`` under the twinbench cache folder, safe under concurrent
+first uses). ``TWINBENCH_NF4_NATIVE=0`` turns it off (the inductor kernels in impls/kernels/nf4.py are then used).
 
 :func:`status` says whether the kernels can run here and why not; the wrappers below check dtypes, shapes
 and contiguity, then call the C functions on the tensors' data pointers.
@@ -17,16 +15,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from twinbench.impls.kernels.availability import c_compiler, cpu_flags
+from twinbench.impls.kernels.native_build import build_shared_library
 from twinbench.impls.kernels.nf4_code import nf4_table
 
 SOURCE = Path(__file__).with_name("nf4_native.c")
@@ -39,35 +35,13 @@ ISA_FLAGS = {
 _ISA_ID = {"avx512": 512, "avx2": 2}  # what the build's nf4_native_isa() returns
 _ISA_NAME = {v: k for k, v in _ISA_ID.items()}
 MAX_ROWS = 4  # rows of x one GEMV call takes (nf4_native.c: MAX_ROWS)
+MAX_RANK = 256  # LoRA rank the whole-call kernels take (nf4_native.c: MAX_RANK)
 _OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-def cache_dir() -> Path:
-    if os.environ.get("TWINBENCH_CACHE_DIR"):
-        return Path(os.environ["TWINBENCH_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "twinbench"
 
 
 def _build(cc: str, isa: str = "avx512") -> Path:
     """The cached shared object for this source, vector layer and compiler (built now if absent)."""
-    flags = FLAGS + ISA_FLAGS[isa][0]
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
-    target = cache_dir() / "nf4_native" / f"{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"{Path(cc).name} failed: {done.stderr.strip().splitlines()[-1:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return build_shared_library(cc, SOURCE, FLAGS + ISA_FLAGS[isa][0], "nf4_native")
 
 
 def chosen_isa() -> tuple[str | None, str]:
@@ -118,14 +92,19 @@ def _load_isa(isa: str) -> tuple[ctypes.CDLL | None, str]:
         lib = ctypes.CDLL(str(_build(cc, isa)))
     except Exception as exc:  # a failed build or load is a reason, not a crash
         return None, f"native NF4 build failed: {type(exc).__name__}: {exc}"
-    if lib.nf4_native_abi() != 2 or lib.nf4_native_isa() != _ISA_ID[isa]:
+    if lib.nf4_native_abi() != 3 or lib.nf4_native_isa() != _ISA_ID[isa]:
         return None, "stale native NF4 build (ABI mismatch)"
     i64, ptr, cint, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.nf4_gemv.argtypes = [ptr, ptr, ptr, ptr, cint, ptr, i64, i64, i64, i64, cint, ptr, ptr, ptr, f32]
     lib.nf4_gemv_t.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, ptr, ptr, ptr, f32]
+    lib.nf4_lora_gemv.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, ptr, ptr, ptr, f32,
+                                  i64, ptr, ptr, cint, ptr, f32, ptr]
+    lib.nf4_lora_gemv_t.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, ptr, ptr, ptr, f32,
+                                    i64, ptr, ptr, cint, ptr, f32, ptr, ptr, ptr]
     lib.nf4_dequantize.argtypes = [ptr, ptr, ptr, ptr, i64, i64, cint, cint]
     lib.nf4_decode_absmax.argtypes = [ptr, ptr, ptr, ctypes.c_float, ptr, i64]
     lib.nf4_decode_absmax.restype = None
+    lib.nf4_trace.argtypes = [ptr]
     lib.nf4_first_touch_copy.argtypes = [ptr, ptr, i64, i64, cint]
     lib.nf4_dequantize_panel.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, cint, cint, cint]
     return lib, ""
@@ -303,10 +282,96 @@ def gemv_t(g: torch.Tensor, packed2d: torch.Tensor, scales: Scales) -> torch.Ten
     return dx
 
 
+def _fp32(t: torch.Tensor, name: str) -> torch.Tensor:
+    """t as a contiguous fp32 CPU tensor (t itself when it already is one)."""
+    return _checked(t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous(), torch.float32,
+                    name)
+
+
+def _lora_factors(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(A, B, both bf16): bf16 factors as they are (the kernels widen them as they read: no fp32 copies, 2 r (N + K)
+    bytes written and read again per call), any other dtype as fp32."""
+    if lora_a.dtype == lora_b.dtype == torch.bfloat16:
+        return _checked(lora_a.contiguous(), torch.bfloat16, "lora_A"), \
+            _checked(lora_b.contiguous(), torch.bfloat16, "lora_B"), True
+    return _fp32(lora_a, "lora_A"), _fp32(lora_b, "lora_B"), False
+
+
+def lora_gemv(x: torch.Tensor, packed2d: torch.Tensor, scales: Scales, lora_a: torch.Tensor | None,
+              lora_b: torch.Tensor | None, scaling: float,
+              bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The whole few-rows forward in one native call: ``(x W^T + scaling (x A^T) B^T + bias, x A^T)``, computed
+    and returned in fp32, for x [M <= MAX_ROWS, K], A [r, K], B [N, r] (both or neither; both bf16 are read as
+    bf16), bias [N] or None. x A^T is what
+    :func:`lora_gemv_t` takes back (None without LoRA). The LoRA products and the bias run inside the GEMV's
+    OpenMP region (docs/quant_linear.md, "GEMV kernel", the whole call)."""
+    packed2d, scales, n, k, bs = _weight(packed2d, scales)
+    x = _fp32(x, "x")
+    m = x.shape[0]
+    if x.dim() != 2 or x.shape[1] != k or not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"x must be [M <= {MAX_ROWS}, {k}], got {tuple(x.shape)}")
+    rank, ap, bp, xa, ab_bf16 = 0, None, None, None, False
+    if lora_a is not None:
+        lora_a, lora_b, ab_bf16 = _lora_factors(lora_a, lora_b)
+        rank = lora_a.shape[0]
+        if lora_a.shape != (rank, k) or lora_b.shape != (n, rank) or not 1 <= rank <= MAX_RANK:
+            raise ValueError(f"LoRA factors must be [r <= {MAX_RANK}, {k}] and [{n}, r], got "
+                             f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+        xa = torch.empty(m, rank, dtype=torch.float32)
+        ap, bp = lora_a.data_ptr(), lora_b.data_ptr()
+    if bias is not None:
+        bias = _fp32(bias, "bias")
+        if bias.shape != (n,):
+            raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+    y = torch.empty(m, n, dtype=torch.float32)
+    sargs = _scale_args(scales)
+    _call(_lib().nf4_lora_gemv, packed2d.data_ptr(), sargs[0], nf4_table("cpu").data_ptr(), x.data_ptr(),
+          y.data_ptr(), m, n, k, bs, _threads(packed2d), *sargs[1:], rank, ap, bp, int(ab_bf16),
+          None if bias is None else bias.data_ptr(), float(scaling), None if xa is None else xa.data_ptr())
+    return y, xa
+
+
+def lora_gemv_t(g: torch.Tensor, packed2d: torch.Tensor, scales: Scales, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, xa: torch.Tensor, scaling: float, x: torch.Tensor,
+                need: tuple[bool, bool, bool] = (True, True, True)) -> tuple[torch.Tensor | None, ...]:
+    """The whole few-rows backward of :func:`lora_gemv` in one native call: ``(dx, dA, dB)`` = (g W + scaling
+    (g B) A, scaling (g B)^T x, g^T (scaling xa)), computed in fp32 (dA and dB returned in bf16, rounded once,
+    when A and B are bf16), each only where ``need`` says (else None; without dx the weight is not read)."""
+    packed2d, scales, n, k, bs = _weight(packed2d, scales)
+    g, x, xa = _fp32(g, "g"), _fp32(x, "x"), _fp32(xa, "xa")
+    lora_a, lora_b, ab_bf16 = _lora_factors(lora_a, lora_b)
+    m, rank = g.shape[0], lora_a.shape[0]
+    if g.dim() != 2 or g.shape[1] != n or not 1 <= m <= MAX_ROWS or x.shape != (m, k) or xa.shape != (m, rank) \
+            or lora_a.shape != (rank, k) or lora_b.shape != (n, rank) or not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"need g [M <= {MAX_ROWS}, {n}], x [M, {k}], xa [M, r], A [r, {k}], B [{n}, r]; got "
+                         f"{[tuple(t.shape) for t in (g, x, xa, lora_a, lora_b)]}")
+    dx, da, db = (torch.empty(*shape, dtype=dtype) if want else None
+                  for want, shape, dtype in zip(need, ((m, k), (rank, k), (n, rank)),
+                                                (torch.float32, lora_a.dtype, lora_b.dtype)))
+    sargs = _scale_args(scales)
+    _call(_lib().nf4_lora_gemv_t, packed2d.data_ptr(), sargs[0], nf4_table("cpu").data_ptr(), g.data_ptr(),
+          None if dx is None else dx.data_ptr(), m, n, k, bs, _threads(packed2d), *sargs[1:], rank,
+          lora_a.data_ptr(), lora_b.data_ptr(), int(ab_bf16), xa.data_ptr(), float(scaling), x.data_ptr(),
+          None if da is None else da.data_ptr(), None if db is None else db.data_ptr())
+    return dx, da, db
+
+
+TRACE_POINTS = ("entry", "forked", "phase1", "barrier", "done", "joined")  # nf4_native.c: TRACE_*
+
+
+def last_trace() -> torch.Tensor | None:
+    """In a build with ``-DNF4_TRACE=1`` (append it to :data:`FLAGS` before the first call): when each thread
+    (up to 8) of the last :func:`lora_gemv` / :func:`lora_gemv_t` call reached each of :data:`TRACE_POINTS`, as
+    [thread, point, (CLOCK_MONOTONIC ns, the thread's CPU time in ns)] (0: not reached; entry and joined: the
+    calling thread only), then cleared; None in a normal build."""
+    out = torch.zeros(8, len(TRACE_POINTS), 2, dtype=torch.int64)
+    return out if _lib().nf4_trace(out.data_ptr()) else None
+
+
 def place(packed2d: torch.Tensor) -> torch.Tensor:
     """A copy of the packed weight whose rows are first written by the threads that will read them in the GEMV
-    (the kernels' 16-row split at torch's thread count): on a multi-socket machine each thread's rows then sit
-    on its own node's memory. One socket gains nothing; the kernels take either tensor."""
+    (each thread's initial share of the forward's 32-row chunks at torch's thread count): on a multi-socket
+    machine each thread's rows then sit on its own node's memory. One socket gains nothing; the kernels take either tensor."""
     packed2d = _checked(packed2d, torch.uint8, "packed")
     out = torch.empty_like(packed2d)
     _call(_lib().nf4_first_touch_copy, packed2d.data_ptr(), out.data_ptr(), packed2d.shape[0],

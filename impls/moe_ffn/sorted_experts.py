@@ -11,7 +11,11 @@ nothing: docs/moe.md, "Measured"):
   gradient, past the three-way bound: docs/moe.md);
 - weight gradients are written by ``torch.mm(..., out=grad[e])`` straight into the [E, ...] gradient
   (nothing dense per expert is materialised besides the gradients themselves; empty experts get zeros);
-- the GEMM operands are passed with BLAS-friendly strides (transposed views, no copies of the weights).
+- the GEMM operands are passed with BLAS-friendly strides (transposed views, no copies of the weights);
+- in bf16 on the CPU the work around the GEMMs (SwiGLU forward/backward, the weighted combine, the routed output
+  gradient with the router weight's gradient) is one native pass each with fp32 math and one rounding per output
+  (impls/kernels/moe_native.c); on the CPU in every dtype the expert-weight gradients are allocated in 2 MB pages
+  (docs/moe.md, "bf16: the work around the GEMMs").
 GEMM backend: on CUDA capability 9.x/10.x in bf16 the row GEMMs use ``torch.nn.functional.grouped_mm`` (a
 real grouped kernel, called as transformers calls it); weight gradients, and every GEMM elsewhere, are a
 per-expert ``torch.mm`` loop (docs/method.md §5: grouped_mm elsewhere is a loop fallback with a host sync
@@ -20,11 +24,15 @@ anyway, and on the CPU its fp32 path with transposed weights is slower than the 
 
 from __future__ import annotations
 
+import functools
+import mmap
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 from twinbench.harness.core.registry import register_impl
+from twinbench.impls.kernels import moe_native
 
 
 def _fast_grouped_mm(x: torch.Tensor) -> bool:
@@ -45,6 +53,49 @@ class Routing:
         self.offs = torch.cumsum(counts, 0).to(torch.int32)
         ends = self.offs.tolist()                              # the one host sync
         self.blocks = [(e, s, t) for e, (s, t) in enumerate(zip([0] + ends[:-1], ends)) if t > s]
+        self.top_k = top_k_index.shape[1]
+
+    @functools.cached_property
+    def slot_row(self) -> torch.Tensor:
+        """[tokens, k]: the sorted row of each (token, slot) pair (the inverse of ``order``)."""
+        rows = torch.empty_like(self.order)
+        rows[self.order] = torch.arange(rows.numel(), device=rows.device)
+        return rows.view(-1, self.top_k)
+
+    def expert_grad(self, like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised [E, ...] weight gradient whose experts without rows are zeros (the others are written
+        whole by their GEMM: zeroing all of it would write the [E, ...] tensor twice)."""
+        grad = _empty_in_huge_pages(like)
+        filled = torch.zeros(like.shape[0], dtype=torch.bool)
+        filled[[e for e, _, _ in self.blocks]] = True
+        for e in (~filled).nonzero().flatten().tolist():
+            grad[e].zero_()
+        return grad
+
+
+_HUGE_PAGE_MIN_BYTES = 8 << 20
+
+
+def _empty_in_huge_pages(like: torch.Tensor) -> torch.Tensor:
+    """``torch.empty_like(like)``, in 2 MB pages for a large contiguous CPU tensor on Linux.
+
+    The expert-weight gradients are the only large buffers each call allocates afresh (150 MB in bf16 at the bench
+    shape, 1.2 GB at a Qwen3-30B-A3B layer); in 4 KB pages every first write to them is a page fault, which on this
+    machine cost as much as the bf16 GEMMs writing them (docs/moe.md, "bf16: the work around the GEMMs"). The
+    mapping asks for transparent huge pages (MADV_HUGEPAGE; honoured where THP is ``always`` or ``madvise``) and is
+    unmapped when the tensor is freed. torch allocates every tensor this way under ``THP_MEM_ALLOC_ENABLE=1``,
+    which the harness does not set; ``TWINBENCH_MOE_HUGE_PAGES=0`` turns it off here.
+    """
+    nbytes = like.numel() * like.element_size()
+    if (not like.is_cpu or nbytes < _HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE")
+            or os.environ.get("TWINBENCH_MOE_HUGE_PAGES") == "0"):
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        pages.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:   # a kernel without THP: 4 KB pages, as torch's
+        pass
+    return torch.frombuffer(pages, dtype=like.dtype, count=like.numel()).view(like.shape)   # keeps ``pages`` alive
 
 
 _THREADED_MIN_FLOPS = 2e7   # below this, starting worker threads costs more than it saves
@@ -95,6 +146,28 @@ def _for_each_block(work, blocks: list[tuple[int, int, int]], device: torch.devi
         torch.set_num_threads(threads)
 
 
+_NATIVE_MIN_ELEMENTS_PER_THREAD = 1 << 16   # below this a whole-tensor pass runs on the calling thread
+
+
+def _for_each_range(work, count: int, elements: int) -> None:
+    """Run ``work(lo, hi)`` over ``range(count)`` split into one contiguous range per CPU intra-op thread (the
+    native kernels release the GIL), or as one range when the pass is small."""
+    threads = min(torch.get_num_threads(), max(1, elements // _NATIVE_MIN_ELEMENTS_PER_THREAD), count)
+    if threads <= 1:
+        work(0, count)
+        return
+    bounds = [count * i // threads for i in range(threads + 1)]
+    list(_pool(threads).map(lambda i: work(bounds[i], bounds[i + 1]), range(threads)))
+
+
+def _rows_transposed(g: torch.Tensor) -> torch.Tensor:
+    """g^T as the left operand of a weight-gradient GEMM: a contiguous copy for a bf16 CPU GEMM (oneDNN), else the
+    transposed view (fp16 was not measured). g is a few dozen rows, so the copy is cheap; on 64 experts x 64 rows at the bench shape
+    oneDNN's bf16 dW_gate_up GEMMs took 62-70 ms with the view and 46-52 ms with the copy included (dW_down: 25-27
+    vs 27-34 ms), while fp32's BLAS takes the view as it is (the copy cost 6-10 ms there)."""
+    return g.t().contiguous() if g.is_cpu and g.dtype == torch.bfloat16 else g.t()
+
+
 class TorchGemms:
     """The GEMMs over row blocks: grouped_mm where it is a real grouped kernel, else torch.mm per expert."""
 
@@ -116,10 +189,10 @@ class TorchGemms:
     @staticmethod
     def weight_grad(g: torch.Tensor, a: torch.Tensor, like: torch.Tensor, route: Routing) -> torch.Tensor:
         """grad[e] = g[rows of e]^T @ a[rows of e], written in place; experts without rows get zeros."""
-        grad = torch.zeros_like(like) if len(route.blocks) < like.shape[0] else torch.empty_like(like)
+        grad = route.expert_grad(like)
 
         def work(e, s, t):
-            torch.mm(g[s:t].t(), a[s:t], out=grad[e])
+            torch.mm(_rows_transposed(g[s:t]), a[s:t], out=grad[e])
 
         _for_each_block(work, route.blocks, a.device, 2.0 * g.shape[0] * g.shape[1] * a.shape[1])
         return grad
@@ -131,8 +204,9 @@ class SortedExperts(torch.autograd.Function):
     With :class:`TorchGemms` off the grouped_mm path (the CPU), each expert's whole chain runs as one task
     (:func:`_expert_forward`, :func:`_expert_backward`): one hand-off to the worker threads per direction
     instead of one per GEMM, and the expert's [rows, 2I] intermediates stay in its thread's cache between
-    the GEMMs and the SwiGLU work. The elementwise operations per row are the same as the phase-by-phase
-    path's, so the two give bitwise the same results.
+    the GEMMs and the SwiGLU work. The work around the GEMMs (SwiGLU, combine, routed gradient) is the same
+    functions on the same rows in both paths (:func:`_swiglu`, :func:`_swiglu_backward`, :func:`_combine`,
+    :func:`_route_gradient`), so the two give bitwise the same results.
     """
 
     @staticmethod
@@ -141,80 +215,118 @@ class SortedExperts(torch.autograd.Function):
         xs = hidden_states.index_select(0, route.token)
         w = top_k_weights.reshape(-1).index_select(0, route.order).unsqueeze(1)
         if _per_expert_chain(gemms, xs):
-            h, y = _expert_forward(xs, gate_up_proj, down_proj, route)
+            h, a, y = _expert_forward(xs, gate_up_proj, down_proj, route)
         else:
             h = gemms.rows_times_weight(xs, gate_up_proj, route, True)            # [S, 2I]
-            gate, up = h.chunk(2, dim=-1)
-            y = gemms.rows_times_weight(F.silu(gate) * up, down_proj, route, True)   # [S, H], unweighted
-        out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
-        out.index_add_(0, route.token, (y * w).float())                       # fp32 sum over the k slots
+            a = _swiglu(h, h.new_empty((h.shape[0], h.shape[1] // 2)))
+            y = gemms.rows_times_weight(a, down_proj, route, True)               # [S, H], unweighted
+        out = _combine(y, w, route, hidden_states.shape[0])                      # fp32 sum over the k slots
         ctx.route, ctx.gemms = route, gemms
-        ctx.save_for_backward(hidden_states, top_k_weights, gate_up_proj, down_proj, h, y, w)
-        return out.to(hidden_states.dtype)
+        ctx.save_for_backward(hidden_states, top_k_weights, gate_up_proj, down_proj, h, a, y, w)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden_states, top_k_weights, gate_up_proj, down_proj, h, y, w = ctx.saved_tensors
+        hidden_states, top_k_weights, gate_up_proj, down_proj, h, a, y, w = ctx.saved_tensors
         route, gemms = ctx.route, ctx.gemms
         xs = hidden_states.index_select(0, route.token)                       # re-gathered, not stored
-        g_out = grad_out.index_select(0, route.token)                         # [S, H]
-        grad_w_sorted = (g_out.float() * y.float()).sum(-1)                   # d(router weight)
+        g_y, grad_w = _route_gradient(grad_out, w, y, route)                  # [S, H] weighted; d(router weight)
         if _per_expert_chain(gemms, xs):
-            g_xs, grad_gate_up, grad_down = _expert_backward(g_out, w, h, xs, gate_up_proj, down_proj, route)
+            g_xs, grad_gate_up, grad_down = _expert_backward(g_y, h, a, xs, gate_up_proj, down_proj, route)
         else:
-            gate, up = h.chunk(2, dim=-1)
-            act = F.silu(gate)
-            g_y = g_out * w
-            grad_down = gemms.weight_grad(g_y, act * up, down_proj, route)        # [E, H, I]
+            grad_down = gemms.weight_grad(g_y, a, down_proj, route)               # [E, H, I]
             g_a = gemms.rows_times_weight(g_y, down_proj, route, False)           # [S, I]
-            g_h = torch.cat([torch.ops.aten.silu_backward(g_a * up, gate), g_a * act], dim=-1)   # d gate, d up
+            g_h = _swiglu_backward(h, g_a, torch.empty_like(h))                   # d gate, d up
             grad_gate_up = gemms.weight_grad(g_h, xs, gate_up_proj, route)        # [E, 2I, H]
             g_xs = gemms.rows_times_weight(g_h, gate_up_proj, route, False)       # [S, H]
-        grad_x = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
-        grad_x.index_add_(0, route.token, g_xs.float())
-        grad_w = torch.empty(route.order.shape, dtype=torch.float32, device=h.device)
-        grad_w[route.order] = grad_w_sorted
-        return (None, grad_x.to(hidden_states.dtype), None,
-                grad_w.view_as(top_k_weights).to(top_k_weights.dtype), grad_gate_up, grad_down)
+        grad_x = _combine(g_xs, None, route, hidden_states.shape[0])
+        return (None, grad_x, None, grad_w.view_as(top_k_weights).to(top_k_weights.dtype), grad_gate_up, grad_down)
 
 
 def _per_expert_chain(gemms, x: torch.Tensor) -> bool:
     return gemms is TorchGemms and not _fast_grouped_mm(x)
 
 
-def _expert_forward(xs, gate_up_proj, down_proj, route: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-    """h = xs W_gu[e]^T, a = silu(gate) * up, y = a W_down[e]^T, expert by expert: returns (h, y)."""
+# The work around the GEMMs. In bf16 on the CPU each is one native pass with fp32 math and one rounding per output
+# (impls/kernels/moe_native.c); torch's bf16 ops convert and round on every op (docs/moe.md, "bf16: the work around
+# the GEMMs"). Elsewhere (fp32, fp16, GPUs, no compiler) the torch ops below run.
+
+def _swiglu(h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = silu(gate) * up for the rows of h = [gate | up]."""
+    if moe_native.usable(h):
+        return moe_native.swiglu_forward(h, out)
+    inter = out.shape[1]
+    return torch.mul(F.silu(h[:, :inter]), h[:, inter:], out=out)
+
+
+def _swiglu_backward(h: torch.Tensor, g_a: torch.Tensor, g_h: torch.Tensor) -> torch.Tensor:
+    """g_h = [d gate | d up] of silu(gate) * up for the rows of h, from d(out) = g_a."""
+    if moe_native.usable(h):
+        return moe_native.swiglu_backward(h, g_a, g_h)
+    inter = g_a.shape[1]
+    gate, up = h[:, :inter], h[:, inter:]
+    torch.ops.aten.silu_backward.grad_input(g_a * up, gate, grad_input=g_h[:, :inter])
+    torch.mul(g_a, F.silu(gate), out=g_h[:, inter:])
+    return g_h
+
+
+def _combine(y: torch.Tensor, w: torch.Tensor | None, route: Routing, tokens: int) -> torch.Tensor:
+    """[tokens, H]: each token's k rows of y (times their routing weight w), summed in fp32, in y's dtype."""
+    if moe_native.usable(y):
+        out = y.new_empty((tokens, y.shape[1]))
+        w32 = None if w is None else w.reshape(-1).float()
+        _for_each_range(lambda lo, hi: moe_native.combine(y, w32, route.slot_row, out, lo, hi), tokens, y.numel())
+        return out
+    out = torch.zeros((tokens, y.shape[1]), dtype=torch.float32, device=y.device)
+    out.index_add_(0, route.token, (y if w is None else y * w).float())
+    return out.to(y.dtype)
+
+
+def _route_gradient(grad_out: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
+                    route: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g_y [S, H]: each row's output gradient times its routing weight; d(router weight) [tokens * k] fp32, in
+    (token, slot) order: the row's output gradient . y)."""
+    grad_w = torch.empty(route.order.shape, dtype=torch.float32, device=y.device)
+    if moe_native.usable(grad_out, y):
+        grad_out = grad_out.contiguous()           # e.g. the expanded gradient of out.sum(): stride 0
+        g_y, w32 = torch.empty_like(y), w.reshape(-1).float()
+        _for_each_range(lambda lo, hi: moe_native.route_gradient(grad_out, route.token, route.order, w32, y, g_y,
+                                                                 grad_w, lo, hi), y.shape[0], y.numel())
+        return g_y, grad_w
+    g_out = grad_out.index_select(0, route.token)                             # [S, H]
+    grad_w[route.order] = (g_out.float() * y.float()).sum(-1)
+    return g_out * w, grad_w
+
+
+def _expert_forward(xs, gate_up_proj, down_proj, route: Routing):
+    """h = xs W_gu[e]^T, a = silu(gate) * up, y = a W_down[e]^T, expert by expert: returns (h, a, y)."""
     inter = down_proj.shape[2]
     h = xs.new_empty((xs.shape[0], 2 * inter))
+    a = xs.new_empty((xs.shape[0], inter))
     y = xs.new_empty((xs.shape[0], down_proj.shape[1]))
 
     def work(e, s, t):
-        he = torch.mm(xs[s:t], gate_up_proj[e].t(), out=h[s:t])
-        act = F.silu(he[:, :inter]) * he[:, inter:]
-        torch.mm(act, down_proj[e].t(), out=y[s:t])
+        torch.mm(xs[s:t], gate_up_proj[e].t(), out=h[s:t])
+        _swiglu(h[s:t], a[s:t])
+        torch.mm(a[s:t], down_proj[e].t(), out=y[s:t])
 
     _for_each_block(work, route.blocks, xs.device, 6.0 * xs.shape[0] * xs.shape[1] * inter)
-    return h, y
+    return h, a, y
 
 
-def _expert_backward(g_out, w, h, xs, gate_up_proj, down_proj, route: Routing):
-    """Per expert: dW_down, d(act), dh through SwiGLU, dW_gate_up and d(xs); returns (g_xs, dW_gu, dW_down)."""
+def _expert_backward(g_y, h, a, xs, gate_up_proj, down_proj, route: Routing):
+    """Per expert: dW_down, d(a), dh through SwiGLU, dW_gate_up and d(xs); returns (g_xs, dW_gu, dW_down)."""
     inter = down_proj.shape[2]
-    empty = len(route.blocks) < gate_up_proj.shape[0]   # experts without rows get exact zeros
-    grad_gate_up = torch.zeros_like(gate_up_proj) if empty else torch.empty_like(gate_up_proj)
-    grad_down = torch.zeros_like(down_proj) if empty else torch.empty_like(down_proj)
+    grad_gate_up, grad_down = route.expert_grad(gate_up_proj), route.expert_grad(down_proj)
     g_xs = xs.new_empty(xs.shape)
     g_h = h.new_empty(h.shape)
+    g_a = a.new_empty(a.shape)
 
     def work(e, s, t):
-        gate, up = h[s:t, :inter], h[s:t, inter:]
-        act = F.silu(gate)
-        g_y = g_out[s:t] * w[s:t]
-        torch.mm(g_y.t(), act * up, out=grad_down[e])
-        g_a = torch.mm(g_y, down_proj[e])
-        torch.ops.aten.silu_backward.grad_input(g_a * up, gate, grad_input=g_h[s:t, :inter])
-        torch.mul(g_a, act, out=g_h[s:t, inter:])
-        torch.mm(g_h[s:t].t(), xs[s:t], out=grad_gate_up[e])
+        torch.mm(_rows_transposed(g_y[s:t]), a[s:t], out=grad_down[e])
+        torch.mm(g_y[s:t], down_proj[e], out=g_a[s:t])
+        _swiglu_backward(h[s:t], g_a[s:t], g_h[s:t])
+        torch.mm(_rows_transposed(g_h[s:t]), xs[s:t], out=grad_gate_up[e])
         torch.mm(g_h[s:t], gate_up_proj[e], out=g_xs[s:t])
 
     _for_each_block(work, route.blocks, xs.device, 12.0 * xs.shape[0] * xs.shape[1] * inter)

@@ -58,33 +58,44 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class _NF4LoRALinear(torch.autograd.Function):
-    """out = x W^T + scaling (x A^T) B^T (+ bias) on 2-D x; W frozen, given as packed2d + row scales."""
+    """out = x W^T + scaling (x A^T) B^T (+ bias) on 2-D x; W frozen, given as packed2d + row scales.
+    ``native_gemv``: the native few-rows kernels serve it (then forward and backward are one native call each)."""
 
     @staticmethod
-    def forward(ctx, x, packed2d, scales, lora_A, lora_B, bias, scaling, keep_w):
+    def forward(ctx, x, packed2d, scales, lora_A, lora_B, bias, scaling, keep_w, native_gemv):
         w = None
         few_rows = x.shape[0] <= nf4_kernels.GEMV_MAX_ROWS
         xc = _as(x, _compute_dtype(x, few_rows))
-        if keep_w and not few_rows:  # GEMM path: keep W for the backward
-            w = nf4_kernels.dequantize(packed2d, scales, x.dtype)
-            out = nf4_kernels.gemm_nt(x, w)
-        else:
-            out = nf4_kernels.nf4_mm(xc, packed2d, scales)
         xa = a_c = b_c = None
-        with _one_thread(few_rows):
-            if lora_A is not None:
-                a_c, b_c = _as(lora_A, xc.dtype), _as(lora_B, xc.dtype)
-                xa = xc @ a_c.t()
-                out = out.addmm_(xa, b_c.t(), alpha=scaling)  # in place: out is ours, fresh
-            if bias is not None:
-                out = out.add_(_as(bias, xc.dtype))
+        # the whole few-rows call (GEMV, LoRA products, bias) in one native call: docs/quant_linear.md,
+        # "GEMV kernel", the whole call
+        ctx.whole = native_gemv and (lora_A is None or lora_A.shape[0] <= nf4_native.MAX_RANK)
+        if lora_A is not None:  # the native kernels read bf16 factors as they are (computing in fp32)
+            bf16_ab = ctx.whole and lora_A.dtype == lora_B.dtype == torch.bfloat16
+            a_c, b_c = (lora_A, lora_B) if bf16_ab else (_as(lora_A, xc.dtype), _as(lora_B, xc.dtype))
+        if ctx.whole:
+            out, xa = nf4_native.lora_gemv(xc, packed2d, scales, a_c, b_c, scaling,
+                                           None if bias is None else _as(bias, xc.dtype))
+        else:
+            if keep_w and not few_rows:  # GEMM path: keep W for the backward
+                w = nf4_kernels.dequantize(packed2d, scales, x.dtype)
+                out = nf4_kernels.gemm_nt(x, w)
+            else:
+                out = nf4_kernels.nf4_mm(xc, packed2d, scales)
+            with _one_thread(few_rows):
+                if lora_A is not None:
+                    xa = xc @ a_c.t()
+                    out = out.addmm_(xa, b_c.t(), alpha=scaling)  # in place: out is ours, fresh
+                if bias is not None:
+                    out = out.add_(_as(bias, xc.dtype))
         ctx.scaling = scaling
         ctx.has_bias = bias is not None
         # double-quantised scales for the GEMV kernels are a NestedScales of tensors, held here as they are
         ctx.nested = None if isinstance(scales, torch.Tensor) else scales
         # The backward computes with x, A and B in the compute dtype: keep them so (bitwise the same values as
-        # converting again; on the few-rows path with bf16 LoRA weights that saves three conversions and their
-        # 2 r (N + K) bytes of fresh allocations per backward, for r (N + K) more bytes held until it).
+        # converting again; on the torch-products route with bf16 LoRA weights that saves conversions and their
+        # fresh allocations per backward, for r (N + K) more bytes held until it). The whole-call kernels keep
+        # bf16 A and B as given (they widen them as they read).
         ctx.dtypes = (x.dtype, None if lora_A is None else lora_A.dtype, None if lora_B is None else lora_B.dtype)
         ctx.save_for_backward(xc, packed2d, scales if ctx.nested is None else None, a_c, b_c, xa, w)
         return _as(out, x.dtype)
@@ -94,11 +105,20 @@ class _NF4LoRALinear(torch.autograd.Function):
         xc, packed2d, scales, a_c, b_c, xa, w = ctx.saved_tensors  # x, A, B in the compute dtype cd
         x_dtype, a_dtype, b_dtype = ctx.dtypes
         scales = scales if ctx.nested is None else ctx.nested
-        need_x, _, _, need_a, need_b, need_bias, _, _ = ctx.needs_input_grad
+        need_x, _, _, need_a, need_b, need_bias, _, _, _ = ctx.needs_input_grad
         few_rows = xc.shape[0] <= nf4_kernels.GEMV_MAX_ROWS
         cd = xc.dtype
         gc = _as(g, cd).contiguous()
         dx = da = db = dbias = None
+        if ctx.whole and a_c is not None:
+            if need_x or need_a or need_b:
+                dx, da, db = nf4_native.lora_gemv_t(gc, packed2d, scales, a_c, b_c, xa, ctx.scaling, xc,
+                                                    (need_x, need_a, need_b))
+            if need_bias and ctx.has_bias:
+                dbias = _as(gc.sum(0), g.dtype)
+            return (None if dx is None else _as(dx, x_dtype)), None, None, \
+                (None if da is None else _as(da, a_dtype)), (None if db is None else _as(db, b_dtype)), dbias, \
+                None, None, None
         with _one_thread(few_rows):
             gb = gc @ b_c if a_c is not None and (need_x or need_a) else None
         if need_x:
@@ -113,7 +133,7 @@ class _NF4LoRALinear(torch.autograd.Function):
                 db = _as(gc.t() @ (xa * ctx.scaling), b_dtype)
             if need_bias and ctx.has_bias:
                 dbias = _as(gc.sum(0), g.dtype)
-        return (None if dx is None else _as(dx, x_dtype)), None, None, da, db, dbias, None, None
+        return (None if dx is None else _as(dx, x_dtype)), None, None, da, db, dbias, None, None, None
 
 
 def _compute_dtype(x: torch.Tensor, few_rows: bool) -> torch.dtype:
@@ -124,16 +144,19 @@ def _compute_dtype(x: torch.Tensor, few_rows: bool) -> torch.dtype:
     return torch.float32 if few_rows else x.dtype
 
 
-def _kernel_scales(w: NF4Weight, packed2d: torch.Tensor, rows: int):
-    """The block scales as the CPU kernels take them: on the native GEMV path a double-quantised absmax as
-    stored (decoded per block inside the kernel: the weight and its scales read once, no fp32 copy written
-    and read per call); otherwise fp32 [N, K/bs]."""
+def _kernel_scales(w: NF4Weight, packed2d: torch.Tensor, rows: int) -> tuple[Any, bool]:
+    """(the block scales as the CPU kernels take them, whether the native GEMV kernels serve this call): on the
+    native GEMV path a double-quantised absmax as stored (decoded per block inside the kernel: the weight and
+    its scales read once, no fp32 copy written and read per call); otherwise fp32 [N, K/bs]. One
+    ``supports`` check per call (each reads the environment)."""
     n, k = w.shape
-    if w.nested and rows <= nf4_kernels.GEMV_MAX_ROWS and w.absmax.dtype == torch.uint8:
+    few_rows = 1 <= rows <= nf4_kernels.GEMV_MAX_ROWS  # an empty batch takes the composed route (empty results)
+    if w.nested and few_rows and w.absmax.dtype == torch.uint8:
         nested = nf4_native.NestedScales(w.absmax.reshape(n, k // w.blocksize), w.absmax2, w.code2, float(w.offset))
         if nf4_native.supports(packed2d, nested):
-            return nested
-    return w.block_scales().reshape(n, k // w.blocksize)
+            return nested, True
+    scales = w.block_scales().reshape(n, k // w.blocksize)
+    return scales, few_rows and nf4_native.supports(packed2d, scales)
 
 
 def nf4_lora_linear(x: torch.Tensor, qweight_state: Any, lora_A: torch.Tensor | None = None,
@@ -167,8 +190,9 @@ def nf4_lora_linear(x: torch.Tensor, qweight_state: Any, lora_A: torch.Tensor | 
         out = triton_nf4_lora_linear(x2, w, lora_A, lora_B, scaling, bias)
     else:
         packed2d = w.packed.reshape(n, k // 2)
-        out = _NF4LoRALinear.apply(x2, packed2d, _kernel_scales(w, packed2d, x2.shape[0]), lora_A, lora_B, bias,
-                                   float(scaling), keep_dequantized)
+        scales, native_gemv = _kernel_scales(w, packed2d, x2.shape[0])
+        out = _NF4LoRALinear.apply(x2, packed2d, scales, lora_A, lora_B, bias, float(scaling), keep_dequantized,
+                                   native_gemv)
     return out.reshape(*lead, n)
 
 
