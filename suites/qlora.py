@@ -97,7 +97,7 @@ class BenchCase:
 # Peak LR 2e-3 at 100M: the tiny models' rates (2e-2, 1e-2) make the loss spike to ~9 at step 2 and the
 # trajectory chaotic after it (the reference disagrees with itself across thread counts); at 2e-3 both
 # models' reference loss falls monotonically over the 12 steps (docs/qlora.md, "A learning rate for 100M").
-# There the head of the trajectory keeps the fp32 bound of ``BOUNDS`` (1e-3): it stays far above both the
+# There the head of the trajectory keeps the fp32 bound of ``BOUNDS`` (1e-3), far above both the
 # reference's own spread across thread counts and the patched-vs-reference difference (docs/method.md §7).
 BENCH_LR_100M = 2e-3
 BENCH_PROFILES: dict[str, tuple[BenchCase, ...]] = {
