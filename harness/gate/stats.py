@@ -261,6 +261,9 @@ class Look:
     look_ratio: float = float("nan")  # this look's own median new/base, on its fresh pair of processes
     look_noise: float = float("nan")  # sd of one look's log ratio used (between-pair and within-look)
     reference: str = "normal"         # "normal" (the prior's variance) or "t" (the looks' own, larger, variance)
+    # "slower" (a flagged regression) or "faster" (a screened improvement): ratio, bound and look_ratio are then
+    # base/new, so every number above reads "> 1 = the claimed direction"
+    direction: str = "slower"
 
 
 @dataclass(frozen=True)
@@ -321,7 +324,8 @@ def screen(cases: list[dict[str, Any]], config: GateConfig, pair_noise: PairNois
     pair's own noise and the case's between-pair sd): on a case whose processes differ by a few percent, a
     real 5% slowdown often reads below 1 + threshold on one pair. Its verdict comes from
     :func:`confirm_sequentially` on fresh pairs, so the screen may be lenient: it costs looks, never false
-    alarms. Improvements are final at this stage, so they must be significant after correction."""
+    alarms. An improvement is flagged only when significant after correction (a missed one costs no false
+    claim), and is then confirmed on fresh pairs like a regression."""
     compared = [c for c in cases if c.get("p_value") is not None]
     for c, p_adj in zip(compared, adjust([c["p_value"] for c in compared], config.correction)):
         c["p_adjusted"] = p_adj
@@ -339,6 +343,11 @@ def confirm_sequentially(cases: list[dict[str, Any]], config: GateConfig, rerun:
                          shares: Sequence[float] = SPENDING) -> list[dict[str, Any]]:
     """Second stage of the interleaved gate: confirm :func:`screen`'s flagged cases on fresh pairs.
 
+    Screened improvements are confirmed the same way in the other direction (base/new instead of new/base):
+    they do not fail the gate, but an improvement the gate reports is a claim too, and the screen's one pair
+    of processes cannot tell a per-process bias from it (an A/A gate of the whole profile on 2026-12-05
+    reported 3 "improvements" of 4-8% at the screen, Holm-significant, none real). They share the family F.
+
     ``rerun(case, look)`` returns the samples (base, head) of one look at a flagged case, each look on a fresh
     pair of processes. A case is confirmed at the first look n >= ``MIN_LOOKS`` where the one-sided p-value of
     the look means (:func:`look_statistics`) is below ``alpha x shares[n] / flagged`` and their ratio is above
@@ -351,7 +360,8 @@ def confirm_sequentially(cases: list[dict[str, Any]], config: GateConfig, rerun:
     """
     if abs(sum(shares) - 1.0) > 1e-9 or any(w < 0 for w in shares) or sum(w > 0 for w in shares) == 0:
         raise ValueError("alpha spending shares must be non-negative and sum to 1")
-    flagged = [c for c in cases if c["verdict"] == "regression"]
+    flagged = [c for c in cases if c["verdict"] in ("regression", "improvement")]
+    faster = {case_key(c) for c in flagged if c["verdict"] == "improvement"}
     from scipy.stats import norm
 
     last_critical = float(norm.isf(config.alpha * shares[-1] / max(1, len(flagged))))
@@ -363,6 +373,8 @@ def confirm_sequentially(cases: list[dict[str, Any]], config: GateConfig, rerun:
             level = config.alpha * share / len(flagged)
             ratios, within, rounds = looks[case_key(c)]
             b, h = rerun(c, look)
+            if case_key(c) in faster:  # test "base is slower than new" with the same one-sided machinery
+                b, h = h, b
             this_ratio, this_noise = look_ratio(b, h, n_boot=config.n_boot, seed=config.seed + 1 + look,
                                                 name=c.get("impl", "case"))
             ratios.append(this_ratio)
@@ -382,16 +394,18 @@ def confirm_sequentially(cases: list[dict[str, Any]], config: GateConfig, rerun:
             else:
                 outcome = "open"
             c.setdefault("looks", []).append(asdict(Look(sum(rounds), ratio, upper, s.p_value, level, min_effect,
-                                                         outcome, this_ratio, s.look_sd, s.reference)))
+                                                         outcome, this_ratio, s.look_sd, s.reference,
+                                                         "faster" if case_key(c) in faster else "slower")))
+            claim, shown = ("improvement", "base/new") if case_key(c) in faster else ("regression", "new/base")
             if outcome == "confirmed":
-                c["verdict"] = "regression (confirmed)"
-                c["note"] = (f"confirmed at look {look + 1} (fresh process pairs): new/base {ratio:.4f}, upper "
-                             f"bound {upper:.4f}, one-sided p {s.p_value:.2g} < {level:.2g}")
+                c["verdict"] = f"{claim} (confirmed)"
+                c["note"] = (f"confirmed at look {look + 1} (fresh process pairs): {shown} {ratio:.4f}, bound "
+                             f"{upper:.4f}, one-sided p {s.p_value:.2g} < {level:.2g}")
             elif outcome == "futile":
                 c["verdict"] = "no change"
-                c["note"] = (f"flagged once, refuted at look {look + 1} on fresh process pairs: new/base "
-                             f"{ratio:.4f}, upper bound {upper:.4f}; no change is e^{-log_lr:.1f} times as likely "
-                             f"as a {TARGET_EFFECT:.0%} slowdown")
+                c["note"] = (f"flagged as a {claim} once, refuted at look {look + 1} on fresh process pairs: {shown} "
+                             f"{ratio:.4f}, bound {upper:.4f}; no change is e^{-log_lr:.1f} times as likely as "
+                             f"a {TARGET_EFFECT:.0%} difference")
             else:
                 next_open.append(c)
         still_open = next_open
@@ -399,9 +413,10 @@ def confirm_sequentially(cases: list[dict[str, Any]], config: GateConfig, rerun:
             break
     for c in still_open:
         last = c["looks"][-1]
+        claim, shown = ("improvement", "base/new") if case_key(c) in faster else ("regression", "new/base")
         c["verdict"] = "no change"
-        c["note"] = (f"flagged once, not confirmed in {len(shares)} looks on fresh process pairs (new/base "
-                     f"{last['ratio']:.4f}, p {last['p_value']:.2g}, one look's sd {last['look_noise']:.3f})")
+        c["note"] = (f"flagged as a {claim} once, not confirmed in {len(shares)} looks on fresh process pairs "
+                     f"({shown} {last['ratio']:.4f}, p {last['p_value']:.2g}, one look's sd {last['look_noise']:.3f})")
     return cases
 
 
@@ -417,7 +432,7 @@ def is_failure(c: dict[str, Any]) -> bool:
 def summarize(cases: list[dict[str, Any]], parity_failures: list[dict[str, Any]], config: GateConfig, *,
               mode: str, mode_text: str, note: str = "") -> dict[str, Any]:
     regressions = [c for c in cases if is_failure(c)]
-    improvements = [c for c in cases if c["verdict"] == "improvement"]
+    improvements = [c for c in cases if c["verdict"].startswith("improvement")]
     compared = [c for c in cases if c.get("p_value") is not None]
     failed = bool(regressions or parity_failures)
     parts = [f"{len(compared)} cases compared", f"{len(regressions)} regression(s)",
