@@ -86,7 +86,10 @@ def vendor_repo(tmp_path_factory) -> tuple[Path, list[str]]:
 
 @pytest.fixture
 def fresh_registry(monkeypatch):
-    """Each bisect loads BAD's plugin into this process from its own worktree path: start clean."""
+    """Each bisect loads BAD's plugin into this process from its own worktree path: start clean. The built-in
+    suites are loaded first: copied before their modules were imported, the registry restored after the test
+    would stay empty for every later test (their modules, cached, never register again)."""
+    registry.load_plugins()
     monkeypatch.setattr(registry, "SUITES", dict(registry.SUITES))
     monkeypatch.setattr(registry, "IMPLS", dict(registry.IMPLS))
     monkeypatch.setattr(registry, "_loaded_sources", set(registry._loaded_sources))
