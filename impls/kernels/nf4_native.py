@@ -19,6 +19,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from twinbench.impls.kernels.availability import c_compiler, cpu_flags
@@ -108,6 +109,11 @@ def _load_isa(isa: str) -> tuple[ctypes.CDLL | None, str]:
     lib.nf4_first_touch_copy.argtypes = [ptr, ptr, i64, i64, cint]
     lib.nf4_dequantize_panel.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, cint, cint, cint]
     return lib, ""
+
+
+def loaded() -> ctypes.CDLL | None:
+    """The build the environment asks for, or None (:func:`status` says why): one environment read."""
+    return _load()[0]
 
 
 def isa() -> str | None:
@@ -245,9 +251,85 @@ def _weight(packed2d: torch.Tensor, scales: Scales) -> tuple[torch.Tensor, Scale
     return packed2d, scales, n, k, n * k // count
 
 
-def gemv(x: torch.Tensor, packed2d: torch.Tensor, scales: Scales) -> torch.Tensor:
-    """``x @ W^T`` in fp32 for x [M, K] (bf16 read as is, other dtypes as fp32; up to MAX_ROWS rows per call)."""
+@dataclass(frozen=True, slots=True)
+class CheckedWeight:
+    """A weight checked once for the few-rows kernels (:func:`check_weight`), with what C takes for it worked out:
+    the GEMV wrappers accept it in place of ``(packed2d, scales)`` (pass ``scales=None``) and then skip the
+    checks, the environment read and the pointer arguments, ~5-10 us per call (docs/quant_linear.md, "Per-call
+    cost of the few-rows path"). It holds private views of its tensors (so reassigning a caller's tensor's
+    ``.data`` cannot free what the pointers point at) and the version counters of the tensors it was derived
+    from: a wrapper refuses it once any of them changed in place (new values under converted copies, a resize
+    that moved the bytes, a weight modified between forward and backward). ``lib``: the build it was checked
+    for, used for its calls (the environment is read when checking, not per call)."""
+
+    packed2d: torch.Tensor
+    scales: Scales
+    n: int
+    k: int
+    blocksize: int
+    lib: ctypes.CDLL
+    # C's weight arguments: (packed, fp32 scales) pointers and (q, absmax2, code2 pointers, offset)
+    head: tuple
+    nested: tuple
+    watched: tuple[torch.Tensor, ...]
+    versions: tuple[int, ...]
+
+    def fresh(self) -> bool:
+        """None of the tensors it was derived from changed in place since the check."""
+        return tuple([t._version for t in self.watched]) == self.versions
+
+
+def check_weight(packed2d: torch.Tensor, scales: Scales, watch: tuple[torch.Tensor, ...] = ()) -> CheckedWeight:
+    """``(packed2d, scales)`` checked as every wrapper checks them (ValueError else), for the loaded build
+    (RuntimeError when there is none). ``watch``: more tensors the caller derived these from (e.g. a scalar
+    offset read with ``float``): their in-place changes make the result stale too."""
+    lib = _lib()
+    given = (packed2d, *((scales.q, scales.absmax2, scales.code2) if isinstance(scales, NestedScales) else (scales,)))
     packed2d, scales, n, k, bs = _weight(packed2d, scales)
+    packed2d = packed2d.view(packed2d.shape)
+    if isinstance(scales, NestedScales):
+        scales = NestedScales(scales.q.view(scales.q.shape), scales.absmax2.view(-1), scales.code2.view(-1),
+                              scales.offset)
+    else:
+        scales = scales.view(scales.shape)
+    watched = (*given, *watch)
+    sargs = _scale_args(scales)
+    return CheckedWeight(packed2d, scales, n, k, bs, lib, (packed2d.data_ptr(), sargs[0]), sargs[1:], watched,
+                         tuple([t._version for t in watched]))
+
+
+class _KernelWeight(NamedTuple):
+    """What one wrapper call passes C for its weight."""
+
+    lib: ctypes.CDLL
+    head: tuple  # (packed, fp32 scales) pointers
+    nested: tuple  # (q, absmax2, code2) pointers and the offset
+    n: int
+    k: int
+    blocksize: int
+    threads: int
+    keep: object  # the tensors behind the pointers, alive until the call returns
+
+
+def _kernel_weight(packed2d: torch.Tensor | CheckedWeight, scales: Scales | None) -> _KernelWeight:
+    """The weight's C arguments: a :class:`CheckedWeight` as checked (refused when stale), else checked now."""
+    if isinstance(packed2d, CheckedWeight):
+        w = packed2d
+        if not w.fresh():
+            raise ValueError("the NF4 weight changed in place since it was checked (check_weight it again; "
+                             "a weight modified between a forward and its backward cannot be differentiated)")
+        return _KernelWeight(w.lib, w.head, w.nested, w.n, w.k, w.blocksize, _threads(w.packed2d), w)
+    packed2d, scales, n, k, bs = _weight(packed2d, scales)
+    sargs = _scale_args(scales)
+    return _KernelWeight(_lib(), (packed2d.data_ptr(), sargs[0]), sargs[1:], n, k, bs, _threads(packed2d),
+                         (packed2d, scales))
+
+
+def gemv(x: torch.Tensor, packed2d: torch.Tensor | CheckedWeight, scales: Scales | None) -> torch.Tensor:
+    """``x @ W^T`` in fp32 for x [M, K] (bf16 read as is, other dtypes as fp32; up to MAX_ROWS rows per call).
+    ``packed2d`` may be a :class:`CheckedWeight` (then ``scales`` is None), as for every GEMV wrapper."""
+    w = _kernel_weight(packed2d, scales)
+    n, k = w.n, w.k
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x must be [M, {k}], got {tuple(x.shape)}")
     bf16 = x.dtype == torch.bfloat16
@@ -256,17 +338,18 @@ def gemv(x: torch.Tensor, packed2d: torch.Tensor, scales: Scales) -> torch.Tenso
         raise ValueError(f"x must be on the CPU, got {x.device}")
     m = x.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
-    lib, code, threads, sargs = _lib(), nf4_table("cpu"), _threads(packed2d), _scale_args(scales)
+    code = nf4_table("cpu")
     xp, yp, xrow = x.data_ptr(), y.data_ptr(), k * x.element_size()  # row r at base + r * row bytes (contiguous)
     for r in range(0, m, MAX_ROWS):
-        _call(lib.nf4_gemv, packed2d.data_ptr(), sargs[0], code.data_ptr(), xp + r * xrow, int(bf16),
-              yp + r * n * 4, min(MAX_ROWS, m - r), n, k, bs, threads, *sargs[1:])
+        _call(w.lib.nf4_gemv, w.head[0], w.head[1], code.data_ptr(), xp + r * xrow, int(bf16),
+              yp + r * n * 4, min(MAX_ROWS, m - r), n, k, w.blocksize, w.threads, *w.nested)
     return y
 
 
-def gemv_t(g: torch.Tensor, packed2d: torch.Tensor, scales: Scales) -> torch.Tensor:
+def gemv_t(g: torch.Tensor, packed2d: torch.Tensor | CheckedWeight, scales: Scales | None) -> torch.Tensor:
     """``g @ W`` in fp32 for g [M, N] (the input gradient of ``x @ W^T``)."""
-    packed2d, scales, n, k, bs = _weight(packed2d, scales)
+    w = _kernel_weight(packed2d, scales)
+    n, k = w.n, w.k
     if g.dim() != 2 or g.shape[1] != n:
         raise ValueError(f"g must be [M, {n}], got {tuple(g.shape)}")
     g = g.float().contiguous()
@@ -274,18 +357,21 @@ def gemv_t(g: torch.Tensor, packed2d: torch.Tensor, scales: Scales) -> torch.Ten
         raise ValueError(f"g must be on the CPU, got {g.device}")
     m = g.shape[0]
     dx = torch.empty(m, k, dtype=torch.float32)
-    lib, code, threads, sargs = _lib(), nf4_table("cpu"), _threads(packed2d), _scale_args(scales)
+    code = nf4_table("cpu")
     gp, dxp = g.data_ptr(), dx.data_ptr()  # fp32, contiguous: row r at base + r * row bytes
     for r in range(0, m, MAX_ROWS):
-        _call(lib.nf4_gemv_t, packed2d.data_ptr(), sargs[0], code.data_ptr(), gp + r * n * 4, dxp + r * k * 4,
-              min(MAX_ROWS, m - r), n, k, bs, threads, *sargs[1:])
+        _call(w.lib.nf4_gemv_t, w.head[0], w.head[1], code.data_ptr(), gp + r * n * 4, dxp + r * k * 4,
+              min(MAX_ROWS, m - r), n, k, w.blocksize, w.threads, *w.nested)
     return dx
 
 
 def _fp32(t: torch.Tensor, name: str) -> torch.Tensor:
     """t as a contiguous fp32 CPU tensor (t itself when it already is one)."""
-    return _checked(t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous(), torch.float32,
-                    name)
+    if t.dtype != torch.float32 or not t.is_contiguous():
+        t = t.float().contiguous()
+    if not t.is_cpu:
+        raise ValueError(f"{name}: need a contiguous CPU torch.float32 tensor, got {t.dtype} on {t.device}")
+    return t
 
 
 def _lora_factors(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -297,20 +383,21 @@ def _lora_factors(lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Ten
     return _fp32(lora_a, "lora_A"), _fp32(lora_b, "lora_B"), False
 
 
-def lora_gemv(x: torch.Tensor, packed2d: torch.Tensor, scales: Scales, lora_a: torch.Tensor | None,
-              lora_b: torch.Tensor | None, scaling: float,
+def lora_gemv(x: torch.Tensor, packed2d: torch.Tensor | CheckedWeight, scales: Scales | None,
+              lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scaling: float,
               bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The whole few-rows forward in one native call: ``(x W^T + scaling (x A^T) B^T + bias, x A^T)``, computed
     and returned in fp32, for x [M <= MAX_ROWS, K], A [r, K], B [N, r] (both or neither; both bf16 are read as
     bf16), bias [N] or None. x A^T is what
     :func:`lora_gemv_t` takes back (None without LoRA). The LoRA products and the bias run inside the GEMV's
     OpenMP region (docs/quant_linear.md, "GEMV kernel", the whole call)."""
-    packed2d, scales, n, k, bs = _weight(packed2d, scales)
+    w = _kernel_weight(packed2d, scales)
+    n, k = w.n, w.k
     x = _fp32(x, "x")
     m = x.shape[0]
     if x.dim() != 2 or x.shape[1] != k or not 1 <= m <= MAX_ROWS:
         raise ValueError(f"x must be [M <= {MAX_ROWS}, {k}], got {tuple(x.shape)}")
-    rank, ap, bp, xa, ab_bf16 = 0, None, None, None, False
+    rank, ap, bp, xa, xap, ab_bf16 = 0, None, None, None, None, False
     if lora_a is not None:
         lora_a, lora_b, ab_bf16 = _lora_factors(lora_a, lora_b)
         rank = lora_a.shape[0]
@@ -318,26 +405,27 @@ def lora_gemv(x: torch.Tensor, packed2d: torch.Tensor, scales: Scales, lora_a: t
             raise ValueError(f"LoRA factors must be [r <= {MAX_RANK}, {k}] and [{n}, r], got "
                              f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
         xa = torch.empty(m, rank, dtype=torch.float32)
-        ap, bp = lora_a.data_ptr(), lora_b.data_ptr()
+        ap, bp, xap = lora_a.data_ptr(), lora_b.data_ptr(), xa.data_ptr()
+    biasp = None
     if bias is not None:
         bias = _fp32(bias, "bias")
         if bias.shape != (n,):
             raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+        biasp = bias.data_ptr()
     y = torch.empty(m, n, dtype=torch.float32)
-    sargs = _scale_args(scales)
-    _call(_lib().nf4_lora_gemv, packed2d.data_ptr(), sargs[0], nf4_table("cpu").data_ptr(), x.data_ptr(),
-          y.data_ptr(), m, n, k, bs, _threads(packed2d), *sargs[1:], rank, ap, bp, int(ab_bf16),
-          None if bias is None else bias.data_ptr(), float(scaling), None if xa is None else xa.data_ptr())
+    _call(w.lib.nf4_lora_gemv, w.head[0], w.head[1], nf4_table("cpu").data_ptr(), x.data_ptr(), y.data_ptr(), m, n,
+          k, w.blocksize, w.threads, *w.nested, rank, ap, bp, int(ab_bf16), biasp, float(scaling), xap)
     return y, xa
 
 
-def lora_gemv_t(g: torch.Tensor, packed2d: torch.Tensor, scales: Scales, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, xa: torch.Tensor, scaling: float, x: torch.Tensor,
+def lora_gemv_t(g: torch.Tensor, packed2d: torch.Tensor | CheckedWeight, scales: Scales | None,
+                lora_a: torch.Tensor, lora_b: torch.Tensor, xa: torch.Tensor, scaling: float, x: torch.Tensor,
                 need: tuple[bool, bool, bool] = (True, True, True)) -> tuple[torch.Tensor | None, ...]:
     """The whole few-rows backward of :func:`lora_gemv` in one native call: ``(dx, dA, dB)`` = (g W + scaling
     (g B) A, scaling (g B)^T x, g^T (scaling xa)), computed in fp32 (dA and dB returned in bf16, rounded once,
     when A and B are bf16), each only where ``need`` says (else None; without dx the weight is not read)."""
-    packed2d, scales, n, k, bs = _weight(packed2d, scales)
+    w = _kernel_weight(packed2d, scales)
+    n, k = w.n, w.k
     g, x, xa = _fp32(g, "g"), _fp32(x, "x"), _fp32(xa, "xa")
     lora_a, lora_b, ab_bf16 = _lora_factors(lora_a, lora_b)
     m, rank = g.shape[0], lora_a.shape[0]
@@ -345,12 +433,12 @@ def lora_gemv_t(g: torch.Tensor, packed2d: torch.Tensor, scales: Scales, lora_a:
             or lora_a.shape != (rank, k) or lora_b.shape != (n, rank) or not 1 <= rank <= MAX_RANK:
         raise ValueError(f"need g [M <= {MAX_ROWS}, {n}], x [M, {k}], xa [M, r], A [r, {k}], B [{n}, r]; got "
                          f"{[tuple(t.shape) for t in (g, x, xa, lora_a, lora_b)]}")
-    dx, da, db = (torch.empty(*shape, dtype=dtype) if want else None
-                  for want, shape, dtype in zip(need, ((m, k), (rank, k), (n, rank)),
-                                                (torch.float32, lora_a.dtype, lora_b.dtype)))
-    sargs = _scale_args(scales)
-    _call(_lib().nf4_lora_gemv_t, packed2d.data_ptr(), sargs[0], nf4_table("cpu").data_ptr(), g.data_ptr(),
-          None if dx is None else dx.data_ptr(), m, n, k, bs, _threads(packed2d), *sargs[1:], rank,
+    need_x, need_a, need_b = need
+    dx = torch.empty(m, k, dtype=torch.float32) if need_x else None
+    da = torch.empty(rank, k, dtype=lora_a.dtype) if need_a else None
+    db = torch.empty(n, rank, dtype=lora_b.dtype) if need_b else None
+    _call(w.lib.nf4_lora_gemv_t, w.head[0], w.head[1], nf4_table("cpu").data_ptr(), g.data_ptr(),
+          None if dx is None else dx.data_ptr(), m, n, k, w.blocksize, w.threads, *w.nested, rank,
           lora_a.data_ptr(), lora_b.data_ptr(), int(ab_bf16), xa.data_ptr(), float(scaling), x.data_ptr(),
           None if da is None else da.data_ptr(), None if db is None else db.data_ptr())
     return dx, da, db

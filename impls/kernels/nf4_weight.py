@@ -7,7 +7,7 @@ native absmax decoder, so nothing it imports imports it back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +30,9 @@ class NF4Weight:
     absmax2: torch.Tensor | None = None
     code2: torch.Tensor | None = None
     offset: torch.Tensor | None = None
+    # What a kernel path derived from this weight, kept for its next call while still valid (the few-rows
+    # native path's checked weight: impls/quant_linear/fused.py, _native_gemv_weight). Not part of the value.
+    derived: Any = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_bnb(cls, weight: Any, quant_state: Any = None) -> NF4Weight:

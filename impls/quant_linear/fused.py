@@ -17,6 +17,7 @@ Triton kernels (impls/quant_linear/triton_nf4.py). :class:`NF4Weight` is defined
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,45 +58,82 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-class _NF4LoRALinear(torch.autograd.Function):
-    """out = x W^T + scaling (x A^T) B^T (+ bias) on 2-D x; W frozen, given as packed2d + row scales.
-    ``native_gemv``: the native few-rows kernels serve it (then forward and backward are one native call each)."""
+class _NF4LoRAGemv(torch.autograd.Function):
+    """The native few-rows route: out = x W^T + scaling (x A^T) B^T (+ bias) for x [M <= GEMV_MAX_ROWS, K], one
+    native call forward (nf4_native.lora_gemv: GEMV, LoRA products and bias: docs/quant_linear.md, "GEMV
+    kernel", the whole call) and one backward (lora_gemv_t; gemv_t without LoRA), in fp32
+    (:func:`_compute_dtype`), rounded once to the callers' dtypes. Lean because its Python is per call what a
+    4096x4096 GEMV's 0.3-0.5 ms is measured against (docs/quant_linear.md, "Per-call cost of the few-rows
+    path"): six inputs; the weight comes checked (an nf4_native.CheckedWeight, cached on the NF4Weight), and
+    its own version check refuses it in the backward if it was changed in place after the forward; only x, A
+    and B as the kernel read them are saved through autograd (its in-place checks), x A^T on ctx."""
 
     @staticmethod
-    def forward(ctx, x, packed2d, scales, lora_A, lora_B, bias, scaling, keep_w, native_gemv):
+    def forward(ctx, x, lora_A, lora_B, bias, weight, scaling):
+        xc = _as(x, _compute_dtype(x, True))
+        a_c = b_c = None
+        if lora_A is not None:  # the native kernels read bf16 factors as they are (computing in fp32)
+            bf16_ab = lora_A.dtype == lora_B.dtype == torch.bfloat16
+            a_c, b_c = (lora_A, lora_B) if bf16_ab else (_as(lora_A, xc.dtype), _as(lora_B, xc.dtype))
+        out, xa = nf4_native.lora_gemv(xc, weight, None, a_c, b_c, scaling,
+                                       None if bias is None else _as(bias, xc.dtype))
+        ctx.weight, ctx.scaling, ctx.xa, ctx.x_dtype = weight, scaling, xa, x.dtype
+        if lora_A is not None:
+            ctx.ab_dtypes = (lora_A.dtype, lora_B.dtype)
+            ctx.save_for_backward(xc, a_c, b_c)
+        return _as(out, x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        need_x, need_a, need_b, need_bias, _, _ = ctx.needs_input_grad
+        gc = _as(g, torch.float32)  # the compute dtype (_compute_dtype on few rows); the wrappers take it as is
+        dx = da = db = dbias = None
+        if ctx.xa is not None:
+            xc, a_c, b_c = ctx.saved_tensors
+            if need_x or need_a or need_b:
+                dx, da, db = nf4_native.lora_gemv_t(gc, ctx.weight, None, a_c, b_c, ctx.xa, ctx.scaling, xc,
+                                                    (need_x, need_a, need_b))
+            a_dtype, b_dtype = ctx.ab_dtypes
+            da = None if da is None else _as(da, a_dtype)
+            db = None if db is None else _as(db, b_dtype)
+        elif need_x:
+            dx = nf4_native.gemv_t(gc, ctx.weight, None)
+        if need_bias:
+            dbias = _as(gc.sum(0), g.dtype)
+        return (None if dx is None else _as(dx, ctx.x_dtype)), da, db, dbias, None, None
+
+
+class _NF4LoRALinear(torch.autograd.Function):
+    """out = x W^T + scaling (x A^T) B^T (+ bias) on 2-D x; W frozen, given as packed2d + row scales: the composed
+    route (the GEMM path; few rows where the whole-call kernels do not serve: the inductor fallback, LoRA rank
+    over nf4_native.MAX_RANK), with torch's LoRA products around the NF4 kernels."""
+
+    @staticmethod
+    def forward(ctx, x, packed2d, scales, lora_A, lora_B, bias, scaling, keep_w):
         w = None
         few_rows = x.shape[0] <= nf4_kernels.GEMV_MAX_ROWS
         xc = _as(x, _compute_dtype(x, few_rows))
         xa = a_c = b_c = None
-        # the whole few-rows call (GEMV, LoRA products, bias) in one native call: docs/quant_linear.md,
-        # "GEMV kernel", the whole call
-        ctx.whole = native_gemv and (lora_A is None or lora_A.shape[0] <= nf4_native.MAX_RANK)
-        if lora_A is not None:  # the native kernels read bf16 factors as they are (computing in fp32)
-            bf16_ab = ctx.whole and lora_A.dtype == lora_B.dtype == torch.bfloat16
-            a_c, b_c = (lora_A, lora_B) if bf16_ab else (_as(lora_A, xc.dtype), _as(lora_B, xc.dtype))
-        if ctx.whole:
-            out, xa = nf4_native.lora_gemv(xc, packed2d, scales, a_c, b_c, scaling,
-                                           None if bias is None else _as(bias, xc.dtype))
+        if lora_A is not None:
+            a_c, b_c = _as(lora_A, xc.dtype), _as(lora_B, xc.dtype)
+        if keep_w and not few_rows:  # GEMM path: keep W for the backward
+            w = nf4_kernels.dequantize(packed2d, scales, x.dtype)
+            out = nf4_kernels.gemm_nt(x, w)
         else:
-            if keep_w and not few_rows:  # GEMM path: keep W for the backward
-                w = nf4_kernels.dequantize(packed2d, scales, x.dtype)
-                out = nf4_kernels.gemm_nt(x, w)
-            else:
-                out = nf4_kernels.nf4_mm(xc, packed2d, scales)
-            with _one_thread(few_rows):
-                if lora_A is not None:
-                    xa = xc @ a_c.t()
-                    out = out.addmm_(xa, b_c.t(), alpha=scaling)  # in place: out is ours, fresh
-                if bias is not None:
-                    out = out.add_(_as(bias, xc.dtype))
+            out = nf4_kernels.nf4_mm(xc, packed2d, scales)
+        with _one_thread(few_rows):
+            if lora_A is not None:
+                xa = xc @ a_c.t()
+                out = out.addmm_(xa, b_c.t(), alpha=scaling)  # in place: out is ours, fresh
+            if bias is not None:
+                out = out.add_(_as(bias, xc.dtype))
         ctx.scaling = scaling
         ctx.has_bias = bias is not None
         # double-quantised scales for the GEMV kernels are a NestedScales of tensors, held here as they are
         ctx.nested = None if isinstance(scales, torch.Tensor) else scales
         # The backward computes with x, A and B in the compute dtype: keep them so (bitwise the same values as
-        # converting again; on the torch-products route with bf16 LoRA weights that saves conversions and their
-        # fresh allocations per backward, for r (N + K) more bytes held until it). The whole-call kernels keep
-        # bf16 A and B as given (they widen them as they read).
+        # converting again; with bf16 LoRA weights that saves conversions and their fresh allocations per
+        # backward, for r (N + K) more bytes held until it).
         ctx.dtypes = (x.dtype, None if lora_A is None else lora_A.dtype, None if lora_B is None else lora_B.dtype)
         ctx.save_for_backward(xc, packed2d, scales if ctx.nested is None else None, a_c, b_c, xa, w)
         return _as(out, x.dtype)
@@ -105,20 +143,11 @@ class _NF4LoRALinear(torch.autograd.Function):
         xc, packed2d, scales, a_c, b_c, xa, w = ctx.saved_tensors  # x, A, B in the compute dtype cd
         x_dtype, a_dtype, b_dtype = ctx.dtypes
         scales = scales if ctx.nested is None else ctx.nested
-        need_x, _, _, need_a, need_b, need_bias, _, _, _ = ctx.needs_input_grad
+        need_x, _, _, need_a, need_b, need_bias, _, _ = ctx.needs_input_grad
         few_rows = xc.shape[0] <= nf4_kernels.GEMV_MAX_ROWS
         cd = xc.dtype
         gc = _as(g, cd).contiguous()
         dx = da = db = dbias = None
-        if ctx.whole and a_c is not None:
-            if need_x or need_a or need_b:
-                dx, da, db = nf4_native.lora_gemv_t(gc, packed2d, scales, a_c, b_c, xa, ctx.scaling, xc,
-                                                    (need_x, need_a, need_b))
-            if need_bias and ctx.has_bias:
-                dbias = _as(gc.sum(0), g.dtype)
-            return (None if dx is None else _as(dx, x_dtype)), None, None, \
-                (None if da is None else _as(da, a_dtype)), (None if db is None else _as(db, b_dtype)), dbias, \
-                None, None, None
         with _one_thread(few_rows):
             gb = gc @ b_c if a_c is not None and (need_x or need_a) else None
         if need_x:
@@ -133,7 +162,7 @@ class _NF4LoRALinear(torch.autograd.Function):
                 db = _as(gc.t() @ (xa * ctx.scaling), b_dtype)
             if need_bias and ctx.has_bias:
                 dbias = _as(gc.sum(0), g.dtype)
-        return (None if dx is None else _as(dx, x_dtype)), None, None, da, db, dbias, None, None, None
+        return (None if dx is None else _as(dx, x_dtype)), None, None, da, db, dbias, None, None
 
 
 def _compute_dtype(x: torch.Tensor, few_rows: bool) -> torch.dtype:
@@ -144,19 +173,63 @@ def _compute_dtype(x: torch.Tensor, few_rows: bool) -> torch.dtype:
     return torch.float32 if few_rows else x.dtype
 
 
-def _kernel_scales(w: NF4Weight, packed2d: torch.Tensor, rows: int) -> tuple[Any, bool]:
-    """(the block scales as the CPU kernels take them, whether the native GEMV kernels serve this call): on the
-    native GEMV path a double-quantised absmax as stored (decoded per block inside the kernel: the weight and
-    its scales read once, no fp32 copy written and read per call); otherwise fp32 [N, K/bs]. One
-    ``supports`` check per call (each reads the environment)."""
+def _kernel_scales(w: NF4Weight, packed2d: torch.Tensor, rows: int) -> torch.Tensor | nf4_native.NestedScales:
+    """The block scales as the composed route's CPU kernels take them: on a native few-rows call a
+    double-quantised absmax as stored (decoded per block inside the kernel: no fp32 copy written and read per
+    call); otherwise fp32 [N, K/bs]."""
     n, k = w.shape
-    few_rows = 1 <= rows <= nf4_kernels.GEMV_MAX_ROWS  # an empty batch takes the composed route (empty results)
+    few_rows = 1 <= rows <= nf4_kernels.GEMV_MAX_ROWS
     if w.nested and few_rows and w.absmax.dtype == torch.uint8:
         nested = nf4_native.NestedScales(w.absmax.reshape(n, k // w.blocksize), w.absmax2, w.code2, float(w.offset))
         if nf4_native.supports(packed2d, nested):
-            return nested, True
-    scales = w.block_scales().reshape(n, k // w.blocksize)
-    return scales, few_rows and nf4_native.supports(packed2d, scales)
+            return nested
+    return w.block_scales().reshape(n, k // w.blocksize)
+
+
+@dataclass(frozen=True, slots=True)
+class _NativeGemvPlan:
+    """What :func:`_native_gemv_weight` cached on an NF4Weight (its ``derived``): the weight checked for one
+    build's few-rows kernels (None: they do not take its layout), and what that verdict was derived from."""
+
+    lib: Any
+    layout: tuple  # (shape, blocksize)
+    fields: tuple  # the weight's tensors then: packed, absmax, absmax2, code2, offset (identity)
+    versions: tuple[int, ...]  # and their version counters
+    weight: nf4_native.CheckedWeight | None
+
+
+def _tensors(w: NF4Weight) -> tuple:
+    return w.packed, w.absmax, w.absmax2, w.code2, w.offset
+
+
+def _versions(tensors: tuple) -> tuple[int, ...]:
+    return tuple([t._version for t in tensors if t is not None])
+
+
+def _native_gemv_weight(w: NF4Weight, lib: Any) -> nf4_native.CheckedWeight | None:
+    """``w`` checked for the native few-rows kernels of the loaded build ``lib`` (None where they do not take
+    it), cached on ``w`` while the same build is loaded, its fields are the same objects and none of its tensors
+    changed in place (version counters; docs/quant_linear.md, "Per-call cost of the few-rows path"). On this
+    path double-quantised scales stay as stored (decoded per block inside the kernel: no fp32 copy written and
+    read per call)."""
+    plan = w.derived
+    if type(plan) is _NativeGemvPlan and plan.lib is lib and plan.layout == (w.shape, w.blocksize):
+        f = plan.fields
+        if f[0] is w.packed and f[1] is w.absmax and f[2] is w.absmax2 and f[3] is w.code2 and f[4] is w.offset \
+                and _versions(f) == plan.versions:
+            return plan.weight
+    tensors = _tensors(w)
+    versions = _versions(tensors)
+    n, k = w.shape
+    packed2d = w.packed.reshape(n, k // 2)
+    if w.nested and w.absmax.dtype == torch.uint8:
+        scales = nf4_native.NestedScales(w.absmax.reshape(n, k // w.blocksize), w.absmax2, w.code2, float(w.offset))
+    else:
+        scales = w.block_scales().reshape(n, k // w.blocksize)
+    checked = nf4_native.check_weight(packed2d, scales, tuple(t for t in tensors if t is not None)) \
+        if nf4_native.fits(packed2d, scales) else None
+    w.derived = _NativeGemvPlan(lib, (w.shape, w.blocksize), tensors, versions, checked)
+    return checked
 
 
 def nf4_lora_linear(x: torch.Tensor, qweight_state: Any, lora_A: torch.Tensor | None = None,
@@ -169,14 +242,13 @@ def nf4_lora_linear(x: torch.Tensor, qweight_state: Any, lora_A: torch.Tensor | 
     for the backward instead of dequantising again — faster, but holds an [N, K] weight in the compute
     dtype per layer until backward (off by default: it gives up what 4-bit storage saves).
     """
-    w = as_nf4_weight(qweight_state)
+    w = qweight_state if type(qweight_state) is NF4Weight else as_nf4_weight(qweight_state)
     n, k = w.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, the NF4 weight expects {k}")
     if (lora_A is None) != (lora_B is None):
         raise ValueError("pass both lora_A and lora_B, or neither")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
     if lora_A is not None:
         lora_A, lora_B = _as(lora_A, x.dtype), _as(lora_B, x.dtype)
     if bias is not None:
@@ -186,14 +258,19 @@ def nf4_lora_linear(x: torch.Tensor, qweight_state: Any, lora_A: torch.Tensor | 
         if lora_A is not None:
             out = out + scaling * ((x2 @ lora_A.t()) @ lora_B.t())
         out = out + bias if bias is not None else out
-    elif x.device.type in ("cuda", "xpu") and triton_status(torch_backend(x.device))[0]:
+    elif not x.is_cpu and x.device.type in ("cuda", "xpu") and triton_status(torch_backend(x.device))[0]:
         out = triton_nf4_lora_linear(x2, w, lora_A, lora_B, scaling, bias)
     else:
-        packed2d = w.packed.reshape(n, k // 2)
-        scales, native_gemv = _kernel_scales(w, packed2d, x2.shape[0])
-        out = _NF4LoRALinear.apply(x2, packed2d, scales, lora_A, lora_B, bias, float(scaling), keep_dequantized,
-                                   native_gemv)
-    return out.reshape(*lead, n)
+        rows = x2.shape[0]
+        lib = nf4_native.loaded() if 1 <= rows <= nf4_kernels.GEMV_MAX_ROWS else None  # empty: composed route
+        weight = None if lib is None else _native_gemv_weight(w, lib)
+        if weight is not None and (lora_A is None or lora_A.shape[0] <= nf4_native.MAX_RANK):
+            out = _NF4LoRAGemv.apply(x2, lora_A, lora_B, bias, weight, float(scaling))
+        else:
+            packed2d = w.packed.reshape(n, k // 2)
+            out = _NF4LoRALinear.apply(x2, packed2d, _kernel_scales(w, packed2d, rows), lora_A, lora_B, bias,
+                                       float(scaling), keep_dequantized)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
 
 
 def from_linear4bit(layer: Any) -> tuple[NF4Weight, torch.Tensor | None]:
