@@ -251,26 +251,31 @@ def _weight(packed2d: torch.Tensor, scales: Scales) -> tuple[torch.Tensor, Scale
     return packed2d, scales, n, k, n * k // count
 
 
+class _KernelWeight(NamedTuple):
+    """What a wrapper call passes C for its weight."""
+
+    lib: ctypes.CDLL
+    packed2d: torch.Tensor  # its size sets the thread count (_threads)
+    head: tuple  # (packed, fp32 scales) pointers
+    nested: tuple  # (q, absmax2, code2) pointers and the offset
+    n: int
+    k: int
+    blocksize: int
+    keep: object  # the tensors behind the pointers, alive until the call returns
+
+
 @dataclass(frozen=True, slots=True)
 class CheckedWeight:
     """A weight checked once for the few-rows kernels (:func:`check_weight`), with what C takes for it worked out:
     the GEMV wrappers accept it in place of ``(packed2d, scales)`` (pass ``scales=None``) and then skip the
-    checks, the environment read and the pointer arguments, ~5-10 us per call (docs/quant_linear.md, "Per-call
-    cost of the few-rows path"). It holds private views of its tensors (so reassigning a caller's tensor's
-    ``.data`` cannot free what the pointers point at) and the version counters of the tensors it was derived
-    from: a wrapper refuses it once any of them changed in place (new values under converted copies, a resize
-    that moved the bytes, a weight modified between forward and backward). ``lib``: the build it was checked
-    for, used for its calls (the environment is read when checking, not per call)."""
+    checks, the environment read and the pointer arguments (docs/quant_linear.md, "Per-call cost of the
+    few-rows path"). The pointers are those of private views (reassigning a caller's tensor's ``.data`` cannot
+    free what they point at); the version counters of the tensors it was derived from are kept, and a wrapper
+    refuses it once any of them changed in place (new values under converted copies or a read offset, a resize
+    that moved the bytes, a weight modified between a forward and its backward). Its calls use the build it
+    was checked for (the environment is read when checking, not per call)."""
 
-    packed2d: torch.Tensor
-    scales: Scales
-    n: int
-    k: int
-    blocksize: int
-    lib: ctypes.CDLL
-    # C's weight arguments: (packed, fp32 scales) pointers and (q, absmax2, code2 pointers, offset)
-    head: tuple
-    nested: tuple
+    kernel: _KernelWeight
     watched: tuple[torch.Tensor, ...]
     versions: tuple[int, ...]
 
@@ -279,12 +284,15 @@ class CheckedWeight:
         return tuple([t._version for t in self.watched]) == self.versions
 
 
-def check_weight(packed2d: torch.Tensor, scales: Scales, watch: tuple[torch.Tensor, ...] = ()) -> CheckedWeight:
+def check_weight(packed2d: torch.Tensor, scales: Scales, derived_from: tuple[torch.Tensor, ...] = ()) -> CheckedWeight:
     """``(packed2d, scales)`` checked as every wrapper checks them (ValueError else), for the loaded build
-    (RuntimeError when there is none). ``watch``: more tensors the caller derived these from (e.g. a scalar
-    offset read with ``float``): their in-place changes make the result stale too."""
+    (RuntimeError when there is none). ``derived_from``: the tensors whose in-place changes make the result
+    stale (default: the given ones; a caller that built them from others, e.g. read a scalar offset with
+    ``float``, names those)."""
     lib = _lib()
-    given = (packed2d, *((scales.q, scales.absmax2, scales.code2) if isinstance(scales, NestedScales) else (scales,)))
+    watched = derived_from or (packed2d, *((scales.q, scales.absmax2, scales.code2)
+                                           if isinstance(scales, NestedScales) else (scales,)))
+    versions = tuple([t._version for t in watched])
     packed2d, scales, n, k, bs = _weight(packed2d, scales)
     packed2d = packed2d.view(packed2d.shape)
     if isinstance(scales, NestedScales):
@@ -292,37 +300,21 @@ def check_weight(packed2d: torch.Tensor, scales: Scales, watch: tuple[torch.Tens
                               scales.offset)
     else:
         scales = scales.view(scales.shape)
-    watched = (*given, *watch)
     sargs = _scale_args(scales)
-    return CheckedWeight(packed2d, scales, n, k, bs, lib, (packed2d.data_ptr(), sargs[0]), sargs[1:], watched,
-                         tuple([t._version for t in watched]))
-
-
-class _KernelWeight(NamedTuple):
-    """What one wrapper call passes C for its weight."""
-
-    lib: ctypes.CDLL
-    head: tuple  # (packed, fp32 scales) pointers
-    nested: tuple  # (q, absmax2, code2) pointers and the offset
-    n: int
-    k: int
-    blocksize: int
-    threads: int
-    keep: object  # the tensors behind the pointers, alive until the call returns
+    kernel = _KernelWeight(lib, packed2d, (packed2d.data_ptr(), sargs[0]), sargs[1:], n, k, bs, (packed2d, scales))
+    return CheckedWeight(kernel, watched, versions)
 
 
 def _kernel_weight(packed2d: torch.Tensor | CheckedWeight, scales: Scales | None) -> _KernelWeight:
-    """The weight's C arguments: a :class:`CheckedWeight` as checked (refused when stale), else checked now."""
+    """The weight's C arguments: a :class:`CheckedWeight`'s (refused when stale), else checked now."""
     if isinstance(packed2d, CheckedWeight):
-        w = packed2d
-        if not w.fresh():
+        if not packed2d.fresh():
             raise ValueError("the NF4 weight changed in place since it was checked (check_weight it again; "
                              "a weight modified between a forward and its backward cannot be differentiated)")
-        return _KernelWeight(w.lib, w.head, w.nested, w.n, w.k, w.blocksize, _threads(w.packed2d), w)
+        return packed2d.kernel
     packed2d, scales, n, k, bs = _weight(packed2d, scales)
     sargs = _scale_args(scales)
-    return _KernelWeight(_lib(), (packed2d.data_ptr(), sargs[0]), sargs[1:], n, k, bs, _threads(packed2d),
-                         (packed2d, scales))
+    return _KernelWeight(_lib(), packed2d, (packed2d.data_ptr(), sargs[0]), sargs[1:], n, k, bs, scales)
 
 
 def gemv(x: torch.Tensor, packed2d: torch.Tensor | CheckedWeight, scales: Scales | None) -> torch.Tensor:
@@ -342,7 +334,7 @@ def gemv(x: torch.Tensor, packed2d: torch.Tensor | CheckedWeight, scales: Scales
     xp, yp, xrow = x.data_ptr(), y.data_ptr(), k * x.element_size()  # row r at base + r * row bytes (contiguous)
     for r in range(0, m, MAX_ROWS):
         _call(w.lib.nf4_gemv, w.head[0], w.head[1], code.data_ptr(), xp + r * xrow, int(bf16),
-              yp + r * n * 4, min(MAX_ROWS, m - r), n, k, w.blocksize, w.threads, *w.nested)
+              yp + r * n * 4, min(MAX_ROWS, m - r), n, k, w.blocksize, _threads(w.packed2d), *w.nested)
     return y
 
 
@@ -361,7 +353,7 @@ def gemv_t(g: torch.Tensor, packed2d: torch.Tensor | CheckedWeight, scales: Scal
     gp, dxp = g.data_ptr(), dx.data_ptr()  # fp32, contiguous: row r at base + r * row bytes
     for r in range(0, m, MAX_ROWS):
         _call(w.lib.nf4_gemv_t, w.head[0], w.head[1], code.data_ptr(), gp + r * n * 4, dxp + r * k * 4,
-              min(MAX_ROWS, m - r), n, k, w.blocksize, w.threads, *w.nested)
+              min(MAX_ROWS, m - r), n, k, w.blocksize, _threads(w.packed2d), *w.nested)
     return dx
 
 
@@ -414,7 +406,7 @@ def lora_gemv(x: torch.Tensor, packed2d: torch.Tensor | CheckedWeight, scales: S
         biasp = bias.data_ptr()
     y = torch.empty(m, n, dtype=torch.float32)
     _call(w.lib.nf4_lora_gemv, w.head[0], w.head[1], nf4_table("cpu").data_ptr(), x.data_ptr(), y.data_ptr(), m, n,
-          k, w.blocksize, w.threads, *w.nested, rank, ap, bp, int(ab_bf16), biasp, float(scaling), xap)
+          k, w.blocksize, _threads(w.packed2d), *w.nested, rank, ap, bp, int(ab_bf16), biasp, float(scaling), xap)
     return y, xa
 
 
@@ -438,7 +430,7 @@ def lora_gemv_t(g: torch.Tensor, packed2d: torch.Tensor | CheckedWeight, scales:
     da = torch.empty(rank, k, dtype=lora_a.dtype) if need_a else None
     db = torch.empty(n, rank, dtype=lora_b.dtype) if need_b else None
     _call(w.lib.nf4_lora_gemv_t, w.head[0], w.head[1], nf4_table("cpu").data_ptr(), g.data_ptr(),
-          None if dx is None else dx.data_ptr(), m, n, k, w.blocksize, w.threads, *w.nested, rank,
+          None if dx is None else dx.data_ptr(), m, n, k, w.blocksize, _threads(w.packed2d), *w.nested, rank,
           lora_a.data_ptr(), lora_b.data_ptr(), int(ab_bf16), xa.data_ptr(), float(scaling), x.data_ptr(),
           None if da is None else da.data_ptr(), None if db is None else db.data_ptr())
     return dx, da, db
