@@ -228,7 +228,8 @@ BYTES_PER_THREAD = 1 << 18
 
 def _threads(packed2d: torch.Tensor) -> int:
     """torch's thread count, capped so that each thread gets at least BYTES_PER_THREAD of the weight."""
-    return max(1, min(torch.get_num_threads(), packed2d.numel() // BYTES_PER_THREAD))
+    threads = torch.get_num_threads()
+    return threads if threads == 1 else max(1, min(threads, packed2d.numel() // BYTES_PER_THREAD))
 
 
 def _weight(packed2d: torch.Tensor, scales: Scales) -> tuple[torch.Tensor, Scales, int, int, int]:
@@ -386,16 +387,18 @@ def lora_gemv(x: torch.Tensor, packed2d: torch.Tensor | CheckedWeight, scales: S
     w = _kernel_weight(packed2d, scales)
     n, k = w.n, w.k
     x = _fp32(x, "x")
-    m = x.shape[0]
-    if x.dim() != 2 or x.shape[1] != k or not 1 <= m <= MAX_ROWS:
-        raise ValueError(f"x must be [M <= {MAX_ROWS}, {k}], got {tuple(x.shape)}")
+    x_shape = x.shape  # each .shape builds a new torch.Size: read once
+    if len(x_shape) != 2 or x_shape[1] != k or not 1 <= x_shape[0] <= MAX_ROWS:
+        raise ValueError(f"x must be [M <= {MAX_ROWS}, {k}], got {tuple(x_shape)}")
+    m = x_shape[0]
     rank, ap, bp, xa, xap, ab_bf16 = 0, None, None, None, None, False
     if lora_a is not None:
         lora_a, lora_b, ab_bf16 = _lora_factors(lora_a, lora_b)
-        rank = lora_a.shape[0]
-        if lora_a.shape != (rank, k) or lora_b.shape != (n, rank) or not 1 <= rank <= MAX_RANK:
+        a_shape, b_shape = lora_a.shape, lora_b.shape
+        rank = a_shape[0]
+        if a_shape != (rank, k) or b_shape != (n, rank) or not 1 <= rank <= MAX_RANK:
             raise ValueError(f"LoRA factors must be [r <= {MAX_RANK}, {k}] and [{n}, r], got "
-                             f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+                             f"{tuple(a_shape)} and {tuple(b_shape)}")
         xa = torch.empty(m, rank, dtype=torch.float32)
         ap, bp, xap = lora_a.data_ptr(), lora_b.data_ptr(), xa.data_ptr()
     biasp = None
@@ -420,9 +423,10 @@ def lora_gemv_t(g: torch.Tensor, packed2d: torch.Tensor | CheckedWeight, scales:
     n, k = w.n, w.k
     g, x, xa = _fp32(g, "g"), _fp32(x, "x"), _fp32(xa, "xa")
     lora_a, lora_b, ab_bf16 = _lora_factors(lora_a, lora_b)
-    m, rank = g.shape[0], lora_a.shape[0]
-    if g.dim() != 2 or g.shape[1] != n or not 1 <= m <= MAX_ROWS or x.shape != (m, k) or xa.shape != (m, rank) \
-            or lora_a.shape != (rank, k) or lora_b.shape != (n, rank) or not 1 <= rank <= MAX_RANK:
+    g_shape, a_shape = g.shape, lora_a.shape  # each .shape builds a new torch.Size: read once
+    m, rank = g_shape[0], a_shape[0]
+    if g_shape != (m, n) or not 1 <= m <= MAX_ROWS or x.shape != (m, k) or xa.shape != (m, rank) \
+            or a_shape != (rank, k) or lora_b.shape != (n, rank) or not 1 <= rank <= MAX_RANK:
         raise ValueError(f"need g [M <= {MAX_ROWS}, {n}], x [M, {k}], xa [M, r], A [r, {k}], B [{n}, r]; got "
                          f"{[tuple(t.shape) for t in (g, x, xa, lora_a, lora_b)]}")
     need_x, need_a, need_b = need
