@@ -226,7 +226,7 @@ def _native_gemv_weight(w: NF4Weight, lib: Any) -> nf4_native.CheckedWeight | No
         scales = nf4_native.NestedScales(w.absmax.reshape(n, k // w.blocksize), w.absmax2, w.code2, float(w.offset))
     else:
         scales = w.block_scales().reshape(n, k // w.blocksize)
-    checked = nf4_native.check_weight(packed2d, scales, tuple(t for t in tensors if t is not None)) \
+    checked = nf4_native.check_weight(packed2d, scales, tuple(t for t in tensors if t is not None), lib) \
         if nf4_native.fits(packed2d, scales) else None
     w.derived = _NativeGemvPlan(lib, (w.shape, w.blocksize), tensors, versions, checked)
     return checked
