@@ -45,7 +45,7 @@ def test_weight_is_checked_once_then_again_when_it_changes(monkeypatch):
     which the cache read as a float) or a field set to another tensor gets it checked again, and the results
     follow (bitwise those of an uncached NF4Weight). Planted: a cache blind to version counters (the cache's
     key and the checked weight's own check, which alone would refuse the stale weight) keeps answering with the
-    old offset."""
+    old offset. An offset given as a float (not a tensor) works too."""
     w = _weight()
     x, a, b, _ = _inputs()
     checks = _count_checks(monkeypatch)
@@ -59,6 +59,9 @@ def test_weight_is_checked_once_then_again_when_it_changes(monkeypatch):
     assert torch.equal(moved, fused.nf4_lora_linear(x, _fresh_copy(w), a, b, 2.0))
     w.absmax2 = w.absmax2 * 2  # another tensor in the field
     assert torch.equal(fused.nf4_lora_linear(x, w, a, b, 2.0), fused.nf4_lora_linear(x, _fresh_copy(w), a, b, 2.0))
+
+    as_float = NF4Weight(w.packed, w.absmax, w.shape, w.blocksize, w.absmax2, w.code2, float(w.offset))
+    assert torch.equal(fused.nf4_lora_linear(x, as_float, a, b, 2.0), fused.nf4_lora_linear(x, w, a, b, 2.0))
 
     monkeypatch.setattr(fused, "_versions", lambda tensors: ())  # planted: identity only
     monkeypatch.setattr(nf4_native.CheckedWeight, "fresh", lambda self: True)

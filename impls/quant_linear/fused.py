@@ -202,8 +202,9 @@ def _tensors(w: NF4Weight) -> tuple:
     return w.packed, w.absmax, w.absmax2, w.code2, w.offset
 
 
-def _versions(tensors: tuple) -> tuple[int, ...]:
-    return tuple([t._version for t in tensors if t is not None])
+def _versions(fields: tuple) -> tuple[int, ...]:
+    """The version counters of those fields that are tensors (absent ones are None; an offset may be a float)."""
+    return tuple([t._version for t in fields if isinstance(t, torch.Tensor)])
 
 
 def _native_gemv_weight(w: NF4Weight, lib: Any) -> nf4_native.CheckedWeight | None:
@@ -226,7 +227,8 @@ def _native_gemv_weight(w: NF4Weight, lib: Any) -> nf4_native.CheckedWeight | No
         scales = nf4_native.NestedScales(w.absmax.reshape(n, k // w.blocksize), w.absmax2, w.code2, float(w.offset))
     else:
         scales = w.block_scales().reshape(n, k // w.blocksize)
-    checked = nf4_native.check_weight(packed2d, scales, tuple(t for t in tensors if t is not None), lib) \
+    checked = nf4_native.check_weight(packed2d, scales, tuple(t for t in tensors if isinstance(t, torch.Tensor)),
+                                      lib) \
         if nf4_native.fits(packed2d, scales) else None
     w.derived = _NativeGemvPlan(lib, (w.shape, w.blocksize), tensors, versions, checked)
     return checked
