@@ -83,6 +83,7 @@ AI vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 AI vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 AI float vsum(vf v) { return _mm512_reduce_add_ps(v); }
 AI vi group_load(const uint8_t *p) { return _mm512_loadu_si512((const void *)p); }
+AI void group_store(uint8_t *p, vi v) { _mm512_store_si512((void *)p, v); }
 /* L bf16 values -> fp32 (exact) */
 AI vf vload_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
@@ -137,6 +138,7 @@ AI float vsum(vf v) {
     return _mm_cvtss_f32(s);
 }
 AI vi group_load(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+AI void group_store(uint8_t *p, vi v) { _mm256_store_si256((__m256i *)p, v); }
 AI vf vload_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
@@ -180,6 +182,7 @@ AI vi lane_index(int lanes_per_block) {
  * group different scales (lane_scales); wider ones one scale per group (a broadcast). */
 typedef struct {
     i64 N, K, bs, nb, half, groups, tail_cols;
+    int bs_log2; /* bs = 1 << bs_log2: block indices by a shift, not a 64-bit division per group */
     int lanes_vary, scales_per_group;
     vi lane_idx;
     lut_t lut;
@@ -255,6 +258,7 @@ AI void store_any(void *t, int bf16, i64 i, vf v) {
 static int make_plan(plan_t *p, const float *code16, i64 N, i64 K, i64 bs) {
     if (N < 1 || bs < 32 || (bs & (bs - 1)) || K % bs || K / bs > MAX_ROW_BLOCKS) return -1;
     p->N = N, p->K = K, p->bs = bs, p->nb = K / bs, p->half = K / 2;
+    p->bs_log2 = __builtin_ctzll((unsigned long long)bs);
     p->groups = K / GROUP_COLS;
     p->tail_cols = K - p->groups * GROUP_COLS; /* only when bs < 8L: whole blocks, done in scalar code */
     p->lanes_vary = bs < GROUP_COLS;
@@ -301,7 +305,7 @@ static int set_scales(plan_t *p, const float *scales, const uint8_t *q, const fl
 }
 
 AI vf group_scale(const plan_t *p, const float *srow, i64 g) {
-    const i64 first = g * GROUP_COLS / p->bs;
+    const i64 first = (g * GROUP_COLS) >> p->bs_log2;
     return p->lanes_vary ? lane_scales(srow + first, p->scales_per_group, p->lane_idx) : vset1(srow[first]);
 }
 
@@ -313,9 +317,21 @@ AI vf group_scale(const plan_t *p, const float *srow, i64 g) {
  * shifts instead of 7 per group; ~7% faster forward, measured in one process against the shifting build;
  * slower in the backward, which shifts). Such a load reads up to 3 bytes past the group: `safe` (the array's
  * last row) shifts instead. */
+#ifndef NF4_LOAD_ONCE
+#define NF4_LOAD_ONCE 1
+#endif
+/* an offset load, kept in a register: without the empty asm the compiler folds the load into the odd nibble's
+ * shift (vpsrld $4, mem), i.e. loads (and splits across cache lines) each offset twice */
+AI vi offset_load(const uint8_t *p) {
+    vi v = group_load(p);
+#if NF4_LOAD_ONCE
+    __asm__("" : "+v"(v));
+#endif
+    return v;
+}
 AI vi nibbles(const uint8_t *gp, vi v0, const int s, const int safe) {
     if (safe || !NF4_OFFSET_LOADS) return shift_right(v0, 4 * s);
-    const vi vk = s / 2 ? group_load(gp + s / 2) : v0;
+    const vi vk = s / 2 ? offset_load(gp + s / 2) : v0;
     return shift_right(vk, 4 * (s & 1));
 }
 
@@ -446,41 +462,101 @@ AI float lora_out(const plan_t *p, int m, i64 n, float total) {
 
 /* ---- forward: y[m, n] = sum_k x[m, k] W[n, k] ------------------------------------------------------------- */
 
+/* How the forward forms a group's per-lane scale vector when a group spans two blocks (bs = 64 in the
+ * AVX-512 build, QLoRA's blocksize): 1 = a broadcast of the first block's scale and a masked broadcast of the
+ * second's into lanes 8..15 (load ports + one p0/p5 uop); 0 = lane_scales (a masked load + vpermps on p5). */
+#ifndef NF4_FWD_SCALES
+#define NF4_FWD_SCALES 1
+#endif
+/* Odd nibbles of the forward: 1 = shift the group once by 4 into a stack buffer and reload it at byte offsets
+ * 1..3 (the load ports do the byte shifts: 1 shift per group instead of 4); 0 = a shift per odd nibble. */
+#ifndef NF4_ODD_STACK
+#define NF4_ODD_STACK 0
+#endif
+/* partial sums per row of W and x in the forward's group loop (1 or 2) */
+#ifndef NF4_FWD_CHAINS
+#define NF4_FWD_CHAINS 2
+#endif
+/* rows of W per block in the one-row forward (AVX-512 build) */
+#ifndef NF4_FWD_RB1
+#define NF4_FWD_RB1 4
+#endif
+
+#define MAX_RB 8 /* rows of W per block, at most */
+
+/* How a group's scales vary over its lanes (a compile-time argument of the kernels): one scale per group
+ * (bs >= 8L), two (bs = 4L: lanes 0..L/2-1 and L/2..L-1), or more (lane_scales). */
+enum { SCALES_ONE, SCALES_TWO, SCALES_LANES };
+
+AI vf group_scale_k(const plan_t *p, const float *srow, i64 g, const int kind) {
+    if (kind == SCALES_ONE) return vset1(srow[(g * GROUP_COLS) >> p->bs_log2]);
+#if L == 16 && NF4_FWD_SCALES
+    if (kind == SCALES_TWO) return _mm512_mask_broadcastss_ps(vset1(srow[2 * g]), 0xff00, _mm_load_ss(srow + 2 * g + 1));
+#endif
+    return lane_scales(srow + g * p->scales_per_group, p->scales_per_group, p->lane_idx);
+}
+
 /* RB rows of W from n, R rows of x: each group is loaded once per W row and each decoded vector used for R
  * rows of x; each x vector for RB rows of W. Two partial sums per pair (even/odd nibbles) for latency; each
  * group's partial sum is scaled once. */
 AI void fwd_block(const plan_t *p, const uint8_t *packed, const float *xs, float *y, i64 n, const int R,
-                  const int RB, const int safe) {
-    vf acc[4][MAX_ROWS];
+                  const int RB, const int safe, const int kind) {
+    vf acc[MAX_RB][MAX_ROWS];
     for (int rb = 0; rb < RB; rb++)
         for (int m = 0; m < R; m++) acc[rb][m] = vzero();
-    const uint8_t *rows[4];
-    const float *srows[4];
-    float decoded[4][MAX_ROW_BLOCKS];
+    const uint8_t *rows[MAX_RB];
+    const float *srows[MAX_RB];
+    float decoded[MAX_RB][MAX_ROW_BLOCKS];
     prefetch_scales(p, n + RB, RB, 0, p->nb);
     for (int rb = 0; rb < RB; rb++)
         rows[rb] = packed + (n + rb) * p->half, srows[rb] = row_scales(p, n + rb, 0, p->nb, decoded[rb]);
+#if NF4_ODD_STACK
+    /* the block's rows shifted right by 4 (per dword), written one pass ahead of their reads */
+    static _Thread_local uint8_t odd[MAX_RB][MAX_ROW_BLOCKS * 16 + GROUP_BYTES] __attribute__((aligned(64)));
+    if (!safe)
+        for (int rb = 0; rb < RB; rb++)
+            for (i64 g = 0; g < p->groups; g++)
+                group_store(odd[rb] + g * GROUP_BYTES, shift_right(group_load(rows[rb] + g * GROUP_BYTES), 4));
+#endif
     for (i64 g = 0; g < p->groups; g++) {
-        vi v[4];
+        vi v[MAX_RB];
         for (int rb = 0; rb < RB; rb++) prefetch_ahead(rows[rb] + g * GROUP_BYTES, g, RB * p->half);
         for (int rb = 0; rb < RB; rb++) v[rb] = group_load(rows[rb] + g * GROUP_BYTES);
-        vf part[4][MAX_ROWS][2];
+        vf part[MAX_RB][MAX_ROWS][2];
         for (int rb = 0; rb < RB; rb++)
             for (int m = 0; m < R; m++) part[rb][m][0] = part[rb][m][1] = vzero();
         const float *xg = xs + g * GROUP_COLS;
+        vi cur[MAX_RB]; /* the offset load of nibbles s and s + 1 (s even) */
 #pragma GCC unroll 8
         for (int s = 0; s < 8; s++) {
-            vf w[4];
-            for (int rb = 0; rb < RB; rb++)
-                w[rb] = lookup(nibbles(rows[rb] + g * GROUP_BYTES, v[rb], s, safe), p->lut);
+            vf w[MAX_RB];
+            for (int rb = 0; rb < RB; rb++) {
+#if NF4_ODD_STACK
+                if (!safe && (s & 1)) {
+                    w[rb] = lookup(offset_load(odd[rb] + g * GROUP_BYTES + s / 2), p->lut);
+                    continue;
+                }
+#endif
+                if (safe || !NF4_OFFSET_LOADS) {
+                    w[rb] = lookup(shift_right(v[rb], 4 * s), p->lut);
+                    continue;
+                }
+                if (!(s & 1)) cur[rb] = s ? offset_load(rows[rb] + g * GROUP_BYTES + s / 2) : v[rb];
+                w[rb] = lookup(shift_right(cur[rb], 4 * (s & 1)), p->lut);
+            }
             for (int m = 0; m < R; m++) {
                 const vf xv = vload(xg + m * p->K + s * L);
-                for (int rb = 0; rb < RB; rb++) part[rb][m][s & 1] = vfma(w[rb], xv, part[rb][m][s & 1]);
+                for (int rb = 0; rb < RB; rb++) {
+                    const int c = NF4_FWD_CHAINS == 2 ? (s & 1) : 0;
+                    part[rb][m][c] = s < NF4_FWD_CHAINS ? vmul(w[rb], xv) : vfma(w[rb], xv, part[rb][m][c]);
+                }
             }
         }
         for (int rb = 0; rb < RB; rb++) {
-            const vf sc = group_scale(p, srows[rb], g);
-            for (int m = 0; m < R; m++) acc[rb][m] = vfma(vadd(part[rb][m][0], part[rb][m][1]), sc, acc[rb][m]);
+            const vf sc = group_scale_k(p, srows[rb], g, kind);
+            for (int m = 0; m < R; m++)
+                acc[rb][m] = vfma(NF4_FWD_CHAINS == 2 ? vadd(part[rb][m][0], part[rb][m][1]) : part[rb][m][0], sc,
+                                  acc[rb][m]);
         }
     }
     for (int rb = 0; rb < RB; rb++)
@@ -495,13 +571,22 @@ AI void fwd_block(const plan_t *p, const uint8_t *packed, const float *xs, float
         }
 }
 
-AI void fwd_rows(const plan_t *p, const uint8_t *packed, const float *xs, float *y, i64 n0, i64 n1, const int R,
-                 const int RB) {
+AI void fwd_rows_k(const plan_t *p, const uint8_t *packed, const float *xs, float *y, i64 n0, i64 n1, const int R,
+                   const int RB, const int kind) {
     const i64 last = n1 == p->N ? n1 - 1 : n1; /* the array's last row: no reads past its end */
     i64 n = n0;
-    for (; n + RB <= last; n += RB) fwd_block(p, packed, xs, y, n, R, RB, 0);
-    for (; n < last; n++) fwd_block(p, packed, xs, y, n, R, 1, 0);
-    if (last < n1) fwd_block(p, packed, xs, y, last, R, 1, 1);
+    for (; n + RB <= last; n += RB) fwd_block(p, packed, xs, y, n, R, RB, 0, kind);
+    for (; n < last; n++) fwd_block(p, packed, xs, y, n, R, 1, 0, kind);
+    if (last < n1) fwd_block(p, packed, xs, y, last, R, 1, 1, kind);
+}
+
+AI void fwd_rows(const plan_t *p, const uint8_t *packed, const float *xs, float *y, i64 n0, i64 n1, const int R,
+                 const int RB) {
+    if (!p->lanes_vary) fwd_rows_k(p, packed, xs, y, n0, n1, R, RB, SCALES_ONE);
+#if L == 16 && NF4_FWD_SCALES
+    else if (p->scales_per_group == 2) fwd_rows_k(p, packed, xs, y, n0, n1, R, RB, SCALES_TWO);
+#endif
+    else fwd_rows_k(p, packed, xs, y, n0, n1, R, RB, SCALES_LANES);
 }
 
 /* Rows of W handed out in chunks of STEAL_ROWS (a multiple of 16: no two threads write one cache line of y).
@@ -549,7 +634,7 @@ static __attribute__((noinline)) void fwd_chunk(const plan_t *p, const float *xs
     const i64 n0 = c * STEAL_ROWS, n1 = n0 + STEAL_ROWS < p->N ? n0 + STEAL_ROWS : p->N;
     switch (M) { /* constant row counts: the accumulators stay in registers */
 #if L == 16
-    case 1: fwd_rows(p, p->packed, xs, y, n0, n1, 1, 4); break;
+    case 1: fwd_rows(p, p->packed, xs, y, n0, n1, 1, NF4_FWD_RB1); break;
     case 2: fwd_rows(p, p->packed, xs, y, n0, n1, 2, 2); break;
 #else
     case 1: fwd_rows(p, p->packed, xs, y, n0, n1, 1, 2); break;
