@@ -83,7 +83,6 @@ AI vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
 AI vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 AI float vsum(vf v) { return _mm512_reduce_add_ps(v); }
 AI vi group_load(const uint8_t *p) { return _mm512_loadu_si512((const void *)p); }
-AI void group_store(uint8_t *p, vi v) { _mm512_store_si512((void *)p, v); }
 /* L bf16 values -> fp32 (exact) */
 AI vf vload_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
@@ -138,7 +137,6 @@ AI float vsum(vf v) {
     return _mm_cvtss_f32(s);
 }
 AI vi group_load(const uint8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
-AI void group_store(uint8_t *p, vi v) { _mm256_store_si256((__m256i *)p, v); }
 AI vf vload_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
@@ -309,30 +307,25 @@ AI vf group_scale(const plan_t *p, const float *srow, i64 g) {
     return p->lanes_vary ? lane_scales(srow + first, p->scales_per_group, p->lane_idx) : vset1(srow[first]);
 }
 
+/* Nibble s (0..7) of every dword of a group: shifting the group by 8k bits is a load at k bytes further instead
+ * (the load ports have room; the shift, lookup and FMA ports are the bottleneck): 4 shifts per group instead of
+ * 7, in both directions (docs/quant_linear.md, "GEMV kernel"). Such a load reads up to 3 bytes past the group:
+ * the array's last row (`safe` in the forward) shifts instead. NF4_OFFSET_LOADS=0: the forward shifts only. */
 #ifndef NF4_OFFSET_LOADS
 #define NF4_OFFSET_LOADS 1
 #endif
-/* The indices of nibble s (0..7) of every dword of the group at gp (v0: the group, loaded). Shifting by 8k is
- * a load at gp + k instead (the load ports are idle; the shift, lookup and FMA ports are the bottleneck: 4
- * shifts instead of 7 per group; ~7% faster forward, measured in one process against the shifting build;
- * slower in the backward, which shifts). Such a load reads up to 3 bytes past the group: `safe` (the array's
- * last row) shifts instead. */
 #ifndef NF4_LOAD_ONCE
 #define NF4_LOAD_ONCE 1
 #endif
-/* an offset load, kept in a register: without the empty asm the compiler folds the load into the odd nibble's
- * shift (vpsrld $4, mem), i.e. loads (and splits across cache lines) each offset twice */
+/* An offset load, kept in a register: without the empty asm GCC folds the load into the odd nibble's shift
+ * (vpsrld $4, mem), i.e. loads each offset twice, both loads split across two cache lines (the backward was
+ * slower with offset loads than with shifts because of it; NF4_LOAD_ONCE=0 builds the folding, to compare). */
 AI vi offset_load(const uint8_t *p) {
     vi v = group_load(p);
 #if NF4_LOAD_ONCE
     __asm__("" : "+v"(v));
 #endif
     return v;
-}
-AI vi nibbles(const uint8_t *gp, vi v0, const int s, const int safe) {
-    if (safe || !NF4_OFFSET_LOADS) return shift_right(v0, 4 * s);
-    const vi vk = s / 2 ? offset_load(gp + s / 2) : v0;
-    return shift_right(vk, 4 * (s & 1));
 }
 
 /* Software prefetch (docs/quant_linear.md, "GEMV kernel"). Without it the kernel's decoding and its DRAM reads
@@ -468,21 +461,16 @@ AI float lora_out(const plan_t *p, int m, i64 n, float total) {
 #ifndef NF4_FWD_SCALES
 #define NF4_FWD_SCALES 1
 #endif
-/* Odd nibbles of the forward: 1 = shift the group once by 4 into a stack buffer and reload it at byte offsets
- * 1..3 (the load ports do the byte shifts: 1 shift per group instead of 4); 0 = a shift per odd nibble. */
-#ifndef NF4_ODD_STACK
-#define NF4_ODD_STACK 0
-#endif
-/* partial sums per row of W and x in the forward's group loop (1 or 2) */
+/* partial sums per row of W and x in the forward's group loop (1 or 2: the same speed, measured) */
 #ifndef NF4_FWD_CHAINS
-#define NF4_FWD_CHAINS 2
+#define NF4_FWD_CHAINS 1
 #endif
-/* rows of W per block in the one-row forward (AVX-512 build) */
+/* rows of W per block in the one-row forward (AVX-512 build; <= MAX_RB): 6 ~4% faster than 4, measured */
 #ifndef NF4_FWD_RB1
-#define NF4_FWD_RB1 4
+#define NF4_FWD_RB1 6
 #endif
 
-#define MAX_RB 8 /* rows of W per block, at most */
+#define MAX_RB 6 /* rows of W per forward block, at most */
 
 /* How a group's scales vary over its lanes (a compile-time argument of the kernels): one scale per group
  * (bs >= 8L), two (bs = 4L: lanes 0..L/2-1 and L/2..L-1), or more (lane_scales). */
@@ -497,8 +485,8 @@ AI vf group_scale_k(const plan_t *p, const float *srow, i64 g, const int kind) {
 }
 
 /* RB rows of W from n, R rows of x: each group is loaded once per W row and each decoded vector used for R
- * rows of x; each x vector for RB rows of W. Two partial sums per pair (even/odd nibbles) for latency; each
- * group's partial sum is scaled once. */
+ * rows of x; each x vector for RB rows of W. NF4_FWD_CHAINS partial sums per pair (one: no add per group; the
+ * RB pairs' chains are independent); each group's partial sum is scaled once. */
 AI void fwd_block(const plan_t *p, const uint8_t *packed, const float *xs, float *y, i64 n, const int R,
                   const int RB, const int safe, const int kind) {
     vf acc[MAX_RB][MAX_ROWS];
@@ -510,14 +498,6 @@ AI void fwd_block(const plan_t *p, const uint8_t *packed, const float *xs, float
     prefetch_scales(p, n + RB, RB, 0, p->nb);
     for (int rb = 0; rb < RB; rb++)
         rows[rb] = packed + (n + rb) * p->half, srows[rb] = row_scales(p, n + rb, 0, p->nb, decoded[rb]);
-#if NF4_ODD_STACK
-    /* the block's rows shifted right by 4 (per dword), written one pass ahead of their reads */
-    static _Thread_local uint8_t odd[MAX_RB][MAX_ROW_BLOCKS * 16 + GROUP_BYTES] __attribute__((aligned(64)));
-    if (!safe)
-        for (int rb = 0; rb < RB; rb++)
-            for (i64 g = 0; g < p->groups; g++)
-                group_store(odd[rb] + g * GROUP_BYTES, shift_right(group_load(rows[rb] + g * GROUP_BYTES), 4));
-#endif
     for (i64 g = 0; g < p->groups; g++) {
         vi v[MAX_RB];
         for (int rb = 0; rb < RB; rb++) prefetch_ahead(rows[rb] + g * GROUP_BYTES, g, RB * p->half);
@@ -531,12 +511,6 @@ AI void fwd_block(const plan_t *p, const uint8_t *packed, const float *xs, float
         for (int s = 0; s < 8; s++) {
             vf w[MAX_RB];
             for (int rb = 0; rb < RB; rb++) {
-#if NF4_ODD_STACK
-                if (!safe && (s & 1)) {
-                    w[rb] = lookup(offset_load(odd[rb] + g * GROUP_BYTES + s / 2), p->lut);
-                    continue;
-                }
-#endif
                 if (safe || !NF4_OFFSET_LOADS) {
                     w[rb] = lookup(shift_right(v[rb], 4 * s), p->lut);
                     continue;
@@ -758,43 +732,81 @@ int nf4_lora_gemv(const uint8_t *packed, const float *scales, const float *code1
 
 /* ---- backward (input gradient): dx[m, k] = sum_n g[m, n] W[n, k] ------------------------------------------ */
 
+#ifndef NF4_BWD_OFFSET_LOADS
+#define NF4_BWD_OFFSET_LOADS 1
+#endif
+
+/* bwd_cols's loop over groups for rows [n, n + rows) of W (coef: the one-row coefficients, or NULL) */
+AI void bwd_groups(const plan_t *p, const uint8_t *packed, const float *g, float *dxs, i64 g0, i64 g1, i64 n,
+                   int rows, const float *const *srows, float (*coef)[MAX_ROW_BLOCKS], const int R, const int RB,
+                   const int kind, const int offs) {
+    const i64 N = p->N, K = p->K;
+    for (i64 gi = g0; gi < g1; gi++) {
+        vi v[4];
+        vf cf[4][MAX_ROWS];
+        for (int rb = 0; rb < RB; rb++) {
+            const i64 r = rb < rows ? n + rb : n; /* a missing row repeats row n with coefficient 0 */
+            prefetch_ahead(packed + r * p->half + gi * GROUP_BYTES, gi, RB * p->half);
+            v[rb] = group_load(packed + r * p->half + gi * GROUP_BYTES);
+            if (coef) {
+                cf[rb][0] = group_scale_k(p, coef[rb], gi, kind);
+                continue;
+            }
+            const vf sc = group_scale_k(p, srows[rb], gi, kind);
+            for (int m = 0; m < R; m++) cf[rb][m] = rb < rows ? vmul(vset1(g[m * N + r]), sc) : vzero();
+        }
+        float *dg = dxs + gi * GROUP_COLS;
+        vi cur[4]; /* the offset load of nibbles s and s + 1 (s even) */
+#pragma GCC unroll 8
+        for (int s = 0; s < 8; s++) {
+            vf d[MAX_ROWS];
+            for (int m = 0; m < R; m++) d[m] = vload(dg + m * K + s * L);
+            for (int rb = 0; rb < RB; rb++) {
+                const i64 r = rb < rows ? n + rb : n;
+                if (!(s & 1)) cur[rb] = s && offs ? offset_load(packed + r * p->half + gi * GROUP_BYTES + s / 2) : v[rb];
+                const vf w = lookup(shift_right(cur[rb], offs ? 4 * (s & 1) : 4 * s), p->lut);
+                for (int m = 0; m < R; m++) d[m] = vfma(w, cf[rb][m], d[m]);
+            }
+            for (int m = 0; m < R; m++) vstore(dg + m * K + s * L, d[m]);
+        }
+    }
+}
+
 /* Groups [g0, g1) of dxs (group order), all rows of W, RB rows at a time: each dx vector is loaded and stored
- * once per RB rows; the coefficient g[m, n] * scale is formed once per row and group. */
+ * once per RB rows; the coefficient g[m, n] * scale is formed once per row and block (one row of x: the
+ * products g[n] * scale written next to the decoded scales, then broadcast like the forward's scales). */
 AI void bwd_cols(const plan_t *p, const uint8_t *packed, const float *g, float *dxs, i64 g0, i64 g1, const int R,
-                 const int RB) {
+                 const int RB, const int kind) {
     const i64 N = p->N, K = p->K;
     for (int m = 0; m < R; m++) memset(dxs + m * K + g0 * GROUP_COLS, 0, (size_t)((g1 - g0) * GROUP_COLS) * 4);
     const i64 b0 = g0 * GROUP_COLS / p->bs, b1 = (g1 * GROUP_COLS + p->bs - 1) / p->bs; /* this thread's blocks */
+    /* the decoded scales of the block's rows; in the one-row backward, overwritten in place by the coefficients
+     * g[n] * scale (prescale), formed once per block instead of once per group */
     float decoded[4][MAX_ROW_BLOCKS];
+    const int prescale = R == 1 && kind != SCALES_LANES;
     for (i64 n = 0; n < N; n += RB) {
         const int rows = N - n < RB ? (int)(N - n) : RB;
         const float *srows[4];
         prefetch_scales(p, n + RB, RB, b0, b1);
-        for (int rb = 0; rb < RB; rb++) srows[rb] = row_scales(p, rb < rows ? n + rb : n, b0, b1, decoded[rb]);
-        for (i64 gi = g0; gi < g1; gi++) {
-            vi v[4];
-            vf cf[4][MAX_ROWS];
-            for (int rb = 0; rb < RB; rb++) {
-                const i64 r = rb < rows ? n + rb : n; /* a missing row repeats row n with coefficient 0 */
-                prefetch_ahead(packed + r * p->half + gi * GROUP_BYTES, gi, RB * p->half);
-                v[rb] = group_load(packed + r * p->half + gi * GROUP_BYTES);
-                const vf sc = group_scale(p, srows[rb], gi);
-                for (int m = 0; m < R; m++) cf[rb][m] = rb < rows ? vmul(vset1(g[m * N + r]), sc) : vzero();
-            }
-            float *dg = dxs + gi * GROUP_COLS;
-#pragma GCC unroll 8
-            for (int s = 0; s < 8; s++) {
-                vf d[MAX_ROWS];
-                for (int m = 0; m < R; m++) d[m] = vload(dg + m * K + s * L);
-                for (int rb = 0; rb < RB; rb++) {
-                    /* shifts, not offset loads: measured slower here (docs/quant_linear.md) */
-                    const vf w = lookup(shift_right(v[rb], 4 * s), p->lut);
-                    for (int m = 0; m < R; m++) d[m] = vfma(w, cf[rb][m], d[m]);
-                }
-                for (int m = 0; m < R; m++) vstore(dg + m * K + s * L, d[m]);
-            }
+        for (int rb = 0; rb < RB; rb++) {
+            srows[rb] = row_scales(p, rb < rows ? n + rb : n, b0, b1, decoded[rb]);
+            if (prescale) /* the same products as vmul(vset1(g), sc) in bwd_groups: bit-identical */
+                for (i64 b = b0; b < b1; b++) decoded[rb][b] = rb < rows ? g[n + rb] * srows[rb][b] : 0.0f;
         }
+        if (NF4_BWD_OFFSET_LOADS && n + RB < N) /* offset loads read past a group: never on the last row */
+            bwd_groups(p, packed, g, dxs, g0, g1, n, rows, srows, prescale ? decoded : NULL, R, RB, kind, 1);
+        else
+            bwd_groups(p, packed, g, dxs, g0, g1, n, rows, srows, prescale ? decoded : NULL, R, RB, kind, 0);
     }
+}
+
+AI void bwd_cols_k(const plan_t *p, const uint8_t *packed, const float *g, float *dxs, i64 g0, i64 g1, const int R,
+                   const int RB) {
+    if (!p->lanes_vary) bwd_cols(p, packed, g, dxs, g0, g1, R, RB, SCALES_ONE);
+#if L == 16 && NF4_FWD_SCALES
+    else if (p->scales_per_group == 2) bwd_cols(p, packed, g, dxs, g0, g1, R, RB, SCALES_TWO);
+#endif
+    else bwd_cols(p, packed, g, dxs, g0, g1, R, RB, SCALES_LANES);
 }
 
 /* LoRA's share of the backward for natural columns [k0, k1), all rows m (gb = g B [M, rank], complete):
@@ -876,15 +888,15 @@ static int gemv_t_call(const plan_t *p, const float *g, float *dx, i64 M, int th
         thread_range(p->groups, 1, &g0, &g1);
         if (dx && g1 > g0) switch (M) {
 #if L == 16
-            case 1: bwd_cols(p, p->packed, g, dxs, g0, g1, 1, 4); break;
-            case 2: bwd_cols(p, p->packed, g, dxs, g0, g1, 2, 4); break;
-            case 3: bwd_cols(p, p->packed, g, dxs, g0, g1, 3, 2); break;
-            case 4: bwd_cols(p, p->packed, g, dxs, g0, g1, 4, 2); break;
+            case 1: bwd_cols_k(p, p->packed, g, dxs, g0, g1, 1, 4); break;
+            case 2: bwd_cols_k(p, p->packed, g, dxs, g0, g1, 2, 4); break;
+            case 3: bwd_cols_k(p, p->packed, g, dxs, g0, g1, 3, 2); break;
+            case 4: bwd_cols_k(p, p->packed, g, dxs, g0, g1, 4, 2); break;
 #else
-            case 1: bwd_cols(p, p->packed, g, dxs, g0, g1, 1, 4); break;
-            case 2: bwd_cols(p, p->packed, g, dxs, g0, g1, 2, 2); break;
-            case 3: bwd_cols(p, p->packed, g, dxs, g0, g1, 3, 1); break;
-            case 4: bwd_cols(p, p->packed, g, dxs, g0, g1, 4, 1); break;
+            case 1: bwd_cols_k(p, p->packed, g, dxs, g0, g1, 1, 4); break;
+            case 2: bwd_cols_k(p, p->packed, g, dxs, g0, g1, 2, 2); break;
+            case 3: bwd_cols_k(p, p->packed, g, dxs, g0, g1, 3, 1); break;
+            case 4: bwd_cols_k(p, p->packed, g, dxs, g0, g1, 4, 1); break;
 #endif
             default: break; /* M <= MAX_ROWS: cases 1-4 above */
             }
