@@ -314,6 +314,9 @@ AI vf group_scale(const plan_t *p, const float *srow, i64 g) {
 #ifndef NF4_OFFSET_LOADS
 #define NF4_OFFSET_LOADS 1
 #endif
+#ifndef NF4_FWD_OFFSET_STEP
+#define NF4_FWD_OFFSET_STEP 1
+#endif
 #ifndef NF4_LOAD_ONCE
 #define NF4_LOAD_ONCE 1
 #endif
@@ -461,16 +464,17 @@ AI float lora_out(const plan_t *p, int m, i64 n, float total) {
 #ifndef NF4_FWD_SCALES
 #define NF4_FWD_SCALES 1
 #endif
-/* partial sums per row of W and x in the forward's group loop (1 or 2: the same speed, measured) */
+/* partial sums per row of W and x in the forward's group loop (1 or 2: the same speed within the noise,
+ * measured; 2 keeps the summation order, i.e. the results, of the kernel before) */
 #ifndef NF4_FWD_CHAINS
-#define NF4_FWD_CHAINS 1
+#define NF4_FWD_CHAINS 2
 #endif
-/* rows of W per block in the one-row forward (AVX-512 build; <= MAX_RB): 6 ~4% faster than 4, measured */
+/* rows of W per block in the one-row forward (AVX-512 build): 2, 4 and 6 the same speed within the noise */
 #ifndef NF4_FWD_RB1
-#define NF4_FWD_RB1 6
+#define NF4_FWD_RB1 4
 #endif
 
-#define MAX_RB 6 /* rows of W per forward block, at most */
+#define MAX_RB (NF4_FWD_RB1 > 4 ? NF4_FWD_RB1 : 4) /* rows of W per forward block, at most */
 
 /* How a group's scales vary over its lanes (a compile-time argument of the kernels): one scale per group
  * (bs >= 8L), two (bs = 4L: lanes 0..L/2-1 and L/2..L-1), or more (lane_scales). */
@@ -515,8 +519,9 @@ AI void fwd_block(const plan_t *p, const uint8_t *packed, const float *xs, float
                     w[rb] = lookup(shift_right(v[rb], 4 * s), p->lut);
                     continue;
                 }
-                if (!(s & 1)) cur[rb] = s ? offset_load(rows[rb] + g * GROUP_BYTES + s / 2) : v[rb];
-                w[rb] = lookup(shift_right(cur[rb], 4 * (s & 1)), p->lut);
+                const int k = s / 2 / NF4_FWD_OFFSET_STEP * NF4_FWD_OFFSET_STEP; /* the load: at byte k */
+                if (2 * k == s) cur[rb] = k ? offset_load(rows[rb] + g * GROUP_BYTES + k) : v[rb];
+                w[rb] = lookup(shift_right(cur[rb], 4 * s - 8 * k), p->lut);
             }
             for (int m = 0; m < R; m++) {
                 const vf xv = vload(xg + m * p->K + s * L);
