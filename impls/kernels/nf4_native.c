@@ -737,8 +737,10 @@ int nf4_lora_gemv(const uint8_t *packed, const float *scales, const float *code1
 
 /* ---- backward (input gradient): dx[m, k] = sum_n g[m, n] W[n, k] ------------------------------------------ */
 
+/* Offset loads in the backward: ~20% faster in the AVX-512 build once loaded once (offset_load); ~7% slower in
+ * the AVX2 build (32-byte groups, 3-uop lookups), which shifts (measured, docs/quant_linear.md, "GEMV kernel"). */
 #ifndef NF4_BWD_OFFSET_LOADS
-#define NF4_BWD_OFFSET_LOADS 1
+#define NF4_BWD_OFFSET_LOADS (L == 16)
 #endif
 
 /* bwd_cols's loop over groups for rows [n, n + rows) of W (coef: the one-row coefficients, or NULL) */
