@@ -474,24 +474,31 @@ AI float lora_out(const plan_t *p, int m, i64 n, float total) {
 #define NF4_FWD_RB1 4
 #endif
 
-/* rows of W per block in the 3- and 4-row forward (AVX-512 build): 2, so each x vector is loaded once per two
- * rows of W (half the x loads; 4 rows of x are 64 KB at K = 4096, more than L1 holds): 4 rows of x
- * 1.3x faster with 2 (measured, docs/quant_linear.md) */
-#ifndef NF4_FWD_RB34
-#define NF4_FWD_RB34 2
+/* rows of W per block in the 4-row forward (AVX-512 build): 2, so each x vector is loaded once per two rows of W
+ * (half the x loads; 4 rows of x are 64 KB at K = 4096, more than L1 holds): 1.3x faster than 1 (measured,
+ * docs/quant_linear.md). 3 rows gained 5% from it, not worth its compile time. */
+#ifndef NF4_FWD_RB4
+#define NF4_FWD_RB4 2
 #endif
 #define MAX_RB (NF4_FWD_RB1 > 4 ? NF4_FWD_RB1 : 4) /* rows of W per forward block, at most */
 
-/* How a group's scales vary over its lanes (a compile-time argument of the kernels): one scale per group
- * (bs >= 8L), two (bs = 4L: lanes 0..L/2-1 and L/2..L-1), or more (lane_scales). */
-enum { SCALES_ONE, SCALES_TWO, SCALES_LANES };
+/* How a group's scales vary over its lanes, a compile-time argument of the kernels: SCALES_TWO, two blocks per
+ * group (bs = 4L: lanes 0..L/2-1 and L/2..L-1, QLoRA's bs 64 in the AVX-512 build), for one row of x only;
+ * SCALES_ANY, any bs, chosen per group (group_scale). Each specialisation costs compile time (the AVX-512
+ * build: ~3 s before this, each of these ~+1 s, in every fresh build the tests make). */
+enum { SCALES_ANY, SCALES_TWO };
 
 AI vf group_scale_k(const plan_t *p, const float *srow, i64 g, const int kind) {
-    if (kind == SCALES_ONE) return vset1(srow[(g * GROUP_COLS) >> p->bs_log2]);
 #if L == 16 && NF4_FWD_SCALES
     if (kind == SCALES_TWO) return _mm512_mask_broadcastss_ps(vset1(srow[2 * g]), 0xff00, _mm_load_ss(srow + 2 * g + 1));
 #endif
-    return lane_scales(srow + g * p->scales_per_group, p->scales_per_group, p->lane_idx);
+    (void)kind;
+    return group_scale(p, srow, g);
+}
+
+/* the scale layout the kernels for R rows of x are specialised for */
+AI int scales_kind(const plan_t *p, const int R) {
+    return L == 16 && NF4_FWD_SCALES && R == 1 && p->scales_per_group == 2 ? SCALES_TWO : SCALES_ANY;
 }
 
 /* RB rows of W from n, R rows of x: each group is loaded once per W row and each decoded vector used for R
@@ -567,11 +574,8 @@ AI void fwd_rows_k(const plan_t *p, const uint8_t *packed, const float *xs, floa
 
 AI void fwd_rows(const plan_t *p, const uint8_t *packed, const float *xs, float *y, i64 n0, i64 n1, const int R,
                  const int RB) {
-    if (!p->lanes_vary) fwd_rows_k(p, packed, xs, y, n0, n1, R, RB, SCALES_ONE);
-#if L == 16 && NF4_FWD_SCALES
-    else if (p->scales_per_group == 2) fwd_rows_k(p, packed, xs, y, n0, n1, R, RB, SCALES_TWO);
-#endif
-    else fwd_rows_k(p, packed, xs, y, n0, n1, R, RB, SCALES_LANES);
+    if (scales_kind(p, R) == SCALES_TWO) fwd_rows_k(p, packed, xs, y, n0, n1, R, RB, SCALES_TWO);
+    else fwd_rows_k(p, packed, xs, y, n0, n1, R, RB, SCALES_ANY);
 }
 
 /* Rows of W handed out in chunks of STEAL_ROWS (a multiple of 16: no two threads write one cache line of y).
@@ -621,8 +625,8 @@ static __attribute__((noinline)) void fwd_chunk(const plan_t *p, const float *xs
 #if L == 16
     case 1: fwd_rows(p, p->packed, xs, y, n0, n1, 1, NF4_FWD_RB1); break;
     case 2: fwd_rows(p, p->packed, xs, y, n0, n1, 2, 2); break;
-    case 3: fwd_rows(p, p->packed, xs, y, n0, n1, 3, NF4_FWD_RB34); break;
-    default: fwd_rows(p, p->packed, xs, y, n0, n1, 4, NF4_FWD_RB34); break;
+    case 3: fwd_rows(p, p->packed, xs, y, n0, n1, 3, 1); break;
+    default: fwd_rows(p, p->packed, xs, y, n0, n1, 4, NF4_FWD_RB4); break;
 #else
     case 1: fwd_rows(p, p->packed, xs, y, n0, n1, 1, 2); break;
     case 2: fwd_rows(p, p->packed, xs, y, n0, n1, 2, 1); break;
@@ -798,7 +802,7 @@ AI void bwd_cols(const plan_t *p, const uint8_t *packed, const float *g, float *
     /* the decoded scales of the block's rows; in the one-row backward, overwritten in place by the coefficients
      * g[n] * scale (prescale), formed once per block instead of once per group */
     float decoded[4][MAX_ROW_BLOCKS];
-    const int prescale = R == 1 && kind != SCALES_LANES;
+    const int prescale = R == 1;
     for (i64 n = 0; n < N; n += RB) {
         const int rows = N - n < RB ? (int)(N - n) : RB;
         const float *srows[4];
@@ -808,7 +812,7 @@ AI void bwd_cols(const plan_t *p, const uint8_t *packed, const float *g, float *
             if (prescale) /* the same products as vmul(vset1(g), sc) in bwd_groups: bit-identical */
                 for (i64 b = b0; b < b1; b++) decoded[rb][b] = rb < rows ? g[n + rb] * srows[rb][b] : 0.0f;
         }
-        if (NF4_BWD_OFFSET_LOADS && n + RB < N) /* offset loads read past a group: never on the last row */
+        if (NF4_BWD_OFFSET_LOADS && R == 1 && n + RB < N) /* past a group: never on the last row */
             bwd_groups(p, packed, g, dxs, g0, g1, n, rows, srows, prescale ? decoded : NULL, R, RB, kind, 1);
         else
             bwd_groups(p, packed, g, dxs, g0, g1, n, rows, srows, prescale ? decoded : NULL, R, RB, kind, 0);
@@ -817,11 +821,8 @@ AI void bwd_cols(const plan_t *p, const uint8_t *packed, const float *g, float *
 
 AI void bwd_cols_k(const plan_t *p, const uint8_t *packed, const float *g, float *dxs, i64 g0, i64 g1, const int R,
                    const int RB) {
-    if (!p->lanes_vary) bwd_cols(p, packed, g, dxs, g0, g1, R, RB, SCALES_ONE);
-#if L == 16 && NF4_FWD_SCALES
-    else if (p->scales_per_group == 2) bwd_cols(p, packed, g, dxs, g0, g1, R, RB, SCALES_TWO);
-#endif
-    else bwd_cols(p, packed, g, dxs, g0, g1, R, RB, SCALES_LANES);
+    if (scales_kind(p, R) == SCALES_TWO) bwd_cols(p, packed, g, dxs, g0, g1, R, RB, SCALES_TWO);
+    else bwd_cols(p, packed, g, dxs, g0, g1, R, RB, SCALES_ANY);
 }
 
 /* LoRA's share of the backward for natural columns [k0, k1), all rows m (gb = g B [M, rank], complete):
