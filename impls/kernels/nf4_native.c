@@ -309,11 +309,14 @@ AI vf group_scale(const plan_t *p, const float *srow, i64 g) {
 
 /* Nibble s (0..7) of every dword of a group: shifting the group by 8k bits is a load at k bytes further instead
  * (the load ports have room; the shift, lookup and FMA ports are the bottleneck): 4 shifts per group instead of
- * 7, in both directions (docs/quant_linear.md, "GEMV kernel"). Such a load reads up to 3 bytes past the group:
- * the array's last row (`safe` in the forward) shifts instead. NF4_OFFSET_LOADS=0: the forward shifts only. */
+ * 7, in the forward and the one-row backward (docs/quant_linear.md, "GEMV kernel"). Such a load reads up to 3
+ * bytes past the group: the array's last row shifts instead (tested with a guard page). NF4_OFFSET_LOADS=0:
+ * the forward shifts only. */
 #ifndef NF4_OFFSET_LOADS
 #define NF4_OFFSET_LOADS 1
 #endif
+/* the forward's offset loads at every byte k = 0..3 (1), or at k = 0, 2 only (2: 6 shifts, 1 split load; the
+ * same speed, measured), or none (4) */
 #ifndef NF4_FWD_OFFSET_STEP
 #define NF4_FWD_OFFSET_STEP 1
 #endif
@@ -458,9 +461,10 @@ AI float lora_out(const plan_t *p, int m, i64 n, float total) {
 
 /* ---- forward: y[m, n] = sum_k x[m, k] W[n, k] ------------------------------------------------------------- */
 
-/* How the forward forms a group's per-lane scale vector when a group spans two blocks (bs = 64 in the
+/* How the one-row kernels form a group's per-lane scale vector when a group spans two blocks (bs = 64 in the
  * AVX-512 build, QLoRA's blocksize): 1 = a broadcast of the first block's scale and a masked broadcast of the
- * second's into lanes 8..15 (load ports + one p0/p5 uop); 0 = lane_scales (a masked load + vpermps on p5). */
+ * second's into lanes 8..15 (load ports + one p0/p5 uop; 10% faster forward, 16% backward, measured);
+ * 0 = lane_scales (a masked load + vpermps on p5). */
 #ifndef NF4_FWD_SCALES
 #define NF4_FWD_SCALES 1
 #endif
@@ -792,8 +796,8 @@ AI void bwd_groups(const plan_t *p, const uint8_t *packed, const float *g, float
 }
 
 /* Groups [g0, g1) of dxs (group order), all rows of W, RB rows at a time: each dx vector is loaded and stored
- * once per RB rows; the coefficient g[m, n] * scale is formed once per row and block (one row of x: the
- * products g[n] * scale written next to the decoded scales, then broadcast like the forward's scales). */
+ * once per RB rows; the coefficient g[m, n] * scale is formed once per row and group, or, with one row of x,
+ * once per row and block before the groups (in place of the decoded scales, then read like scales). */
 AI void bwd_cols(const plan_t *p, const uint8_t *packed, const float *g, float *dxs, i64 g0, i64 g1, const int R,
                  const int RB, const int kind) {
     const i64 N = p->N, K = p->K;
