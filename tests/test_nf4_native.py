@@ -683,3 +683,55 @@ def test_one_thread_restores_the_thread_count():
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+_GUARD_CHILD = r"""
+import ctypes, mmap, sys, torch
+from twinbench.impls.kernels import nf4_native
+from twinbench.reference.nf4 import quantize_nf4
+from twinbench.impls.kernels.nf4_weight import NF4Weight
+
+n, k, bs = 37, 512, 64  # 37 rows: the last register blocks of both directions are partial
+st = quantize_nf4(torch.randn(n, k, generator=torch.Generator().manual_seed(5)) / k**0.5, bs, True)
+scales = NF4Weight(st.packed, st.absmax, (n, k), bs, st.absmax2, st.code2, st.offset).block_scales()
+size, page = n * k // 2, mmap.PAGESIZE
+total = (size + page - 1) // page * page + page
+buf = mmap.mmap(-1, total)
+base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.mprotect(ctypes.c_void_p(base + total - page), ctypes.c_size_t(page), 0) == 0  # PROT_NONE
+packed = torch.frombuffer(buf, dtype=torch.uint8, count=size, offset=total - page - size)  # ends at the guard
+packed.copy_(st.packed.reshape(-1))
+packed2d = packed.view(n, k // 2)
+assert nf4_native.isa() == sys.argv[1]
+for m in (1, 2, 3, 4):
+    g = torch.randn(m, n)
+    nf4_native.gemv(torch.randn(m, k), packed2d, scales), nf4_native.gemv_t(g, packed2d, scales)
+    nf4_native.gemv(torch.randn(m, k).bfloat16(), packed2d, scales)
+print("kernels ok", flush=True)
+if sys.argv[2] == "planted":
+    ctypes.string_at(base + total - page, 1)  # one byte past the weight: must crash
+print("guard missed", flush=True)
+"""
+
+
+@native
+def test_kernels_read_nothing_past_the_weight(tmp_path):
+    """The offset loads (nf4_native.c) read up to 3 bytes past a group, so the array's last row must not take them.
+    In a child process (a crash must fail the test, not the run), the packed weight ends where an unreadable
+    page begins; the forward (fp32 and bf16 x) and backward for 1-4 rows of x, each vector layer, must not
+    fault. Planted: reading one byte past the weight must kill the child (the guard page works)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    have = availability.cpu_flags()
+    for isa_name, (_, needs) in nf4_native.ISA_FLAGS.items():
+        if not all(f in have for f in needs):
+            continue
+        env = {**os.environ, "TWINBENCH_NF4_ISA": isa_name}
+        run = subprocess.run([sys.executable, "-c", _GUARD_CHILD, isa_name, "planted"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert "kernels ok" in run.stdout, (isa_name, run.returncode, run.stderr[-2000:])
+        assert run.returncode == -signal.SIGSEGV and "guard missed" not in run.stdout, (isa_name, run.returncode)

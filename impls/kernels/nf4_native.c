@@ -180,6 +180,7 @@ AI vi lane_index(int lanes_per_block) {
  * group different scales (lane_scales); wider ones one scale per group (a broadcast). */
 typedef struct {
     i64 N, K, bs, nb, half, groups, tail_cols;
+    int bs_log2; /* bs = 1 << bs_log2: block indices by a shift, not a 64-bit division per group */
     int lanes_vary, scales_per_group;
     vi lane_idx;
     lut_t lut;
@@ -255,6 +256,7 @@ AI void store_any(void *t, int bf16, i64 i, vf v) {
 static int make_plan(plan_t *p, const float *code16, i64 N, i64 K, i64 bs) {
     if (N < 1 || bs < 32 || (bs & (bs - 1)) || K % bs || K / bs > MAX_ROW_BLOCKS) return -1;
     p->N = N, p->K = K, p->bs = bs, p->nb = K / bs, p->half = K / 2;
+    p->bs_log2 = __builtin_ctzll((unsigned long long)bs);
     p->groups = K / GROUP_COLS;
     p->tail_cols = K - p->groups * GROUP_COLS; /* only when bs < 8L: whole blocks, done in scalar code */
     p->lanes_vary = bs < GROUP_COLS;
@@ -301,22 +303,35 @@ static int set_scales(plan_t *p, const float *scales, const uint8_t *q, const fl
 }
 
 AI vf group_scale(const plan_t *p, const float *srow, i64 g) {
-    const i64 first = g * GROUP_COLS / p->bs;
+    const i64 first = (g * GROUP_COLS) >> p->bs_log2;
     return p->lanes_vary ? lane_scales(srow + first, p->scales_per_group, p->lane_idx) : vset1(srow[first]);
 }
 
+/* Nibble s (0..7) of every dword of a group: shifting the group by 8k bits is a load at k bytes further instead
+ * (the load ports have room; the shift, lookup and FMA ports are the bottleneck): 4 shifts per group instead of
+ * 7, in the forward and the one-row backward (docs/quant_linear.md, "GEMV kernel"). Such a load reads up to 3
+ * bytes past the group: the array's last row shifts instead (tested with a guard page). NF4_OFFSET_LOADS=0:
+ * the forward shifts only. */
 #ifndef NF4_OFFSET_LOADS
 #define NF4_OFFSET_LOADS 1
 #endif
-/* The indices of nibble s (0..7) of every dword of the group at gp (v0: the group, loaded). Shifting by 8k is
- * a load at gp + k instead (the load ports are idle; the shift, lookup and FMA ports are the bottleneck: 4
- * shifts instead of 7 per group; ~7% faster forward, measured in one process against the shifting build;
- * slower in the backward, which shifts). Such a load reads up to 3 bytes past the group: `safe` (the array's
- * last row) shifts instead. */
-AI vi nibbles(const uint8_t *gp, vi v0, const int s, const int safe) {
-    if (safe || !NF4_OFFSET_LOADS) return shift_right(v0, 4 * s);
-    const vi vk = s / 2 ? group_load(gp + s / 2) : v0;
-    return shift_right(vk, 4 * (s & 1));
+/* the forward's offset loads at every byte k = 0..3 (1), or at k = 0, 2 only (2: 6 shifts, 1 split load; the
+ * same speed, measured), or none (4) */
+#ifndef NF4_FWD_OFFSET_STEP
+#define NF4_FWD_OFFSET_STEP 1
+#endif
+#ifndef NF4_LOAD_ONCE
+#define NF4_LOAD_ONCE 1
+#endif
+/* An offset load, kept in a register: without the empty asm GCC folds the load into the odd nibble's shift
+ * (vpsrld $4, mem), i.e. loads each offset twice, both loads split across two cache lines (the backward was
+ * slower with offset loads than with shifts because of it; NF4_LOAD_ONCE=0 builds the folding, to compare). */
+AI vi offset_load(const uint8_t *p) {
+    vi v = group_load(p);
+#if NF4_LOAD_ONCE
+    __asm__("" : "+v"(v));
+#endif
+    return v;
 }
 
 /* Software prefetch (docs/quant_linear.md, "GEMV kernel"). Without it the kernel's decoding and its DRAM reads
@@ -446,41 +461,98 @@ AI float lora_out(const plan_t *p, int m, i64 n, float total) {
 
 /* ---- forward: y[m, n] = sum_k x[m, k] W[n, k] ------------------------------------------------------------- */
 
+/* How the one-row kernels form a group's per-lane scale vector when a group spans two blocks (bs = 64 in the
+ * AVX-512 build, QLoRA's blocksize): 1 = a broadcast of the first block's scale and a masked broadcast of the
+ * second's into lanes 8..15 (load ports + one p0/p5 uop; 10% faster forward, 16% backward, measured);
+ * 0 = lane_scales (a masked load + vpermps on p5). */
+#ifndef NF4_FWD_SCALES
+#define NF4_FWD_SCALES 1
+#endif
+/* partial sums per row of W and x in the forward's group loop (1 or 2: the same speed within the noise,
+ * measured; 2 keeps the summation order, i.e. the results, of the kernel before) */
+#ifndef NF4_FWD_CHAINS
+#define NF4_FWD_CHAINS 2
+#endif
+/* rows of W per block in the one-row forward (AVX-512 build): 2, 4 and 6 the same speed within the noise */
+#ifndef NF4_FWD_RB1
+#define NF4_FWD_RB1 4
+#endif
+
+/* rows of W per block in the 4-row forward (AVX-512 build): 2, so each x vector is loaded once per two rows of W
+ * (half the x loads; 4 rows of x are 64 KB at K = 4096, more than L1 holds): 1.3x faster than 1 (measured,
+ * docs/quant_linear.md). 3 rows gained 5% from it, not worth its compile time. */
+#ifndef NF4_FWD_RB4
+#define NF4_FWD_RB4 2
+#endif
+#define MAX_RB (NF4_FWD_RB1 > 4 ? NF4_FWD_RB1 : 4) /* rows of W per forward block, at most */
+
+/* How a group's scales vary over its lanes, a compile-time argument of the kernels: SCALES_TWO, two blocks per
+ * group (bs = 4L: lanes 0..L/2-1 and L/2..L-1, QLoRA's bs 64 in the AVX-512 build), for one row of x only;
+ * SCALES_ANY, any bs, chosen per group (group_scale). Each specialisation costs compile time (the AVX-512
+ * build: ~3 s before this, each of these ~+1 s, in every fresh build the tests make). */
+enum { SCALES_ANY, SCALES_TWO };
+
+AI vf group_scale_k(const plan_t *p, const float *srow, i64 g, const int kind) {
+#if L == 16 && NF4_FWD_SCALES
+    if (kind == SCALES_TWO) return _mm512_mask_broadcastss_ps(vset1(srow[2 * g]), 0xff00, _mm_load_ss(srow + 2 * g + 1));
+#endif
+    (void)kind;
+    return group_scale(p, srow, g);
+}
+
+/* the scale layout the kernels for R rows of x are specialised for */
+AI int scales_kind(const plan_t *p, const int R) {
+    return L == 16 && NF4_FWD_SCALES && R == 1 && p->scales_per_group == 2 ? SCALES_TWO : SCALES_ANY;
+}
+
 /* RB rows of W from n, R rows of x: each group is loaded once per W row and each decoded vector used for R
- * rows of x; each x vector for RB rows of W. Two partial sums per pair (even/odd nibbles) for latency; each
- * group's partial sum is scaled once. */
+ * rows of x; each x vector for RB rows of W. NF4_FWD_CHAINS partial sums per pair (one: no add per group; the
+ * RB pairs' chains are independent); each group's partial sum is scaled once. */
 AI void fwd_block(const plan_t *p, const uint8_t *packed, const float *xs, float *y, i64 n, const int R,
-                  const int RB, const int safe) {
-    vf acc[4][MAX_ROWS];
+                  const int RB, const int safe, const int kind) {
+    vf acc[MAX_RB][MAX_ROWS];
     for (int rb = 0; rb < RB; rb++)
         for (int m = 0; m < R; m++) acc[rb][m] = vzero();
-    const uint8_t *rows[4];
-    const float *srows[4];
-    float decoded[4][MAX_ROW_BLOCKS];
+    const uint8_t *rows[MAX_RB];
+    const float *srows[MAX_RB];
+    float decoded[MAX_RB][MAX_ROW_BLOCKS];
     prefetch_scales(p, n + RB, RB, 0, p->nb);
     for (int rb = 0; rb < RB; rb++)
         rows[rb] = packed + (n + rb) * p->half, srows[rb] = row_scales(p, n + rb, 0, p->nb, decoded[rb]);
     for (i64 g = 0; g < p->groups; g++) {
-        vi v[4];
+        vi v[MAX_RB];
         for (int rb = 0; rb < RB; rb++) prefetch_ahead(rows[rb] + g * GROUP_BYTES, g, RB * p->half);
         for (int rb = 0; rb < RB; rb++) v[rb] = group_load(rows[rb] + g * GROUP_BYTES);
-        vf part[4][MAX_ROWS][2];
+        vf part[MAX_RB][MAX_ROWS][2];
         for (int rb = 0; rb < RB; rb++)
             for (int m = 0; m < R; m++) part[rb][m][0] = part[rb][m][1] = vzero();
         const float *xg = xs + g * GROUP_COLS;
+        vi cur[MAX_RB]; /* the offset load of nibbles s and s + 1 (s even) */
 #pragma GCC unroll 8
         for (int s = 0; s < 8; s++) {
-            vf w[4];
-            for (int rb = 0; rb < RB; rb++)
-                w[rb] = lookup(nibbles(rows[rb] + g * GROUP_BYTES, v[rb], s, safe), p->lut);
+            vf w[MAX_RB];
+            for (int rb = 0; rb < RB; rb++) {
+                if (safe || !NF4_OFFSET_LOADS) {
+                    w[rb] = lookup(shift_right(v[rb], 4 * s), p->lut);
+                    continue;
+                }
+                const int k = s / 2 / NF4_FWD_OFFSET_STEP * NF4_FWD_OFFSET_STEP; /* the load: at byte k */
+                if (2 * k == s) cur[rb] = k ? offset_load(rows[rb] + g * GROUP_BYTES + k) : v[rb];
+                w[rb] = lookup(shift_right(cur[rb], 4 * s - 8 * k), p->lut);
+            }
             for (int m = 0; m < R; m++) {
                 const vf xv = vload(xg + m * p->K + s * L);
-                for (int rb = 0; rb < RB; rb++) part[rb][m][s & 1] = vfma(w[rb], xv, part[rb][m][s & 1]);
+                for (int rb = 0; rb < RB; rb++) {
+                    const int c = NF4_FWD_CHAINS == 2 ? (s & 1) : 0;
+                    part[rb][m][c] = s < NF4_FWD_CHAINS ? vmul(w[rb], xv) : vfma(w[rb], xv, part[rb][m][c]);
+                }
             }
         }
         for (int rb = 0; rb < RB; rb++) {
-            const vf sc = group_scale(p, srows[rb], g);
-            for (int m = 0; m < R; m++) acc[rb][m] = vfma(vadd(part[rb][m][0], part[rb][m][1]), sc, acc[rb][m]);
+            const vf sc = group_scale_k(p, srows[rb], g, kind);
+            for (int m = 0; m < R; m++)
+                acc[rb][m] = vfma(NF4_FWD_CHAINS == 2 ? vadd(part[rb][m][0], part[rb][m][1]) : part[rb][m][0], sc,
+                                  acc[rb][m]);
         }
     }
     for (int rb = 0; rb < RB; rb++)
@@ -495,13 +567,19 @@ AI void fwd_block(const plan_t *p, const uint8_t *packed, const float *xs, float
         }
 }
 
-AI void fwd_rows(const plan_t *p, const uint8_t *packed, const float *xs, float *y, i64 n0, i64 n1, const int R,
-                 const int RB) {
+AI void fwd_rows_k(const plan_t *p, const uint8_t *packed, const float *xs, float *y, i64 n0, i64 n1, const int R,
+                   const int RB, const int kind) {
     const i64 last = n1 == p->N ? n1 - 1 : n1; /* the array's last row: no reads past its end */
     i64 n = n0;
-    for (; n + RB <= last; n += RB) fwd_block(p, packed, xs, y, n, R, RB, 0);
-    for (; n < last; n++) fwd_block(p, packed, xs, y, n, R, 1, 0);
-    if (last < n1) fwd_block(p, packed, xs, y, last, R, 1, 1);
+    for (; n + RB <= last; n += RB) fwd_block(p, packed, xs, y, n, R, RB, 0, kind);
+    for (; n < last; n++) fwd_block(p, packed, xs, y, n, R, 1, 0, kind);
+    if (last < n1) fwd_block(p, packed, xs, y, last, R, 1, 1, kind);
+}
+
+AI void fwd_rows(const plan_t *p, const uint8_t *packed, const float *xs, float *y, i64 n0, i64 n1, const int R,
+                 const int RB) {
+    if (scales_kind(p, R) == SCALES_TWO) fwd_rows_k(p, packed, xs, y, n0, n1, R, RB, SCALES_TWO);
+    else fwd_rows_k(p, packed, xs, y, n0, n1, R, RB, SCALES_ANY);
 }
 
 /* Rows of W handed out in chunks of STEAL_ROWS (a multiple of 16: no two threads write one cache line of y).
@@ -549,14 +627,16 @@ static __attribute__((noinline)) void fwd_chunk(const plan_t *p, const float *xs
     const i64 n0 = c * STEAL_ROWS, n1 = n0 + STEAL_ROWS < p->N ? n0 + STEAL_ROWS : p->N;
     switch (M) { /* constant row counts: the accumulators stay in registers */
 #if L == 16
-    case 1: fwd_rows(p, p->packed, xs, y, n0, n1, 1, 4); break;
+    case 1: fwd_rows(p, p->packed, xs, y, n0, n1, 1, NF4_FWD_RB1); break;
     case 2: fwd_rows(p, p->packed, xs, y, n0, n1, 2, 2); break;
+    case 3: fwd_rows(p, p->packed, xs, y, n0, n1, 3, 1); break;
+    default: fwd_rows(p, p->packed, xs, y, n0, n1, 4, NF4_FWD_RB4); break;
 #else
     case 1: fwd_rows(p, p->packed, xs, y, n0, n1, 1, 2); break;
     case 2: fwd_rows(p, p->packed, xs, y, n0, n1, 2, 1); break;
-#endif
     case 3: fwd_rows(p, p->packed, xs, y, n0, n1, 3, 1); break;
     default: fwd_rows(p, p->packed, xs, y, n0, n1, 4, 1); break;
+#endif
     }
 }
 
@@ -673,43 +753,80 @@ int nf4_lora_gemv(const uint8_t *packed, const float *scales, const float *code1
 
 /* ---- backward (input gradient): dx[m, k] = sum_n g[m, n] W[n, k] ------------------------------------------ */
 
+/* Offset loads in the backward: ~20% faster in the AVX-512 build once loaded once (offset_load); ~7% slower in
+ * the AVX2 build (32-byte groups, 3-uop lookups), which shifts (measured, docs/quant_linear.md, "GEMV kernel"). */
+#ifndef NF4_BWD_OFFSET_LOADS
+#define NF4_BWD_OFFSET_LOADS (L == 16)
+#endif
+
+/* bwd_cols's loop over groups for rows [n, n + rows) of W (coef: the one-row coefficients, or NULL) */
+AI void bwd_groups(const plan_t *p, const uint8_t *packed, const float *g, float *dxs, i64 g0, i64 g1, i64 n,
+                   int rows, const float *const *srows, float (*coef)[MAX_ROW_BLOCKS], const int R, const int RB,
+                   const int kind, const int offs) {
+    const i64 N = p->N, K = p->K;
+    for (i64 gi = g0; gi < g1; gi++) {
+        vi v[4];
+        vf cf[4][MAX_ROWS];
+        for (int rb = 0; rb < RB; rb++) {
+            const i64 r = rb < rows ? n + rb : n; /* a missing row repeats row n with coefficient 0 */
+            prefetch_ahead(packed + r * p->half + gi * GROUP_BYTES, gi, RB * p->half);
+            v[rb] = group_load(packed + r * p->half + gi * GROUP_BYTES);
+            if (coef) {
+                cf[rb][0] = group_scale_k(p, coef[rb], gi, kind);
+                continue;
+            }
+            const vf sc = group_scale_k(p, srows[rb], gi, kind);
+            for (int m = 0; m < R; m++) cf[rb][m] = rb < rows ? vmul(vset1(g[m * N + r]), sc) : vzero();
+        }
+        float *dg = dxs + gi * GROUP_COLS;
+        vi cur[4]; /* the offset load of nibbles s and s + 1 (s even) */
+#pragma GCC unroll 8
+        for (int s = 0; s < 8; s++) {
+            vf d[MAX_ROWS];
+            for (int m = 0; m < R; m++) d[m] = vload(dg + m * K + s * L);
+            for (int rb = 0; rb < RB; rb++) {
+                const i64 r = rb < rows ? n + rb : n;
+                if (!(s & 1)) cur[rb] = s && offs ? offset_load(packed + r * p->half + gi * GROUP_BYTES + s / 2) : v[rb];
+                const vf w = lookup(shift_right(cur[rb], offs ? 4 * (s & 1) : 4 * s), p->lut);
+                for (int m = 0; m < R; m++) d[m] = vfma(w, cf[rb][m], d[m]);
+            }
+            for (int m = 0; m < R; m++) vstore(dg + m * K + s * L, d[m]);
+        }
+    }
+}
+
 /* Groups [g0, g1) of dxs (group order), all rows of W, RB rows at a time: each dx vector is loaded and stored
- * once per RB rows; the coefficient g[m, n] * scale is formed once per row and group. */
+ * once per RB rows; the coefficient g[m, n] * scale is formed once per row and group, or, with one row of x,
+ * once per row and block before the groups (in place of the decoded scales, then read like scales). */
 AI void bwd_cols(const plan_t *p, const uint8_t *packed, const float *g, float *dxs, i64 g0, i64 g1, const int R,
-                 const int RB) {
+                 const int RB, const int kind) {
     const i64 N = p->N, K = p->K;
     for (int m = 0; m < R; m++) memset(dxs + m * K + g0 * GROUP_COLS, 0, (size_t)((g1 - g0) * GROUP_COLS) * 4);
     const i64 b0 = g0 * GROUP_COLS / p->bs, b1 = (g1 * GROUP_COLS + p->bs - 1) / p->bs; /* this thread's blocks */
+    /* the decoded scales of the block's rows; in the one-row backward, overwritten in place by the coefficients
+     * g[n] * scale (prescale), formed once per block instead of once per group */
     float decoded[4][MAX_ROW_BLOCKS];
+    const int prescale = R == 1;
     for (i64 n = 0; n < N; n += RB) {
         const int rows = N - n < RB ? (int)(N - n) : RB;
         const float *srows[4];
         prefetch_scales(p, n + RB, RB, b0, b1);
-        for (int rb = 0; rb < RB; rb++) srows[rb] = row_scales(p, rb < rows ? n + rb : n, b0, b1, decoded[rb]);
-        for (i64 gi = g0; gi < g1; gi++) {
-            vi v[4];
-            vf cf[4][MAX_ROWS];
-            for (int rb = 0; rb < RB; rb++) {
-                const i64 r = rb < rows ? n + rb : n; /* a missing row repeats row n with coefficient 0 */
-                prefetch_ahead(packed + r * p->half + gi * GROUP_BYTES, gi, RB * p->half);
-                v[rb] = group_load(packed + r * p->half + gi * GROUP_BYTES);
-                const vf sc = group_scale(p, srows[rb], gi);
-                for (int m = 0; m < R; m++) cf[rb][m] = rb < rows ? vmul(vset1(g[m * N + r]), sc) : vzero();
-            }
-            float *dg = dxs + gi * GROUP_COLS;
-#pragma GCC unroll 8
-            for (int s = 0; s < 8; s++) {
-                vf d[MAX_ROWS];
-                for (int m = 0; m < R; m++) d[m] = vload(dg + m * K + s * L);
-                for (int rb = 0; rb < RB; rb++) {
-                    /* shifts, not offset loads: measured slower here (docs/quant_linear.md) */
-                    const vf w = lookup(shift_right(v[rb], 4 * s), p->lut);
-                    for (int m = 0; m < R; m++) d[m] = vfma(w, cf[rb][m], d[m]);
-                }
-                for (int m = 0; m < R; m++) vstore(dg + m * K + s * L, d[m]);
-            }
+        for (int rb = 0; rb < RB; rb++) {
+            srows[rb] = row_scales(p, rb < rows ? n + rb : n, b0, b1, decoded[rb]);
+            if (prescale) /* the same products as vmul(vset1(g), sc) in bwd_groups: bit-identical */
+                for (i64 b = b0; b < b1; b++) decoded[rb][b] = rb < rows ? g[n + rb] * srows[rb][b] : 0.0f;
         }
+        if (NF4_BWD_OFFSET_LOADS && R == 1 && n + RB < N) /* past a group: never on the last row */
+            bwd_groups(p, packed, g, dxs, g0, g1, n, rows, srows, prescale ? decoded : NULL, R, RB, kind, 1);
+        else
+            bwd_groups(p, packed, g, dxs, g0, g1, n, rows, srows, prescale ? decoded : NULL, R, RB, kind, 0);
     }
+}
+
+AI void bwd_cols_k(const plan_t *p, const uint8_t *packed, const float *g, float *dxs, i64 g0, i64 g1, const int R,
+                   const int RB) {
+    if (scales_kind(p, R) == SCALES_TWO) bwd_cols(p, packed, g, dxs, g0, g1, R, RB, SCALES_TWO);
+    else bwd_cols(p, packed, g, dxs, g0, g1, R, RB, SCALES_ANY);
 }
 
 /* LoRA's share of the backward for natural columns [k0, k1), all rows m (gb = g B [M, rank], complete):
@@ -791,15 +908,15 @@ static int gemv_t_call(const plan_t *p, const float *g, float *dx, i64 M, int th
         thread_range(p->groups, 1, &g0, &g1);
         if (dx && g1 > g0) switch (M) {
 #if L == 16
-            case 1: bwd_cols(p, p->packed, g, dxs, g0, g1, 1, 4); break;
-            case 2: bwd_cols(p, p->packed, g, dxs, g0, g1, 2, 4); break;
-            case 3: bwd_cols(p, p->packed, g, dxs, g0, g1, 3, 2); break;
-            case 4: bwd_cols(p, p->packed, g, dxs, g0, g1, 4, 2); break;
+            case 1: bwd_cols_k(p, p->packed, g, dxs, g0, g1, 1, 4); break;
+            case 2: bwd_cols_k(p, p->packed, g, dxs, g0, g1, 2, 4); break;
+            case 3: bwd_cols_k(p, p->packed, g, dxs, g0, g1, 3, 2); break;
+            case 4: bwd_cols_k(p, p->packed, g, dxs, g0, g1, 4, 2); break;
 #else
-            case 1: bwd_cols(p, p->packed, g, dxs, g0, g1, 1, 4); break;
-            case 2: bwd_cols(p, p->packed, g, dxs, g0, g1, 2, 2); break;
-            case 3: bwd_cols(p, p->packed, g, dxs, g0, g1, 3, 1); break;
-            case 4: bwd_cols(p, p->packed, g, dxs, g0, g1, 4, 1); break;
+            case 1: bwd_cols_k(p, p->packed, g, dxs, g0, g1, 1, 4); break;
+            case 2: bwd_cols_k(p, p->packed, g, dxs, g0, g1, 2, 2); break;
+            case 3: bwd_cols_k(p, p->packed, g, dxs, g0, g1, 3, 1); break;
+            case 4: bwd_cols_k(p, p->packed, g, dxs, g0, g1, 4, 1); break;
 #endif
             default: break; /* M <= MAX_ROWS: cases 1-4 above */
             }
