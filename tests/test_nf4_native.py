@@ -735,3 +735,19 @@ def test_kernels_read_nothing_past_the_weight(tmp_path):
                              capture_output=True, text=True, timeout=120)
         assert "kernels ok" in run.stdout, (isa_name, run.returncode, run.stderr[-2000:])
         assert run.returncode == -signal.SIGSEGV and "guard missed" not in run.stdout, (isa_name, run.returncode)
+
+
+@native
+@pytest.mark.parametrize("rows,k,blocksize", [(1, 512, 64), (4, 512, 64), (3, 96, 32)])
+def test_bf16_x_is_widened_exactly(rows, k, blocksize, isa):
+    """bf16 x is put into group order by dword gathers, each serving two columns (its high half widened by a
+    mask, its low half by a shift): the forward on bf16 x is bitwise the forward on the same values in fp32
+    (K = 96 at blocksize 32 leaves a scalar tail). Planted: the two halves of every pair swapped (x's
+    adjacent columns exchanged) is seen."""
+    _, _, packed2d, scales = state(37, k, blocksize, True, seed=rows)
+    gen = torch.Generator().manual_seed(k + rows)
+    x16 = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+    got = nf4_native.gemv(x16, packed2d, scales)
+    assert torch.equal(got, nf4_native.gemv(x16.float(), packed2d, scales))
+    swapped = x16.reshape(rows, k // 2, 2).flip(-1).reshape(rows, k).contiguous()
+    assert not torch.equal(nf4_native.gemv(swapped, packed2d, scales), got)

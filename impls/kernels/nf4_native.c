@@ -91,6 +91,12 @@ AI vf vload_bf16(const uint16_t *p) {
 AI vf gather_stride8(const float *p) {
     return _mm512_i32gather_ps(_mm512_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120), p, 4);
 }
+/* dwords at p[0], p[8], ..., p[8 (L - 1)] (bf16 elements: lane i holds p[8i] low, p[8i + 1] high) */
+AI vi gather_bf16_pairs(const uint16_t *p) {
+    return _mm512_i32gather_epi32(_mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60), p, 4);
+}
+AI vf pair_high(vi d) { return _mm512_castsi512_ps(_mm512_and_si512(d, _mm512_set1_epi32((int)0xffff0000u))); }
+AI vf pair_low(vi d) { return _mm512_castsi512_ps(_mm512_slli_epi32(d, 16)); }
 /* L floats -> bf16, rounded to nearest even, NaN kept a (quiet) NaN: what torch's .to(torch.bfloat16) gives */
 AI void vstore_bf16(uint16_t *p, vf v) {
     const __m512i b = _mm512_castps_si512(v), hi = _mm512_srli_epi32(b, 16);
@@ -141,6 +147,11 @@ AI vf vload_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 AI vf gather_stride8(const float *p) { return _mm256_i32gather_ps(p, _mm256_setr_epi32(0, 8, 16, 24, 32, 40, 48, 56), 4); }
+AI vi gather_bf16_pairs(const uint16_t *p) {
+    return _mm256_i32gather_epi32((const int *)p, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), 4);
+}
+AI vf pair_high(vi d) { return _mm256_castsi256_ps(_mm256_and_si256(d, _mm256_set1_epi32((int)0xffff0000u))); }
+AI vf pair_low(vi d) { return _mm256_castsi256_ps(_mm256_slli_epi32(d, 16)); }
 AI void vstore_bf16(uint16_t *p, vf v) {
     const __m256i b = _mm256_castps_si256(v), hi = _mm256_srli_epi32(b, 16);
     const __m256i lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
@@ -375,29 +386,36 @@ static inline void thread_range(i64 total, i64 align, i64 *lo, i64 *hi) {
     if (*hi > total) *hi = total;
 }
 
-/* x [M, K] (fp32, or bf16 when x_bf16) -> xs [M, K] fp32 in group order (the scalar tail stays natural) */
+/* x [M, K] (fp32, or bf16 when x_bf16) -> xs [M, K] fp32 in group order (the scalar tail stays natural). Vector s
+ * of a group holds natural columns 8i + (s ^ 1): fp32, a stride-8 gather each; bf16, one dword gather at
+ * columns 8i + s (s even) serves vectors s (its high halves: column 8i + s + 1) and s + 1 (its low halves), each
+ * widened exactly by a mask or a shift (NF4_BF16_GATHER=0: one element at a time, as before, to compare). */
+#ifndef NF4_BF16_GATHER
+#define NF4_BF16_GATHER 1
+#endif
 static void to_group_order(const void *x, int x_bf16, float *xs, const plan_t *p, i64 M, i64 g0, i64 g1) {
-    if (!x_bf16) { /* vector s of a group holds natural columns 8i + (s ^ 1): a stride-8 gather each */
-        for (i64 m = 0; m < M; m++)
-            for (i64 g = g0; g < g1; g++) {
-                const float *src = (const float *)x + m * p->K + g * GROUP_COLS;
-                for (int s = 0; s < 8; s++) vstore(xs + m * p->K + g * GROUP_COLS + s * L, gather_stride8(src + (s ^ 1)));
-            }
-        return;
-    }
     for (i64 m = 0; m < M; m++)
-        for (i64 g = g0; g < g1; g++)
-            for (i64 j = 0; j < GROUP_COLS; j++) {
-                const i64 src = m * p->K + g * GROUP_COLS + natural_col(j);
-                float v;
-                if (x_bf16) {
-                    uint32_t bits = (uint32_t)((const uint16_t *)x)[src] << 16;
-                    memcpy(&v, &bits, 4);
-                } else {
-                    v = ((const float *)x)[src];
-                }
-                xs[m * p->K + g * GROUP_COLS + j] = v;
+        for (i64 g = g0; g < g1; g++) {
+            float *dst = xs + m * p->K + g * GROUP_COLS;
+            if (!x_bf16) {
+                const float *src = (const float *)x + m * p->K + g * GROUP_COLS;
+                for (int s = 0; s < 8; s++) vstore(dst + s * L, gather_stride8(src + (s ^ 1)));
+                continue;
             }
+            const uint16_t *src = (const uint16_t *)x + m * p->K + g * GROUP_COLS;
+            if (NF4_BF16_GATHER) {
+                for (int s = 0; s < 8; s += 2) {
+                    const vi d = gather_bf16_pairs(src + s);
+                    vstore(dst + s * L, pair_high(d));
+                    vstore(dst + (s + 1) * L, pair_low(d));
+                }
+                continue;
+            }
+            for (i64 j = 0; j < GROUP_COLS; j++) {
+                const uint32_t bits = (uint32_t)src[natural_col(j)] << 16;
+                memcpy(dst + j, &bits, 4);
+            }
+        }
 }
 
 static void tail_to_fp32(const void *x, int x_bf16, float *xs, const plan_t *p, i64 M) {
