@@ -505,9 +505,15 @@ AI float lora_out(const plan_t *p, int m, i64 n, float total) {
 #define MAX_RB (NF4_FWD_RB1 > 4 ? NF4_FWD_RB1 : 4) /* rows of W per forward block, at most */
 
 /* How a group's scales vary over its lanes, a compile-time argument of the kernels: SCALES_TWO, two blocks per
- * group (bs = 4L: lanes 0..L/2-1 and L/2..L-1, QLoRA's bs 64 in the AVX-512 build), for one row of x only;
- * SCALES_ANY, any bs, chosen per group (group_scale). Each specialisation costs compile time (the AVX-512
- * build: ~3 s before this, each of these ~+1 s, in every fresh build the tests make). */
+ * group (bs = 4L: lanes 0..L/2-1 and L/2..L-1, QLoRA's bs 64 in the AVX-512 build), for 1 to NF4_TWO_SCALES_ROWS
+ * rows of x (forward and backward); SCALES_ANY, any bs, chosen per group (group_scale). Each specialisation
+ * costs compile time (~+0.5-1 s each in every fresh AVX-512 build the tests make): 2 and 3 rows (2026-12-06,
+ * measured 4096x4096, forward 2 rows 7% faster, 3 rows 18-24%, backward 2 rows 16%, 3 rows 5%; the build
+ * ~+0.4-1.3 s) pay for it, 4 rows does not (its kernel takes 2 rows of W per pass; within the noise, +1.5-2.5 s
+ * of build: NF4_TWO_SCALES_ROWS=4 to compare). */
+#ifndef NF4_TWO_SCALES_ROWS
+#define NF4_TWO_SCALES_ROWS 3
+#endif
 enum { SCALES_ANY, SCALES_TWO };
 
 AI vf group_scale_k(const plan_t *p, const float *srow, i64 g, const int kind) {
@@ -520,7 +526,7 @@ AI vf group_scale_k(const plan_t *p, const float *srow, i64 g, const int kind) {
 
 /* the scale layout the kernels for R rows of x are specialised for */
 AI int scales_kind(const plan_t *p, const int R) {
-    return L == 16 && NF4_FWD_SCALES && R == 1 && p->scales_per_group == 2 ? SCALES_TWO : SCALES_ANY;
+    return L == 16 && NF4_FWD_SCALES && R <= NF4_TWO_SCALES_ROWS && p->scales_per_group == 2 ? SCALES_TWO : SCALES_ANY;
 }
 
 /* RB rows of W from n, R rows of x: each group is loaded once per W row and each decoded vector used for R
