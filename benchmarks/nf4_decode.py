@@ -3,6 +3,8 @@
     taskset -c 0 python3 benchmarks/nf4_decode.py                      # this source, as built
     taskset -c 0 python3 benchmarks/nf4_decode.py --variant base=/tmp/old_nf4_native.c \\
         --variant new=impls/kernels/nf4_native.c --variant noofs=impls/kernels/nf4_native.c:-DNF4_OFFSET_LOADS=0
+    taskset -c 0 python3 benchmarks/nf4_decode.py --calls fwd2,fwd3,bwd2,bwd3 \\
+        --variant two=impls/kernels/nf4_native.c --variant any=impls/kernels/nf4_native.c:-DNF4_TWO_SCALES_ROWS=1
 
 Each ``--variant NAME=SOURCE[:-DFLAG,-DFLAG...]`` is compiled with the flags of ``impls/kernels/nf4_native.py``
 (AVX-512 build; ``--isa avx2`` for the other) into its own .so and loaded with ctypes; the kernels
