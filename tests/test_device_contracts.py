@@ -14,6 +14,7 @@ import stat
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from twinbench.harness.core import devices, memory, timing
@@ -409,8 +410,39 @@ def test_flush_time_counts_in_the_budget():
     def rounds(timer):
         return len(timing.interleaved(timer, fns, plan)["ref"]["samples_ms"])
 
-    assert rounds(FixedTimer(overhead_ms=9.0)) == 7   # 10 calls x (1 + 9) ms x 2 impls = 0.2 s a round
-    assert rounds(FixedTimer(overhead_ms=0.0)) == 11  # a flush left out of the budget would run all 11
+    # 10 calls x (1 + 9) ms x 2 impls = 0.2 s a round: min_rounds 7, rounded up to an even count (two-round blocks)
+    assert rounds(FixedTimer(overhead_ms=9.0)) == 8
+    assert rounds(FixedTimer(overhead_ms=0.0)) == 12  # a flush left out of the budget would run all 11 (+1)
+
+
+class OrderTimer(FixedTimer):
+    """1 ms per call, 1.3 ms when the block runs right after another kernel's block (its caches evicted)."""
+
+    def __init__(self):
+        super().__init__(0.0)
+        self.last = None
+
+    def block(self, fn, number):
+        slow = self.last is not None and self.last is not fn
+        self.last = fn
+        return 1.3 if slow else 1.0
+
+
+def test_an_order_effect_cancels_in_the_runs_speedup():
+    """Two identical kernels, the one timed second in a round 30% slower: the speedup, taken over two-round
+    blocks (opposite orders), is exactly 1. Per-round ratios alternate 1.3 / 0.77, so their median is off
+    (by the whole effect over an odd number of rounds: the statistic before 2026-12-06)."""
+    plan = timing.TimingPlan(rounds=11, min_rounds=7, block_ms=10.0, warmup_ms=3.0, budget_s=100.0)
+    fns = {"ref": lambda: None, "opt": lambda: None}
+    stats = timing.interleaved(OrderTimer(), fns, plan)
+    ref, opt = stats["ref"]["samples_ms"], stats["opt"]["samples_ms"]
+    assert len(ref) == 12
+    blocks = timing.round_ratios(ref, opt)
+    # the first round's first sample follows the other kernel's warm-up, so the first block is off; no other
+    assert len(blocks) == 6 and blocks[1:] == pytest.approx([1.0] * 5) and float(np.median(blocks)) == pytest.approx(1.0)
+    per_round = [r / o for r, o in zip(ref, opt)]
+    assert sorted({round(x, 3) for x in per_round[1:]}) == [0.769, 1.3]
+    assert abs(float(np.median(per_round[1:])) - 1.0) > 0.2  # 11 rounds, per round: a whole effect off
 
 
 def test_share_of_peak_is_clipped_and_flagged():

@@ -10,16 +10,18 @@ Numbers: docs/reports-and-gate.md, "Sequential confirmation".
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 
 import numpy as np
 import pytest
 from twinbench.harness.gate import stats as gate
 
-ROUNDS = 41            # the gate's default rounds (harness/gate/against.py)
+ROUNDS = 42            # the gate's default rounds (harness/gate/against.py)
 FAMILY = 176           # timed items of the CPU quick profile (before fp8/mx_linear; the split is over flagged)
 CONFIG = gate.GateConfig(threshold=0.02, test="wilcoxon", n_boot=100)   # the --against defaults, fewer resamples
 PRIOR_LOOKS = 6        # calibrate --pair-looks default
+T_ROUNDS_MODULE = sys.modules[__name__]  # ROUNDS is read at call time (tests change it)
 
 
 class Machine:
@@ -309,3 +311,52 @@ def test_screened_improvements_are_confirmed_on_fresh_pairs_like_regressions():
     cases, _ = gate_run(Machine(FAMILY, seed=7, biased=0.0, wild=0), faster)
     assert sum(c["verdict"] == "improvement (confirmed)" for c in cases[:10]) >= 9
     assert not any(c["verdict"].startswith("improvement") for c in cases[10:])
+
+
+class OrderMachine(Machine):
+    """A Machine whose sample taken second in a round is ``gap`` slower on both sides (the twin ran just before
+    and evicted its caches), with the gate's order: base first in even rounds, new first in odd ones."""
+
+    def __init__(self, *args, gap: float = 0.3, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gap = gap
+
+    def measure(self, i: int, slowdown: float, processes: int = -1) -> tuple[list[float], list[float]]:
+        base, head = super().measure(i, slowdown, processes)
+        second = np.arange(len(base)) % 2  # 0: base ran first (head second), 1: head first (base second)
+        base = np.asarray(base) * np.where(second == 1, 1 + self.gap, 1.0)
+        head = np.asarray(head) * np.where(second == 0, 1 + self.gap, 1.0)
+        return list(base), list(head)
+
+
+def test_an_order_effect_within_rounds_cancels_in_two_round_blocks():
+    """41 rounds (odd) with the second sample of every round 30% slower: per-round ratios alternate +-30%, and
+    base goes first once more than new. The two-round blocks read ~1; the per-round median read a whole gap."""
+    rng = np.random.default_rng(3)
+    rounds = 41
+    second = np.arange(rounds) % 2
+    base = np.exp(rng.normal(0, 0.01, rounds)) * np.where(second == 1, 1.3, 1.0)
+    head = np.exp(rng.normal(0, 0.01, rounds)) * np.where(second == 0, 1.3, 1.0)
+    ratio, _ = gate.look_ratio(base, head)
+    assert ratio == pytest.approx(1.0, abs=0.02)
+    c = gate.compare_samples(base, head, paired=True, test="wilcoxon")
+    assert c["ratio"] == pytest.approx(1.0, abs=0.02) and c["p_value"] > 0.05
+    assert len(gate.balanced_log_ratios(base, head)) == rounds // 2
+    # what the per-round median read (the gate before 2026-12-06): the whole gap, in base's favour
+    assert np.exp(np.median(np.log(head / base))) > 1.25
+
+
+@pytest.mark.parametrize("per_round", [False, True])
+def test_an_order_effect_raises_no_false_alarm_in_an_aa_gate(monkeypatch, per_round):
+    """An A/A gate over 60 cases on a machine with a 30% order effect and an odd round count: no confirmed
+    regression. The planted per-round ratios (the gate's statistic before 2026-12-06) confirm most cases."""
+    monkeypatch.setattr(T_ROUNDS_MODULE, "ROUNDS", 41)
+    if per_round:
+        monkeypatch.setattr(gate, "balanced_log_ratios", lambda b, h, name="case": np.log(h / b))
+    machine = OrderMachine(60, seed=5, biased=0.0, wild=0)
+    cases, _ = gate_run(machine, [0.0] * 60)
+    alarms = sum(confirmed(cases))
+    if per_round:
+        assert alarms >= 30
+    else:
+        assert alarms == 0

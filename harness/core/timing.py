@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from twinbench.harness.core.devices import Device
+from twinbench.harness.core.interleave import two_round_blocks
 
 
 def summarize(samples_ms: list[float]) -> dict[str, Any]:
@@ -161,7 +162,8 @@ def timer_for(device: Device) -> Timer:
 
 @dataclass
 class TimingPlan:
-    rounds: int = 11           # >= 7: the exact Mann-Whitney test needs 7 per side to reach p < 0.002
+    rounds: int = 12           # >= 7: the exact Mann-Whitney test needs 7 per side to reach p < 0.002; even
+                               # (interleaved() rounds an odd count up: the ratios come in two-round blocks)
     min_rounds: int = 7
     block_ms: float = 10.0     # each round times a block of calls at least this long
     warmup_ms: float = 30.0
@@ -193,6 +195,7 @@ def interleaved(timer: Timer, fns: Mapping[str, Callable[[], Any]], plan: Timing
     rounds = plan.rounds
     if per_round_s * rounds > plan.budget_s:
         rounds = max(plan.min_rounds, int(plan.budget_s / max(per_round_s, 1e-9)))
+    rounds += rounds % 2  # each order equally often: the ratios are taken over two-round blocks (round_ratios)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(rounds):
         order = list(fns) if r % 2 == 0 else list(reversed(fns))  # alternate order: no fixed position bias
@@ -204,8 +207,13 @@ def interleaved(timer: Timer, fns: Mapping[str, Callable[[], Any]], plan: Timing
 
 
 def round_ratios(ref_samples: list[float], impl_samples: list[float]) -> list[float]:
-    """Per-round speedup of the impl over the reference (>1 means faster), measured in the same round."""
-    return [r / i for r, i in zip(ref_samples, impl_samples) if i > 0]
+    """Speedup of the impl over the reference (>1 means faster) per two-round block (:func:`two_round_blocks`:
+    the geometric mean of a round in one order and the next in the other), each measured in the same rounds."""
+    ref, impl = np.asarray(ref_samples, dtype=float), np.asarray(impl_samples, dtype=float)
+    keep = (impl > 0) & (ref > 0)
+    if not keep.all():  # a sample that failed to measure: no order-balanced block can be formed around it
+        return [float(r / i) for r, i in zip(ref[keep], impl[keep])]
+    return [float(x) for x in np.exp(two_round_blocks(np.log(ref / impl)))]
 
 
 def flops_ceiling(ceilings: Mapping[str, Any], dtype: str | None) -> float | None:

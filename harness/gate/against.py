@@ -45,7 +45,8 @@ from twinbench.harness.run.process import (
 # Mann-Whitney at the same (zero) confirmed false alarms (docs/method.md §4; numbers in §7).
 DEFAULT_TEST = "wilcoxon"
 DEFAULT_THRESHOLD = 0.02
-DEFAULT_ROUNDS = 41        # the median ratio's noise falls as 1/sqrt(rounds); see docs/reports-and-gate.md
+DEFAULT_ROUNDS = 42        # the median ratio's noise falls as 1/sqrt(rounds); see docs/reports-and-gate.md
+# (even: the ratio is taken over two-round blocks, stats.balanced_log_ratios, and an odd last round is unused)
 DEFAULT_BLOCK_MS = 5.0
 CLOCKS = ("process", "wall")
 

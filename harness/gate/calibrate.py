@@ -138,7 +138,7 @@ def against_mode(pair, items, configs: dict[str, Any], n: int, slowdown: float,
         measured = {i.key: pair.measure(i, extra_fraction=slowdown) for i in group}
         for i in group:
             b, h = measured[i.key]
-            ratios.append(float(np.median(np.asarray(h) / np.asarray(b))))
+            ratios.append(float(np.exp(np.median(gate.balanced_log_ratios(np.asarray(b), np.asarray(h), i.key)))))
         by_key = {i.key: i for i in group}
         reruns: dict[tuple[str, int], tuple[list[float], list[float]]] = {}
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from twinbench.harness.core.errors import UsageError
+from twinbench.harness.core.interleave import two_round_blocks
 
 MIN_SAMPLES = 7  # 6 vs 6 can never reach p < 0.002 with the exact test (docs/method.md §4)
 TESTS = ("mwu", "wilcoxon")
@@ -74,13 +75,25 @@ def look_ratio(base: Sequence[float], head: Sequence[float], *, n_boot: int = 20
                name: str = "case") -> tuple[float, float]:
     """One confirmation look's own median per-round ratio new/base and the bootstrap sd of its log (no test:
     the looks are tested together, :func:`look_statistics`)."""
-    b = _positive(f"{name} (base)", base)
-    h = _positive(f"{name} (new)", head)
-    if b.size != h.size:
-        raise UsageError(f"{name}: interleaved samples must pair up ({b.size} base vs {h.size} new)")
-    logr = np.log(h / b)
+    logr = balanced_log_ratios(_positive(f"{name} (base)", base), _positive(f"{name} (new)", head), name)
     idx = np.random.default_rng(seed).integers(0, logr.size, size=(n_boot, logr.size))
     return float(np.exp(np.median(logr))), float(np.std(np.median(logr[idx], axis=1)))
+
+
+def balanced_log_ratios(b: np.ndarray, h: np.ndarray, name: str = "case") -> np.ndarray:
+    """log(new/base) of interleaved samples, one value per two consecutive rounds (an "ABBA" block).
+
+    The gate times the two workers alternately, base first in even rounds and new first in odd ones
+    (against.Pair.measure), and a sample taken right after the twin's is slower: the twin evicted its caches
+    (measured 2026-12-06: ~30% on a one-call fwd+bwd sample with both workers on one CPU). Per-round ratios
+    then alternate between +gap and -gap, and with an odd number of rounds their median sits on the side
+    that went first more often: base, by a whole gap (a toy A/A gate confirmed a "regression" of 1.196 over
+    19 fresh pairs that way; 41 rounds, the default until then, gave base 21 firsts to new's 20). Averaging the log ratios
+    of each two rounds, which ran in opposite orders, cancels the order effect whatever its size; an odd last
+    round is left out (it has no partner)."""
+    if b.size != h.size:
+        raise UsageError(f"{name}: interleaved samples must pair up ({b.size} base vs {h.size} new)")
+    return two_round_blocks(np.log(h / b))
 
 
 def compare_samples(base: Sequence[float], head: Sequence[float], *, paired: bool, test: str = "mwu",
@@ -89,16 +102,15 @@ def compare_samples(base: Sequence[float], head: Sequence[float], *, paired: boo
     """Ratio new/base (> 1 slower), its bootstrap 95% interval, p-value and the case's own noise.
 
     ``paired``: samples were taken interleaved round by round (``--against``); the ratio is the median of
-    per-round ratios, so machine drift cancels. Otherwise (stored baseline) it is the ratio of medians,
+    the ratios of two-round blocks (:func:`balanced_log_ratios`), so machine drift and the order within a
+    round cancel. Otherwise (stored baseline) it is the ratio of medians,
     and ``extra_noise`` (the machine's run-to-run noise, from calibration) is added to the noise.
     """
     b = _positive(f"{name} (base)", base)
     h = _positive(f"{name} (new)", head)
     rng = np.random.default_rng(seed)
     if paired:
-        if b.size != h.size:
-            raise UsageError(f"{name}: interleaved samples must pair up ({b.size} base vs {h.size} new)")
-        logr = np.log(h / b)
+        logr = balanced_log_ratios(b, h, name)
         est = float(np.median(logr))
         idx = rng.integers(0, logr.size, size=(n_boot, logr.size))
         boots = np.median(logr[idx], axis=1)
@@ -112,7 +124,7 @@ def compare_samples(base: Sequence[float], head: Sequence[float], *, paired: boo
     if test == "wilcoxon":
         if not paired:
             raise UsageError("the Wilcoxon signed-rank test needs paired (interleaved) samples")
-        p = wilcoxon_p(np.log(h / b))
+        p = wilcoxon_p(logr)
     else:
         p = mann_whitney_p(b, h)
     return {"ratio": float(np.exp(est)), "ci_low": float(np.exp(lo)), "ci_high": float(np.exp(hi)),
