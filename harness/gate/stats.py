@@ -73,9 +73,8 @@ def wilcoxon_p(log_ratios: np.ndarray) -> float:
 
 def look_ratio(base: Sequence[float], head: Sequence[float], *, n_boot: int = 2000, seed: int = 0,
                name: str = "case") -> tuple[float, float]:
-    """One confirmation look's own median ratio new/base over two-round blocks (:func:`balanced_log_ratios`) and the
-    bootstrap sd of its log (no test:
-    the looks are tested together, :func:`look_statistics`)."""
+    """One confirmation look's own median ratio new/base over two-round blocks (:func:`balanced_log_ratios`) and
+    the bootstrap sd of its log (no test: the looks are tested together, :func:`look_statistics`)."""
     logr = balanced_log_ratios(_positive(f"{name} (base)", base), _positive(f"{name} (new)", head), name)
     idx = np.random.default_rng(seed).integers(0, logr.size, size=(n_boot, logr.size))
     return float(np.exp(np.median(logr))), float(np.std(np.median(logr[idx], axis=1)))
