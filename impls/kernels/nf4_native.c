@@ -783,7 +783,7 @@ int nf4_lora_gemv(const uint8_t *packed, const float *scales, const float *code1
 #define NF4_BWD_OFFSET_LOADS (L == 16)
 #endif
 
-/* bwd_cols's loop over groups for rows [n, n + rows) of W (coef: the one-row coefficients, or NULL) */
+/* bwd_block's loop over groups for rows [n, n + rows) of W (coef: the one-row coefficients, or NULL) */
 AI void bwd_groups(const plan_t *p, const uint8_t *packed, const float *g, float *dxs, i64 g0, i64 g1, i64 n,
                    int rows, const float *const *srows, float (*coef)[MAX_ROW_BLOCKS], const int R, const int RB,
                    const int kind, const int offs) {
@@ -819,20 +819,21 @@ AI void bwd_groups(const plan_t *p, const uint8_t *packed, const float *g, float
     }
 }
 
-/* Groups [g0, g1) of dxs (group order), all rows of W, RB rows at a time: each dx vector is loaded and stored
- * once per RB rows; the coefficient g[m, n] * scale is formed once per row and group, or, with one row of x,
- * once per row and block before the groups (in place of the decoded scales, then read like scales). */
-AI void bwd_cols(const plan_t *p, const uint8_t *packed, const float *g, float *dxs, i64 g0, i64 g1, const int R,
-                 const int RB, const int kind) {
+/* Groups [g0, g1) of out (group order, M = R rows of K floats) = the sum over rows [n0, n1) of W, RB rows at a
+ * time: each out vector is loaded and stored once per RB rows; the coefficient g[m, n] * scale is formed once per
+ * row and group, or, with one row of x, once per row and block before the groups (in place of the decoded
+ * scales, then read like scales). */
+AI void bwd_block(const plan_t *p, const uint8_t *packed, const float *g, float *out, i64 g0, i64 g1, i64 n0, i64 n1,
+                  const int R, const int RB, const int kind) {
     const i64 N = p->N, K = p->K;
-    for (int m = 0; m < R; m++) memset(dxs + m * K + g0 * GROUP_COLS, 0, (size_t)((g1 - g0) * GROUP_COLS) * 4);
-    const i64 b0 = g0 * GROUP_COLS / p->bs, b1 = (g1 * GROUP_COLS + p->bs - 1) / p->bs; /* this thread's blocks */
-    /* the decoded scales of the block's rows; in the one-row backward, overwritten in place by the coefficients
+    for (int m = 0; m < R; m++) memset(out + m * K + g0 * GROUP_COLS, 0, (size_t)((g1 - g0) * GROUP_COLS) * 4);
+    const i64 b0 = g0 * GROUP_COLS / p->bs, b1 = (g1 * GROUP_COLS + p->bs - 1) / p->bs; /* the blocks read */
+    /* the decoded scales of the pass's rows; in the one-row backward, overwritten in place by the coefficients
      * g[n] * scale (prescale), formed once per block instead of once per group */
     float decoded[4][MAX_ROW_BLOCKS];
     const int prescale = R == 1;
-    for (i64 n = 0; n < N; n += RB) {
-        const int rows = N - n < RB ? (int)(N - n) : RB;
+    for (i64 n = n0; n < n1; n += RB) {
+        const int rows = n1 - n < RB ? (int)(n1 - n) : RB;
         const float *srows[4];
         prefetch_scales(p, n + RB, RB, b0, b1);
         for (int rb = 0; rb < RB; rb++) {
@@ -840,17 +841,70 @@ AI void bwd_cols(const plan_t *p, const uint8_t *packed, const float *g, float *
             if (prescale) /* the same products as vmul(vset1(g), sc) in bwd_groups: bit-identical */
                 for (i64 b = b0; b < b1; b++) decoded[rb][b] = rb < rows ? g[n + rb] * srows[rb][b] : 0.0f;
         }
-        if (NF4_BWD_OFFSET_LOADS && R == 1 && n + RB < N) /* past a group: never on the last row */
-            bwd_groups(p, packed, g, dxs, g0, g1, n, rows, srows, prescale ? decoded : NULL, R, RB, kind, 1);
+        if (NF4_BWD_OFFSET_LOADS && R == 1 && n + RB < N) /* past a group: never on the array's last row */
+            bwd_groups(p, packed, g, out, g0, g1, n, rows, srows, prescale ? decoded : NULL, R, RB, kind, 1);
         else
-            bwd_groups(p, packed, g, dxs, g0, g1, n, rows, srows, prescale ? decoded : NULL, R, RB, kind, 0);
+            bwd_groups(p, packed, g, out, g0, g1, n, rows, srows, prescale ? decoded : NULL, R, RB, kind, 0);
     }
 }
 
-AI void bwd_cols_k(const plan_t *p, const uint8_t *packed, const float *g, float *dxs, i64 g0, i64 g1, const int R,
-                   const int RB) {
-    if (scales_kind(p, R) == SCALES_TWO) bwd_cols(p, packed, g, dxs, g0, g1, R, RB, SCALES_TWO);
-    else bwd_cols(p, packed, g, dxs, g0, g1, R, RB, SCALES_ANY);
+AI void bwd_block_k(const plan_t *p, const uint8_t *packed, const float *g, float *out, i64 g0, i64 g1, i64 n0,
+                    i64 n1, const int R, const int RB) {
+    if (scales_kind(p, R) == SCALES_TWO) bwd_block(p, packed, g, out, g0, g1, n0, n1, R, RB, SCALES_TWO);
+    else bwd_block(p, packed, g, out, g0, g1, n0, n1, R, RB, SCALES_ANY);
+}
+
+/* bwd_block for M rows of g (constant row counts: the accumulators stay in registers; not inlined: two callers
+ * while the old split is kept for measuring, and each copy of the kernels costs compile time) */
+static __attribute__((noinline)) void bwd_block_m(const plan_t *p, const float *g, float *out, i64 g0, i64 g1,
+                                                  i64 n0, i64 n1, i64 M) {
+    switch (M) {
+#if L == 16
+    case 1: bwd_block_k(p, p->packed, g, out, g0, g1, n0, n1, 1, 4); break;
+    case 2: bwd_block_k(p, p->packed, g, out, g0, g1, n0, n1, 2, 4); break;
+    case 3: bwd_block_k(p, p->packed, g, out, g0, g1, n0, n1, 3, 2); break;
+    default: bwd_block_k(p, p->packed, g, out, g0, g1, n0, n1, 4, 2); break;
+#else
+    case 1: bwd_block_k(p, p->packed, g, out, g0, g1, n0, n1, 1, 4); break;
+    case 2: bwd_block_k(p, p->packed, g, out, g0, g1, n0, n1, 2, 2); break;
+    case 3: bwd_block_k(p, p->packed, g, out, g0, g1, n0, n1, 3, 1); break;
+    default: bwd_block_k(p, p->packed, g, out, g0, g1, n0, n1, 4, 1); break;
+#endif
+    }
+}
+
+/* The backward's row slabs: at most BWD_SLABS, each a multiple of BWD_SLAB_ROWS rows (whole RB passes), set by N
+ * alone, so the partial sums and their reduction are the same at any thread count. */
+#define BWD_SLABS 8
+#define BWD_SLAB_ROWS 16
+
+typedef struct {
+    i64 rows, count; /* rows per slab (the last one may be shorter), number of slabs */
+} slabs_t;
+
+static slabs_t bwd_slabs(i64 N) {
+    i64 rows = (N + BWD_SLABS - 1) / BWD_SLABS;
+    rows = (rows + BWD_SLAB_ROWS - 1) / BWD_SLAB_ROWS * BWD_SLAB_ROWS;
+    return (slabs_t){rows, (N + rows - 1) / rows};
+}
+
+/* dx's groups [g0, g1) in natural order: the sum of the slabs' partials (group order, M K floats each), added in
+ * a fixed tree order (pairs, then pairs of pairs: set by the slab count alone) */
+static void bwd_reduce(const plan_t *p, const float *parts, i64 slabs, float *dx, i64 M, i64 g0, i64 g1) {
+    const i64 K = p->K, stride = M * K;
+    float sum[GROUP_COLS] __attribute__((aligned(64)));
+    for (i64 m = 0; m < M; m++)
+        for (i64 gi = g0; gi < g1; gi++) {
+            const float *src = parts + m * K + gi * GROUP_COLS;
+            for (i64 j = 0; j < GROUP_COLS; j += L) {
+                vf v[BWD_SLABS];
+                for (i64 s = 0; s < slabs; s++) v[s] = vload(src + s * stride + j);
+                for (i64 w = 1; w < slabs; w *= 2)
+                    for (i64 s = 0; s + w < slabs; s += 2 * w) v[s] = vadd(v[s], v[s + w]);
+                vstore(sum + j, v[0]);
+            }
+            for (i64 j = 0; j < GROUP_COLS; j++) dx[m * K + gi * GROUP_COLS + natural_col(j)] = sum[j];
+        }
 }
 
 /* LoRA's share of the backward for natural columns [k0, k1), all rows m (gb = g B [M, rank], complete):
@@ -913,12 +967,15 @@ static void lora_gb(const lora_t *lo, const float *g, i64 M, i64 N, i64 j0, i64 
     }
 }
 
+#ifndef NF4_BWD_SPLIT_COLS
+#define NF4_BWD_SPLIT_COLS 0 /* 1: the old column split (measuring only) */
+#endif
 /* The backward's one OpenMP region. Threads split the columns (whole groups) for dx, so every element is summed
  * in the same order whatever the thread count and no reduction is needed; each thread's slice of dx stays in
  * its cache. With LoRA, before one barrier: dB for the thread's rows (16 at a time), gb = g B for its share of
  * B's columns; after it: the LoRA terms of its dx columns and dA's same columns. dx NULL: only the LoRA
  * gradients (the weight is not read). */
-static int gemv_t_call(const plan_t *p, const float *g, float *dx, i64 M, int threads) {
+static int gemv_t_call_cols(const plan_t *p, const float *g, float *dx, i64 M, int threads) {
     const i64 N = p->N, K = p->K;
     const lora_t *lo = p->lora;
     float *dxs = dx ? scratch(M * K) : NULL;
@@ -930,20 +987,7 @@ static int gemv_t_call(const plan_t *p, const float *g, float *dx, i64 M, int th
         trace(TRACE_FORKED);
         i64 g0, g1;
         thread_range(p->groups, 1, &g0, &g1);
-        if (dx && g1 > g0) switch (M) {
-#if L == 16
-            case 1: bwd_cols_k(p, p->packed, g, dxs, g0, g1, 1, 4); break;
-            case 2: bwd_cols_k(p, p->packed, g, dxs, g0, g1, 2, 4); break;
-            case 3: bwd_cols_k(p, p->packed, g, dxs, g0, g1, 3, 2); break;
-            case 4: bwd_cols_k(p, p->packed, g, dxs, g0, g1, 4, 2); break;
-#else
-            case 1: bwd_cols_k(p, p->packed, g, dxs, g0, g1, 1, 4); break;
-            case 2: bwd_cols_k(p, p->packed, g, dxs, g0, g1, 2, 2); break;
-            case 3: bwd_cols_k(p, p->packed, g, dxs, g0, g1, 3, 1); break;
-            case 4: bwd_cols_k(p, p->packed, g, dxs, g0, g1, 4, 1); break;
-#endif
-            default: break; /* M <= MAX_ROWS: cases 1-4 above */
-            }
+        if (dx && g1 > g0) bwd_block_m(p, g, dxs, g0, g1, 0, N, M);
         if (dx) {
             for (i64 m = 0; m < M; m++) /* back to natural order: this thread's groups only */
                 for (i64 gi = g0; gi < g1; gi++)
@@ -985,6 +1029,80 @@ static int gemv_t_call(const plan_t *p, const float *g, float *dx, i64 M, int th
             trace(TRACE_PHASE1);
 #pragma omp barrier
             trace(TRACE_BARRIER);
+            lora_bwd_cols(p, lo, gb, dx, M, g0 * GROUP_COLS, g1 * GROUP_COLS);
+            if (omp_get_thread_num() == 0) lora_bwd_cols(p, lo, gb, dx, M, p->groups * GROUP_COLS, K);
+        }
+        trace(TRACE_DONE);
+    }
+    trace(TRACE_JOINED);
+    return 0;
+}
+
+/* The backward's one OpenMP region. dx = g W is summed by row slabs of W (bwd_slabs: a number set by N, not by
+ * the thread count): each thread takes a contiguous range of slabs and sums each into its own partial (all of
+ * K, group order), so it reads whole rows of W, one stream; after the barrier the partials are added in a fixed
+ * order and put back in natural order, columns (whole groups) split over the threads. Every element is summed in
+ * the same order at any thread count. With LoRA, also before the barrier: dB for the thread's rows (16 at a
+ * time), gb = g B for its share of B's columns; after it, with its dx columns: their LoRA terms and dA's same
+ * columns. dx NULL: only the LoRA gradients (the weight is not read). */
+static int gemv_t_call(const plan_t *p, const float *g, float *dx, i64 M, int threads) {
+#if NF4_BWD_SPLIT_COLS
+    return gemv_t_call_cols(p, g, dx, M, threads);
+#endif
+    const i64 N = p->N, K = p->K;
+    const lora_t *lo = p->lora;
+    const slabs_t slabs = bwd_slabs(N);
+    float *parts = dx ? scratch(slabs.count * M * K) : NULL;
+    if (dx && !parts) return -2;
+    float gb[MAX_ROWS * MAX_RANK]; /* shared by the team */
+    trace(TRACE_ENTRY);
+#pragma omp parallel num_threads(threads)
+    {
+        trace(TRACE_FORKED);
+        i64 s0, s1, g0, g1;
+        thread_range(slabs.count, 1, &s0, &s1);
+        for (i64 s = s0; dx && s < s1; s++) {
+            const i64 n0 = s * slabs.rows, n1 = n0 + slabs.rows < N ? n0 + slabs.rows : N;
+            bwd_block_m(p, g, parts + s * M * K, 0, p->groups, n0, n1, M);
+        }
+        if (dx && omp_get_thread_num() == 0) /* tail blocks (bs < 8L only), scalar, one thread */
+            for (i64 m = 0; m < M; m++)
+                for (i64 k = p->groups * GROUP_COLS; k < K; k++) {
+                    float acc = 0.0f;
+                    for (i64 n = 0; n < N; n++)
+                        acc += g[m * N + n] * block_scale(p, n * p->nb + k / p->bs) * code_of(p, p->packed + n * p->half, k);
+                    dx[m * K + k] = acc;
+                }
+        if (lo && lo->rank) {
+            const i64 r = lo->rank;
+            i64 n0, n1, j0, j1;
+            if (lo->db) { /* dB[n, j] = sum_m g[m, n] (xa[m, j] scaling): L values of j at a time, a scalar tail */
+                float xas[MAX_ROWS * MAX_RANK];
+                for (i64 i = 0; i < M * r; i++) xas[i] = lo->xa[i] * lo->scaling;
+                thread_range(N, 16, &n0, &n1);
+                for (i64 n = n0; n < n1; n++) {
+                    i64 j = 0;
+                    for (; j + L <= r; j += L) {
+                        vf d = vmul(vset1(g[n]), vload(xas + j));
+                        for (i64 m = 1; m < M; m++) d = vfma(vset1(g[m * N + n]), vload(xas + m * r + j), d);
+                        store_any(lo->db, lo->ab_bf16, n * r + j, d);
+                    }
+                    for (; j < r; j++) {
+                        float d = g[n] * xas[j];
+                        for (i64 m = 1; m < M; m++) d = __builtin_fmaf(g[m * N + n], xas[m * r + j], d);
+                        put_any(lo->db, lo->ab_bf16, n * r + j, d);
+                    }
+                }
+            }
+            thread_range(r, 1, &j0, &j1);
+            lora_gb(lo, g, M, N, j0, j1, gb);
+        }
+        trace(TRACE_PHASE1);
+#pragma omp barrier
+        trace(TRACE_BARRIER);
+        thread_range(p->groups, 1, &g0, &g1);
+        if (dx) bwd_reduce(p, parts, slabs.count, dx, M, g0, g1);
+        if (lo && lo->rank) {
             lora_bwd_cols(p, lo, gb, dx, M, g0 * GROUP_COLS, g1 * GROUP_COLS);
             if (omp_get_thread_num() == 0) lora_bwd_cols(p, lo, gb, dx, M, p->groups * GROUP_COLS, K);
         }
