@@ -437,6 +437,58 @@ def test_thread_split_gives_identical_results(threads, isa, monkeypatch):
         torch.set_num_threads(before)
 
 
+def _backward_differs_across_thread_counts() -> list[str]:
+    """The backward's results (gemv_t's dx; lora_gemv_t's dx, dA, dB) at 2 and 3 threads against 1 thread, bitwise,
+    for 1-4 rows of g on weights whose rows split unevenly into slabs and over threads (97 and 203 rows; 416
+    columns at blocksize 32: a scalar tail after the vector groups): the cases that differ."""
+    differ = []
+    for n, k, blocksize in ((97, 512, 64), (203, 416, 32)):
+        for rows in (1, 2, 3, 4):
+            packed2d, scales, _, x, a, b, _, g = _whole_call_case(n, k, blocksize, True, rows, 5, n + rows)
+            xa = torch.randn(rows, 5, generator=torch.Generator().manual_seed(rows))
+
+            def run():
+                return (nf4_native.gemv_t(g, packed2d, scales),  # noqa: B023 (called in this iteration)
+                        *nf4_native.lora_gemv_t(g, packed2d, scales, a, b, xa, 2.0, x))  # noqa: B023
+
+            before, per_thread = torch.get_num_threads(), nf4_native.BYTES_PER_THREAD
+            try:
+                torch.set_num_threads(1)
+                one = run()
+                nf4_native.BYTES_PER_THREAD = 1  # small weights too get every thread
+                for threads in (2, 3):
+                    torch.set_num_threads(threads)
+                    assert nf4_native._threads(packed2d) == threads
+                    if not all(torch.equal(p, q) for p, q in zip(one, run())):
+                        differ.append(f"{n}x{k} bs {blocksize}, {rows} rows, {threads} threads")
+            finally:
+                torch.set_num_threads(before)
+                nf4_native.BYTES_PER_THREAD = per_thread
+    return differ
+
+
+@native
+def test_backward_is_bitwise_the_same_at_1_2_and_3_threads(isa, tmp_path, monkeypatch):
+    """dx = g W is summed in row slabs whose partials are added in a fixed order (nf4_native.c, gemv_t_call): the
+    slabs must be set by the weight's shape, never by the thread count. Planted: one slab per thread (the natural
+    way to split rows), built from a copy of the source, must be caught."""
+    assert _backward_differs_across_thread_counts() == []
+    source = nf4_native.SOURCE.read_text()
+    real = "const slabs_t slabs = bwd_slabs(N);"
+    assert source.count(real) == 1
+    planted = tmp_path / "nf4_native.c"
+    planted.write_text(source.replace(real, "const slabs_t slabs = {(N + threads - 1) / threads, threads};"))
+    monkeypatch.setenv("TWINBENCH_CACHE_DIR", str(tmp_path))  # read by impls/kernels/native_build.py
+    monkeypatch.setattr(nf4_native, "SOURCE", planted)
+    for cache in (nf4_native._load_for, nf4_native._load_isa):
+        cache.cache_clear()
+    try:
+        assert len(_backward_differs_across_thread_counts()) >= 8
+    finally:
+        for cache in (nf4_native._load_for, nf4_native._load_isa):
+            cache.cache_clear()
+
+
 @native
 def test_first_touch_copy_is_the_same_weight(monkeypatch):
     """place(): each thread's share of 32-row chunks written by the thread that reads it in the GEMV (when none
