@@ -5,10 +5,16 @@
         --variant new=impls/kernels/nf4_native.c --variant noofs=impls/kernels/nf4_native.c:-DNF4_OFFSET_LOADS=0
     taskset -c 0 python3 benchmarks/nf4_decode.py --calls fwd2,fwd3,bwd2,bwd3 \\
         --variant two=impls/kernels/nf4_native.c --variant any=impls/kernels/nf4_native.c:-DNF4_TWO_SCALES_ROWS=1
+    OMP_WAIT_POLICY=passive taskset -c 0 python3 benchmarks/nf4_decode.py --threads 2 --cpu-time --calls bwd1
+
+``--cpu-time`` times by the process's CPU time, all threads together (``OMP_WAIT_POLICY=passive``: a waiting
+thread sleeps instead of spinning, so its wait is not counted): with more threads than CPUs (the second line)
+the threads take turns, so it says what each thread's share of the work costs in cycles on its own (its access
+pattern), not how the threads share the memory bandwidth.
 
 Each ``--variant NAME=SOURCE[:-DFLAG,-DFLAG...]`` is compiled with the flags of ``impls/kernels/nf4_native.py``
 (AVX-512 build; ``--isa avx2`` for the other) into its own .so and loaded with ctypes; the kernels
-``nf4_gemv`` (forward, M rows of x) and ``nf4_gemv_t`` (backward, M = 1) are called directly (no Python
+``nf4_gemv`` (forward, M rows of x) and ``nf4_gemv_t`` (backward, M rows of g) are called directly (no Python
 wrapper: its ~15 us are not the kernel's) on the same inputs, variants alternating A B A B within every round,
 ``--rounds`` rounds, medians. Weights are double-quantised, blocksize 64 (the scales decoded in the kernel, as
 QLoRA stores them). Shapes: ``l2`` 512x4096 (1 MB, L2-resident), ``l3`` 4096x4096 (8 MB, L3-resident), and
@@ -70,17 +76,18 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[], help="NAME=SOURCE[:-DFLAG,...] (default: this source)")
     ap.add_argument("--isa", choices=sorted(ISA), default="avx512")
     ap.add_argument("--shapes", default="l2,l3,stream")
-    ap.add_argument("--calls", default="fwd1,bwd1", help="fwdM (M = 1..4 rows of x), bwd1")
+    ap.add_argument("--calls", default="fwd1,bwd1", help="fwdM, bwdM (M = 1..4 rows of x or g)")
     ap.add_argument("--bf16", action="store_true", help="bf16 x in the forward (fp32 otherwise)")
     ap.add_argument("--fp32-scales", action="store_true", help="fp32 block scales (double-quantised otherwise)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cpu-time", action="store_true", help="time by the process's CPU time, all threads summed")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--pool-mb", type=int, default=700)
     ap.add_argument("--ghz", type=float, default=2.94, help="core clock (a dependent imul chain measured 2.94)")
     args = ap.parse_args()
     # one thread runs the kernel on the calling thread: its CPU time leaves out the time this process was
     # descheduled (other work pinned to the same core), which wall time would count
-    clock = time.thread_time if args.threads == 1 else time.perf_counter
+    clock = time.process_time if args.cpu_time else time.thread_time if args.threads == 1 else time.perf_counter
     specs = args.variant or [f"this={ROOT / 'impls/kernels/nf4_native.c'}"]
     out = Path(tempfile.mkdtemp(prefix="nf4_decode_"))
     libs = {}
@@ -96,7 +103,7 @@ def main() -> int:
     code2 = torch.linspace(-1, 1, 256)
     gen = torch.Generator().manual_seed(0)
     print(f"isa {args.isa}, threads {args.threads}, x {'bf16' if args.bf16 else 'fp32'}, "
-          f"clock {'thread CPU time' if args.threads == 1 else 'wall'}, load {os.getloadavg()}")
+          f"clock {clock.__name__}, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', '-')}, load {os.getloadavg()}")
     print(f"{'shape':>7} {'call':>5} " + " ".join(f"{n + ' cyc/grp':>16} {'GB/s':>6}" for n in libs))
     for shape in args.shapes.split(","):
         n, k = SHAPES[shape]

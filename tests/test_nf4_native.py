@@ -440,9 +440,10 @@ def test_thread_split_gives_identical_results(threads, isa, monkeypatch):
 def _backward_differs_across_thread_counts() -> list[str]:
     """The backward's results (gemv_t's dx; lora_gemv_t's dx, dA, dB) at 2 and 3 threads against 1 thread, bitwise,
     for 1-4 rows of g on weights whose rows split unevenly into slabs and over threads (97 and 203 rows; 416
-    columns at blocksize 32: a scalar tail after the vector groups): the cases that differ."""
+    columns at blocksize 32: a scalar tail after the vector groups; 20 rows: 2 slabs, fewer than 3 threads, which
+    then split the slabs' columns): the cases that differ."""
     differ = []
-    for n, k, blocksize in ((97, 512, 64), (203, 416, 32)):
+    for n, k, blocksize in ((97, 512, 64), (203, 416, 32), (20, 1024, 64)):
         for rows in (1, 2, 3, 4):
             packed2d, scales, _, x, a, b, _, g = _whole_call_case(n, k, blocksize, True, rows, 5, n + rows)
             xa = torch.randn(rows, 5, generator=torch.Generator().manual_seed(rows))

@@ -875,8 +875,11 @@ static __attribute__((noinline)) void bwd_block_m(const plan_t *p, const float *
 
 /* The backward's row slabs: at most BWD_SLABS, each a multiple of BWD_SLAB_ROWS rows (whole RB passes), set by N
  * alone, so the partial sums and their reduction are the same at any thread count. */
-#define BWD_SLABS 8
+#define BWD_SLABS 8 /* 16: 2-3% slower at 1 thread, 4: 1% faster (AVX-512, 1-4 rows of g, measured) */
 #define BWD_SLAB_ROWS 16
+#ifndef NF4_BWD_L1_FLOATS
+#define NF4_BWD_L1_FLOATS 8192
+#endif
 
 typedef struct {
     i64 rows, count; /* rows per slab (the last one may be shorter), number of slabs */
@@ -1052,6 +1055,12 @@ static int gemv_t_call(const plan_t *p, const float *g, float *dx, i64 M, int th
     const i64 N = p->N, K = p->K;
     const lora_t *lo = p->lora;
     const slabs_t slabs = bwd_slabs(N);
+    /* With 3-4 rows of g, a slab's columns go in chunks whose partial (M rows) fits in L1: every dx vector is
+     * loaded and stored once per RB = 2 rows of W, and from L2 that was the bottleneck (1 thread, AVX-512,
+     * 4 rows: 1.55-1.75x the time at 4096 and 14336 columns). With 1-2 rows whole rows of W, one stream (chunked:
+     * 3% slower at 14336 columns). The sums are the same for any chunking. (docs/quant_linear.md, "GEMV kernel") */
+    i64 chunk = M >= 3 ? NF4_BWD_L1_FLOATS / (M * GROUP_COLS) : p->groups;
+    if (chunk < 1) chunk = 1;
     float *parts = dx ? scratch(slabs.count * M * K) : NULL;
     if (dx && !parts) return -2;
     float gb[MAX_ROWS * MAX_RANK]; /* shared by the team */
@@ -1059,11 +1068,17 @@ static int gemv_t_call(const plan_t *p, const float *g, float *dx, i64 M, int th
 #pragma omp parallel num_threads(threads)
     {
         trace(TRACE_FORKED);
-        i64 s0, s1, g0, g1;
-        thread_range(slabs.count, 1, &s0, &s1);
-        for (i64 s = s0; dx && s < s1; s++) {
-            const i64 n0 = s * slabs.rows, n1 = n0 + slabs.rows < N ? n0 + slabs.rows : N;
-            bwd_block_m(p, g, parts + s * M * K, 0, p->groups, n0, n1, M);
+        /* the work: each slab's columns in `cuts` ranges of whole groups (1 unless the team outnumbers the slabs),
+         * a contiguous range of (slab, columns) units per thread. Which thread sums a unit changes nothing. */
+        const int team = omp_get_num_threads();
+        const i64 cuts = (team + slabs.count - 1) / slabs.count;
+        i64 u0, u1, g0, g1;
+        thread_range(slabs.count * cuts, 1, &u0, &u1);
+        for (i64 u = u0; dx && u < u1; u++) {
+            const i64 s = u / cuts, n0 = s * slabs.rows, n1 = n0 + slabs.rows < N ? n0 + slabs.rows : N;
+            const i64 c0 = p->groups * (u % cuts) / cuts, c1 = p->groups * (u % cuts + 1) / cuts;
+            for (i64 c = c0; c < c1; c += chunk)
+                bwd_block_m(p, g, parts + s * M * K, c, c + chunk < c1 ? c + chunk : c1, n0, n1, M);
         }
         if (dx && omp_get_thread_num() == 0) /* tail blocks (bs < 8L only), scalar, one thread */
             for (i64 m = 0; m < M; m++)
