@@ -854,8 +854,8 @@ AI void bwd_block_k(const plan_t *p, const uint8_t *packed, const float *g, floa
     else bwd_block(p, packed, g, out, g0, g1, n0, n1, R, RB, SCALES_ANY);
 }
 
-/* bwd_block for M rows of g (constant row counts: the accumulators stay in registers; not inlined: two callers
- * while the old split is kept for measuring, and each copy of the kernels costs compile time) */
+/* bwd_block for M rows of g (constant row counts: the accumulators stay in registers). Not inlined: inlined
+ * into the OpenMP region it was 4-10% slower (1 thread, AVX-512, 1-2 rows of g, measured). */
 static __attribute__((noinline)) void bwd_block_m(const plan_t *p, const float *g, float *out, i64 g0, i64 g1,
                                                   i64 n0, i64 n1, i64 M) {
     switch (M) {
@@ -875,7 +875,9 @@ static __attribute__((noinline)) void bwd_block_m(const plan_t *p, const float *
 
 /* The backward's row slabs: at most BWD_SLABS, each a multiple of BWD_SLAB_ROWS rows (whole RB passes), set by N
  * alone, so the partial sums and their reduction are the same at any thread count. */
+#ifndef BWD_SLABS
 #define BWD_SLABS 8 /* 16: 2-3% slower at 1 thread, 4: 1% faster (AVX-512, 1-4 rows of g, measured) */
+#endif
 #define BWD_SLAB_ROWS 16
 #ifndef NF4_BWD_L1_FLOATS
 #define NF4_BWD_L1_FLOATS 8192
@@ -970,77 +972,6 @@ static void lora_gb(const lora_t *lo, const float *g, i64 M, i64 N, i64 j0, i64 
     }
 }
 
-#ifndef NF4_BWD_SPLIT_COLS
-#define NF4_BWD_SPLIT_COLS 0 /* 1: the old column split (measuring only) */
-#endif
-/* The backward's one OpenMP region. Threads split the columns (whole groups) for dx, so every element is summed
- * in the same order whatever the thread count and no reduction is needed; each thread's slice of dx stays in
- * its cache. With LoRA, before one barrier: dB for the thread's rows (16 at a time), gb = g B for its share of
- * B's columns; after it: the LoRA terms of its dx columns and dA's same columns. dx NULL: only the LoRA
- * gradients (the weight is not read). */
-static int gemv_t_call_cols(const plan_t *p, const float *g, float *dx, i64 M, int threads) {
-    const i64 N = p->N, K = p->K;
-    const lora_t *lo = p->lora;
-    float *dxs = dx ? scratch(M * K) : NULL;
-    if (dx && !dxs) return -2;
-    float gb[MAX_ROWS * MAX_RANK]; /* shared by the team */
-    trace(TRACE_ENTRY);
-#pragma omp parallel num_threads(threads)
-    {
-        trace(TRACE_FORKED);
-        i64 g0, g1;
-        thread_range(p->groups, 1, &g0, &g1);
-        if (dx && g1 > g0) bwd_block_m(p, g, dxs, g0, g1, 0, N, M);
-        if (dx) {
-            for (i64 m = 0; m < M; m++) /* back to natural order: this thread's groups only */
-                for (i64 gi = g0; gi < g1; gi++)
-                    for (i64 j = 0; j < GROUP_COLS; j++)
-                        dx[m * K + gi * GROUP_COLS + natural_col(j)] = dxs[m * K + gi * GROUP_COLS + j];
-            if (omp_get_thread_num() == 0) /* tail blocks (bs < 8L only), scalar, one thread */
-                for (i64 m = 0; m < M; m++)
-                    for (i64 k = p->groups * GROUP_COLS; k < K; k++) {
-                        float acc = 0.0f;
-                        for (i64 n = 0; n < N; n++)
-                            acc += g[m * N + n] * block_scale(p, n * p->nb + k / p->bs) *
-                                   code_of(p, p->packed + n * p->half, k);
-                        dx[m * K + k] = acc;
-                    }
-        }
-        if (lo && lo->rank) {
-            const i64 r = lo->rank;
-            i64 n0, n1, j0, j1;
-            if (lo->db) { /* dB[n, j] = sum_m g[m, n] (xa[m, j] scaling): L values of j at a time, a scalar tail */
-                float xas[MAX_ROWS * MAX_RANK];
-                for (i64 i = 0; i < M * r; i++) xas[i] = lo->xa[i] * lo->scaling;
-                thread_range(N, 16, &n0, &n1);
-                for (i64 n = n0; n < n1; n++) {
-                    i64 j = 0;
-                    for (; j + L <= r; j += L) {
-                        vf d = vmul(vset1(g[n]), vload(xas + j));
-                        for (i64 m = 1; m < M; m++) d = vfma(vset1(g[m * N + n]), vload(xas + m * r + j), d);
-                        store_any(lo->db, lo->ab_bf16, n * r + j, d);
-                    }
-                    for (; j < r; j++) {
-                        float d = g[n] * xas[j];
-                        for (i64 m = 1; m < M; m++) d = __builtin_fmaf(g[m * N + n], xas[m * r + j], d);
-                        put_any(lo->db, lo->ab_bf16, n * r + j, d);
-                    }
-                }
-            }
-            thread_range(r, 1, &j0, &j1);
-            lora_gb(lo, g, M, N, j0, j1, gb);
-            trace(TRACE_PHASE1);
-#pragma omp barrier
-            trace(TRACE_BARRIER);
-            lora_bwd_cols(p, lo, gb, dx, M, g0 * GROUP_COLS, g1 * GROUP_COLS);
-            if (omp_get_thread_num() == 0) lora_bwd_cols(p, lo, gb, dx, M, p->groups * GROUP_COLS, K);
-        }
-        trace(TRACE_DONE);
-    }
-    trace(TRACE_JOINED);
-    return 0;
-}
-
 /* The backward's one OpenMP region. dx = g W is summed by row slabs of W (bwd_slabs: a number set by N, not by
  * the thread count): each thread takes a contiguous range of slabs and sums each into its own partial (all of
  * K, group order), so it reads whole rows of W, one stream; after the barrier the partials are added in a fixed
@@ -1049,9 +980,6 @@ static int gemv_t_call_cols(const plan_t *p, const float *g, float *dx, i64 M, i
  * time), gb = g B for its share of B's columns; after it, with its dx columns: their LoRA terms and dA's same
  * columns. dx NULL: only the LoRA gradients (the weight is not read). */
 static int gemv_t_call(const plan_t *p, const float *g, float *dx, i64 M, int threads) {
-#if NF4_BWD_SPLIT_COLS
-    return gemv_t_call_cols(p, g, dx, M, threads);
-#endif
     const i64 N = p->N, K = p->K;
     const lora_t *lo = p->lora;
     const slabs_t slabs = bwd_slabs(N);
@@ -1068,10 +996,16 @@ static int gemv_t_call(const plan_t *p, const float *g, float *dx, i64 M, int th
 #pragma omp parallel num_threads(threads)
     {
         trace(TRACE_FORKED);
-        /* the work: each slab's columns in `cuts` ranges of whole groups (1 unless the team outnumbers the slabs),
-         * a contiguous range of (slab, columns) units per thread. Which thread sums a unit changes nothing. */
-        const int team = omp_get_num_threads();
-        const i64 cuts = (team + slabs.count - 1) / slabs.count;
+        /* the work: each slab's columns in `cuts` ranges of whole groups, so that the team divides the (slab,
+         * columns) units evenly (cuts = 1 when it divides the slabs), a contiguous range of units per thread.
+         * Which thread sums a unit changes nothing. */
+        const i64 team = omp_get_num_threads();
+        i64 common = slabs.count, rest = team;
+        while (rest) { /* gcd(slabs, team) */
+            const i64 r = common % rest;
+            common = rest, rest = r;
+        }
+        const i64 cuts = team / common;
         i64 u0, u1, g0, g1;
         thread_range(slabs.count * cuts, 1, &u0, &u1);
         for (i64 u = u0; dx && u < u1; u++) {
