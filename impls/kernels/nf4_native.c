@@ -875,13 +875,9 @@ static __attribute__((noinline)) void bwd_block_m(const plan_t *p, const float *
 
 /* The backward's row slabs: at most BWD_SLABS, each a multiple of BWD_SLAB_ROWS rows (whole RB passes), set by N
  * alone, so the partial sums and their reduction are the same at any thread count. */
-#ifndef BWD_SLABS
 #define BWD_SLABS 8 /* 16: 2-3% slower at 1 thread, 4: 1% faster (AVX-512, 1-4 rows of g, measured) */
-#endif
 #define BWD_SLAB_ROWS 16
-#ifndef NF4_BWD_L1_FLOATS
-#define NF4_BWD_L1_FLOATS 8192
-#endif
+#define BWD_L1_FLOATS 8192 /* a partial chunk's floats (32 KB of a 48 KB L1; 24 KB and 16 KB measured no better) */
 
 typedef struct {
     i64 rows, count; /* rows per slab (the last one may be shorter), number of slabs */
@@ -973,10 +969,11 @@ static void lora_gb(const lora_t *lo, const float *g, i64 M, i64 N, i64 j0, i64 
 }
 
 /* The backward's one OpenMP region. dx = g W is summed by row slabs of W (bwd_slabs: a number set by N, not by
- * the thread count): each thread takes a contiguous range of slabs and sums each into its own partial (all of
- * K, group order), so it reads whole rows of W, one stream; after the barrier the partials are added in a fixed
- * order and put back in natural order, columns (whole groups) split over the threads. Every element is summed in
- * the same order at any thread count. With LoRA, also before the barrier: dB for the thread's rows (16 at a
+ * the thread count), each into its own partial (all of K, group order); each thread takes a contiguous range of
+ * slabs (2 threads: 4 slabs each), so it reads whole rows of W, one stream (the column split before gave each
+ * thread half-row segments: docs/quant_linear.md, "GEMV kernel", threads). After the barrier the partials are
+ * added in a fixed order and put back in natural order, columns (whole groups) split over the threads. Every
+ * element is summed in the same order at any thread count. With LoRA, also before the barrier: dB for the thread's rows (16 at a
  * time), gb = g B for its share of B's columns; after it, with its dx columns: their LoRA terms and dA's same
  * columns. dx NULL: only the LoRA gradients (the weight is not read). */
 static int gemv_t_call(const plan_t *p, const float *g, float *dx, i64 M, int threads) {
@@ -987,7 +984,7 @@ static int gemv_t_call(const plan_t *p, const float *g, float *dx, i64 M, int th
      * loaded and stored once per RB = 2 rows of W, and from L2 that was the bottleneck (1 thread, AVX-512,
      * 4 rows: 1.55-1.75x the time at 4096 and 14336 columns). With 1-2 rows whole rows of W, one stream (chunked:
      * 3% slower at 14336 columns). The sums are the same for any chunking. (docs/quant_linear.md, "GEMV kernel") */
-    i64 chunk = M >= 3 ? NF4_BWD_L1_FLOATS / (M * GROUP_COLS) : p->groups;
+    i64 chunk = M >= 3 ? BWD_L1_FLOATS / (M * GROUP_COLS) : p->groups;
     if (chunk < 1) chunk = 1;
     float *parts = dx ? scratch(slabs.count * M * K) : NULL;
     if (dx && !parts) return -2;
