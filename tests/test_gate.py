@@ -346,6 +346,10 @@ def test_calibrate_catches_a_large_planted_slowdown_and_reports_it(toy_repo, tmp
         assert result[mode]["aa"]["comparisons"] == 2
     aa = result["against"]["aa"]["tests"]["mwu"]
     assert len(aa["false_alarms"]) == aa["confirmed"]  # each A/A alarm named, with its looks
+    # each phase's counts are printed as it ends (a run cut later keeps them in its log); misses carry their looks
+    assert f"slowdown 0%: 2 comparisons done; confirmed mwu {aa['confirmed']}/2" in done.stdout
+    assert "slowdown 200%: 2 comparisons done; confirmed mwu 2/2" in done.stdout
+    assert result["against"]["power"][0]["tests"]["mwu"]["missed"] == []
     # the between-pair noise prior of every workload item, from 2 fresh pairs, as `gate --against` reads it
     priors = result["against"]["pair_noise"]
     assert priors["looks"] == 2 and set(priors["items"]) == set(result["workload"])
@@ -354,3 +358,18 @@ def test_calibrate_catches_a_large_planted_slowdown_and_reports_it(toy_repo, tmp
 
     assert load_calibration(out)["against"]["pair_noise"] == priors   # valid against the calibration schema
     assert "smallest slowdown caught" in done.stdout
+
+
+def test_calibration_summary_names_missed_items_and_false_alarms():
+    from twinbench.harness.gate.calibrate import _format
+
+    def run(slowdown, **tests):
+        return {"comparisons": 4, "slowdown": slowdown, "tests": {"wilcoxon": {"flagged": 2, **tests}}}
+
+    res = {"threshold": 0.02,
+           "aa": run(0.0, confirmed=1, false_alarms=[{"item": "s|c|fast|fwd", "looks": [1.03, 1.04]}]),
+           "power": [run(0.05, confirmed=3, missed=[{"item": "s|c|slow|fwdbwd", "looks": [1.01]}])],
+           "smallest_caught": {"wilcoxon": None}}
+    text = _format("against", res, ["wilcoxon"])
+    assert "A/A false alarms 1/4 = 25.00%" in text and "A/A false alarms: s|c|fast|fwd" in text
+    assert "5%: caught 3/4 = 75%" in text and "missed at 5%: s|c|slow|fwdbwd" in text

@@ -4,6 +4,8 @@ native path, and the inductor fallback still correct when the native kernels are
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 from twinbench.harness.core.parity import check_parity
@@ -23,12 +25,13 @@ native = pytest.mark.skipif(not nf4_native.status()[0], reason=f"native NF4 kern
 
 
 def _isa_params():
-    """Each vector layer this CPU can run: the AVX2 build is tested on AVX-512 machines too, forced by
-    TWINBENCH_NF4_ISA (no aarch64 here, so no NEON layer exists to test)."""
+    """Each vector layer of this machine's architecture that its CPU can run: the AVX2 build is tested on AVX-512
+    machines too, forced by TWINBENCH_NF4_ISA. The NEON layer on x86: tests/test_nf4_neon.py (under qemu)."""
     have = availability.cpu_flags()
+    aarch64 = platform.machine() in ("aarch64", "arm64")
     return [pytest.param(isa, marks=pytest.mark.skipif(not all(f in have for f in needs),
                                                        reason=f"this CPU cannot run the {isa} build"))
-            for isa, (_, needs) in nf4_native.ISA_FLAGS.items()]
+            for isa, (_, needs) in nf4_native.ISA_FLAGS.items() if (isa == "neon") == aarch64]
 
 
 @pytest.fixture(params=_isa_params())
@@ -368,6 +371,8 @@ def test_turned_off_by_environment(monkeypatch):
     ({"avx", "sse4_2"}, "", None),
     ({"avx512f", "avx512bw", "avx512vl", "avx2", "fma", "f16c"}, "avx2", "avx2"),
     ({"avx2", "fma", "f16c"}, "avx512", None),  # forced but impossible: refused, with the reason
+    ({"fp", "asimd", "evtstrm"}, "", "neon"),  # aarch64 /proc/cpuinfo Features
+    ({"avx2", "fma", "f16c"}, "neon", None),
 ])
 def test_isa_is_chosen_by_cpu_flags(flags, wanted, want, monkeypatch):
     monkeypatch.setattr(nf4_native, "cpu_flags", lambda: flags)
@@ -376,6 +381,20 @@ def test_isa_is_chosen_by_cpu_flags(flags, wanted, want, monkeypatch):
     try:
         got, why = nf4_native.chosen_isa()
         assert got == want and (why == "") == (want is not None), why
+    finally:
+        nf4_native._choose_isa.cache_clear()
+
+
+def test_aarch64_features_are_read_as_cpu_flags(monkeypatch):
+    """aarch64's /proc/cpuinfo lists its flags as ``Features`` (x86: ``flags``): Advanced SIMD (``asimd``) picks
+    the NEON layer there; an x86 CPU's flags never do."""
+    nf4_native._choose_isa.cache_clear()
+    try:
+        monkeypatch.setattr(availability, "cpu_info", lambda: {"processor": "0", "Features": "fp asimd evtstrm"})
+        assert "asimd" in availability.cpu_flags() and nf4_native._choose_isa("") == ("neon", "")
+        nf4_native._choose_isa.cache_clear()
+        monkeypatch.setattr(availability, "cpu_info", lambda: {"processor": "0", "flags": "sse4_2 avx avx2 fma f16c"})
+        assert nf4_native._choose_isa("") == ("avx2", "")
     finally:
         nf4_native._choose_isa.cache_clear()
 

@@ -94,8 +94,10 @@ def cpu_info() -> dict[str, str]:
 
 
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags (``avx512f``, ...), as the kernel reports them."""
-    return set(cpu_info().get("flags", "").split())
+    """The CPU's feature flags (``avx512f``, ...; on aarch64 its ``Features``: ``asimd``, ...), as the kernel
+    reports them."""
+    info = cpu_info()
+    return set((info.get("flags") or info.get("Features", "")).split())
 
 
 def cpu_vendor() -> str:

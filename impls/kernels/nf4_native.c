@@ -1,6 +1,7 @@
-/* NF4 (bitsandbytes storage) CPU kernels: AVX-512 or AVX2 (+FMA, F16C) and OpenMP, no torch headers (compiles in
- * about a second). One source, two builds: impls/kernels/nf4_native.py compiles it with the AVX-512 flags or the
- * AVX2 ones (the `#if` below picks the vector layer) and loads the one the CPU's flags allow.
+/* NF4 (bitsandbytes storage) CPU kernels: AVX-512, AVX2 (+FMA, F16C) or aarch64 NEON, and OpenMP, no torch headers
+ * (compiles in about a second). One source, three builds: impls/kernels/nf4_native.py compiles it with the AVX-512
+ * flags, the AVX2 ones or (on aarch64) the NEON ones (the `#if` below picks the vector layer) and loads the one the
+ * CPU's flags allow. The NEON layer is verified under emulation only (tests/test_nf4_neon.py: qemu-aarch64).
  *
  * Built at first use by impls/nf4_native.py (cached by source hash) and called through ctypes on tensors'
  * data pointers; Python checks shapes, dtypes and contiguity. Weight layout, as bnb stores it: packed uint8
@@ -8,11 +9,11 @@
  * bs consecutive elements; bs a power of two >= 32 dividing K).
  *
  * The lookup: the 16-entry NF4 code lives in registers and a vector of 4-bit indices is looked up in one
- * instruction (AVX-512 vpermps; AVX2 two vpermps over the two 8-entry halves + a blend on index bit 3), so W is
- * never written out by the GEMV kernels.
+ * instruction (AVX-512 vpermps; AVX2 two vpermps over the two 8-entry halves + a blend on index bit 3; NEON a
+ * byte table lookup, tbl over the table's 64 bytes), so W is never written out by the GEMV kernels.
  *
  * GEMV layout (docs/quant_linear.md, "GEMV kernel"): a *group* is one vector load of packed bytes, 4L bytes =
- * 8L columns (L = floats per vector: 16 or 8). Its dword i holds the 8 nibbles of columns 8i..8i+7; shifting
+ * 8L columns (L = floats per vector: 16, 8 or 4). Its dword i holds the 8 nibbles of columns 8i..8i+7; shifting
  * the whole vector right by 4s puts nibble s of every dword in the index bits, so 8 shifts + 8 lookups decode
  * the group with no byte-to-dword widening; nibble s is column 8i + (s ^ 1) (high nibble = even column). x is
  * put in that order once per call (and dx put back), so the weight is read once, in memory order.
@@ -21,7 +22,11 @@
  * (bit-identical to bnb and the reference), not a fused multiply-add.
  */
 #define _POSIX_C_SOURCE 199309L /* clock_gettime, for the NF4_TRACE build */
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -180,8 +185,91 @@ AI vi lane_index(int lanes_per_block) {
     for (int i = 0; i < 8; i++) t[i] = i / lanes_per_block;
     return _mm256_loadu_si256((const __m256i *)t);
 }
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+/* NEON (128-bit, L = 4): the same group layout as the x86 layers (a group is 16 bytes = 32 columns), so every
+ * block size the kernels take (bs >= 32 = 8L) gives one scale per group (lane_scales is never reached). Verified
+ * bitwise (dequantisation) and to fp32 summation order (GEMV) under qemu-aarch64 only (tests/test_nf4_neon.py):
+ * no speed claims. */
+#define NF4_ISA 128
+#define L 4
+typedef float32x4_t vf;
+typedef uint32x4_t vi;
+typedef struct { uint8x16x4_t t; } lut_t; /* the 16 fp32 codes as 64 bytes, for tbl */
+AI lut_t lut_load(const float *c) {
+    const uint8_t *b = (const uint8_t *)c;
+    lut_t l = {{{vld1q_u8(b), vld1q_u8(b + 16), vld1q_u8(b + 32), vld1q_u8(b + 48)}}};
+    return l;
+}
+AI vf vload(const float *p) { return vld1q_f32(p); }
+AI void vstore(float *p, vf v) { vst1q_f32(p, v); }
+AI vf vzero(void) { return vdupq_n_f32(0.0f); }
+AI vf vset1(float f) { return vdupq_n_f32(f); }
+AI vf vfma(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }
+AI vf vadd(vf a, vf b) { return vaddq_f32(a, b); }
+AI vf vmul(vf a, vf b) { return vmulq_f32(a, b); }
+AI float vsum(vf v) { return vaddvq_f32(v); }
+AI vi group_load(const uint8_t *p) { return vreinterpretq_u32_u8(vld1q_u8(p)); }
+AI vf vload_bf16(const uint16_t *p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+AI vf gather_stride8(const float *p) {
+    vf v = vld1q_dup_f32(p);
+    v = vld1q_lane_f32(p + 8, v, 1);
+    v = vld1q_lane_f32(p + 16, v, 2);
+    return vld1q_lane_f32(p + 24, v, 3);
+}
+AI vi gather_bf16_pairs(const uint16_t *p) {
+    uint32_t t[4];
+    for (int i = 0; i < 4; i++) memcpy(t + i, p + 8 * i, 4); /* p is only 2-byte aligned */
+    return vld1q_u32(t);
+}
+AI vf pair_high(vi d) { return vreinterpretq_f32_u32(vandq_u32(d, vdupq_n_u32(0xffff0000u))); }
+AI vf pair_low(vi d) { return vreinterpretq_f32_u32(vshlq_n_u32(d, 16)); }
+AI void vstore_bf16(uint16_t *p, vf v) {
+    const uint32x4_t b = vreinterpretq_u32_f32(v), hi = vshrq_n_u32(b, 16);
+    const uint32x4_t lsb = vandq_u32(hi, vdupq_n_u32(1));
+    const uint32x4_t r = vshrq_n_u32(vaddq_u32(b, vaddq_u32(lsb, vdupq_n_u32(0x7fff))), 16);
+    /* vceqq_f32(v, v): all ones where v is not NaN */
+    vst1_u16(p, vmovn_u32(vbslq_u32(vceqq_f32(v, v), r, vorrq_u32(hi, vdupq_n_u32(0x40)))));
+}
+/* code[index] for bits 0..3 of every dword: the dword's 4 table bytes 4n..4n+3 as tbl indices, i.e.
+ * n * 0x04040404 + 0x03020100 (no carries: 4n + 3 <= 63), looked up in the 64-byte table (bit-exact: bytes) */
+AI vf lookup(vi idx, lut_t lut) {
+    const vi bytes = vmlaq_n_u32(vdupq_n_u32(0x03020100u), vandq_u32(idx, vdupq_n_u32(15)), 0x04040404u);
+    return vreinterpretq_f32_u8(vqtbl4q_u8(lut.t, vreinterpretq_u8_u32(bytes)));
+}
+/* a register shift (ushl by -bits): the count need not be a compile-time constant */
+AI vi shift_right(vi v, const int bits) { return bits ? vshlq_u32(v, vdupq_n_s32(-bits)) : v; }
+AI vf lane_scales(const float *s, int n, vi idx) {
+    uint32_t i[4];
+    float t[4];
+    vst1q_u32(i, idx);
+    for (int j = 0; j < 4; j++) t[j] = i[j] < (uint32_t)n ? s[i[j]] : 0.0f;
+    return vld1q_f32(t);
+}
+/* code2[q[0..3]] */
+AI vf gather_code2(const uint8_t *q, const float *code2) {
+    const float t[4] = {code2[q[0]], code2[q[1]], code2[q[2]], code2[q[3]]};
+    return vld1q_f32(t);
+}
+AI vi lane_index(int lanes_per_block) {
+    uint32_t t[4];
+    for (int i = 0; i < 4; i++) t[i] = (uint32_t)(i / lanes_per_block);
+    return vld1q_u32(t);
+}
 #else
-#error "nf4_native.c needs AVX-512F or AVX2 (+FMA, F16C)"
+#error "nf4_native.c needs AVX-512F, AVX2 (+FMA, F16C) or aarch64 NEON"
+#endif
+
+/* What the vector layer leaves to the target: a spin-wait hint, a prefetch into L2 (NF4_PF_HINT: the x86 hint;
+ * __builtin_prefetch locality 2 is aarch64's PLDL2KEEP) and the asm constraint of a vector register. */
+#if L == 4
+#define cpu_relax() __asm__ __volatile__("yield")
+#define prefetch_l2(p) __builtin_prefetch((p), 0, 2)
+#define VREG "+w"
+#else
+#define cpu_relax() _mm_pause()
+#define NF4_PF_HINT _MM_HINT_T1
+#define prefetch_l2(p) _mm_prefetch((const char *)(p), NF4_PF_HINT)
+#define VREG "+v"
 #endif
 
 #define GROUP_COLS (8 * L)
@@ -340,7 +428,7 @@ AI vf group_scale(const plan_t *p, const float *srow, i64 g) {
 AI vi offset_load(const uint8_t *p) {
     vi v = group_load(p);
 #if NF4_LOAD_ONCE
-    __asm__("" : "+v"(v));
+    __asm__("" : VREG(v));
 #endif
     return v;
 }
@@ -356,11 +444,10 @@ AI vi offset_load(const uint8_t *p) {
 #ifndef NF4_PREFETCH
 #define NF4_PREFETCH 1
 #endif
-#define NF4_PF_HINT _MM_HINT_T1
 /* at: the group about to be read; pass_bytes: how far ahead the next pass reads it. Once per cache line. */
 AI void prefetch_ahead(const uint8_t *at, i64 g, i64 pass_bytes) {
-    if (!NF4_PREFETCH || (GROUP_BYTES < 64 && (g & 1))) return;
-    _mm_prefetch((const char *)at + pass_bytes, NF4_PF_HINT);
+    if (!NF4_PREFETCH || (GROUP_BYTES < 64 && (g & (64 / GROUP_BYTES - 1)))) return;
+    prefetch_l2(at + pass_bytes);
 }
 
 /* The double-quantised scale bytes of rows [row, row + rows), blocks [b0, b1): a line or a few per row, read at
@@ -369,8 +456,8 @@ AI void prefetch_scales(const plan_t *p, i64 row, int rows, i64 b0, i64 b1) {
     if (!NF4_PREFETCH || !p->q) return;
     for (int r = 0; r < rows && row + r < p->N; r++) {
         const char *at = (const char *)(p->q + (row + r) * p->nb);
-        for (i64 b = b0; b < b1; b += 64) _mm_prefetch(at + b, NF4_PF_HINT);
-        _mm_prefetch(at + b1 - 1, NF4_PF_HINT);
+        for (i64 b = b0; b < b1; b += 64) prefetch_l2(at + b);
+        prefetch_l2(at + b1 - 1);
     }
 }
 
@@ -727,7 +814,7 @@ static int gemv_call(const plan_t *p, const void *x, int x_bf16, float *y, i64 M
                 fwd_chunk(p, xs, y, M, c);
                 if (!lo) continue;
                 if (npending == MAX_PENDING) /* rare: wait for x A^T */
-                    while (!xa_ready(p, &xp)) _mm_pause();
+                    while (!xa_ready(p, &xp)) cpu_relax();
                 if (xa_ready(p, &xp)) {
                     for (; npending; npending--) epilogue_chunk(p, y, M, pending[npending - 1]);
                     epilogue_chunk(p, y, M, c);
@@ -737,7 +824,7 @@ static int gemv_call(const plan_t *p, const void *x, int x_bf16, float *y, i64 M
             }
         }
         if (npending) {
-            while (!xa_ready(p, &xp)) _mm_pause();
+            while (!xa_ready(p, &xp)) cpu_relax();
             for (; npending; npending--) epilogue_chunk(p, y, M, pending[npending - 1]);
         }
         trace(TRACE_DONE);
@@ -1120,7 +1207,7 @@ AI void dequant_chunk(const uint8_t *p, vf s, lut_t lut, void *out, i64 at, int 
     const vf we = vmul(lookup(_mm512_srli_epi32(v, 4), lut), s), wo = vmul(lookup(v, lut), s);
     store_natural(out, at, kind, _mm512_permutex2var_ps(we, lo_idx, wo), _mm512_permutex2var_ps(we, hi_idx, wo));
 }
-#else
+#elif L == 8
 AI __m128i to_bf16(__m256 v) {
     __m256i b = _mm256_castps_si256(v);
     __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
@@ -1147,6 +1234,33 @@ AI void dequant_chunk(const uint8_t *p, vf s, lut_t lut, void *out, i64 at, int 
         const vf we = vmul(lookup(_mm256_srli_epi32(v, 4), lut), s), wo = vmul(lookup(v, lut), s);
         const vf a = _mm256_unpacklo_ps(we, wo), b = _mm256_unpackhi_ps(we, wo); /* e0 o0 e1 o1 | e4 o4 e5 o5 */
         store_natural8x2(out, at + 16 * h, kind, _mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+    }
+}
+#else /* NEON */
+/* the x86 layers' to_bf16: round to nearest even, no NaN case (the same bits as they give, NaN included) */
+AI uint16x4_t to_bf16(vf v) {
+    const uint32x4_t b = vreinterpretq_u32_f32(v);
+    const uint32x4_t lsb = vandq_u32(vshrq_n_u32(b, 16), vdupq_n_u32(1));
+    return vmovn_u32(vshrq_n_u32(vaddq_u32(b, vaddq_u32(lsb, vdupq_n_u32(0x7fff))), 16));
+}
+
+AI void store_natural4(void *out, i64 at, int kind, vf v) {
+    if (kind == 0) vst1q_f32((float *)out + at, v);
+    else if (kind == 1) vst1_u16((uint16_t *)out + at, to_bf16(v));
+    else vst1_u16((uint16_t *)out + at, vreinterpret_u16_f16(vcvt_f16_f32(v))); /* FPCR: nearest even */
+}
+
+/* 32 weights (16 bytes) -> natural order, times the block scale: the high nibbles (even columns) and the low
+ * ones (odd) interleaved as bytes, widened to dwords 4 at a time and looked up */
+AI void dequant_chunk(const uint8_t *p, vf s, lut_t lut, void *out, i64 at, int kind) {
+    const uint8x16_t b = vld1q_u8(p), even = vshrq_n_u8(b, 4), odd = vandq_u8(b, vdupq_n_u8(15));
+    const uint8x16_t nat[2] = {vzip1q_u8(even, odd), vzip2q_u8(even, odd)}; /* columns 0..15, 16..31 */
+    for (int h = 0; h < 2; h++) {
+        const uint16x8_t half[2] = {vmovl_u8(vget_low_u8(nat[h])), vmovl_high_u8(nat[h])};
+        for (int q = 0; q < 2; q++) {
+            store_natural4(out, at + 16 * h + 8 * q, kind, vmul(lookup(vmovl_u16(vget_low_u16(half[q])), lut), s));
+            store_natural4(out, at + 16 * h + 8 * q + 4, kind, vmul(lookup(vmovl_high_u16(half[q]), lut), s));
+        }
     }
 }
 #endif
@@ -1201,7 +1315,7 @@ int nf4_trace(i64 *out) {
 #endif
 }
 
-/* Which vector layer this build has (512: AVX-512, 2: AVX2). */
+/* Which vector layer this build has (512: AVX-512, 2: AVX2, 128: NEON). */
 int nf4_native_isa(void) { return NF4_ISA; }
 
 /* Lets Python confirm it loaded this source's build. */

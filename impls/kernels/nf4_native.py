@@ -1,9 +1,11 @@
 """The native NF4 CPU kernels (impls/kernels/nf4_native.c): built with the system C compiler at first use, cached.
 
-Plain C with AVX-512 or AVX2 intrinsics and OpenMP, no torch headers, so a build takes about a second. One
+Plain C with AVX-512, AVX2 or NEON intrinsics and OpenMP, no torch headers, so a build takes about a second. One
 source, one build per vector layer (:data:`ISA_FLAGS`); the widest one the CPU's flags allow is loaded, or the
-one ``TWINBENCH_NF4_ISA`` (``avx512``/``avx2``) names (tests run the AVX2 build on an AVX-512 machine that
-way). NEON is not written: no aarch64 machine to verify it on. The build is cached by
+one ``TWINBENCH_NF4_ISA`` (``avx512``/``avx2``/``neon``) names (tests run the AVX2 build on an AVX-512 machine that
+way). The NEON layer (aarch64 Linux, chosen by the ``asimd`` feature) has been verified under emulation only
+(tests/test_nf4_neon.py runs it in qemu-aarch64); no aarch64 host has loaded it through this module. The build is
+cached by
 impls/kernels/native_build.py (``nf4_native/<hash>.so`` under the twinbench cache folder, safe under concurrent
 first uses). ``TWINBENCH_NF4_NATIVE=0`` turns it off (the inductor kernels in impls/kernels/nf4.py are then used).
 
@@ -28,12 +30,14 @@ from twinbench.impls.kernels.nf4_code import nf4_table
 
 SOURCE = Path(__file__).with_name("nf4_native.c")
 FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-# Vector layer -> (compiler flags, CPU flags it needs), widest first.
+# Vector layer -> (compiler flags, CPU flags it needs), widest first. NEON: aarch64's baseline (Advanced SIMD is
+# part of armv8-a; /proc/cpuinfo lists it as ``asimd``), so the build runs on any aarch64 CPU.
 ISA_FLAGS = {
     "avx512": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"], ("avx512f", "avx512bw", "avx512vl", "fma")),
     "avx2": (["-mavx2", "-mfma", "-mf16c"], ("avx2", "fma", "f16c")),
+    "neon": (["-march=armv8-a"], ("asimd",)),
 }
-_ISA_ID = {"avx512": 512, "avx2": 2}  # what the build's nf4_native_isa() returns
+_ISA_ID = {"avx512": 512, "avx2": 2, "neon": 128}  # what the build's nf4_native_isa() returns
 _ISA_NAME = {v: k for k, v in _ISA_ID.items()}
 MAX_ROWS = 4  # rows of x one GEMV call takes (nf4_native.c: MAX_ROWS)
 MAX_RANK = 256  # LoRA rank the whole-call kernels take (nf4_native.c: MAX_RANK)
@@ -62,7 +66,7 @@ def _choose_isa(wanted: str) -> tuple[str | None, str]:
     for isa, (_, needs) in ISA_FLAGS.items():
         if all(f in have for f in needs):
             return isa, ""
-    return None, "this CPU has neither AVX-512 nor AVX2+FMA+F16C (the native NF4 kernels need one)"
+    return None, "this CPU has neither AVX-512, AVX2+FMA+F16C nor NEON (the native NF4 kernels need one)"
 
 
 def _load() -> tuple[ctypes.CDLL | None, str]:
@@ -117,7 +121,7 @@ def loaded() -> ctypes.CDLL | None:
 
 
 def isa() -> str | None:
-    """The vector layer of the loaded build ('avx512'/'avx2'), or None when the native kernels are off."""
+    """The vector layer of the loaded build ('avx512'/'avx2'/'neon'), or None when the native kernels are off."""
     lib = _load()[0]  # one environment read; the build says which layer it is
     return None if lib is None else _ISA_NAME[lib.nf4_native_isa()]
 
