@@ -15,13 +15,12 @@ at the median read bandwidth. ``--no-prefetch`` builds the kernels without their
 ``--no-steal`` builds the forward with a static split of the row chunks (no stealing), to compare.
 ``--trace`` builds them with ``-DNF4_TRACE=1`` and, instead of the table, says where the time of the whole
 ``fused_cpu`` call goes (forward, and backward): Python before the native call; phase 1 (forward: x put in
-group order on the calling thread, before the fork; backward: each thread's dx columns, dB rows and share of
-g B, then the wait at the barrier); the fork (until the last thread starts); the main phase (forward: x A^T
-and the rows of W with their epilogue; backward: the LoRA terms of dx and dA), by the clock and by each
-thread's CPU time; the spread of the threads' finishing times, the join and Python after (medians over the
-pool and rounds). The load
-average is printed with every line: numbers taken on a loaded machine are not results (docs/quant_linear.md,
-"GEMV kernel").
+group order on the calling thread, before the fork; backward: each thread's row slabs of dx, dB rows and
+share of g B, then the wait at the barrier); the fork (until the last thread starts); the main phase
+(forward: x A^T and the rows of W with their epilogue; backward: the slabs' partials added into dx, its LoRA
+terms and dA), by the clock and by each thread's CPU time; the spread of the threads' finishing times, the
+join and Python after (medians over the pool and rounds). The load average is printed with every line:
+numbers taken on a loaded machine are not results (docs/quant_linear.md, "GEMV kernel").
 """
 
 from __future__ import annotations
