@@ -1060,9 +1060,9 @@ static void lora_gb(const lora_t *lo, const float *g, i64 M, i64 N, i64 j0, i64 
  * slabs (2 threads: 4 slabs each), so it reads whole rows of W, one stream (the column split before gave each
  * thread half-row segments: docs/quant_linear.md, "GEMV kernel", threads). After the barrier the partials are
  * added in a fixed order and put back in natural order, columns (whole groups) split over the threads. Every
- * element is summed in the same order at any thread count. With LoRA, also before the barrier: dB for the thread's rows (16 at a
- * time), gb = g B for its share of B's columns; after it, with its dx columns: their LoRA terms and dA's same
- * columns. dx NULL: only the LoRA gradients (the weight is not read). */
+ * element is summed in the same order at any thread count. With LoRA, also before the barrier: dB for the
+ * thread's rows (16 at a time), gb = g B for its share of B's columns; after it, with its dx columns: their
+ * LoRA terms and dA's same columns. dx NULL: only the LoRA gradients (the weight is not read). */
 static int gemv_t_call(const plan_t *p, const float *g, float *dx, i64 M, int threads) {
     const i64 N = p->N, K = p->K;
     const lora_t *lo = p->lora;
