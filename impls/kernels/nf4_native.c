@@ -1103,7 +1103,8 @@ static int gemv_t_call(const plan_t *p, const float *g, float *dx, i64 M, int th
                 for (i64 k = p->groups * GROUP_COLS; k < K; k++) {
                     float acc = 0.0f;
                     for (i64 n = 0; n < N; n++)
-                        acc += g[m * N + n] * block_scale(p, n * p->nb + k / p->bs) * code_of(p, p->packed + n * p->half, k);
+                        acc += g[m * N + n] * block_scale(p, n * p->nb + k / p->bs) *
+                               code_of(p, p->packed + n * p->half, k);
                     dx[m * K + k] = acc;
                 }
         if (lo && lo->rank) {
