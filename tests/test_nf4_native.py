@@ -167,9 +167,10 @@ def test_whole_call_reads_and_writes_bf16_factors(isa):
 @native
 @pytest.mark.parametrize("threads", [2, 3])
 def test_whole_call_is_bitwise_the_same_at_any_thread_count(threads, isa, monkeypatch):
-    """Forward rows go out in 32-row chunks that idle threads steal, x A^T and g B split by LoRA rank, dx and dA
-    by column groups, dB by rows: each element is computed by one thread in a fixed order, so the results are
-    bitwise those of one thread (97 rows: a partial chunk; rank 5: uneven split)."""
+    """Forward rows go out in 32-row chunks that idle threads steal, x A^T and g B split by LoRA rank, dx summed
+    by fixed row slabs and reduced in a fixed order, dA by column groups, dB by rows: each element is computed in
+    an order that does not depend on the team, so the results are bitwise those of one thread (97 rows: a
+    partial chunk; rank 5: uneven split)."""
     packed2d, scales, _, x, a, b, bias, g = _whole_call_case(97, 512, 128, True, 3, 5, 21)
 
     def run():
@@ -433,9 +434,9 @@ def test_compiled_fallback_is_correct(monkeypatch):
 @native
 @pytest.mark.parametrize("threads", [2, 3])
 def test_thread_split_gives_identical_results(threads, isa, monkeypatch):
-    """Rows (forward) and whole blocks of columns (backward, dequantise) split across threads: every output
-    element is summed in the same order, so the results are bitwise those of one thread (97 rows, 4 blocks
-    of 128: uneven splits)."""
+    """Rows (forward), fixed row slabs reduced in a fixed order (backward) and whole blocks of columns
+    (dequantise) split across threads: every output element is summed in the same order, so the results are
+    bitwise those of one thread (97 rows, 4 blocks of 128: uneven splits)."""
     _, _, packed2d, scales = state(97, 512, 128, True, seed=9)
     gen = torch.Generator().manual_seed(9)
     x, g = torch.randn(3, 512, generator=gen), torch.randn(3, 97, generator=gen)
