@@ -445,6 +445,15 @@ def test_an_order_effect_cancels_in_the_runs_speedup():
     assert abs(float(np.median(per_round[1:])) - 1.0) > 0.2  # 11 rounds, per round: a whole effect off
 
 
+
+def test_an_unmeasured_sample_leaves_out_only_its_block():
+    """A zero sample (a coarse clock) cannot form an order-balanced block: that block is dropped, the others
+    stay two-round blocks (not per-round ratios, which carry the order effect)."""
+    ref = [1.3, 1.0, 1.3, 1.0, 1.3, 1.0]  # per-round ratios alternate 1.3 and 1/1.3
+    opt = [1.0, 1.3, 0.0, 1.3, 1.0, 1.3]
+    blocks = timing.round_ratios(ref, opt)
+    assert len(blocks) == 2 and blocks == pytest.approx([1.0, 1.0])
+
 def test_share_of_peak_is_clipped_and_flagged():
     assert timing.share_of_peak(150.0, 100.0) == timing.PeakShare(100.0, True)
     assert timing.share_of_peak(50.0, 100.0) == timing.PeakShare(50.0, False)

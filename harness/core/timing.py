@@ -210,10 +210,14 @@ def round_ratios(ref_samples: list[float], impl_samples: list[float]) -> list[fl
     """Speedup of the impl over the reference (>1 means faster) per two-round block (:func:`two_round_blocks`:
     the geometric mean of a round in one order and the next in the other), each measured in the same rounds."""
     ref, impl = np.asarray(ref_samples, dtype=float), np.asarray(impl_samples, dtype=float)
-    keep = (impl > 0) & (ref > 0)
-    if not keep.all():  # a sample that failed to measure: no order-balanced block can be formed around it
-        return [float(r / i) for r, i in zip(ref[keep], impl[keep])]
-    return [float(x) for x in np.exp(two_round_blocks(np.log(ref / impl)))]
+    n = min(ref.size, impl.size)
+    ref, impl = ref[:n], impl[:n]
+    measured = (impl > 0) & (ref > 0)
+    # a round whose sample did not measure (a zero from a coarse clock) leaves its block out: NaN propagates
+    logr = np.full(n, np.nan)
+    logr[measured] = np.log(ref[measured] / impl[measured])
+    blocks = two_round_blocks(logr)
+    return [float(x) for x in np.exp(blocks[np.isfinite(blocks)])]
 
 
 def flops_ceiling(ceilings: Mapping[str, Any], dtype: str | None) -> float | None:
