@@ -113,7 +113,7 @@ def _trace_call(fn) -> tuple[int, int, torch.Tensor | None]:
 def _trace_parts(t0: int, t1: int, tr: torch.Tensor, threads: int) -> dict[str, float]:
     """One whole call's time by part, in us, from its trace (nf4_native.TRACE_POINTS; clock times, and the
     main phase's CPU time per thread: its work with descheduled time left out)."""
-    ran = tr[:threads, 1, 0] > 0  # the team the kernel used (small weights get fewer threads: nf4_native._threads)
+    ran = tr[:threads, 1, 0] > 0  # the team the kernel used (small weights get fewer threads: nf4_native.threads_for)
     cpu = tr[:threads][ran][:, :, 1].double()
     tr = tr[:threads][ran][:, :, 0].double()
     entry, forked, phase1, barrier, done, joined = (tr[:, i] for i in range(6))

@@ -5,9 +5,12 @@ without its safeguard and shows the difference is seen."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
-from twinbench.impls.kernels import nf4_native
+from nf4_calls import few_rows_native, native_path_calls
+from twinbench.impls.kernels import nf4_native, nf4_op
 from twinbench.impls.kernels.nf4_weight import NF4Weight
 from twinbench.impls.quant_linear import fused
 from twinbench.reference.nf4 import quantize_nf4
@@ -39,7 +42,7 @@ def _count_checks(monkeypatch) -> list[int]:
     return checks
 
 
-@native
+@few_rows_native
 def test_weight_is_checked_once_then_again_when_it_changes(monkeypatch):
     """Repeated calls reuse the checked weight; an in-place change of any of its tensors (here the offset,
     which the cache read as a float) or a field set to another tensor gets it checked again, and the results
@@ -71,44 +74,51 @@ def test_weight_is_checked_once_then_again_when_it_changes(monkeypatch):
     assert torch.equal(fused.nf4_lora_linear(x, w2, a, b, 2.0), before)  # stale: what the real key prevents
 
 
-@native
+@few_rows_native
 def test_cached_weight_follows_the_environment(monkeypatch):
     """TWINBENCH_NF4_NATIVE=0 set after a weight was cached turns the native kernels off at the next call
     (the inductor route runs, and agrees within fp32 summation order)."""
     w = _weight()
     x, a, b, _ = _inputs()
     native_out = fused.nf4_lora_linear(x, w, a, b, 2.0)
-    calls: list[str] = []
-    real = nf4_native.lora_gemv
-    monkeypatch.setattr(nf4_native, "lora_gemv", lambda *args, **kw: calls.append("lora_gemv") or real(*args, **kw))
+    calls = native_path_calls(monkeypatch)
     monkeypatch.setenv("TWINBENCH_NF4_NATIVE", "0")
     off = fused.nf4_lora_linear(x, w, a, b, 2.0)
     assert calls == [] and torch.allclose(off, native_out, rtol=1e-5, atol=1e-5)
     monkeypatch.delenv("TWINBENCH_NF4_NATIVE")
     fused.nf4_lora_linear(x, w, a, b, 2.0)
-    assert calls == ["lora_gemv"]
+    assert calls == ["lora_op"]
 
 
-@native
-def test_weight_changed_between_forward_and_backward_is_refused(monkeypatch):
-    """The few-rows route saves no weight tensor through autograd; its checked weight's version check takes
-    that place: a weight modified in place after the forward makes the backward raise, not differentiate a
-    weight the forward did not use. Planted: without the check the backward runs silently."""
+@few_rows_native
+@pytest.mark.parametrize("modify", ["packed", "offset"])
+def test_weight_changed_between_forward_and_backward_is_refused(modify, monkeypatch):
+    """The compiled op saves the weight and the tensors it was derived from (nf4_native.CheckedWeight.watched)
+    through autograd: a weight modified in place after the forward makes the backward raise, not differentiate
+    a weight the forward did not use (the offset is read into a float at the check: only the watched tensor
+    carries its version). Planted: an op given copies and no watched tensors runs the backward silently."""
     x, a, b, g = _inputs()
 
     def forward_then_modify():
         w = _weight()
         leaves = [t.clone().requires_grad_() for t in (x, a, b)]
         out = fused.nf4_lora_linear(leaves[0], w, leaves[1], leaves[2], 2.0)
-        w.packed.bitwise_xor_(0x11)
+        (w.packed.bitwise_xor_(0x11) if modify == "packed" else w.offset.add_(0.25))
         return out, leaves
 
     out, leaves = forward_then_modify()
-    with pytest.raises(ValueError, match="changed in place since it was checked"):
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(out, leaves, g)
-    monkeypatch.setattr(nf4_native.CheckedWeight, "fresh", lambda self: True)  # planted: no version check
+    real = fused._native_gemv_weight
+
+    def unwatched(w, lib):  # planted: the op's weight arguments copied, nothing watched
+        checked = real(w, lib)
+        weight, _, *rest = checked.op_args
+        return dataclasses.replace(checked, op_args=([t.clone() for t in weight], [], *rest))
+
+    monkeypatch.setattr(fused, "_native_gemv_weight", unwatched)
     out, leaves = forward_then_modify()
-    torch.autograd.grad(out, leaves, g)  # runs, on the modified weight
+    torch.autograd.grad(out, leaves, g)  # runs, on the weight of the forward
 
 
 @native
@@ -161,7 +171,7 @@ def test_checked_weight_calls_still_check_their_other_arguments():
             call()
 
 
-@native
+@few_rows_native
 def test_few_rows_forward_and_backward_read_the_environment_once(monkeypatch):
     """With the weight cached, a forward + backward reads the environment once (the forward's choice of
     kernels; the backward runs on the build its forward used): each read costs ~1 us per variable."""
@@ -188,3 +198,117 @@ def test_suite_impl_reuses_its_weight_only_for_the_same_tensors():
     other_scales = fused._LastWeight.of(w.packed, w.absmax.clone(), *fields[2:])
     assert other_scales is not first and other_scales.absmax is not w.absmax
     assert fused._LastWeight.of(*fields[:2], (48, 512), *fields[3:]).shape == (48, 512)
+
+
+def _wrapper_route(x, w, a, b, bias, scaling, g):
+    """out and gradients by the ctypes wrappers (nf4_native.lora_gemv / lora_gemv_t / gemv_t) in fp32, rounded
+    once to the callers' dtypes: what the compiled op must give bit for bit."""
+    n, k = w.shape
+    checked = fused._native_gemv_weight(w, nf4_native.loaded())
+    ab = None if a is None else ((a, b) if a.dtype == b.dtype == torch.bfloat16 else (a.float(), b.float()))
+    out, xa = nf4_native.lora_gemv(x.float(), checked, None, *(ab or (None, None)), scaling,
+                                   None if bias is None else bias.float())
+    if ab is None:
+        dx, da, db = nf4_native.gemv_t(g.float(), checked, None), None, None
+    else:
+        dx, da, db = nf4_native.lora_gemv_t(g.float(), checked, None, *ab, xa, scaling, x.float())
+        da, db = da.to(a.dtype), db.to(b.dtype)
+    dbias = None if bias is None else g.float().sum(0).to(g.dtype)
+    return out.to(x.dtype), dx.to(x.dtype), da, db, dbias
+
+
+@few_rows_native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_compiled_op_gives_the_wrapper_bits(threads, monkeypatch):
+    """The compiled op (impls/kernels/nf4_op.cpp) against the ctypes wrappers on the same kernels: out, dx, dA,
+    dB and dbias bitwise equal, for fp32/bf16/fp16 x, with and without LoRA and bias, nested and fp32 scales,
+    1-4 rows, one and two threads (every thread count split for these small weights). Planted: an op that
+    drops the LoRA scaling, the bias or the rounding to x's dtype is told apart."""
+    monkeypatch.setattr(nf4_native, "BYTES_PER_THREAD", 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for double_quant in (True, False):
+            w = _weight(double_quant=double_quant)
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                for rows, lora, with_bias in ((1, True, True), (3, True, False), (4, False, True), (2, False, False)):
+                    x, a, b, g = (t.to(dtype) for t in _inputs(rows=rows, seed=rows))
+                    a, b = (a, b) if lora else (None, None)
+                    bias = torch.randn(96, generator=torch.Generator().manual_seed(7)).to(dtype) if with_bias else None
+                    given = {"x": x, "a": a, "b": b, "bias": bias}
+                    leaves = {name: t.clone().requires_grad_() for name, t in given.items() if t is not None}
+                    out = fused.nf4_lora_linear(leaves["x"], w, leaves.get("a"), leaves.get("b"), 2.0,
+                                                leaves.get("bias"))
+                    got = (out, *torch.autograd.grad(out, list(leaves.values()), g))
+                    want = [t for t in _wrapper_route(x, w, a, b, bias, 2.0, g) if t is not None]
+                    assert all(p.dtype == q.dtype and torch.equal(p, q) for p, q in zip(got, want, strict=True)), \
+                        (double_quant, dtype, rows, lora, with_bias)
+                    if lora:
+                        assert not torch.equal(_wrapper_route(x, w, a, b, bias, 1.0, g)[0], got[0])
+                    if with_bias:
+                        assert not torch.equal(_wrapper_route(x, w, a, b, None, 2.0, g)[0], got[0])
+                    if dtype != torch.float32:  # unrounded: the fp32 result of the same kernels
+                        unrounded = _wrapper_route(x.float(), w, a, b, bias, 2.0, g)[0]
+                        assert got[0].dtype == dtype and not torch.equal(got[0].float(), unrounded)
+    finally:
+        torch.set_num_threads(before)
+
+
+@few_rows_native
+def test_compiled_op_checks_what_a_pointer_needs():
+    """The op trusts nothing a C pointer reads: x, the LoRA factors, the bias and the weight list are checked
+    (ValueError, one line) before the kernel runs."""
+    w = _weight()
+    checked = fused._native_gemv_weight(w, nf4_native.loaded())
+    weight, watched, offset, bs, kernels = checked.op_args
+    op = nf4_op.loaded()
+    x, a, b, _ = _inputs()
+
+    def call(x=x, a=a, b=b, bias=None, weight=weight, bs=bs):
+        return op(x, a, b, bias, weight, watched, offset, bs, 2.0, 1, kernels)
+
+    call()
+    refused = {
+        r"x must be a CPU \[M <= 4, 256\]": lambda: call(x=torch.randn(5, 256)),
+        r"x must be a CPU \[M <= 4, 256\], got \[2, 255\]": lambda: call(x=torch.randn(2, 255)),
+        "LoRA factors must be": lambda: call(b=b[:, :4]),
+        "pass both LoRA factors or neither": lambda: call(b=None),
+        r"bias must be a CPU \[96\]": lambda: call(bias=torch.zeros(95)),
+        "packed must be a contiguous CPU uint8": lambda: call(weight=[weight[0], weight[1].t(), *weight[2:]]),
+        "code16 must be 16 fp32 values": lambda: call(weight=[weight[0][:8], *weight[1:]]),
+        "the weight is": lambda: call(weight=weight[:2]),
+        "nested scales must be": lambda: call(weight=[*weight[:3], weight[3][:0], weight[4]]),
+        "do not cover a 96x256 weight": lambda: call(bs=32),
+    }
+    for message, bad in refused.items():
+        with pytest.raises(ValueError, match=message):
+            bad()
+    with pytest.raises(ValueError, match="cannot open the NF4 kernels"):
+        op(x, a, b, None, weight, watched, offset, bs, 2.0, 1, "/nonexistent/nf4.so")
+
+
+@native
+def test_without_the_compiled_op_few_rows_take_the_composed_route(monkeypatch):
+    """Where the op cannot be built (here: reported unusable) the few-rows call runs the NF4 GEMV kernels with
+    torch's LoRA products around them, and agrees with the op's results within fp32 summation order."""
+    w = _weight()
+    x, a, b, g = _inputs()
+    leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+    with_op = None
+    if nf4_op.status()[0]:
+        out = fused.nf4_lora_linear(leaves[0], w, leaves[1], leaves[2], 2.0)
+        with_op = (out, *torch.autograd.grad(out, leaves, g))
+    calls = native_path_calls(monkeypatch)
+    monkeypatch.setattr(nf4_op, "loaded", lambda: None)
+    out = fused.nf4_lora_linear(leaves[0], w, leaves[1], leaves[2], 2.0)
+    composed = (out, *torch.autograd.grad(out, leaves, g))
+    assert set(calls) == {"gemv", "gemv_t"}
+    if with_op is not None:
+        assert all(torch.allclose(p, q, rtol=1e-5, atol=1e-5) for p, q in zip(composed, with_op))
+
+
+def test_compiled_op_says_why_it_cannot_build(monkeypatch):
+    """No C++ compiler: a reason, not a crash (uncached call of the loader)."""
+    monkeypatch.setenv("CXX", "")
+    monkeypatch.setattr(nf4_op.shutil, "which", lambda name: None)
+    assert nf4_op._load.__wrapped__() == (False, "no C++ compiler found (set CXX, or install g++)")

@@ -8,6 +8,7 @@ import platform
 
 import pytest
 import torch
+from nf4_calls import few_rows_native, native_path_calls
 from twinbench.harness.core.parity import check_parity
 from twinbench.harness.core.registry import IMPLS, SUITES, load_plugins
 from twinbench.impls.kernels import availability, nf4_native
@@ -182,14 +183,14 @@ def test_whole_call_is_bitwise_the_same_at_any_thread_count(threads, isa, monkey
     monkeypatch.setattr(nf4_native, "BYTES_PER_THREAD", 1)
     torch.set_num_threads(threads)
     try:
-        assert nf4_native._threads(packed2d) == threads
+        assert nf4_native.threads_for(packed2d) == threads
         for _ in range(3):  # which thread steals which chunk varies from call to call
             assert all(torch.equal(p, q) for p, q in zip(one, run()))
     finally:
         torch.set_num_threads(before)
 
 
-@native
+@few_rows_native
 def test_nf4_lora_linear_without_lora_or_with_bias_only(monkeypatch):
     """The few-rows API takes the whole-call kernel with rank 0 (bias only, or nothing) and its gradients stay
     right (x through the GEMV backward, bias summed in torch); an empty batch still works (composed route)."""
@@ -197,7 +198,7 @@ def test_nf4_lora_linear_without_lora_or_with_bias_only(monkeypatch):
 
     packed2d, _, wd, x, _, _, bias, g = _whole_call_case(97, 512, 64, True, 2, 1, 5)
     _, w, _, _ = state(97, 512, 64, True, seed=5)
-    calls = _native_path_calls(monkeypatch)
+    calls = native_path_calls(monkeypatch)
     for with_bias in (False, True):
         xl, bl = x.clone().requires_grad_(), bias.clone().requires_grad_()
         out = fused.nf4_lora_linear(xl, w, bias=bl if with_bias else None)
@@ -206,7 +207,7 @@ def test_nf4_lora_linear_without_lora_or_with_bias_only(monkeypatch):
         dx, *db = torch.autograd.grad(out, [xl, bl] if with_bias else [xl], g)
         assert _close(dx, g.double() @ wd)
         assert not with_bias or torch.equal(db[0], g.sum(0))
-    assert calls == ["lora_gemv", "gemv_t", "lora_gemv", "gemv_t"]
+    assert calls == ["lora_op", "lora_op backward"] * 2
     empty = torch.zeros(0, 512, requires_grad=True)  # an empty batch: the composed route, empty results
     out = fused.nf4_lora_linear(empty, w, torch.randn(4, 512), torch.randn(97, 4))
     assert out.shape == (0, 97) and torch.autograd.grad(out.sum(), empty)[0].shape == (0, 512)
@@ -308,14 +309,6 @@ NATIVE_BUGS = {
 }
 
 
-def _native_path_calls(monkeypatch) -> list[str]:
-    calls: list[str] = []
-    for name in ("gemv", "gemv_t", "lora_gemv", "lora_gemv_t", "dequantize"):
-        real = getattr(nf4_native, name)
-        monkeypatch.setattr(nf4_native, name, lambda *a, _real=real, _n=name, **kw: calls.append(_n) or _real(*a, **kw))
-    return calls
-
-
 @native
 @pytest.mark.parametrize("case", [GEMV_FP32, GEMM_FP16], ids=["gemv-fp32-dq", "gemm-fp16-bias"])
 @pytest.mark.parametrize("bug", sorted(NATIVE_BUGS))
@@ -328,22 +321,22 @@ def test_planted_native_bug_is_caught(bug, case, isa, monkeypatch):
         real = nf4_native._weight
         monkeypatch.setattr(nf4_native, "_weight",
                             lambda p, s: (lambda t: (*corrupt(t[0], t[1]), *t[2:]))(real(p, s)))
-    calls = _native_path_calls(monkeypatch)
+    calls = native_path_calls(monkeypatch)
     verdict = check_parity(SUITE, FUSED, REF, case, "cpu", trials=1)
     assert calls, "the native kernels did not run"
     assert not verdict.ok, f"{bug} passed: {[(n, c.error, c.bound) for n, c in verdict.checks.items()]}"
 
 
-@native
+@few_rows_native
 @pytest.mark.parametrize("case", [GEMV_FP32, GEMM_FP16], ids=["gemv-fp32-dq", "gemm-fp16-bias"])
 def test_native_path_passes_over_seeds(case, monkeypatch):
-    calls = _native_path_calls(monkeypatch)
+    calls = native_path_calls(monkeypatch)
     for seed in (101, 202, 303):
         verdict = check_parity(SUITE, FUSED, REF, case, "cpu", trials=1, seed=seed)
         assert verdict.ok, (seed, verdict.problems, {n: (c.error, c.bound) for n, c in verdict.checks.items()})
         assert verdict.metrics["nf4_kernels"] == f"native-{nf4_native.isa()}"
-    # the few-rows path with LoRA: one whole-call kernel per direction (nf4_native.lora_gemv / lora_gemv_t)
-    assert set(calls) == ({"lora_gemv", "lora_gemv_t"} if case["batch"] <= nf4_kernels.GEMV_MAX_ROWS
+    # the few-rows path with LoRA: the compiled op, one whole-call kernel per direction
+    assert set(calls) == ({"lora_op", "lora_op backward"} if case["batch"] <= nf4_kernels.GEMV_MAX_ROWS
                           else {"dequantize"})
 
 
@@ -450,7 +443,7 @@ def test_thread_split_gives_identical_results(threads, isa, monkeypatch):
     monkeypatch.setattr(nf4_native, "BYTES_PER_THREAD", 1)
     torch.set_num_threads(threads)
     try:
-        assert nf4_native._threads(packed2d) == threads
+        assert nf4_native.threads_for(packed2d) == threads
         for a, b in zip(one, run()):
             assert torch.equal(a, b)
     finally:
@@ -479,7 +472,7 @@ def _backward_differs_across_thread_counts() -> list[str]:
                 nf4_native.BYTES_PER_THREAD = 1  # small weights too get every thread
                 for threads in (2, 3):
                     torch.set_num_threads(threads)
-                    assert nf4_native._threads(packed2d) == threads
+                    assert nf4_native.threads_for(packed2d) == threads
                     if not all(torch.equal(p, q) for p, q in zip(one, run())):
                         differ.append(f"{n}x{k} bs {blocksize}, {rows} rows, {threads} threads")
             finally:
@@ -634,7 +627,7 @@ def test_gemm_panels_equal_the_whole_weights_gemm(dtype, monkeypatch):
         torch.set_num_threads(before)
 
 
-@native
+@few_rows_native
 def test_few_rows_compute_in_fp32_and_round_once(monkeypatch):
     """The few-row path computes in fp32 (GEMV, LoRA products, bias, gradients) and rounds once to x's dtype:
     its bf16 output and gradients are bitwise the fp32 computation's on the same inputs, rounded, on both routes
@@ -655,9 +648,9 @@ def test_few_rows_compute_in_fp32_and_round_once(monkeypatch):
     def same(a, b):
         return all(torch.equal(x, y) for x, y in zip(a, b))
 
-    calls = _native_path_calls(monkeypatch)
+    calls = native_path_calls(monkeypatch)
     assert same(run(torch.bfloat16), run(torch.float32))
-    assert set(calls) == {"lora_gemv", "lora_gemv_t"}
+    assert set(calls) == {"lora_op", "lora_op backward"}
     monkeypatch.setattr(nf4_native, "MAX_RANK", 8)  # rank 16: torch's LoRA products around the GEMV kernels
     calls.clear()
     want = run(torch.float32)

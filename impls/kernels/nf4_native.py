@@ -230,7 +230,7 @@ def decode_absmax(q: torch.Tensor, absmax2: torch.Tensor, code2: torch.Tensor, o
 BYTES_PER_THREAD = 1 << 18
 
 
-def _threads(packed2d: torch.Tensor) -> int:
+def threads_for(packed2d: torch.Tensor) -> int:
     """torch's thread count, capped so that each thread gets at least BYTES_PER_THREAD of the weight."""
     threads = torch.get_num_threads()
     return threads if threads == 1 else max(1, min(threads, packed2d.numel() // BYTES_PER_THREAD))
@@ -283,6 +283,9 @@ class CheckedWeight:
     kernel: _KernelWeight
     watched: tuple[torch.Tensor, ...]
     versions: tuple[int, ...]
+    # the compiled op's weight arguments (impls/kernels/nf4_op.py): [code16, *the tensors behind the pointers], the
+    # watched tensors, the offset, the block size and the path of the build whose kernels it calls
+    op_args: tuple[list[torch.Tensor], list[torch.Tensor], float, int, str]
 
     def fresh(self) -> bool:
         """None of the tensors it was derived from changed in place since the check."""
@@ -310,7 +313,8 @@ def check_weight(packed2d: torch.Tensor, scales: Scales, derived_from: tuple[tor
         keep = (packed2d, scales.detach())
         nested = (None, None, None, 0.0)
         head = (packed2d.data_ptr(), keep[1].data_ptr())
-    return CheckedWeight(_KernelWeight(lib, packed2d, head, nested, n, k, bs, keep), watched, versions)
+    op_args = ([nf4_table("cpu"), *keep], list(watched), float(nested[3]), bs, lib._name)
+    return CheckedWeight(_KernelWeight(lib, packed2d, head, nested, n, k, bs, keep), watched, versions, op_args)
 
 
 def _kernel_weight(packed2d: torch.Tensor | CheckedWeight, scales: Scales | None) -> _KernelWeight:
@@ -342,7 +346,7 @@ def gemv(x: torch.Tensor, packed2d: torch.Tensor | CheckedWeight, scales: Scales
     xp, yp, xrow = x.data_ptr(), y.data_ptr(), k * x.element_size()  # row r at base + r * row bytes (contiguous)
     for r in range(0, m, MAX_ROWS):
         _call(w.lib.nf4_gemv, w.head[0], w.head[1], code.data_ptr(), xp + r * xrow, int(bf16),
-              yp + r * n * 4, min(MAX_ROWS, m - r), n, k, w.blocksize, _threads(w.packed2d), *w.nested)
+              yp + r * n * 4, min(MAX_ROWS, m - r), n, k, w.blocksize, threads_for(w.packed2d), *w.nested)
     return y
 
 
@@ -361,7 +365,7 @@ def gemv_t(g: torch.Tensor, packed2d: torch.Tensor | CheckedWeight, scales: Scal
     gp, dxp = g.data_ptr(), dx.data_ptr()  # fp32, contiguous: row r at base + r * row bytes
     for r in range(0, m, MAX_ROWS):
         _call(w.lib.nf4_gemv_t, w.head[0], w.head[1], code.data_ptr(), gp + r * n * 4, dxp + r * k * 4,
-              min(MAX_ROWS, m - r), n, k, w.blocksize, _threads(w.packed2d), *w.nested)
+              min(MAX_ROWS, m - r), n, k, w.blocksize, threads_for(w.packed2d), *w.nested)
     return dx
 
 
@@ -416,7 +420,7 @@ def lora_gemv(x: torch.Tensor, packed2d: torch.Tensor | CheckedWeight, scales: S
         biasp = bias.data_ptr()
     y = torch.empty(m, n, dtype=torch.float32)
     _call(w.lib.nf4_lora_gemv, w.head[0], w.head[1], nf4_table("cpu").data_ptr(), x.data_ptr(), y.data_ptr(), m, n,
-          k, w.blocksize, _threads(w.packed2d), *w.nested, rank, ap, bp, int(ab_bf16), biasp, float(scaling), xap)
+          k, w.blocksize, threads_for(w.packed2d), *w.nested, rank, ap, bp, int(ab_bf16), biasp, float(scaling), xap)
     return y, xa
 
 
@@ -441,7 +445,7 @@ def lora_gemv_t(g: torch.Tensor, packed2d: torch.Tensor | CheckedWeight, scales:
     da = torch.empty(rank, k, dtype=lora_a.dtype) if need_a else None
     db = torch.empty(n, rank, dtype=lora_b.dtype) if need_b else None
     _call(w.lib.nf4_lora_gemv_t, w.head[0], w.head[1], nf4_table("cpu").data_ptr(), g.data_ptr(),
-          None if dx is None else dx.data_ptr(), m, n, k, w.blocksize, _threads(w.packed2d), *w.nested, rank,
+          None if dx is None else dx.data_ptr(), m, n, k, w.blocksize, threads_for(w.packed2d), *w.nested, rank,
           lora_a.data_ptr(), lora_b.data_ptr(), int(ab_bf16), xa.data_ptr(), float(scaling), x.data_ptr(),
           None if da is None else da.data_ptr(), None if db is None else db.data_ptr())
     return dx, da, db
@@ -466,7 +470,7 @@ def place(packed2d: torch.Tensor) -> torch.Tensor:
     packed2d = _checked(packed2d, torch.uint8, "packed")
     out = torch.empty_like(packed2d)
     _call(_lib().nf4_first_touch_copy, packed2d.data_ptr(), out.data_ptr(), packed2d.shape[0],
-          packed2d.shape[1], _threads(packed2d))
+          packed2d.shape[1], threads_for(packed2d))
     return out
 
 
@@ -485,7 +489,7 @@ def dequantize(packed2d: torch.Tensor, scales: Scales, dtype: torch.dtype,
         raise ValueError(f"out has shape {tuple(out.shape)}, the weight is {n}x{k}")
     _checked(out, dtype, "out")
     _call(_lib().nf4_dequantize, packed2d.data_ptr(), scales.data_ptr(), nf4_table("cpu").data_ptr(), out.data_ptr(),
-          n * k, bs, _OUT_KIND[dtype], _threads(packed2d))
+          n * k, bs, _OUT_KIND[dtype], threads_for(packed2d))
     return out
 
 

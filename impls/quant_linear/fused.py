@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from twinbench.harness.core.registry import register_impl
 from twinbench.impls.kernels import nf4 as nf4_kernels
-from twinbench.impls.kernels import nf4_native
+from twinbench.impls.kernels import nf4_native, nf4_op
 from twinbench.impls.kernels.availability import torch_backend, triton_status
 from twinbench.impls.kernels.nf4_weight import NF4Weight, as_nf4_weight
 from twinbench.impls.quant_linear.triton_nf4 import triton_nf4_lora_linear
@@ -56,51 +56,6 @@ class _one_thread:  # noqa: N801 (used as a context manager, like contextlib's)
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)`` without the ~1 us argument parsing when t already has it (the same tensor either way)."""
     return t if t.dtype == dtype else t.to(dtype)
-
-
-class _NF4LoRAGemv(torch.autograd.Function):
-    """The native few-rows route: out = x W^T + scaling (x A^T) B^T (+ bias) for x [M <= GEMV_MAX_ROWS, K], one
-    native call forward (nf4_native.lora_gemv: GEMV, LoRA products and bias: docs/quant_linear.md, "GEMV
-    kernel", the whole call) and one backward (lora_gemv_t; gemv_t without LoRA), in fp32
-    (:func:`_compute_dtype`), rounded once to the callers' dtypes. Lean because its Python is per call what a
-    4096x4096 GEMV's 0.3-0.5 ms is measured against (docs/quant_linear.md, "Per-call cost of the few-rows
-    path"): six inputs; the weight comes checked (an nf4_native.CheckedWeight, cached on the NF4Weight), and
-    its own version check refuses it in the backward if it was changed in place after the forward; only x, A
-    and B as the kernel read them are saved through autograd (its in-place checks), x A^T on ctx."""
-
-    @staticmethod
-    def forward(ctx, x, lora_A, lora_B, bias, weight, scaling):
-        xc = _as(x, _compute_dtype(x, True))
-        a_c = b_c = None
-        if lora_A is not None:  # the native kernels read bf16 factors as they are (computing in fp32)
-            bf16_ab = lora_A.dtype == lora_B.dtype == torch.bfloat16
-            a_c, b_c = (lora_A, lora_B) if bf16_ab else (_as(lora_A, xc.dtype), _as(lora_B, xc.dtype))
-        out, xa = nf4_native.lora_gemv(xc, weight, None, a_c, b_c, scaling,
-                                       None if bias is None else _as(bias, xc.dtype))
-        ctx.weight, ctx.scaling, ctx.xa, ctx.x_dtype = weight, scaling, xa, x.dtype
-        if lora_A is not None:
-            ctx.ab_dtypes = (lora_A.dtype, lora_B.dtype)
-            ctx.save_for_backward(xc, a_c, b_c)
-        return _as(out, x.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        need_x, need_a, need_b, need_bias, _, _ = ctx.needs_input_grad
-        gc = _as(g, torch.float32)  # the compute dtype (_compute_dtype on few rows); the wrappers take it as is
-        dx = da = db = dbias = None
-        if ctx.xa is not None:
-            xc, a_c, b_c = ctx.saved_tensors
-            if need_x or need_a or need_b:
-                dx, da, db = nf4_native.lora_gemv_t(gc, ctx.weight, None, a_c, b_c, ctx.xa, ctx.scaling, xc,
-                                                    (need_x, need_a, need_b))
-            a_dtype, b_dtype = ctx.ab_dtypes
-            da = None if da is None else _as(da, a_dtype)
-            db = None if db is None else _as(db, b_dtype)
-        elif need_x:
-            dx = nf4_native.gemv_t(gc, ctx.weight, None)
-        if need_bias:
-            dbias = _as(gc.sum(0), g.dtype)
-        return (None if dx is None else _as(dx, ctx.x_dtype)), da, db, dbias, None, None
 
 
 class _NF4LoRALinear(torch.autograd.Function):
@@ -264,10 +219,14 @@ def nf4_lora_linear(x: torch.Tensor, qweight_state: Any, lora_A: torch.Tensor | 
         out = triton_nf4_lora_linear(x2, w, lora_A, lora_B, scaling, bias)
     else:
         rows = x2.shape[0]
-        lib = nf4_native.loaded() if 1 <= rows <= nf4_kernels.GEMV_MAX_ROWS else None  # empty: composed route
+        op = nf4_op.loaded() if 1 <= rows <= nf4_kernels.GEMV_MAX_ROWS else None
+        lib = None if op is None else nf4_native.loaded()  # either missing: the composed route
         weight = None if lib is None else _native_gemv_weight(w, lib)
         if weight is not None and (lora_A is None or lora_A.shape[0] <= nf4_native.MAX_RANK):
-            out = _NF4LoRAGemv.apply(x2, lora_A, lora_B, bias, weight, float(scaling))
+            # the native few-rows route: one compiled op (docs/quant_linear.md, "The compiled few-rows op")
+            weight_args, watched, offset, blocksize, kernels = weight.op_args
+            out = op(x2, lora_A, lora_B, bias, weight_args, watched, offset, blocksize, float(scaling),
+                     nf4_native.threads_for(weight.kernel.packed2d), kernels)
         else:
             packed2d = w.packed.reshape(n, k // 2)
             out = _NF4LoRALinear.apply(x2, packed2d, _kernel_scales(w, packed2d, rows), lora_A, lora_B, bias,
