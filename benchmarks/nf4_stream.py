@@ -138,6 +138,7 @@ def _trace(pool: list[NF4Weight], dtype: torch.dtype, lora: tuple, threads: int,
     x, a, b = lora
     g = torch.ones(1, pool[0].shape[0], dtype=dtype)
     parts: dict[str, dict[str, list[float]]] = {"fwd": {}, "bwd": {}}
+    floor: dict[str, list[float]] = {}
     for _ in range(rounds):
         for w in pool:
             out = None
@@ -150,9 +151,29 @@ def _trace(pool: list[NF4Weight], dtype: torch.dtype, lora: tuple, threads: int,
                 t0, t1, tr = _trace_call(fn)
                 for part, us in _trace_parts(t0, t1, tr, threads).items():
                     parts[name].setdefault(part, []).append(us)
+            for name, us in _eager_floor(w, x).items():
+                floor.setdefault(name, []).append(us)
     for name, by_part in parts.items():
         cells = "  ".join(f"{part} {statistics.median(v):.0f}" for part, v in by_part.items())
         print(f"{label} {name}: {cells}  (us, medians)  load {_load()}", flush=True)
+    cells = "  ".join(f"{name} {statistics.median(v):.0f}" for name, v in floor.items())
+    print(f"{label} eager floor, right after a streamed weight: {cells}  (us, medians)", flush=True)
+
+
+def _eager_floor(w: NF4Weight, x: torch.Tensor) -> dict[str, float]:
+    """What one trivial eager autograd op (``x * 2``, and its backward) costs when the caches hold what a weight
+    streamed through them left (the weight read by the bare GEMV first, as the traced call's own kernel does):
+    the floor any per-op call pays before and after its kernel on this machine, to set the traced call's
+    Python against."""
+    n, k = w.shape
+    nf4_native.gemv(x.detach(), w.packed.reshape(n, k // 2),
+                    nf4_native.NestedScales(w.absmax.reshape(n, k // BLOCKSIZE), w.absmax2, w.code2, float(w.offset)))
+    t0 = time.monotonic_ns()
+    y = x * 2.0
+    t1 = time.monotonic_ns()
+    torch.autograd.grad(y, x, grad_outputs=torch.ones_like(y))
+    t2 = time.monotonic_ns()
+    return {"x * 2 fwd": (t1 - t0) / 1e3, "its bwd (with ones_like)": (t2 - t1) / 1e3}
 
 
 def main() -> int:

@@ -69,17 +69,27 @@ def _choose_isa(wanted: str) -> tuple[str | None, str]:
     return None, "this CPU has neither AVX-512, AVX2+FMA+F16C nor NEON (the native NF4 kernels need one)"
 
 
+# os.environ's own bytes mapping on POSIX, which every write to os.environ (monkeypatch.setenv included) goes
+# through: reading it is a dict lookup, where os.environ.get costs ~1.5 us per unset variable cache-hot (a KeyError
+# raised and caught inside) and ~6 us right after a streamed weight evicted the interpreter (docs/quant_linear.md,
+# "The compiled few-rows op").
+_ENVIRON: dict[bytes, bytes] | None = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
 def _load() -> tuple[ctypes.CDLL | None, str]:
-    """The build the environment asks for. Two environment reads (~2 us each) per call: the few-rows path makes
-    one such call per kernel call (docs/quant_linear.md, "GEMV kernel": the per-call cost), and the variables
-    stay live (tests switch them with monkeypatch)."""
-    get = os.environ.get
-    return _load_for(get("TWINBENCH_NF4_NATIVE", ""), get("TWINBENCH_NF4_ISA", ""))
+    """The build the environment asks for. Two environment reads per call: the few-rows path makes one such call
+    per kernel call, and the variables stay live (tests switch them with monkeypatch)."""
+    if _ENVIRON is None:
+        get = os.environ.get
+        return _load_for(get("TWINBENCH_NF4_NATIVE", ""), get("TWINBENCH_NF4_ISA", ""))
+    get = _ENVIRON.get
+    return _load_for(get(b"TWINBENCH_NF4_NATIVE", b""), get(b"TWINBENCH_NF4_ISA", b""))
 
 
 @functools.cache
-def _load_for(native: str, wanted_isa: str) -> tuple[ctypes.CDLL | None, str]:
-    """The build for these environment settings (cached)."""
+def _load_for(native: str | bytes, wanted_isa: str | bytes) -> tuple[ctypes.CDLL | None, str]:
+    """The build for these environment settings (cached; as str, or as bytes from :data:`_ENVIRON`)."""
+    native, wanted_isa = os.fsdecode(native), os.fsdecode(wanted_isa)
     if native == "0":
         return None, "turned off by TWINBENCH_NF4_NATIVE=0"
     if not sys.platform.startswith("linux"):
