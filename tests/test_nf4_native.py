@@ -351,6 +351,23 @@ def test_fallback_without_native_kernels_is_correct(monkeypatch):
             assert verdict.metrics["nf4_kernels"] == "fallback (turned off by the test)"
 
 
+@native
+def test_record_says_when_few_rows_take_the_composed_route(monkeypatch):
+    """Native kernels without the compiled few-rows op (no C++ compiler, say): the few-rows case passes on the
+    composed route and its record says so, with the reason (a vendor's report must not read as if the op ran)."""
+    from twinbench.impls.kernels import nf4_op
+    from twinbench.impls.quant_linear import fused
+
+    monkeypatch.setattr(nf4_op, "status", lambda: (False, "no C++ compiler (the test)"))
+    monkeypatch.setattr(nf4_op, "loaded", lambda: None)
+    monkeypatch.setattr(fused, "_NATIVE_PATHS", {})
+    calls = native_path_calls(monkeypatch)
+    verdict = check_parity(SUITE, FUSED, REF, GEMV_FP32, "cpu", trials=1, seed=101)
+    assert verdict.ok, verdict.problems
+    assert verdict.metrics["nf4_kernels"] == f"native-{nf4_native.isa()}; few rows composed (no C++ compiler (the test))"
+    assert "lora_op" not in calls and {"gemv", "gemv_t"} <= set(calls)
+
+
 def test_turned_off_by_environment(monkeypatch):
     before = nf4_native.status()
     monkeypatch.setenv("TWINBENCH_NF4_NATIVE", "0")

@@ -81,16 +81,11 @@ def look_ratio(base: Sequence[float], head: Sequence[float], *, n_boot: int = 20
 
 
 def balanced_log_ratios(b: np.ndarray, h: np.ndarray, name: str = "case") -> np.ndarray:
-    """log(new/base) of interleaved samples, one value per two consecutive rounds (an "ABBA" block).
-
-    The gate times the two workers alternately, base first in even rounds and new first in odd ones
-    (against.Pair.measure), and a sample taken right after the twin's is slower: the twin evicted its caches
-    (measured 2026-12-06: ~30% on a one-call fwd+bwd sample with both workers on one CPU). Per-round ratios
-    then alternate between +gap and -gap, and with an odd number of rounds their median sits on the side
-    that went first more often: base, by a whole gap (a toy A/A gate confirmed a "regression" of 1.196 over
-    19 fresh pairs that way; 41 rounds, the default until then, gave base 21 firsts to new's 20). Averaging the log ratios
-    of each two rounds, which ran in opposite orders, cancels the order effect whatever its size; an odd last
-    round is left out (it has no partner)."""
+    """log(new/base) of interleaved samples, one value per two consecutive rounds (an "ABBA" block): the gate
+    times the two workers alternately, base first in even rounds and new first in odd ones
+    (against.Pair.measure), so each block's mean cancels the order effect (interleave.two_round_blocks says why;
+    a toy A/A gate with 41 per-round ratios, base first 21 times, confirmed a "regression" of 1.196 over 19 fresh
+    pairs before the blocks). An odd last round is left out (it has no partner)."""
     if b.size != h.size:
         raise UsageError(f"{name}: interleaved samples must pair up ({b.size} base vs {h.size} new)")
     return two_round_blocks(np.log(h / b))

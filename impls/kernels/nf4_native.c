@@ -1,12 +1,13 @@
 /* NF4 (bitsandbytes storage) CPU kernels: AVX-512, AVX2 (+FMA, F16C) or aarch64 NEON, and OpenMP, no torch headers
- * (compiles in about a second). One source, three builds: impls/kernels/nf4_native.py compiles it with the AVX-512
- * flags, the AVX2 ones or (on aarch64) the NEON ones (the `#if` below picks the vector layer) and loads the one the
- * CPU's flags allow. The NEON layer is verified under emulation only (tests/test_nf4_neon.py: qemu-aarch64).
+ * (a build takes 2-5 s: AVX2 ~2 s, AVX-512 ~5 s on a 2-core VM). One source, three builds:
+ * impls/kernels/nf4_native.py compiles it with the AVX-512 flags, the AVX2 ones or (on aarch64) the NEON ones (the
+ * `#if` below picks the vector layer) and loads the one the CPU's flags allow. The NEON layer is verified under
+ * emulation only (tests/test_nf4_neon.py: qemu-aarch64).
  *
- * Built at first use by impls/nf4_native.py (cached by source hash) and called through ctypes on tensors'
- * data pointers; Python checks shapes, dtypes and contiguity. Weight layout, as bnb stores it: packed uint8
- * [N, K/2] row-major, the high nibble of a byte is the even column; fp32 scales [N * K / bs] (one per block of
- * bs consecutive elements; bs a power of two >= 32 dividing K).
+ * Built at first use by impls/kernels/nf4_native.py (cached by source hash) and called on tensors' data pointers
+ * through ctypes or by the compiled few-rows op (nf4_op.cpp); both check shapes, dtypes and contiguity first.
+ * Weight layout, as bnb stores it: packed uint8 [N, K/2] row-major, the high nibble of a byte is the even column;
+ * fp32 scales [N * K / bs] (one per block of bs consecutive elements; bs a power of two >= 32 dividing K).
  *
  * The lookup: the 16-entry NF4 code lives in registers and a vector of 4-bit indices is looked up in one
  * instruction (AVX-512 vpermps; AVX2 two vpermps over the two 8-entry halves + a blend on index bit 3; NEON a

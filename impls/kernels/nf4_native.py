@@ -1,6 +1,6 @@
 """The native NF4 CPU kernels (impls/kernels/nf4_native.c): built with the system C compiler at first use, cached.
 
-Plain C with AVX-512, AVX2 or NEON intrinsics and OpenMP, no torch headers, so a build takes about a second. One
+Plain C with AVX-512, AVX2 or NEON intrinsics and OpenMP, no torch headers, so a build takes a few seconds. One
 source, one build per vector layer (:data:`ISA_FLAGS`); the widest one the CPU's flags allow is loaded, or the
 one ``TWINBENCH_NF4_ISA`` (``avx512``/``avx2``/``neon``) names (tests run the AVX2 build on an AVX-512 machine that
 way). The NEON layer (aarch64 Linux, chosen by the ``asimd`` feature) has been verified under emulation only

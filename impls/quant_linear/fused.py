@@ -307,7 +307,8 @@ _NATIVE_PATHS_MAX = 256  # distinct shapes seen in one process: a model has a ha
 
 
 def _kernel_path(w: NF4Weight) -> str:
-    """Which CPU kernels serve ``w`` (nf4_kernels.cpu_path), cached per loaded build and weight layout."""
+    """Which CPU kernels serve ``w`` (nf4_kernels.cpu_path; where the compiled few-rows op is unusable, that too),
+    cached per loaded build and weight layout."""
     if not w.row_aligned():
         return "dequantise + matmul (blocks straddle rows)"
     isa = nf4_native.isa()  # None: native off or not built (not cached: the reason is in the path)
@@ -315,6 +316,9 @@ def _kernel_path(w: NF4Weight) -> str:
     path = _NATIVE_PATHS.get(key) if isa else None
     if path is None:
         path = nf4_kernels.cpu_path(w.packed.reshape(w.shape[0], -1), w.absmax.reshape(w.shape[0], -1))
+        op_ok, op_why = nf4_op.status()
+        if isa and not op_ok:  # the native kernels serve, but 1-4 rows take the composed route: say so
+            path += f"; few rows composed ({op_why})"
         if isa:
             if len(_NATIVE_PATHS) >= _NATIVE_PATHS_MAX:
                 _NATIVE_PATHS.clear()
