@@ -199,6 +199,8 @@ def nf4_lora_linear(x: torch.Tensor, qweight_state: Any, lora_A: torch.Tensor | 
     for the backward instead of dequantising again — faster, but holds an [N, K] weight in the compute
     dtype per layer until backward (off by default: it gives up what 4-bit storage saves).
     """
+    if torch.compiler.is_compiling():
+        return _eager_under_compile(x, qweight_state, lora_A, lora_B, scaling, bias, keep_dequantized)
     w = qweight_state if type(qweight_state) is NF4Weight else as_nf4_weight(qweight_state)
     n, k = w.shape
     if x.shape[-1] != k:
@@ -232,6 +234,16 @@ def nf4_lora_linear(x: torch.Tensor, qweight_state: Any, lora_A: torch.Tensor | 
             out = _NF4LoRALinear.apply(x2, packed2d, _kernel_scales(w, packed2d, rows), lora_A, lora_B, bias,
                                        float(scaling), keep_dequantized)
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
+
+
+@torch.compiler.disable
+def _eager_under_compile(*args: Any) -> torch.Tensor:
+    """:func:`nf4_lora_linear` run eagerly from inside a torch.compile'd region (a graph break around it). Its kernels
+    are reached through ctypes and data pointers, and the compiled few-rows op has no fake kernel: Dynamo cannot
+    trace them, and inductor compiled the pieces it traced around them into wrong results (measured 2026-12-06:
+    outputs of ~1e35 from buffers never written, 8 rows, native kernels off; tests/test_quant_linear.py). The
+    disable is recursive: the inductor kernels of the native-off route run eagerly there too."""
+    return nf4_lora_linear(*args)
 
 
 def from_linear4bit(layer: Any) -> tuple[NF4Weight, torch.Tensor | None]:
