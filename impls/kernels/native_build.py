@@ -22,10 +22,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "twinbench"
 
 
-def build_shared_library(cc: str, source: Path, flags: list[str], name: str) -> Path:
-    """The cached shared object for ``source`` built by ``cc`` with ``flags`` (built now if absent)."""
+def build_shared_library(cc: str, source: Path, flags: list[str], name: str, libs: tuple[str, ...] = ()) -> Path:
+    """The cached shared object for ``source`` built by ``cc`` with ``flags`` (built now if absent); ``libs``
+    (``-L``/``-l``/``-Wl`` arguments) go after the source, where linkers that drop unused libraries need them."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(source.read_bytes() + " ".join([*flags, *libs]).encode() + version.encode()).hexdigest()[:16]
     target = cache_dir() / name / f"{key}.so"
     if target.exists():
         return target
@@ -33,7 +34,7 @@ def build_shared_library(cc: str, source: Path, flags: list[str], name: str) -> 
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *flags, str(source), "-o", tmp], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([cc, *flags, str(source), *libs, "-o", tmp], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{Path(cc).name} failed: {done.stderr.strip().splitlines()[-1:]}")
         os.replace(tmp, target)

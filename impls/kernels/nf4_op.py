@@ -7,26 +7,24 @@ cache-hot, two to three times that after a streamed weight evicted the interpret
 (docs/quant_linear.md, "The compiled few-rows op"). The C++ op keeps the checks a pointer's safety needs and
 drops the rest.
 
-Built with torch's C++ extension tooling (``torch.utils.cpp_extension``: torch's headers, compiler flags and ABI;
-ninja drives it) at first use, ~20 s, and cached under the twinbench cache folder in ``nf4_op/<hash>/``, the hash
-covering the source, torch's version and the C++ compiler's, so an edit or another torch gets its own build. Later
-processes load the cached library directly (a marker written after a successful build says it is complete;
-concurrent first builds wait on torch's lock file in that folder). Without a C++ compiler or ninja :func:`status` says why
-and the fused linear takes its composed route (the NF4 kernels with torch's LoRA products around them);
-``TWINBENCH_NF4_NATIVE=0`` turns the native kernels, and so this op, off.
+Built at first use with the C++ compiler (``$CXX``, ``c++`` or ``g++``) against the installed torch's headers and
+libraries, ~20 s, by the same cached build as the C kernels (impls/kernels/native_build.py: ``nf4_op/<hash>.so``,
+the hash covering the source, the flags, which name torch's version, and the compiler's version; built into a
+temporary file and renamed into place, so concurrent first uses are safe and a killed build leaves nothing
+half-written behind). Without a C++ compiler :func:`status` says why and the fused linear takes its composed
+route (the NF4 kernels with torch's LoRA products around them); ``TWINBENCH_NF4_NATIVE=0`` turns the native
+kernels, and so this op, off.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import torch
-from twinbench.impls.kernels.native_build import cache_dir
+from twinbench.impls.kernels.native_build import build_shared_library
 
 SOURCE = Path(__file__).with_name("nf4_op.cpp")
 FLAGS = ["-O2"]
@@ -51,29 +49,28 @@ _OP = None  # the op once loaded: a global read per call (~0.1 us) where functoo
 #             right after a streamed weight evicted the interpreter
 
 
+def _flags() -> tuple[list[str], tuple[str, ...]]:
+    """(compiler flags, link arguments) for a torch extension library: torch's headers and ABI, its libraries
+    (found again at load time through the rpath); torch's version is a define so that the cache key follows it."""
+    root = Path(torch.__file__).parent
+    flags = [*FLAGS, "-std=c++17", "-fPIC", "-shared",
+             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
+             f"-DTWINBENCH_TORCH_VERSION={torch.__version__}", f"-I{root / 'include'}",
+             f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}"]
+    lib = root / "lib"
+    return flags, (f"-L{lib}", "-lc10", "-ltorch_cpu", "-ltorch", f"-Wl,-rpath,{lib}")
+
+
 @functools.cache
 def _load() -> tuple[bool, str]:
+    global _OP
     cxx = shutil.which(os.environ.get("CXX", "")) or shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         return False, "no C++ compiler found (set CXX, or install g++)"
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + torch.__version__.encode()
-                         + version.encode()).hexdigest()[:16]
-    name = f"twinbench_nf4_op_{key}"
-    folder = cache_dir() / "nf4_op" / key
-    built = folder / "built"  # written after a complete build: a library being linked is never loaded
     try:
-        if built.exists():
-            torch.ops.load_library(str(folder / f"{name}.so"))
-        else:
-            from torch.utils import cpp_extension  # imports setuptools: only when building
-
-            folder.mkdir(parents=True, exist_ok=True)
-            cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, build_directory=str(folder),
-                               is_python_module=False, verbose=False)
-            built.write_text(name)
+        flags, libs = _flags()
+        torch.ops.load_library(str(build_shared_library(cxx, SOURCE, flags, "nf4_op", libs)))
+        _OP = torch.ops.twinbench_nf4.lora_linear
     except Exception as exc:  # a failed build or load is a reason, not a crash
         return False, f"compiled NF4 op unavailable: {type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}"
-    global _OP
-    _OP = torch.ops.twinbench_nf4.lora_linear
     return True, ""
