@@ -1,11 +1,11 @@
 """The compiled few-rows op (impls/kernels/nf4_op.cpp): ``torch.ops.twinbench_nf4.lora_linear``, the whole NF4 +
 LoRA linear for x [M <= 4, K] as one C++ autograd op over the C kernels of :mod:`nf4_native`.
 
-Why compiled: at decode sizes the kernel streams the weight in 0.3-2 ms, and the Python around it (an
-``autograd.Function``, ctypes' argument conversion, the checks) cost ~40 us forward and ~55 us backward
-cache-hot, two to three times that after a streamed weight evicted the interpreter: 10-25% of a 4096x4096 call at two threads
-(docs/quant_linear.md, "The compiled few-rows op"). The C++ op keeps the checks a pointer's safety needs and
-drops the rest.
+Why compiled: at decode sizes the kernel streams the weight in 0.3-2 ms, and right after a streamed weight has
+evicted the interpreter the Python around it (an ``autograd.Function``, ctypes' argument conversion, the checks)
+took 97-135 us per forward and 158-193 us per backward, ~20% of a 4096x4096 call at two threads. This op keeps
+the checks a pointer's safety needs and cuts 10-30 us per forward and 40-80 us per backward of that (measured in
+one process against the Function: docs/quant_linear.md, "The compiled few-rows op").
 
 Built at first use with the C++ compiler (``$CXX``, ``c++`` or ``g++``) against the installed torch's headers and
 libraries, ~20 s, by the same cached build as the C kernels (impls/kernels/native_build.py: ``nf4_op/<hash>.so``,

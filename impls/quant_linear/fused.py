@@ -241,7 +241,7 @@ def _eager_under_compile(*args: Any) -> torch.Tensor:
     """:func:`nf4_lora_linear` run eagerly from inside a torch.compile'd region (a graph break around it). Its kernels
     are reached through ctypes and data pointers, and the compiled few-rows op has no fake kernel: Dynamo cannot
     trace them, and inductor compiled the pieces it traced around them into wrong results (measured 2026-12-06:
-    outputs of ~1e35 from buffers never written, 8 rows, native kernels off; tests/test_quant_linear.py). The
+    outputs of ~1e35 from buffers never written, 8 rows, native kernels off; tests/test_nf4_compile.py). The
     disable is recursive: the inductor kernels of the native-off route run eagerly there too."""
     return nf4_lora_linear(*args)
 
