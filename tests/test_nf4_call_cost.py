@@ -312,3 +312,18 @@ def test_compiled_op_says_why_it_cannot_build(monkeypatch):
     monkeypatch.setenv("CXX", "")
     monkeypatch.setattr(nf4_op.shutil, "which", lambda name: None)
     assert nf4_op._load.__wrapped__() == (False, "no C++ compiler found (set CXX, or install g++)")
+
+
+@few_rows_native
+def test_compiled_op_gives_each_gradient_in_its_inputs_dtype():
+    """Called directly with a bias in another dtype than x (nf4_lora_linear casts it first; the op must not rely
+    on that): every gradient comes back in its own input's dtype, the bias's summed in fp32 then rounded once."""
+    w = _weight()
+    weight, watched, offset, bs, kernels = fused._native_gemv_weight(w, nf4_native.loaded()).op_args
+    x, a, b, g = _inputs()
+    xl, al, bl = (t.to(torch.bfloat16).requires_grad_() for t in (x, a, b))
+    bias = torch.randn(96, dtype=torch.float64, requires_grad=True)
+    out = nf4_op.loaded()(xl, al, bl, bias, weight, watched, offset, bs, 2.0, 1, kernels)
+    grads = torch.autograd.grad(out, (xl, al, bl, bias), g.to(torch.bfloat16))
+    assert [t.dtype for t in grads] == [torch.bfloat16] * 3 + [torch.float64]
+    assert torch.equal(grads[3], g.to(torch.bfloat16).float().sum(0).double())

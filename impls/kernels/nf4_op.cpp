@@ -180,9 +180,11 @@ class LoRALinear : public torch::autograd::Function<LoRALinear> {
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["threads"] = threads;
     ctx->saved_data["kernels"] = kernels_path;
+    // each gradient goes back in its input's dtype
     ctx->saved_data["dtypes"] = std::vector<i64>{static_cast<i64>(x.scalar_type()),
                                                  lora ? static_cast<i64>(lora_a->scalar_type()) : 0,
-                                                 lora ? static_cast<i64>(lora_b->scalar_type()) : 0};
+                                                 lora ? static_cast<i64>(lora_b->scalar_type()) : 0,
+                                                 bias_c.defined() ? static_cast<i64>(bias->scalar_type()) : 0};
     // autograd edges: x, then A, B and bias where given
     ctx->saved_data["edges"] = std::vector<i64>{lora ? 1 : -1, lora ? 2 : -1,
                                                 bias.has_value() && bias->defined() ? (lora ? 3 : 1) : -1};
@@ -229,7 +231,7 @@ class LoRALinear : public torch::autograd::Function<LoRALinear> {
     }
     TORCH_CHECK(rc != -2, "nf4_lora_gemv_t: no memory for its scratch buffer");
     TORCH_CHECK_VALUE(rc == 0, "nf4_lora_gemv_t refused its arguments (M ", m, ", N ", w.n, ", K ", w.k, ")");
-    if (need_bias) dbias = as_dtype(gc.sum(0), g.scalar_type());
+    if (need_bias) dbias = as_dtype(gc.sum(0), static_cast<at::ScalarType>(dtypes[3]));
     if (need_x) dx = as_dtype(dx, static_cast<at::ScalarType>(dtypes[0]));
     // one gradient per forward argument (undefined for the non-tensor ones)
     return {dx, da, db, dbias, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
