@@ -19,7 +19,9 @@ group order on the calling thread, before the fork; backward: each thread's row 
 share of g B, then the wait at the barrier); the fork (until the last thread starts); the main phase
 (forward: x A^T and the rows of W with their epilogue; backward: the slabs' partials added into dx, its LoRA
 terms and dA), by the clock and by each thread's CPU time; the spread of the threads' finishing times, the
-join and Python after (medians over the pool and rounds). The load average is printed with every line:
+join and Python after (medians over the pool and rounds); then the eager floor: one trivial autograd op (``x * 2``
+and its backward) timed right after another weight streamed, what any per-op call pays around its kernel here.
+The load average is printed with every line:
 numbers taken on a loaded machine are not results (docs/quant_linear.md, "GEMV kernel").
 """
 
@@ -140,7 +142,7 @@ def _trace(pool: list[NF4Weight], dtype: torch.dtype, lora: tuple, threads: int,
     parts: dict[str, dict[str, list[float]]] = {"fwd": {}, "bwd": {}}
     floor: dict[str, list[float]] = {}
     for _ in range(rounds):
-        for w in pool:
+        for i, w in enumerate(pool):
             out = None
 
             def forward(w=w):
@@ -151,7 +153,7 @@ def _trace(pool: list[NF4Weight], dtype: torch.dtype, lora: tuple, threads: int,
                 t0, t1, tr = _trace_call(fn)
                 for part, us in _trace_parts(t0, t1, tr, threads).items():
                     parts[name].setdefault(part, []).append(us)
-            for name, us in _eager_floor(w, x).items():
+            for name, us in _eager_floor(pool[(i + 1) % len(pool)], x).items():  # the next weight streams
                 floor.setdefault(name, []).append(us)
     for name, by_part in parts.items():
         cells = "  ".join(f"{part} {statistics.median(v):.0f}" for part, v in by_part.items())
