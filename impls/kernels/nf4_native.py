@@ -294,7 +294,7 @@ class CheckedWeight:
     watched: tuple[torch.Tensor, ...]
     versions: tuple[int, ...]
     # the compiled op's weight arguments (impls/kernels/nf4_op.py): [code16, *the tensors behind the pointers], the
-    # watched tensors, the offset, the block size and the path of the build whose kernels it calls
+    # watched tensors not behind one of those, the offset, the block size and the path of the build it calls
     op_args: tuple[list[torch.Tensor], list[torch.Tensor], float, int, str]
 
     def fresh(self) -> bool:
@@ -323,7 +323,12 @@ def check_weight(packed2d: torch.Tensor, scales: Scales, derived_from: tuple[tor
         keep = (packed2d, scales.detach())
         nested = (None, None, None, 0.0)
         head = (packed2d.data_ptr(), keep[1].data_ptr())
-    op_args = ([nf4_table("cpu"), *keep], list(watched), float(nested[3]), bs, lib._name)
+    # the op saves the weight tensors through autograd (their version counters are the originals' where they are
+    # views: reshape and detach share them), so it needs to watch only what is not behind one of them (a
+    # converted copy's original, the offset read into a float): fewer saved tensors per call
+    stores = {t.untyped_storage().data_ptr() for t in keep}
+    op_watched = [t for t in watched if t.untyped_storage().data_ptr() not in stores]
+    op_args = ([nf4_table("cpu"), *keep], op_watched, float(nested[3]), bs, lib._name)
     return CheckedWeight(_KernelWeight(lib, packed2d, head, nested, n, k, bs, keep), watched, versions, op_args)
 
 

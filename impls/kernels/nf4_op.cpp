@@ -174,42 +174,37 @@ class LoRALinear : public torch::autograd::Function<LoRALinear> {
     saved.insert(saved.end(), weight.begin(), weight.end());
     saved.insert(saved.end(), watched.begin(), watched.end());
     ctx->save_for_backward(saved);
-    ctx->saved_data["weight"] = static_cast<i64>(weight.size());
-    ctx->saved_data["offset"] = offset;
-    ctx->saved_data["blocksize"] = blocksize;
-    ctx->saved_data["scaling"] = scaling;
-    ctx->saved_data["threads"] = threads;
+    // the scalars in three entries (each saved_data entry is a hashed string key): integers (the weight list's
+    // length, block size, threads, the inputs' dtypes, for each gradient goes back in its input's dtype, and the
+    // autograd edges of A, B and bias: x is edge 0, then those given), the two floats, the kernels' path
+    const bool has_bias = bias_c.defined();
+    ctx->saved_data["ints"] = std::vector<i64>{
+        static_cast<i64>(weight.size()), blocksize, threads, static_cast<i64>(x.scalar_type()),
+        lora ? static_cast<i64>(lora_a->scalar_type()) : 0, lora ? static_cast<i64>(lora_b->scalar_type()) : 0,
+        has_bias ? static_cast<i64>(bias->scalar_type()) : 0, lora ? 1 : -1, lora ? 2 : -1,
+        has_bias ? (lora ? 3 : 1) : -1};
+    ctx->saved_data["floats"] = std::vector<double>{offset, scaling};
     ctx->saved_data["kernels"] = kernels_path;
-    // each gradient goes back in its input's dtype
-    ctx->saved_data["dtypes"] = std::vector<i64>{static_cast<i64>(x.scalar_type()),
-                                                 lora ? static_cast<i64>(lora_a->scalar_type()) : 0,
-                                                 lora ? static_cast<i64>(lora_b->scalar_type()) : 0,
-                                                 bias_c.defined() ? static_cast<i64>(bias->scalar_type()) : 0};
-    // autograd edges: x, then A, B and bias where given
-    ctx->saved_data["edges"] = std::vector<i64>{lora ? 1 : -1, lora ? 2 : -1,
-                                                bias.has_value() && bias->defined() ? (lora ? 3 : 1) : -1};
     return as_dtype(y, x.scalar_type());
   }
 
   static variable_list backward(AutogradContext *ctx, variable_list grads) {
     // unpacking checks every saved tensor's version: a weight changed in place since the forward raises here
     const variable_list saved = ctx->get_saved_variables();
-    const i64 nweight = ctx->saved_data["weight"].toInt();
+    const std::vector<i64> ints = ctx->saved_data["ints"].toIntVector();
+    const std::vector<double> floats = ctx->saved_data["floats"].toDoubleVector();
+    const i64 nweight = ints[0], bs = ints[1];
+    const int threads = static_cast<int>(ints[2]);
+    const float offset = static_cast<float>(floats[0]), scaling = static_cast<float>(floats[1]);
     const std::vector<Tensor> weight(saved.begin() + 4, saved.begin() + 4 + nweight);
     const WeightArgs w = weight_args(weight);
     const Tensor &xc = saved[0], &a_c = saved[1], &b_c = saved[2], &xa = saved[3];
-    const std::vector<i64> dtypes = ctx->saved_data["dtypes"].toIntVector();
-    const std::vector<i64> edges = ctx->saved_data["edges"].toIntVector();
     auto needs = [&](i64 edge) { return edge >= 0 && ctx->needs_input_grad(static_cast<size_t>(edge)); };
-    const bool need_x = ctx->needs_input_grad(0), need_a = needs(edges[0]), need_b = needs(edges[1]),
-               need_bias = needs(edges[2]);
+    const bool need_x = ctx->needs_input_grad(0), need_a = needs(ints[7]), need_b = needs(ints[8]),
+               need_bias = needs(ints[9]);
     const Tensor &g = grads[0];
     const Tensor gc = fp32(g);
     const i64 m = gc.size(0);
-    const i64 bs = ctx->saved_data["blocksize"].toInt();
-    const int threads = static_cast<int>(ctx->saved_data["threads"].toInt());
-    const float offset = static_cast<float>(ctx->saved_data["offset"].toDouble());
-    const float scaling = static_cast<float>(ctx->saved_data["scaling"].toDouble());
     const Kernels &kern = kernels_of(ctx->saved_data["kernels"].toStringRef());
     Tensor dx, da, db, dbias;
     if (need_x) dx = at::empty({m, w.k}, gc.options());
@@ -223,16 +218,16 @@ class LoRALinear : public torch::autograd::Function<LoRALinear> {
                               m, w.n, w.k, bs, threads, w.q, w.absmax2, w.code2, offset, rank, a_c.data_ptr(),
                               b_c.data_ptr(), a_c.scalar_type() == at::kBFloat16, xa.data_ptr<float>(), scaling,
                               xc.data_ptr<float>(), need_a ? da.data_ptr() : nullptr, need_b ? db.data_ptr() : nullptr);
-      if (need_a) da = as_dtype(da, static_cast<at::ScalarType>(dtypes[1]));
-      if (need_b) db = as_dtype(db, static_cast<at::ScalarType>(dtypes[2]));
+      if (need_a) da = as_dtype(da, static_cast<at::ScalarType>(ints[4]));
+      if (need_b) db = as_dtype(db, static_cast<at::ScalarType>(ints[5]));
     } else if (need_x) {
       rc = kern.gemv_t(w.packed, w.scales, w.code16, gc.data_ptr<float>(), dx.data_ptr<float>(), m, w.n, w.k, bs,
                        threads, w.q, w.absmax2, w.code2, offset);
     }
     TORCH_CHECK(rc != -2, "nf4_lora_gemv_t: no memory for its scratch buffer");
     TORCH_CHECK_VALUE(rc == 0, "nf4_lora_gemv_t refused its arguments (M ", m, ", N ", w.n, ", K ", w.k, ")");
-    if (need_bias) dbias = as_dtype(gc.sum(0), static_cast<at::ScalarType>(dtypes[3]));
-    if (need_x) dx = as_dtype(dx, static_cast<at::ScalarType>(dtypes[0]));
+    if (need_bias) dbias = as_dtype(gc.sum(0), static_cast<at::ScalarType>(ints[6]));
+    if (need_x) dx = as_dtype(dx, static_cast<at::ScalarType>(ints[3]));
     // one gradient per forward argument (undefined for the non-tensor ones)
     return {dx, da, db, dbias, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
