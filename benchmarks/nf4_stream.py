@@ -60,11 +60,17 @@ def _pool(n: int, k: int, pool_bytes: int) -> list[NF4Weight]:
             for _ in range(copies)]
 
 
+def _gemv_weight(w: NF4Weight) -> tuple[torch.Tensor, nf4_native.NestedScales]:
+    """(packed2d, double-quantised scales) of a pool weight, as the bare GEMV wrappers take them."""
+    n, k = w.shape
+    return (w.packed.reshape(n, k // 2),
+            nf4_native.NestedScales(w.absmax.reshape(n, k // BLOCKSIZE), w.absmax2, w.code2, float(w.offset)))
+
+
 def _calls(w: NF4Weight, dtype: torch.dtype, lora: tuple) -> dict:
     """name -> zero-argument callable for one weight of the pool."""
-    n, k = w.shape
-    packed2d = w.packed.reshape(n, k // 2)
-    nested = nf4_native.NestedScales(w.absmax.reshape(n, k // BLOCKSIZE), w.absmax2, w.code2, float(w.offset))
+    n = w.shape[0]
+    packed2d, nested = _gemv_weight(w)
     x = lora[0]
     a, b = lora[1], lora[2]
     g = torch.ones(1, n, dtype=dtype)
@@ -167,9 +173,7 @@ def _eager_floor(w: NF4Weight, x: torch.Tensor) -> dict[str, float]:
     streamed through them left (the weight read by the bare GEMV first, as the traced call's own kernel does):
     the floor any per-op call pays before and after its kernel on this machine, to set the traced call's
     Python against."""
-    n, k = w.shape
-    nf4_native.gemv(x.detach(), w.packed.reshape(n, k // 2),
-                    nf4_native.NestedScales(w.absmax.reshape(n, k // BLOCKSIZE), w.absmax2, w.code2, float(w.offset)))
+    nf4_native.gemv(x.detach(), *_gemv_weight(w))
     t0 = time.monotonic_ns()
     y = x * 2.0
     t1 = time.monotonic_ns()
