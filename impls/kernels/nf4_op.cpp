@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 #include <dlfcn.h>
@@ -114,6 +115,31 @@ Tensor fp32(const Tensor &t) { return t.scalar_type() == at::kFloat ? t.contiguo
 
 Tensor as_dtype(const Tensor &t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
 
+// The gradients of a backward run with create_graph=True. They come from the kernels, not from differentiable
+// ops, so they have no graph: a second derivative through them would silently lose the weight's part (a gradient
+// penalty would train on a wrong value). As Python's @once_differentiable does, they are passed through autograd's
+// DelayedError node, which raises its message if a second backward reaches it. Its inputs are also `sources`, what
+// the gradients depend on (the incoming gradient, x, A, B), so that a second backward towards those reaches the
+// node and raises rather than reporting them unused; a caller that only wanted first gradients (create_graph for
+// another part of the model) is unaffected.
+variable_list differentiable_once(variable_list grads, const variable_list &sources) {
+  variable_list inputs;
+  for (const Tensor &g : grads)
+    if (g.defined()) inputs.push_back(g.detach());
+  const size_t n = inputs.size();
+  for (const Tensor &t : sources)
+    if (t.defined() && t.requires_grad()) inputs.push_back(t);
+  if (n == inputs.size()) return grads;  // nothing to differentiate by: the gradients are constants, rightly
+  torch::autograd::DelayedError refuse(
+      "twinbench_nf4.lora_linear is differentiable once: its backward runs the NF4 kernels directly, so its "
+      "gradients have no graph for a second derivative", static_cast<i64>(inputs.size()));
+  const variable_list wrapped = refuse.apply(std::move(inputs));
+  size_t next = 0;
+  for (Tensor &g : grads)
+    if (g.defined()) g = wrapped[next++];
+  return grads;
+}
+
 class LoRALinear : public torch::autograd::Function<LoRALinear> {
  public:
   // weight and watched are one argument each (vectors are not autograd inputs); watched: the tensors the weight
@@ -170,7 +196,10 @@ class LoRALinear : public torch::autograd::Function<LoRALinear> {
                       blocksize, ", rank ", rank, ")");
     // saved: x, A, B as the kernel read them (the backward's own inputs, as the forward converted them) and x A^T
     // (undefined without LoRA: x is then not needed), the weight, and what it was derived from
-    std::vector<Tensor> saved{lora ? xc : Tensor(), a_c, b_c, xa};
+    // and x, A, B as given (the same tensors where no conversion was needed), only for a backward under
+    // create_graph to refuse a second derivative (differentiable_once)
+    std::vector<Tensor> saved{lora ? xc : Tensor(), a_c, b_c, xa, lora ? x : Tensor(), lora ? *lora_a : Tensor(),
+                              lora ? *lora_b : Tensor()};
     saved.insert(saved.end(), weight.begin(), weight.end());
     saved.insert(saved.end(), watched.begin(), watched.end());
     ctx->save_for_backward(saved);
@@ -196,7 +225,7 @@ class LoRALinear : public torch::autograd::Function<LoRALinear> {
     const i64 nweight = ints[0], bs = ints[1];
     const int threads = static_cast<int>(ints[2]);
     const float offset = static_cast<float>(floats[0]), scaling = static_cast<float>(floats[1]);
-    const std::vector<Tensor> weight(saved.begin() + 4, saved.begin() + 4 + nweight);
+    const std::vector<Tensor> weight(saved.begin() + 7, saved.begin() + 7 + nweight);
     const WeightArgs w = weight_args(weight);
     const Tensor &xc = saved[0], &a_c = saved[1], &b_c = saved[2], &xa = saved[3];
     auto needs = [&](i64 edge) { return edge >= 0 && ctx->needs_input_grad(static_cast<size_t>(edge)); };
@@ -229,7 +258,8 @@ class LoRALinear : public torch::autograd::Function<LoRALinear> {
     if (need_bias) dbias = as_dtype(gc.sum(0), static_cast<at::ScalarType>(ints[6]));
     if (need_x) dx = as_dtype(dx, static_cast<at::ScalarType>(ints[3]));
     // one gradient per forward argument (undefined for the non-tensor ones)
-    return {dx, da, db, dbias, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    variable_list out{dx, da, db, dbias, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return at::GradMode::is_enabled() ? differentiable_once(std::move(out), {g, saved[4], saved[5], saved[6]}) : out;
   }
 };
 

@@ -91,10 +91,23 @@ class _NF4LoRALinear(torch.autograd.Function):
         # backward, for r (N + K) more bytes held until it).
         ctx.dtypes = (x.dtype, None if lora_A is None else lora_A.dtype, None if lora_B is None else lora_B.dtype)
         ctx.save_for_backward(xc, packed2d, scales if ctx.nested is None else None, a_c, b_c, xa, w)
+        # x, A, B as given (the same tensors where no conversion was needed), for a few-rows backward under
+        # create_graph to refuse a second derivative (_differentiable_once); plain attributes, not saved tensors: a
+        # saved input would hold x's memory on the GEMM path, where xc already is x or its copy in the compute dtype
+        ctx.given = (x, lora_A, lora_B) if few_rows else ()
         return _as(out, x.dtype)
 
     @staticmethod
     def backward(ctx, g):
+        grads = _NF4LoRALinear._gradients(ctx, g)
+        # create_graph=True: on the GEMM path the gradients are torch ops of g, x, A, B (a second derivative through
+        # them is right); on the few-rows path g W comes from the GEMV kernel, without a graph
+        if ctx.saved_tensors[0].shape[0] <= nf4_kernels.GEMV_MAX_ROWS and torch.is_grad_enabled():
+            return _differentiable_once(grads, (g, *ctx.given))
+        return grads
+
+    @staticmethod
+    def _gradients(ctx, g):
         xc, packed2d, scales, a_c, b_c, xa, w = ctx.saved_tensors  # x, A, B in the compute dtype cd
         x_dtype, a_dtype, b_dtype = ctx.dtypes
         scales = scales if ctx.nested is None else ctx.nested
@@ -114,10 +127,34 @@ class _NF4LoRALinear(torch.autograd.Function):
             if need_a:
                 da = _as((gb * ctx.scaling).t() @ xc, a_dtype)
             if need_b:
+                if torch.is_grad_enabled():  # create_graph: x A^T again, as a differentiable op of x and A (the
+                    xa = xc @ a_c.t()         # forward's was computed without a graph)
                 db = _as(gc.t() @ (xa * ctx.scaling), b_dtype)
             if need_bias and ctx.has_bias:
                 dbias = _as(gc.sum(0), g.dtype)
         return (None if dx is None else _as(dx, x_dtype)), None, None, da, db, dbias, None, None
+
+
+_ONCE = ("the NF4 few-rows linear is differentiable once: its backward runs the NF4 kernels directly, so its "
+         "gradients have no graph for a second derivative")
+
+
+def _differentiable_once(grads: tuple, sources: tuple) -> tuple:
+    """``grads`` (None where undefined) passed through autograd's DelayedError node, which raises :data:`_ONCE` if a
+    second backward reaches them: without it a second derivative would silently lose the weight's part (a gradient
+    penalty would train on a wrong value). Its inputs also take ``sources``, what the gradients depend on (the
+    incoming gradient, x, A, B), so that a second backward towards those reaches the node and raises rather than
+    calling them unused. Python's ``@once_differentiable`` attaches that node only when the incoming gradient
+    requires grad, and runs the backward without a graph; here it is attached whenever the gradients depend on
+    something that requires grad. The compiled op does the same in C++ (impls/kernels/nf4_op.cpp,
+    ``differentiable_once``)."""
+    inputs = [t.detach() for t in grads if t is not None]
+    n = len(inputs)
+    inputs += [t for t in sources if t is not None and t.requires_grad]
+    if len(inputs) == n:  # nothing to differentiate by: the gradients are constants, rightly
+        return grads
+    wrapped = iter(torch._C._functions.DelayedError(_ONCE.encode(), len(inputs))(*inputs))
+    return tuple(None if t is None else next(wrapped) for t in grads)
 
 
 def _compute_dtype(x: torch.Tensor, few_rows: bool) -> torch.dtype:

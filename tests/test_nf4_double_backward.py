@@ -1,0 +1,87 @@
+"""Second derivatives through the fused NF4 linear (create_graph=True, then a backward through the gradients, as a
+gradient penalty does). The GEMM route's gradients are torch ops and differentiate again correctly; the few-rows
+routes (the compiled op and the composed route) compute g W in the GEMV kernel, without a graph, so a second
+backward that reaches them raises instead of silently losing the weight's part (impls/quant_linear/fused.py,
+``_differentiable_once``; impls/kernels/nf4_op.cpp, ``differentiable_once``). Planted: the composed route without
+that wrap gives a wrong second derivative, and the comparison below catches it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from nf4_calls import few_rows_native, native_path_calls
+from twinbench.impls.kernels import nf4_op
+from twinbench.impls.kernels.nf4_weight import NF4Weight
+from twinbench.impls.quant_linear import fused
+from twinbench.reference.nf4 import quantize_nf4
+
+N, K, RANK, SCALING = 48, 128, 4, 0.5
+
+
+def _problem(rows: int):
+    gen = torch.Generator().manual_seed(rows)
+    st = quantize_nf4(torch.randn(N, K, generator=gen) / 8, 64, True)
+    w = NF4Weight(st.packed, st.absmax, (N, K), 64, st.absmax2, st.code2, st.offset)
+    leaves = [torch.randn(rows, K, generator=gen), torch.randn(RANK, K, generator=gen) * 0.1,
+              torch.randn(N, RANK, generator=gen) * 0.1, torch.randn(N, generator=gen) * 0.1]
+    return w, [t.requires_grad_() for t in leaves]
+
+
+def _penalty_grads(linear, leaves) -> list[torch.Tensor]:
+    """d/d(leaves) of ||d loss / d leaves||^2 for loss = sum(linear(...)^2): a second derivative through every
+    first gradient (x, A, B, bias)."""
+    first = torch.autograd.grad(linear(*leaves).square().sum(), leaves, create_graph=True)
+    return list(torch.autograd.grad(sum(g.square().sum() for g in first), leaves))
+
+
+def _dequantised_linear(w: NF4Weight):
+    weight = w.dequantize(torch.float32)
+    return lambda x, a, b, bias: x @ weight.t() + SCALING * (x @ a.t()) @ b.t() + bias
+
+
+def _fused_linear(w: NF4Weight, keep_w: bool = False):
+    return lambda x, a, b, bias: fused.nf4_lora_linear(x, w, a, b, SCALING, bias, keep_dequantized=keep_w)
+
+
+def _same(got: list[torch.Tensor], want: list[torch.Tensor]) -> bool:
+    return all(torch.allclose(g, h, rtol=1e-4, atol=1e-4 * h.abs().max().item()) for g, h in zip(got, want))
+
+
+@pytest.mark.parametrize("keep_w", [False, True], ids=["dequantise-again", "keep-w"])
+def test_gemm_route_differentiates_twice_correctly(keep_w):
+    w, leaves = _problem(8)
+    assert _same(_penalty_grads(_fused_linear(w, keep_w), leaves), _penalty_grads(_dequantised_linear(w), leaves))
+
+
+def _assert_refused(linear, leaves):
+    first = torch.autograd.grad(linear(*leaves).square().sum(), leaves, create_graph=True)
+    plain = torch.autograd.grad(linear(*leaves).square().sum(), leaves)
+    assert all(torch.equal(g.detach(), h) for g, h in zip(first, plain))  # the first gradients are untouched
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(sum(g.square().sum() for g in first), leaves)
+    with pytest.raises(RuntimeError, match="differentiable once"):  # a constant incoming gradient: A, B still reach it
+        torch.autograd.grad(torch.autograd.grad(linear(*leaves).sum(), leaves[0], create_graph=True)[0].sum(),
+                            leaves[1:3])
+
+
+@few_rows_native
+def test_compiled_op_refuses_a_second_derivative(monkeypatch):
+    calls = native_path_calls(monkeypatch)
+    w, leaves = _problem(2)
+    _assert_refused(_fused_linear(w), leaves)
+    assert "lora_op" in calls
+
+
+def test_composed_few_rows_route_refuses_a_second_derivative(monkeypatch):
+    monkeypatch.setattr(nf4_op, "loaded", lambda: None)
+    w, leaves = _problem(3)
+    _assert_refused(_fused_linear(w), leaves)
+
+
+def test_without_the_wrap_the_second_derivative_is_silently_wrong(monkeypatch):
+    """Planted: the composed few-rows route with ``_differentiable_once`` taken out runs the second backward without
+    an error, and its result is not the true second derivative (the GEMV's g W part is lost)."""
+    monkeypatch.setattr(nf4_op, "loaded", lambda: None)
+    monkeypatch.setattr(fused, "_differentiable_once", lambda grads, sources: grads)
+    w, leaves = _problem(3)
+    assert not _same(_penalty_grads(_fused_linear(w), leaves), _penalty_grads(_dequantised_linear(w), leaves))
