@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from twinbench.reference.autograd_once import differentiable_once
 from twinbench.reference.lowp_formats import Format, decode, encode, max_value
 
 BLOCK = 128  # DeepSeek-V3: 1 x 128 activation tiles, 128 x 128 weight tiles
@@ -148,6 +149,7 @@ class Fp8TrainingLinear(torch.autograd.Function):
         return (xq.dequantize(dtype) @ w.t()).to(x.dtype)
 
     @staticmethod
+    @differentiable_once("Fp8TrainingLinear")  # dx of the quantised dy: no derivative in dy
     def backward(ctx, g):
         (w,) = ctx.saved_tensors
         gq = quantize(g, ctx.fmt_grad, ctx.scaling, Operand.X, saturate=ctx.saturate)

@@ -10,11 +10,11 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
-from torch.autograd.function import once_differentiable
 from twinbench.harness.core.registry import register_impl
 from twinbench.impls.attention import triton_fa_kernels
 from twinbench.impls.kernels.availability import triton_available
 from twinbench.impls.kernels.triton_launch import dot_dim
+from twinbench.reference.autograd_once import differentiable_once
 
 MAX_HEAD_DIM = 256
 # Under the interpreter every program runs through numpy one at a time: cost grows with B*Hq*Sq*Sk*D.
@@ -58,7 +58,9 @@ class FlashAttention(torch.autograd.Function):
         return o
 
     @staticmethod
-    @once_differentiable
+    # not once_differentiable: dq/dk/dv depend on the saved q, k, v as well as on do, and its error node would be
+    # pruned from torch.autograd.grad(penalty, q) (reference/autograd_once.py)
+    @differentiable_once("FlashAttention")
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = ctx.kernels.backward(do.contiguous(), q, k, v, o, lse, ctx.causal, ctx.scale)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 from twinbench.harness.core.registry import register_impl
+from twinbench.reference.autograd_once import differentiable_once
 
 TILE_BYTES = 32 * 2**20  # fp32 logits tile when the vocabulary is split (a group's rows x a vocab chunk)
 KEEP_FACTOR = 2          # a whole-vocabulary tile up to KEEP_FACTOR * TILE_BYTES is kept: no recompute
@@ -199,9 +200,13 @@ class FusedLinearDPO(torch.autograd.Function):
         outs = (pair_losses.mean().to(out_dtype), chosen_rewards.to(out_dtype), rejected_rewards.to(out_dtype),
                 (chosen_rewards - rejected_rewards).to(out_dtype), chosen.to(out_dtype), rejected.to(out_dtype))
         ctx.mark_non_differentiable(*outs[1:])
+        # the loss, saved only so that a second derivative meets differentiable_once's error node (the gradients
+        # are constants formed in forward; through the loss's node the error is on the path to every input)
+        ctx.save_for_backward(outs[0])
         return outs
 
     @staticmethod
+    @differentiable_once("FusedLinearDPO")
     def backward(ctx, grad_loss, *_):
         grads, ctx.grads = ctx.grads, None
         scaled = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]

@@ -17,6 +17,7 @@ import torch
 from twinbench.harness.core.case import torch_dtype
 from twinbench.harness.core.devices import _cuda_capability, lowp_support
 from twinbench.harness.core.registry import register_impl
+from twinbench.reference.autograd_once import differentiable_once
 from twinbench.reference.fp8 import Operand, expand_scale, group_amax, scale_from_amax
 from twinbench.reference.lowp_formats import Format, max_value, torch_dtype_of
 
@@ -63,6 +64,7 @@ class _TorchTrainingLinear(torch.autograd.Function):
         return (torch_dequantize(xc, xs, x_format, scaling, Operand.X) @ w.t()).to(x.dtype)
 
     @staticmethod
+    @differentiable_once("_TorchTrainingLinear")  # dx of the quantised dy: no derivative in dy
     def backward(ctx, g):
         (w,) = ctx.saved_tensors
         gc, gs = torch_quantize(g, ctx.grad_format, ctx.scaling, Operand.X, ctx.saturate)

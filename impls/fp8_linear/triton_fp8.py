@@ -26,6 +26,7 @@ from twinbench.harness.core.registry import register_impl
 from twinbench.impls.fp8_linear.torch_paths import torch_dequantize, torch_quantize
 from twinbench.impls.kernels import fp8_gemm_triton as kernels
 from twinbench.impls.kernels.availability import interpreting, triton_available
+from twinbench.reference.autograd_once import differentiable_once
 from twinbench.reference.fp8 import Operand
 
 # The interpreter runs one program at a time in numpy: CPU parity stays on the quick grid's sizes.
@@ -123,6 +124,7 @@ class _FusedRowwiseLinear(torch.autograd.Function):
         return y.to(x.dtype)
 
     @staticmethod
+    @differentiable_once("_FusedRowwiseLinear")  # dx of the quantised dy: no derivative in dy
     def backward(ctx, g):
         w_codes, w_scale = ctx.saved_tensors
         grad_format, w_format, saturate = ctx.meta

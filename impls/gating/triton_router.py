@@ -78,6 +78,14 @@ def topk_softmax(logits: torch.Tensor, top_k: int, renorm: bool) -> tuple[torch.
     return weights, ids, lse
 
 
+def _differentiable_lse(logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """The row's logsumexp for a backward under create_graph: the kernel's ``lse`` is a constant to autograd, and
+    without renorm the second derivative then lost the terms through it (measured); rebuilt from the logits, the
+    backward below is made of differentiable ops only, so second derivatives are right (tests/test_double_backward.py).
+    The first-order values move by rounding only (torch's logsumexp, not the kernel's)."""
+    return torch.logsumexp(logits.float(), -1)
+
+
 class TopKSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, top_k, renorm):
@@ -90,6 +98,8 @@ class TopKSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_weights, _grad_ids):
         logits, weights, ids, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            lse = _differentiable_lse(logits, lse)
         g = grad_weights.float()
         if ctx.renorm:  # w = v / sum(v): dv = (dw - sum(dw * w)) / sum(v), and v = w * sum(v)
             probs_top = torch.exp(logits.float().gather(-1, ids) - lse[:, None])

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from twinbench.harness.core.registry import register_impl
 from twinbench.impls.kernels import moe_native
+from twinbench.reference.autograd_once import differentiable_once
 
 
 def _fast_grouped_mm(x: torch.Tensor) -> bool:
@@ -226,6 +227,7 @@ class SortedExperts(torch.autograd.Function):
         return out
 
     @staticmethod
+    @differentiable_once("SortedExperts")  # out= GEMMs, native kernels, worker threads: no graph to differentiate
     def backward(ctx, grad_out):
         hidden_states, top_k_weights, gate_up_proj, down_proj, h, a, y, w = ctx.saved_tensors
         route, gemms = ctx.route, ctx.gemms

@@ -26,6 +26,7 @@ from twinbench.impls.qlora.nf4_lora import (
     rms_norm_backward,
     rms_norm_with_rstd,
 )
+from twinbench.reference.autograd_once import differentiable_once
 from twinbench.reference.qlora.breakdown import scope
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -162,6 +163,7 @@ class RecomputedAttention(torch.autograd.Function):
         return y.view(*h.shape[:-1], y.shape[-1]).to(h.dtype)
 
     @staticmethod
+    @differentiable_once("RecomputedAttention")  # the CPU flash kernel's backward has no derivative; in-place work
     def backward(ctx, grad_y):
         h, cos, sin, norm_weight, xa, out, lse, oa, *lora = ctx.saved_tensors
         lay, scalings, dtype, r = ctx.lay, ctx.scalings, lora[0].dtype, ctx.lay.rank

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from twinbench.impls.moe_ffn.sorted_experts import Routing
+from twinbench.reference.autograd_once import differentiable_once
 from twinbench.reference.qlora.breakdown import scope
 
 
@@ -121,6 +122,7 @@ class SortedLoRAExperts(torch.autograd.Function):
         return out.to(hidden_states.dtype)
 
     @staticmethod
+    @differentiable_once("SortedLoRAExperts")  # out= GEMMs per expert, gradients written over rebuilt buffers
     def backward(ctx, grad_out):
         hidden_states, top_k_weights, w_gu, w_d, l_gu, r_gu, l_d, r_d, w, *kept = ctx.saved_tensors
         route, sizes, (s_gu, s_d) = ctx.route, ctx.sizes, ctx.scalings

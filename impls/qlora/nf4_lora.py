@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from twinbench.reference.autograd_once import differentiable_once
 from twinbench.reference.qlora.breakdown import scope
 
 
@@ -150,12 +151,16 @@ class NF4LoRAProjections(torch.autograd.Function):
                                  dim=1)
             out = out.to(out_dtype) + lora_out.to(out_dtype)
         ctx.weights, ctx.scalings, ctx.x_shape, ctx.blocks = weights, scalings, x.shape, blocks
-        ctx.save_for_backward(x2, xa, a_cat, *b_list)
+        # x and every adapter, not x2 and B only: differentiable_once's error node must reach each input (x2 is a
+        # view made under no_grad, cut from x's graph; the As are in a_cat only)
+        ctx.save_for_backward(x, xa, a_cat, *lora)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
+    @differentiable_once("NF4LoRAProjections")
     def backward(ctx, grad_out):
-        x2, xa, a_cat, *b_list = ctx.saved_tensors
+        x, xa, a_cat, *lora = ctx.saved_tensors
+        x2, b_list = x.reshape(-1, x.shape[-1]), lora[1::2]
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(x2.dtype)
         with scope("lora"):
             g_xa = g.new_empty((g.shape[0], xa.shape[1]))  # [N, sum r]: the gradient reaching x A^T
@@ -192,6 +197,7 @@ class SiluMul(torch.autograd.Function):
         return torch.nn.functional.silu(gate) * up
 
     @staticmethod
+    @differentiable_once("SiluMul")  # aten.silu_backward has no derivative of its own
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
         return torch.ops.aten.silu_backward(grad * up, gate), grad * torch.nn.functional.silu(gate)

@@ -43,6 +43,7 @@ from twinbench.impls.qlora.nf4_lora import (
     rms_norm_backward,
     rms_norm_with_rstd,
 )
+from twinbench.reference.autograd_once import differentiable_once
 from twinbench.reference.qlora.breakdown import scope
 
 BLOCKS = ("attn", "mlp", "dense_mlp", "attn_out")
@@ -170,6 +171,7 @@ class RecomputedMLP(torch.autograd.Function):
         return (h2 + y.to(h.dtype)).view(h.shape)
 
     @staticmethod
+    @differentiable_once("RecomputedMLP")  # in-place GEMMs into buffers, NF4 weights rebuilt outside autograd
     def backward(ctx, grad_out):
         h, attn, norm_weight, xa, act_a, oa, *lora = ctx.saved_tensors
         a_g, b_g, a_u, b_u, a_d, b_d = lora[:6]

@@ -18,6 +18,7 @@ from twinbench.harness.core.registry import register_impl
 from twinbench.impls.kernels.availability import interpreting, triton_available
 from twinbench.impls.kernels.nf4_weight import NF4Weight
 from twinbench.impls.kernels.triton_launch import dot_dim, dot_input_precision
+from twinbench.reference.autograd_once import differentiable_once
 
 GEMV_MAX_ROWS = 16
 # Tiles on GPUs: (BN, BK) for the GEMV, (BM, BN, BK) for the GEMM (the AOT compile checks use these too).
@@ -81,6 +82,7 @@ class _TritonNF4LoRA(torch.autograd.Function):
         return out
 
     @staticmethod
+    @differentiable_once("_TritonNF4LoRA")  # dx from the Triton kernel; dB from the x A^T kept from forward
     def backward(ctx, g):
         x, packed2d, scales, lora_A, lora_B, xa = ctx.saved_tensors
         scaling, blocksize, kind = ctx.meta
