@@ -48,14 +48,14 @@ def differentiable_once(op: str) -> Callable[[Backward], Backward]:
             # and output gradients; with none requiring grad the gradients are constants, their second derivative 0
             anchors = [t for t in (*ctx.saved_tensors, *grad_outputs)
                        if isinstance(t, torch.Tensor) and t.requires_grad]
-            return _with_error_node(message(op), grads, anchors) if anchors else grads
+            return with_error_node(message(op), grads, anchors) if anchors else grads
 
         return wrapper
 
     return decorate
 
 
-def _with_error_node(msg: str, grads: Any, anchors: list[torch.Tensor]) -> Any:
+def with_error_node(msg: str, grads: Any, anchors: list[torch.Tensor]) -> Any:
     """``grads`` (a tensor or a tuple with Nones and non-tensors) with the same values, each defined tensor now the
     output of one DelayedError node (the node ``once_differentiable`` uses) whose inputs include ``anchors``."""
     single = not isinstance(grads, tuple)

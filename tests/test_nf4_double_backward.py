@@ -1,9 +1,10 @@
 """Second derivatives through the fused NF4 linear (create_graph=True, then a backward through the gradients, as a
 gradient penalty does). The GEMM route's gradients are torch ops and differentiate again correctly; the few-rows
 routes (the compiled op and the composed route) compute g W in the GEMV kernel, without a graph, so a second
-backward that reaches them raises instead of silently losing the weight's part (impls/quant_linear/fused.py,
-``_differentiable_once``; impls/kernels/nf4_op.cpp, ``differentiable_once``). Planted: the composed route without
-that wrap gives a wrong second derivative, and the comparison below catches it."""
+backward that reaches them raises instead of silently losing the weight's part (impls/quant_linear/fused.py through
+reference/autograd_once.py's error node; impls/kernels/nf4_op.cpp, ``differentiable_once``). Planted: the composed
+route without that node gives a wrong second derivative, and the comparison below catches it. (The other custom
+Functions: tests/test_double_backward.py.)"""
 
 from __future__ import annotations
 
@@ -79,9 +80,9 @@ def test_composed_few_rows_route_refuses_a_second_derivative(monkeypatch):
 
 
 def test_without_the_wrap_the_second_derivative_is_silently_wrong(monkeypatch):
-    """Planted: the composed few-rows route with ``_differentiable_once`` taken out runs the second backward without
+    """Planted: the composed few-rows route with its error node taken out runs the second backward without
     an error, and its result is not the true second derivative (the GEMV's g W part is lost)."""
     monkeypatch.setattr(nf4_op, "loaded", lambda: None)
-    monkeypatch.setattr(fused, "_differentiable_once", lambda grads, sources: grads)
+    monkeypatch.setattr(fused, "with_error_node", lambda msg, grads, anchors: grads)
     w, leaves = _problem(3)
     assert not _same(_penalty_grads(_fused_linear(w), leaves), _penalty_grads(_dequantised_linear(w), leaves))

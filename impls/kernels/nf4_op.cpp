@@ -117,11 +117,12 @@ Tensor as_dtype(const Tensor &t, at::ScalarType dtype) { return t.scalar_type() 
 
 // The gradients of a backward run with create_graph=True. They come from the kernels, not from differentiable
 // ops, so they have no graph: a second derivative through them would silently lose the weight's part (a gradient
-// penalty would train on a wrong value). As Python's @once_differentiable does, they are passed through autograd's
-// DelayedError node, which raises its message if a second backward reaches it. Its inputs are also `sources`, what
-// the gradients depend on (the incoming gradient, x, A, B), so that a second backward towards those reaches the
-// node and raises rather than reporting them unused; a caller that only wanted first gradients (create_graph for
-// another part of the model) is unaffected.
+// penalty would train on a wrong value). As reference/autograd_once.py does for the Python Functions, they are
+// passed through autograd's DelayedError node, which raises its message if a second backward reaches it. Its
+// inputs are also `sources`, what the gradients depend on (the incoming gradient, x, A, B), so that a second
+// backward towards those reaches the node and raises rather than reporting them unused (Python's
+// @once_differentiable hangs it on fresh leaves, which a second torch.autograd.grad prunes); a caller that only
+// wanted first gradients (create_graph for another part of the model) is unaffected.
 variable_list differentiable_once(variable_list grads, const variable_list &sources) {
   variable_list inputs;
   for (const Tensor &g : grads)

@@ -27,6 +27,7 @@ from twinbench.impls.kernels import nf4_native, nf4_op
 from twinbench.impls.kernels.availability import torch_backend, triton_status
 from twinbench.impls.kernels.nf4_weight import NF4Weight, as_nf4_weight
 from twinbench.impls.quant_linear.triton_nf4 import triton_nf4_lora_linear
+from twinbench.reference.autograd_once import message, with_error_node
 
 
 class _one_thread:  # noqa: N801 (used as a context manager, like contextlib's)
@@ -92,7 +93,7 @@ class _NF4LoRALinear(torch.autograd.Function):
         ctx.dtypes = (x.dtype, None if lora_A is None else lora_A.dtype, None if lora_B is None else lora_B.dtype)
         ctx.save_for_backward(xc, packed2d, scales if ctx.nested is None else None, a_c, b_c, xa, w)
         # x, A, B as given (the same tensors where no conversion was needed), for a few-rows backward under
-        # create_graph to refuse a second derivative (_differentiable_once); plain attributes, not saved tensors: a
+        # create_graph to refuse a second derivative (its error node's anchors); plain attributes, not saved tensors: a
         # saved input would hold x's memory on the GEMM path, where xc already is x or its copy in the compute dtype
         ctx.given = (x, lora_A, lora_B) if few_rows else ()
         return _as(out, x.dtype)
@@ -103,7 +104,10 @@ class _NF4LoRALinear(torch.autograd.Function):
         # create_graph=True: on the GEMM path the gradients are torch ops of g, x, A, B (a second derivative through
         # them is right); on the few-rows path g W comes from the GEMV kernel, without a graph
         if ctx.saved_tensors[0].shape[0] <= nf4_kernels.GEMV_MAX_ROWS and torch.is_grad_enabled():
-            return _differentiable_once(grads, (g, *ctx.given))
+            # a second derivative raises instead of silently losing the weight's part; the error node hangs on
+            # what the gradients depend on (g, x, A, B), so that a second derivative towards any of them reaches it
+            anchors = [t for t in (g, *ctx.given) if t is not None and t.requires_grad]
+            return with_error_node(message("the NF4 few-rows linear"), grads, anchors) if anchors else grads
         return grads
 
     @staticmethod
@@ -133,28 +137,6 @@ class _NF4LoRALinear(torch.autograd.Function):
             if need_bias and ctx.has_bias:
                 dbias = _as(gc.sum(0), g.dtype)
         return (None if dx is None else _as(dx, x_dtype)), None, None, da, db, dbias, None, None
-
-
-_ONCE = ("the NF4 few-rows linear is differentiable once: its backward runs the NF4 kernels directly, so its "
-         "gradients have no graph for a second derivative")
-
-
-def _differentiable_once(grads: tuple, sources: tuple) -> tuple:
-    """``grads`` (None where undefined) passed through autograd's DelayedError node, which raises :data:`_ONCE` if a
-    second backward reaches them: without it a second derivative would silently lose the weight's part (a gradient
-    penalty would train on a wrong value). Its inputs also take ``sources``, what the gradients depend on (the
-    incoming gradient, x, A, B), so that a second backward towards those reaches the node and raises rather than
-    calling them unused. Python's ``@once_differentiable`` attaches that node only when the incoming gradient
-    requires grad, and runs the backward without a graph; here it is attached whenever the gradients depend on
-    something that requires grad. The compiled op does the same in C++ (impls/kernels/nf4_op.cpp,
-    ``differentiable_once``)."""
-    inputs = [t.detach() for t in grads if t is not None]
-    n = len(inputs)
-    inputs += [t for t in sources if t is not None and t.requires_grad]
-    if len(inputs) == n:  # nothing to differentiate by: the gradients are constants, rightly
-        return grads
-    wrapped = iter(torch._C._functions.DelayedError(_ONCE.encode(), len(inputs))(*inputs))
-    return tuple(None if t is None else next(wrapped) for t in grads)
 
 
 def _compute_dtype(x: torch.Tensor, few_rows: bool) -> torch.dtype:
