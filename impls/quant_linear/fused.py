@@ -102,10 +102,11 @@ class _NF4LoRALinear(torch.autograd.Function):
     def backward(ctx, g):
         grads = _NF4LoRALinear._gradients(ctx, g)
         # create_graph=True: on the GEMM path the gradients are torch ops of g, x, A, B (a second derivative through
-        # them is right); on the few-rows path g W comes from the GEMV kernel, without a graph
-        if ctx.saved_tensors[0].shape[0] <= nf4_kernels.GEMV_MAX_ROWS and torch.is_grad_enabled():
-            # a second derivative raises instead of silently losing the weight's part; the error node hangs on
-            # what the gradients depend on (g, x, A, B), so that a second derivative towards any of them reaches it
+        # them is right); on the few-rows path (ctx.given set) g W comes from the GEMV kernel, without a graph, so a
+        # second derivative raises instead of silently losing the weight's part. The error node hangs on what the
+        # gradients depend on (g, x, A, B), so that a second derivative towards any of them reaches it. (Not
+        # ctx.saved_tensors again: non-reentrant checkpointing refuses a second unpack.)
+        if ctx.given and torch.is_grad_enabled():
             anchors = [t for t in (g, *ctx.given) if t is not None and t.requires_grad]
             return with_error_node(message("the NF4 few-rows linear"), grads, anchors) if anchors else grads
         return grads
