@@ -197,7 +197,10 @@ def main() -> int:
                         help="build the forward with a static split of its row chunks (NF4_STEAL=0), to compare")
     parser.add_argument("--trace", action="store_true",
                         help="build with -DNF4_TRACE=1 and report where the whole fused call's time goes")
+    parser.add_argument("--define", action="append", default=[], metavar="NAME=VALUE",
+                        help="build the kernels with -DNAME=VALUE (repeatable): A/B a tuning macro of nf4_native.c")
     args = parser.parse_args()
+    nf4_native.FLAGS.extend(f"-D{d}" for d in args.define)
     if args.no_prefetch:
         nf4_native.FLAGS.append("-DNF4_PREFETCH=0")  # before the first build: its own cached .so
     if args.no_steal:
@@ -213,6 +216,7 @@ def main() -> int:
     variant = "".join(f" {name}" for flag, name in ((args.no_prefetch, "without prefetch"),
                                                       (args.no_steal, "without stealing"),
                                                       (args.trace, "with tracing")) if flag)
+    variant += "".join(f" -D{d}" for d in args.define)
     print(f"native build: {nf4_native.isa()}{variant}; load average at start: {_load()}")
     if args.trace:
         print("where the whole fused call's time goes, per direction (us, medians over the pool and rounds; 'main cpu':"

@@ -161,6 +161,20 @@ def test_forward_only_matches_and_skips_gradients():
     torch.testing.assert_close(ours["loss"], ref["loss"], atol=1e-5, rtol=5e-4)
 
 
+def test_a_second_backward_through_one_forward_is_refused_in_one_line():
+    """retain_graph=True, then backward again: the first backward handed the forward's gradients over, so the
+    second says so (it raised a TypeError on None before); the first one's gradients are the reference's."""
+    inputs = SUITE.make_inputs(SIGMOID, "cpu", 1)
+    h = inputs.tensors["hidden"].clone().requires_grad_(True)
+    out = fused_linear_dpo(**dict(inputs.tensors, hidden=h), **inputs.static)
+    out["loss"].backward(retain_graph=True)
+    h_ref = inputs.tensors["hidden"].clone().requires_grad_(True)
+    linear_dpo(**dict(inputs.tensors, hidden=h_ref), **inputs.static)["loss"].backward()
+    torch.testing.assert_close(h.grad, h_ref.grad, atol=1e-5, rtol=5e-4)
+    with pytest.raises(RuntimeError, match="runs once per forward"):
+        out["loss"].backward()
+
+
 def test_no_valid_label_gives_finite_zero_gradients():
     inputs = SUITE.make_inputs(SIGMOID, "cpu", 0)
     t = dict(inputs.tensors, labels=torch.full_like(inputs.tensors["labels"], -100))

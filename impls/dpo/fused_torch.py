@@ -209,6 +209,10 @@ class FusedLinearDPO(torch.autograd.Function):
     @differentiable_once("FusedLinearDPO")
     def backward(ctx, grad_loss, *_):
         grads, ctx.grads = ctx.grads, None
+        if grads is None:  # the first backward handed them over (scaled in place, memory not held twice)
+            raise RuntimeError("FusedLinearDPO's backward runs once per forward: its gradients are formed in the "
+                               "forward and handed over by the first backward; for a second backward "
+                               "(retain_graph=True) run the forward again")
         scaled = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
         return scaled[0], None, scaled[1], scaled[2], None, None, None, None, None, None, None, None
 

@@ -965,6 +965,9 @@ static __attribute__((noinline)) void bwd_block_m(const plan_t *p, const float *
  * alone, so the partial sums and their reduction are the same at any thread count. */
 #define BWD_SLABS 8 /* 16: 2-3% slower at 1 thread, 4: 1% faster (AVX-512, 1-4 rows of g, measured) */
 #define BWD_SLAB_ROWS 16
+#ifndef BWD_CHUNK_MIN_ROWS
+#define BWD_CHUNK_MIN_ROWS 3 /* rows of g from which a slab's columns go in L1-sized chunks (gemv_t_call) */
+#endif
 #define BWD_L1_FLOATS 8192 /* a partial chunk's floats (32 KB of a 48 KB L1; 24 KB and 16 KB measured no better) */
 
 typedef struct {
@@ -1072,7 +1075,7 @@ static int gemv_t_call(const plan_t *p, const float *g, float *dx, i64 M, int th
      * loaded and stored once per RB = 2 rows of W, and from L2 that was the bottleneck (1 thread, AVX-512,
      * 4 rows: 1.55-1.75x the time at 4096 and 14336 columns). With 1-2 rows whole rows of W, one stream (chunked:
      * 3% slower at 14336 columns). The sums are the same for any chunking. (docs/quant_linear.md, "GEMV kernel") */
-    i64 chunk = M >= 3 ? BWD_L1_FLOATS / (M * GROUP_COLS) : p->groups;
+    i64 chunk = M >= BWD_CHUNK_MIN_ROWS ? BWD_L1_FLOATS / (M * GROUP_COLS) : p->groups;
     if (chunk < 1) chunk = 1;
     float *parts = dx ? scratch(slabs.count * M * K) : NULL;
     if (dx && !parts) return -2;
