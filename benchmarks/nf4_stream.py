@@ -13,6 +13,8 @@ Prints the median ms per call and its share of the read floor: the bytes of ``su
 (4-bit weight + double-quantised scales + LoRA + activations; gemv counts the forward's, gemv_t the backward's)
 at the median read bandwidth. ``--no-prefetch`` builds the kernels without their software prefetch.
 ``--no-steal`` builds the forward with a static split of the row chunks (no stealing), to compare.
+``--define NAME=VALUE`` (repeatable) builds them with ``-DNAME=VALUE``: an A/B of one of nf4_native.c's tuning
+macros (e.g. ``BWD_CHUNK_MIN_ROWS``), each build its own cached library.
 ``--trace`` builds them with ``-DNF4_TRACE=1`` and, instead of the table, says where the time of the whole
 ``fused_cpu`` call goes (forward, and backward): Python before the native call; phase 1 (forward: x put in
 group order on the calling thread, before the fork; backward: each thread's row slabs of dx, dB rows and
