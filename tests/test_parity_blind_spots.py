@@ -4,12 +4,15 @@ Each planted impl here was missed by the engine before (on some or all cases); t
 of a suite's quick profile where it computes something wrong and assert a 'wrong' verdict (not a crash).
 """
 
+import importlib.metadata
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from twinbench.harness.core import parity
+from twinbench.harness.core import parity, registry
 from twinbench.harness.core.errors import UsageError
 from twinbench.harness.core.memory import TensorPeak
 from twinbench.harness.core.parity import PoisonedAllocations, check_parity, compare_tensor
@@ -243,6 +246,33 @@ def test_every_impl_knows_where_it_came_from():
     origin = IMPLS[("moe_ffn", "reference")].origin
     assert origin.module == "twinbench.suites.moe_ffn" and origin.file.endswith("suites/moe_ffn.py")
     assert set(origin.to_json()) == {"module", "file", "package", "version"}
+    assert (origin.package, origin.version) == ("twinbench", importlib.metadata.version("twinbench"))
+
+
+def test_an_impl_of_a_plugin_file_or_an_uninstalled_module_has_no_distribution(tmp_path):
+    plugin = tmp_path / "vendor.py"
+    plugin.write_text("from twinbench.harness.core.registry import register_impl\n\n"
+                      "@register_impl('blind_spots_scratch', 'vendor')\n"
+                      "def vendor(**kw):\n    return None\n")
+    try:
+        load_plugin_file(plugin)
+        origin = IMPLS[("blind_spots_scratch", "vendor")].origin
+        assert origin.file == str(plugin.resolve()) and (origin.package, origin.version) == (None, None)
+    finally:
+        IMPLS.pop(("blind_spots_scratch", "vendor"), None)
+    # a module installed under another distribution name is found by the full scan (PyYAML provides yaml)
+    assert registry._distribution_of("yaml")[0] == "PyYAML"
+    assert registry._distribution_of("no_such_module_anywhere") == (None, None)
+
+
+def test_registering_the_built_in_impls_does_not_load_dynamo():
+    """Every harness worker registers the built-in impls at start: importing torch._dynamo there (a module-level
+    ``torch.compiler.disable``, as impls/quant_linear/fused.py had until 2026-12-06) cost 2.4 s per process."""
+    code = ("import sys; from twinbench.harness.core import registry; registry.load_plugins(); "
+            "print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
 
 
 # 21: DPO bf16 rewards are bounded by the log-prob sums they come from.

@@ -151,9 +151,31 @@ class ImplOrigin:
         return f"{where} ({self.package} {self.version})" if self.package else where
 
 
-@functools.lru_cache(maxsize=1)
-def _distributions() -> Mapping[str, list[str]]:
-    return importlib.metadata.packages_distributions()
+PLUGIN_MODULE_PREFIX = "twinbench_plugin_"  # load_plugin_file's module names: files loaded by path, never installed
+
+
+@functools.cache
+def _distribution_of(top_level: str) -> tuple[str | None, str | None]:
+    """(installed distribution, version) providing the top-level module ``top_level``, or (None, None).
+
+    The import name is usually the distribution's own (twinbench, torch, a vendor's package): a direct lookup,
+    a few ms. Only otherwise the whole scan of installed distributions (``packages_distributions``, 0.5-1 s: every
+    harness worker registers the built-in impls, and paid it at every start before 2026-12-06); never for the
+    modules plugin files are loaded as, which no distribution provides."""
+    if top_level.startswith(PLUGIN_MODULE_PREFIX):
+        return None, None
+    try:
+        dist = importlib.metadata.distribution(top_level)
+        return dist.metadata["Name"], dist.version
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    names = importlib.metadata.packages_distributions().get(top_level, [])
+    if not names:
+        return None, None
+    try:
+        return names[0], importlib.metadata.version(names[0])
+    except importlib.metadata.PackageNotFoundError:
+        return names[0], None
 
 
 def origin_of(fn: Callable[..., Any]) -> ImplOrigin:
@@ -163,14 +185,7 @@ def origin_of(fn: Callable[..., Any]) -> ImplOrigin:
     except TypeError:
         file = None
     file = file or getattr(sys.modules.get(module), "__file__", None)
-    dists = _distributions().get(module.split(".")[0], [])
-    package = dists[0] if dists else None
-    version = None
-    if package:
-        try:
-            version = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            version = None
+    package, version = _distribution_of(module.split(".")[0])
     return ImplOrigin(module=module, file=str(Path(file).resolve()) if file else None, package=package,
                       version=version)
 
@@ -328,7 +343,7 @@ def load_plugin_file(path: str | Path) -> None:
         return
     if not p.is_file():
         raise UsageError(f"plugin file not found: {p}")
-    mod_name = f"twinbench_plugin_{abs(hash(str(p.resolve())))}"
+    mod_name = f"{PLUGIN_MODULE_PREFIX}{abs(hash(str(p.resolve())))}"
     try:
         spec = importlib.util.spec_from_file_location(mod_name, p)
         if spec is None or spec.loader is None:

@@ -256,14 +256,15 @@ def nf4_lora_linear(x: torch.Tensor, qweight_state: Any, lora_A: torch.Tensor | 
     return out if x.dim() == 2 else out.reshape(*x.shape[:-1], n)
 
 
-@torch.compiler.disable
 def _eager_under_compile(*args: Any) -> torch.Tensor:
     """:func:`nf4_lora_linear` run eagerly from inside a torch.compile'd region (a graph break around it). Its kernels
     are reached through ctypes and data pointers, and the compiled few-rows op has no fake kernel: Dynamo cannot
     trace them, and inductor compiled the pieces it traced around them into wrong results (measured 2026-12-06:
     outputs of ~1e35 from buffers never written, 8 rows, native kernels off; tests/test_nf4_compile.py). The
-    disable is recursive: the inductor kernels of the native-off route run eagerly there too."""
-    return nf4_lora_linear(*args)
+    disable is recursive: the inductor kernels of the native-off route run eagerly there too. It is made here, at
+    trace time, not as a decorator: ``torch.compiler.disable`` imports Dynamo, 2.4 s at every process start
+    (every harness worker imports this module) for a path only compiled callers take, when Dynamo is loaded."""
+    return torch.compiler.disable(nf4_lora_linear)(*args)
 
 
 def from_linear4bit(layer: Any) -> tuple[NF4Weight, torch.Tensor | None]:
