@@ -22,7 +22,7 @@ def _install(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """The project's own tests (CPU)."""
     _install(session)
-    session.run("python", "-m", "pytest", "-q", *session.posargs)
+    session.run("python", "-m", "pytest", "-q", *(session.posargs or ["-n", "2", "--dist", "loadfile"]))
 
 
 @nox.session
