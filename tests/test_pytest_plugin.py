@@ -104,6 +104,10 @@ def vendor(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest
     (broken / "entry_points.txt").write_text("[twinbench.impls]\nbroken = vendor_broken\n")
     path = [str(ROOT), str(site), os.environ.get("PYTHONPATH")]
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in path if p))
+    # the vendor's pytest is its own run, not one of ours: under our xdist workers it would inherit
+    # PYTEST_XDIST_WORKER and pytest-benchmark would take it for an xdist worker and turn itself off
+    for name in [n for n in os.environ if n.startswith("PYTEST_XDIST_")]:
+        monkeypatch.delenv(name)
     return pytester
 
 
