@@ -92,9 +92,9 @@ class _NF4LoRALinear(torch.autograd.Function):
         # backward, for r (N + K) more bytes held until it).
         ctx.dtypes = (x.dtype, None if lora_A is None else lora_A.dtype, None if lora_B is None else lora_B.dtype)
         ctx.save_for_backward(xc, packed2d, scales if ctx.nested is None else None, a_c, b_c, xa, w)
-        # x, A, B as given (the same tensors where no conversion was needed), for a few-rows backward under
-        # create_graph to refuse a second derivative (its error node's anchors); plain attributes, not saved tensors: a
-        # saved input would hold x's memory on the GEMM path, where xc already is x or its copy in the compute dtype
+        # x, A, B as given, for a few-rows backward under create_graph to refuse a second derivative (its error
+        # node's anchors). Plain attributes, not saved tensors, so that the backward unpacks ctx.saved_tensors once
+        # (non-reentrant checkpointing refuses a second unpack); few rows only, so what they keep alive is tiny.
         ctx.given = (x, lora_A, lora_B) if few_rows else ()
         return _as(out, x.dtype)
 
