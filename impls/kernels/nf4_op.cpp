@@ -132,8 +132,10 @@ variable_list differentiable_once(variable_list grads, const variable_list &sour
     if (t.defined() && t.requires_grad()) inputs.push_back(t);
   if (n == inputs.size()) return grads;  // nothing to differentiate by: the gradients are constants, rightly
   torch::autograd::DelayedError refuse(
-      "twinbench_nf4.lora_linear is differentiable once: its backward runs the NF4 kernels directly, so its "
-      "gradients have no graph for a second derivative", static_cast<i64>(inputs.size()));
+      // reference/autograd_once.py's message(), word for word: one message for every differentiable-once op
+      "twinbench_nf4.lora_linear is differentiable once: its backward computes gradients autograd cannot "
+      "differentiate, so a second derivative through it (create_graph=True, then differentiating the gradients) is "
+      "not supported", static_cast<i64>(inputs.size()));
   const variable_list wrapped = refuse.apply(std::move(inputs));
   size_t next = 0;
   for (Tensor &g : grads)
