@@ -6,8 +6,9 @@
 The suite's bench shape (4096x4096, batch 512, LoRA r16, blocksize 64; the GEMM path takes fp32 block
 scales: the impl decodes the double quant before calling it). Per round each variant runs once, in
 rotating order: ``bare`` (the GEMMs and LoRA products on a weight dequantised beforehand, the calls bare_gemm
-makes), ``before`` (the GEMM path before panels: the whole W dequantised by nf4_dequantize into the workspace),
-``whole`` (the whole W by nf4.dequantize as it is now: for bf16 the faster panel kernel's narrowing) and
+makes), ``before`` (the GEMM path before panels: the whole W dequantised by nf4_dequantize into the workspace
+with plain stores), ``whole`` (the whole W by nf4.dequantize as it is now: for bf16 the faster panel kernel's
+narrowing, for fp32 non-temporal stores from ``nf4_native.STREAM_MIN_BYTES`` on) and
 ``panels-P`` (W dequantised P rows / P columns at a time into a cache-sized buffer, one GEMM per panel; what
 nf4_mm / nf4_mm_t run at GEMM_PANELS' size); at several threads also ``splitT-P`` (each of T Python
 threads dequantises and multiplies its own panels at one thread, so dequantising overlaps another's GEMM).
@@ -60,8 +61,8 @@ def variants(packed, scales, weight, panel_sizes, threads):
             return _lora_bwd(base_bwd(g), g, x, xa, a, b)
         return fwd, bwd
 
-    def before(dtype):  # main's GEMM path before the panels (2026-12-05): whole W, nf4_dequantize's narrowing
-        return nf4_native.dequantize(packed, scales, dtype, out=nf4._workspace(N, K, dtype))
+    def before(dtype):  # main's GEMM path before the panels (2026-12-05): whole W, nf4_dequantize's narrowing, plain stores
+        return nf4_native.dequantize(packed, scales, dtype, out=nf4._workspace(N, K, dtype), stream=False)
 
     out = {"bare": make(lambda x: x @ weight.t(), lambda g: g @ weight),
            "before": make(lambda x: nf4.gemm_nt(x, before(x.dtype)), lambda g: nf4.gemm_nn(g, before(g.dtype))),

@@ -33,7 +33,7 @@ int nf4_lora_gemv_t(const uint8_t *packed, const float *scales, const float *cod
                     const float *code2, float offset, i64 rank, const void *a, const void *b, int ab_bf16,
                     const float *xa, float scaling, const float *x, void *da, void *db);
 int nf4_dequantize(const uint8_t *packed, const float *scales, const float *code16, void *out, i64 numel, i64 bs,
-                   int kind, int threads);
+                   int kind, int threads, int stream);
 int nf4_dequantize_panel(const uint8_t *packed, const float *scales, const float *code16, void *out, i64 N, i64 K,
                          i64 bs, i64 r0, i64 r1, i64 c0, i64 c1, i64 ld, int kind, int threads, int fast_bf16);
 void nf4_decode_absmax(const uint8_t *q, const float *absmax2, const float *code2, float offset, float *out,
@@ -136,7 +136,8 @@ static i64 run(call_t *c, int threads, void **out) {
         need(c, 3, 3);
         const i64 bytes = p[0] * (p[2] ? 2 : 4);
         *out = out_buf(bytes);
-        check(nf4_dequantize(a[0], a[1], a[2], *out, p[0], p[1], (int)p[2], threads), "nf4_dequantize");
+        /* stream asked for: the NEON layer has no non-temporal stores and ignores it */
+        check(nf4_dequantize(a[0], a[1], a[2], *out, p[0], p[1], (int)p[2], threads, 1), "nf4_dequantize");
         return bytes;
     }
     case OP_PANEL: { /* params N, K, bs, r0, r1, c0, c1, kind; arrays packed, scales, code16 */

@@ -62,10 +62,30 @@ def test_dequantize_is_bit_exact(blocksize, double_quant, isa):
         assert torch.equal(scales, ref_scales)
     ref = dequantize_state(st, torch.float32)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        got = nf4_native.dequantize(packed2d, scales, dtype)
-        assert got.dtype == dtype and torch.equal(got, ref.to(dtype)), dtype
-        into = torch.full_like(got, float("nan"))  # a reused buffer is fully overwritten
-        assert torch.equal(nf4_native.dequantize(packed2d, scales, dtype, out=into), ref.to(dtype))
+        for stream in (False, True):  # plain or non-temporal stores: the same bits
+            got = nf4_native.dequantize(packed2d, scales, dtype, stream=stream)
+            assert got.dtype == dtype and torch.equal(got, ref.to(dtype)), (dtype, stream)
+            into = torch.full_like(got, float("nan"))  # a reused buffer is fully overwritten
+            assert torch.equal(nf4_native.dequantize(packed2d, scales, dtype, out=into, stream=stream), ref.to(dtype))
+        # an out that is not 64-byte aligned cannot take streaming stores: the kernel falls back to plain ones
+        skewed = torch.full((got.numel() + 1,), float("nan"), dtype=dtype)[1:].view(got.shape)
+        assert skewed.data_ptr() % 64 and torch.equal(
+            nf4_native.dequantize(packed2d, scales, dtype, out=skewed, stream=True), ref.to(dtype)), dtype
+
+
+@native
+def test_dequantize_streams_from_the_size_threshold_on(monkeypatch):
+    """Outputs of nf4_native.STREAM_MIN_BYTES and more are written with non-temporal stores (the flag reaches the
+    kernel), smaller ones with plain stores: the same bits either way."""
+    _, _, packed2d, scales = state(64, 256, 64, False)
+    flags = []
+    real = nf4_native._call
+    monkeypatch.setattr(nf4_native, "_call", lambda fn, *a: flags.append(a[-1]) or real(fn, *a))
+    small = nf4_native.dequantize(packed2d, scales, torch.float32)
+    monkeypatch.setattr(nf4_native, "STREAM_MIN_BYTES", small.numel() * 4)
+    assert torch.equal(nf4_native.dequantize(packed2d, scales, torch.float32), small)
+    assert torch.equal(nf4_native.dequantize(packed2d, scales, torch.bfloat16), small.bfloat16())  # half the bytes
+    assert flags == [0, 1, 0]
 
 
 def test_dequantize_matches_bitsandbytes(isa):
@@ -605,7 +625,7 @@ def test_fast_bf16_narrowing_is_bit_identical_at_the_edges():
 def test_gemm_panels_equal_the_whole_weights_gemm(dtype, monkeypatch):
     """The GEMM path's panel tiling (rows forward, columns backward, a last panel cut short) computes x W^T
     and g W like one GEMM on the whole dequantised W, and nf4_mm / nf4_mm_t take it where GEMM_PANELS asks (Intel
-    CPUs, up to the rule's thread count; not with TWINBENCH_NF4_PANELS=0)."""
+    CPUs; not with TWINBENCH_NF4_PANELS=0)."""
     gen = torch.Generator().manual_seed(7)
     n, k, bs = 160, 320, 64
     packed2d = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
@@ -622,26 +642,19 @@ def test_gemm_panels_equal_the_whole_weights_gemm(dtype, monkeypatch):
     calls = []
     monkeypatch.setattr(nf4_kernels, "mm_panels", lambda *a: calls.append("fwd") or x @ w.t())
     monkeypatch.setattr(nf4_kernels, "mm_t_panels", lambda *a: calls.append("bwd") or g @ w)
-    monkeypatch.setattr(nf4_kernels, "GEMM_PANELS", {dtype: nf4_kernels.PanelRule(64 * k * dtype.itemsize, 1)})
+    monkeypatch.setattr(nf4_kernels, "cpu_vendor", lambda: "GenuineIntel")
+    # the product's rules: bf16 panels, fp32 the whole W (streamed past the caches)
+    assert (nf4_kernels._gemm_panel(packed2d, scales, dtype, k) is None) == (dtype == torch.float32)
+    monkeypatch.setattr(nf4_kernels, "GEMM_PANELS", {dtype: 64 * k * dtype.itemsize})
     monkeypatch.setattr(nf4_kernels, "cpu_vendor", lambda: "AuthenticAMD")  # sizes measured on Intel only
     assert nf4_kernels._gemm_panel(packed2d, scales, dtype, k) is None
     monkeypatch.setattr(nf4_kernels, "cpu_vendor", lambda: "GenuineIntel")
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)  # more threads than the rule allows: the whole-W path
-        assert nf4_kernels._gemm_panel(packed2d, scales, dtype, k) is None
-    finally:
-        torch.set_num_threads(before)
-    torch.set_num_threads(1)
-    try:
-        assert nf4_kernels._gemm_panel(packed2d, scales, dtype, k) == 64
-        nf4_kernels.nf4_mm(x, packed2d, scales), nf4_kernels.nf4_mm_t(g, packed2d, scales)
-        assert calls == ["fwd", "bwd"]
-        monkeypatch.setenv("TWINBENCH_NF4_PANELS", "0")
-        nf4_kernels.nf4_mm(x, packed2d, scales), nf4_kernels.nf4_mm_t(g, packed2d, scales)
-        assert calls == ["fwd", "bwd"]
-    finally:
-        torch.set_num_threads(before)
+    assert nf4_kernels._gemm_panel(packed2d, scales, dtype, k) == 64
+    nf4_kernels.nf4_mm(x, packed2d, scales), nf4_kernels.nf4_mm_t(g, packed2d, scales)
+    assert calls == ["fwd", "bwd"]
+    monkeypatch.setenv("TWINBENCH_NF4_PANELS", "0")
+    nf4_kernels.nf4_mm(x, packed2d, scales), nf4_kernels.nf4_mm_t(g, packed2d, scales)
+    assert calls == ["fwd", "bwd"]
 
 
 @few_rows_native

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from dataclasses import dataclass
 
 import torch
 from twinbench.impls.kernels import nf4_native
@@ -34,17 +33,10 @@ GEMV_MAX_ROWS = 4
 # (rows of W forward, a column range of every row backward) into a reused buffer and each panel runs its own
 # GEMM, so the GEMM reads a panel the dequantisation has just left in cache instead of a whole W written out
 # to memory. Larger panels mean fewer, more efficient GEMMs (each call re-packs x); the best sizes measured
-# here outgrow the 2 MB L2 and live in the last-level cache. fp32 gained at one thread only (at two the
-# whole-W path measured as fast or faster). docs/quant_linear.md, "Batch 512", has the table.
-@dataclass(frozen=True)
-class PanelRule:
-    """Panel size in bytes of dequantised weight, used at up to ``max_threads`` torch threads (None: any)."""
-
-    bytes: int
-    max_threads: int | None = None
-
-
-GEMM_PANELS = {torch.float32: PanelRule(32 << 20, max_threads=1), torch.bfloat16: PanelRule(8 << 20)}
+# here outgrow the 2 MB L2 and live in the last-level cache. fp32 takes none: its whole W, written past the
+# caches with non-temporal stores (nf4_native.STREAM_MIN_BYTES), measured faster than 1024- and 2048-row
+# panels at one and two threads. docs/quant_linear.md, "Batch 512", has the tables.
+GEMM_PANELS = {torch.bfloat16: 8 << 20}
 
 
 def dequant_even_odd(packed2d: torch.Tensor, scales: torch.Tensor, code: torch.Tensor,
@@ -239,17 +231,15 @@ def nf4_mm(x: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor) -> tor
 def _gemm_panel(packed2d: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, span: int) -> int | None:
     """Rows (forward: ``span`` = K, the row length) or columns (backward: ``span`` = N, the column length) per
     panel for this weight (:data:`GEMM_PANELS`, a multiple of 32, at least 32), or None for the whole-weight
-    path: dtypes not listed or more threads than their rule allows, weights the native kernels do not take or
-    whose scales are not fp32,
+    path: dtypes not listed, weights the native kernels do not take or whose scales are not fp32,
     CPUs other than Intel's (the sizes were measured on one; on the AMD box tiling lost 1.5-2x, and there the
     fp32 GEMM is oneDNN's, which takes no ``out=``), and ``TWINBENCH_NF4_PANELS=0``."""
-    rule = GEMM_PANELS.get(dtype)
-    if rule is None or (rule.max_threads is not None and torch.get_num_threads() > rule.max_threads) \
-            or os.environ.get("TWINBENCH_NF4_PANELS") == "0" or not isinstance(scales, torch.Tensor) \
+    panel_bytes = GEMM_PANELS.get(dtype)
+    if panel_bytes is None or os.environ.get("TWINBENCH_NF4_PANELS") == "0" or not isinstance(scales, torch.Tensor) \
             or scales.dtype != torch.float32 or cpu_vendor() != "GenuineIntel" \
             or not nf4_native.supports(packed2d, scales):
         return None
-    return max(32, rule.bytes // (span * dtype.itemsize) // 32 * 32)
+    return max(32, panel_bytes // (span * dtype.itemsize) // 32 * 32)
 
 
 def nf4_mm_t(g: torch.Tensor, packed2d: torch.Tensor, scales: torch.Tensor,

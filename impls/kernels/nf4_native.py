@@ -107,7 +107,7 @@ def _load_isa(isa: str) -> tuple[ctypes.CDLL | None, str]:
         lib = ctypes.CDLL(str(_build(cc, isa)))
     except Exception as exc:  # a failed build or load is a reason, not a crash
         return None, f"native NF4 build failed: {type(exc).__name__}: {exc}"
-    if lib.nf4_native_abi() != 3 or lib.nf4_native_isa() != _ISA_ID[isa]:
+    if lib.nf4_native_abi() != 4 or lib.nf4_native_isa() != _ISA_ID[isa]:
         return None, "stale native NF4 build (ABI mismatch)"
     i64, ptr, cint, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.nf4_gemv.argtypes = [ptr, ptr, ptr, ptr, cint, ptr, i64, i64, i64, i64, cint, ptr, ptr, ptr, f32]
@@ -116,7 +116,7 @@ def _load_isa(isa: str) -> tuple[ctypes.CDLL | None, str]:
                                   i64, ptr, ptr, cint, ptr, f32, ptr]
     lib.nf4_lora_gemv_t.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, cint, ptr, ptr, ptr, f32,
                                     i64, ptr, ptr, cint, ptr, f32, ptr, ptr, ptr]
-    lib.nf4_dequantize.argtypes = [ptr, ptr, ptr, ptr, i64, i64, cint, cint]
+    lib.nf4_dequantize.argtypes = [ptr, ptr, ptr, ptr, i64, i64, cint, cint, cint]
     lib.nf4_decode_absmax.argtypes = [ptr, ptr, ptr, ctypes.c_float, ptr, i64]
     lib.nf4_decode_absmax.restype = None
     lib.nf4_trace.argtypes = [ptr]
@@ -489,10 +489,19 @@ def place(packed2d: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# Outputs from this size on are written with non-temporal stores (``dequantize``'s ``stream``): measured on an Ice
+# Lake server part, 4096-column fp32 weights of 256-4096 rows dequantised and then multiplied by a 512-row batch
+# (one thread; docs/quant_linear.md, "Batch 512"): dequantise + GEMM over the bare GEMM 1.099 -> 1.020 at 16 MB,
+# 1.052 -> 1.034 at 32 MB, 1.094 -> 1.025 at 64 MB; at 4-8 MB 1.03 -> 1.02, within the noise, so smaller outputs,
+# which the caches can hold for their reader, keep plain stores.
+STREAM_MIN_BYTES = 16 << 20
+
+
 def dequantize(packed2d: torch.Tensor, scales: Scales, dtype: torch.dtype,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, stream: bool | None = None) -> torch.Tensor:
     """The [N, K] weight in ``dtype`` (fp32/bf16/fp16): ``code * absmax`` in fp32, rounded to nearest even
-    (written into ``out`` when given: a contiguous [N, K] tensor of that dtype)."""
+    (written into ``out`` when given: a contiguous [N, K] tensor of that dtype). ``stream``: write it with
+    non-temporal stores, past the caches (None: from :data:`STREAM_MIN_BYTES` on); the same bits either way."""
     if dtype not in _OUT_KIND:
         raise ValueError(f"native dequantise writes fp32/bf16/fp16, not {dtype}")
     packed2d, scales, n, k, bs = _weight(packed2d, scales)
@@ -503,8 +512,10 @@ def dequantize(packed2d: torch.Tensor, scales: Scales, dtype: torch.dtype,
     elif out.shape != (n, k):
         raise ValueError(f"out has shape {tuple(out.shape)}, the weight is {n}x{k}")
     _checked(out, dtype, "out")
+    if stream is None:
+        stream = out.numel() * out.element_size() >= STREAM_MIN_BYTES
     _call(_lib().nf4_dequantize, packed2d.data_ptr(), scales.data_ptr(), nf4_table("cpu").data_ptr(), out.data_ptr(),
-          n * k, bs, _OUT_KIND[dtype], threads_for(packed2d))
+          n * k, bs, _OUT_KIND[dtype], threads_for(packed2d), int(stream))
     return out
 
 
