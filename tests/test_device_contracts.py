@@ -476,3 +476,22 @@ def test_matmul_ceiling_is_the_best_of_several_sizes(monkeypatch):
     monkeypatch.setattr(timing, "timer_for", SizeAwareTimer)
     got = timing.measure_ceilings(cpu, dtypes=("fp32",))
     assert got["matmul_n"] == {"fp32": 1024} and got["matmul_tflops"]["fp32"] == pytest.approx(0.05)
+
+
+def test_the_fingerprint_records_how_fresh_memory_is_handed_out(monkeypatch, tmp_path):
+    """The selected THP mode and a VM's free page reporting order go into the soft fingerprint (recorded, not
+    compared: the hard key, and so which baselines compare, does not move); a setting the kernel lacks is left out."""
+    thp, reporting = tmp_path / "enabled", tmp_path / "page_reporting_order"
+    thp.write_text("always [madvise] never\n")
+    reporting.write_text("9\n")
+    monkeypatch.setattr(devices, "MEMORY_SETTINGS", {"transparent_hugepage": str(thp),
+                                                     "free_page_reporting_order": str(reporting)})
+    assert devices.memory_settings() == {"transparent_hugepage": "madvise", "free_page_reporting_order": "9"}
+    cpu = devices.find("cpu")
+    with_reporting = devices.fingerprint(cpu)
+    assert with_reporting["soft"]["memory"] == {"transparent_hugepage": "madvise", "free_page_reporting_order": "9"}
+    reporting.unlink()
+    thp.write_text("[always] madvise never\n")
+    without = devices.fingerprint(cpu)
+    assert without["soft"]["memory"] == {"transparent_hugepage": "always"}
+    assert without["id"] == with_reporting["id"]

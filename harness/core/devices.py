@@ -90,6 +90,30 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# Where Linux says how fresh memory is handed out. Both change what a first touch of fresh memory costs, so timings
+# of cases that allocate large buffers: transparent huge pages (always / madvise / never), and a VM's free page
+# reporting (virtio-balloon hands free blocks of 2^order pages back to the host, which must back them again on
+# their next use: on the project's VM, order 9, fresh-buffer system time per MoE fwd+bwd ranged 22-406 ms;
+# docs/method.md, "Fresh memory on a VM").
+MEMORY_SETTINGS = {"transparent_hugepage": "/sys/kernel/mm/transparent_hugepage/enabled",
+                   "free_page_reporting_order": "/sys/module/page_reporting/parameters/page_reporting_order"}
+
+
+def memory_settings() -> dict[str, str]:
+    """The settings of :data:`MEMORY_SETTINGS` this kernel exposes (the selected THP mode, e.g. "madvise"); a
+    setting it does not have is left out (free page reporting: not a VM with a balloon that reports)."""
+    found = {}
+    for name, path in MEMORY_SETTINGS.items():
+        try:
+            with open(path) as fh:
+                text = fh.read().strip()
+        except OSError:
+            continue
+        selected = [word[1:-1] for word in text.split() if word.startswith("[") and word.endswith("]")]
+        found[name] = selected[0] if selected else text
+    return found
+
+
 def _mem_total() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -395,6 +419,7 @@ def fingerprint(device: Device) -> dict[str, Any]:
         "platform": platform.platform(),
         "hostname": platform.node(),
         "env": {k: os.environ[k] for k in RELEVANT_ENV if k in os.environ},
+        "memory": memory_settings(),
     }
     if device.backend == "cuda":
         smi = _nvidia_smi(str(device.extra.get("uuid", "")))
