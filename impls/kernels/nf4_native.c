@@ -873,6 +873,15 @@ int nf4_lora_gemv(const uint8_t *packed, const float *scales, const float *code1
 #ifndef NF4_BWD_OFFSET_LOADS
 #define NF4_BWD_OFFSET_LOADS (L == 16)
 #endif
+/* rows of W per pass in the one-row backward (AVX-512 build): each dx partial vector is loaded and stored once per
+ * pass, so more rows per pass mean fewer of those per byte of W (at 14336 columns the partials, 57 KB, do not fit
+ * the 48 KB L1). 8 against 4, interleaved in one process, weights streamed from DRAM (Ice Lake, 2026-12-06): one
+ * thread 0.89-0.90x the time at 4096x14336, 0.93-0.95x at 4096x4096; two threads 0.88-0.98x and 0.99-1.03x; the
+ * same sums in the same order (rows are added one by one either way), +0.4 s of build. */
+#ifndef NF4_BWD_RB1
+#define NF4_BWD_RB1 8
+#endif
+#define BWD_MAX_RB (NF4_BWD_RB1 > 4 ? NF4_BWD_RB1 : 4)
 
 /* bwd_block's loop over groups for rows [n, n + rows) of W (coef: the one-row coefficients, or NULL) */
 AI void bwd_groups(const plan_t *p, const uint8_t *packed, const float *g, float *dxs, i64 g0, i64 g1, i64 n,
@@ -880,8 +889,8 @@ AI void bwd_groups(const plan_t *p, const uint8_t *packed, const float *g, float
                    const int kind, const int offs) {
     const i64 N = p->N, K = p->K;
     for (i64 gi = g0; gi < g1; gi++) {
-        vi v[4];
-        vf cf[4][MAX_ROWS];
+        vi v[BWD_MAX_RB];
+        vf cf[BWD_MAX_RB][MAX_ROWS];
         for (int rb = 0; rb < RB; rb++) {
             const i64 r = rb < rows ? n + rb : n; /* a missing row repeats row n with coefficient 0 */
             prefetch_ahead(packed + r * p->half + gi * GROUP_BYTES, gi, RB * p->half);
@@ -894,7 +903,7 @@ AI void bwd_groups(const plan_t *p, const uint8_t *packed, const float *g, float
             for (int m = 0; m < R; m++) cf[rb][m] = rb < rows ? vmul(vset1(g[m * N + r]), sc) : vzero();
         }
         float *dg = dxs + gi * GROUP_COLS;
-        vi cur[4]; /* the offset load of nibbles s and s + 1 (s even) */
+        vi cur[BWD_MAX_RB]; /* the offset load of nibbles s and s + 1 (s even) */
 #pragma GCC unroll 8
         for (int s = 0; s < 8; s++) {
             vf d[MAX_ROWS];
@@ -921,11 +930,11 @@ AI void bwd_block(const plan_t *p, const uint8_t *packed, const float *g, float 
     const i64 b0 = g0 * GROUP_COLS / p->bs, b1 = (g1 * GROUP_COLS + p->bs - 1) / p->bs; /* the blocks read */
     /* the decoded scales of the pass's rows; in the one-row backward, overwritten in place by the coefficients
      * g[n] * scale (prescale), formed once per block instead of once per group */
-    float decoded[4][MAX_ROW_BLOCKS];
+    float decoded[BWD_MAX_RB][MAX_ROW_BLOCKS];
     const int prescale = R == 1;
     for (i64 n = n0; n < n1; n += RB) {
         const int rows = n1 - n < RB ? (int)(n1 - n) : RB;
-        const float *srows[4];
+        const float *srows[BWD_MAX_RB];
         prefetch_scales(p, n + RB, RB, b0, b1);
         for (int rb = 0; rb < RB; rb++) {
             srows[rb] = row_scales(p, rb < rows ? n + rb : n, b0, b1, decoded[rb]);
@@ -951,7 +960,7 @@ static __attribute__((noinline)) void bwd_block_m(const plan_t *p, const float *
                                                   i64 n0, i64 n1, i64 M) {
     switch (M) {
 #if L == 16
-    case 1: bwd_block_k(p, p->packed, g, out, g0, g1, n0, n1, 1, 4); break;
+    case 1: bwd_block_k(p, p->packed, g, out, g0, g1, n0, n1, 1, NF4_BWD_RB1); break;
     case 2: bwd_block_k(p, p->packed, g, out, g0, g1, n0, n1, 2, 4); break;
     case 3: bwd_block_k(p, p->packed, g, out, g0, g1, n0, n1, 3, 2); break;
     default: bwd_block_k(p, p->packed, g, out, g0, g1, n0, n1, 4, 2); break;
