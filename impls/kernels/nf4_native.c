@@ -1216,7 +1216,8 @@ AI void store_natural(void *out, i64 at, int kind, vf lo, vf hi, const int strea
     } else {
         uint16_t *o = (uint16_t *)out + at;
         const int r = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-        const __m256i a = kind == 1 ? to_bf16(lo) : _mm512_cvtps_ph(lo, r), b = kind == 1 ? to_bf16(hi) : _mm512_cvtps_ph(hi, r);
+        const __m256i a = kind == 1 ? to_bf16(lo) : _mm512_cvtps_ph(lo, r);
+        const __m256i b = kind == 1 ? to_bf16(hi) : _mm512_cvtps_ph(hi, r);
         if (stream) _mm256_stream_si256((__m256i *)o, a), _mm256_stream_si256((__m256i *)(o + 16), b);
         else _mm256_storeu_si256((__m256i *)o, a), _mm256_storeu_si256((__m256i *)(o + 16), b);
     }
@@ -1229,7 +1230,8 @@ AI void dequant_chunk(const uint8_t *p, vf s, lut_t lut, void *out, i64 at, int 
     const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
     __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
     const vf we = vmul(lookup(_mm512_srli_epi32(v, 4), lut), s), wo = vmul(lookup(v, lut), s);
-    store_natural(out, at, kind, _mm512_permutex2var_ps(we, lo_idx, wo), _mm512_permutex2var_ps(we, hi_idx, wo), stream);
+    store_natural(out, at, kind, _mm512_permutex2var_ps(we, lo_idx, wo), _mm512_permutex2var_ps(we, hi_idx, wo),
+                  stream);
 }
 #elif L == 8
 AI __m128i to_bf16(__m256 v) {
@@ -1247,7 +1249,8 @@ AI void store_natural8x2(void *out, i64 at, int kind, vf lo, vf hi, const int st
     } else {
         uint16_t *o = (uint16_t *)out + at;
         const int r = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-        const __m128i a = kind == 1 ? to_bf16(lo) : _mm256_cvtps_ph(lo, r), b = kind == 1 ? to_bf16(hi) : _mm256_cvtps_ph(hi, r);
+        const __m128i a = kind == 1 ? to_bf16(lo) : _mm256_cvtps_ph(lo, r);
+        const __m128i b = kind == 1 ? to_bf16(hi) : _mm256_cvtps_ph(hi, r);
         if (stream) _mm_stream_si128((__m128i *)o, a), _mm_stream_si128((__m128i *)(o + 8), b);
         else _mm_storeu_si128((__m128i *)o, a), _mm_storeu_si128((__m128i *)(o + 8), b);
     }
@@ -1307,16 +1310,10 @@ int nf4_dequantize(const uint8_t *packed, const float *scales, const float *code
     if (L == 4 || ((uintptr_t)out & 63)) stream = 0;
 #pragma omp parallel num_threads(threads)
     {
-        if (stream) {
 #pragma omp for schedule(static) nowait
-            for (i64 c = 0; c < chunks; c++)
-                dequant_chunk(packed + c * 16, vset1(scales[c * 32 / bs]), lut, out, c * 32, kind, 1);
-            store_fence(); /* this thread's streamed lines reach memory before the region's closing barrier */
-        } else {
-#pragma omp for schedule(static)
-            for (i64 c = 0; c < chunks; c++)
-                dequant_chunk(packed + c * 16, vset1(scales[c * 32 / bs]), lut, out, c * 32, kind, 0);
-        }
+        for (i64 c = 0; c < chunks; c++)
+            dequant_chunk(packed + c * 16, vset1(scales[c * 32 / bs]), lut, out, c * 32, kind, stream);
+        if (stream) store_fence(); /* this thread's streamed lines reach memory before the region's closing barrier */
     }
     return 0;
 }
