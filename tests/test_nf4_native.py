@@ -690,24 +690,87 @@ def test_few_rows_compute_in_fp32_and_round_once(monkeypatch):
     assert not same(run(torch.bfloat16), want)
 
 
-@native
-def test_kernels_decode_double_quant_scales_bit_exactly(isa):
-    """The GEMV kernels decode the double-quantised absmax L blocks at a time (scalar across a 256-block boundary
-    and at a row's end): the results are bitwise those on the fp32 scales decoded one by one. 74 blocks per
-    row, so rows start at many offsets within a 256-block group. Planted: one scale 0.1% off is seen."""
-    n, k = 33, 64 * 74
+def _rebuilt(source: str | None, flags: list[str], tmp_path, monkeypatch) -> None:
+    """Load the kernels built from ``source`` (a variant of nf4_native.c; None: the real one) with extra flags."""
+    if source is not None:
+        planted = tmp_path / "nf4_native.c"
+        planted.write_text(source)
+        monkeypatch.setattr(nf4_native, "SOURCE", planted)
+    monkeypatch.setenv("TWINBENCH_CACHE_DIR", str(tmp_path))  # read by impls/kernels/native_build.py
+    monkeypatch.setattr(nf4_native, "FLAGS", [*nf4_native.FLAGS, *flags])
+    for cache in (nf4_native._load_for, nf4_native._load_isa):
+        cache.cache_clear()
+
+
+def _scale_decode_mismatches() -> list[str]:
+    """The GEMV kernels on double-quantised scales against the same kernels on those scales decoded one by one
+    (fp32), bitwise: 1 and 3 rows of x and g, 74 and 150 blocks per row (a whole 64-block chunk or two and a
+    partial one; 33 rows start at many offsets within a 256-block absmax2 group, so vectors cross its edges)."""
+    bad = []
     gen = torch.Generator().manual_seed(11)
-    packed2d = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
-    q = torch.randint(0, 256, (n, k // 64), dtype=torch.uint8, generator=gen)
-    nested = nf4_native.NestedScales(q, torch.rand(-(-q.numel() // 256), generator=gen) + 0.5,
-                                     torch.linspace(-1, 1, 256) ** 3, 0.0123)
-    flat = nested.decoded()
-    x, g = torch.randn(3, k, generator=gen), torch.randn(3, n, generator=gen)
-    assert torch.equal(nf4_native.gemv(x, packed2d, nested), nf4_native.gemv(x, packed2d, flat))
-    assert torch.equal(nf4_native.gemv_t(g, packed2d, nested), nf4_native.gemv_t(g, packed2d, flat))
-    off = flat.clone()
-    off[20, 70] *= 1.001
-    assert not torch.equal(nf4_native.gemv(x, packed2d, off)[:, 20], nf4_native.gemv(x, packed2d, flat)[:, 20])
+    for n, blocks in ((33, 74), (17, 150)):
+        k = 64 * blocks
+        packed2d = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
+        q = torch.randint(0, 256, (n, blocks), dtype=torch.uint8, generator=gen)
+        nested = nf4_native.NestedScales(q, torch.rand(-(-q.numel() // 256), generator=gen) + 0.5,
+                                         torch.linspace(-1, 1, 256) ** 3, 0.0123)
+        flat = nested.decoded()
+        for rows in (1, 3):
+            x, g = torch.randn(rows, k, generator=gen), torch.randn(rows, n, generator=gen)
+            if not torch.equal(nf4_native.gemv(x, packed2d, nested), nf4_native.gemv(x, packed2d, flat)):
+                bad.append(f"forward {rows} rows, {blocks} blocks")
+            if not torch.equal(nf4_native.gemv_t(g, packed2d, nested), nf4_native.gemv_t(g, packed2d, flat)):
+                bad.append(f"backward {rows} rows, {blocks} blocks")
+    return bad
+
+
+@native
+@pytest.mark.parametrize("lookup", ["default", "gather"])
+def test_kernels_decode_double_quant_scales_bit_exactly(isa, lookup, tmp_path, monkeypatch):
+    """The GEMV kernels decode the double-quantised absmax a vector at a time: code2[q] by AVX512-VBMI byte
+    permutes where the CPU has them, else a gather (``gather``: the build without the VBMI path, what AVX-512
+    CPUs without VBMI run), then * absmax2 + offset, with per-lane absmax2 where a vector crosses a 256-block
+    edge. The results must be bitwise those on the fp32 scales decoded one by one. Planted: one scale 0.1% off
+    is seen."""
+    if lookup == "gather":
+        _rebuilt(None, ["-DNF4_CODE2_VBMI=0"], tmp_path, monkeypatch)
+    try:
+        assert _scale_decode_mismatches() == []
+        gen = torch.Generator().manual_seed(12)
+        packed2d = torch.randint(0, 256, (33, 64 * 37), dtype=torch.uint8, generator=gen)
+        flat = torch.rand(33, 74, generator=gen) + 0.5
+        x = torch.randn(3, 64 * 74, generator=gen)
+        off = flat.clone()
+        off[20, 70] *= 1.001
+        assert not torch.equal(nf4_native.gemv(x, packed2d, off)[:, 20], nf4_native.gemv(x, packed2d, flat)[:, 20])
+    finally:
+        for cache in (nf4_native._load_for, nf4_native._load_isa):
+            cache.cache_clear()
+
+
+@native
+@pytest.mark.parametrize("bug", ["upper half from the lower tables", "no absmax2 edge", "natural input order"])
+def test_planted_scale_decode_bugs_are_caught(bug, tmp_path, monkeypatch):
+    """The VBMI decode path (AVX-512 build, CPUs with VBMI) with one of its steps broken, built from a copy of the
+    source, must fail the bitwise comparison above: proof that the comparison runs that path."""
+    if "avx512vbmi" not in availability.cpu_flags() or nf4_native.isa() != "avx512":
+        pytest.skip("the VBMI scale decode runs only in the AVX-512 build on a CPU with AVX512-VBMI")
+    source = nf4_native.SOURCE.read_text()
+    edits = {
+        "upper half from the lower tables": ("_mm512_permutex2var_epi8(t->plane[k][2], idx, t->plane[k][3])",
+                                             "_mm512_permutex2var_epi8(t->plane[k][0], idx, t->plane[k][1])"),
+        "no absmax2 edge": ("if ((i & 255) + 16 > 256) /* the vector crosses", "if (0) /* the vector crosses"),
+        "natural input order": ("_mm512_permutexvar_epi8(t->order, _mm512_maskz_loadu_epi8(",
+                                "(_mm512_maskz_loadu_epi8("),
+    }
+    real, planted = edits[bug]
+    assert source.count(real) == 1
+    _rebuilt(source.replace(real, planted), [], tmp_path, monkeypatch)
+    try:
+        assert _scale_decode_mismatches() != []
+    finally:
+        for cache in (nf4_native._load_for, nf4_native._load_isa):
+            cache.cache_clear()
 
 
 @native
