@@ -189,7 +189,7 @@ def test_whole_call_reads_and_writes_bf16_factors(isa):
 @pytest.mark.parametrize("threads", [2, 3])
 def test_whole_call_is_bitwise_the_same_at_any_thread_count(threads, isa, monkeypatch):
     """Forward rows go out in 32-row chunks that idle threads steal, x A^T and g B split by LoRA rank, dx summed
-    by fixed row slabs and reduced in a fixed order, dA by column groups, dB by rows: each element is computed in
+    by fixed row slabs (units that idle threads steal too) and reduced in a fixed order, dA by column groups, dB by rows: each element is computed in
     an order that does not depend on the team, so the results are bitwise those of one thread (97 rows: a
     partial chunk; rank 5: uneven split)."""
     packed2d, scales, _, x, a, b, bias, g = _whole_call_case(97, 512, 128, True, 3, 5, 21)

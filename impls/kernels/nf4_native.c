@@ -795,7 +795,8 @@ AI void fwd_rows(const plan_t *p, const uint8_t *packed, const float *xs, float 
 #define STEAL_ROWS 32
 #define MAX_TEAM 64
 #ifndef NF4_STEAL
-#define NF4_STEAL 1 /* 0: each thread its own share only, a static split (benchmarks/nf4_stream.py --no-steal) */
+#define NF4_STEAL 1 /* 0: each thread its own share only, a static split, forward and backward (benchmarks/nf4_stream.py
+                     * --no-steal) */
 #endif
 
 /* one thread's chunks [front, back): front in the low 32 bits; a cache line each */
@@ -1065,7 +1066,9 @@ static __attribute__((noinline)) void bwd_block_m(const plan_t *p, const float *
 
 /* The backward's row slabs: at most BWD_SLABS, each a multiple of BWD_SLAB_ROWS rows (whole RB passes), set by N
  * alone, so the partial sums and their reduction are the same at any thread count. */
+#ifndef BWD_SLABS
 #define BWD_SLABS 8 /* 16: 2-3% slower at 1 thread, 4: 1% faster (AVX-512, 1-4 rows of g, measured) */
+#endif
 #define BWD_SLAB_ROWS 16
 #ifndef BWD_CHUNK_MIN_ROWS
 #define BWD_CHUNK_MIN_ROWS 3 /* rows of g from which a slab's columns go in L1-sized chunks (gemv_t_call) */
@@ -1182,27 +1185,40 @@ static int gemv_t_call(const plan_t *p, const float *g, float *dx, i64 M, int th
     float *parts = dx ? scratch(slabs.count * M * K) : NULL;
     if (dx && !parts) return -2;
     float gb[MAX_ROWS * MAX_RANK]; /* shared by the team */
+    if (threads > MAX_TEAM) threads = MAX_TEAM;
+    if (threads < 1) threads = 1;
+    /* the work: units of (slab, columns), each slab's columns in `cuts` ranges of whole groups so that the team
+     * divides the units evenly (cuts = 1, whole rows, when it divides the slabs). Each thread starts on a
+     * contiguous share of the units and takes them from its front; one that runs out takes units from the back
+     * of the others' shares, as the forward steals row chunks: a thread slowed by its neighbour or the host
+     * holds up the call by at most one unit (benchmarks/nf4_decode.py --threads 2, 4096x14336 streamed, 11
+     * rounds: 0.84x and 0.92x the time of the static split in two runs where one thread ran slower, 1.01x in one
+     * where neither did; column cuts to steal finer, 2 or 4 a slab, were slower than whole rows: 0.98-1.35x).
+     * Which thread sums a unit changes nothing. */
+    i64 common = slabs.count, rest = threads;
+    while (rest) { /* gcd(slabs, threads) */
+        const i64 r = common % rest;
+        common = rest, rest = r;
+    }
+    const i64 cuts = threads / common, units = slabs.count * cuts;
+    share_t shares[MAX_TEAM] __attribute__((aligned(64)));
+    for (int t = 0; t < threads; t++) /* set before the fork: a thief may look at any share at once */
+        shares[t].span = ((uint64_t)(units * (t + 1) / threads) << 32) | (uint64_t)(units * t / threads);
     trace(TRACE_ENTRY);
 #pragma omp parallel num_threads(threads)
     {
         trace(TRACE_FORKED);
-        /* the work: each slab's columns in `cuts` ranges of whole groups, so that the team divides the (slab,
-         * columns) units evenly (cuts = 1 when it divides the slabs), a contiguous range of units per thread.
-         * Which thread sums a unit changes nothing. */
-        const i64 team = omp_get_num_threads();
-        i64 common = slabs.count, rest = team;
-        while (rest) { /* gcd(slabs, team) */
-            const i64 r = common % rest;
-            common = rest, rest = r;
-        }
-        const i64 cuts = team / common;
-        i64 u0, u1, g0, g1;
-        thread_range(slabs.count * cuts, 1, &u0, &u1);
-        for (i64 u = u0; dx && u < u1; u++) {
-            const i64 s = u / cuts, n0 = s * slabs.rows, n1 = n0 + slabs.rows < N ? n0 + slabs.rows : N;
-            const i64 c0 = p->groups * (u % cuts) / cuts, c1 = p->groups * (u % cuts + 1) / cuts;
-            for (i64 c = c0; c < c1; c += chunk)
-                bwd_block_m(p, g, parts + s * M * K, c, c + chunk < c1 ? c + chunk : c1, n0, n1, M);
+        const int me = omp_get_thread_num(), team = omp_get_num_threads();
+        i64 u, g0, g1;
+        for (int v = 0; v < threads && dx; v++) {
+            if (v && !NF4_STEAL && (me + v) % threads < team) continue; /* static split: unowned shares only */
+            share_t *share = &shares[(me + v) % threads];
+            while (v ? take_back(share, &u) : take_front(share, &u)) {
+                const i64 s = u / cuts, n0 = s * slabs.rows, n1 = n0 + slabs.rows < N ? n0 + slabs.rows : N;
+                const i64 c0 = p->groups * (u % cuts) / cuts, c1 = p->groups * (u % cuts + 1) / cuts;
+                for (i64 c = c0; c < c1; c += chunk)
+                    bwd_block_m(p, g, parts + s * M * K, c, c + chunk < c1 ? c + chunk : c1, n0, n1, M);
+            }
         }
         if (dx && omp_get_thread_num() == 0) /* tail blocks (bs < 8L only), scalar, one thread */
             for (i64 m = 0; m < M; m++)
