@@ -240,10 +240,16 @@ DEFAULT_GATE_CPU_THREADS = 1
 # two processes running the same code settle in different allocator states for their whole life: measured on
 # `quant_linear reference fwdbwd` 1024x1024 batch 1, one thread, eight fresh processes: 280-1,230 page faults
 # per call and 6-8 ms, or ~3,500 and 13-14 ms (docs/method.md §7). A gate reads that as a 2x difference
-# between base and head. Gate workers fix both thresholds at the ceiling glibc's own adjustment stops at (32 MiB
-# on 64-bit; trim at twice that): every gate worker starts in the same state, that of a process that has freed
-# large blocks. Other allocators ignore the variables; a value the user set is kept.
-GATE_MALLOC_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
+# between base and head. And the heap is trimmed by whichever free() finds its top over the trim threshold, so
+# one impl's churn is paid inside the next one's timed call: `quant_linear` 4096x14336 batch 1 fp32, two threads,
+# fused_cpu's fwd+bwd right after the reference's took 10-14 ms in half the calls (5-8 ms of it system time,
+# the heap handed back) and 4 ms in the rest, where alone it takes 4 ms; with a 64 MiB trim threshold still in
+# half of them (§7). Every worker therefore fixes the mmap threshold at the ceiling glibc's own adjustment stops
+# at (32 MiB on 64-bit) and trims only above 1 GiB: it starts in the state of a process that has freed large
+# blocks and keeps the heap it has grown, as a training process with steady shapes does. The CPU memory
+# measurement hands freed heap back explicitly before its call (harness/core/memory.py). Other allocators
+# ignore the variables; a value the user set is kept.
+MALLOC_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 VISIBILITY_VARIABLES = {"cuda": "CUDA_VISIBLE_DEVICES", "rocm": "HIP_VISIBLE_DEVICES", "xpu": "ZE_AFFINITY_MASK"}
 
 
@@ -325,9 +331,9 @@ def worker_environment(kind: WorkerKind, backend: str, device_name: str, *, root
     - Threads: gate/calibrate CPU workers default to one thread and ``OMP_WAIT_POLICY=PASSIVE`` (the idle
       side's OpenMP threads must not spin while the other side is timed); run workers keep torch's default
       unless ``threads`` is given.
-    - Allocator: gate/calibrate workers (any backend: the host side's allocations too) get glibc's malloc
-      thresholds fixed (``GATE_MALLOC_ENVIRONMENT``), so base and head start in the same allocator state.
-      Run workers keep glibc's defaults: what a user's process gets.
+    - Allocator: every worker (any backend: the host side's allocations too) gets glibc's malloc thresholds
+      fixed (``MALLOC_ENVIRONMENT``), so base and head start in the same allocator state and no impl's timed
+      call pays for handing back what another impl freed.
     """
     env = dict(os.environ if base is None else base)
     root, head_root = Path(root).resolve(), Path(head_root).resolve()
@@ -345,9 +351,8 @@ def worker_environment(kind: WorkerKind, backend: str, device_name: str, *, root
                 env.pop(var, None)
             else:
                 env[var] = value
-    if kind is WorkerKind.GATE:
-        for var, value in GATE_MALLOC_ENVIRONMENT.items():
-            env.setdefault(var, value)
+    for var, value in MALLOC_ENVIRONMENT.items():
+        env.setdefault(var, value)
     if kind is WorkerKind.GATE and backend == "cpu":
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         threads = threads or DEFAULT_GATE_CPU_THREADS
