@@ -178,27 +178,37 @@ def test_the_environment_policy_per_backend_and_worker_kind(tmp_path):
     assert gate_gpu.env["CUDA_VISIBLE_DEVICES"] == "4,6" and gate_gpu.threads == 4
 
 
-# Two 10 MiB blocks allocated, written and freed per iteration: under glibc's dynamic thresholds the heap can be
-# trimmed and re-faulted every iteration, which is what made one gate worker twice as slow as its twin.
-ALLOCATION_LOOP = textwrap.dedent("""
-    import ctypes, resource
-    libc = ctypes.CDLL("libc.so.6")
-    libc.malloc.restype = ctypes.c_void_p
-    libc.free.argtypes = [ctypes.c_void_p]
-    n = 10 << 20
-    def iteration():
-        blocks = [libc.malloc(n) for _ in range(2)]
-        for b in blocks:
-            ctypes.memset(b, 1, n)
-        for b in blocks:
-            libc.free(b)
-    for _ in range(5):
-        iteration()
-    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(10):
-        iteration()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 10)
-""")
+def allocation_rounds(block: int, blocks: int, warm: int, timed: int) -> str:
+    """A script that allocates ``blocks`` blocks of ``block`` bytes with libc's malloc, writes and frees them,
+    ``warm`` rounds and then ``timed`` rounds, and prints the page faults per timed round."""
+    return textwrap.dedent(f"""
+        import ctypes, resource
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+        def one_round():
+            taken = [libc.malloc({block}) for _ in range({blocks})]
+            for b in taken:
+                ctypes.memset(b, 1, {block})
+            for b in taken:
+                libc.free(b)
+        for _ in range({warm}):
+            one_round()
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range({timed}):
+            one_round()
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / {timed})
+    """)
+
+
+# Two 10 MiB blocks allocated, written and freed per round: under glibc's dynamic thresholds the heap can be
+# trimmed and re-faulted every round, which is what made one gate worker twice as slow as its twin.
+ALLOCATION_LOOP = allocation_rounds(10 << 20, 2, warm=5, timed=10)
+# One impl's churn, then the next impl's call: 48 blocks of 2 MiB (heap, under the mmap threshold) written and
+# freed, then the same again. If the frees trimmed the heap, the second round faults its pages in anew: the cost
+# one impl's frees put into the next one's timed call (5-8 ms of system time on the Ice Lake VM:
+# harness/run/process.py).
+NEIGHBOUR_CHURN = allocation_rounds(2 << 20, 48, warm=1, timed=1)
 
 
 glibc_malloc = pytest.mark.skipif(not sys.platform.startswith("linux") or os.environ.get("LD_PRELOAD"),
@@ -210,29 +220,6 @@ def test_workers_reuse_freed_heap_instead_of_faulting_it_in_again():
     assert _faults_of(ALLOCATION_LOOP, process.MALLOC_ENVIRONMENT) < 50
     # planted: thresholds fixed low, every block mmapped and faulted in anew (2 x 2,560 pages): the count sees it
     assert _faults_of(ALLOCATION_LOOP, {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}) > 4000
-
-
-# One impl's churn, then the next impl's call: 48 blocks of 2 MiB (heap, under the mmap threshold) written and
-# freed, then the same allocated and written again. If the frees trimmed the heap, the second round faults its
-# pages in anew: the cost one impl's frees put into the next one's timed call (5-8 ms of system time on the
-# Ice Lake VM: harness/run/process.py).
-NEIGHBOUR_CHURN = textwrap.dedent("""
-    import ctypes, resource
-    libc = ctypes.CDLL("libc.so.6")
-    libc.malloc.restype = ctypes.c_void_p
-    libc.free.argtypes = [ctypes.c_void_p]
-    n = 2 << 20
-    def churn():
-        blocks = [libc.malloc(n) for _ in range(48)]
-        for b in blocks:
-            ctypes.memset(b, 1, n)
-        for b in blocks:
-            libc.free(b)
-    churn()
-    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    churn()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
-""")
 
 
 @glibc_malloc
