@@ -225,7 +225,7 @@ def test_workers_reuse_freed_heap_instead_of_faulting_it_in_again():
 @glibc_malloc
 def test_one_impls_frees_do_not_trim_the_heap_under_the_next_call():
     assert _faults_of(NEIGHBOUR_CHURN, process.MALLOC_ENVIRONMENT) < 100
-    # planted: the gate's earlier 64 MiB trim threshold hands 96 MiB of freed heap back, ~8,000 pages to fault again
+    # planted: the gate's earlier 64 MiB trim threshold hands the freed heap back, ~24,500 pages to fault again
     assert _faults_of(NEIGHBOUR_CHURN, {**process.MALLOC_ENVIRONMENT, "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}) > 4000
 
 
