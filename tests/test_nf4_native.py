@@ -759,7 +759,7 @@ def test_planted_scale_decode_bugs_are_caught(bug, tmp_path, monkeypatch):
     edits = {
         "upper half from the lower tables": ("_mm512_permutex2var_epi8(t->plane[k][2], idx, t->plane[k][3])",
                                              "_mm512_permutex2var_epi8(t->plane[k][0], idx, t->plane[k][1])"),
-        "no absmax2 edge": ("if ((i & 255) + 16 > 256) /* the vector crosses", "if (0) /* the vector crosses"),
+        "no absmax2 edge": ("if ((i & 255) + lanes > 256) /* its blocks cross", "if (0) /* its blocks cross"),
         "natural input order": ("_mm512_permutexvar_epi8(t->order, _mm512_maskz_loadu_epi8(",
                                 "(_mm512_maskz_loadu_epi8("),
     }
@@ -850,36 +850,51 @@ from twinbench.impls.kernels import nf4_native
 from twinbench.reference.nf4 import quantize_nf4
 from twinbench.impls.kernels.nf4_weight import NF4Weight
 
-n, k, bs = 37, 512, 64  # 37 rows: the last register blocks of both directions are partial
-st = quantize_nf4(torch.randn(n, k, generator=torch.Generator().manual_seed(5)) / k**0.5, bs, True)
-scales = NF4Weight(st.packed, st.absmax, (n, k), bs, st.absmax2, st.code2, st.offset).block_scales()
-size, page = n * k // 2, mmap.PAGESIZE
-total = (size + page - 1) // page * page + page
-buf = mmap.mmap(-1, total)
-base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
 libc = ctypes.CDLL(None, use_errno=True)
-assert libc.mprotect(ctypes.c_void_p(base + total - page), ctypes.c_size_t(page), 0) == 0  # PROT_NONE
-packed = torch.frombuffer(buf, dtype=torch.uint8, count=size, offset=total - page - size)  # ends at the guard
-packed.copy_(st.packed.reshape(-1))
-packed2d = packed.view(n, k // 2)
+guards = []
+
+
+def guarded(t: torch.Tensor) -> torch.Tensor:  # a copy of t whose last byte sits right before an unreadable page
+    size, page = t.numel() * t.element_size(), mmap.PAGESIZE
+    total = (size + page - 1) // page * page + page
+    buf = mmap.mmap(-1, total)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert libc.mprotect(ctypes.c_void_p(base + total - page), ctypes.c_size_t(page), 0) == 0  # PROT_NONE
+    guards.append(base + total - page)
+    out = torch.frombuffer(buf, dtype=t.dtype, count=t.numel(), offset=total - page - size)
+    return out.copy_(t.reshape(-1)).view(t.shape)
+
+
 assert nf4_native.isa() == sys.argv[1]
-for m in (1, 2, 3, 4):
-    g = torch.randn(m, n)
-    nf4_native.gemv(torch.randn(m, k), packed2d, scales), nf4_native.gemv_t(g, packed2d, scales)
-    nf4_native.gemv(torch.randn(m, k).bfloat16(), packed2d, scales)
+# 37 rows: the last register blocks of both directions are partial; 32 rows of 8 blocks: 256 blocks, one absmax2
+# entry, and the last row's 8 scales end where a 16-lane vector from block 248 would reach into a second one
+for n in (37, 32):
+    k, bs = 512, 64
+    st = quantize_nf4(torch.randn(n, k, generator=torch.Generator().manual_seed(5)) / k**0.5, bs, True)
+    fp32 = NF4Weight(st.packed, st.absmax, (n, k), bs, st.absmax2, st.code2, st.offset).block_scales()
+    nested = nf4_native.NestedScales(guarded(st.absmax.reshape(n, k // bs)), guarded(st.absmax2), st.code2,
+                                     float(st.offset))
+    packed2d = guarded(st.packed.reshape(n, k // 2))
+    for scales in (fp32, nested):
+        for m in (1, 2, 3, 4):
+            g = torch.randn(m, n)
+            nf4_native.gemv(torch.randn(m, k), packed2d, scales), nf4_native.gemv_t(g, packed2d, scales)
+            nf4_native.gemv(torch.randn(m, k).bfloat16(), packed2d, scales)
 print("kernels ok", flush=True)
 if sys.argv[2] == "planted":
-    ctypes.string_at(base + total - page, 1)  # one byte past the weight: must crash
+    ctypes.string_at(guards[-1], 1)  # one byte past the weight: must crash
 print("guard missed", flush=True)
 """
 
 
 @native
 def test_kernels_read_nothing_past_the_weight(tmp_path):
-    """The offset loads (nf4_native.c) read up to 3 bytes past a group, so the array's last row must not take them.
-    In a child process (a crash must fail the test, not the run), the packed weight ends where an unreadable
-    page begins; the forward (fp32 and bf16 x) and backward for 1-4 rows of x, each vector layer, must not
-    fault. Planted: reading one byte past the weight must kill the child (the guard page works)."""
+    """The offset loads (nf4_native.c) read up to 3 bytes past a group, so the array's last row must not take them;
+    the double-quantised scales are decoded 16 or 64 blocks at a time, so their last vector must not read past
+    the absmax bytes or the absmax2 entries. In a child process (a crash must fail the test, not the run), the
+    packed weight, the absmax bytes and absmax2 each end where an unreadable page begins; the forward (fp32 and
+    bf16 x) and backward for 1-4 rows of x, fp32 and double-quantised scales, each vector layer, must not fault.
+    Planted: reading one byte past the weight must kill the child (the guard page works)."""
     import os
     import signal
     import subprocess

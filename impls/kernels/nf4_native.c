@@ -422,7 +422,8 @@ static void make_code2_planes(code2_planes_t *t, const float *code2) {
 }
 
 /* buf[0 .. count) = the scales of blocks i0 .. i0 + count: code2[q] (the byte planes) * absmax2 + offset,
- * the same two roundings as block_scale. Reads no q byte past i0 + count (masked loads). */
+ * the same two roundings as block_scale. Reads no q byte past i0 + count (masked loads) and no absmax2 entry
+ * past the last block's (tests/test_nf4_native.py, guard pages). */
 __attribute__((target("avx512vbmi,avx512f,avx512bw,avx512vl,fma"), noinline))
 static void decode_scales_vbmi(const plan_t *p, i64 i0, i64 count, float *buf) {
     const code2_planes_t *t = &p->planes;
@@ -440,14 +441,13 @@ static void decode_scales_vbmi(const plan_t *p, i64 i0, i64 count, float *buf) {
         const __m512i codes[4] = {_mm512_unpacklo_epi16(lo01, lo23), _mm512_unpackhi_epi16(lo01, lo23),
                                   _mm512_unpacklo_epi16(hi01, hi23), _mm512_unpackhi_epi16(hi01, hi23)};
         for (int v = 0; v < 4 && 16 * v < n; v++) {
-            const i64 i = i0 + c + 16 * v;
+            const i64 i = i0 + c + 16 * v, lanes = n - 16 * v < 16 ? n - 16 * v : 16;
             __m512 amax2 = _mm512_set1_ps(p->absmax2[i / 256]);
-            if ((i & 255) + 16 > 256) /* the vector crosses into the next absmax2 entry: its lanes take that */
+            if ((i & 255) + lanes > 256) /* its blocks cross into the next absmax2 entry: those lanes take that */
                 amax2 = _mm512_mask_mov_ps(amax2, (__mmask16)(0xffffu << (256 - (i & 255))),
                                            _mm512_set1_ps(p->absmax2[i / 256 + 1]));
             const __m512 sc = _mm512_add_ps(_mm512_mul_ps(_mm512_castsi512_ps(codes[v]), amax2),
                                             _mm512_set1_ps(p->offset));
-            const i64 lanes = n - 16 * v < 16 ? n - 16 * v : 16;
             _mm512_mask_storeu_ps(buf + c + 16 * v, (__mmask16)((1u << lanes) - 1), sc);
         }
     }
@@ -480,7 +480,6 @@ AI const float *row_scales(const plan_t *p, i64 n, i64 b0, i64 b1, float *buf) {
     for (; b < b1; b++) buf[b] = block_scale(p, n * p->nb + b);
     return buf;
 }
-
 
 static int set_scales(plan_t *p, const float *scales, const uint8_t *q, const float *absmax2, const float *code2,
                       float offset) {
