@@ -4,6 +4,7 @@ native path, and the inductor fallback still correct when the native kernels are
 
 from __future__ import annotations
 
+import contextlib
 import platform
 
 import pytest
@@ -42,6 +43,28 @@ def isa(request, monkeypatch):
         pytest.skip(f"native NF4 kernels: {nf4_native.status()[1]}")
     assert nf4_native.isa() == request.param
     return request.param
+
+
+@contextlib.contextmanager
+def rebuilt_kernels(tmp_path, source: str | None = None, flags: tuple[str, ...] = ()):
+    """Within the block the native kernels are those built from ``source`` (a variant of nf4_native.c; None: the
+    real one) with extra ``flags``, cached under ``tmp_path``; after it, the normal build again."""
+    def reload() -> None:
+        for cache in (nf4_native._load_for, nf4_native._load_isa):
+            cache.cache_clear()
+
+    try:
+        with pytest.MonkeyPatch.context() as m:
+            if source is not None:
+                planted = tmp_path / "nf4_native.c"
+                planted.write_text(source)
+                m.setattr(nf4_native, "SOURCE", planted)
+            m.setenv("TWINBENCH_CACHE_DIR", str(tmp_path))  # read by impls/kernels/native_build.py
+            m.setattr(nf4_native, "FLAGS", [*nf4_native.FLAGS, *flags])
+            reload()
+            yield
+    finally:
+        reload()
 
 
 def state(n: int, k: int, blocksize: int, double_quant: bool, seed: int = 0):
@@ -238,36 +261,31 @@ def test_trace_build_reports_every_phase(tmp_path, monkeypatch):
     """An NF4_TRACE build (benchmarks/nf4_stream.py --trace) records, per thread, the phases of the last
     whole-call kernel in order; the normal build records nothing."""
     assert nf4_native.last_trace() is None
-    monkeypatch.setenv("TWINBENCH_CACHE_DIR", str(tmp_path))  # read by impls/kernels/native_build.py
-    monkeypatch.setattr(nf4_native, "FLAGS", [*nf4_native.FLAGS, "-DNF4_TRACE=1"])
     packed2d, scales, _, x, a, b, _, g = _whole_call_case(64, 256, 64, True, 1, 16, 8)
     monkeypatch.setattr(nf4_native, "BYTES_PER_THREAD", 1)
     before = torch.get_num_threads()
-    for cache in (nf4_native._load_for, nf4_native._load_isa):
-        cache.cache_clear()
-    try:
-        torch.set_num_threads(2)
-        def forward():
-            return nf4_native.lora_gemv(x, packed2d, scales, a, b, 2.0)
+    with rebuilt_kernels(tmp_path, flags=("-DNF4_TRACE=1",)):
+        try:
+            torch.set_num_threads(2)
 
-        for call in (forward, lambda: nf4_native.lora_gemv_t(g, packed2d, scales, a, b, torch.zeros(1, 16), 2.0, x)):
-            call()
-            trace = nf4_native.last_trace()
-            assert trace is not None and trace.shape == (8, len(nf4_native.TRACE_POINTS), 2)
-            entry, joined = trace[0, 0, 0], trace[0, -1, 0]
-            # forward: phase 1 on the calling thread before the fork; backward: phase 1, barrier in the region
-            points = [1, 4] if call is forward else [1, 2, 3, 4]
-            for thread in trace[:2]:  # in order (both clocks), within the call
-                assert bool((thread[points] > 0).all()) and bool((thread[points].diff(dim=0) >= 0).all())
-                assert entry <= thread[1, 0] and thread[4, 0] <= joined
-            if call is forward:
-                assert entry <= trace[0, 2, 0] <= trace[:2, 1, 0].min()
-            assert not trace[2:].any() and not nf4_native.last_trace().any()  # cleared once read
-    finally:
-        torch.set_num_threads(before)
-        monkeypatch.undo()
-        for cache in (nf4_native._load_for, nf4_native._load_isa):
-            cache.cache_clear()
+            def forward():
+                return nf4_native.lora_gemv(x, packed2d, scales, a, b, 2.0)
+
+            for call in (forward, lambda: nf4_native.lora_gemv_t(g, packed2d, scales, a, b, torch.zeros(1, 16), 2.0, x)):
+                call()
+                trace = nf4_native.last_trace()
+                assert trace is not None and trace.shape == (8, len(nf4_native.TRACE_POINTS), 2)
+                entry, joined = trace[0, 0, 0], trace[0, -1, 0]
+                # forward: phase 1 on the calling thread before the fork; backward: phase 1, barrier in the region
+                points = [1, 4] if call is forward else [1, 2, 3, 4]
+                for thread in trace[:2]:  # in order (both clocks), within the call
+                    assert bool((thread[points] > 0).all()) and bool((thread[points].diff(dim=0) >= 0).all())
+                    assert entry <= thread[1, 0] and thread[4, 0] <= joined
+                if call is forward:
+                    assert entry <= trace[0, 2, 0] <= trace[:2, 1, 0].min()
+                assert not trace[2:].any() and not nf4_native.last_trace().any()  # cleared once read
+        finally:
+            torch.set_num_threads(before)
     assert nf4_native.last_trace() is None
 
 
@@ -519,7 +537,7 @@ def _backward_differs_across_thread_counts() -> list[str]:
 
 
 @native
-def test_backward_is_bitwise_the_same_at_1_2_and_3_threads(isa, tmp_path, monkeypatch):
+def test_backward_is_bitwise_the_same_at_1_2_and_3_threads(isa, tmp_path):
     """dx = g W is summed in row slabs whose partials are added in a fixed order (nf4_native.c, gemv_t_call): the
     slabs must be set by the weight's shape, never by the thread count. Planted: one slab per thread (the natural
     way to split rows), built from a copy of the source, must be caught."""
@@ -527,17 +545,8 @@ def test_backward_is_bitwise_the_same_at_1_2_and_3_threads(isa, tmp_path, monkey
     source = nf4_native.SOURCE.read_text()
     real = "const slabs_t slabs = bwd_slabs(N);"
     assert source.count(real) == 1
-    planted = tmp_path / "nf4_native.c"
-    planted.write_text(source.replace(real, "const slabs_t slabs = {(N + threads - 1) / threads, threads};"))
-    monkeypatch.setenv("TWINBENCH_CACHE_DIR", str(tmp_path))  # read by impls/kernels/native_build.py
-    monkeypatch.setattr(nf4_native, "SOURCE", planted)
-    for cache in (nf4_native._load_for, nf4_native._load_isa):
-        cache.cache_clear()
-    try:
+    with rebuilt_kernels(tmp_path, source.replace(real, "const slabs_t slabs = {(N + threads - 1) / threads, threads};")):
         assert len(_backward_differs_across_thread_counts()) >= 8
-    finally:
-        for cache in (nf4_native._load_for, nf4_native._load_isa):
-            cache.cache_clear()
 
 
 @native
@@ -690,18 +699,6 @@ def test_few_rows_compute_in_fp32_and_round_once(monkeypatch):
     assert not same(run(torch.bfloat16), want)
 
 
-def _rebuilt(source: str | None, flags: list[str], tmp_path, monkeypatch) -> None:
-    """Load the kernels built from ``source`` (a variant of nf4_native.c; None: the real one) with extra flags."""
-    if source is not None:
-        planted = tmp_path / "nf4_native.c"
-        planted.write_text(source)
-        monkeypatch.setattr(nf4_native, "SOURCE", planted)
-    monkeypatch.setenv("TWINBENCH_CACHE_DIR", str(tmp_path))  # read by impls/kernels/native_build.py
-    monkeypatch.setattr(nf4_native, "FLAGS", [*nf4_native.FLAGS, *flags])
-    for cache in (nf4_native._load_for, nf4_native._load_isa):
-        cache.cache_clear()
-
-
 def _scale_decode_mismatches() -> list[str]:
     """The GEMV kernels on double-quantised scales against the same kernels on those scales decoded one by one
     (fp32), bitwise: 1 and 3 rows of x and g, 74 and 150 blocks per row (a whole 64-block chunk or two and a
@@ -726,15 +723,13 @@ def _scale_decode_mismatches() -> list[str]:
 
 @native
 @pytest.mark.parametrize("lookup", ["default", "gather"])
-def test_kernels_decode_double_quant_scales_bit_exactly(isa, lookup, tmp_path, monkeypatch):
+def test_kernels_decode_double_quant_scales_bit_exactly(isa, lookup, tmp_path):
     """The GEMV kernels decode the double-quantised absmax a vector at a time: code2[q] by AVX512-VBMI byte
     permutes where the CPU has them, else a gather (``gather``: the build without the VBMI path, what AVX-512
     CPUs without VBMI run), then * absmax2 + offset, with per-lane absmax2 where a vector crosses a 256-block
     edge. The results must be bitwise those on the fp32 scales decoded one by one. Planted: one scale 0.1% off
     is seen."""
-    if lookup == "gather":
-        _rebuilt(None, ["-DNF4_CODE2_VBMI=0"], tmp_path, monkeypatch)
-    try:
+    with rebuilt_kernels(tmp_path, flags=("-DNF4_CODE2_VBMI=0",) if lookup == "gather" else ()):
         assert _scale_decode_mismatches() == []
         gen = torch.Generator().manual_seed(12)
         packed2d = torch.randint(0, 256, (33, 64 * 37), dtype=torch.uint8, generator=gen)
@@ -743,14 +738,11 @@ def test_kernels_decode_double_quant_scales_bit_exactly(isa, lookup, tmp_path, m
         off = flat.clone()
         off[20, 70] *= 1.001
         assert not torch.equal(nf4_native.gemv(x, packed2d, off)[:, 20], nf4_native.gemv(x, packed2d, flat)[:, 20])
-    finally:
-        for cache in (nf4_native._load_for, nf4_native._load_isa):
-            cache.cache_clear()
 
 
 @native
 @pytest.mark.parametrize("bug", ["upper half from the lower tables", "no absmax2 edge", "natural input order"])
-def test_planted_scale_decode_bugs_are_caught(bug, tmp_path, monkeypatch):
+def test_planted_scale_decode_bugs_are_caught(bug, tmp_path):
     """The VBMI decode path (AVX-512 build, CPUs with VBMI) with one of its steps broken, built from a copy of the
     source, must fail the bitwise comparison above: proof that the comparison runs that path."""
     if "avx512vbmi" not in availability.cpu_flags() or nf4_native.isa() != "avx512":
@@ -765,12 +757,8 @@ def test_planted_scale_decode_bugs_are_caught(bug, tmp_path, monkeypatch):
     }
     real, planted = edits[bug]
     assert source.count(real) == 1
-    _rebuilt(source.replace(real, planted), [], tmp_path, monkeypatch)
-    try:
+    with rebuilt_kernels(tmp_path, source.replace(real, planted)):
         assert _scale_decode_mismatches() != []
-    finally:
-        for cache in (nf4_native._load_for, nf4_native._load_isa):
-            cache.cache_clear()
 
 
 @native
